@@ -1,0 +1,502 @@
+"""`SyncBatchNormalization`: batch normalization with cross-replica statistics."""
+
+import numbers
+import warnings
+
+import keras
+import tensorflow as tf
+from keras import constraints
+from keras import initializers
+from keras import ops
+from keras import regularizers
+
+from bnconvert import sync_stats
+
+_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def _check_unit_interval(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"Argument `{name}` must be a float in [0, 1]. Received: {name}={value!r}"
+        )
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(
+            f"Argument `{name}` must be in [0, 1]. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"Argument `{name}` must be True or False. Received: {name}={value!r}"
+        )
+    return value
+
+
+def _check_axis(axis):
+    if isinstance(axis, bool):
+        raise ValueError(
+            "Argument `axis` must be an integer or a list of integers. "
+            f"Received: axis={axis!r}"
+        )
+    if isinstance(axis, numbers.Integral):
+        return int(axis)
+    if isinstance(axis, (list, tuple)) and axis and all(
+        isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis
+    ):
+        return [int(a) for a in axis]
+    raise ValueError(
+        "Argument `axis` must be an integer or a non-empty list of integers. "
+        f"Received: axis={axis!r}"
+    )
+
+
+def _check_renorm_clipping(renorm_clipping):
+    if renorm_clipping is None:
+        return None
+    if not isinstance(renorm_clipping, dict):
+        raise ValueError(
+            "Argument `renorm_clipping` must be a dict with keys among "
+            f"{list(_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
+        )
+    unknown = sorted(set(renorm_clipping) - set(_CLIPPING_KEYS))
+    if unknown:
+        raise ValueError(
+            f"Unknown key(s) {unknown} in `renorm_clipping`; supported keys are "
+            f"{list(_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
+        )
+    clipping = {}
+    for key, value in renorm_clipping.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(
+                f"`renorm_clipping['{key}']` must be a number. "
+                f"Received: renorm_clipping={renorm_clipping!r}"
+            )
+        clipping[key] = float(value)
+    rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
+    if rmin is not None and rmax is not None and rmax < rmin:
+        raise ValueError(
+            "`renorm_clipping['rmax']` must be >= `renorm_clipping['rmin']`. "
+            f"Received: renorm_clipping={renorm_clipping!r}"
+        )
+    if clipping.get("dmax", 0.0) < 0:
+        raise ValueError(
+            "`renorm_clipping['dmax']` must be non-negative. "
+            f"Received: renorm_clipping={renorm_clipping!r}"
+        )
+    return clipping
+
+
+@keras.saving.register_keras_serializable(package="bnconvert")
+class SyncBatchNormalization(keras.layers.BatchNormalization):
+    """Batch normalization whose batch statistics span all replicas.
+
+    Under a `tf.distribute` strategy with several replicas (for example
+    `MirroredStrategy` or `MultiWorkerMirroredStrategy`), a training step
+    normalizes with the mean and variance of the *global* batch: every example
+    on every replica, each replica weighted by how many examples it holds, so
+    uneven and empty per-replica batches are handled exactly. The statistics
+    travel in one all-reduce per layer call and are combined with a shifted,
+    two-pass formula that stays accurate when a channel's mean is large
+    compared to its spread (see `bnconvert.sync_stats`).
+
+    Without a strategy, with a single replica, or in inference, the layer
+    computes exactly what `keras.layers.BatchNormalization` computes with the
+    same weights. It is a subclass of it, so `isinstance` checks keep working.
+
+    In training the output is
+    `gamma * (x - mean(batch)) / sqrt(var(batch) + epsilon) + beta`, and the
+    moving statistics follow
+    `moving_stat = moving_stat * momentum + batch_stat * (1 - momentum)`,
+    with the biased (divide by N) batch variance, as Keras does. In inference
+    `mean` and `var` are the moving statistics.
+
+    Example:
+
+    ```python
+    strategy = tf.distribute.MirroredStrategy()
+    with strategy.scope():
+        model = keras.Sequential([
+            keras.layers.Dense(16),
+            bnconvert.SyncBatchNormalization(),
+        ])
+    ```
+
+    Args:
+        axis: Integer or list of integers: the axis or axes that hold the
+            features to normalize; statistics are taken over all others. Use
+            `axis=1` after a `channels_first` convolution. Negative values
+            count from the end. Defaults to `-1`.
+        momentum: Float in [0, 1], the weight of the old value in the moving
+            average of the statistics. Defaults to `0.99`.
+        epsilon: Positive float added to the variance before the square root.
+            Defaults to `0.001`.
+        center: If `True`, learn an offset `beta` added after normalizing.
+        scale: If `True`, learn a factor `gamma` applied after normalizing.
+            Turn it off when the next layer is linear (or a ReLU), since that
+            layer can absorb the scale.
+        beta_initializer: Initializer for `beta`.
+        gamma_initializer: Initializer for `gamma`.
+        moving_mean_initializer: Initializer for the moving mean.
+        moving_variance_initializer: Initializer for the moving variance.
+        beta_regularizer: Optional regularizer for `beta`.
+        gamma_regularizer: Optional regularizer for `gamma`.
+        beta_constraint: Optional constraint for `beta`.
+        gamma_constraint: Optional constraint for `gamma`.
+        renorm: If `True`, use Batch Renormalization (Ioffe, 2017): training
+            outputs are corrected by `(r, d)` towards the moving statistics.
+            Adds the weights `moving_stddev`, `renorm_mean` and
+            `renorm_stddev`; inference is unchanged.
+        renorm_clipping: Optional dict with any of the keys `"rmax"`, `"rmin"`
+            and `"dmax"`, bounding the renorm correction: the normalized value
+            becomes `normalized * r + d` with `r` clipped to `[rmin, rmax]`
+            and `d` to `[-dmax, dmax]`. A missing key means no bound
+            (`rmax=inf`, `rmin=0`, `dmax=inf`).
+        renorm_momentum: Float in [0, 1], the momentum of the moving
+            statistics that renorm corrects towards. It shapes training: too
+            small adds noise, too large gives stale corrections. `momentum`
+            still drives the statistics used in inference.
+        trainable: If `False`, the layer is frozen: its weights do not train
+            and, as with Keras's BatchNormalization, it normalizes with its
+            moving statistics even when called with `training=True`.
+        adjustment: Optional callable taking the dynamic shape of the input
+            (an int32 tensor) and returning a pair `(scale, bias)`
+            broadcastable to the input, applied to the normalized value before
+            `gamma` and `beta`, in training only. For example
+            `lambda shape: (tf.random.uniform(shape[-1:], 0.93, 1.07),
+            tf.random.uniform(shape[-1:], -0.1, 0.1))`. A callable is not
+            serializable: it is left out of `get_config()`, with a warning.
+        name: Optional name of the layer.
+        **kwargs: Other base layer keyword arguments, such as `dtype`.
+
+    Call arguments:
+        inputs: Input tensor of any rank.
+        training: Python boolean. `True` normalizes with the statistics of
+            the current (global) batch and updates the moving statistics;
+            `False` normalizes with the moving statistics.
+        mask: Optional boolean tensor of the input's shape without the last
+            axis; masked-out positions do not count towards the statistics.
+
+    Input shape:
+        Arbitrary. The normalized axes must have a known size.
+
+    Output shape:
+        Same shape as the input.
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=0.001,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        trainable=True,
+        adjustment=None,
+        name=None,
+        **kwargs,
+    ):
+        # Configs written by keras.layers.BatchNormalization carry this key;
+        # this layer is synchronized by definition.
+        kwargs.pop("synchronized", None)
+        axis = _check_axis(axis)
+        momentum = _check_unit_interval("momentum", momentum)
+        renorm_momentum = _check_unit_interval("renorm_momentum", renorm_momentum)
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+            raise ValueError(
+                f"Argument `epsilon` must be a positive float. Received: epsilon={epsilon!r}"
+            )
+        if not epsilon > 0:
+            raise ValueError(
+                f"Argument `epsilon` must be positive. Received: epsilon={epsilon!r}"
+            )
+        center = _check_bool("center", center)
+        scale = _check_bool("scale", scale)
+        renorm = _check_bool("renorm", renorm)
+        trainable = _check_bool("trainable", trainable)
+        renorm_clipping = _check_renorm_clipping(renorm_clipping)
+        if adjustment is not None and not callable(adjustment):
+            raise ValueError(
+                "Argument `adjustment` must be a callable or None. "
+                f"Received: adjustment={adjustment!r}"
+            )
+        super().__init__(
+            axis=-1,
+            momentum=momentum,
+            epsilon=epsilon,
+            center=center,
+            scale=scale,
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+            renorm=renorm,
+            renorm_clipping=renorm_clipping,
+            renorm_momentum=renorm_momentum,
+            synchronized=False,
+            trainable=trainable,
+            name=name,
+            **kwargs,
+        )
+        self.axis = axis
+        self.synchronized = True
+        self.renorm_clipping = renorm_clipping
+        self.adjustment = adjustment
+        self._axes = None
+
+    def _resolve_axes(self, rank):
+        axes = [self.axis] if isinstance(self.axis, int) else list(self.axis)
+        resolved = []
+        for a in axes:
+            if not -rank <= a < rank:
+                raise ValueError(
+                    f"Axis {a} is out of range for an input of rank {rank}. "
+                    f"Received: axis={self.axis}"
+                )
+            resolved.append(a % rank)
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(
+                f"Argument `axis` names the same axis twice for an input of rank "
+                f"{rank}. Received: axis={self.axis}"
+            )
+        return sorted(resolved)
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        self._axes = self._resolve_axes(rank)
+        dims = [input_shape[a] for a in self._axes]
+        if any(d is None for d in dims):
+            raise ValueError(
+                "The normalized axes must have a known size. "
+                f"Received: input_shape={tuple(input_shape)}, axis={self.axis}"
+            )
+        shape = tuple(dims)
+        self._reduction_axes = [a for a in range(rank) if a not in self._axes]
+        self._param_broadcast = [1] * rank
+        for a, d in zip(self._axes, dims):
+            self._param_broadcast[a] = d
+
+        def add(name, initializer, trainable, regularizer=None, constraint=None):
+            return self.add_weight(
+                shape=shape,
+                name=name,
+                initializer=initializer,
+                regularizer=regularizer,
+                constraint=constraint,
+                trainable=trainable,
+                autocast=False,
+            )
+
+        if self.scale:
+            self.gamma = add(
+                "gamma", self.gamma_initializer, True,
+                self.gamma_regularizer, self.gamma_constraint,
+            )
+        if self.center:
+            self.beta = add(
+                "beta", self.beta_initializer, True,
+                self.beta_regularizer, self.beta_constraint,
+            )
+        self.moving_mean = add("moving_mean", self.moving_mean_initializer, False)
+        self.moving_variance = add(
+            "moving_variance", self.moving_variance_initializer, False
+        )
+        if self.renorm:
+            # Renorm tracks standard deviations; they start at the square
+            # root of the variance initializer, as in Keras.
+            variance_init = initializers.get(
+                initializers.serialize(self.moving_variance_initializer)
+            )
+            mean_init = initializers.get(
+                initializers.serialize(self.moving_mean_initializer)
+            )
+
+            def stddev_init(shape, dtype=None):
+                return ops.sqrt(variance_init(shape, dtype=dtype))
+
+            self.moving_stddev = add("moving_stddev", stddev_init, False)
+            self.renorm_mean = add("renorm_mean", mean_init, False)
+            self.renorm_stddev = add("renorm_stddev", stddev_init, False)
+        self.input_spec = keras.layers.InputSpec(
+            ndim=rank, axes={a: d for a, d in zip(self._axes, dims)}
+        )
+        self.built = True
+
+    def compute_output_shape(self, input_shape):
+        self._resolve_axes(len(input_shape))
+        return input_shape
+
+    def _param(self, weight, dtype):
+        if weight is None:
+            return None
+        return tf.reshape(tf.cast(weight, dtype), self._param_broadcast)
+
+    def call(self, inputs, training=None, mask=None):
+        # Statistics of float16/bfloat16 inputs overflow; they are computed in
+        # float32 (float64 inputs keep float64).
+        compute_dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
+        x = tf.cast(inputs, compute_dtype)
+        if not (training and self.trainable):
+            return tf.cast(self._inference(x), self.compute_dtype)
+
+        weights = None
+        if mask is not None:
+            weights = tf.cast(mask, compute_dtype)
+            while weights.shape.rank < x.shape.rank:
+                weights = weights[..., tf.newaxis]
+
+        gamma = self._param(self.gamma, compute_dtype)
+        beta = self._param(self.beta, compute_dtype)
+        ctx = sync_stats.replica_context()
+        if ctx is None:
+            if weights is None:
+                mean, variance = tf.nn.moments(
+                    x, self._reduction_axes, keepdims=True
+                )
+            else:
+                count, shift, mu, m2 = sync_stats.local_moments(
+                    x, self._reduction_axes, weights
+                )
+                mean = shift + mu
+                variance = tf.math.divide_no_nan(m2, count)
+            shifted, correction = x, -mean
+        else:
+            moments = sync_stats.global_moments(
+                x, self._reduction_axes, ctx, weights
+            )
+            mean, variance = moments.mean, moments.variance
+            shifted, correction = x - moments.shift, moments.correction
+
+        gamma, beta = self._training_transform(
+            tf.shape(inputs), mean, variance, gamma, beta
+        )
+        self._update_moving_statistics(mean, variance)
+
+        multiplier = tf.math.rsqrt(variance + self.epsilon)
+        if gamma is not None:
+            multiplier = multiplier * gamma
+        offset = correction * multiplier
+        if beta is not None:
+            offset = offset + beta
+        outputs = shifted * multiplier + offset
+        return tf.cast(outputs, self.compute_dtype)
+
+    def _inference(self, x):
+        mean = tf.cast(self.moving_mean, x.dtype)
+        variance = tf.cast(self.moving_variance, x.dtype)
+        gamma = None if self.gamma is None else tf.cast(self.gamma, x.dtype)
+        beta = None if self.beta is None else tf.cast(self.beta, x.dtype)
+        if isinstance(self.axis, int):
+            # The very call keras.layers.BatchNormalization makes, so that
+            # inference is bit-for-bit the same.
+            return ops.batch_normalization(
+                x, mean, variance, axis=self.axis, offset=beta, scale=gamma,
+                epsilon=self.epsilon,
+            )
+        reshape = lambda t: None if t is None else tf.reshape(t, self._param_broadcast)
+        return tf.nn.batch_normalization(
+            x, reshape(mean), reshape(variance), reshape(beta), reshape(gamma),
+            self.epsilon,
+        )
+
+    def _training_transform(self, input_shape, mean, variance, gamma, beta):
+        """Folds the adjustment and renorm corrections into gamma and beta.
+
+        Composes `((x_hat * r + d) * adj_scale + adj_bias) * gamma + beta`
+        into `x_hat * gamma' + beta'`, the order tf-keras uses.
+        """
+        if self.adjustment is not None:
+            adj_scale, adj_bias = self.adjustment(input_shape)
+            adj_scale = tf.cast(adj_scale, mean.dtype)
+            adj_bias = tf.cast(adj_bias, mean.dtype)
+            gamma, beta = self._compose(adj_scale, adj_bias, gamma, beta)
+        if self.renorm:
+            r, d = self._renorm_correction(mean, variance)
+            gamma, beta = self._compose(r, d, gamma, beta)
+        return gamma, beta
+
+    @staticmethod
+    def _compose(scale, bias, gamma, beta):
+        """Returns (gamma', beta') with `(v*scale + bias)*gamma + beta == v*gamma' + beta'`."""
+        if gamma is not None:
+            scale, bias = scale * gamma, bias * gamma
+        if beta is not None:
+            bias = bias + beta
+        return scale, bias
+
+    def _renorm_correction(self, mean, variance):
+        stddev = tf.sqrt(variance + self.epsilon)
+        renorm_mean = self._param(self.renorm_mean, mean.dtype)
+        # Guards the division early in training, when renorm_stddev may be ~0.
+        renorm_stddev = tf.maximum(
+            self._param(self.renorm_stddev, mean.dtype),
+            tf.sqrt(tf.cast(self.epsilon, mean.dtype)),
+        )
+        r = stddev / renorm_stddev
+        d = (mean - renorm_mean) / renorm_stddev
+        clipping = self.renorm_clipping or {}
+        if "rmin" in clipping:
+            r = tf.maximum(r, clipping["rmin"])
+        if "rmax" in clipping:
+            r = tf.minimum(r, clipping["rmax"])
+        if "dmax" in clipping:
+            d = tf.clip_by_value(d, -clipping["dmax"], clipping["dmax"])
+        return tf.stop_gradient(r), tf.stop_gradient(d)
+
+    def _update_moving_statistics(self, mean, variance):
+        mean = tf.reshape(mean, self.moving_mean.shape)
+        variance = tf.reshape(variance, self.moving_variance.shape)
+
+        def blend(var, value, momentum):
+            old = tf.cast(var, value.dtype)
+            new = old * momentum + value * (1.0 - momentum)
+            var.assign(tf.cast(new, var.dtype))
+            return new
+
+        if not self.renorm:
+            blend(self.moving_mean, mean, self.momentum)
+            blend(self.moving_variance, variance, self.momentum)
+            return
+        stddev = tf.sqrt(variance + self.epsilon)
+        blend(self.renorm_mean, mean, self.renorm_momentum)
+        blend(self.renorm_stddev, stddev, self.renorm_momentum)
+        blend(self.moving_mean, mean, self.momentum)
+        moving_stddev = blend(self.moving_stddev, stddev, self.momentum)
+        # Clamped at zero: rounding can push stddev^2 - epsilon below it.
+        self.moving_variance.assign(
+            tf.cast(tf.nn.relu(moving_stddev * moving_stddev - self.epsilon),
+                    self.moving_variance.dtype)
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("synchronized", None)
+        config["axis"] = self.axis
+        config["renorm_clipping"] = self.renorm_clipping
+        if self.adjustment is not None:
+            warnings.warn(
+                f"Layer '{self.name}': the `adjustment` callable cannot be "
+                "serialized and is left out of the config; a layer rebuilt "
+                "from it has no adjustment.",
+                stacklevel=2,
+            )
+        return config
