@@ -214,6 +214,11 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         # Configs written by keras.layers.BatchNormalization carry this key;
         # this layer is synchronized by definition.
         kwargs.pop("synchronized", None)
+        # Keras's legacy H5 loader drops a list-valued `axis` from configs;
+        # get_config() keeps a copy under `axes` so such files reload right.
+        axes = kwargs.pop("axes", None)
+        if axes is not None:
+            axis = axes
         axis = _check_axis(axis)
         momentum = _check_unit_interval("momentum", momentum)
         renorm_momentum = _check_unit_interval("renorm_momentum", renorm_momentum)
@@ -491,6 +496,8 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         config = super().get_config()
         config.pop("synchronized", None)
         config["axis"] = self.axis
+        if isinstance(self.axis, list) and len(self.axis) > 1:
+            config["axes"] = list(self.axis)
         config["renorm_clipping"] = self.renorm_clipping
         if self.adjustment is not None:
             warnings.warn(

@@ -28,11 +28,28 @@ def cpu_devices(n):
     return names[:n]
 
 
+_STRATEGIES = {}
+
+
+def mirrored_strategy(n):
+    """The MirroredStrategy over the first `n` logical CPU devices (cached).
+
+    Over CPUs, MirroredStrategy all-reduces with collective ops whose device
+    groups are numbered from 1 in every strategy; two strategies of different
+    sizes in one process would both claim group 1 and abort ("joining a group
+    with size 4, but that group has size 2"). Each replica count gets its own
+    key range through the attribute TensorFlow provides for tests.
+    """
+    if n not in _STRATEGIES:
+        tf.distribute.MirroredStrategy._collective_key_base = 1000 * n
+        try:
+            _STRATEGIES[n] = tf.distribute.MirroredStrategy(cpu_devices(n))
+        finally:
+            tf.distribute.MirroredStrategy._collective_key_base = 0
+    return _STRATEGIES[n]
+
+
 @pytest.fixture
 def mirrored():
-    """Factory: a MirroredStrategy over `n` logical CPU devices."""
-
-    def make(n):
-        return tf.distribute.MirroredStrategy(cpu_devices(n))
-
-    return make
+    """Factory: the MirroredStrategy over `n` logical CPU devices."""
+    return mirrored_strategy

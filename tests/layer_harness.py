@@ -1,0 +1,51 @@
+"""Runs one layer over per-replica shards and collects outputs and gradients."""
+
+import numpy as np
+import tensorflow as tf
+
+
+def run_replicated(strategy, layer, shards, upstream, training=True):
+    """Forward and backward pass of `layer` with shard `i` on replica `i`.
+
+    The loss on each replica is `sum(y_i * upstream_i)`, so the total loss
+    is `sum(y * upstream)` over the global batch, and single-device BN on the
+    concatenated batch is the reference for every gradient.
+
+    Returns:
+        dict with `y` and `dx` (global-batch order, float64) and `dweights`
+        (gradients of the trainable weights, summed over replicas).
+    """
+
+    def values(arrays):
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(arrays[ctx.replica_id_in_sync_group])
+        )
+
+    def step(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=training)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.cast(dy, tf.float32))
+        grads = tape.gradient(loss, [x] + list(layer.trainable_weights))
+        return y, grads
+
+    @tf.function
+    def run(x, dy):
+        return strategy.run(step, args=(x, dy))
+
+    y, grads = run(values(shards), values(upstream))
+    local = strategy.experimental_local_results
+
+    def cat(t):
+        return np.concatenate([np.asarray(v, np.float64) for v in local(t)])
+
+    dweights = [
+        np.sum([np.asarray(v, np.float64) for v in local(g)], axis=0) for g in grads[1:]
+    ]
+    return {"y": cat(y), "dx": cat(grads[0]), "dweights": dweights}
+
+
+def split(x, sizes):
+    """Splits `x` along the batch axis into pieces of the given sizes."""
+    assert sum(sizes) == len(x)
+    return np.split(x, np.cumsum(sizes)[:-1])

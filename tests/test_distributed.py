@@ -1,0 +1,196 @@
+"""`SyncBatchNormalization` trained with `model.fit` under tf.distribute strategies.
+
+The reference is always the same model with plain `keras.layers.BatchNormalization`
+trained on ONE device on the global batch: synchronized BN across replicas must
+reproduce it (moving statistics and the SGD update of every weight).
+
+Loss scaling under a strategy: Keras divides each replica's mean loss by the
+number of replicas, so with equal shards the summed gradient is the gradient of
+the global-batch mean. With uneven shards that is no longer the global mean;
+the uneven test therefore uses `reduction="sum"`, which Keras does not rescale,
+so single-device training on the same batches is the exact reference whatever
+the split.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import bnconvert
+from _mw_worker import build_model, compile_model, make_data, weights_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mw_worker.py")
+WORKER_TIMEOUT = 180
+
+
+# TensorFlow keys collective instances per strategy object; a second
+# MirroredStrategy over the same devices reuses the first one's keys and its
+# collectives abort with "Shape mismatch in the collective instance 100"
+# (tensorflow/tensorflow#62790). One strategy per replica count avoids it.
+_STRATEGIES = {}
+
+
+def _strategy(mirrored, n):
+    if n not in _STRATEGIES:
+        _STRATEGIES[n] = mirrored(n)
+    return _STRATEGIES[n]
+
+
+def _train(bn_layer, x, y, batch_size, strategy=None, reduction="sum_over_batch_size",
+           epochs=1):
+    """Builds, compiles and fits a model; returns (weights before, weights after)."""
+    if strategy is None:
+        model = compile_model(build_model(bn_layer), reduction)
+    else:
+        with strategy.scope():
+            model = compile_model(build_model(bn_layer), reduction)
+    before = weights_dict(model)
+    model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
+    return before, weights_dict(model)
+
+
+def _assert_same_training(before, ours, ref, rtol=1e-5):
+    """Moving statistics and weight updates of `ours` equal those of `ref`."""
+    assert sorted(ours) == sorted(ref)
+    for path, expected in ref.items():
+        if "moving_" in path:
+            np.testing.assert_allclose(ours[path], expected, rtol=rtol, atol=1e-6,
+                                       err_msg=path)
+            continue
+        # Compare the update itself, not just the updated weight, so a wrong
+        # but small gradient cannot hide behind the weight's magnitude.
+        expected_delta = expected - before[path]
+        assert np.abs(expected_delta).max() > 1e-4, f"{path} did not train"
+        np.testing.assert_allclose(
+            ours[path] - before[path], expected_delta,
+            rtol=20 * rtol, atol=1e-3 * np.abs(expected_delta).max(), err_msg=path,
+        )
+        np.testing.assert_allclose(ours[path], expected, rtol=rtol, atol=1e-6,
+                                   err_msg=path)
+
+
+def test_fit_one_step_matches_single_device_bn(mirrored):
+    x, y = make_data(8)
+    before, ref = _train(keras.layers.BatchNormalization, x, y, batch_size=8)
+    start, ours = _train(
+        bnconvert.SyncBatchNormalization, x, y, batch_size=8, strategy=_strategy(mirrored, 2)
+    )
+    for path in before:
+        np.testing.assert_array_equal(start[path], before[path])
+    _assert_same_training(before, ours, ref)
+
+
+def test_unsynchronized_bn_differs_from_the_reference(mirrored):
+    # Control for the test above: with these data the per-replica statistics
+    # differ from the global ones, so the comparison can tell the difference.
+    x, y = make_data(8)
+    _, ref = _train(keras.layers.BatchNormalization, x, y, batch_size=8)
+    _, local = _train(
+        keras.layers.BatchNormalization, x, y, batch_size=8, strategy=_strategy(mirrored, 2)
+    )
+    diff = np.abs(local["bn1/moving_variance"] - ref["bn1/moving_variance"])
+    assert diff.max() > 1e-2
+
+
+def test_fit_with_uneven_last_batch_matches_single_device_bn(mirrored):
+    # 15 examples in batches of 8 over 4 replicas: the second step's 7
+    # examples are split 2/2/2/1. (Not 6 examples: the split would be 2/2/2/0
+    # and TF's CPU Conv2D returns its *input* shape for an empty batch,
+    # which breaks any normalization layer after it.)
+    x, y = make_data(15, halves=3)
+    before, ref = _train(
+        keras.layers.BatchNormalization, x, y, batch_size=8, reduction="sum",
+        epochs=2,
+    )
+    _, ours = _train(
+        bnconvert.SyncBatchNormalization, x, y, batch_size=8, reduction="sum",
+        epochs=2, strategy=_strategy(mirrored, 4),
+    )
+    _assert_same_training(before, ours, ref, rtol=2e-5)
+
+
+def _free_ports(n):
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.slow
+def test_multi_worker_fit_matches_single_device_bn(tmp_path):
+    steps, global_batch = 3, 8
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs, outs = [], []
+    for index in range(2):
+        out = tmp_path / f"worker{index}.npz"
+        env = dict(os.environ)
+        env.update(
+            TF_CONFIG=json.dumps({"cluster": cluster,
+                                  "task": {"type": "worker", "index": index}}),
+            TF_CPP_MIN_LOG_LEVEL="2",
+            KERAS_BACKEND="tensorflow",
+            CUDA_VISIBLE_DEVICES="-1",
+        )
+        procs.append(subprocess.Popen(
+            [sys.executable, WORKER, str(out), str(steps), str(global_batch)],
+            env=env, cwd=str(tmp_path),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+        outs.append(out)
+    failures = []
+    try:
+        for index, proc in enumerate(procs):
+            try:
+                _, err = proc.communicate(timeout=WORKER_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+                failures.append(f"worker {index} timed out after "
+                                f"{WORKER_TIMEOUT}s:\n{err[-4000:]}")
+                continue
+            if proc.returncode != 0:
+                failures.append(f"worker {index} exited with {proc.returncode}:\n"
+                                f"{err[-4000:]}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert not failures, "\n".join(failures)
+
+    results = [dict(np.load(out)) for out in outs]
+    x, y = make_data(global_batch)
+    reference = compile_model(build_model(keras.layers.BatchNormalization))
+    before = weights_dict(reference)
+    reference.fit(x, y, batch_size=global_batch, epochs=steps, shuffle=False, verbose=0)
+    ref = weights_dict(reference)
+    for path in ref:
+        np.testing.assert_array_equal(results[0][path], results[1][path],
+                                      err_msg=path)
+    _assert_same_training(before, results[0], ref, rtol=5e-5)
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "sync_bn.py"), "--quick"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "P1" in proc.stdout and "P2" in proc.stdout, proc.stdout
+    assert "ours" in proc.stdout
