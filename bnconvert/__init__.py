@@ -8,8 +8,30 @@ import os as _os
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bnconvert.layers import SyncBatchNormalization  # noqa: E402
+# TensorFlow's native start-up lines bypass TF_CPP_MIN_LOG_LEVEL; see cli.
+from bnconvert.cli import native_stderr_silenced as _quiet  # noqa: E402
+
+with _quiet():
+    from bnconvert.layers import SyncBatchNormalization  # noqa: E402
+    from bnconvert.onnx_export import export_onnx  # noqa: E402
+    from bnconvert.convert import convert_model, inspect_model  # noqa: E402
+    from bnconvert.report import ConversionReport, LayerEvent  # noqa: E402
+    from bnconvert.rules import load_rules  # noqa: E402
+    # The tf-keras flavour: registered with tf-keras when tf_keras is imported.
+    from bnconvert import compat  # noqa: E402
+
+compat.install_registration_hook()
 
 __version__ = "0.1.0"
 
-__all__ = ["SyncBatchNormalization", "__version__"]
+__all__ = [
+    "ConversionReport",
+    "LayerEvent",
+    "SyncBatchNormalization",
+    "__version__",
+    "compat",
+    "convert_model",
+    "export_onnx",
+    "inspect_model",
+    "load_rules",
+]

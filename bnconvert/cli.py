@@ -18,6 +18,10 @@ import time
 import click
 
 from bnconvert.errors import BnconvertError
+from bnconvert.errors import OutputError
+
+# Layers listed one by one in the to-sync summary; --report has them all.
+SUMMARY_ROWS = 30
 
 _NORMALIZATION_SETTINGS = (
     "axis", "momentum", "epsilon", "center", "scale", "renorm", "synchronized",
@@ -48,12 +52,18 @@ def user_errors():
 
 
 @contextlib.contextmanager
-def _stderr_fd_silenced():
+def native_stderr_silenced():
     """Points file descriptor 2 at /dev/null for the duration.
 
-    TensorFlow's native start-up messages are written straight to the file
-    descriptor, past Python's `sys.stderr`.
+    TensorFlow's native start-up messages go straight to the file descriptor,
+    past Python's `sys.stderr`, and before absl logging is initialised they
+    ignore `TF_CPP_MIN_LOG_LEVEL`. Python exceptions still surface: the
+    descriptor is restored before they propagate. Does nothing when
+    `TF_CPP_MIN_LOG_LEVEL` is 0, i.e. when the user asked for the logs.
     """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+        yield
+        return
     try:
         saved = os.dup(2)
     except OSError:
@@ -70,16 +80,21 @@ def _stderr_fd_silenced():
         os.close(saved)
 
 
+_tensorflow_ready = False
+
+
 def prepare_tensorflow():
     """Imports TensorFlow and Keras quietly; call before loading a model."""
+    global _tensorflow_ready
+    if _tensorflow_ready:
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if "tensorflow" not in sys.modules:
-        with _stderr_fd_silenced():
-            import tensorflow as tf
+    with native_stderr_silenced():
+        import tensorflow as tf
 
-            # Device discovery (and its CUDA probe) logs on first use.
-            tf.config.list_logical_devices()
+        # Device discovery (and its CUDA probe) logs on first use.
+        tf.config.list_logical_devices()
     import logging
     import warnings
 
@@ -91,7 +106,7 @@ def prepare_tensorflow():
     # conversion (legacy H5, unbuilt metrics, ...).
     warnings.filterwarnings("ignore", module=r"keras(\..*)?$")
     warnings.filterwarnings("ignore", module=r"tensorflow(\..*)?$")
-    import bnconvert  # noqa: F401  (registers SyncBatchNormalization)
+    _tensorflow_ready = True
 
 
 class Progress:
@@ -126,7 +141,7 @@ def rules_option(f):
     return click.option(
         "--rules", "rules", multiple=True, metavar="FILE",
         type=click.Path(dir_okay=False),
-        help="A rule file (TOML) to use instead of the shipped rules; repeatable.",
+        help="A rule file (TOML) applied on top of the shipped rules; repeatable.",
     )(f)
 
 
@@ -218,8 +233,13 @@ def to_sync(model, output, rules, custom_objects, dry_run, report_path, force, u
                 suffixes=(".keras",),
             )
         if report_path:
+            if out is not None and model_io.same_file(report_path, out):
+                raise OutputError(
+                    f"--report {report_path} names the model output too; give "
+                    "the report its own file, such as report.json."
+                )
             model_io.check_output_path(
-                report_path, force=force, inputs=(model, model_file, out)
+                report_path, force=force, inputs=(model, model_file)
             )
 
         progress = Progress()
@@ -229,10 +249,10 @@ def to_sync(model, output, rules, custom_objects, dry_run, report_path, force, u
             model, custom_objects=custom_objects, unsafe=unsafe, progress=progress
         )
 
-        import bnconvert
+        from bnconvert.convert import convert_model
 
         with progress.step("converting and verifying"):
-            converted, report = bnconvert.convert_model(
+            converted, report = convert_model(
                 keras_model, to="sync", rules=_rules_arg(rules),
                 custom_objects=objects, safe_mode=not unsafe, return_report=True,
             )
@@ -244,15 +264,11 @@ def to_sync(model, output, rules, custom_objects, dry_run, report_path, force, u
         if report_path:
             model_io.write_text(
                 report_path, report.to_json(), force=force,
-                inputs=(model, model_file, out),
+                inputs=(model, model_file),
             )
 
-    click.echo(report.summary_table())
-    n = report.converted
-    click.echo(f"{n} layer{'' if n == 1 else 's'} converted")
-    verification = format_verification(report.verification)
-    if verification:
-        click.echo(verification)
+    # The report's table ends with the totals and the verification figure.
+    click.echo(report.summary_table(max_rows=SUMMARY_ROWS))
     if out is None:
         click.echo("Dry run: no model written.")
     else:
@@ -261,24 +277,19 @@ def to_sync(model, output, rules, custom_objects, dry_run, report_path, force, u
         click.echo(f"Wrote report {report_path}")
 
 
-def format_verification(verification):
-    """One line describing the verification result, or "" if there is none."""
-    if not verification:
-        return ""
-    if not isinstance(verification, dict):
-        return f"verification: {verification}"
-    parts = []
-    for key, value in verification.items():
-        if isinstance(value, float):
-            value = f"{value:.3g}"
-        elif isinstance(value, (list, tuple, dict)):
-            continue
-        parts.append(f"{key}={value}")
-    return "verification: " + ", ".join(parts)
+def _sublayers(layer):
+    # Keras keeps every layer's direct sublayers in `_layers` (Functional and
+    # Sequential models, subclassed models and custom layers alike); the
+    # converter walks the same attribute, so paths agree.
+    return [c for c in getattr(layer, "_layers", []) if hasattr(c, "weights")]
 
 
 def _normalization_layers(model):
-    """Yields `(path, layer)` for every normalization layer, nested included."""
+    """Yields `(path, layer)` for every normalization layer, nested included.
+
+    Paths are layer names from the model itself down, joined by `/`, as in
+    the conversion report.
+    """
     import keras
 
     kinds = (
@@ -288,18 +299,17 @@ def _normalization_layers(model):
     )
     seen = set()
 
-    def walk(container, prefix):
-        for layer in container.layers:
-            if id(layer) in seen:
+    def walk(layer, path):
+        for child in _sublayers(layer):
+            if id(child) in seen or isinstance(child, keras.layers.InputLayer):
                 continue
-            seen.add(id(layer))
-            path = f"{prefix}{layer.name}"
-            if isinstance(layer, kinds):
-                yield path, layer
-            if hasattr(layer, "layers") and isinstance(layer, keras.Model):
-                yield from walk(layer, f"{path}/")
+            seen.add(id(child))
+            here = f"{path}/{child.name}"
+            if isinstance(child, kinds):
+                yield here, child
+            yield from walk(child, here)
 
-    yield from walk(model, "")
+    yield from walk(model, model.name)
 
 
 def _layer_settings(layer):
@@ -318,37 +328,32 @@ def _layer_shape(layer):
     return [list(s) for s in sorted(shapes)] or None
 
 
-def _event_key(path):
-    return path.strip("/").split("/")[-1]
-
-
 def inspect_rows(model, report):
     """Joins the model's normalization layers with the report's events.
 
     Returns:
-        A list of dicts, one per normalization layer, each with `path`,
-        `class`, `shape`, `settings` and `events` (what the rules would do).
+        A list of dicts, one per normalization layer (and one per event on a
+        layer not found by the walk), each with `path`, `class`, `shape`,
+        `settings` and `events` (what the rules would do).
     """
     events_by_path = {}
     for event in report.events:
         events_by_path.setdefault(event.path, []).append(event)
     rows = []
-    matched = set()
     for path, layer in _normalization_layers(model):
-        events = events_by_path.get(path)
-        if events is None:
-            # Fall back on the layer name when the report spells nested
-            # paths differently.
-            events = [
-                e for e in report.events
-                if _event_key(e.path) == layer.name and e.path not in matched
-            ]
-        matched.update(e.path for e in events)
         rows.append({
             "path": path,
             "class": type(layer).__name__,
             "shape": _layer_shape(layer),
             "settings": _layer_settings(layer),
+            "events": [_event_dict(e) for e in events_by_path.pop(path, [])],
+        })
+    for path, events in events_by_path.items():
+        rows.append({
+            "path": path,
+            "class": events[0].class_before,
+            "shape": None,
+            "settings": {},
             "events": [_event_dict(e) for e in events],
         })
     return rows
@@ -365,32 +370,44 @@ def _event_dict(event):
     }
 
 
-def _format_value(value):
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
+def _format_settings(settings):
+    """`axis=-1 momentum=0.99 epsilon=0.001 center scale`: true flags by name."""
+    parts = []
+    for key, value in settings.items():
+        if key == "trainable":
+            if not value:
+                parts.append("frozen")
+        elif isinstance(value, bool):
+            if value:
+                parts.append(key)
+        elif isinstance(value, float):
+            parts.append(f"{key}={value:g}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def _format_event(event):
+    if event["action"] == "applied":
+        return f"{event['rule']}: -> {event['class_after']}"
+    text = event["action"]
+    if event["rule"]:
+        text = f"{event['rule']}: {text}"
+    return f"{text} ({event['reason']})" if event["reason"] else text
 
 
 def _format_rows(rows):
-    headers = ("path", "class", "shape", "settings", "rule: action")
+    headers = ("path", "class", "shape", "settings", "rule")
     table = []
     for row in rows:
-        settings = " ".join(
-            f"{k}={_format_value(v)}" for k, v in row["settings"].items()
-        )
-        shape = "x".join(str(d) for d in row["shape"]) if row["shape"] and all(
-            isinstance(d, int) for d in row["shape"]
-        ) else str(row["shape"])
-        actions = "; ".join(
-            f"{e['rule'] or '-'}: {e['action']}"
-            + (f" -> {e['class_after']}" if e["class_after"]
-               and e["class_after"] != e["class_before"] else "")
-            + (f" ({e['reason']})" if e["reason"] else "")
-            for e in row["events"]
-        ) or "no rule applies"
-        table.append((row["path"], row["class"], shape, settings, actions))
+        shape = row["shape"]
+        if shape and all(isinstance(d, int) for d in shape):
+            shape = "x".join(str(d) for d in shape)
+        actions = "; ".join(_format_event(e) for e in row["events"])
+        table.append((
+            row["path"], row["class"], str(shape or "-"),
+            _format_settings(row["settings"]), actions or "no rule applies",
+        ))
     widths = [
         max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(headers)
     ]
@@ -432,10 +449,10 @@ def inspect_command(model, rules, custom_objects, target, unsafe, as_json):
             model, custom_objects=custom_objects, unsafe=unsafe, progress=progress
         )
 
-        import bnconvert
+        from bnconvert.convert import inspect_model
 
         with progress.step("applying rules (dry run)"):
-            report = bnconvert.inspect_model(
+            report = inspect_model(
                 keras_model, to=target, rules=_rules_arg(rules),
                 custom_objects=objects, safe_mode=not unsafe,
             )
@@ -456,3 +473,113 @@ def inspect_command(model, rules, custom_objects, target, unsafe, as_json):
     click.echo(
         f"{n} layer{'' if n == 1 else 's'} would be converted (to {target})"
     )
+
+
+@main.command("to-inference")
+@click.argument("model", type=click.Path())
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), default=None,
+    help="Output .onnx file. Default: NAME.onnx beside the input.",
+)
+@click.option(
+    "--keras-out", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+    help="Also save the unsynced (and folded) Keras model to FILE (.keras).",
+)
+@click.option("--no-fold", is_flag=True, help="Keep every BatchNormalization layer.")
+@click.option(
+    "--opset", type=int, default=None,
+    help="ONNX opset. Default: the exporter's (tf2onnx) default.",
+)
+@click.option(
+    "--no-check", is_flag=True, help="Do not run the ONNX model in onnxruntime."
+)
+@click.option(
+    "--tolerance", type=float, default=1e-4, show_default=True,
+    help="Largest accepted onnxruntime-vs-Keras difference, relative to the "
+    "largest output magnitude.",
+)
+@rules_option
+@custom_objects_option
+@click.option(
+    "--report", "report_path", type=click.Path(dir_okay=False), default=None,
+    metavar="FILE", help="Write the full report (layers and ONNX check) as JSON to FILE.",
+)
+@force_option
+@unsafe_option
+def to_inference(model, output, keras_out, no_fold, opset, no_check, tolerance,
+                 rules, custom_objects, report_path, force, unsafe):
+    """Unsync, fold BatchNormalization and export MODEL to ONNX.
+
+    Synchronized BN layers become plain BatchNormalization, each BN that
+    follows a Conv/Dense it can be folded into exactly is folded, and the
+    result is written as ONNX (dynamic batch size) after onnxruntime has
+    reproduced the Keras outputs within --tolerance. MODEL is a .keras or
+    .h5 file, or a directory holding one.
+    """
+    with user_errors():
+        from bnconvert import model_io
+
+        model_file = model_io.resolve_model_file(model)
+        out = output or model_io.default_output_path(model, ".onnx")
+        protected = (model, model_file)
+        model_io.check_output_path(out, force=force, inputs=protected, suffixes=(".onnx",))
+        if keras_out:
+            model_io.check_output_path(
+                keras_out, force=force, inputs=protected + (out,), suffixes=(".keras",)
+            )
+        if report_path:
+            model_io.check_output_path(
+                report_path, force=force, inputs=protected + (out, keras_out)
+            )
+
+        progress = Progress()
+        with progress.step("starting TensorFlow"):
+            prepare_tensorflow()
+        from bnconvert import onnx_export
+
+        if opset is not None and opset not in onnx_export.supported_opsets():
+            allowed = onnx_export.supported_opsets()
+            raise click.ClickException(
+                f"The ONNX exporter (tf2onnx) cannot write opset {opset}; use one "
+                f"from {allowed.start} to {allowed.stop - 1}. Received: --opset={opset}"
+            )
+        keras_model, objects = load_input(
+            model, custom_objects=custom_objects, unsafe=unsafe, progress=progress
+        )
+
+        from bnconvert.convert import convert_model
+
+        with progress.step("unsyncing" + ("" if no_fold else " and folding")):
+            converted, report = convert_model(
+                keras_model, to="inference", rules=_rules_arg(rules),
+                custom_objects=objects, fold=not no_fold, safe_mode=not unsafe,
+                return_report=True,
+            )
+        with progress.step("exporting to ONNX" + ("" if no_check else " and checking")):
+            result = onnx_export.export_onnx(
+                converted, out, opset=opset, tolerance=tolerance, check=not no_check
+            )
+        if keras_out:
+            with progress.step(f"saving {keras_out}"):
+                model_io.save_model(converted, keras_out, force=force, inputs=protected)
+        if report_path:
+            data = report.to_dict()
+            data["onnx"] = result.to_dict()
+            model_io.write_text(
+                report_path, json.dumps(data, indent=2), force=force,
+                inputs=protected + (out, keras_out),
+            )
+
+    click.echo(report.summary_table(max_rows=SUMMARY_ROWS))
+    if result.checked:
+        click.echo(
+            f"onnxruntime check: max |diff| = {result.max_abs_diff:.3g}, relative "
+            f"{result.max_rel_diff:.3g} (tolerance {result.tolerance:g}), opset {result.opset}"
+        )
+    else:
+        click.echo(f"onnxruntime check skipped (--no-check), opset {result.opset}")
+    click.echo(f"Wrote {out}")
+    if keras_out:
+        click.echo(f"Wrote {keras_out}")
+    if report_path:
+        click.echo(f"Wrote report {report_path}")

@@ -91,7 +91,8 @@ def fold_model(model, fold_rules, report=None):
             producer class names) and `layout` (one of `LAYOUTS`).
         report: Optional report with an `events` list (or an `add`
             method); one event per BN layer is appended, with action
-            `"folded"` or `"kept"` and the reason.
+            `"folded"` or `"kept"` and the reason. Event paths start with
+            the model's name (`"model/block/bn"`), as in the conversion.
 
     Returns:
         A new `keras.Model` of the same kind, or `model` itself when it is
@@ -108,7 +109,7 @@ def fold_model(model, fold_rules, report=None):
                 f"Fold rule '{rule.name}' has an unknown layout; use one of "
                 f"{list(LAYOUTS)}. Received: layout={rule.layout!r}"
             )
-    return _Folder(rules, report).fold(model, prefix="")
+    return _Folder(rules, report).fold(model, prefix=model.name)
 
 
 class _Folder:
@@ -243,13 +244,16 @@ class _Folder:
                     class_after=kind)
 
     def _rule_for(self, producer):
-        name = type(producer).__name__
-        builtin = getattr(keras.layers, name, None)
-        # A user subclass that merely shares a Keras layer's name is not that layer.
-        if isinstance(builtin, type) and builtin is not type(producer):
-            return None
+        """The first fold rule naming the producer's exact class, or None."""
+        kind = type(producer)
         for rule in self.rules:
-            if name in rule.into:
+            classes = getattr(rule, "classes", ())
+            if classes:
+                if kind in classes:
+                    return rule
+            elif kind.__name__ in rule.into and getattr(keras.layers, kind.__name__, kind) is kind:
+                # Unresolved rule: match the bare name, but a user subclass
+                # that merely shares a Keras layer's name is not that layer.
                 return rule
         return None
 
@@ -260,6 +264,8 @@ class _Folder:
             return self.fold(layer, _join(prefix, layer.name))
         if id(layer) in folds:
             return layer  # never called: call_function bypasses it
+        if not isinstance(layer, keras.layers.Layer):
+            return layer  # a stateless op (e.g. `x + y` on KerasTensors)
         config = layer.get_config()
         if _fold_of_producer(layer, folds) is not None:
             config["use_bias"] = True

@@ -23,6 +23,7 @@ import re
 import sys
 import tempfile
 import zipfile
+import zlib
 
 from bnconvert.errors import ModelLoadError
 from bnconvert.errors import OutputError
@@ -220,7 +221,7 @@ def _load_error(model_file, error):
             "Keras safe mode refuses to load; if you trust the file, pass --unsafe "
             "(safe_mode=False in Python)."
         )
-    if isinstance(error, (zipfile.BadZipFile, EOFError)) or "CRC" in text:
+    if isinstance(error, (zipfile.BadZipFile, EOFError, zlib.error)) or "CRC" in text:
         return ModelLoadError(
             f"{model_file} is a corrupt .keras archive ({_first_line(error)}); "
             "re-save the model with model.save('NAME.keras')."
@@ -308,20 +309,26 @@ def check_output_path(path, *, force=False, inputs=(), suffixes=None):
     return out
 
 
-def _same_path(a, b):
+def same_file(a, b):
+    """Whether paths `a` and `b` name the same file (existing or not)."""
     a, b = pathlib.Path(a), pathlib.Path(b)
-    try:
-        if a.exists() and b.exists():
-            if os.path.samefile(a, b):
-                return True
-            # Writing into a directory that holds the input model can never
-            # replace it unless it is the model file itself, handled above.
-            if b.is_dir():
-                return _same_path(a, resolve_model_file(b))
-            return False
-    except ModelLoadError:
-        return False
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
     return a.resolve() == b.resolve()
+
+
+def _same_path(out, source):
+    """Whether writing `out` would overwrite the input `source`."""
+    if same_file(out, source):
+        return True
+    source = pathlib.Path(source)
+    if source.is_dir():
+        # A directory input stands for the model file inside it.
+        try:
+            return same_file(out, resolve_model_file(source))
+        except ModelLoadError:
+            return False
+    return False
 
 
 def save_model(model, path, *, force=False, inputs=()):

@@ -18,6 +18,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 INPUT_SHAPE = (6, 6, 3)
@@ -53,8 +54,6 @@ def build_model(bn_layer, seed=0):
     Returns:
         An uncompiled `keras.Model`.
     """
-    import keras
-
     inputs = keras.Input(INPUT_SHAPE)
     h = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="conv")(inputs)
     h = bn_layer(momentum=0.5, name="bn1")(h)
@@ -78,15 +77,56 @@ def build_model(bn_layer, seed=0):
     return model
 
 
-def compile_model(model, reduction="sum_over_batch_size"):
+def compile_model(model, reduction="sum_over_batch_size", learning_rate=LEARNING_RATE):
     """SGD without momentum, so one step moves each weight by `-lr * grad`."""
-    import keras
 
     model.compile(
-        optimizer=keras.optimizers.SGD(LEARNING_RATE),
+        optimizer=keras.optimizers.SGD(learning_rate),
         loss=keras.losses.MeanSquaredError(reduction=reduction),
     )
     return model
+
+
+def _target(x):
+    import tensorflow as tf
+
+    projection = tf.constant([[1.0, -0.5], [0.3, 0.8], [-0.7, 0.2]])
+    return tf.tanh(tf.reduce_mean(x, axis=(1, 2)) @ projection)
+
+
+class InputTargetModel(keras.Model):
+    """`build_model(bn_layer)` trained to predict a fixed function of its input.
+
+    Works around two faults of Keras 3.15's `fit` under
+    `MultiWorkerMirroredStrategy` (keras-team/keras#20585):
+    - before training it averages the first batch over workers with
+      `strategy.reduce`, which fails on a tuple of per-replica values, so
+      the dataset holds `x` alone and the target is computed from `x` in
+      `compute_loss`;
+    - after each step it averages the step's logs with
+      `strategy.reduce(..., axis=0)`, which fails on scalars, so
+      `train_step` returns its logs with shape `[1]`.
+    """
+
+    def __init__(self, bn_layer, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.net = build_model(bn_layer, seed)
+
+    def call(self, x, training=False):
+        return self.net(x, training=training)
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        logs = super().train_step(data)
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        return super().compute_loss(
+            x=x, y=_target(x), y_pred=y_pred, sample_weight=sample_weight,
+            training=training,
+        )
 
 
 def weights_dict(model):
@@ -99,26 +139,23 @@ def _main(out_path, steps, global_batch):
 
     # Must come before any other TensorFlow op.
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    import keras
-
     import bnconvert
 
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     workers = strategy.num_replicas_in_sync
     per_worker = global_batch // workers
-    x, y = make_data(global_batch)
+    x, _ = make_data(global_batch)
     shard = slice(task * per_worker, (task + 1) * per_worker)
 
     def dataset_fn(input_context):
         # Each worker feeds its own, fixed shard: no auto-sharding, no
         # rebatching, so the global batch is exactly `x` every step.
-        ds = tf.data.Dataset.from_tensors((x[shard], y[shard]))
-        return ds.repeat(steps)
+        return tf.data.Dataset.from_tensors(x[shard]).repeat(steps)
 
     with strategy.scope():
-        model = compile_model(build_model(bnconvert.SyncBatchNormalization))
+        model = compile_model(InputTargetModel(bnconvert.SyncBatchNormalization))
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
     np.savez(out_path, **weights_dict(model))
 
 

@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 
 import bnconvert
-from _mw_worker import build_model, compile_model, make_data, weights_dict
+from _mw_worker import (
+    InputTargetModel, build_model, compile_model, make_data, weights_dict,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mw_worker.py")
@@ -43,14 +45,13 @@ def _strategy(mirrored, n):
     return _STRATEGIES[n]
 
 
-def _train(bn_layer, x, y, batch_size, strategy=None, reduction="sum_over_batch_size",
-           epochs=1):
+def _train(bn_layer, x, y, batch_size, strategy=None, epochs=1, **compile_args):
     """Builds, compiles and fits a model; returns (weights before, weights after)."""
     if strategy is None:
-        model = compile_model(build_model(bn_layer), reduction)
+        model = compile_model(build_model(bn_layer), **compile_args)
     else:
         with strategy.scope():
-            model = compile_model(build_model(bn_layer), reduction)
+            model = compile_model(build_model(bn_layer), **compile_args)
     before = weights_dict(model)
     model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
     return before, weights_dict(model)
@@ -60,8 +61,10 @@ def _assert_same_training(before, ours, ref, rtol=1e-5):
     """Moving statistics and weight updates of `ours` equal those of `ref`."""
     assert sorted(ours) == sorted(ref)
     for path, expected in ref.items():
+        # Entries near zero are judged against the array's scale.
+        atol = rtol * np.abs(expected).max()
         if "moving_" in path:
-            np.testing.assert_allclose(ours[path], expected, rtol=rtol, atol=1e-6,
+            np.testing.assert_allclose(ours[path], expected, rtol=rtol, atol=atol,
                                        err_msg=path)
             continue
         # Compare the update itself, not just the updated weight, so a wrong
@@ -72,7 +75,7 @@ def _assert_same_training(before, ours, ref, rtol=1e-5):
             ours[path] - before[path], expected_delta,
             rtol=20 * rtol, atol=1e-3 * np.abs(expected_delta).max(), err_msg=path,
         )
-        np.testing.assert_allclose(ours[path], expected, rtol=rtol, atol=1e-6,
+        np.testing.assert_allclose(ours[path], expected, rtol=rtol, atol=atol,
                                    err_msg=path)
 
 
@@ -105,13 +108,14 @@ def test_fit_with_uneven_last_batch_matches_single_device_bn(mirrored):
     # and TF's CPU Conv2D returns its *input* shape for an empty batch,
     # which breaks any normalization layer after it.)
     x, y = make_data(15, halves=3)
+    # The summed loss is ~8x the mean: a smaller step keeps training stable.
+    compile_args = dict(reduction="sum", learning_rate=0.01)
     before, ref = _train(
-        keras.layers.BatchNormalization, x, y, batch_size=8, reduction="sum",
-        epochs=2,
+        keras.layers.BatchNormalization, x, y, batch_size=8, **compile_args
     )
     _, ours = _train(
-        bnconvert.SyncBatchNormalization, x, y, batch_size=8, reduction="sum",
-        epochs=2, strategy=_strategy(mirrored, 4),
+        bnconvert.SyncBatchNormalization, x, y, batch_size=8,
+        strategy=_strategy(mirrored, 4), **compile_args
     )
     _assert_same_training(before, ours, ref, rtol=2e-5)
 
@@ -173,10 +177,10 @@ def test_multi_worker_fit_matches_single_device_bn(tmp_path):
     assert not failures, "\n".join(failures)
 
     results = [dict(np.load(out)) for out in outs]
-    x, y = make_data(global_batch)
-    reference = compile_model(build_model(keras.layers.BatchNormalization))
+    x, _ = make_data(global_batch)
+    reference = compile_model(InputTargetModel(keras.layers.BatchNormalization))
     before = weights_dict(reference)
-    reference.fit(x, y, batch_size=global_batch, epochs=steps, shuffle=False, verbose=0)
+    reference.fit(x, batch_size=global_batch, epochs=steps, shuffle=False, verbose=0)
     ref = weights_dict(reference)
     for path in ref:
         np.testing.assert_array_equal(results[0][path], results[1][path],

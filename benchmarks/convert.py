@@ -1,0 +1,176 @@
+"""Benchmark P3: the cost of `to-sync`, against anchors measured in the same run.
+
+1. ResNet50 (keras.applications, weights=None), file to file. The anchor is
+   what any tool must pay to rewrite a file: load it and save it
+   (`model_io.load_model` + `model_io.save_model`). `bnconvert to-sync` (run
+   in-process through the click command: load, convert, verify, save) is
+   reported as a ratio to it. Target: <= 1.5.
+2. Synthetic chains of Dense/BatchNormalization pairs with 100, 500 and 2,000
+   layers, converted in memory (`convert_model`, with and without
+   verification): time per layer, and its ratio to the 100-layer model's.
+   Target: linear, i.e. ratios near 1.
+
+Each figure is the best of `--repeats` runs (the least disturbed by other
+processes). Run from the repository root:
+
+    python benchmarks/convert.py [--repeats 3] [--sizes 100,500,2000] [--no-resnet]
+"""
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import bnconvert  # noqa: E402  (quiets TensorFlow's start-up)
+import keras  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from bnconvert import cli  # noqa: E402
+from bnconvert import model_io  # noqa: E402
+
+
+def best_of(repeats, fn):
+    """Runs `fn` `repeats` times; returns (best seconds, all seconds)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times), times
+
+
+def resnet50_file_to_file(repeats, workdir):
+    source = workdir / "resnet50.keras"
+    keras.applications.ResNet50(weights=None).save(source)
+    anchor_out = workdir / "anchor.keras"
+    sync_out = workdir / "resnet50.sync.keras"
+
+    phases = {}
+
+    def load_and_save():
+        t0 = time.perf_counter()
+        model = model_io.load_model(source)
+        t1 = time.perf_counter()
+        model_io.save_model(model, anchor_out, force=True)
+        phases.setdefault("load", []).append(t1 - t0)
+        phases.setdefault("save", []).append(time.perf_counter() - t1)
+
+    def to_sync():
+        result = CliRunner().invoke(
+            cli.main, ["to-sync", str(source), "-o", str(sync_out), "--force"]
+        )
+        if result.exit_code != 0:
+            raise SystemExit(f"to-sync failed: {result.output}")
+
+    # One untimed round of each, so that neither pays Python's and Keras's
+    # first-use costs (imports, op registration) alone.
+    load_and_save()
+    to_sync()
+    phases.clear()
+    # Interleaved, so that a burst of load from other processes on the
+    # machine hits both sides alike.
+    anchor_times, sync_times = [], []
+    for _ in range(repeats):
+        anchor_times.append(best_of(1, load_and_save)[0])
+        sync_times.append(best_of(1, to_sync)[0])
+
+    model = model_io.load_model(source)
+    convert_only, _ = best_of(
+        repeats, lambda: bnconvert.convert_model(model, verify=False)
+    )
+    convert_verify, _ = best_of(repeats, lambda: bnconvert.convert_model(model))
+    n_bn = sum(isinstance(l, keras.layers.BatchNormalization) for l in model.layers)
+    return {
+        "layers": len(model.layers),
+        "bn": n_bn,
+        "size_mb": source.stat().st_size / 2**20,
+        "load": min(phases["load"]),
+        "save": min(phases["save"]),
+        "anchor": min(anchor_times),
+        "anchor_median": statistics.median(anchor_times),
+        "to_sync": min(sync_times),
+        "to_sync_median": statistics.median(sync_times),
+        "convert_only": convert_only,
+        "convert_verify": convert_verify,
+    }
+
+
+def synthetic_chain(n_layers, width=16):
+    """A Functional model of `n_layers` layers: Dense, BN, Dense, BN, ..."""
+    inputs = keras.Input((width,))
+    x = inputs
+    for i in range(n_layers // 2):
+        x = keras.layers.Dense(width, name=f"dense_{i}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn_{i}")(x)
+    return keras.Model(inputs, x, name=f"chain_{n_layers}")
+
+
+def scaling(sizes, repeats):
+    rows = []
+    for n in sizes:
+        model = synthetic_chain(n)
+        # Untimed warm-up at this size too: the first call traces more.
+        bnconvert.convert_model(model, verify=False)
+        convert, _ = best_of(repeats, lambda: bnconvert.convert_model(model, verify=False))
+        full, _ = best_of(repeats, lambda: bnconvert.convert_model(model))
+        rows.append({"layers": n, "convert": convert, "convert_verify": full})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", default="100,500,2000")
+    parser.add_argument("--no-resnet", action="store_true")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    cli.prepare_tensorflow()  # quiet device start-up, as the CLI does
+
+    print(f"bnconvert {bnconvert.__version__}, keras {keras.__version__}, "
+          f"{os.cpu_count()} CPUs, best of {args.repeats}")
+    if not args.no_resnet:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = resnet50_file_to_file(args.repeats, pathlib.Path(tmp))
+        print()
+        print(f"ResNet50 file -> file ({r['layers']} layers, {r['bn']} BN, "
+              f"{r['size_mb']:.0f} MB)")
+        print(f"  {'step':<40}{'seconds':>9}{'x anchor':>10}")
+        anchor = r["anchor"]
+        table = [
+            ("anchor: load + save", anchor),
+            ("  load", r["load"]),
+            ("  save", r["save"]),
+            ("to-sync (load, convert, verify, save)", r["to_sync"]),
+            ("  convert_model, verify=False", r["convert_only"]),
+            ("  convert_model, verify=True", r["convert_verify"]),
+        ]
+        for label, seconds in table:
+            print(f"  {label:<40}{seconds:>9.2f}{seconds / anchor:>10.2f}")
+        print(f"  to-sync / anchor = {r['to_sync'] / anchor:.2f} (target <= 1.5; "
+              f"medians {r['to_sync_median']:.2f} / {r['anchor_median']:.2f} = "
+              f"{r['to_sync_median'] / r['anchor_median']:.2f})")
+
+    rows = scaling(sizes, args.repeats)
+    base = rows[0]
+    print()
+    print("Synthetic Dense/BN chains, in memory (target: per-layer time flat)")
+    print(f"  {'layers':>7}{'convert s':>11}{'ms/layer':>10}{'ratio':>7}"
+          f"{'+verify s':>11}{'ms/layer':>10}{'ratio':>7}")
+    for row in rows:
+        per = row["convert"] / row["layers"]
+        per_full = row["convert_verify"] / row["layers"]
+        print(f"  {row['layers']:>7}{row['convert']:>11.2f}{per * 1e3:>10.2f}"
+              f"{per / (base['convert'] / base['layers']):>7.2f}"
+              f"{row['convert_verify']:>11.2f}{per_full * 1e3:>10.2f}"
+              f"{per_full / (base['convert_verify'] / base['layers']):>7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

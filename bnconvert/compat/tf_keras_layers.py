@@ -1,0 +1,413 @@
+"""`SyncBatchNormalization` for tf-keras (Keras 2) models.
+
+The same layer as `bnconvert.SyncBatchNormalization`, built on
+`tf_keras.layers.BatchNormalization` so that it lives in tf-keras models
+(SavedModel directories with Keras metadata, tf-keras H5 files) and passes
+their `isinstance` checks. The global statistics come from
+`bnconvert.sync_stats`, as for the Keras 3 layer.
+
+Moving variance: which variance?
+--------------------------------
+tf-keras `BatchNormalization` has two training paths that disagree. Its fused
+kernel, which it picks by itself for 4D inputs with `axis` 1 or 3 and 5D
+inputs with `axis` 1 or 4 (no renorm, no adjustment, float16/bfloat16/float32
+compute), folds the *unbiased* batch variance (divided by `N - 1`) into
+`moving_variance`; every other path folds the *biased* one (divided by `N`).
+Both normalize with the biased variance.
+
+This layer follows the layer it replaces: it updates `moving_variance` with
+the unbiased variance of the global batch exactly when tf-keras
+`BatchNormalization` with the same arguments would take its fused path
+(`layer.fused` after `build()`, decided by tf-keras itself), and with the
+biased variance otherwise. Converting a model to synchronized statistics then
+changes where the statistics come from and nothing else: after training on
+the same global batches, the moving statistics are those the original
+tf-keras model would have had on one device. `N` counts the examples (and
+positions) of the global batch, not of one replica. (Keras 3, including
+`bnconvert.SyncBatchNormalization`, always uses the biased variance.)
+"""
+
+import numbers
+
+import tensorflow as tf
+import tf_keras
+
+from bnconvert import sync_stats
+from bnconvert.layers import _check_axis
+from bnconvert.layers import _check_bool
+from bnconvert.layers import _check_renorm_clipping
+from bnconvert.layers import _check_unit_interval
+
+_FUSED_DATA_FORMATS = {
+    (4, 1): "NCHW",
+    (4, 3): "NHWC",
+    (5, 1): "NCDHW",
+    (5, 4): "NDHWC",
+}
+
+
+@tf_keras.saving.register_keras_serializable(package="bnconvert")
+class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
+    """Batch normalization over the global batch, for tf-keras models.
+
+    Under a `tf.distribute` strategy with several replicas, a training step
+    normalizes with the mean and variance of the *global* batch: every
+    example on every replica, each replica weighted by how many examples it
+    holds (uneven and empty per-replica batches are exact). The statistics
+    travel in one all-reduce per call and are combined with the shifted,
+    two-pass formula of `bnconvert.sync_stats`, which stays accurate when a
+    channel's mean is large compared to its spread. Gradients are those of
+    single-device batch normalization on the global batch.
+
+    Without a strategy, with one replica, or in inference, the layer computes
+    what `tf_keras.layers.BatchNormalization` computes; in inference it runs
+    the very same kernel, so outputs are bit-for-bit equal. It subclasses
+    that layer and holds the same weights, in the same order and shapes.
+
+    In training the output is
+    `gamma * (x - mean(batch)) / sqrt(var(batch) + epsilon) + beta` and
+    `moving_stat = moving_stat * momentum + batch_stat * (1 - momentum)`.
+    The batch variance folded into `moving_variance` is the one tf-keras
+    `BatchNormalization` would fold in (see the module docstring): unbiased
+    where tf-keras uses its fused kernel (4D inputs with `axis` 1 or 3, 5D
+    with `axis` 1 or 4), biased elsewhere. A step whose global batch is empty
+    leaves the moving statistics unchanged.
+
+    Example:
+
+    ```python
+    import tf_keras
+    from bnconvert.compat import SyncBatchNormalization
+
+    strategy = tf.distribute.MirroredStrategy()
+    with strategy.scope():
+        model = tf_keras.Sequential([
+            tf_keras.layers.Dense(16),
+            SyncBatchNormalization(),
+        ])
+    ```
+
+    Args:
+        axis: Integer or list of integers: the axis or axes that hold the
+            features to normalize; statistics are taken over all others.
+            Negative values count from the end. Defaults to `-1`.
+        momentum: Float in [0, 1], the weight of the old value in the moving
+            averages. Defaults to `0.99`.
+        epsilon: Positive float added to the variance before the square root.
+            Defaults to `0.001`.
+        center: If `True`, learn an offset `beta` added after normalizing.
+        scale: If `True`, learn a factor `gamma` applied after normalizing.
+        beta_initializer: Initializer for `beta`.
+        gamma_initializer: Initializer for `gamma`.
+        moving_mean_initializer: Initializer for the moving mean.
+        moving_variance_initializer: Initializer for the moving variance.
+        beta_regularizer: Optional regularizer for `beta`.
+        gamma_regularizer: Optional regularizer for `gamma`.
+        beta_constraint: Optional constraint for `beta`.
+        gamma_constraint: Optional constraint for `gamma`.
+        renorm: If `True`, use Batch Renormalization: training outputs are
+            corrected by `(r, d)` towards the moving statistics. Adds the
+            weights `moving_stddev`, `renorm_mean` and `renorm_stddev`;
+            inference is unchanged.
+        renorm_clipping: Optional dict with any of the keys `"rmax"`,
+            `"rmin"` and `"dmax"`, bounding the renorm correction `r` to
+            `[rmin, rmax]` and `d` to `[-dmax, dmax]`. A missing key means no
+            bound.
+        renorm_momentum: Float in [0, 1], the momentum of the statistics that
+            renorm corrects towards; `momentum` still drives the statistics
+            used in inference.
+        trainable: If `False`, the layer is frozen and, as with tf-keras
+            `BatchNormalization`, normalizes with its moving statistics even
+            when called with `training=True`.
+        adjustment: Optional callable taking the dynamic input shape and
+            returning `(scale, bias)`, applied to the normalized value before
+            `gamma` and `beta`, in training only. Not serializable: left out
+            of `get_config()`.
+        name: Optional name of the layer.
+        **kwargs: Other base layer keyword arguments, such as `dtype`.
+            `synchronized` is accepted and ignored (this layer always
+            synchronizes); `virtual_batch_size` is not supported.
+
+    Call arguments:
+        inputs: Input tensor of any rank.
+        training: Python boolean. `True` normalizes with the statistics of
+            the current (global) batch and updates the moving statistics;
+            `False` uses the moving statistics.
+        mask: Optional boolean tensor of the input's shape without the last
+            axis; masked-out positions do not count towards the statistics.
+
+    Input shape:
+        Arbitrary. The normalized axes must have a known size.
+
+    Output shape:
+        Same shape as the input.
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=0.001,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        trainable=True,
+        adjustment=None,
+        name=None,
+        **kwargs,
+    ):
+        kwargs.pop("synchronized", None)
+        virtual_batch_size = kwargs.pop("virtual_batch_size", None)
+        if virtual_batch_size is not None:
+            raise ValueError(
+                "SyncBatchNormalization normalizes over the global batch and "
+                "does not support ghost batches; remove `virtual_batch_size`. "
+                f"Received: virtual_batch_size={virtual_batch_size!r}"
+            )
+        axis = _check_axis(axis)
+        momentum = _check_unit_interval("momentum", momentum)
+        renorm_momentum = _check_unit_interval("renorm_momentum", renorm_momentum)
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+            raise ValueError(
+                "Argument `epsilon` must be a positive float. "
+                f"Received: epsilon={epsilon!r}"
+            )
+        if not epsilon > 0:
+            raise ValueError(
+                f"Argument `epsilon` must be positive. Received: epsilon={epsilon!r}"
+            )
+        center = _check_bool("center", center)
+        scale = _check_bool("scale", scale)
+        renorm = _check_bool("renorm", renorm)
+        trainable = _check_bool("trainable", trainable)
+        renorm_clipping = _check_renorm_clipping(renorm_clipping)
+        if adjustment is not None and not callable(adjustment):
+            raise ValueError(
+                "Argument `adjustment` must be a callable or None. "
+                f"Received: adjustment={adjustment!r}"
+            )
+        # `synchronized=False`: tf-keras would otherwise turn off its fused
+        # path, and `self.fused` must keep saying whether tf-keras BN with
+        # these arguments takes it (it decides the moving-variance convention).
+        super().__init__(
+            axis=axis,
+            momentum=momentum,
+            epsilon=float(epsilon),
+            center=center,
+            scale=scale,
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+            renorm=renorm,
+            renorm_clipping=renorm_clipping,
+            renorm_momentum=renorm_momentum,
+            trainable=trainable,
+            adjustment=adjustment,
+            name=name,
+            synchronized=False,
+            **kwargs,
+        )
+        self.synchronized = True
+        # tf-keras sets these only when renorm is on; the config keeps them.
+        self.renorm_clipping = renorm_clipping
+        self.renorm_momentum = renorm_momentum
+
+    def build(self, input_shape):
+        # tf-keras validates `axis` (to a sorted list of non-negative ints),
+        # creates the weights exactly as BatchNormalization does and decides
+        # `self.fused`.
+        super().build(input_shape)
+        rank = len(input_shape)
+        self._reduction_axes = [a for a in range(rank) if a not in self.axis]
+        self._param_broadcast = [1] * rank
+        for a in self.axis:
+            self._param_broadcast[a] = int(input_shape[a])
+
+    def call(self, inputs, training=None, mask=None):
+        inputs = tf.cast(inputs, self.compute_dtype)
+        if training is None:
+            training = tf_keras.backend.learning_phase()
+        if not self.trainable:
+            training = False
+        if tf.is_tensor(training) and tf.get_static_value(training) is None:
+            return tf.cond(
+                tf.cast(training, tf.bool),
+                lambda: self._training_call(inputs, mask),
+                lambda: self._inference_call(inputs),
+            )
+        if tf.is_tensor(training):
+            training = tf.get_static_value(training)
+        if training:
+            return self._training_call(inputs, mask)
+        return self._inference_call(inputs)
+
+    def _param(self, weight, dtype):
+        if weight is None:
+            return None
+        return tf.reshape(tf.cast(weight, dtype), self._param_broadcast)
+
+    def _inference_call(self, inputs):
+        """The kernel tf-keras BatchNormalization runs in inference."""
+        if self.fused:
+            data_format = _FUSED_DATA_FORMATS[(inputs.shape.rank, self.axis[0])]
+            shape = self.moving_mean.shape
+            dtype = self.moving_mean.dtype
+            gamma = self.gamma if self.scale else tf.ones(shape, dtype)
+            beta = self.beta if self.center else tf.zeros(shape, dtype)
+            outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                inputs,
+                gamma,
+                beta,
+                mean=self.moving_mean,
+                variance=self.moving_variance,
+                epsilon=self.epsilon,
+                is_training=False,
+                data_format=data_format,
+            )
+            return outputs
+        x = inputs
+        if x.dtype in (tf.float16, tf.bfloat16):
+            x = tf.cast(x, tf.float32)
+        outputs = tf.nn.batch_normalization(
+            x,
+            self._param(self.moving_mean, x.dtype),
+            self._param(self.moving_variance, x.dtype),
+            self._param(self.beta, x.dtype),
+            self._param(self.gamma, x.dtype),
+            self.epsilon,
+        )
+        return tf.cast(outputs, inputs.dtype)
+
+    def _training_call(self, inputs, mask):
+        # Statistics of 16-bit inputs overflow: they are taken in float32.
+        dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
+        x = tf.cast(inputs, dtype)
+        weights = None
+        if mask is not None:
+            weights = tf.cast(mask, dtype)
+            while weights.shape.rank < x.shape.rank:
+                weights = weights[..., tf.newaxis]
+
+        ctx = sync_stats.replica_context()
+        if ctx is None:
+            count, shift, mu, m2 = sync_stats.local_moments(
+                x, self._reduction_axes, weights
+            )
+            mean = shift + mu
+            variance = tf.math.divide_no_nan(m2, count)
+            correction = -mu
+        else:
+            moments = sync_stats.global_moments(
+                x, self._reduction_axes, ctx, weights
+            )
+            count, shift = moments.count, moments.shift
+            mean, variance = moments.mean, moments.variance
+            correction = moments.correction
+        # `x - mean` as `(x - shift) + correction`: the shift is an exact
+        # sample of the data, so a large mean is never rounded into it.
+        shifted = x - shift
+
+        gamma, beta = self._param(self.gamma, dtype), self._param(self.beta, dtype)
+        if self.adjustment is not None:
+            adj_scale, adj_bias = self.adjustment(tf.shape(inputs))
+            gamma, beta = _compose(
+                tf.cast(adj_scale, dtype), tf.cast(adj_bias, dtype), gamma, beta
+            )
+        if self.renorm:
+            r, d = self._renorm_correction(mean, variance)
+            gamma, beta = _compose(r, d, gamma, beta)
+        self._update_moving_statistics(mean, variance, count)
+
+        multiplier = tf.math.rsqrt(variance + self.epsilon)
+        if gamma is not None:
+            multiplier = multiplier * gamma
+        offset = correction * multiplier
+        if beta is not None:
+            offset = offset + beta
+        outputs = shifted * multiplier + offset
+        return tf.cast(outputs, inputs.dtype)
+
+    def _renorm_correction(self, mean, variance):
+        stddev = tf.sqrt(variance + self.epsilon)
+        renorm_mean = self._param(self.renorm_mean, mean.dtype)
+        # Guards the division early in training, as tf-keras does.
+        renorm_stddev = tf.maximum(
+            self._param(self.renorm_stddev, mean.dtype),
+            tf.sqrt(tf.cast(self.epsilon, mean.dtype)),
+        )
+        r = stddev / renorm_stddev
+        d = (mean - renorm_mean) / renorm_stddev
+        clipping = self.renorm_clipping or {}
+        if clipping.get("rmin") is not None:
+            r = tf.maximum(r, clipping["rmin"])
+        if clipping.get("rmax") is not None:
+            r = tf.minimum(r, clipping["rmax"])
+        if clipping.get("dmax") is not None:
+            d = tf.clip_by_value(d, -clipping["dmax"], clipping["dmax"])
+        return tf.stop_gradient(r), tf.stop_gradient(d)
+
+    def _update_moving_statistics(self, mean, variance, count):
+        shape = self.moving_mean.shape
+        # An empty global batch has no statistics: keep the old values.
+        has_data = tf.reshape(count > 0, shape)
+
+        def update(var, value, momentum):
+            old = tf.convert_to_tensor(var)
+            value = tf.cast(tf.reshape(value, shape), old.dtype)
+            # tf-keras's form, `old - (old - value) * (1 - momentum)`.
+            new = old - (old - value) * tf.cast(1.0 - momentum, old.dtype)
+            new = tf.where(has_data, new, old)
+            var.assign(new)
+            return new
+
+        if self.renorm:
+            stddev = tf.sqrt(variance + self.epsilon)
+            update(self.renorm_mean, mean, self.renorm_momentum)
+            update(self.renorm_stddev, stddev, self.renorm_momentum)
+            update(self.moving_mean, mean, self.momentum)
+            moving_stddev = update(self.moving_stddev, stddev, self.momentum)
+            # Clamped at zero: rounding can push stddev^2 - epsilon below it.
+            self.moving_variance.assign(
+                tf.nn.relu(moving_stddev * moving_stddev - self.epsilon)
+            )
+            return
+        if self.fused:
+            # See the module docstring: tf-keras's fused kernel reports the
+            # unbiased variance (and 0 for a single value).
+            variance = variance * (count / tf.maximum(count - 1.0, 1.0))
+        update(self.moving_mean, mean, self.momentum)
+        update(self.moving_variance, variance, self.momentum)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("synchronized", None)
+        config["renorm"] = self.renorm
+        config["renorm_clipping"] = (
+            None if self.renorm_clipping is None else dict(self.renorm_clipping)
+        )
+        config["renorm_momentum"] = self.renorm_momentum
+        return config
+
+
+def _compose(scale, bias, gamma, beta):
+    """`(gamma', beta')` with `(v * scale + bias) * gamma + beta == v * gamma' + beta'`."""
+    if gamma is not None:
+        scale, bias = scale * gamma, bias * gamma
+    if beta is not None:
+        bias = bias + beta
+    return scale, bias

@@ -1,0 +1,374 @@
+"""Export a Keras model to ONNX and check it in onnxruntime.
+
+The model's inference function is traced once as a `tf.function` whose
+signature has a `None` batch dimension and the Keras input names, and
+converted by `tf2onnx.convert.from_function`; its outputs carry the names
+of the Keras layers that produce them. The file is written next to the
+target, run in onnxruntime against the Keras model, and only moved into
+place when the outputs agree.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from bnconvert import model_io
+from bnconvert.errors import ConversionError
+from bnconvert.errors import OutputError
+from bnconvert.errors import VerificationError
+
+# Batch size of the generated check input: > 1 so a batch dimension that
+# was frozen to 1 by mistake shows up as an error.
+_CHECK_BATCH = 2
+# Size used for spatial dimensions the model leaves undefined.
+_FREE_DIM = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxExportResult:
+    """What `export_onnx` wrote and how closely onnxruntime agrees.
+
+    Attributes:
+        path: The ONNX file written.
+        opset: The ONNX opset of the default domain.
+        input_names: ONNX input names (the Keras input layer names).
+        output_names: ONNX output names (the Keras output layer names).
+        checked: Whether the onnxruntime check ran.
+        max_abs_diff: Largest |onnxruntime - Keras| over all outputs and
+            check inputs (None when not checked).
+        max_rel_diff: Largest `max_abs_diff` of an output divided by the
+            largest |Keras output| of that output (None when not checked).
+        tolerance: The bound `max_rel_diff` was held to.
+        batches: Number of input batches the check ran on.
+    """
+
+    path: str
+    opset: int
+    input_names: tuple
+    output_names: tuple
+    checked: bool
+    max_abs_diff: float | None
+    max_rel_diff: float | None
+    tolerance: float
+    batches: int
+
+    def to_dict(self):
+        """The result as a JSON-ready dict."""
+        out = dataclasses.asdict(self)
+        out["input_names"] = list(self.input_names)
+        out["output_names"] = list(self.output_names)
+        return out
+
+
+def export_onnx(model, path, *, opset=None, tolerance=1e-4, inputs=None, check=True):
+    """Write `model` as ONNX and check it against Keras in onnxruntime.
+
+    The ONNX graph has a dynamic batch dimension and the Keras input and
+    output names. The check feeds a generated batch (and `inputs`, when
+    given) to both the Keras model and onnxruntime; the export is kept
+    only when the largest difference of every output, relative to that
+    output's largest magnitude, is within `tolerance`. The file is
+    written atomically: on any error no file is left at `path`, and an
+    existing file there is replaced only on success.
+
+    Args:
+        model: A built `keras.Model`.
+        path: Where to write the `.onnx` file; its directory must exist.
+        opset: ONNX opset; None picks tf2onnx's default.
+        tolerance: Bound on the relative difference (see above).
+        inputs: Extra check inputs: an array, a list of arrays (one per
+            model input), a dict input-name -> array, a `.npy` path, or a
+            list of `.npy` paths (one per model input).
+        check: Run the onnxruntime check; False only writes the file.
+
+    Returns:
+        An `OnnxExportResult`.
+
+    Raises:
+        OutputError: The directory of `path` does not exist or is not
+            writable.
+        ConversionError: The exporter cannot produce the graph (for
+            example an unsupported opset).
+        VerificationError: onnxruntime disagrees with Keras beyond
+            `tolerance`, or `inputs` do not fit the model.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise OutputError(
+            "The output directory does not exist; create it or choose another "
+            f"path. Received: path={path!r}"
+        )
+    opset = _check_opset(opset)
+    input_names, specs = _input_specs(model)
+    output_names = _output_names(model)
+    extra = _user_batches(model, input_names, inputs)
+
+    batches = [_generated_batch(model, specs)] + extra
+    diffs = (None, None)
+    try:
+        with model_io.atomic_output(path) as tmp:
+            proto = _convert(model, specs, input_names, output_names, opset)
+            tmp.write_bytes(proto.SerializeToString())
+            if check:
+                diffs = _compare(model, str(tmp), input_names, output_names, batches)
+                if not diffs[1] <= tolerance:
+                    raise VerificationError(
+                        f"The ONNX model differs from the Keras model '{model.name}' "
+                        f"by {diffs[1]:.3g} (relative; {diffs[0]:.3g} absolute), more "
+                        f"than the tolerance; nothing was written. Received: "
+                        f"tolerance={tolerance}"
+                    )
+    except PermissionError as e:
+        raise OutputError(
+            f"Cannot write the ONNX file ({e.strerror}). Received: path={path!r}"
+        ) from None
+    return OnnxExportResult(
+        path=path,
+        opset=_proto_opset(proto),
+        input_names=tuple(input_names),
+        output_names=tuple(output_names),
+        checked=bool(check),
+        max_abs_diff=diffs[0],
+        max_rel_diff=diffs[1],
+        tolerance=tolerance,
+        batches=len(batches) if check else 0,
+    )
+
+
+def supported_opsets():
+    """The opsets this exporter can write: `range` of tf2onnx's table."""
+    from tf2onnx import constants
+
+    known = sorted(constants.OPSET_TO_IR_VERSION)
+    return range(known[0], known[-1] + 1)
+
+
+def _check_opset(opset):
+    if opset is None:
+        return None
+    allowed = supported_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in allowed:
+        raise ConversionError(
+            f"The ONNX exporter (tf2onnx) cannot write this opset; use one from "
+            f"{allowed.start} to {allowed.stop - 1}. Received: opset={opset!r}"
+        )
+    return opset
+
+
+def _input_specs(model):
+    if not model.inputs:
+        raise ConversionError(
+            f"Model '{model.name}' has no defined inputs; build it on a keras.Input "
+            "before exporting."
+        )
+    names, specs = [], []
+    for tensor in model.inputs:
+        name = tensor._keras_history[0].name
+        names.append(name)
+        shape = (None,) + tuple(tensor.shape[1:])
+        specs.append(tf.TensorSpec(shape, tf.as_dtype(tensor.dtype), name=name))
+    return names, specs
+
+
+def _output_names(model):
+    names = []
+    for tensor in model.outputs:
+        name = tensor._keras_history[0].name
+        base, i = name, 1
+        while name in names:
+            name = f"{base}_{i}"
+            i += 1
+        names.append(name)
+    return names
+
+
+def _convert(model, specs, input_names, output_names, opset):
+    import tf2onnx
+
+    structure = model.input
+
+    def serve(*args):
+        args = keras.tree.pack_sequence_as(structure, list(args))
+        outputs = keras.tree.flatten(model(args, training=False))
+        return dict(zip(output_names, outputs))
+
+    fn = tf.function(serve, input_signature=specs, autograph=False)
+    try:
+        with _quiet_tf2onnx(), _tf2onnx_without_rollback_copies():
+            proto, _ = tf2onnx.convert.from_function(fn, input_signature=specs, opset=opset)
+    except Exception as e:  # tf2onnx raises bare exceptions of many kinds
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConversionError(
+            f"The ONNX exporter (tf2onnx) failed on model '{model.name}': {first}. "
+            f"Received: opset={opset}"
+        ) from e
+    unsupported = sorted({n.op_type for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    if unsupported:
+        raise ConversionError(
+            f"The ONNX exporter (tf2onnx) left TensorFlow ops it cannot convert in "
+            f"model '{model.name}': {', '.join(unsupported)}; try a newer opset. "
+            f"Received: opset={opset}"
+        )
+    _name_outputs_in_keras_order(proto, output_names)
+    return proto
+
+
+def _name_outputs_in_keras_order(proto, output_names):
+    """Order graph outputs like the Keras model's and name the batch dim.
+
+    tf2onnx emits the outputs of a dict-returning function sorted by key;
+    a consumer indexing outputs by position expects the Keras order.
+    """
+    by_name = {o.name: o for o in proto.graph.output}
+    ordered = [by_name[n] for n in output_names]
+    copies = [type(o)() for o in ordered]
+    for copy, original in zip(copies, ordered):
+        copy.CopyFrom(original)
+    del proto.graph.output[:]
+    proto.graph.output.extend(copies)
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "batch"
+
+
+@contextlib.contextmanager
+def _tf2onnx_without_rollback_copies():
+    """Turn off tf2onnx's deep copy of the whole graph before each optimizer.
+
+    tf2onnx copies the graph, weights included, before every optimizer
+    pass so that it can fall back when a pass raises; for ResNet50 that is
+    about half of the export time. `TF2ONNX_CATCH_ERRORS` is tf2onnx's own
+    switch for it. A pass that raises then fails the conversion, which
+    `export_onnx` reports as a `ConversionError`.
+    """
+    key = "TF2ONNX_CATCH_ERRORS"
+    old = os.environ.get(key)
+    os.environ[key] = "FALSE"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+@contextlib.contextmanager
+def _quiet_tf2onnx():
+    logger = logging.getLogger("tf2onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _proto_opset(proto):
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return None
+
+
+def _generated_batch(model, specs):
+    rng = np.random.default_rng(0)
+    batch = []
+    for spec in specs:
+        shape = [_CHECK_BATCH] + [d if d is not None else _FREE_DIM for d in spec.shape[1:]]
+        dtype = spec.dtype.as_numpy_dtype
+        if np.issubdtype(dtype, np.integer):
+            batch.append(rng.integers(0, 2, size=shape).astype(dtype))
+        elif dtype == np.bool_:
+            batch.append(rng.integers(0, 2, size=shape).astype(bool))
+        else:
+            batch.append(rng.standard_normal(shape).astype(dtype))
+    return batch
+
+
+def _user_batches(model, input_names, inputs):
+    """Check inputs given by the user, as one list of arrays per batch."""
+    if inputs is None:
+        return []
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if isinstance(inputs, dict):
+        missing = [n for n in input_names if n not in inputs]
+        if missing:
+            raise VerificationError(
+                f"Check inputs lack model input(s) {missing}. Received: "
+                f"inputs keys={sorted(inputs)}"
+            )
+        arrays = [inputs[n] for n in input_names]
+    elif isinstance(inputs, (list, tuple)):
+        arrays = list(inputs)
+    else:
+        arrays = [inputs]
+    arrays = [_load_array(a) for a in arrays]
+    if len(arrays) != len(input_names):
+        raise VerificationError(
+            f"Model '{model.name}' has {len(input_names)} input(s) {input_names} but "
+            f"{len(arrays)} check array(s) were given. Received: inputs={len(arrays)} array(s)"
+        )
+    for name, array, tensor in zip(input_names, arrays, model.inputs):
+        want = tuple(tensor.shape[1:])
+        got = array.shape[1:]
+        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+            raise VerificationError(
+                f"Check input for '{name}' has shape {array.shape}, the model expects "
+                f"(batch,) + {want}. Received: shape={array.shape}"
+            )
+    return [[a.astype(t.dtype) for a, t in zip(arrays, model.inputs)]]
+
+
+def _load_array(value):
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            return np.load(value, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise VerificationError(
+                f"Cannot read check input as a .npy array ({e}). Received: path={os.fspath(value)!r}"
+            ) from None
+    return np.asarray(value)
+
+
+def _compare(model, onnx_path, input_names, output_names, batches):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(
+            onnx_path, sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConversionError(
+            f"onnxruntime cannot load the exported graph of model '{model.name}': {first}"
+        ) from e
+    max_abs, max_rel = 0.0, 0.0
+    for batch in batches:
+        structure = keras.tree.pack_sequence_as(model.input, batch)
+        want = [np.asarray(o) for o in keras.tree.flatten(model(structure, training=False))]
+        got = session.run(output_names, dict(zip(input_names, batch)))
+        for w, g in zip(want, got):
+            if w.shape != g.shape:
+                raise VerificationError(
+                    f"The ONNX model's output has shape {g.shape}, Keras gives {w.shape}; "
+                    f"nothing was written. Received: model={model.name}"
+                )
+            w64, g64 = w.astype(np.float64), g.astype(np.float64)
+            diff = float(np.max(np.abs(w64 - g64))) if w.size else 0.0
+            scale = float(np.max(np.abs(w64))) if w.size else 0.0
+            if not np.isfinite(diff):
+                diff = float("inf")
+            max_abs = max(max_abs, diff)
+            max_rel = max(max_rel, diff / scale if scale > 0 else diff)
+    return max_abs, max_rel

@@ -1,0 +1,572 @@
+"""Tests of bnconvert.convert: every model kind, carried state, report, verification.
+
+The reference for outputs is always the original model (and, once, a NumPy
+float64 computation); weights are compared bit for bit with the originals.
+"""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import bnconvert
+from bnconvert import convert
+from bnconvert import errors
+
+BN = keras.layers.BatchNormalization
+SYNC = bnconvert.SyncBatchNormalization
+
+# -- helpers -------------------------------------------------------------
+
+
+def norm_layers(model):
+    """Every BN-family layer below `model` (each once), in walk order."""
+    return [l for l in convert._flatten(model) if isinstance(l, BN)]
+
+
+def randomize(model, seed=0):
+    """Random gamma, beta and moving statistics, so a wrong carry shows."""
+    rng = np.random.default_rng(seed)
+    for layer in norm_layers(model):
+        for v in layer.weights:
+            name = v.name
+            shape = tuple(v.shape)
+            if name in ("moving_variance",):
+                value = rng.uniform(0.3, 3.0, shape)
+            elif name in ("moving_stddev", "renorm_stddev"):
+                value = rng.uniform(0.5, 2.0, shape)
+            else:
+                value = rng.normal(0.0, 2.0, shape)
+            v.assign(value.astype(v.dtype))
+    return model
+
+
+def snapshot(model):
+    return [(v.path, np.array(v.numpy(), copy=True)) for v in model.weights]
+
+
+def assert_snapshot_equal(before, model):
+    after = snapshot(model)
+    assert [p for p, _ in before] == [p for p, _ in after]
+    for (p, a), (_, b) in zip(before, after):
+        np.testing.assert_array_equal(a, b, err_msg=p)
+
+
+def outputs(model, x):
+    return [np.asarray(o, dtype=np.float64)
+            for o in keras.tree.flatten(model(x, training=False))]
+
+
+def assert_same_outputs(a, b, x, atol=1e-6):
+    oa, ob = outputs(a, x), outputs(b, x)
+    assert len(oa) == len(ob)
+    for u, v in zip(oa, ob):
+        assert u.shape == v.shape
+        np.testing.assert_allclose(v, u, rtol=0, atol=atol)
+
+
+def bn_weights_by_name(model):
+    return {
+        l.name: [np.array(v.numpy()) for v in l.weights] for l in norm_layers(model)
+    }
+
+
+def assert_bn_carried(original, converted, cls):
+    """Every BN became `cls`, with bit-identical weights, and nothing else."""
+    old = bn_weights_by_name(original)
+    new_layers = norm_layers(converted)
+    assert sorted(l.name for l in new_layers) == sorted(old)
+    for layer in new_layers:
+        assert type(layer) is cls, layer.name
+        got = [np.array(v.numpy()) for v in layer.weights]
+        assert len(got) == len(old[layer.name])
+        for a, b in zip(old[layer.name], got):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+
+def check_conversion(model, x, *, expected_converted):
+    """Converts to sync and back, checking everything the brief promises."""
+    randomize(model)
+    before = snapshot(model)
+    reference = outputs(model, x)
+    synced, report = bnconvert.convert_model(model, "sync", return_report=True)
+    assert synced is not model
+    assert report.converted == expected_converted
+    assert report.verified and report.max_abs_diff <= 1e-6
+    assert_bn_carried(model, synced, SYNC)
+    assert_same_outputs(model, synced, x)
+    # The original is untouched and still usable.
+    assert_snapshot_equal(before, model)
+    assert all(type(l) is BN for l in norm_layers(model))
+    for a, b in zip(reference, outputs(model, x)):
+        np.testing.assert_array_equal(a, b)
+    # Every weight of every layer carries over, not only BN's.
+    assert len(synced.weights) == len(model.weights)
+    for a, b in zip(sorted(model.weights, key=lambda v: v.path),
+                    sorted(synced.weights, key=lambda v: v.path)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    back = bnconvert.convert_model(synced, "inference", fold=False)
+    assert_bn_carried(model, back, BN)
+    assert_same_outputs(model, back, x)
+    return synced, report
+
+
+def dense_bn(units, name=None):
+    return [keras.layers.Dense(units), BN(name=name)]
+
+
+X8 = np.random.default_rng(42).normal(size=(5, 8)).astype("float32")
+
+# -- model kinds ---------------------------------------------------------
+
+
+def test_functional_matches_numpy_reference():
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(6, name="dense")(inp)
+    out = BN(name="bn", epsilon=1e-3)(h)
+    model = randomize(keras.Model(inp, out))
+    synced = bnconvert.convert_model(model, "sync")
+    dense, bn = model.get_layer("dense"), model.get_layer("bn")
+    w, b = (v.numpy().astype(np.float64) for v in dense.weights)
+    gamma, beta, mean, var = (v.numpy().astype(np.float64) for v in bn.weights)
+    x = X8.astype(np.float64)
+    expected = gamma * ((x @ w + b) - mean) / np.sqrt(var + 1e-3) + beta
+    np.testing.assert_allclose(outputs(synced, X8)[0], expected, rtol=0, atol=1e-5)
+    assert isinstance(synced.get_layer("bn"), SYNC)
+
+
+def test_functional():
+    inp = keras.Input((8,))
+    x = keras.layers.Dense(6)(inp)
+    x = BN(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Dense(4)(x)
+    x = BN(name="bn2", center=False)(x)
+    check_conversion(keras.Model(inp, x), X8, expected_converted=2)
+
+
+def test_sequential_with_and_without_input():
+    with_input = keras.Sequential([keras.Input((8,)), *dense_bn(4), *dense_bn(3)])
+    check_conversion(with_input, X8, expected_converted=2)
+    without_input = keras.Sequential([*dense_bn(4)])
+    without_input(X8)  # built by a call: no Input layer to clone from
+    check_conversion(without_input, X8, expected_converted=1)
+
+
+def test_sequential_inside_functional():
+    inner = keras.Sequential([keras.Input((6,)), *dense_bn(5)], name="inner")
+    inp = keras.Input((8,))
+    x = BN(name="outer_bn")(keras.layers.Dense(6)(inp))
+    model = keras.Model(inp, inner(x), name="outer")
+    synced, report = check_conversion(model, X8, expected_converted=2)
+    paths = sorted(e.path for e in report.events)
+    assert paths == ["outer/inner/" + inner.layers[1].name, "outer/outer_bn"]
+
+
+def test_functional_inside_sequential():
+    inp = keras.Input((8,))
+    inner = keras.Model(inp, BN()(keras.layers.Dense(5)(inp)), name="inner")
+    model = keras.Sequential([keras.Input((8,)), inner, *dense_bn(3)], name="outer")
+    check_conversion(model, X8, expected_converted=2)
+
+
+def test_three_levels_of_nesting():
+    deepest = keras.Sequential([keras.Input((4,)), *dense_bn(4, "bn3")], name="level3")
+    inp = keras.Input((4,))
+    middle = keras.Model(inp, BN(name="bn2")(deepest(inp)), name="level2")
+    top_in = keras.Input((8,))
+    x = keras.layers.Dense(4)(top_in)
+    model = keras.Model(top_in, BN(name="bn1")(middle(x)), name="level1")
+    synced, report = check_conversion(model, X8, expected_converted=3)
+    assert sorted(e.path for e in report.events) == [
+        "level1/bn1", "level1/level2/bn2", "level1/level2/level3/bn3",
+    ]
+    assert isinstance(synced.get_layer("level2").get_layer("level3").get_layer("bn3"), SYNC)
+
+
+def test_shared_bn_stays_one_layer():
+    shared = BN(name="shared_bn")
+    a, b = keras.Input((8,)), keras.Input((8,))
+    out = keras.layers.Add()([shared(a), shared(keras.layers.Dense(8)(b))])
+    model = keras.Model([a, b], out)
+    xb = [X8, X8[::-1].copy()]
+    synced, report = check_conversion(model, xb, expected_converted=1)
+    layers = [l for l in synced.layers if isinstance(l, BN)]
+    assert len(layers) == 1 and isinstance(layers[0], SYNC)
+    assert len(layers[0]._inbound_nodes) == 2  # called at both sites
+
+
+def test_shared_nested_model_stays_shared():
+    inner = keras.Sequential([keras.Input((8,)), *dense_bn(8, "inner_bn")], name="inner")
+    inp = keras.Input((8,))
+    model = keras.Model(inp, inner(inner(inp)))
+    synced, _ = check_conversion(model, X8, expected_converted=1)
+    assert len([l for l in synced.layers if l.name == "inner"]) == 1
+
+
+def test_multiple_inputs_and_outputs():
+    a, b = keras.Input((8,), name="a"), keras.Input((3,), name="b")
+    x = BN(name="bn_a")(keras.layers.Dense(4)(a))
+    y = BN(name="bn_b")(keras.layers.Dense(4)(b))
+    merged = keras.layers.Concatenate()([x, y])
+    model = keras.Model([a, b], [merged, BN(name="bn_out")(y)])
+    xs = [X8, X8[:, :3].copy()]
+    check_conversion(model, xs, expected_converted=3)
+
+
+def test_dict_inputs():
+    a, b = keras.Input((8,), name="a"), keras.Input((8,), name="b")
+    out = BN()(keras.layers.Add()([a, b]))
+    model = keras.Model({"a": a, "b": b}, out)
+    check_conversion(model, {"a": X8, "b": X8 * 2}, expected_converted=1)
+
+
+# -- subclassed models ---------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="bnconvert_tests")
+class Block(keras.layers.Layer):
+    """A custom layer holding BN in an attribute."""
+
+    def __init__(self, units=8, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.dense = keras.layers.Dense(units)
+        self.bn = BN()
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+class Net(keras.Model):
+    """BN in an attribute, a list, a dict, a tuple, a custom layer, a Sequential."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.stem = keras.layers.Dense(8)
+        self.stem_bn = BN(momentum=0.9)
+        self.blocks = [Block(8), Block(8)]
+        self.heads = {"main": BN(epsilon=1e-2), "aux": keras.layers.Dense(8)}
+        self.pair = (keras.layers.Dense(8), BN())
+        self.tail = keras.Sequential([keras.layers.Dense(8), BN()])
+
+    def call(self, x, training=None):
+        x = self.stem_bn(self.stem(x), training=training)
+        for block in self.blocks:
+            x = block(x, training=training)
+        x = self.heads["main"](self.heads["aux"](x), training=training)
+        x = self.pair[1](self.pair[0](x), training=training)
+        return self.tail(x, training=training)
+
+
+def test_subclassed_model_swaps_attributes_lists_dicts():
+    model = Net(name="net")
+    model(X8)
+    synced, report = check_conversion(model, X8, expected_converted=6)
+    assert type(synced) is Net and synced is not model
+    assert isinstance(synced.stem_bn, SYNC)
+    assert all(isinstance(b.bn, SYNC) for b in synced.blocks)
+    assert isinstance(synced.heads["main"], SYNC)
+    assert isinstance(synced.pair[1], SYNC)
+    assert isinstance(synced.tail.layers[1], SYNC)
+    assert synced.stem_bn.momentum == pytest.approx(0.9)
+    assert synced.heads["main"].epsilon == pytest.approx(1e-2)
+    # Keras's own sublayer list follows the swap (weights, saving use it).
+    assert synced.stem_bn in synced._layers
+    assert not any(type(l) is BN for l in convert._flatten(synced))
+    # Names are the original ones, not fresh automatic names.
+    assert [l.name for l in convert._flatten(synced)] == [
+        l.name for l in convert._flatten(model)
+    ]
+    assert synced.name == "net"
+    # The converted model still trains.
+    synced.compile(optimizer="sgd", loss="mse")
+    synced.fit(X8, np.zeros((5, 8), "float32"), epochs=1, verbose=0)
+
+
+def test_subclassed_shared_bn_stays_shared():
+    class Twice(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.bn = BN()
+            self.same = [self.bn]
+            self.dense = keras.layers.Dense(8)
+
+        def call(self, x, training=None):
+            return self.same[0](self.dense(self.bn(x, training=training)))
+
+    model = Twice()
+    model(X8)
+    synced, _ = check_conversion(model, X8, expected_converted=1)
+    assert synced.bn is synced.same[0] and isinstance(synced.bn, SYNC)
+
+
+def test_custom_layer_with_bn_inside_functional():
+    inp = keras.Input((8,))
+    model = keras.Model(inp, Block(8, name="block")(inp))
+    synced, report = check_conversion(model, X8, expected_converted=1)
+    assert isinstance(synced.get_layer("block").bn, SYNC)
+    assert report.events[0].path.endswith("block/" + model.get_layer("block").bn.name)
+
+
+def test_keras_internal_sublayer_list_is_available():
+    # convert.py relies on Layer._layers and Layer._tracker (private Keras).
+    block = Block(4)
+    assert block.dense in block._layers and block.bn in block._layers
+    assert hasattr(block._tracker, "replace_tracked_value")
+    inp = keras.Input((4,))
+    assert isinstance(keras.Model(inp, inp), convert._FUNCTIONAL)
+
+
+# -- what carries over ---------------------------------------------------
+
+
+def test_config_trainable_regularizer_constraint_name():
+    inp = keras.Input((8,))
+    frozen = BN(name="frozen", trainable=False)
+    special = BN(
+        name="special", momentum=0.7, epsilon=0.02, center=False,
+        gamma_regularizer=keras.regularizers.L2(0.3),
+        beta_regularizer=keras.regularizers.L1(0.1),
+        gamma_constraint=keras.constraints.NonNeg(),
+        beta_initializer="ones",
+    )
+    x = frozen(keras.layers.Dense(8)(inp))
+    model = keras.Model(inp, special(x))
+    synced, _ = check_conversion(model, X8, expected_converted=2)
+    f, s = synced.get_layer("frozen"), synced.get_layer("special")
+    assert not f.trainable and not f.gamma.trainable
+    assert s.trainable
+    assert s.momentum == pytest.approx(0.7) and s.epsilon == pytest.approx(0.02)
+    assert not s.center and s.beta is None
+    assert isinstance(s.gamma_regularizer, keras.regularizers.L2)
+    assert s.gamma_regularizer.l2 == pytest.approx(0.3)
+    assert isinstance(s.beta_regularizer, keras.regularizers.L1)
+    assert isinstance(s.gamma_constraint, keras.constraints.NonNeg)
+    # Regularization losses are the same numbers.
+    np.testing.assert_allclose(
+        sorted(float(l) for l in synced.losses), sorted(float(l) for l in model.losses)
+    )
+
+
+def test_frozen_nested_model_stays_frozen():
+    inner = keras.Sequential([keras.Input((8,)), *dense_bn(8)], name="inner")
+    inner.trainable = False
+    inp = keras.Input((8,))
+    model = keras.Model(inp, inner(inp))
+    model.get_layer("inner").layers[0].trainable = True  # a child unfrozen again
+    synced, _ = check_conversion(model, X8, expected_converted=1)
+    new_inner = synced.get_layer("inner")
+    assert not new_inner.trainable
+    assert new_inner.layers[0].trainable and not new_inner.layers[1].trainable
+
+
+def test_renorm_weights_carry():
+    inp = keras.Input((8,))
+    model = keras.Model(inp, BN(renorm=True, renorm_clipping={"rmax": 3.0})(inp))
+    synced, _ = check_conversion(model, X8, expected_converted=1)
+    layer = norm_layers(synced)[0]
+    assert layer.renorm and len(layer.weights) == 7
+
+
+def test_mixed_precision_policy(monkeypatch):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        inp = keras.Input((8,))
+        model = keras.Model(inp, BN(name="bn")(keras.layers.Dense(8)(inp)))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    synced, _ = check_conversion(model, X8, expected_converted=1)
+    bn = synced.get_layer("bn")
+    assert bn.dtype_policy.name == "mixed_float16"
+    assert bn.gamma.dtype == "float32"
+    assert synced(X8).dtype == "float16"
+
+
+def test_keras_synchronized_bn_converts_both_ways():
+    inp = keras.Input((8,))
+    model = keras.Model(inp, BN(name="bn", synchronized=True)(inp))
+    randomize(model)
+    synced, report = bnconvert.convert_model(model, "sync", return_report=True)
+    assert type(synced.get_layer("bn")) is SYNC and report.converted == 1
+    plain, report = bnconvert.convert_model(model, "inference", fold=False, return_report=True)
+    layer = plain.get_layer("bn")
+    assert type(layer) is BN and layer.synchronized is False
+    assert report.events[0].rule == "keras-sync-bn-to-bn"
+    assert_bn_carried(model, plain, BN)
+    assert_same_outputs(model, plain, X8)
+
+
+def test_round_trip_is_bit_identical():
+    inp = keras.Input((8,))
+    x = BN(name="a")(keras.layers.Dense(8)(inp))
+    model = randomize(keras.Model(inp, BN(name="b", renorm=True)(x)))
+    back = bnconvert.convert_model(
+        bnconvert.convert_model(model, "sync"), "inference", fold=False
+    )
+    assert [v.path for v in back.weights] == [v.path for v in model.weights]
+    for a, b in zip(model.weights, back.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for name in ("a", "b"):
+        assert back.get_layer(name).get_config() == model.get_layer(name).get_config()
+
+
+# -- report and special cases -------------------------------------------
+
+
+def test_converting_twice_changes_nothing():
+    model = keras.Sequential([keras.Input((8,)), *dense_bn(4, "bn")])
+    randomize(model)
+    once = bnconvert.convert_model(model, "sync")
+    twice, report = bnconvert.convert_model(once, "sync", return_report=True)
+    assert report.converted == 0 and report.unchanged == 1
+    event = report.events[0]
+    assert (event.action, event.rule) == ("unchanged", None)
+    assert "already SyncBatchNormalization" in event.reason
+    assert_bn_carried(once, twice, SYNC)
+
+
+def test_bn_subclass_is_skipped_with_reason_unless_a_rule_names_it(tmp_path):
+    @keras.saving.register_keras_serializable(package="bnconvert_tests")
+    class MyBN(BN):
+        pass
+
+    inp = keras.Input((8,))
+    model = keras.Model(inp, MyBN(name="mine")(BN(name="plain")(inp)))
+    randomize(model)
+    out, report = bnconvert.convert_model(model, "sync", return_report=True)
+    events = {e.path.split("/")[-1]: e for e in report.events}
+    assert events["mine"].action == "skipped"
+    assert "subclass of BatchNormalization" in events["mine"].reason
+    assert type(out.get_layer("mine")) is MyBN
+    assert report.converted == 1 and report.skipped == 1
+
+    rule = tmp_path / "mine.toml"
+    rule.write_text(
+        '[[rule]]\nname = "mybn-to-sync"\ndirection = "sync"\n'
+        'match = ["bnconvert_tests>MyBN"]\ntarget = "bnconvert>SyncBatchNormalization"\n'
+    )
+    out, report = bnconvert.convert_model(model, "sync", rules=[rule], return_report=True)
+    assert type(out.get_layer("mine")) is SYNC
+    assert report.converted == 2
+    assert {e.rule for e in report.events} == {"bn-to-sync", "mybn-to-sync"}
+
+
+def test_model_without_bn():
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.ReLU()])
+    out, report = bnconvert.convert_model(model, "sync", return_report=True)
+    assert report.converted == 0 and report.events == []
+    assert report.verified and report.max_abs_diff == 0.0
+    assert "0 layer(s) converted" in report.summary_table()
+    for a, b in zip(model.weights, out.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_report_formats():
+    inp = keras.Input((8,))
+    model = keras.Model(inp, BN(name="bn")(inp), name="m")
+    _, report = bnconvert.convert_model(model, "sync", return_report=True)
+    data = json.loads(report.to_json())
+    assert data["direction"] == "sync" and data["counts"]["applied"] == 1
+    assert data["events"][0] == {
+        "path": "m/bn", "class_before": "BatchNormalization",
+        "class_after": "SyncBatchNormalization", "rule": "bn-to-sync",
+        "action": "applied",
+        "reason": "weights carried: gamma, beta, moving_mean, moving_variance",
+    }
+    assert data["verification"]["verified"] is True
+    table = report.summary_table()
+    assert "m/bn" in table and "bn-to-sync" in table and "1 layer(s) converted" in table
+
+
+def test_inspect_model_reports_without_converting():
+    inner = keras.Sequential([keras.Input((8,)), *dense_bn(8, "inner_bn")], name="inner")
+    inp = keras.Input((8,))
+    model = keras.Model(inp, SYNC(name="already")(inner(inp)), name="m")
+    report = bnconvert.inspect_model(model, "sync")
+    assert {(e.path, e.action) for e in report.events} == {
+        ("m/inner/inner_bn", "applied"), ("m/already", "unchanged"),
+    }
+    assert type(inner.get_layer("inner_bn")) is BN
+
+
+def test_wrong_weight_mapping_fails_verification(tmp_path):
+    rule = tmp_path / "swap.toml"
+    rule.write_text(
+        '[[rule]]\nname = "bn-to-sync"\ndirection = "sync"\n'
+        'match = ["keras.layers.BatchNormalization"]\n'
+        'target = "bnconvert>SyncBatchNormalization"\n'
+        '[rule.weights]\ngamma = "beta"\nbeta = "gamma"\n'
+    )
+    inp = keras.Input((8,))
+    model = randomize(keras.Model(inp, BN()(inp)))
+    with pytest.raises(errors.VerificationError, match="differ"):
+        bnconvert.convert_model(model, "sync", rules=[rule])
+    # Without verification the (wrong) model comes back.
+    out = bnconvert.convert_model(model, "sync", rules=[rule], verify=False)
+    np.testing.assert_array_equal(
+        norm_layers(out)[0].gamma.numpy(), norm_layers(model)[0].beta.numpy()
+    )
+
+
+def test_target_rejecting_config_is_a_conversion_error():
+    inp = keras.Input((4, 8))
+    model = keras.Model(inp, SYNC(axis=[1, 2], name="multi")(inp))
+    with pytest.raises(errors.ConversionError, match="sync-to-bn.*multi"):
+        bnconvert.convert_model(model, "inference", fold=False)
+
+
+def test_bad_arguments():
+    model = keras.Sequential([keras.Input((2,)), BN()])
+    with pytest.raises(errors.ConversionError, match="to='sideways'"):
+        bnconvert.convert_model(model, "sideways")
+    with pytest.raises(errors.ConversionError, match="keras.Model"):
+        bnconvert.convert_model(BN(), "sync")
+
+
+def test_integer_inputs_are_generated():
+    inp = keras.Input((5,), dtype="int32")
+    x = keras.layers.Embedding(3, 4)(inp)
+    model = keras.Model(inp, BN()(x))
+    _, report = bnconvert.convert_model(randomize(model), "sync", return_report=True)
+    assert report.verified and report.max_abs_diff == 0.0
+
+
+def test_model_from_path(tmp_path):
+    path = tmp_path / "m.keras"
+    model = keras.Sequential([keras.Input((8,)), *dense_bn(4, "bn")])
+    randomize(model)
+    model.save(path)
+    out, report = bnconvert.convert_model(str(path), "sync", return_report=True)
+    assert report.source == str(path) and report.converted == 1
+    assert_same_outputs(model, out, X8)
+    # The result saves and loads back as SyncBatchNormalization.
+    out.save(tmp_path / "out.keras")
+    loaded = keras.saving.load_model(tmp_path / "out.keras")
+    assert type(loaded.get_layer("bn")) is SYNC
+    assert_same_outputs(model, loaded, X8)
+
+
+def test_inference_calls_fold_when_available(monkeypatch):
+    calls = []
+
+    def fake_fold(model, fold_rules, report):
+        calls.append([r.name for r in fold_rules])
+        return model
+
+    import bnconvert.fold as fold_module
+
+    monkeypatch.setattr(fold_module, "fold_model", fake_fold)
+    inp = keras.Input((8,))
+    model = keras.Model(inp, SYNC()(keras.layers.Dense(8)(inp)))
+    bnconvert.convert_model(model, "inference")
+    assert calls and "bn-into-dense" in calls[0]
+    calls.clear()
+    bnconvert.convert_model(model, "inference", fold=False)
+    assert not calls
