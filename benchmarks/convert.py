@@ -101,6 +101,11 @@ def resnet50_file_to_file(repeats, workdir):
     }
 
 
+# Keras maps and clones a Functional graph recursively, one level per layer
+# or more: a 2,000-layer chain needs more than Python's default 1,000 frames.
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
+
+
 def synthetic_chain(n_layers, width=16):
     """A Functional model of `n_layers` layers: Dense, BN, Dense, BN, ..."""
     inputs = keras.Input((width,))

@@ -220,7 +220,17 @@ def to_sync(model, output, rules, custom_objects, dry_run, report_path, force, u
     MODEL is a .keras or .h5 file, or a directory holding one. Weights and
     moving statistics are carried over exactly; the converted model is
     checked against the original on random inputs before it is written.
+    A tf-keras model (SavedModel directory or H5 file) stays a tf-keras
+    model, written in its input's format: NAME.sync or NAME.sync.h5.
     """
+    from bnconvert import compat
+
+    if compat.handles(model):  # tf-keras SavedModel dir or H5: compat/tf_keras_cli.py
+        from bnconvert.compat import tf_keras_cli
+
+        return tf_keras_cli.to_sync(
+            model, output, rules, custom_objects, dry_run, report_path, force, unsafe
+        )
     with user_errors():
         from bnconvert import model_io
 
@@ -514,8 +524,17 @@ def to_inference(model, output, keras_out, no_fold, opset, no_check, tolerance,
     follows a Conv/Dense it can be folded into exactly is folded, and the
     result is written as ONNX (dynamic batch size) after onnxruntime has
     reproduced the Keras outputs within --tolerance. MODEL is a .keras or
-    .h5 file, or a directory holding one.
+    .h5 file, a directory holding one, or a tf-keras SavedModel directory.
     """
+    from bnconvert import compat
+
+    if compat.handles(model):  # tf-keras SavedModel dir or H5: compat/tf_keras_cli.py
+        from bnconvert.compat import tf_keras_cli
+
+        return tf_keras_cli.to_inference(
+            model, output, keras_out, no_fold, opset, no_check, tolerance,
+            rules, custom_objects, report_path, force, unsafe,
+        )
     with user_errors():
         from bnconvert import model_io
 

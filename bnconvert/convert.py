@@ -108,6 +108,16 @@ def convert_model(
         ModelLoadError: `model` is a path that cannot be loaded.
         VerificationError: The outputs differ by more than `tolerance`.
     """
+    from bnconvert import compat
+
+    if compat.handles(model):  # a tf-keras model or file: compat/tf_keras_convert.py
+        from bnconvert.compat import tf_keras_convert
+
+        return tf_keras_convert.convert_model(
+            model, to, rules=rules, custom_objects=custom_objects, verify=verify,
+            tolerance=tolerance, fold=fold, safe_mode=safe_mode,
+            return_report=return_report,
+        )
     options, model, report = _prepare(model, to, rules, custom_objects, safe_mode)
     converter = _Converter(options, report)
     with _quiet_keras():
@@ -141,6 +151,14 @@ def inspect_model(model, to="sync", *, rules=None, custom_objects=None, safe_mod
     Raises:
         ConversionError, RuleError, ModelLoadError: As `convert_model`.
     """
+    from bnconvert import compat
+
+    if compat.handles(model):  # a tf-keras model or file: compat/tf_keras_convert.py
+        from bnconvert.compat import tf_keras_convert
+
+        return tf_keras_convert.inspect_model(
+            model, to, rules=rules, custom_objects=custom_objects, safe_mode=safe_mode
+        )
     options, model, report = _prepare(model, to, rules, custom_objects, safe_mode)
     _Converter(options, report).inspect(model)
     report.verification_note = "inspection only: nothing was converted"

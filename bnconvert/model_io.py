@@ -64,6 +64,14 @@ def load_model(path, *, custom_objects=None, safe_mode=True):
             corrupt, is a TensorFlow SavedModel, or needs custom objects or
             `safe_mode=False` to load.
     """
+    from bnconvert import compat
+
+    if compat.handles(path):  # tf-keras SavedModel dir or H5: compat/tf_keras_io.py
+        from bnconvert.compat import tf_keras_io
+
+        return tf_keras_io.load_model(
+            path, custom_objects=custom_objects, safe_mode=safe_mode
+        )
     model_file = resolve_model_file(path)
     if model_file.suffix == ".keras":
         _check_keras_archive(model_file)

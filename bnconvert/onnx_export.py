@@ -1,9 +1,10 @@
 """Export a Keras model to ONNX and check it in onnxruntime.
 
 The model's inference function is traced once as a `tf.function` whose
-signature has a `None` batch dimension and the Keras input names, and
-converted by `tf2onnx.convert.from_function`; its outputs carry the names
-of the Keras layers that produce them. The file is written next to the
+signature has a `None` batch dimension, frozen (variables and captured
+tensors become constants) and converted by `tf2onnx.convert.from_graph_def`;
+inputs carry the Keras input layer names and outputs the names of the
+Keras layers that produce them, in the Keras order. The file is written next to the
 target, run in onnxruntime against the Keras model, and only moved into
 place when the outputs agree.
 """
@@ -190,18 +191,34 @@ def _output_names(model):
 
 def _convert(model, specs, input_names, output_names, opset):
     import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
 
     structure = model.input
 
     def serve(*args):
         args = keras.tree.pack_sequence_as(structure, list(args))
-        outputs = keras.tree.flatten(model(args, training=False))
-        return dict(zip(output_names, outputs))
+        return tuple(keras.tree.flatten(model(args, training=False)))
 
     fn = tf.function(serve, input_signature=specs, autograph=False)
     try:
         with _quiet_tf2onnx(), _tf2onnx_without_rollback_copies():
-            proto, _ = tf2onnx.convert.from_function(fn, input_signature=specs, opset=opset)
+            # Freezing here, rather than in `from_function`, also turns the
+            # eager tensors a layer keeps outside variables (Normalization's
+            # mean and variance) into constants; `from_function` would make
+            # each of them an extra graph input.
+            frozen = convert_variables_to_constants_v2(fn.get_concrete_function())
+            renames = dict(zip((t.name for t in frozen.inputs), input_names))
+            renames.update(zip((t.name for t in frozen.outputs), output_names))
+            proto, _ = tf2onnx.convert.from_graph_def(
+                frozen.graph.as_graph_def(),
+                name=model.name,
+                input_names=[t.name for t in frozen.inputs],
+                output_names=[t.name for t in frozen.outputs],
+                opset=opset,
+                tensors_to_rename=renames,
+            )
     except Exception as e:  # tf2onnx raises bare exceptions of many kinds
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConversionError(
@@ -220,11 +237,7 @@ def _convert(model, specs, input_names, output_names, opset):
 
 
 def _name_outputs_in_keras_order(proto, output_names):
-    """Order graph outputs like the Keras model's and name the batch dim.
-
-    tf2onnx emits the outputs of a dict-returning function sorted by key;
-    a consumer indexing outputs by position expects the Keras order.
-    """
+    """Order graph outputs like the Keras model's and name the batch dim."""
     by_name = {o.name: o for o in proto.graph.output}
     ordered = [by_name[n] for n in output_names]
     copies = [type(o)() for o in ordered]
@@ -262,13 +275,17 @@ def _tf2onnx_without_rollback_copies():
 
 @contextlib.contextmanager
 def _quiet_tf2onnx():
-    logger = logging.getLogger("tf2onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # tf2onnx logs progress, and its TF1-style freezing triggers TensorFlow
+    # deprecation notices; neither concerns the user.
+    loggers = [logging.getLogger(name) for name in ("tf2onnx", "tensorflow")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _proto_opset(proto):

@@ -449,6 +449,26 @@ def test_inspect_json_settings(tmp_path):
     assert _listing(tmp_path) == ["m.keras"]
 
 
+def test_inspect_nested_model_paths_match_report(tmp_path):
+    inner_in = keras.Input((4,))
+    inner = keras.Model(
+        inner_in, keras.layers.BatchNormalization(name="bn_in")(inner_in), name="inner"
+    )
+    inputs = keras.Input((4,))
+    x = keras.layers.BatchNormalization(name="bn_out")(inner(inputs))
+    path = tmp_path / "nested.keras"
+    keras.Model(inputs, x, name="outer").save(path)
+
+    result = _run("inspect", path, "--json")
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.stdout)["layers"]
+    # One row per layer, each joined with its one event: no unmatched paths.
+    assert sorted(row["path"] for row in layers) == ["outer/bn_out", "outer/inner/bn_in"]
+    for row in layers:
+        assert row["class"] == "BatchNormalization" and row["shape"] == [4]
+        assert [e["path"] for e in row["events"]] == [row["path"]]
+
+
 def test_inspect_inference_of_converted(small):
     assert _run("to-sync", small).exit_code == 0
     result = _run("inspect", small.with_name("small_resnet.sync.keras"), "--to", "inference")

@@ -19,7 +19,10 @@ This layer follows the layer it replaces: it updates `moving_variance` with
 the unbiased variance of the global batch exactly when tf-keras
 `BatchNormalization` with the same arguments would take its fused path
 (`layer.fused` after `build()`, decided by tf-keras itself), and with the
-biased variance otherwise. Converting a model to synchronized statistics then
+biased variance otherwise. tf-keras's own synchronized BN
+(`synchronized=True`, `experimental.SyncBatchNormalization`) never fuses;
+the converter passes `fused=False` for such layers, so they keep the biased
+convention and the non-fused inference kernel. Converting a model to synchronized statistics then
 changes where the statistics come from and nothing else: after training on
 the same global batches, the moving statistics are those the original
 tf-keras model would have had on one device. `N` counts the examples (and
@@ -126,7 +129,13 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         name: Optional name of the layer.
         **kwargs: Other base layer keyword arguments, such as `dtype`.
             `synchronized` is accepted and ignored (this layer always
-            synchronizes); `virtual_batch_size` is not supported.
+            synchronizes); `virtual_batch_size` is not supported. `fused`
+            (None, True or False) means what it means to tf-keras
+            `BatchNormalization`: which inference kernel runs and hence, here,
+            which moving-variance convention applies. `fused=False` mirrors a
+            tf-keras BN that does not fuse, such as `synchronized=True`
+            layers; the converter sets it for those, so that inference stays
+            bit-for-bit that of the layer replaced.
 
     Call arguments:
         inputs: Input tensor of any rank.
@@ -167,6 +176,11 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         **kwargs,
     ):
         kwargs.pop("synchronized", None)
+        fused = kwargs.pop("fused", None)
+        if fused not in (None, True, False):
+            raise ValueError(
+                f"Argument `fused` must be None, True or False. Received: fused={fused!r}"
+            )
         virtual_batch_size = kwargs.pop("virtual_batch_size", None)
         if virtual_batch_size is not None:
             raise ValueError(
@@ -220,8 +234,10 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             adjustment=adjustment,
             name=name,
             synchronized=False,
+            fused=fused,
             **kwargs,
         )
+        self._fused_argument = fused
         self.synchronized = True
         # tf-keras sets these only when renorm is on; the config keeps them.
         self.renorm_clipping = renorm_clipping
@@ -401,6 +417,9 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             None if self.renorm_clipping is None else dict(self.renorm_clipping)
         )
         config["renorm_momentum"] = self.renorm_momentum
+        if self._fused_argument is not None:
+            # Unlike tf-keras BN, kept: it picks the inference kernel.
+            config["fused"] = self._fused_argument
         return config
 
 

@@ -1,0 +1,159 @@
+"""The `to-sync`, `to-inference` and `inspect` commands for tf-keras models.
+
+`bnconvert.cli` hands a MODEL over to these functions when
+`bnconvert.compat.handles(MODEL)`: a SavedModel directory with Keras
+metadata, or an H5 file written by tf-keras. They take the commands' own
+arguments and use the CLI's helpers; only loading, the output format and
+saving differ: the result is written in the input's format (a SavedModel
+directory, atomically renamed into place, or an H5 file) unless `-o` names
+the other one.
+"""
+
+import json
+
+import click
+
+from bnconvert import cli
+from bnconvert.compat import tf_keras_io
+from bnconvert.errors import OutputError
+
+
+def _load(model, custom_objects, unsafe, progress):
+    from bnconvert import model_io
+
+    objects = None
+    if custom_objects:
+        with progress.step("importing custom objects"):
+            objects = model_io.import_custom_objects(custom_objects)
+    with progress.step(f"loading {model} (tf-keras)"):
+        keras_model = tf_keras_io.load_model(
+            model, custom_objects=objects, safe_mode=not unsafe
+        )
+    return keras_model, objects
+
+
+def to_sync(model, output, rules, custom_objects, dry_run, report_path, force, unsafe):
+    """`bnconvert to-sync` for a tf-keras MODEL."""
+    from bnconvert import model_io
+
+    with cli.user_errors():
+        source_format = tf_keras_io.tf_keras_format(model)
+        out = fmt = None
+        if not dry_run:
+            out = output or tf_keras_io.default_output_path(model, ".sync")
+            fmt = tf_keras_io.output_format(out) if output else source_format
+            tf_keras_io.check_output(out, fmt, force=force, inputs=(model,))
+        if report_path:
+            if out is not None and model_io.same_file(report_path, out):
+                raise OutputError(
+                    f"--report {report_path} names the model output too; give "
+                    "the report its own file, such as report.json."
+                )
+            model_io.check_output_path(report_path, force=force, inputs=(model,))
+
+        progress = cli.Progress()
+        with progress.step("starting TensorFlow"):
+            cli.prepare_tensorflow()
+        keras_model, objects = _load(model, custom_objects, unsafe, progress)
+
+        from bnconvert.compat import tf_keras_convert
+
+        with progress.step("converting and verifying"):
+            converted, report = tf_keras_convert.convert_model(
+                keras_model, to="sync", rules=list(rules) if rules else None,
+                custom_objects=objects, safe_mode=not unsafe, return_report=True,
+            )
+        report.source = str(model)
+        if out is not None:
+            with progress.step(f"saving {out}"):
+                with cli.native_stderr_silenced():
+                    tf_keras_io.save_model(
+                        converted, out, fmt, force=force, inputs=(model,)
+                    )
+        if report_path:
+            model_io.write_text(
+                report_path, report.to_json(), force=force, inputs=(model,)
+            )
+
+    click.echo(report.summary_table(max_rows=cli.SUMMARY_ROWS))
+    if out is None:
+        click.echo("Dry run: no model written.")
+    else:
+        click.echo(f"Wrote {out}")
+    if report_path:
+        click.echo(f"Wrote report {report_path}")
+
+
+def to_inference(model, output, keras_out, no_fold, opset, no_check, tolerance,
+                 rules, custom_objects, report_path, force, unsafe):
+    """`bnconvert to-inference` for a tf-keras MODEL."""
+    from bnconvert import model_io
+
+    with cli.user_errors():
+        out = output or model_io.default_output_path(model, ".onnx")
+        protected = (model,)
+        model_io.check_output_path(out, force=force, inputs=protected, suffixes=(".onnx",))
+        keras_fmt = None
+        if keras_out:
+            keras_fmt = tf_keras_io.output_format(keras_out)
+            tf_keras_io.check_output(
+                keras_out, keras_fmt, force=force, inputs=protected + (out,)
+            )
+        if report_path:
+            model_io.check_output_path(
+                report_path, force=force, inputs=protected + (out, keras_out)
+            )
+
+        progress = cli.Progress()
+        with progress.step("starting TensorFlow"):
+            cli.prepare_tensorflow()
+        from bnconvert import onnx_export
+
+        if opset is not None and opset not in onnx_export.supported_opsets():
+            allowed = onnx_export.supported_opsets()
+            raise click.ClickException(
+                f"The ONNX exporter (tf2onnx) cannot write opset {opset}; use one "
+                f"from {allowed.start} to {allowed.stop - 1}. Received: --opset={opset}"
+            )
+        keras_model, objects = _load(model, custom_objects, unsafe, progress)
+
+        from bnconvert.compat import tf_keras_convert
+
+        with progress.step("unsyncing"):
+            converted, report = tf_keras_convert.convert_model(
+                keras_model, to="inference", rules=list(rules) if rules else None,
+                custom_objects=objects, fold=not no_fold, safe_mode=not unsafe,
+                return_report=True,
+            )
+        report.source = str(model)
+        with progress.step("exporting to ONNX" + ("" if no_check else " and checking")):
+            result = onnx_export.export_onnx(
+                converted, out, opset=opset, tolerance=tolerance, check=not no_check
+            )
+        if keras_out:
+            with progress.step(f"saving {keras_out}"):
+                with cli.native_stderr_silenced():
+                    tf_keras_io.save_model(
+                        converted, keras_out, keras_fmt, force=force, inputs=protected
+                    )
+        if report_path:
+            data = report.to_dict()
+            data["onnx"] = result.to_dict()
+            model_io.write_text(
+                report_path, json.dumps(data, indent=2), force=force,
+                inputs=protected + (out, keras_out),
+            )
+
+    click.echo(report.summary_table(max_rows=cli.SUMMARY_ROWS))
+    if result.checked:
+        click.echo(
+            f"onnxruntime check: max |diff| = {result.max_abs_diff:.3g}, relative "
+            f"{result.max_rel_diff:.3g} (tolerance {result.tolerance:g}), opset {result.opset}"
+        )
+    else:
+        click.echo(f"onnxruntime check skipped (--no-check), opset {result.opset}")
+    click.echo(f"Wrote {out}")
+    if keras_out:
+        click.echo(f"Wrote {keras_out}")
+    if report_path:
+        click.echo(f"Wrote report {report_path}")

@@ -1,0 +1,178 @@
+"""ONNX export: folded graphs, names, dynamic batch, parity, safe writes.
+
+onnxruntime outputs are compared with the *original* (unfolded) Keras
+model, never with the exporter's own figures.
+"""
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from bnconvert import export_onnx
+from bnconvert.convert import convert_model
+from bnconvert.errors import ConversionError
+from bnconvert.errors import OutputError
+from bnconvert.errors import VerificationError
+
+L = keras.layers
+
+
+def randomize_bn(model, seed=0, spread=1.0):
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers():
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            values = {
+                "gamma": rng.uniform(1 - 0.5 * spread, 1 + 0.5 * spread, n),
+                "beta": rng.normal(0.0, 0.5 * spread, n),
+                "moving_mean": rng.normal(0.0, 0.5 * spread, n),
+                "moving_variance": rng.uniform(0.5, 1.5, n),
+            }
+            for var in layer.weights:
+                var.assign(values[var.name].astype("float32"))
+
+
+def small_cnn():
+    inputs = keras.Input((12, 12, 3), name="image")
+    y = L.Conv2D(8, 3, use_bias=False, name="conv")(inputs)
+    y = L.BatchNormalization(name="bn1")(y)
+    y = L.ReLU()(y)
+    y = L.DepthwiseConv2D(3, name="dw")(y)
+    y = L.BatchNormalization(name="bn2")(y)
+    y = L.SeparableConv2D(6, 3, name="sep")(y)
+    y = L.BatchNormalization(name="bn3")(y)
+    y = L.GlobalAveragePooling2D()(y)
+    y = L.Dense(4, name="logits")(y)
+    y = L.BatchNormalization(name="bn4")(y)
+    model = keras.Model(inputs, y, name="small_cnn")
+    randomize_bn(model)
+    return model
+
+
+def onnx_run(path, feeds):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def rel_diff(got, want):
+    want = np.asarray(want, dtype=np.float64)
+    return np.max(np.abs(np.asarray(got, dtype=np.float64) - want)) / np.max(np.abs(want))
+
+
+def test_folded_model_exports_without_batchnorm_and_matches_original(tmp_path):
+    original = small_cnn()
+    folded = convert_model(original, to="inference")
+    path = tmp_path / "cnn.onnx"
+
+    result = export_onnx(folded, path)
+
+    graph = onnx.load(str(path)).graph
+    assert not [n for n in graph.node if n.op_type == "BatchNormalization"]
+    assert result.checked and result.max_rel_diff <= 1e-4
+    x = np.random.default_rng(1).normal(size=(5, 12, 12, 3)).astype("float32")
+    (got,) = onnx_run(path, {"image": x})
+    assert rel_diff(got, original.predict(x, verbose=0)) <= 1e-5
+
+
+def test_names_order_and_dynamic_batch(tmp_path):
+    a = keras.Input((6,), name="features")
+    b = keras.Input((4, 4, 2), name="patch")
+    pa = L.Dense(3, name="zeta")(a)
+    pb = L.Flatten()(L.Conv2D(2, 2, name="conv")(b))
+    model = keras.Model([a, b], [pa, L.Dense(2, name="alpha")(pb)])
+    path = tmp_path / "two.onnx"
+
+    result = export_onnx(model, path)
+
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["features", "patch"]
+    # Keras order, not tf2onnx's alphabetical one.
+    assert [o.name for o in proto.graph.output] == ["zeta", "alpha"]
+    assert result.output_names == ("zeta", "alpha")
+    for value in proto.graph.input:
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+    rng = np.random.default_rng(2)
+    for batch in (1, 7):
+        xa = rng.normal(size=(batch, 6)).astype("float32")
+        xb = rng.normal(size=(batch, 4, 4, 2)).astype("float32")
+        got = onnx_run(path, {"features": xa, "patch": xb})
+        want = model.predict([xa, xb], verbose=0)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            assert rel_diff(g, w) <= 1e-5
+
+
+def test_user_check_inputs_from_npy(tmp_path):
+    model = small_cnn()
+    npy = tmp_path / "batch.npy"
+    np.save(npy, np.random.default_rng(3).normal(size=(3, 12, 12, 3)).astype("float32"))
+
+    result = export_onnx(model, tmp_path / "m.onnx", inputs=npy)
+
+    assert result.batches == 2  # the generated batch and the user's
+
+
+def test_check_inputs_of_wrong_shape_are_rejected(tmp_path):
+    with pytest.raises(VerificationError, match="shape"):
+        export_onnx(small_cnn(), tmp_path / "m.onnx", inputs=np.zeros((2, 5, 5, 3)))
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_output_directory(tmp_path):
+    path = tmp_path / "missing" / "m.onnx"
+    with pytest.raises(OutputError, match="does not exist"):
+        export_onnx(small_cnn(), path)
+    assert not path.parent.exists()
+
+
+@pytest.mark.parametrize("opset", [0, 19, 99])
+def test_unsupported_opset_is_one_clear_error(tmp_path, opset):
+    with pytest.raises(ConversionError) as info:
+        export_onnx(small_cnn(), tmp_path / "m.onnx", opset=opset)
+    assert "opset" in str(info.value) and "\n" not in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_explicit_opset_is_written(tmp_path):
+    result = export_onnx(small_cnn(), tmp_path / "m.onnx", opset=13)
+    assert result.opset == 13
+    assert onnx.load(str(tmp_path / "m.onnx")).opset_import[0].version == 13
+
+
+def test_check_beyond_tolerance_leaves_existing_file_untouched(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous")
+    # onnxruntime and TensorFlow sum convolutions in different orders, so
+    # the difference is a few float32 ulps: never exactly zero here.
+    with pytest.raises(VerificationError, match="tolerance"):
+        export_onnx(small_cnn(), path, tolerance=0.0)
+    assert path.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+ZOO = ["ResNet50", "MobileNetV2", "EfficientNetB0", "DenseNet121"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_model_zoo_parity_after_folding(name, tmp_path):
+    original = getattr(keras.applications, name)(
+        weights=None, input_shape=(96, 96, 3), classifier_activation=None
+    )
+    # Small spread: 50+ BN layers in a row must not blow activations up.
+    randomize_bn(original, seed=4, spread=0.2)
+    folded = convert_model(original, to="inference")
+    path = tmp_path / f"{name}.onnx"
+
+    export_onnx(folded, path)
+
+    graph = onnx.load(str(path)).graph
+    bn_nodes = [n for n in graph.node if n.op_type == "BatchNormalization"]
+    kept = sum(isinstance(l, L.BatchNormalization) for l in folded._flatten_layers())
+    # Only the BN layers that could not be folded may survive as BN nodes.
+    assert len(bn_nodes) <= kept
+    x = np.random.default_rng(5).uniform(0, 255, size=(2, 96, 96, 3)).astype("float32")
+    (got,) = onnx_run(path, {graph.input[0].name: x})
+    assert rel_diff(got, original.predict(x, verbose=0)) <= 1e-4
