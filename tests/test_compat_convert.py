@@ -1,0 +1,314 @@
+"""Converting tf-keras (Keras 2) models: detection, CLI, reload, training.
+
+References: the original tf-keras model's outputs (conversion must not change
+them), and the original model trained on one device over the same global
+batches (synchronized training must reproduce it).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+import tf_keras
+
+import bnconvert
+from bnconvert import model_io
+from bnconvert.cli import main
+from bnconvert.compat import tf_keras_io
+from bnconvert.errors import ModelLoadError
+from bnconvert.errors import OutputError
+from conftest import mirrored_strategy
+
+SYNC_CLASS = "bnconvert.compat.tf_keras_layers.SyncBatchNormalization"
+
+
+def functional_model():
+    """Every BN flavour tf-keras has, nested one level."""
+    inner = tf_keras.Sequential(
+        [tf_keras.layers.Dense(6, input_shape=(5,)),
+         tf_keras.layers.BatchNormalization(name="inner_bn")],
+        name="inner",
+    )
+    inputs = tf_keras.Input((6, 6, 3))
+    x = tf_keras.layers.Conv2D(4, 3, use_bias=False)(inputs)
+    x = tf_keras.layers.BatchNormalization(name="bn_fused")(x)
+    x = tf_keras.layers.experimental.SyncBatchNormalization(name="legacy_sync")(x)
+    x = tf_keras.layers.BatchNormalization(synchronized=True, axis=1, name="sync_axis1")(x)
+    x = tf_keras.layers.GlobalAveragePooling2D()(x)
+    x = tf_keras.layers.Dense(5)(x)
+    model = tf_keras.Model(inputs, inner(x), name="functional")
+    randomize(model)
+    return model
+
+
+def sequential_model():
+    model = tf_keras.Sequential([
+        tf_keras.Input((7,)),
+        tf_keras.layers.Dense(4),
+        tf_keras.layers.BatchNormalization(momentum=0.8, name="bn_2d"),
+        tf_keras.layers.Dense(3),
+    ], name="sequential")
+    randomize(model)
+    return model
+
+
+def randomize(model):
+    rng = np.random.default_rng(0)
+    for w in model.weights:
+        w.assign(rng.uniform(0.5, 1.5, size=tuple(w.shape)).astype("float32"))
+
+
+def batch_for(model, n=8, seed=1):
+    shape = (n,) + tuple(model.input_shape[1:])
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def save(model, directory, fmt):
+    path = directory / (model.name if fmt == "savedmodel" else f"{model.name}.h5")
+    model.save(path)
+    return path
+
+
+# -- detection ---------------------------------------------------------------
+
+
+def test_formats_are_detected(tmp_path):
+    model = sequential_model()
+    sm = save(model, tmp_path, "savedmodel")
+    h5 = save(model, tmp_path, "h5")
+    assert tf_keras_io.tf_keras_format(sm) == "savedmodel"
+    assert tf_keras_io.tf_keras_format(h5) == "h5"
+    with h5py.File(h5, "r") as f:
+        assert str(f.attrs["keras_version"]).startswith("2.")
+
+    import keras
+
+    k3 = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
+    k3.save(tmp_path / "k3.h5")
+    k3.save(tmp_path / "k3.keras")
+    assert tf_keras_io.tf_keras_format(tmp_path / "k3.h5") is None
+    assert tf_keras_io.tf_keras_format(tmp_path / "k3.keras") is None
+    assert isinstance(model_io.load_model(tmp_path / "k3.h5"), keras.Model)
+    assert isinstance(model_io.load_model(sm), tf_keras.Model)
+
+
+def test_savedmodel_without_keras_metadata_is_one_clear_error(tmp_path):
+    class Doubler(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 3])])
+        def __call__(self, x):
+            return 2 * x
+
+    tf.saved_model.save(Doubler(), str(tmp_path / "plain"))
+    assert tf_keras_io.tf_keras_format(tmp_path / "plain") is None
+    with pytest.raises(ModelLoadError) as info:
+        model_io.load_model(tmp_path / "plain")
+    message = str(info.value)
+    assert "\n" not in message and "not Keras layers" in message
+    result = CliRunner().invoke(main, ["to-sync", str(tmp_path / "plain")])
+    assert result.exit_code != 0
+    assert "not Keras layers" in result.output and "Traceback" not in result.output
+
+
+# -- Python API ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [functional_model, sequential_model])
+def test_convert_model_rewrites_every_bn_and_keeps_outputs(make):
+    model = make()
+    x = batch_for(model)
+    converted, report = bnconvert.convert_model(model, to="sync", return_report=True)
+    assert isinstance(converted, tf_keras.Model)
+    bns = [l for l in _all_layers(model) if "bn" in l.name or "sync" in l.name]
+    new = {l.name: l for l in _all_layers(converted)}
+    for layer in bns:
+        assert isinstance(new[layer.name], bnconvert.compat.SyncBatchNormalization)
+        assert isinstance(new[layer.name], tf_keras.layers.BatchNormalization)
+        for a, b in zip(layer.weights, new[layer.name].weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert report.converted == len(bns) and report.verified and report.max_abs_diff == 0
+    np.testing.assert_array_equal(converted(x, training=False), model(x, training=False))
+    # And back: plain tf-keras BN, still the same outputs.
+    back = bnconvert.convert_model(converted, to="inference", fold=False)
+    assert all(
+        type(l) is tf_keras.layers.BatchNormalization
+        for l in _all_layers(back) if l.name in new and l.name in {b.name for b in bns}
+    )
+    np.testing.assert_array_equal(back(x, training=False), model(x, training=False))
+
+
+def _all_layers(model):
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if isinstance(layer, tf_keras.Model):
+            out.extend(_all_layers(layer))
+    return out
+
+
+def test_subclassed_tf_keras_model_is_refused_in_one_line():
+    class Net(tf_keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.bn = tf_keras.layers.BatchNormalization()
+
+        def call(self, x):
+            return self.bn(x)
+
+    net = Net()
+    net(np.zeros((2, 3), "float32"))
+    with pytest.raises(bnconvert.errors.ConversionError, match="subclassed") as info:
+        bnconvert.convert_model(net)
+    assert "\n" not in str(info.value)
+
+
+# -- atomic SavedModel output --------------------------------------------------
+
+
+def test_savedmodel_output_is_atomic(tmp_path, monkeypatch):
+    model = sequential_model()
+    out = tmp_path / "out"
+    tf_keras_io.save_model(model, out, "savedmodel")
+    assert (out / "keras_metadata.pb").is_file()
+    with pytest.raises(OutputError, match="already exists"):
+        tf_keras_io.save_model(model, out, "savedmodel")
+
+    before = sorted(p.name for p in out.rglob("*"))
+    stamp = (out / "saved_model.pb").stat().st_mtime_ns
+
+    def broken_save(self, path, *args, **kwargs):
+        pathlib.Path(path, "partial.bin").write_bytes(b"x")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tf_keras.Model, "save", broken_save)
+    with pytest.raises(OutputError, match="No space left"):
+        tf_keras_io.save_model(model, out, "savedmodel", force=True)
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert (out / "saved_model.pb").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_keras_output_name_is_refused_for_tf_keras_models(tmp_path):
+    model = sequential_model()
+    path = save(model, tmp_path, "savedmodel")
+    result = CliRunner().invoke(
+        main, ["to-sync", str(path), "-o", str(tmp_path / "x.keras")]
+    )
+    assert result.exit_code != 0 and ".keras" in result.output
+    assert "Traceback" not in result.output
+
+
+# -- end to end: CLI, fresh-process reload, synchronized training ----------------
+
+RELOAD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import bnconvert
+    import tf_keras
+    x = np.load(sys.argv[2])
+    # The reference: the original, as tf-keras loads it from its file here.
+    original = tf_keras.models.load_model(sys.argv[4], compile=False)
+    model = tf_keras.models.load_model(sys.argv[1], compile=False)
+    np.save(sys.argv[3], np.stack([
+        model(x, training=False).numpy(), original(x, training=False).numpy()
+    ]))
+    classes = {}
+    def walk(m):
+        for layer in m.layers:
+            classes[layer.name] = type(layer).__module__ + "." + type(layer).__name__
+            if isinstance(layer, tf_keras.Model):
+                walk(layer)
+    walk(model)
+    print(json.dumps(classes))
+    """
+)
+
+
+def reload_in_fresh_process(path, original_path, x, tmp_path):
+    """Outputs of the converted and the original file, and the converted classes.
+
+    tf-keras does not save `synchronized`: a `synchronized=True` layer comes
+    back from a file as a fused BN, which rounds differently from the
+    in-memory original; so the reference is the original reloaded from its
+    file, in the same process.
+    """
+    np.save(tmp_path / "x.npy", x)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    done = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(path), str(tmp_path / "x.npy"),
+         str(tmp_path / "y.npy"), str(original_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    converted, original = np.load(tmp_path / "y.npy")
+    return converted, original, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["savedmodel", "h5"])
+@pytest.mark.parametrize("make", [functional_model, sequential_model])
+def test_cli_to_sync_then_reload_and_train_under_mirrored_strategy(tmp_path, fmt, make):
+    model = make()
+    path = save(model, tmp_path, fmt)
+    x = batch_for(model)
+
+    result = CliRunner().invoke(main, ["to-sync", str(path)])
+    assert result.exit_code == 0, result.output
+    out = tf_keras_io.default_output_path(path, ".sync")
+    assert f"Wrote {out}" in result.output
+    assert tf_keras_io.tf_keras_format(out) == fmt  # the input's format
+
+    y, y_original, classes = reload_in_fresh_process(out, path, x, tmp_path)
+    np.testing.assert_array_equal(y, y_original)
+    np.testing.assert_allclose(y, model(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
+    bn_names = [n for n in classes if "bn" in n or "sync" in n]
+    assert bn_names and all(classes[n] == SYNC_CLASS for n in bn_names)
+
+    # Training with 2 replicas = the original (as loaded) trained on one device.
+    model = tf_keras.models.load_model(path, compile=False)
+    strategy = mirrored_strategy(2)
+    with strategy.scope():
+        synced = tf_keras.models.load_model(out, compile=False)
+        synced.compile(optimizer=tf_keras.optimizers.SGD(0.1), loss="mse")
+    model.compile(optimizer=tf_keras.optimizers.SGD(0.1), loss="mse")
+    xs = batch_for(model, n=24, seed=2) * 2 + 0.5
+    ys = np.random.default_rng(3).normal(size=(24,) + model.output_shape[1:]).astype("float32")
+    synced.fit(xs, ys, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    model.fit(xs, ys, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(synced.weights, model.weights):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5, err_msg=b.name)
+
+
+@pytest.mark.slow
+def test_cli_to_inference_exports_onnx_from_a_tf_keras_savedmodel(tmp_path):
+    model = functional_model()
+    path = save(model, tmp_path, "savedmodel")
+    result = CliRunner().invoke(main, ["to-sync", str(path), "-o", str(tmp_path / "s.h5")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(
+        main, ["to-inference", str(tmp_path / "s.h5"), "-o", str(tmp_path / "m.onnx"),
+               "--keras-out", str(tmp_path / "plain")],
+    )
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime check" in result.output and (tmp_path / "m.onnx").is_file()
+    x = batch_for(model)
+    y, y_original, classes = reload_in_fresh_process(tmp_path / "plain", path, x, tmp_path)
+    np.testing.assert_array_equal(y, y_original)
+    assert classes["bn_fused"].endswith("BatchNormalization") and SYNC_CLASS not in classes.values()
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x})
+    expected = model(x, training=False).numpy()
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
