@@ -375,8 +375,13 @@ class _Converter:
         def clone_function(layer):
             return self.convert(layer, here)
 
+        kwargs = {}
+        if isinstance(model, _FUNCTIONAL) and not isinstance(model, keras.Sequential):
+            kwargs["input_tensors"] = _named_inputs(model)
         try:
-            new = keras.models.clone_model(model, clone_function=clone_function)
+            new = keras.models.clone_model(
+                model, clone_function=clone_function, **kwargs
+            )
         except BnconvertError:
             raise
         except Exception as e:
@@ -717,6 +722,27 @@ def _flatten(layer):
         out.append(current)
         stack.extend(reversed(_children(current)))
     return out
+
+
+def _named_inputs(model):
+    """Fresh input tensors named like `model`'s InputLayers.
+
+    Left to itself, clone_model names each new InputLayer after its tensor
+    ("keras_tensor_890"), which would rename the inputs users, saved files
+    and the ONNX export see.
+    """
+    names = {
+        id(layer.output): layer.name
+        for layer in model.layers
+        if isinstance(layer, keras.layers.InputLayer)
+    }
+    return keras.tree.map_structure(
+        lambda t: keras.Input(
+            batch_shape=t.shape, dtype=t.dtype, sparse=t.sparse,
+            name=names.get(id(t), t.name),
+        ),
+        model.input,
+    )
 
 
 def _is_graph_model(layer):

@@ -303,7 +303,10 @@ def test_cli_to_inference_exports_onnx_from_a_tf_keras_savedmodel(tmp_path):
     assert "onnxruntime check" in result.output and (tmp_path / "m.onnx").is_file()
     x = batch_for(model)
     y, y_original, classes = reload_in_fresh_process(tmp_path / "plain", path, x, tmp_path)
-    np.testing.assert_array_equal(y, y_original)
+    # Not bit-for-bit: the legacy SyncBatchNormalization never fuses, and the
+    # plain tf-keras BN it becomes cannot save `fused=False`, so it reloads
+    # with the fused kernel, which rounds differently.
+    assert np.abs(y - y_original).max() <= 1e-6 * np.abs(y_original).max()
     assert classes["bn_fused"].endswith("BatchNormalization") and SYNC_CLASS not in classes.values()
 
     import onnxruntime as ort

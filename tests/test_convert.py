@@ -570,3 +570,21 @@ def test_inference_calls_fold_when_available(monkeypatch):
     calls.clear()
     bnconvert.convert_model(model, "inference", fold=False)
     assert not calls
+
+
+def test_input_layer_names_are_kept():
+    """clone_model alone would rename inputs after their tensors."""
+    image = keras.Input((6, 6, 3), name="image")
+    unnamed = keras.Input((4,))
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(2, 3)(image))
+    y = keras.layers.BatchNormalization()(keras.layers.Dense(2)(unnamed))
+    model = keras.Model(
+        {"image": image, "extra": unnamed},
+        [keras.layers.GlobalAveragePooling2D()(x), y],
+    )
+    before = [l.name for l in model.layers if isinstance(l, keras.layers.InputLayer)]
+    for to in ("sync", "inference"):
+        new = bnconvert.convert_model(model, to=to)
+        after = [l.name for l in new.layers if isinstance(l, keras.layers.InputLayer)]
+        assert sorted(after) == sorted(before)
+        assert "image" in after
