@@ -449,9 +449,11 @@ def inspect_command(model, rules, custom_objects, target, unsafe, as_json):
     nothing.
     """
     with user_errors():
+        from bnconvert import compat
         from bnconvert import model_io
 
-        model_io.resolve_model_file(model)
+        if not compat.handles(model):  # tf-keras models: compat/tf_keras_io.py
+            model_io.resolve_model_file(model)
         progress = Progress()
         with progress.step("starting TensorFlow"):
             prepare_tensorflow()

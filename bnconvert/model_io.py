@@ -130,10 +130,10 @@ def resolve_model_file(path):
 def _model_file_in_directory(directory):
     if (directory / "saved_model.pb").exists():
         if (directory / "keras_metadata.pb").exists():
+            # `load_model` hands these to the tf-keras flavour first.
             raise ModelLoadError(
-                f"{directory} is a tf-keras (Keras 2) SavedModel directory, which "
-                "is not supported yet; load it with tf_keras and re-save it with "
-                "model.save('NAME.h5'), then convert that file."
+                f"{directory} is a tf-keras (Keras 2) SavedModel directory, not a "
+                "Keras 3 model file; load it with bnconvert.model_io.load_model."
             )
         raise ModelLoadError(
             f"{directory} is a TensorFlow SavedModel (e.g. from model.export() or "

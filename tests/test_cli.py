@@ -241,8 +241,8 @@ def _exported_savedmodel(tmp_path):
     return path
 
 
-def _fake_tf_keras_savedmodel(tmp_path):
-    # What model_io looks at; the real format is tested in test_model_io.
+def _broken_tf_keras_savedmodel(tmp_path):
+    # Names a tf-keras SavedModel, holds nothing readable.
     path = tmp_path / "tfk"
     path.mkdir()
     (path / "saved_model.pb").write_bytes(b"")
@@ -287,7 +287,7 @@ BAD_INPUTS = {
     "corrupt member": (_corrupt_keras, ["corrupt.keras", "corrupt"]),
     "weights-only h5": (_weights_only, ["w.weights.h5", "weights only"]),
     "exported savedmodel": (_exported_savedmodel, ["exported", "SavedModel"]),
-    "tf-keras savedmodel": (_fake_tf_keras_savedmodel, ["tf-keras", "not supported yet"]),
+    "broken tf-keras savedmodel": (_broken_tf_keras_savedmodel, ["tfk", "tf-keras"]),
     "empty directory": (lambda tmp: tmp, ["no model file"]),
 }
 

@@ -40,7 +40,8 @@ def functional_model():
     )
     inputs = tf_keras.Input((6, 6, 3))
     x = tf_keras.layers.Conv2D(4, 3, use_bias=False)(inputs)
-    x = tf_keras.layers.BatchNormalization(name="bn_fused")(x)
+    # momentum 0.5: a wrong moving-variance convention would show in training.
+    x = tf_keras.layers.BatchNormalization(momentum=0.5, name="bn_fused")(x)
     x = tf_keras.layers.experimental.SyncBatchNormalization(name="legacy_sync")(x)
     x = tf_keras.layers.BatchNormalization(synchronized=True, axis=1, name="sync_axis1")(x)
     x = tf_keras.layers.GlobalAveragePooling2D()(x)

@@ -286,6 +286,30 @@ def test_matches_tf_keras_batchnorm_without_synchronization(shape, axis, renorm,
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, rtol=1e-6, err_msg=a.name)
 
 
+@pytest.mark.parametrize("axis", [1, 3])
+def test_fused_false_mirrors_tf_keras_synchronized_bn(axis):
+    """What the converter builds for a tf-keras synchronized BN (never fused)."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(6, 4, 4, 4)).astype("float32") * 2 + 1
+    theirs = tf_keras.layers.BatchNormalization(axis=axis, momentum=0.5, synchronized=True)
+    ours = SyncBN(axis=axis, momentum=0.5, fused=False)
+    theirs.build(x.shape)
+    ours.build(x.shape)
+    assert theirs.fused is False and ours.fused is False
+    w = random_weights(theirs, rng)
+    ours.set_weights(theirs.get_weights())
+    np.testing.assert_array_equal(ours(x, training=False), theirs(x, training=False))
+    ours(x, training=True)
+    _, var = batch_moments(x, axis)
+    # Biased, as tf-keras's non-fused path.
+    assert_close(
+        ours.moving_variance.numpy(), 0.5 * w["moving_variance"] + 0.5 * var.ravel(), 1e-6
+    )
+    config = ours.get_config()
+    assert config["fused"] is False
+    assert SyncBN.from_config(config)._fused_argument is False
+
+
 @pytest.mark.parametrize("shape,axis", [((4, 5), -1), ((4, 3, 3, 6), -1), ((4, 6, 2, 2), 1)])
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_inference_bit_for_bit_and_stable_training(shape, axis, policy):

@@ -177,17 +177,21 @@ def test_exported_savedmodel(tmp_path):
     _one_line_error(e, "TensorFlow SavedModel", "no", "Keras layers", ".keras model")
 
 
-def test_tf_keras_savedmodel(tmp_path):
+def test_tf_keras_savedmodel_goes_to_the_tf_keras_flavour(tmp_path):
     tf_keras = pytest.importorskip("tf_keras")
     model = tf_keras.Sequential([
         tf_keras.layers.Dense(3, input_shape=(4,)),
         tf_keras.layers.BatchNormalization(),
     ])
+    model.layers[1].moving_mean.assign([0.5, -1.0, 2.0])
     model.save(str(tmp_path / "k2"), save_format="tf")
     assert (tmp_path / "k2" / "keras_metadata.pb").exists()
-    with pytest.raises(ModelLoadError) as e:
-        model_io.load_model(tmp_path / "k2")
-    _one_line_error(e, "tf-keras", "SavedModel", "not supported yet")
+    loaded = model_io.load_model(tmp_path / "k2")
+    assert isinstance(loaded, tf_keras.Model)
+    x = np.random.default_rng(3).normal(size=(2, 4)).astype("float32")
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=0, atol=1e-6
+    )
 
 
 _CUSTOM_MODULE = textwrap.dedent("""

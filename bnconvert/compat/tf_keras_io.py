@@ -92,10 +92,17 @@ def load_model(path, *, custom_objects=None, safe_mode=True):
             with _safe_mode(safe_mode):
                 model = tf_keras.models.load_model(str(path), compile=False)
     except Exception as e:  # tf-keras raises many types for a bad file.
+        text = str(e)
+        if "Unknown layer" in text or "Could not locate" in text or "Unknown object" in text:
+            raise ModelLoadError(
+                f"{path} is a tf-keras model with a custom class tf-keras cannot "
+                f"find ({_first_line(e)}); pass the module that defines it with "
+                "--custom-objects MODULE (custom_objects= in Python)."
+            ) from e
         raise ModelLoadError(
-            f"Cannot load {path} as a tf-keras model: {type(e).__name__}: "
-            f"{_first_line(e)}. If it uses custom layers, pass their module with "
-            "--custom-objects MODULE (custom_objects= in Python)."
+            f"Cannot load {path} as a tf-keras model, it may be truncated or "
+            f"corrupt: {type(e).__name__}: {_first_line(e)}; re-save it with "
+            "tf-keras's model.save()."
         ) from e
     if not isinstance(model, tf_keras.Model):
         raise ModelLoadError(
