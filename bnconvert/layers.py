@@ -372,6 +372,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         gamma = self._param(self.gamma, compute_dtype)
         beta = self._param(self.beta, compute_dtype)
         ctx = sync_stats.replica_context()
+        populated = None
         if ctx is None:
             if weights is None:
                 mean, variance = tf.nn.moments(
@@ -390,11 +391,12 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             )
             mean, variance = moments.mean, moments.variance
             shifted, correction = x - moments.shift, moments.correction
+            populated = moments.count > 0
 
         gamma, beta = self._training_transform(
             tf.shape(inputs), mean, variance, gamma, beta
         )
-        self._update_moving_statistics(mean, variance)
+        self._update_moving_statistics(mean, variance, populated)
 
         multiplier = tf.math.rsqrt(variance + self.epsilon)
         if gamma is not None:
@@ -467,13 +469,23 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             d = tf.clip_by_value(d, -clipping["dmax"], clipping["dmax"])
         return tf.stop_gradient(r), tf.stop_gradient(d)
 
-    def _update_moving_statistics(self, mean, variance):
+    def _update_moving_statistics(self, mean, variance, populated=None):
+        """Blends the batch statistics into the moving ones.
+
+        `populated` (per channel, or `None` for all) is False where the
+        global batch held no value: a step in which every replica is empty
+        has no statistics, and must not pull the moving ones towards 0.
+        """
         mean = tf.reshape(mean, self.moving_mean.shape)
         variance = tf.reshape(variance, self.moving_variance.shape)
+        if populated is not None:
+            populated = tf.reshape(populated, self.moving_mean.shape)
 
         def blend(var, value, momentum):
             old = tf.cast(var, value.dtype)
             new = old * momentum + value * (1.0 - momentum)
+            if populated is not None:
+                new = tf.where(populated, new, old)
             var.assign(tf.cast(new, var.dtype))
             return new
 
@@ -487,9 +499,14 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         blend(self.moving_mean, mean, self.momentum)
         moving_stddev = blend(self.moving_stddev, stddev, self.momentum)
         # Clamped at zero: rounding can push stddev^2 - epsilon below it.
+        moving_variance = tf.nn.relu(moving_stddev * moving_stddev - self.epsilon)
+        if populated is not None:
+            moving_variance = tf.where(
+                populated, moving_variance,
+                tf.cast(self.moving_variance, moving_variance.dtype),
+            )
         self.moving_variance.assign(
-            tf.cast(tf.nn.relu(moving_stddev * moving_stddev - self.epsilon),
-                    self.moving_variance.dtype)
+            tf.cast(moving_variance, self.moving_variance.dtype)
         )
 
     def get_config(self):

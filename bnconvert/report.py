@@ -53,7 +53,10 @@ class ConversionReport:
             verification was off or impossible (see `verification_note`).
         max_abs_diff: Largest absolute difference between original and
             converted outputs, or `None` if not verified.
+        max_rel_diff: `max_abs_diff` divided by the largest absolute
+            original output.
         tolerance: The tolerance the difference was held to.
+        tolerance_kind: `"absolute"` or `"relative"` (when BN was folded).
         verification_note: Why verification did not run, or what was fed.
         rule_sources: The rule files in force.
     """
@@ -63,7 +66,9 @@ class ConversionReport:
     events: list = dataclasses.field(default_factory=list)
     verified: bool = False
     max_abs_diff: float | None = None
+    max_rel_diff: float | None = None
     tolerance: float | None = None
+    tolerance_kind: str = "absolute"
     verification_note: str = ""
     rule_sources: tuple = ()
 
@@ -108,7 +113,9 @@ class ConversionReport:
             "verification": {
                 "verified": self.verified,
                 "max_abs_diff": self.max_abs_diff,
+                "max_rel_diff": self.max_rel_diff,
                 "tolerance": self.tolerance,
+                "tolerance_kind": self.tolerance_kind,
                 "note": self.verification_note,
             },
             "rule_sources": list(self.rule_sources),
@@ -152,8 +159,9 @@ class ConversionReport:
         )
         if self.verified:
             lines.append(
-                f"verified: max |diff| = {self.max_abs_diff:.3g} "
-                f"(tolerance {self.tolerance:g})"
+                f"verified: max |diff| = {self.max_abs_diff:.3g}, "
+                f"relative {self.max_rel_diff:.3g} "
+                f"({self.tolerance_kind} tolerance {self.tolerance:g})"
             )
         elif self.verification_note:
             lines.append(f"not verified: {self.verification_note}")

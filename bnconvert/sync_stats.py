@@ -49,7 +49,7 @@ import collections
 import tensorflow as tf
 
 GlobalMoments = collections.namedtuple(
-    "GlobalMoments", ["shift", "correction", "mean", "variance"]
+    "GlobalMoments", ["shift", "correction", "mean", "variance", "count"]
 )
 
 
@@ -131,6 +131,8 @@ def global_moments(x, axes, ctx, mask=None):
         A `GlobalMoments` whose fields have `keepdims=True` shape. Normalize
         with `x - mean == (x - shift) + correction`, which never subtracts a
         rounded large mean; use `mean` and `variance` for moving statistics.
+        `count` is the number of values of the global batch per channel
+        (what an unbiased variance or an empty-batch check needs).
     """
     count, shift, mu, m2 = local_moments(x, axes, mask)
     stat_shape = tf.shape(shift)
@@ -169,4 +171,5 @@ def global_moments(x, axes, ctx, mask=None):
         correction=(shift - reference) - delta,
         mean=reference + delta,
         variance=tf.reshape(variance, stat_shape),
+        count=tf.reshape(total, stat_shape),
     )

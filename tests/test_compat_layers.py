@@ -307,7 +307,7 @@ def test_fused_false_mirrors_tf_keras_synchronized_bn(axis):
     )
     config = ours.get_config()
     assert config["fused"] is False
-    assert SyncBN.from_config(config)._fused_argument is False
+    assert SyncBN.from_config(config).get_config()["fused"] is False
 
 
 @pytest.mark.parametrize("shape,axis", [((4, 5), -1), ((4, 3, 3, 6), -1), ((4, 6, 2, 2), 1)])

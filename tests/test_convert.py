@@ -579,8 +579,7 @@ def test_input_layer_names_are_kept():
     x = keras.layers.BatchNormalization()(keras.layers.Conv2D(2, 3)(image))
     y = keras.layers.BatchNormalization()(keras.layers.Dense(2)(unnamed))
     model = keras.Model(
-        {"image": image, "extra": unnamed},
-        [keras.layers.GlobalAveragePooling2D()(x), y],
+        [image, unnamed], [keras.layers.GlobalAveragePooling2D()(x), y]
     )
     before = [l.name for l in model.layers if isinstance(l, keras.layers.InputLayer)]
     for to in ("sync", "inference"):
@@ -588,3 +587,20 @@ def test_input_layer_names_are_kept():
         after = [l.name for l in new.layers if isinstance(l, keras.layers.InputLayer)]
         assert sorted(after) == sorted(before)
         assert "image" in after
+
+
+def test_folding_is_held_to_a_relative_tolerance():
+    """Folding reorders float operations: its error scales with the outputs."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(16, 3, use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    model = keras.Model(inputs, x)
+    rng = np.random.default_rng(0)
+    bn = model.layers[-1]
+    bn.gamma.assign(rng.uniform(1e3, 2e3, 16))
+    bn.moving_variance.assign(rng.uniform(1e-4, 1e-3, 16))
+    new, report = bnconvert.convert_model(model, to="inference", return_report=True)
+    assert report.folded == 1 and report.tolerance_kind == "relative"
+    assert report.max_rel_diff <= 1e-5 < report.max_abs_diff
+    sync, report = bnconvert.convert_model(model, to="sync", return_report=True)
+    assert report.tolerance_kind == "absolute" and report.tolerance == 1e-6

@@ -406,3 +406,15 @@ def test_unknown_normalized_dimension_is_rejected():
     layer = bnconvert.SyncBatchNormalization(axis=1)
     with pytest.raises(ValueError, match="known size"):
         layer.build((None, None, 3))
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_empty_global_batch_leaves_moving_statistics_alone(renorm):
+    strategy = strategy_for(2)
+    layer = build_layer(strategy, (3,), renorm=renorm, momentum=0.5)
+    w = random_weights(layer, np.random.default_rng(1))
+    empty = [np.zeros((0, 3), "float32")] * 2
+    out = run_replicated(strategy, layer, empty, empty)
+    assert out["y"].shape == (0, 3)
+    for v in layer.weights:
+        np.testing.assert_array_equal(v.numpy(), w[v.path.split("/")[-1]].astype("float32"))
