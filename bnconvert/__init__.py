@@ -8,8 +8,8 @@ import os as _os
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# TensorFlow's native start-up lines bypass TF_CPP_MIN_LOG_LEVEL; see cli.
-from bnconvert.cli import native_stderr_silenced as _quiet  # noqa: E402
+# TensorFlow's native start-up lines bypass TF_CPP_MIN_LOG_LEVEL.
+from bnconvert.quiet import native_stderr_silenced as _quiet  # noqa: E402
 
 with _quiet():
     from bnconvert.layers import SyncBatchNormalization  # noqa: E402
@@ -24,12 +24,20 @@ compat.install_registration_hook()
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # The tf-keras flavour imports tf_keras (half a second): only on request.
+    if name == "TFKerasSyncBatchNormalization":
+        return compat.SyncBatchNormalization
+    raise AttributeError(f"module 'bnconvert' has no attribute {name!r}")
+
+
 __all__ = [
     "ConversionReport",
     "LayerEvent",
     "SyncBatchNormalization",
     "__version__",
-    "compat",
+    "TFKerasSyncBatchNormalization",
     "convert_model",
     "export_onnx",
     "inspect_model",

@@ -17,6 +17,7 @@ import time
 
 import click
 
+from bnconvert import quiet
 from bnconvert.errors import BnconvertError
 from bnconvert.errors import OutputError
 
@@ -51,35 +52,6 @@ def user_errors():
         ) from None
 
 
-@contextlib.contextmanager
-def native_stderr_silenced():
-    """Points file descriptor 2 at /dev/null for the duration.
-
-    TensorFlow's native start-up messages go straight to the file descriptor,
-    past Python's `sys.stderr`, and before absl logging is initialised they
-    ignore `TF_CPP_MIN_LOG_LEVEL`. Python exceptions still surface: the
-    descriptor is restored before they propagate. Does nothing when
-    `TF_CPP_MIN_LOG_LEVEL` is 0, i.e. when the user asked for the logs.
-    """
-    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
-        yield
-        return
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 2)
-    finally:
-        os.close(saved)
-
-
 _tensorflow_ready = False
 
 
@@ -90,7 +62,7 @@ def prepare_tensorflow():
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    with native_stderr_silenced():
+    with quiet.native_stderr_silenced():
         import tensorflow as tf
 
         # Device discovery (and its CUDA probe) logs on first use.

@@ -1,6 +1,5 @@
 """`SyncBatchNormalization`: batch normalization with cross-replica statistics."""
 
-import numbers
 import warnings
 
 import keras
@@ -10,86 +9,8 @@ from keras import initializers
 from keras import ops
 from keras import regularizers
 
+from bnconvert import layer_args
 from bnconvert import sync_stats
-
-_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
-
-
-def _check_unit_interval(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"Argument `{name}` must be a float in [0, 1]. Received: {name}={value!r}"
-        )
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(
-            f"Argument `{name}` must be in [0, 1]. Received: {name}={value!r}"
-        )
-    return float(value)
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(
-            f"Argument `{name}` must be True or False. Received: {name}={value!r}"
-        )
-    return value
-
-
-def _check_axis(axis):
-    if isinstance(axis, bool):
-        raise ValueError(
-            "Argument `axis` must be an integer or a list of integers. "
-            f"Received: axis={axis!r}"
-        )
-    if isinstance(axis, numbers.Integral):
-        return int(axis)
-    if isinstance(axis, (list, tuple)) and axis and all(
-        isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis
-    ):
-        return [int(a) for a in axis]
-    raise ValueError(
-        "Argument `axis` must be an integer or a non-empty list of integers. "
-        f"Received: axis={axis!r}"
-    )
-
-
-def _check_renorm_clipping(renorm_clipping):
-    if renorm_clipping is None:
-        return None
-    if not isinstance(renorm_clipping, dict):
-        raise ValueError(
-            "Argument `renorm_clipping` must be a dict with keys among "
-            f"{list(_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
-        )
-    unknown = sorted(set(renorm_clipping) - set(_CLIPPING_KEYS))
-    if unknown:
-        raise ValueError(
-            f"Unknown key(s) {unknown} in `renorm_clipping`; supported keys are "
-            f"{list(_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
-        )
-    clipping = {}
-    for key, value in renorm_clipping.items():
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(
-                f"`renorm_clipping['{key}']` must be a number. "
-                f"Received: renorm_clipping={renorm_clipping!r}"
-            )
-        clipping[key] = float(value)
-    rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
-    if rmin is not None and rmax is not None and rmax < rmin:
-        raise ValueError(
-            "`renorm_clipping['rmax']` must be >= `renorm_clipping['rmin']`. "
-            f"Received: renorm_clipping={renorm_clipping!r}"
-        )
-    if clipping.get("dmax", 0.0) < 0:
-        raise ValueError(
-            "`renorm_clipping['dmax']` must be non-negative. "
-            f"Received: renorm_clipping={renorm_clipping!r}"
-        )
-    return clipping
-
 
 @keras.saving.register_keras_serializable(package="bnconvert")
 class SyncBatchNormalization(keras.layers.BatchNormalization):
@@ -219,27 +140,15 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         axes = kwargs.pop("axes", None)
         if axes is not None:
             axis = axes
-        axis = _check_axis(axis)
-        momentum = _check_unit_interval("momentum", momentum)
-        renorm_momentum = _check_unit_interval("renorm_momentum", renorm_momentum)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-            raise ValueError(
-                f"Argument `epsilon` must be a positive float. Received: epsilon={epsilon!r}"
-            )
-        if not epsilon > 0:
-            raise ValueError(
-                f"Argument `epsilon` must be positive. Received: epsilon={epsilon!r}"
-            )
-        center = _check_bool("center", center)
-        scale = _check_bool("scale", scale)
-        renorm = _check_bool("renorm", renorm)
-        trainable = _check_bool("trainable", trainable)
-        renorm_clipping = _check_renorm_clipping(renorm_clipping)
-        if adjustment is not None and not callable(adjustment):
-            raise ValueError(
-                "Argument `adjustment` must be a callable or None. "
-                f"Received: adjustment={adjustment!r}"
-            )
+        checked = layer_args.check_constructor_args(
+            axis=axis, momentum=momentum, epsilon=epsilon, center=center,
+            scale=scale, renorm=renorm, renorm_clipping=renorm_clipping,
+            renorm_momentum=renorm_momentum, trainable=trainable,
+            adjustment=adjustment,
+        )
+        axis, momentum, epsilon = checked["axis"], checked["momentum"], checked["epsilon"]
+        renorm_momentum = checked["renorm_momentum"]
+        renorm_clipping = checked["renorm_clipping"]
         super().__init__(
             axis=-1,
             momentum=momentum,

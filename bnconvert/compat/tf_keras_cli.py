@@ -14,6 +14,7 @@ import json
 import click
 
 from bnconvert import cli
+from bnconvert import quiet
 from bnconvert.compat import tf_keras_io
 from bnconvert.errors import OutputError
 
@@ -66,7 +67,7 @@ def to_sync(model, output, rules, custom_objects, dry_run, report_path, force, u
         report.source = str(model)
         if out is not None:
             with progress.step(f"saving {out}"):
-                with cli.native_stderr_silenced():
+                with quiet.native_stderr_silenced():
                     tf_keras_io.save_model(
                         converted, out, fmt, force=force, inputs=(model,)
                     )
@@ -132,7 +133,7 @@ def to_inference(model, output, keras_out, no_fold, opset, no_check, tolerance,
             )
         if keras_out:
             with progress.step(f"saving {keras_out}"):
-                with cli.native_stderr_silenced():
+                with quiet.native_stderr_silenced():
                     tf_keras_io.save_model(
                         converted, keras_out, keras_fmt, force=force, inputs=protected
                     )

@@ -30,16 +30,12 @@ positions) of the global batch, not of one replica. (Keras 3, including
 `bnconvert.SyncBatchNormalization`, always uses the biased variance.)
 """
 
-import numbers
 
 import tensorflow as tf
 import tf_keras
 
+from bnconvert import layer_args
 from bnconvert import sync_stats
-from bnconvert.layers import _check_axis
-from bnconvert.layers import _check_bool
-from bnconvert.layers import _check_renorm_clipping
-from bnconvert.layers import _check_unit_interval
 
 _FUSED_DATA_FORMATS = {
     (4, 1): "NCHW",
@@ -188,35 +184,22 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
                 "does not support ghost batches; remove `virtual_batch_size`. "
                 f"Received: virtual_batch_size={virtual_batch_size!r}"
             )
-        axis = _check_axis(axis)
-        momentum = _check_unit_interval("momentum", momentum)
-        renorm_momentum = _check_unit_interval("renorm_momentum", renorm_momentum)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-            raise ValueError(
-                "Argument `epsilon` must be a positive float. "
-                f"Received: epsilon={epsilon!r}"
-            )
-        if not epsilon > 0:
-            raise ValueError(
-                f"Argument `epsilon` must be positive. Received: epsilon={epsilon!r}"
-            )
-        center = _check_bool("center", center)
-        scale = _check_bool("scale", scale)
-        renorm = _check_bool("renorm", renorm)
-        trainable = _check_bool("trainable", trainable)
-        renorm_clipping = _check_renorm_clipping(renorm_clipping)
-        if adjustment is not None and not callable(adjustment):
-            raise ValueError(
-                "Argument `adjustment` must be a callable or None. "
-                f"Received: adjustment={adjustment!r}"
-            )
+        checked = layer_args.check_constructor_args(
+            axis=axis, momentum=momentum, epsilon=epsilon, center=center,
+            scale=scale, renorm=renorm, renorm_clipping=renorm_clipping,
+            renorm_momentum=renorm_momentum, trainable=trainable,
+            adjustment=adjustment,
+        )
+        axis, momentum, epsilon = checked["axis"], checked["momentum"], checked["epsilon"]
+        renorm_momentum = checked["renorm_momentum"]
+        renorm_clipping = checked["renorm_clipping"]
         # `synchronized=False`: tf-keras would otherwise turn off its fused
         # path, and `self.fused` must keep saying whether tf-keras BN with
         # these arguments takes it (it decides the moving-variance convention).
         super().__init__(
             axis=axis,
             momentum=momentum,
-            epsilon=float(epsilon),
+            epsilon=epsilon,
             center=center,
             scale=scale,
             beta_initializer=beta_initializer,

@@ -1,0 +1,125 @@
+"""Validation of the constructor arguments both SyncBatchNormalization flavours share.
+
+Each check raises `ValueError` with one line: what is wrong, then
+`Received: name=value`, as Keras does.
+"""
+
+import numbers
+
+CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def check_unit_interval(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"Argument `{name}` must be a float in [0, 1]. Received: {name}={value!r}"
+        )
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(
+            f"Argument `{name}` must be in [0, 1]. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"Argument `{name}` must be True or False. Received: {name}={value!r}"
+        )
+    return value
+
+
+def check_axis(axis):
+    if isinstance(axis, bool):
+        raise ValueError(
+            "Argument `axis` must be an integer or a list of integers. "
+            f"Received: axis={axis!r}"
+        )
+    if isinstance(axis, numbers.Integral):
+        return int(axis)
+    if isinstance(axis, (list, tuple)) and axis and all(
+        isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis
+    ):
+        return [int(a) for a in axis]
+    raise ValueError(
+        "Argument `axis` must be an integer or a non-empty list of integers. "
+        f"Received: axis={axis!r}"
+    )
+
+
+def check_renorm_clipping(renorm_clipping):
+    if renorm_clipping is None:
+        return None
+    if not isinstance(renorm_clipping, dict):
+        raise ValueError(
+            "Argument `renorm_clipping` must be a dict with keys among "
+            f"{list(CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
+        )
+    unknown = sorted(set(renorm_clipping) - set(CLIPPING_KEYS))
+    if unknown:
+        raise ValueError(
+            f"Unknown key(s) {unknown} in `renorm_clipping`; supported keys are "
+            f"{list(CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
+        )
+    clipping = {}
+    for key, value in renorm_clipping.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(
+                f"`renorm_clipping['{key}']` must be a number. "
+                f"Received: renorm_clipping={renorm_clipping!r}"
+            )
+        clipping[key] = float(value)
+    rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
+    if rmin is not None and rmax is not None and rmax < rmin:
+        raise ValueError(
+            "`renorm_clipping['rmax']` must be >= `renorm_clipping['rmin']`. "
+            f"Received: renorm_clipping={renorm_clipping!r}"
+        )
+    if clipping.get("dmax", 0.0) < 0:
+        raise ValueError(
+            "`renorm_clipping['dmax']` must be non-negative. "
+            f"Received: renorm_clipping={renorm_clipping!r}"
+        )
+    return clipping
+
+
+def check_epsilon(epsilon):
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise ValueError(
+            f"Argument `epsilon` must be a positive float. Received: epsilon={epsilon!r}"
+        )
+    if not epsilon > 0:
+        raise ValueError(
+            f"Argument `epsilon` must be positive. Received: epsilon={epsilon!r}"
+        )
+    return float(epsilon)
+
+
+def check_adjustment(adjustment):
+    if adjustment is not None and not callable(adjustment):
+        raise ValueError(
+            "Argument `adjustment` must be a callable or None. "
+            f"Received: adjustment={adjustment!r}"
+        )
+    return adjustment
+
+
+def check_constructor_args(
+    *, axis, momentum, epsilon, center, scale, renorm, renorm_clipping,
+    renorm_momentum, trainable, adjustment,
+):
+    """Checks the shared arguments; returns them normalized, by name."""
+    return {
+        "axis": check_axis(axis),
+        "momentum": check_unit_interval("momentum", momentum),
+        "renorm_momentum": check_unit_interval("renorm_momentum", renorm_momentum),
+        "epsilon": check_epsilon(epsilon),
+        "center": check_bool("center", center),
+        "scale": check_bool("scale", scale),
+        "renorm": check_bool("renorm", renorm),
+        "trainable": check_bool("trainable", trainable),
+        "renorm_clipping": check_renorm_clipping(renorm_clipping),
+        "adjustment": check_adjustment(adjustment),
+    }
