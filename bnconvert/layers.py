@@ -9,6 +9,7 @@ from keras import initializers
 from keras import ops
 from keras import regularizers
 
+from bnconvert import bn_math
 from bnconvert import layer_args
 from bnconvert import sync_stats
 
@@ -278,42 +279,27 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             while weights.shape.rank < x.shape.rank:
                 weights = weights[..., tf.newaxis]
 
+        if weights is None and sync_stats.replica_context() is None:
+            # Nothing to synchronize: Keras BN's own computation, so that
+            # training matches it closely and costs the same.
+            mean, variance = tf.nn.moments(x, self._reduction_axes, keepdims=True)
+            moments = sync_stats.GlobalMoments(
+                shift=None, correction=-mean, mean=mean, variance=variance, count=None
+            )
+        else:
+            moments = bn_math.batch_moments(x, self._reduction_axes, weights)
+
         gamma = self._param(self.gamma, compute_dtype)
         beta = self._param(self.beta, compute_dtype)
-        ctx = sync_stats.replica_context()
-        populated = None
-        if ctx is None:
-            if weights is None:
-                mean, variance = tf.nn.moments(
-                    x, self._reduction_axes, keepdims=True
-                )
-            else:
-                count, shift, mu, m2 = sync_stats.local_moments(
-                    x, self._reduction_axes, weights
-                )
-                mean = shift + mu
-                variance = tf.math.divide_no_nan(m2, count)
-            shifted, correction = x, -mean
-        else:
-            moments = sync_stats.global_moments(
-                x, self._reduction_axes, ctx, weights
-            )
-            mean, variance = moments.mean, moments.variance
-            shifted, correction = x - moments.shift, moments.correction
-            populated = moments.count > 0
-
         gamma, beta = self._training_transform(
-            tf.shape(inputs), mean, variance, gamma, beta
+            tf.shape(inputs), moments.mean, moments.variance, gamma, beta
         )
-        self._update_moving_statistics(mean, variance, populated)
-
-        multiplier = tf.math.rsqrt(variance + self.epsilon)
-        if gamma is not None:
-            multiplier = multiplier * gamma
-        offset = correction * multiplier
-        if beta is not None:
-            offset = offset + beta
-        outputs = shifted * multiplier + offset
+        self._update_moving_statistics(
+            moments.mean,
+            moments.variance,
+            None if moments.count is None else moments.count > 0,
+        )
+        outputs = bn_math.normalize(x, moments, gamma, beta, self.epsilon)
         return tf.cast(outputs, self.compute_dtype)
 
     def _inference(self, x):
@@ -342,41 +328,19 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         """
         if self.adjustment is not None:
             adj_scale, adj_bias = self.adjustment(input_shape)
-            adj_scale = tf.cast(adj_scale, mean.dtype)
-            adj_bias = tf.cast(adj_bias, mean.dtype)
-            gamma, beta = self._compose(adj_scale, adj_bias, gamma, beta)
+            gamma, beta = bn_math.compose(
+                tf.cast(adj_scale, mean.dtype), tf.cast(adj_bias, mean.dtype),
+                gamma, beta,
+            )
         if self.renorm:
-            r, d = self._renorm_correction(mean, variance)
-            gamma, beta = self._compose(r, d, gamma, beta)
+            r, d = bn_math.renorm_correction(
+                mean, variance,
+                self._param(self.renorm_mean, mean.dtype),
+                self._param(self.renorm_stddev, mean.dtype),
+                self.epsilon, self.renorm_clipping,
+            )
+            gamma, beta = bn_math.compose(r, d, gamma, beta)
         return gamma, beta
-
-    @staticmethod
-    def _compose(scale, bias, gamma, beta):
-        """Returns (gamma', beta') with `(v*scale + bias)*gamma + beta == v*gamma' + beta'`."""
-        if gamma is not None:
-            scale, bias = scale * gamma, bias * gamma
-        if beta is not None:
-            bias = bias + beta
-        return scale, bias
-
-    def _renorm_correction(self, mean, variance):
-        stddev = tf.sqrt(variance + self.epsilon)
-        renorm_mean = self._param(self.renorm_mean, mean.dtype)
-        # Guards the division early in training, when renorm_stddev may be ~0.
-        renorm_stddev = tf.maximum(
-            self._param(self.renorm_stddev, mean.dtype),
-            tf.sqrt(tf.cast(self.epsilon, mean.dtype)),
-        )
-        r = stddev / renorm_stddev
-        d = (mean - renorm_mean) / renorm_stddev
-        clipping = self.renorm_clipping or {}
-        if "rmin" in clipping:
-            r = tf.maximum(r, clipping["rmin"])
-        if "rmax" in clipping:
-            r = tf.minimum(r, clipping["rmax"])
-        if "dmax" in clipping:
-            d = tf.clip_by_value(d, -clipping["dmax"], clipping["dmax"])
-        return tf.stop_gradient(r), tf.stop_gradient(d)
 
     def _update_moving_statistics(self, mean, variance, populated=None):
         """Blends the batch statistics into the moving ones.

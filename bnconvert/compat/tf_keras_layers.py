@@ -34,8 +34,8 @@ positions) of the global batch, not of one replica. (Keras 3, including
 import tensorflow as tf
 import tf_keras
 
+from bnconvert import bn_math
 from bnconvert import layer_args
-from bnconvert import sync_stats
 
 _FUSED_DATA_FORMATS = {
     (4, 1): "NCHW",
@@ -302,63 +302,25 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             while weights.shape.rank < x.shape.rank:
                 weights = weights[..., tf.newaxis]
 
-        ctx = sync_stats.replica_context()
-        if ctx is None:
-            count, shift, mu, m2 = sync_stats.local_moments(
-                x, self._reduction_axes, weights
-            )
-            mean = shift + mu
-            variance = tf.math.divide_no_nan(m2, count)
-            correction = -mu
-        else:
-            moments = sync_stats.global_moments(
-                x, self._reduction_axes, ctx, weights
-            )
-            count, shift = moments.count, moments.shift
-            mean, variance = moments.mean, moments.variance
-            correction = moments.correction
-        # `x - mean` as `(x - shift) + correction`: the shift is an exact
-        # sample of the data, so a large mean is never rounded into it.
-        shifted = x - shift
-
+        moments = bn_math.batch_moments(x, self._reduction_axes, weights)
+        mean, variance = moments.mean, moments.variance
         gamma, beta = self._param(self.gamma, dtype), self._param(self.beta, dtype)
         if self.adjustment is not None:
             adj_scale, adj_bias = self.adjustment(tf.shape(inputs))
-            gamma, beta = _compose(
+            gamma, beta = bn_math.compose(
                 tf.cast(adj_scale, dtype), tf.cast(adj_bias, dtype), gamma, beta
             )
         if self.renorm:
-            r, d = self._renorm_correction(mean, variance)
-            gamma, beta = _compose(r, d, gamma, beta)
-        self._update_moving_statistics(mean, variance, count)
-
-        multiplier = tf.math.rsqrt(variance + self.epsilon)
-        if gamma is not None:
-            multiplier = multiplier * gamma
-        offset = correction * multiplier
-        if beta is not None:
-            offset = offset + beta
-        outputs = shifted * multiplier + offset
+            r, d = bn_math.renorm_correction(
+                mean, variance,
+                self._param(self.renorm_mean, dtype),
+                self._param(self.renorm_stddev, dtype),
+                self.epsilon, self.renorm_clipping,
+            )
+            gamma, beta = bn_math.compose(r, d, gamma, beta)
+        self._update_moving_statistics(mean, variance, moments.count)
+        outputs = bn_math.normalize(x, moments, gamma, beta, self.epsilon)
         return tf.cast(outputs, inputs.dtype)
-
-    def _renorm_correction(self, mean, variance):
-        stddev = tf.sqrt(variance + self.epsilon)
-        renorm_mean = self._param(self.renorm_mean, mean.dtype)
-        # Guards the division early in training, as tf-keras does.
-        renorm_stddev = tf.maximum(
-            self._param(self.renorm_stddev, mean.dtype),
-            tf.sqrt(tf.cast(self.epsilon, mean.dtype)),
-        )
-        r = stddev / renorm_stddev
-        d = (mean - renorm_mean) / renorm_stddev
-        clipping = self.renorm_clipping or {}
-        if clipping.get("rmin") is not None:
-            r = tf.maximum(r, clipping["rmin"])
-        if clipping.get("rmax") is not None:
-            r = tf.minimum(r, clipping["rmax"])
-        if clipping.get("dmax") is not None:
-            d = tf.clip_by_value(d, -clipping["dmax"], clipping["dmax"])
-        return tf.stop_gradient(r), tf.stop_gradient(d)
 
     def _update_moving_statistics(self, mean, variance, count):
         shape = self.moving_mean.shape
@@ -405,11 +367,3 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             config["fused"] = self._fused_argument
         return config
 
-
-def _compose(scale, bias, gamma, beta):
-    """`(gamma', beta')` with `(v * scale + bias) * gamma + beta == v * gamma' + beta'`."""
-    if gamma is not None:
-        scale, bias = scale * gamma, bias * gamma
-    if beta is not None:
-        bias = bias + beta
-    return scale, bias

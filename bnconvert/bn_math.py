@@ -1,0 +1,95 @@
+"""Training-mode batch-normalization arithmetic shared by both layer flavours.
+
+The Keras 3 layer (`bnconvert.layers`) and the tf-keras one
+(`bnconvert.compat.tf_keras_layers`) differ in how they build weights,
+serialize and update moving statistics; what a training step computes is the
+same, and lives here, in plain TensorFlow:
+
+    x_hat = (x - mean) / sqrt(var + epsilon)
+    y     = ((x_hat * r + d) * adj_scale + adj_bias) * gamma + beta
+
+with `(r, d)` the batch-renorm correction and `(adj_scale, adj_bias)` the
+optional adjustment. Both are folded into one scale and offset per channel,
+and `x - mean` is formed as `(x - shift) + correction` (see
+`bnconvert.sync_stats`), so that a large channel mean is never rounded.
+"""
+
+import tensorflow as tf
+
+from bnconvert import sync_stats
+
+
+def batch_moments(x, reduction_axes, weights=None):
+    """Moments of the global batch (or of the local one without replicas).
+
+    Args:
+        x: float32/float64 tensor.
+        reduction_axes: the non-channel axes (non-negative ints).
+        weights: optional 0/1 mask broadcastable to `x`.
+
+    Returns:
+        A `sync_stats.GlobalMoments` with `keepdims=True` fields.
+    """
+    ctx = sync_stats.replica_context()
+    if ctx is not None:
+        return sync_stats.global_moments(x, reduction_axes, ctx, weights)
+    count, shift, mu, m2 = sync_stats.local_moments(x, reduction_axes, weights)
+    return sync_stats.GlobalMoments(
+        shift=shift,
+        correction=-mu,
+        mean=shift + mu,
+        variance=tf.math.divide_no_nan(m2, count),
+        count=count,
+    )
+
+
+def compose(scale, bias, gamma, beta):
+    """`(gamma', beta')` with `(v * scale + bias) * gamma + beta == v * gamma' + beta'`.
+
+    `gamma` or `beta` may be `None` (the layer has no scale or center).
+    """
+    if gamma is not None:
+        scale, bias = scale * gamma, bias * gamma
+    if beta is not None:
+        bias = bias + beta
+    return scale, bias
+
+
+def renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, clipping):
+    """The batch-renorm correction `(r, d)`, clipped, without gradient.
+
+    Args:
+        mean, variance: batch moments.
+        renorm_mean, renorm_stddev: the renorm moving statistics, in the
+            broadcast shape of `mean`.
+        epsilon: the layer's epsilon.
+        clipping: dict with optional `rmin`, `rmax`, `dmax`.
+    """
+    stddev = tf.sqrt(variance + epsilon)
+    # Guards the division early in training, when renorm_stddev may be ~0.
+    renorm_stddev = tf.maximum(renorm_stddev, tf.sqrt(tf.cast(epsilon, mean.dtype)))
+    r = stddev / renorm_stddev
+    d = (mean - renorm_mean) / renorm_stddev
+    clipping = clipping or {}
+    if clipping.get("rmin") is not None:
+        r = tf.maximum(r, clipping["rmin"])
+    if clipping.get("rmax") is not None:
+        r = tf.minimum(r, clipping["rmax"])
+    if clipping.get("dmax") is not None:
+        d = tf.clip_by_value(d, -clipping["dmax"], clipping["dmax"])
+    return tf.stop_gradient(r), tf.stop_gradient(d)
+
+
+def normalize(x, moments, gamma, beta, epsilon):
+    """`gamma * (x - mean) / sqrt(var + epsilon) + beta` from `moments`.
+
+    `moments.shift` may be `None` (then `correction` is `-mean`).
+    """
+    multiplier = tf.math.rsqrt(moments.variance + epsilon)
+    if gamma is not None:
+        multiplier = multiplier * gamma
+    offset = moments.correction * multiplier
+    if beta is not None:
+        offset = offset + beta
+    shifted = x if moments.shift is None else x - moments.shift
+    return shifted * multiplier + offset
