@@ -11,6 +11,7 @@ options and `load_input`) are meant for every command of the group.
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -139,11 +140,34 @@ def force_option(f):
     )(f)
 
 
-def load_input(model_path, *, custom_objects, unsafe, progress):
-    """Imports custom objects and loads the input model, with progress.
+def load_input(model_path, *, custom_objects, unsafe, progress, rules=()):
+    """Imports custom objects, checks the rule files and loads the model.
+
+    The rule files are read before the model, which can take long to load,
+    so that a mistake in one is reported at once.
 
     Returns:
         `(model, custom_objects_dict_or_None)`.
+    """
+    from bnconvert import model_io
+
+    objects = import_objects_and_check_rules(custom_objects, rules, progress)
+    with progress.step(f"loading {model_path}"):
+        model = model_io.load_model(
+            model_path, custom_objects=objects, safe_mode=not unsafe
+        )
+    return model, objects
+
+
+def import_objects_and_check_rules(custom_objects, rules, progress):
+    """Imports the --custom-objects modules, then loads the --rules files.
+
+    Returns:
+        The custom objects dict, or `None` without --custom-objects.
+
+    Raises:
+        ModelLoadError: a module cannot be imported.
+        RuleError: a rule file is wrong.
     """
     from bnconvert import model_io
 
@@ -151,11 +175,56 @@ def load_input(model_path, *, custom_objects, unsafe, progress):
     if custom_objects:
         with progress.step("importing custom objects"):
             objects = model_io.import_custom_objects(custom_objects)
-    with progress.step(f"loading {model_path}"):
-        model = model_io.load_model(
-            model_path, custom_objects=objects, safe_mode=not unsafe
+    if rules:
+        from bnconvert import rules as rules_lib
+
+        rules_lib.load_rules(list(rules), custom_objects=objects)
+    return objects
+
+
+def check_distinct_outputs(*named):
+    """Refuses two output options that name the same path.
+
+    Args:
+        *named: `(option, path)` pairs, such as `("--report", "r.json")`;
+            pairs whose path is `None` are ignored.
+
+    Raises:
+        OutputError: two of the paths are the same file.
+    """
+    from bnconvert import model_io
+
+    given = [(option, path) for option, path in named if path is not None]
+    for i, (option_a, a) in enumerate(given):
+        for option_b, b in given[i + 1:]:
+            if model_io.same_file(a, b):
+                raise OutputError(
+                    f"{option_a} and {option_b} both name {b}; give each output "
+                    f"its own path. Received: {option_a}={str(a)!r}"
+                )
+
+
+def check_file_output(path, option):
+    """Refuses an existing directory where an output file is expected.
+
+    `model_io.check_output_path` refuses it too, but suggests a `.keras`
+    name; this names the option and what it writes.
+
+    Raises:
+        OutputError: `path` is a directory.
+    """
+    if path is not None and os.path.isdir(path):
+        raise OutputError(
+            f"Output {path} is a directory, but {option} writes a file; give a "
+            f"file path. Received: {option}={str(path)!r}"
         )
-    return model, objects
+
+
+def _tolerance(ctx, param, value):
+    # Not click.FloatRange: it lets NaN through (every comparison is False).
+    if value is None or (math.isfinite(value) and value >= 0):
+        return value
+    raise click.BadParameter(f"must be a finite number >= 0, not {value}.")
 
 
 def _rules_arg(rules):
@@ -171,8 +240,10 @@ def main():
 @main.command("to-sync")
 @click.argument("model", type=click.Path())
 @click.option(
-    "-o", "--output", type=click.Path(dir_okay=False), default=None,
-    help="Output .keras file. Default: NAME.sync.keras beside the input.",
+    # Not dir_okay=False: a tf-keras SavedModel output is a directory.
+    "-o", "--output", type=click.Path(), default=None,
+    help="Output .keras file (for a tf-keras model: a SavedModel directory, or "
+    "an .h5 file). Default: NAME.sync.keras beside the input.",
 )
 @rules_option
 @custom_objects_option
@@ -210,16 +281,13 @@ def to_sync(model, output, rules, custom_objects, dry_run, report_path, force, u
         out = None
         if not dry_run:
             out = output or model_io.default_output_path(model, ".sync.keras")
+            check_file_output(out, "--output")
             model_io.check_output_path(
                 out, force=force, inputs=(model, model_file),
                 suffixes=(".keras",),
             )
+        check_distinct_outputs(("--output", out), ("--report", report_path))
         if report_path:
-            if out is not None and model_io.same_file(report_path, out):
-                raise OutputError(
-                    f"--report {report_path} names the model output too; give "
-                    "the report its own file, such as report.json."
-                )
             model_io.check_output_path(
                 report_path, force=force, inputs=(model, model_file)
             )
@@ -228,7 +296,8 @@ def to_sync(model, output, rules, custom_objects, dry_run, report_path, force, u
         with progress.step("starting TensorFlow"):
             prepare_tensorflow()
         keras_model, objects = load_input(
-            model, custom_objects=custom_objects, unsafe=unsafe, progress=progress
+            model, custom_objects=custom_objects, unsafe=unsafe, progress=progress,
+            rules=rules,
         )
 
         from bnconvert.convert import convert_model
@@ -259,31 +328,55 @@ def to_sync(model, output, rules, custom_objects, dry_run, report_path, force, u
         click.echo(f"Wrote report {report_path}")
 
 
-def _sublayers(layer):
+def _keras3_sublayers(layer):
     # Keras keeps every layer's direct sublayers in `_layers` (Functional and
     # Sequential models, subclassed models and custom layers alike); the
     # converter walks the same attribute, so paths agree.
     return [c for c in getattr(layer, "_layers", []) if hasattr(c, "weights")]
 
 
+def _flavour(model):
+    """What the walk needs to know about `model`'s Keras.
+
+    Returns:
+        `(normalization classes, input layer class, sublayers function)`, for
+        Keras 3 or, for a tf-keras model, tf-keras (whose converter's walk
+        gives the sublayers, so paths agree with its report).
+    """
+    from bnconvert import compat
+
+    if compat.handles(model):
+        import tf_keras
+
+        from bnconvert.compat import tf_keras_convert
+
+        layers = tf_keras.layers
+        kinds = (
+            layers.BatchNormalization,
+            layers.experimental.SyncBatchNormalization,  # not a BatchNormalization
+            layers.LayerNormalization,
+            layers.GroupNormalization,
+        )
+        return kinds, layers.InputLayer, tf_keras_convert.sublayers
+    import keras
+
+    layers = keras.layers
+    kinds = (layers.BatchNormalization, layers.LayerNormalization, layers.GroupNormalization)
+    return kinds, layers.InputLayer, _keras3_sublayers
+
+
 def _normalization_layers(model):
     """Yields `(path, layer)` for every normalization layer, nested included.
 
-    Paths are layer names from the model itself down, joined by `/`, as in
-    the conversion report.
+    Works for Keras 3 and tf-keras models alike. Paths are layer names from
+    the model itself down, joined by `/`, as in the conversion report.
     """
-    import keras
-
-    kinds = (
-        keras.layers.BatchNormalization,
-        keras.layers.LayerNormalization,
-        keras.layers.GroupNormalization,
-    )
+    kinds, input_layer, sublayers = _flavour(model)
     seen = set()
 
     def walk(layer, path):
-        for child in _sublayers(layer):
-            if id(child) in seen or isinstance(child, keras.layers.InputLayer):
+        for child in sublayers(layer):
+            if id(child) in seen or isinstance(child, input_layer):
                 continue
             seen.add(id(child))
             here = f"{path}/{child.name}"
@@ -295,10 +388,21 @@ def _normalization_layers(model):
 
 
 def _layer_settings(layer):
+    # tf-keras leaves `synchronized` (and `renorm` when off) out of
+    # get_config(), and both Sync layers drop `synchronized`; the layer's
+    # attribute of the same name says it then.
     config = layer.get_config()
-    settings = {k: config[k] for k in _NORMALIZATION_SETTINGS if k in config}
+    settings = {}
+    for key in _NORMALIZATION_SETTINGS:
+        value = config.get(key, getattr(layer, key, None))
+        if value is not None:
+            settings[key] = value
+    axis = settings.get("axis")
+    if axis is not None and not isinstance(axis, int):
+        # tf-keras keeps a built layer's axes in a tracking ListWrapper.
+        settings["axis"] = [int(a) for a in axis]
     settings["trainable"] = bool(layer.trainable)
-    if "synchronized" not in settings and type(layer).__name__.startswith("Sync"):
+    if type(layer).__name__.startswith("Sync"):
         settings["synchronized"] = True
     return settings
 
@@ -430,7 +534,8 @@ def inspect_command(model, rules, custom_objects, target, unsafe, as_json):
         with progress.step("starting TensorFlow"):
             prepare_tensorflow()
         keras_model, objects = load_input(
-            model, custom_objects=custom_objects, unsafe=unsafe, progress=progress
+            model, custom_objects=custom_objects, unsafe=unsafe, progress=progress,
+            rules=rules,
         )
 
         from bnconvert.convert import inspect_model
@@ -462,12 +567,14 @@ def inspect_command(model, rules, custom_objects, target, unsafe, as_json):
 @main.command("to-inference")
 @click.argument("model", type=click.Path())
 @click.option(
-    "-o", "--output", type=click.Path(dir_okay=False), default=None,
+    "-o", "--output", type=click.Path(), default=None,
     help="Output .onnx file. Default: NAME.onnx beside the input.",
 )
 @click.option(
-    "--keras-out", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-    help="Also save the unsynced (and folded) Keras model to FILE (.keras).",
+    # Not dir_okay=False: a tf-keras model is saved as a SavedModel directory.
+    "--keras-out", type=click.Path(), default=None, metavar="PATH",
+    help="Also save the unsynced (and folded) Keras model to PATH: a .keras "
+    "file (a SavedModel directory or .h5 file for tf-keras models).",
 )
 @click.option("--no-fold", is_flag=True, help="Keep every BatchNormalization layer.")
 @click.option(
@@ -478,7 +585,7 @@ def inspect_command(model, rules, custom_objects, target, unsafe, as_json):
     "--no-check", is_flag=True, help="Do not run the ONNX model in onnxruntime."
 )
 @click.option(
-    "--tolerance", type=float, default=1e-4, show_default=True,
+    "--tolerance", type=float, default=1e-4, show_default=True, callback=_tolerance,
     help="Largest accepted onnxruntime-vs-Keras difference, relative to the "
     "largest output magnitude.",
 )
@@ -515,8 +622,13 @@ def to_inference(model, output, keras_out, no_fold, opset, no_check, tolerance,
         model_file = model_io.resolve_model_file(model)
         out = output or model_io.default_output_path(model, ".onnx")
         protected = (model, model_file)
+        check_file_output(out, "--output")
         model_io.check_output_path(out, force=force, inputs=protected, suffixes=(".onnx",))
+        check_distinct_outputs(
+            ("--output", out), ("--keras-out", keras_out), ("--report", report_path)
+        )
         if keras_out:
+            check_file_output(keras_out, "--keras-out")
             model_io.check_output_path(
                 keras_out, force=force, inputs=protected + (out,), suffixes=(".keras",)
             )
@@ -537,7 +649,8 @@ def to_inference(model, output, keras_out, no_fold, opset, no_check, tolerance,
                 f"from {allowed.start} to {allowed.stop - 1}. Received: --opset={opset}"
             )
         keras_model, objects = load_input(
-            model, custom_objects=custom_objects, unsafe=unsafe, progress=progress
+            model, custom_objects=custom_objects, unsafe=unsafe, progress=progress,
+            rules=rules,
         )
 
         from bnconvert.convert import convert_model

@@ -15,13 +15,16 @@ it, and rules from later files take precedence when several match a layer.
 Class names are resolved without importing anything: through the user's
 `custom_objects`, Keras's registered objects (`"bnconvert>SyncBatchNormalization"`),
 an attribute path under the `keras` package (`"keras.layers.BatchNormalization"`),
-or a bare name of a class in `keras.layers` (`"Conv2D"`).
+or a bare name of a class in `keras.layers` (`"Conv2D"`). A name under
+`tf_keras` (`"tf_keras.layers.experimental.SyncBatchNormalization"`) names a
+tf-keras class; tf-keras is imported only when such a name appears.
 """
 
 import dataclasses
 import importlib.resources
 import os
 import pathlib
+import sys
 import tomllib
 from types import MappingProxyType
 
@@ -256,12 +259,17 @@ def resolve_class(name, custom_objects=None):
     Args:
         name: `"package>Class"` (a registered Keras object), a name in
             `custom_objects`, an attribute path under `keras`
-            (`"keras.layers.Dense"`), or a bare `keras.layers` class name.
+            (`"keras.layers.Dense"`) or `tf_keras`
+            (`"tf_keras.layers.BatchNormalization"`), or a bare
+            `keras.layers` class name.
         custom_objects: Optional dict name -> class.
 
     Returns:
-        The class, or `None` if nothing of that name is a Keras layer class.
+        The class, or `None` if nothing of that name is a Keras (or tf-keras)
+        layer class.
     """
+    if name.startswith("tf_keras."):
+        return _tf_keras_class(name)
     candidate = keras.saving.get_registered_object(name, custom_objects)
     if candidate is None and custom_objects:
         # Classes given by value may be keyed by their bare name only.
@@ -280,6 +288,30 @@ def resolve_class(name, custom_objects=None):
         candidate = getattr(keras.layers, name, None)
     if isinstance(candidate, type) and issubclass(candidate, keras.layers.Layer):
         return candidate
+    if candidate is None and ">" in name and "tf_keras" in sys.modules:
+        # A custom class registered with tf-keras rather than Keras 3.
+        candidate = sys.modules["tf_keras"].saving.get_registered_object(name)
+        if isinstance(candidate, type) and issubclass(
+            candidate, sys.modules["tf_keras"].layers.Layer
+        ):
+            return candidate
+    return None
+
+
+def _tf_keras_class(name):
+    """The tf-keras layer class at attribute path `name` ("tf_keras.X.Y"), or `None`."""
+    parts = name.split(".")[1:]
+    if not all(p.isidentifier() and not p.startswith("_") for p in parts):
+        return None
+    try:
+        import tf_keras
+    except ImportError:
+        return None
+    candidate = tf_keras
+    for part in parts:
+        candidate = getattr(candidate, part, None)
+    if isinstance(candidate, type) and issubclass(candidate, tf_keras.layers.Layer):
+        return candidate
     return None
 
 
@@ -295,6 +327,11 @@ def _parse_file(path, custom_objects):
     except tomllib.TOMLDecodeError as e:
         raise RuleError(
             f"Rule file {path} is not valid TOML: {e}. Fix the syntax."
+        ) from e
+    except UnicodeDecodeError as e:
+        raise RuleError(
+            f"Rule file {path} is not UTF-8 text (byte {e.start}); TOML files "
+            "are UTF-8, save it as such."
         ) from e
     ctx = _Context(path)
     _check_keys(ctx, data, _TOP_KEYS, (), "the top level")
@@ -401,7 +438,8 @@ def _classes(ctx, rule, key, names, custom_objects):
             ctx.fail(
                 rule, key,
                 "unknown layer class; use a registered name ('package>Class'), "
-                "'keras.layers.Class', or pass the class in custom_objects",
+                "'keras.layers.Class', 'tf_keras.layers.Class', or pass the "
+                "class in custom_objects",
                 name,
             )
         classes.append(cls)

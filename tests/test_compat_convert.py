@@ -316,3 +316,222 @@ def test_cli_to_inference_exports_onnx_from_a_tf_keras_savedmodel(tmp_path):
     (got,) = session.run(None, {session.get_inputs()[0].name: x})
     expected = model(x, training=False).numpy()
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+# -- inspect, outputs onto SavedModel directories, tf_keras rule names -----------
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _digest(root):
+    root = pathlib.Path(root)
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def settings_model():
+    """One layer per setting `inspect` shows, each away from its default."""
+    inputs = tf_keras.Input((7, 7, 3))
+    x = tf_keras.layers.Conv2D(4, 3)(inputs)  # (None, 5, 5, 4)
+    x = tf_keras.layers.BatchNormalization(
+        momentum=0.5, epsilon=1e-4, center=False, name="bn_a"
+    )(x)
+    x = tf_keras.layers.experimental.SyncBatchNormalization(scale=False, name="legacy")(x)
+    x = tf_keras.layers.BatchNormalization(axis=1, renorm=True, name="bn_renorm")(x)
+    x = tf_keras.layers.LayerNormalization(name="ln")(x)
+    model = tf_keras.Model(inputs, x, name="settings")
+    model.get_layer("bn_renorm").trainable = False
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["savedmodel", "h5"])
+def test_inspect_tf_keras_shows_shapes_and_settings(tmp_path, fmt):
+    path = save(settings_model(), tmp_path, fmt)
+    before = _digest(tmp_path)
+    result = _cli("inspect", path, "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["path"]: row for row in json.loads(result.stdout)["layers"]}
+    assert set(rows) == {"settings/bn_a", "settings/legacy", "settings/bn_renorm", "settings/ln"}
+    # The constructor arguments above; tf-keras stores axis -1 of a 4-D input as [3].
+    common = {"center": True, "scale": True, "renorm": False, "synchronized": False,
+              "trainable": True, "momentum": 0.99, "epsilon": 1e-3, "axis": [3]}
+    assert rows["settings/bn_a"]["settings"] == {
+        **common, "momentum": 0.5, "epsilon": 1e-4, "center": False}
+    assert rows["settings/legacy"]["settings"] == {
+        **common, "scale": False, "synchronized": True}
+    assert rows["settings/bn_renorm"]["settings"] == {
+        **common, "axis": [1], "renorm": True, "trainable": False}
+    assert rows["settings/ln"]["settings"] == {
+        "axis": [3], "epsilon": 1e-3, "center": True, "scale": True, "trainable": True}
+    assert rows["settings/bn_a"]["shape"] == [4]
+    assert rows["settings/bn_renorm"]["shape"] == [5]  # axis 1 of (None, 5, 5, 4)
+    for row in rows.values():
+        assert [e["path"] for e in row["events"]] == (
+            [] if row["class"] == "LayerNormalization" else [row["path"]]
+        )
+
+    table = _cli("inspect", path)
+    assert table.exit_code == 0, table.output
+    line = next(l for l in table.stdout.splitlines() if l.startswith("settings/bn_a "))
+    assert " 4 " in line and "momentum=0.5" in line and "epsilon=0.0001" in line
+    assert "bn-to-sync: -> SyncBatchNormalization" in line
+    assert _digest(tmp_path) == before
+
+
+def test_inspect_tf_keras_nested_paths_match_the_report(tmp_path):
+    path = save(functional_model(), tmp_path, "savedmodel")
+    result = _cli("inspect", path, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["layers"]
+    assert sorted(r["path"] for r in rows) == [
+        "functional/bn_fused", "functional/inner/inner_bn",
+        "functional/legacy_sync", "functional/sync_axis1",
+    ]
+    for row in rows:  # every row found by the walk, joined with its one event
+        assert row["shape"] and row["settings"], row
+        assert [e["path"] for e in row["events"]] == [row["path"]]
+
+
+def _all_classes(model):
+    return {l.name: type(l) for l in _all_layers(model)}
+
+
+def test_force_onto_an_existing_savedmodel_directory(tmp_path):
+    model = sequential_model()
+    path = save(model, tmp_path, "savedmodel")
+    x = batch_for(model)
+    out = tmp_path / "out"
+    assert _cli("to-sync", path, "-o", out).exit_code == 0
+    first = _digest(out)
+
+    refused = _cli("to-sync", path, "-o", out)
+    assert refused.exit_code != 0 and refused.stdout == ""
+    assert refused.stderr.strip().splitlines() == [
+        f"Error: Output {out} already exists; pass --force (force=True in Python) "
+        "to overwrite it."
+    ]
+    assert _digest(out) == first
+
+    replaced = _cli("to-sync", path, "-o", out, "--force")
+    assert replaced.exit_code == 0, replaced.output
+    synced = tf_keras.models.load_model(out, compile=False)
+    assert isinstance(synced.get_layer("bn_2d"), bnconvert.compat.SyncBatchNormalization)
+    np.testing.assert_allclose(synced(x, training=False), model(x, training=False),
+                               rtol=0, atol=1e-6)
+
+    # --keras-out of to-inference onto that SavedModel directory: same rule.
+    args = ["to-inference", out, "-o", tmp_path / "m.onnx", "--keras-out", tmp_path / "plain"]
+    assert _cli(*args).exit_code == 0
+    again = _cli(*args[:-2], "--keras-out", tmp_path / "plain", "--force")
+    assert again.exit_code == 0, again.output
+    plain = tf_keras.models.load_model(tmp_path / "plain", compile=False)
+    assert type(plain.get_layer("bn_2d")) is tf_keras.layers.BatchNormalization
+    np.testing.assert_allclose(plain(x, training=False), model(x, training=False),
+                               rtol=0, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out", "plain", "sequential"]
+
+
+LEGACY_ONLY_RULES = textwrap.dedent("""
+    version = 1
+
+    [[rule]]
+    name = "bn-to-sync"
+    enabled = false
+
+    [[rule]]
+    name = "legacy-sync-only"
+    direction = "sync"
+    match = ["tf_keras.layers.experimental.SyncBatchNormalization"]
+    target = "bnconvert>SyncBatchNormalization"
+
+    [rule.config]
+    drop = ["synchronized"]
+
+    [[rule]]
+    name = "tf-keras-bn-to-bn"
+    direction = "inference"
+    match = ["tf_keras.layers.BatchNormalization"]
+    target = "tf_keras.layers.BatchNormalization"
+    """)
+
+
+def _plain_and_legacy():
+    inputs = tf_keras.Input((5,))
+    x = tf_keras.layers.Dense(4)(inputs)
+    x = tf_keras.layers.BatchNormalization(name="plain")(x)
+    x = tf_keras.layers.experimental.SyncBatchNormalization(name="legacy")(x)
+    model = tf_keras.Model(inputs, x, name="two")
+    randomize(model)
+    return model
+
+
+def test_rule_file_naming_tf_keras_classes(tmp_path):
+    rules = tmp_path / "legacy.toml"
+    rules.write_text(LEGACY_ONLY_RULES)
+    ruleset = bnconvert.load_rules([rules])
+    mine = {r.name: r for r in ruleset.rules}
+    assert mine["legacy-sync-only"].match_classes == (
+        tf_keras.layers.experimental.SyncBatchNormalization,)
+    assert mine["tf-keras-bn-to-bn"].target_class is tf_keras.layers.BatchNormalization
+
+    # Python API: only the layer the rule names is rewritten.
+    model = _plain_and_legacy()
+    x = batch_for(model)
+    converted, report = bnconvert.convert_model(model, rules=[rules], return_report=True)
+    classes = _all_classes(converted)
+    assert classes["plain"] is tf_keras.layers.BatchNormalization
+    assert classes["legacy"] is bnconvert.compat.SyncBatchNormalization
+    assert report.converted == 1
+    np.testing.assert_array_equal(converted(x, training=False), model(x, training=False))
+
+    # The CLI, on the saved model.
+    path = save(model, tmp_path, "savedmodel")
+    result = _cli("to-sync", path, "--rules", rules, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "1 layer(s) converted (1 applied, 1 skipped)" in result.stdout
+    rows = {r["path"]: r for r in json.loads(
+        _cli("inspect", path, "--rules", rules, "--json").stdout)["layers"]}
+    assert [e["rule"] for e in rows["two/legacy"]["events"]] == ["legacy-sync-only"]
+    assert [e["action"] for e in rows["two/plain"]["events"]] == ["skipped"]
+
+    # The same file leaves Keras 3 models alone (no Keras 3 class is named).
+    import keras
+
+    k3 = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(name="bn")],
+                          name="k3")
+    k3.save(tmp_path / "k3.keras")
+    result = _cli("inspect", tmp_path / "k3.keras", "--rules", rules)
+    assert result.exit_code == 0, result.output
+    assert "0 layers would be converted" in result.stdout
+
+
+def test_unknown_tf_keras_class_in_a_rule_file(tmp_path):
+    rules = tmp_path / "typo.toml"
+    rules.write_text(LEGACY_ONLY_RULES.replace("experimental.SyncBatchNormalization",
+                                               "experimental.SyncBatchNormalisation"))
+    with pytest.raises(bnconvert.errors.RuleError, match="unknown layer class") as info:
+        bnconvert.load_rules([rules])
+    assert "\n" not in str(info.value) and "SyncBatchNormalisation" in str(info.value)
+
+
+@pytest.mark.slow
+def test_tf_keras_is_imported_only_for_rules_that_name_it(tmp_path):
+    rules = tmp_path / "legacy.toml"
+    rules.write_text(LEGACY_ONLY_RULES)
+    code = textwrap.dedent(f"""
+        import sys
+        import bnconvert
+        bnconvert.load_rules()
+        print("tf_keras" in sys.modules)
+        bnconvert.load_rules([{str(rules)!r}])
+        print("tf_keras" in sys.modules)
+        """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "True"]

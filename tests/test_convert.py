@@ -604,3 +604,110 @@ def test_folding_is_held_to_a_relative_tolerance():
     assert report.max_rel_diff <= 1e-5 < report.max_abs_diff
     sync, report = bnconvert.convert_model(model, to="sync", return_report=True)
     assert report.tolerance_kind == "absolute" and report.tolerance == 1e-6
+
+
+# -- weights are created from the originals' values ----------------------
+
+
+@keras.saving.register_keras_serializable(package="bnconvert_tests")
+class CountingInitializer(keras.initializers.Initializer):
+    """Ones, counting its calls: the converter should never need it."""
+
+    calls = 0
+
+    def __call__(self, shape, dtype=None):
+        CountingInitializer.calls += 1
+        return keras.ops.ones(shape, dtype=dtype)
+
+    def get_config(self):
+        return {}
+
+
+def randomize_all(model, seed=0):
+    """Random values in every weight (BN variances positive)."""
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        value = rng.uniform(0.5, 2.0, tuple(v.shape))
+        v.assign(value.astype(v.dtype))
+    return model
+
+
+def test_initializers_are_not_run_and_configs_are_kept():
+    init = CountingInitializer()
+    inp = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(
+        4, 3, kernel_initializer=init, bias_initializer=init, name="conv"
+    )(inp)
+    x = BN(
+        name="bn", gamma_initializer=init, beta_initializer=init,
+        moving_mean_initializer=init, moving_variance_initializer=init,
+    )(x)
+    out = keras.layers.Dense(2, kernel_initializer=init, name="dense")(
+        keras.layers.Flatten()(x)
+    )
+    model = randomize_all(keras.Model(inp, out))
+    CountingInitializer.calls = 0
+    synced = bnconvert.convert_model(model, "sync")
+    assert CountingInitializer.calls == 0
+    for name in ("conv", "dense"):
+        assert synced.get_layer(name).get_config() == model.get_layer(name).get_config()
+        assert "add_weight" not in vars(synced.get_layer(name))
+    new_bn, old_bn = synced.get_layer("bn").get_config(), model.get_layer("bn").get_config()
+    for key in old_bn:
+        if key.endswith("_initializer"):
+            assert new_bn[key] == old_bn[key], key
+    assert [v.path for v in synced.weights] == [v.path for v in model.weights]
+    for a, b in zip(model.weights, synced.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    x6 = np.random.default_rng(1).normal(size=(2, 6, 6, 3)).astype("float32")
+    assert_same_outputs(model, synced, x6)
+    # The copy still initializes fresh weights as the original would.
+    fresh = synced.get_layer("conv").__class__.from_config(
+        synced.get_layer("conv").get_config()
+    )
+    fresh.build((None, 6, 6, 3))
+    assert CountingInitializer.calls == 2
+
+
+@keras.saving.register_keras_serializable(package="bnconvert_tests")
+class AwkwardWeights(keras.layers.Layer):
+    """Two weights with one name, and one created with positional arguments."""
+
+    def build(self, input_shape):
+        n = input_shape[-1]
+        self.a = self.add_weight(shape=(n,), initializer="ones", name="w")
+        self.b = self.add_weight(shape=(n,), initializer="zeros", name="w")
+        self.c = self.add_weight((n,), "zeros")
+
+    def call(self, x):
+        return x * self.a + self.b - self.c
+
+
+def test_weights_the_build_cannot_pair_are_still_carried():
+    inp = keras.Input((8,))
+    model = keras.Model(inp, BN(name="bn")(AwkwardWeights(name="awkward")(inp)))
+    randomize_all(model)
+    synced, _ = check_conversion(model, X8, expected_converted=1)
+    for a, b in zip(model.get_layer("awkward").weights, synced.get_layer("awkward").weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_converted_weights_are_independent_of_the_originals():
+    inp = keras.Input((8,))
+    model = keras.Model(inp, BN(name="bn")(keras.layers.Dense(8, name="dense")(inp)))
+    randomize_all(model)
+    original = snapshot(model)
+    synced = bnconvert.convert_model(model, "sync")
+    converted = snapshot(synced)
+    # Training updates the copy's variables in place (kernel, moving stats).
+    synced.compile(optimizer="sgd", loss="mse")
+    synced.fit(X8, np.ones((5, 8), "float32"), epochs=1, verbose=0)
+    assert any(
+        not np.array_equal(a, b) for (_, a), (_, b) in zip(converted, snapshot(synced))
+    )
+    assert_snapshot_equal(original, model)
+    # And updating the original leaves the copy alone.
+    trained = snapshot(synced)
+    for v in model.weights:
+        v.assign_add(np.ones(tuple(v.shape), v.dtype))
+    assert_snapshot_equal(trained, synced)

@@ -1,4 +1,4 @@
-"""The `to-sync`, `to-inference` and `inspect` commands for tf-keras models.
+"""The `to-sync` and `to-inference` commands for tf-keras models.
 
 `bnconvert.cli` hands a MODEL over to these functions when
 `bnconvert.compat.handles(MODEL)`: a SavedModel directory with Keras
@@ -6,7 +6,8 @@ metadata, or an H5 file written by tf-keras. They take the commands' own
 arguments and use the CLI's helpers; only loading, the output format and
 saving differ: the result is written in the input's format (a SavedModel
 directory, atomically renamed into place, or an H5 file) unless `-o` names
-the other one.
+the other one. (`inspect` needs nothing of its own: `model_io.load_model`
+and the CLI's layer walk handle both flavours.)
 """
 
 import json
@@ -16,16 +17,10 @@ import click
 from bnconvert import cli
 from bnconvert import quiet
 from bnconvert.compat import tf_keras_io
-from bnconvert.errors import OutputError
 
 
-def _load(model, custom_objects, unsafe, progress):
-    from bnconvert import model_io
-
-    objects = None
-    if custom_objects:
-        with progress.step("importing custom objects"):
-            objects = model_io.import_custom_objects(custom_objects)
+def _load(model, custom_objects, unsafe, progress, rules):
+    objects = cli.import_objects_and_check_rules(custom_objects, rules, progress)
     with progress.step(f"loading {model} (tf-keras)"):
         keras_model = tf_keras_io.load_model(
             model, custom_objects=objects, safe_mode=not unsafe
@@ -44,18 +39,14 @@ def to_sync(model, output, rules, custom_objects, dry_run, report_path, force, u
             out = output or tf_keras_io.default_output_path(model, ".sync")
             fmt = tf_keras_io.output_format(out) if output else source_format
             tf_keras_io.check_output(out, fmt, force=force, inputs=(model,))
+        cli.check_distinct_outputs(("--output", out), ("--report", report_path))
         if report_path:
-            if out is not None and model_io.same_file(report_path, out):
-                raise OutputError(
-                    f"--report {report_path} names the model output too; give "
-                    "the report its own file, such as report.json."
-                )
             model_io.check_output_path(report_path, force=force, inputs=(model,))
 
         progress = cli.Progress()
         with progress.step("starting TensorFlow"):
             cli.prepare_tensorflow()
-        keras_model, objects = _load(model, custom_objects, unsafe, progress)
+        keras_model, objects = _load(model, custom_objects, unsafe, progress, rules)
 
         from bnconvert.compat import tf_keras_convert
 
@@ -93,7 +84,11 @@ def to_inference(model, output, keras_out, no_fold, opset, no_check, tolerance,
     with cli.user_errors():
         out = output or model_io.default_output_path(model, ".onnx")
         protected = (model,)
+        cli.check_file_output(out, "--output")
         model_io.check_output_path(out, force=force, inputs=protected, suffixes=(".onnx",))
+        cli.check_distinct_outputs(
+            ("--output", out), ("--keras-out", keras_out), ("--report", report_path)
+        )
         keras_fmt = None
         if keras_out:
             keras_fmt = tf_keras_io.output_format(keras_out)
@@ -116,7 +111,7 @@ def to_inference(model, output, keras_out, no_fold, opset, no_check, tolerance,
                 f"The ONNX exporter (tf2onnx) cannot write opset {opset}; use one "
                 f"from {allowed.start} to {allowed.stop - 1}. Received: --opset={opset}"
             )
-        keras_model, objects = _load(model, custom_objects, unsafe, progress)
+        keras_model, objects = _load(model, custom_objects, unsafe, progress, rules)
 
         from bnconvert.compat import tf_keras_convert
 

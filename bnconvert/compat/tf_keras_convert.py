@@ -2,8 +2,9 @@
 
 The rule files are the shipped ones (and the user's), read by
 `bnconvert.rules`; only their class names are resolved again, against
-tf-keras instead of Keras 3: `"keras.layers.X"` means `tf_keras.layers.X`
-and `"bnconvert>SyncBatchNormalization"` the tf-keras flavour of the layer.
+tf-keras instead of Keras 3: `"keras.layers.X"` and `"tf_keras.layers.X"`
+both mean `tf_keras.layers.X`, and `"bnconvert>SyncBatchNormalization"` the
+tf-keras flavour of the layer.
 tf-keras's deprecated `layers.experimental.SyncBatchNormalization` is
 `BatchNormalization(synchronized=True)` under another name, so every rule
 that matches `BatchNormalization` matches it too; and since tf-keras leaves
@@ -128,11 +129,12 @@ def resolve_class(name, custom_objects=None):
     Args:
         name: `"package>Class"` (registered with tf-keras), a name in
             `custom_objects`, `"keras.layers.Class"` (read as
-            `tf_keras.layers.Class`), or a bare `tf_keras.layers` name.
+            `tf_keras.layers.Class`), `"tf_keras.layers.Class"`, or a bare
+            `tf_keras.layers` name.
         custom_objects: Optional dict name -> class.
     """
     candidate = tf_keras.saving.get_registered_object(name, custom_objects)
-    if candidate is None and name.startswith("keras."):
+    if candidate is None and name.startswith(("keras.", "tf_keras.")):
         candidate = tf_keras
         for part in name.split(".")[1:]:
             if not part.isidentifier() or part.startswith("_"):
@@ -227,7 +229,7 @@ class _Converter:
                     rule.name, "applied", "would apply (inspection only)",
                 ))
                 return
-            for child in _children(layer):
+            for child in sublayers(layer):
                 walk(child, here)
 
         walk(model, "")
@@ -403,8 +405,12 @@ def sample_inputs(model):
     return tf.nest.map_structure(make, model.input)
 
 
-def _children(layer):
-    """Sublayers to look into: a model's layers, or all of a custom layer's."""
+def sublayers(layer):
+    """Sublayers to look into: a model's layers, or all of a custom layer's.
+
+    The conversion walk and `bnconvert inspect` both use it, so their layer
+    paths agree.
+    """
     if isinstance(layer, tf_keras.Model):
         return list(layer.layers)
     return [m for m in layer.submodules if isinstance(m, tf_keras.layers.Layer)]
@@ -427,4 +433,6 @@ def _first_line(error):
     return text[0] if text else type(error).__name__
 
 
-__all__ = ["convert_model", "inspect_model", "resolve_class", "tf_keras_ruleset"]
+__all__ = [
+    "convert_model", "inspect_model", "resolve_class", "sublayers", "tf_keras_ruleset",
+]

@@ -109,7 +109,32 @@ def load_model(path, *, custom_objects=None, safe_mode=True):
             f"{path} holds a {type(model).__name__}, not a tf-keras model; save "
             "the model itself with model.save()."
         )
+    revived = _revived_class_name(model)
+    if revived is not None:
+        raise ModelLoadError(
+            f"{path} is a tf-keras model with a custom class tf-keras cannot "
+            f"find ('{revived}'); pass the module that defines it with "
+            "--custom-objects MODULE (custom_objects= in Python)."
+        )
     return model
+
+
+def _revived_class_name(model):
+    """The class name of a layer tf-keras could only revive as a traced graph.
+
+    A SavedModel whose custom class is not importable still loads: tf-keras
+    stands in a generic "revived" layer that runs the saved graph but has no
+    config to rebuild it from, so a rewrite would silently compute something
+    else. Returns `None` when every layer is a real class.
+    """
+    try:
+        from tf_keras.src.saving.legacy.saved_model.load import RevivedLayer
+    except ImportError:  # pragma: no cover - other tf-keras versions
+        return None
+    for layer in [model, *model.submodules]:
+        if isinstance(layer, RevivedLayer):
+            return type(layer).__name__.split(">")[-1]
+    return None
 
 
 @contextlib.contextmanager
@@ -176,6 +201,11 @@ def check_output(path, fmt, *, force=False, inputs=()):
     from bnconvert import model_io
 
     if fmt == H5:
+        if pathlib.Path(path).is_dir():
+            raise OutputError(
+                f"Output {path} is a directory, but an .h5 model is a file; give "
+                f"a file path. Received: output={str(path)!r}"
+            )
         return model_io.check_output_path(
             path, force=force, inputs=inputs, suffixes=_H5_SUFFIXES
         )
