@@ -11,7 +11,8 @@
    Target: linear, i.e. ratios near 1.
 
 Each figure is the best of `--repeats` runs (the least disturbed by other
-processes). Run from the repository root:
+processes); the ResNet50 table also gives the medians. Run from the
+repository root:
 
     python benchmarks/convert.py [--repeats 3] [--sizes 100,500,2000] [--no-resnet]
 """
@@ -81,23 +82,29 @@ def resnet50_file_to_file(repeats, workdir):
         sync_times.append(best_of(1, to_sync)[0])
 
     model = model_io.load_model(source)
-    convert_only, _ = best_of(
+    convert_only, convert_only_all = best_of(
         repeats, lambda: bnconvert.convert_model(model, verify=False)
     )
-    convert_verify, _ = best_of(repeats, lambda: bnconvert.convert_model(model))
+    convert_verify, convert_verify_all = best_of(
+        repeats, lambda: bnconvert.convert_model(model)
+    )
     n_bn = sum(isinstance(l, keras.layers.BatchNormalization) for l in model.layers)
     return {
         "layers": len(model.layers),
         "bn": n_bn,
         "size_mb": source.stat().st_size / 2**20,
         "load": min(phases["load"]),
+        "load_median": statistics.median(phases["load"]),
         "save": min(phases["save"]),
+        "save_median": statistics.median(phases["save"]),
         "anchor": min(anchor_times),
         "anchor_median": statistics.median(anchor_times),
         "to_sync": min(sync_times),
         "to_sync_median": statistics.median(sync_times),
         "convert_only": convert_only,
+        "convert_only_median": statistics.median(convert_only_all),
         "convert_verify": convert_verify,
+        "convert_verify_median": statistics.median(convert_verify_all),
     }
 
 
@@ -145,18 +152,19 @@ def main(argv=None):
         print()
         print(f"ResNet50 file -> file ({r['layers']} layers, {r['bn']} BN, "
               f"{r['size_mb']:.0f} MB)")
-        print(f"  {'step':<40}{'seconds':>9}{'x anchor':>10}")
+        print(f"  {'step':<40}{'best s':>8}{'x anchor':>10}{'median s':>10}")
         anchor = r["anchor"]
         table = [
-            ("anchor: load + save", anchor),
-            ("  load", r["load"]),
-            ("  save", r["save"]),
-            ("to-sync (load, convert, verify, save)", r["to_sync"]),
-            ("  convert_model, verify=False", r["convert_only"]),
-            ("  convert_model, verify=True", r["convert_verify"]),
+            ("anchor: load + save", "anchor"),
+            ("  load", "load"),
+            ("  save", "save"),
+            ("to-sync (load, convert, verify, save)", "to_sync"),
+            ("  convert_model, verify=False", "convert_only"),
+            ("  convert_model, verify=True", "convert_verify"),
         ]
-        for label, seconds in table:
-            print(f"  {label:<40}{seconds:>9.2f}{seconds / anchor:>10.2f}")
+        for label, key in table:
+            print(f"  {label:<40}{r[key]:>8.2f}{r[key] / anchor:>10.2f}"
+                  f"{r[key + '_median']:>10.2f}")
         print(f"  to-sync / anchor = {r['to_sync'] / anchor:.2f} (target <= 1.5; "
               f"medians {r['to_sync_median']:.2f} / {r['anchor_median']:.2f} = "
               f"{r['to_sync_median'] / r['anchor_median']:.2f})")

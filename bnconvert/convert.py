@@ -637,9 +637,7 @@ def _initial_values(layer, source_of, preset):
     def add_weight_from_original(*args, **kwargs):
         source = None if args else source_of(kwargs.get("name"))
         if source is not None and _fits(layer, source, kwargs):
-            # A backend tensor, not NumPy: no host copy. (TensorFlow copies a
-            # variable's buffer before updating it in place if it is shared.)
-            kwargs["initializer"] = _Value(keras.ops.convert_to_tensor(source))
+            kwargs["initializer"] = _Value(source.numpy())
             variable = add_weight(**kwargs)
             preset[id(variable)] = (variable, source)
             return variable

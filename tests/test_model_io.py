@@ -422,3 +422,49 @@ def test_write_text_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert out.read_text() == '{"a": 1}'
     assert _leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------ compile config
+
+
+def test_compile_config_survives_load_convert_save(tmp_path):
+    model = _small_model()
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=0.0123), loss="mse",
+        metrics=["mae"],
+    )
+    model.save(tmp_path / "compiled.keras")
+    expected = model.get_compile_config()
+
+    loaded = model_io.load_model(tmp_path / "compiled.keras")
+    assert loaded.compiled and loaded.get_compile_config() == expected
+    converted = bnconvert.convert_model(loaded, "sync")
+    assert converted.get_compile_config() == expected
+    model_io.save_model(converted, tmp_path / "out.keras")
+    reloaded = keras.saving.load_model(tmp_path / "out.keras")
+    assert reloaded.optimizer.learning_rate.numpy() == pytest.approx(0.0123)
+    assert reloaded.get_compile_config()["loss"] == "mse"
+    assert isinstance(reloaded.get_layer("bn"), bnconvert.SyncBatchNormalization)
+    np.testing.assert_allclose(
+        reloaded.predict(_x(), verbose=0), model.predict(_x(), verbose=0),
+        rtol=0, atol=1e-6,
+    )
+
+
+def test_uncompiled_model_loads_uncompiled(saved):
+    assert not model_io.load_model(saved["dir"] / "m.keras").compiled
+
+
+def test_unresolvable_loss_is_left_out(tmp_path):
+    def private_loss(y_true, y_pred):  # not registered: Keras cannot find it
+        return keras.ops.mean(keras.ops.abs(y_true - y_pred))
+
+    model = _small_model()
+    model.compile(optimizer="sgd", loss=private_loss)
+    model.save(tmp_path / "custom_loss.keras")
+    loaded = model_io.load_model(tmp_path / "custom_loss.keras")
+    assert not loaded.compiled
+    np.testing.assert_allclose(
+        loaded.predict(_x(), verbose=0), model.predict(_x(), verbose=0),
+        rtol=0, atol=1e-6,
+    )
