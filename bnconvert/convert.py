@@ -38,11 +38,14 @@ from keras.src.models.functional import Functional as _FUNCTIONAL
 
 from bnconvert import rules as rules_lib
 from bnconvert import verify as verify_lib
+from bnconvert import walk as walk_lib
 from bnconvert.errors import BnconvertError
 from bnconvert.errors import ConversionError
-from bnconvert.errors import VerificationError
 from bnconvert.report import ConversionReport
 from bnconvert.report import LayerEvent
+from bnconvert.errors import first_line as _first_line
+from bnconvert.walk import join as _join
+from bnconvert.walk import short_name as _short_name
 
 # Size given to unknown (None) dimensions of generated verification inputs:
 # the batch axis, and the others (large enough for the 32x downsampling of
@@ -212,25 +215,21 @@ def _prepare(model, to, rules, custom_objects, safe_mode):
     return options, model, report
 
 
-class _Converter:
+class _Converter(walk_lib.RuleWalker):
     """One conversion: the options, the report, and what was built so far."""
 
+    input_layer_class = keras.layers.InputLayer
+
     def __init__(self, options, report):
+        super().__init__(
+            options.ruleset.for_direction(options.direction), options.direction, report
+        )
         self.options = options
-        self.report = report
-        # id(original layer) -> its counterpart in the new model. The
-        # originals stay alive (the caller holds the model), so ids are stable.
-        self.memo = {}
         self.pending_weights = []  # (original, new) built only once called
-        self.targets = {
-            r.target_class for r in options.ruleset.for_direction(options.direction)
-        }
         self.named = set(self.targets)
         for rule in options.ruleset.rules:
             self.named.update(rule.match_classes)
             self.named.add(rule.target_class)
-
-    # -- entry points ----------------------------------------------------
 
     def convert_root(self, model):
         new = self.convert(model, "")
@@ -239,82 +238,33 @@ class _Converter:
         self._carry_trainable(model, set())
         return new
 
-    def inspect(self, model):
-        """Records the events of a conversion without building anything."""
-        seen = set()
+    # -- what the walk's terms mean in Keras 3 ------------------------------
 
-        def walk(layer, parent):
-            if id(layer) in seen or isinstance(layer, keras.layers.InputLayer):
-                return
-            seen.add(id(layer))
-            here = _join(parent, layer.name)
-            rule = self.decide(layer, here)
-            if rule is not None:
-                self.report.add(LayerEvent(
-                    here, type(layer).__name__, rule.target_class.__name__,
-                    rule.name, "applied", "would apply (inspection only)",
-                ))
-                return
-            for child in _children(layer):
-                walk(child, here)
+    def sublayers(self, layer):
+        return _children(layer)
 
-        walk(model, "")
+    def why_not(self, rule, layer):
+        return rule.why_not(layer)
 
-    # -- the recursion ----------------------------------------------------
+    def is_graph_model(self, layer):
+        return _is_graph_model(layer)
 
-    def convert(self, layer, parent):
-        """Returns the new model's counterpart of `layer` (built, with weights)."""
-        if id(layer) in self.memo:  # a shared layer stays shared
-            return self.memo[id(layer)]
-        here = _join(parent, layer.name)
-        rule = self.decide(layer, here)
-        if rule is not None:
-            new = self._apply(rule, layer, here)
-        elif _is_graph_model(layer):
-            new = self._clone_graph(layer, here)
-        elif _children(layer):
-            new = self._copy_container(layer, here)
-        else:
-            new = self._copy_leaf(layer, here)
-        self.memo[id(layer)] = new
-        return new
-
-    def decide(self, layer, here):
-        """Returns the rule for `layer`; records an event for every other norm layer."""
-        rule = self.options.ruleset.match(layer, self.options.direction)
-        if rule is not None or not self._is_normalization(layer):
-            return rule
-        kind = type(layer).__name__
-        if type(layer) in self.targets:
-            action, reason = "unchanged", f"already {kind}"
-        elif (
-            isinstance(layer, keras.layers.BatchNormalization)
-            and type(layer) not in self.named
-        ):
-            action = "skipped"
-            reason = (
-                f"{kind} is a subclass of BatchNormalization that no rule names; "
-                "add a rule naming it to convert it"
-            )
-        else:
-            why = [
-                f"{r.name}: {r.why_not(layer)}"
-                for r in self.options.ruleset.for_direction(self.options.direction)
-                if type(layer) in r.match_classes
-            ]
-            action = "skipped"
-            reason = "; ".join(why) or f"no {self.options.direction} rule matches {kind}"
-        self.report.add(LayerEvent(here, kind, kind, None, action, reason))
-        return None
-
-    def _is_normalization(self, layer):
+    def is_normalization(self, layer):
         return (
             isinstance(layer, keras.layers.BatchNormalization)
             or type(layer) in self.named
         )
 
-    def _needs_work(self, layer):
-        return any(self._is_normalization(l) for l in _flatten(layer))
+    def skip_reason(self, layer):
+        if (
+            isinstance(layer, keras.layers.BatchNormalization)
+            and type(layer) not in self.named
+        ):
+            return (
+                f"{type(layer).__name__} is a subclass of BatchNormalization that "
+                "no rule names; add a rule naming it to convert it"
+            )
+        return None
 
     # -- the four fates ---------------------------------------------------
 
@@ -404,6 +354,11 @@ class _Converter:
             # A Sequential built by a call has no Input layer to rebuild from.
             new.build_from_config(model.get_build_config())
         return new
+
+    def _copy_other(self, layer, here):
+        if _children(layer):
+            return self._copy_container(layer, here)
+        return self._copy_leaf(layer, here)
 
     def _copy_container(self, layer, here):
         """Copies a layer that holds sublayers (a subclassed model, a custom layer).
@@ -840,19 +795,6 @@ def _is_graph_model(layer):
     return isinstance(layer, keras.Model) and isinstance(
         layer, (keras.Sequential, _FUNCTIONAL)
     )
-
-
-def _short_name(variable):
-    return variable.name.split("/")[-1].split(":")[0]
-
-
-def _join(parent, name):
-    return f"{parent}/{name}" if parent else name
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 @contextlib.contextmanager

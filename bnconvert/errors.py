@@ -27,3 +27,14 @@ class VerificationError(BnconvertError):
 
 class OutputError(BnconvertError):
     """An output path cannot be written (exists without --force, bad dir)."""
+
+
+def first_line(error, limit=200):
+    """The first line of an exception's message (or its class name), at most `limit` chars.
+
+    Messages of TensorFlow, h5py and zipfile errors can span pages; a
+    bnconvert error quotes only their first line, so that it stays one line.
+    """
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

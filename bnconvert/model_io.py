@@ -28,6 +28,7 @@ import zipfile
 import zlib
 
 from bnconvert.errors import ModelLoadError
+from bnconvert.errors import first_line as _first_line
 from bnconvert.errors import OutputError
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -269,11 +270,6 @@ def _load_error(model_file, error):
         f"{_first_line(error)}"
     )
 
-
-def _first_line(error):
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def default_output_path(path, suffix):

@@ -31,12 +31,15 @@ from tf_keras.src.engine.functional import Functional as _FUNCTIONAL
 
 from bnconvert import rules as rules_lib
 from bnconvert import verify as verify_lib
+from bnconvert import walk as walk_lib
 from bnconvert.compat import tf_keras_io
 from bnconvert.compat import tf_keras_layers  # noqa: F401  (registers the target class)
 from bnconvert.errors import BnconvertError
 from bnconvert.errors import ConversionError
 from bnconvert.report import ConversionReport
 from bnconvert.report import LayerEvent
+from bnconvert.errors import first_line as _first_line
+from bnconvert.walk import short_name as _short_name
 
 _BATCH = 2
 _UNKNOWN_DIM = 32
@@ -200,50 +203,30 @@ def _is_normalization(layer):
     return isinstance(layer, (tf_keras.layers.BatchNormalization, _LEGACY_SYNC_BN))
 
 
-class _Converter:
+class _Converter(walk_lib.RuleWalker):
     """One conversion of a tf-keras model: rules, report, layers built so far."""
 
+    input_layer_class = tf_keras.layers.InputLayer
+    no_rule_reason = "no {direction} rule matches {kind}; add a rule naming it"
+
     def __init__(self, ruleset, direction, report, custom_objects):
-        self.rules = ruleset.for_direction(direction)
-        self.direction = direction
-        self.report = report
+        super().__init__(ruleset.for_direction(direction), direction, report)
         self.custom_objects = dict(custom_objects or {})
-        self.targets = {r.target_class for r in self.rules}
-        self.memo = {}
 
-    def convert_root(self, model):
-        return self.convert(model, "")
+    def sublayers(self, layer):
+        return sublayers(layer)
 
-    def inspect(self, model):
-        seen = set()
+    def why_not(self, rule, layer):
+        return _why_not(rule, layer)
 
-        def walk(layer, parent):
-            if id(layer) in seen or isinstance(layer, tf_keras.layers.InputLayer):
-                return
-            seen.add(id(layer))
-            here = _join(parent, layer.name)
-            rule = self.decide(layer, here)
-            if rule is not None:
-                self.report.add(LayerEvent(
-                    here, type(layer).__name__, rule.target_class.__name__,
-                    rule.name, "applied", "would apply (inspection only)",
-                ))
-                return
-            for child in sublayers(layer):
-                walk(child, here)
+    def is_graph_model(self, layer):
+        return _is_graph_model(layer)
 
-        walk(model, "")
+    def is_normalization(self, layer):
+        return _is_normalization(layer)
 
-    def convert(self, layer, parent):
-        if id(layer) in self.memo:  # a shared layer stays shared
-            return self.memo[id(layer)]
-        here = _join(parent, layer.name)
-        rule = self.decide(layer, here)
-        if rule is not None:
-            new = self._apply(rule, layer, here)
-        elif _is_graph_model(layer):
-            new = self._clone_graph(layer, here)
-        elif isinstance(layer, tf_keras.Model) or any(
+    def _copy_other(self, layer, here):
+        if isinstance(layer, tf_keras.Model) or any(
             _is_normalization(m) for m in layer.submodules
         ):
             raise ConversionError(
@@ -251,29 +234,7 @@ class _Converter:
                 "model or layer; only Functional and Sequential tf-keras models can "
                 "be rewritten. Rebuild it as a Functional model, or port it to Keras 3."
             )
-        else:
-            new = self._copy_leaf(layer, here)
-        self.memo[id(layer)] = new
-        return new
-
-    def decide(self, layer, here):
-        for rule in self.rules:
-            if _why_not(rule, layer) is None:
-                return rule
-        if not _is_normalization(layer):
-            return None
-        kind = type(layer).__name__
-        if type(layer) in self.targets:
-            action, reason = "unchanged", f"already {kind}"
-        else:
-            why = [f"{r.name}: {_why_not(r, layer)}" for r in self.rules
-                   if type(layer) in r.match_classes]
-            action = "skipped"
-            reason = "; ".join(why) or (
-                f"no {self.direction} rule matches {kind}; add a rule naming it"
-            )
-        self.report.add(LayerEvent(here, kind, kind, None, action, reason))
-        return None
+        return self._copy_leaf(layer, here)
 
     def _apply(self, rule, layer, here):
         kind = type(layer).__name__
@@ -418,19 +379,6 @@ def sublayers(layer):
 
 def _is_graph_model(layer):
     return isinstance(layer, (tf_keras.Sequential, _FUNCTIONAL))
-
-
-def _short_name(variable):
-    return variable.name.split("/")[-1].split(":")[0]
-
-
-def _join(parent, name):
-    return f"{parent}/{name}" if parent else name
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 __all__ = [

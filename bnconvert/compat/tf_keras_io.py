@@ -23,6 +23,7 @@ import shutil
 import tempfile
 
 from bnconvert.errors import ModelLoadError
+from bnconvert.errors import first_line as _first_line
 from bnconvert.errors import OutputError
 
 SAVEDMODEL = "savedmodel"
@@ -292,9 +293,3 @@ def save_model(model, path, fmt, *, force=False, inputs=()):
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return out
-
-
-def _first_line(error):
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
