@@ -669,13 +669,22 @@ def to_inference(model, output, keras_out, no_fold, opset, no_check, tolerance,
             with progress.step(f"saving {keras_out}"):
                 model_io.save_model(converted, keras_out, force=force, inputs=protected)
         if report_path:
-            data = report.to_dict()
-            data["onnx"] = result.to_dict()
-            model_io.write_text(
-                report_path, json.dumps(data, indent=2), force=force,
-                inputs=protected + (out, keras_out),
-            )
+            write_inference_report(report, result, report_path, force, protected + (out, keras_out))
 
+    echo_inference_summary(report, result, out, keras_out, report_path)
+
+
+def write_inference_report(report, result, path, force, protected):
+    """Writes the conversion report and the ONNX check figures as JSON."""
+    from bnconvert import model_io
+
+    data = report.to_dict()
+    data["onnx"] = result.to_dict()
+    model_io.write_text(path, json.dumps(data, indent=2), force=force, inputs=protected)
+
+
+def echo_inference_summary(report, result, out, keras_out, report_path):
+    """Prints what `to-inference` did: the layer table, the check, the files."""
     click.echo(report.summary_table(max_rows=SUMMARY_ROWS))
     if result.checked:
         click.echo(

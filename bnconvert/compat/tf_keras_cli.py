@@ -10,7 +10,6 @@ the other one. (`inspect` needs nothing of its own: `model_io.load_model`
 and the CLI's layer walk handle both flavours.)
 """
 
-import json
 
 import click
 
@@ -133,23 +132,8 @@ def to_inference(model, output, keras_out, no_fold, opset, no_check, tolerance,
                         converted, keras_out, keras_fmt, force=force, inputs=protected
                     )
         if report_path:
-            data = report.to_dict()
-            data["onnx"] = result.to_dict()
-            model_io.write_text(
-                report_path, json.dumps(data, indent=2), force=force,
-                inputs=protected + (out, keras_out),
+            cli.write_inference_report(
+                report, result, report_path, force, protected + (out, keras_out)
             )
 
-    click.echo(report.summary_table(max_rows=cli.SUMMARY_ROWS))
-    if result.checked:
-        click.echo(
-            f"onnxruntime check: max |diff| = {result.max_abs_diff:.3g}, relative "
-            f"{result.max_rel_diff:.3g} (tolerance {result.tolerance:g}), opset {result.opset}"
-        )
-    else:
-        click.echo(f"onnxruntime check skipped (--no-check), opset {result.opset}")
-    click.echo(f"Wrote {out}")
-    if keras_out:
-        click.echo(f"Wrote {keras_out}")
-    if report_path:
-        click.echo(f"Wrote report {report_path}")
+    cli.echo_inference_summary(report, result, out, keras_out, report_path)
