@@ -6,6 +6,8 @@ the global batch (moving statistics, whose variance convention is the one
 tf-keras picks per layout; see `bnconvert/compat/tf_keras_layers.py`).
 """
 
+import zlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -109,7 +111,8 @@ def test_global_batch_statistics_gradients_and_moving_statistics(
     layout, replicas, split_name
 ):
     shape, axis, fused = layout
-    rng = np.random.default_rng(abs(hash((shape, str(axis), replicas, split_name))) % 2**32)
+    # crc32, not hash(): string hashes change with every process.
+    rng = np.random.default_rng(zlib.crc32(repr((shape, axis, replicas, split_name)).encode()))
     sizes = [12] if replicas == 1 else SPLITS[replicas][split_name]
     x = make_batch(rng, 12, shape, sizes)
     dy = rng.normal(size=x.shape).astype("float32")
@@ -130,8 +133,10 @@ def test_global_batch_statistics_gradients_and_moving_statistics(
         x, initial, axis=axis, momentum=0.9, epsilon=1e-3
     )
     assert reference_fused == fused == layer.fused
+    # tf-keras's own float32 sums over the global batch carry ~1e-6 relative
+    # rounding themselves; the float64 check below holds ours to 1e-6.
     for name in ("moving_mean", "moving_variance"):
-        assert_close(getattr(layer, name).numpy(), expected[name], 1e-6)
+        assert_close(getattr(layer, name).numpy(), expected[name], 1e-5)
     # The same numbers from first principles: tf-keras's fused kernel folds
     # the unbiased variance into the moving variance, its other path the
     # biased one.
