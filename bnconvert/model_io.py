@@ -316,8 +316,36 @@ def check_output_path(path, *, force=False, inputs=(), suffixes=None):
             f"Output {out} must end in {' or '.join(suffixes)}. "
             f"Received: output={str(out)!r}"
         )
+    check_output_place(out, inputs, same=_same_path)
+    if out.is_dir():
+        raise OutputError(
+            f"Output {out} is a directory; give a file name such as "
+            f"{out / 'model.keras'}."
+        )
+    if out.exists() and not force:
+        raise OutputError(
+            f"Output {out} already exists; pass --force (force=True in Python) "
+            "to overwrite it."
+        )
+    return out
+
+
+def check_output_place(out, inputs, same=None):
+    """Checks that `out` is not an input and that its directory takes files.
+
+    Args:
+        out: The output `pathlib.Path`.
+        inputs: Paths that must never be overwritten.
+        same: Optional `(out, source) -> bool` deciding whether writing `out`
+            overwrites `source`; defaults to `same_file`.
+
+    Raises:
+        OutputError: `out` is an input, or its directory is missing or not
+            writable.
+    """
+    same = same or same_file
     for source in inputs:
-        if source is not None and _same_path(out, source):
+        if source is not None and same(out, source):
             raise OutputError(
                 f"Output {out} is the input model; the input is never "
                 "overwritten, choose another output path."
@@ -330,17 +358,6 @@ def check_output_path(path, *, force=False, inputs=(), suffixes=None):
         )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"Output directory {parent} is not writable.")
-    if out.is_dir():
-        raise OutputError(
-            f"Output {out} is a directory; give a file name such as "
-            f"{out / 'model.keras'}."
-        )
-    if out.exists() and not force:
-        raise OutputError(
-            f"Output {out} already exists; pass --force (force=True in Python) "
-            "to overwrite it."
-        )
-    return out
 
 
 def same_file(a, b):

@@ -49,3 +49,32 @@ def split(x, sizes):
     """Splits `x` along the batch axis into pieces of the given sizes."""
     assert sum(sizes) == len(x)
     return np.split(x, np.cumsum(sizes)[:-1])
+
+
+def full_config(k):
+    """Every constructor argument set to a non-default value.
+
+    Args:
+        k: the Keras module whose initializers, regularizers and constraints
+            to use (`keras` or `tf_keras`).
+    """
+    return dict(
+        axis=[1, 3],
+        momentum=0.9,
+        epsilon=1e-4,
+        center=False,
+        scale=True,
+        beta_initializer="ones",
+        gamma_initializer=k.initializers.Constant(0.5),
+        moving_mean_initializer="ones",
+        moving_variance_initializer=k.initializers.Constant(2.0),
+        beta_regularizer=k.regularizers.L2(0.01),
+        gamma_regularizer=k.regularizers.L1(0.02),
+        beta_constraint=k.constraints.NonNeg(),
+        gamma_constraint=k.constraints.MaxNorm(2.0),
+        renorm=True,
+        renorm_clipping={"rmax": 3.0, "rmin": 0.3, "dmax": 5.0},
+        renorm_momentum=0.7,
+        trainable=False,
+        name="sync_bn_full",
+    )

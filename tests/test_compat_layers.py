@@ -20,8 +20,10 @@ from bn_reference import bn_backward
 from bn_reference import bn_forward
 from bn_reference import bn_inference
 from conftest import mirrored_strategy
+from layer_harness import full_config as harness_full_config
 from layer_harness import run_replicated
 from layer_harness import split
+from test_layers import INVALID_ARGUMENTS
 
 SyncBN = bnconvert.compat.SyncBatchNormalization
 
@@ -396,26 +398,7 @@ def test_adjustment_applies_in_training_only():
 
 
 def full_config():
-    return dict(
-        axis=[1, 3],
-        momentum=0.9,
-        epsilon=1e-4,
-        center=False,
-        scale=True,
-        beta_initializer="ones",
-        gamma_initializer=tf_keras.initializers.Constant(0.5),
-        moving_mean_initializer="ones",
-        moving_variance_initializer=tf_keras.initializers.Constant(2.0),
-        beta_regularizer=tf_keras.regularizers.L2(0.01),
-        gamma_regularizer=tf_keras.regularizers.L1(0.02),
-        beta_constraint=tf_keras.constraints.NonNeg(),
-        gamma_constraint=tf_keras.constraints.MaxNorm(2.0),
-        renorm=True,
-        renorm_clipping={"rmax": 3.0, "rmin": 0.3, "dmax": 5.0},
-        renorm_momentum=0.7,
-        trainable=False,
-        name="sync_bn_full",
-    )
+    return harness_full_config(tf_keras)
 
 
 def test_config_holds_every_argument():
@@ -442,21 +425,7 @@ def test_tf_keras_batchnorm_config_builds_the_flavour():
         SyncBN(virtual_batch_size=4)
 
 
-@pytest.mark.parametrize(
-    "kwargs,message",
-    [
-        (dict(axis="channels"), "axis"),
-        (dict(axis=[]), "axis"),
-        (dict(momentum=1.5), "momentum"),
-        (dict(renorm_momentum=-0.1), "renorm_momentum"),
-        (dict(epsilon=0), "epsilon"),
-        (dict(center="yes"), "center"),
-        (dict(trainable="no"), "trainable"),
-        (dict(renorm=True, renorm_clipping={"rmax": 2, "r_min": 0.5}), "r_min"),
-        (dict(renorm=True, renorm_clipping={"dmax": -1.0}), "dmax"),
-        (dict(adjustment=3), "adjustment"),
-    ],
-)
+@pytest.mark.parametrize("kwargs,message", INVALID_ARGUMENTS)
 def test_invalid_arguments_are_rejected_in_init(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
         SyncBN(**kwargs)

@@ -15,6 +15,7 @@ from bn_reference import bn_inference
 from bn_reference import batch_moments
 from conftest import mirrored_strategy
 from layer_harness import run_replicated
+from layer_harness import full_config
 from layer_harness import split
 
 # (input shape without batch, axis)
@@ -334,26 +335,7 @@ def test_adjustment_applies_in_training_only():
     assert "adjustment" not in config
 
 
-FULL_CONFIG = dict(
-    axis=[1, 3],
-    momentum=0.9,
-    epsilon=1e-4,
-    center=False,
-    scale=True,
-    beta_initializer="ones",
-    gamma_initializer=keras.initializers.Constant(0.5),
-    moving_mean_initializer="ones",
-    moving_variance_initializer=keras.initializers.Constant(2.0),
-    beta_regularizer=keras.regularizers.L2(0.01),
-    gamma_regularizer=keras.regularizers.L1(0.02),
-    beta_constraint=keras.constraints.NonNeg(),
-    gamma_constraint=keras.constraints.MaxNorm(2.0),
-    renorm=True,
-    renorm_clipping={"rmax": 3.0, "rmin": 0.3, "dmax": 5.0},
-    renorm_momentum=0.7,
-    trainable=False,
-    name="sync_bn_full",
-)
+FULL_CONFIG = full_config(keras)
 
 
 def test_config_holds_every_argument():
@@ -369,29 +351,29 @@ def test_config_holds_every_argument():
     assert keras.saving.get_registered_name(type(layer)) == "bnconvert>SyncBatchNormalization"
 
 
-@pytest.mark.parametrize(
-    "kwargs,message",
-    [
-        (dict(axis="channels"), "axis"),
-        (dict(axis=[]), "axis"),
-        (dict(axis=1.5), "axis"),
-        (dict(momentum=1.5), "momentum"),
-        (dict(momentum="fast"), "momentum"),
-        (dict(renorm_momentum=-0.1), "renorm_momentum"),
-        (dict(epsilon=0), "epsilon"),
-        (dict(epsilon=-1e-3), "epsilon"),
-        (dict(center="yes"), "center"),
-        (dict(scale=None), "scale"),
-        (dict(renorm=1), "renorm"),
-        (dict(trainable="no"), "trainable"),
-        (dict(renorm=True, renorm_clipping={"rmax": 2, "r_min": 0.5}), "r_min"),
-        (dict(renorm=True, renorm_clipping={"rmax": 0.5, "rmin": 2.0}), "rmax"),
-        (dict(renorm=True, renorm_clipping={"dmax": -1.0}), "dmax"),
-        (dict(renorm=True, renorm_clipping={"dmax": "big"}), "dmax"),
-        (dict(renorm=True, renorm_clipping=[1, 2]), "renorm_clipping"),
-        (dict(adjustment=3), "adjustment"),
-    ],
-)
+INVALID_ARGUMENTS = [
+    (dict(axis="channels"), "axis"),
+    (dict(axis=[]), "axis"),
+    (dict(axis=1.5), "axis"),
+    (dict(momentum=1.5), "momentum"),
+    (dict(momentum="fast"), "momentum"),
+    (dict(renorm_momentum=-0.1), "renorm_momentum"),
+    (dict(epsilon=0), "epsilon"),
+    (dict(epsilon=-1e-3), "epsilon"),
+    (dict(center="yes"), "center"),
+    (dict(scale=None), "scale"),
+    (dict(renorm=1), "renorm"),
+    (dict(trainable="no"), "trainable"),
+    (dict(renorm=True, renorm_clipping={"rmax": 2, "r_min": 0.5}), "r_min"),
+    (dict(renorm=True, renorm_clipping={"rmax": 0.5, "rmin": 2.0}), "rmax"),
+    (dict(renorm=True, renorm_clipping={"dmax": -1.0}), "dmax"),
+    (dict(renorm=True, renorm_clipping={"dmax": "big"}), "dmax"),
+    (dict(renorm=True, renorm_clipping=[1, 2]), "renorm_clipping"),
+    (dict(adjustment=3), "adjustment"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", INVALID_ARGUMENTS)
 def test_invalid_arguments_are_rejected_in_init(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
         bnconvert.SyncBatchNormalization(**kwargs)

@@ -211,20 +211,7 @@ def check_output(path, fmt, *, force=False, inputs=()):
             path, force=force, inputs=inputs, suffixes=_H5_SUFFIXES
         )
     out = pathlib.Path(path)
-    for source in inputs:
-        if source is not None and model_io.same_file(out, source):
-            raise OutputError(
-                f"Output {out} is the input model; the input is never "
-                "overwritten, choose another output path."
-            )
-    parent = out.parent
-    if not parent.is_dir():
-        raise OutputError(
-            f"Output directory {parent} does not exist; create it first or "
-            "choose another output path."
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"Output directory {parent} is not writable.")
+    model_io.check_output_place(out, inputs)
     if out.exists() and not out.is_dir():
         raise OutputError(
             f"Output {out} is a file, but a SavedModel is a directory; choose "
