@@ -140,6 +140,26 @@ def force_option(f):
     )(f)
 
 
+def start_tensorflow():
+    """Starts TensorFlow quietly, as the first progress step; returns the `Progress`."""
+    progress = Progress()
+    with progress.step("starting TensorFlow"):
+        prepare_tensorflow()
+    return progress
+
+
+def check_opset(opset):
+    """Refuses an --opset the exporter cannot write, before the model loads."""
+    from bnconvert import onnx_export
+
+    allowed = onnx_export.supported_opsets()
+    if opset is not None and opset not in allowed:
+        raise click.ClickException(
+            f"The ONNX exporter (tf2onnx) cannot write opset {opset}; use one "
+            f"from {allowed.start} to {allowed.stop - 1}. Received: --opset={opset}"
+        )
+
+
 def load_input(model_path, *, custom_objects, unsafe, progress, rules=()):
     """Imports custom objects, checks the rule files and loads the model.
 
@@ -292,9 +312,7 @@ def to_sync(model, output, rules, custom_objects, dry_run, report_path, force, u
                 report_path, force=force, inputs=(model, model_file)
             )
 
-        progress = Progress()
-        with progress.step("starting TensorFlow"):
-            prepare_tensorflow()
+        progress = start_tensorflow()
         keras_model, objects = load_input(
             model, custom_objects=custom_objects, unsafe=unsafe, progress=progress,
             rules=rules,
@@ -530,9 +548,7 @@ def inspect_command(model, rules, custom_objects, target, unsafe, as_json):
 
         if not compat.handles(model):  # tf-keras models: compat/tf_keras_io.py
             model_io.resolve_model_file(model)
-        progress = Progress()
-        with progress.step("starting TensorFlow"):
-            prepare_tensorflow()
+        progress = start_tensorflow()
         keras_model, objects = load_input(
             model, custom_objects=custom_objects, unsafe=unsafe, progress=progress,
             rules=rules,
@@ -637,17 +653,10 @@ def to_inference(model, output, keras_out, no_fold, opset, no_check, tolerance,
                 report_path, force=force, inputs=protected + (out, keras_out)
             )
 
-        progress = Progress()
-        with progress.step("starting TensorFlow"):
-            prepare_tensorflow()
+        progress = start_tensorflow()
+        check_opset(opset)
         from bnconvert import onnx_export
 
-        if opset is not None and opset not in onnx_export.supported_opsets():
-            allowed = onnx_export.supported_opsets()
-            raise click.ClickException(
-                f"The ONNX exporter (tf2onnx) cannot write opset {opset}; use one "
-                f"from {allowed.start} to {allowed.stop - 1}. Received: --opset={opset}"
-            )
         keras_model, objects = load_input(
             model, custom_objects=custom_objects, unsafe=unsafe, progress=progress,
             rules=rules,

@@ -42,9 +42,7 @@ def to_sync(model, output, rules, custom_objects, dry_run, report_path, force, u
         if report_path:
             model_io.check_output_path(report_path, force=force, inputs=(model,))
 
-        progress = cli.Progress()
-        with progress.step("starting TensorFlow"):
-            cli.prepare_tensorflow()
+        progress = cli.start_tensorflow()
         keras_model, objects = _load(model, custom_objects, unsafe, progress, rules)
 
         from bnconvert.compat import tf_keras_convert
@@ -99,17 +97,10 @@ def to_inference(model, output, keras_out, no_fold, opset, no_check, tolerance,
                 report_path, force=force, inputs=protected + (out, keras_out)
             )
 
-        progress = cli.Progress()
-        with progress.step("starting TensorFlow"):
-            cli.prepare_tensorflow()
+        progress = cli.start_tensorflow()
+        cli.check_opset(opset)
         from bnconvert import onnx_export
 
-        if opset is not None and opset not in onnx_export.supported_opsets():
-            allowed = onnx_export.supported_opsets()
-            raise click.ClickException(
-                f"The ONNX exporter (tf2onnx) cannot write opset {opset}; use one "
-                f"from {allowed.start} to {allowed.stop - 1}. Received: --opset={opset}"
-            )
         keras_model, objects = _load(model, custom_objects, unsafe, progress, rules)
 
         from bnconvert.compat import tf_keras_convert
