@@ -28,11 +28,14 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import bnconvert  # noqa: E402  (quiets TensorFlow's start-up)
-import keras  # noqa: E402
+import bnconvert_cli as cli  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-from bnconvert import cli  # noqa: E402
+cli.start_tensorflow()  # quiet device start-up, as the CLI does
+
+import bnconvert  # noqa: E402
+import keras  # noqa: E402
+
 from bnconvert import model_io  # noqa: E402
 
 
@@ -142,7 +145,6 @@ def main(argv=None):
     parser.add_argument("--no-resnet", action="store_true")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    cli.prepare_tensorflow()  # quiet device start-up, as the CLI does
 
     print(f"bnconvert {bnconvert.__version__}, keras {keras.__version__}, "
           f"{os.cpu_count()} CPUs, best of {args.repeats}")

@@ -1,24 +1,19 @@
 """bnconvert: rewrite Keras models between BatchNormalization flavours.
 
-The public API lives here and nowhere else.
+The public API lives here and nowhere else. Importing the package registers
+`SyncBatchNormalization` with Keras 3 (and, when tf-keras is imported, its
+tf-keras twin; see `bnconvert.compat`) and does nothing more: no
+environment variable, logger or file descriptor of the process is touched.
 """
 
-import os as _os
-
-_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-# TensorFlow's native start-up lines bypass TF_CPP_MIN_LOG_LEVEL.
-from bnconvert.quiet import native_stderr_silenced as _quiet  # noqa: E402
-
-with _quiet():
-    from bnconvert.layers import SyncBatchNormalization  # noqa: E402
-    from bnconvert.onnx_export import export_onnx  # noqa: E402
-    from bnconvert.convert import convert_model, inspect_model  # noqa: E402
-    from bnconvert.report import ConversionReport, LayerEvent  # noqa: E402
-    from bnconvert.rules import load_rules  # noqa: E402
-    # The tf-keras flavour: registered with tf-keras when tf_keras is imported.
-    from bnconvert import compat  # noqa: E402
+from bnconvert import compat
+from bnconvert.convert import convert_model
+from bnconvert.convert import inspect_model
+from bnconvert.layers import SyncBatchNormalization
+from bnconvert.onnx_export import export_onnx
+from bnconvert.report import ConversionReport
+from bnconvert.report import LayerEvent
+from bnconvert.rules import load_rules
 
 compat.install_registration_hook()
 
@@ -36,8 +31,8 @@ __all__ = [
     "ConversionReport",
     "LayerEvent",
     "SyncBatchNormalization",
-    "__version__",
     "TFKerasSyncBatchNormalization",
+    "__version__",
     "convert_model",
     "export_onnx",
     "inspect_model",

@@ -43,15 +43,13 @@ The arithmetic is done in float64 and cast to each variable's dtype.
 
 import dataclasses
 
-import keras
 import numpy as np
 
+from bnconvert import flavour as flavour_lib
+from bnconvert import keras_internals as internals
+from bnconvert import walk as walk_lib
 from bnconvert.errors import ConversionError
-
-try:  # The report classes are owned by bnconvert.report.
-    from bnconvert.report import LayerEvent
-except ImportError:  # pragma: no cover - only while report.py is missing
-    LayerEvent = None
+from bnconvert.report import LayerEvent
 
 # Which kernel variable holds the output channels, and how the per-channel
 # scale `s` is shaped to broadcast against it.
@@ -70,15 +68,15 @@ LAYOUTS = tuple(_LAYOUTS)
 class _Fold:
     """One BN-into-producer fold decided for a graph."""
 
-    bn: keras.layers.Layer
-    producer: keras.layers.Layer
+    bn: object
+    producer: object
     rule: object
 
 
-def fold_model(model, fold_rules, report=None):
+def fold_model(model, fold_rules, report=None, flavour=None):
     """Return a copy of `model` with BatchNormalization folded away.
 
-    Every `keras.layers.BatchNormalization` (and subclass) whose input is
+    Every plain `BatchNormalization` (exactly that class) whose input is
     produced by a layer that a fold rule names is merged into that layer
     when the fold is exact (see the module docstring); the BN disappears
     from the graph and the producer gets `use_bias=True`. Nested
@@ -89,10 +87,11 @@ def fold_model(model, fold_rules, report=None):
         model: A built Functional or Sequential `keras.Model`.
         fold_rules: Iterable of fold rules, each with `name`, `into` (the
             producer class names) and `layout` (one of `LAYOUTS`).
-        report: Optional report with an `events` list (or an `add`
-            method); one event per BN layer is appended, with action
-            `"folded"` or `"kept"` and the reason. Event paths start with
-            the model's name (`"model/block/bn"`), as in the conversion.
+        report: Optional `ConversionReport`; one event per normalization
+            layer is added, with action `"folded"` or `"kept"` and the
+            reason. Event paths start with the model's name
+            (`"model/block/bn"`), as in the conversion.
+        flavour: The model's `Flavour` (found from the model if `None`).
 
     Returns:
         A new `keras.Model` of the same kind, or `model` itself when it is
@@ -109,36 +108,38 @@ def fold_model(model, fold_rules, report=None):
                 f"Fold rule '{rule.name}' has an unknown layout; use one of "
                 f"{list(LAYOUTS)}. Received: layout={rule.layout!r}"
             )
-    return _Folder(rules, report).fold(model, prefix=model.name)
+    flavour = flavour or flavour_lib.flavour_of(model)
+    return _Folder(rules, report, flavour).fold(model, prefix=model.name)
 
 
 class _Folder:
-    def __init__(self, rules, report):
+    def __init__(self, rules, report, flavour):
         self.rules = rules
         self.report = report
+        self.flavour = flavour
 
     # -- entry per model ---------------------------------------------------
 
     def fold(self, model, prefix):
-        if isinstance(model, keras.Sequential):
+        if isinstance(model, self.flavour.Sequential):
             return self._fold_sequential(model, prefix)
-        if isinstance(model, keras.Model) and hasattr(model, "_nodes_by_depth"):
+        if self.flavour.is_graph_model(model):
             return self._fold_functional(model, prefix)
-        for layer in _bn_layers(model):
-            self._event(prefix, layer, None, "kept",
+        for path, layer in walk_lib.normalization_layers(model, self.flavour):
+            self._event(path.rsplit("/", 1)[0], layer, None, "kept",
                         f"model '{model.name}' is subclassed: its graph cannot be rebuilt")
         return model
 
     def _fold_sequential(self, model, prefix):
         layers = list(model.layers)
         if not model.built or not model.inputs:
-            for layer in _bn_layers(model):
-                self._event(prefix, layer, None, "kept",
+            for path, layer in walk_lib.normalization_layers(model, self.flavour):
+                self._event(path.rsplit("/", 1)[0], layer, None, "kept",
                             f"Sequential model '{model.name}' has no Input: it is not built")
             return model
         folds = {}
         for i, layer in enumerate(layers):
-            if not _is_bn(layer):
+            if not self._candidate(prefix, layer):
                 continue
             if i == 0:
                 self._event(prefix, layer, None, "kept", "its input is the model input")
@@ -157,31 +158,29 @@ class _Folder:
             for layer in layers
             if id(layer) not in folds
         ]
-        inputs = _fresh_input(model.inputs[0])
-        folded = keras.Sequential([inputs] + new_layers, name=model.name,
-                                  trainable=model.trainable)
+        inputs = self.flavour.fresh_input(model.inputs[0])
+        folded = self.flavour.Sequential([inputs] + new_layers, name=model.name)
+        folded.trainable = model.trainable
         self._carry_weights(clones, folds)
         return folded
 
     def _fold_functional(self, model, prefix):
-        by_depth = model._nodes_by_depth
-        nodes = [n for depth in sorted(by_depth, reverse=True) for n in by_depth[depth]]
+        nodes = internals.graph_nodes(model)
         calls = {}
         consumers = {}
         for node in nodes:
-            if node.operation is None or node.is_input:
+            if node.layer is None or node.is_input:
                 continue
-            calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
+            calls[id(node.layer)] = calls.get(id(node.layer), 0) + 1
             for t in node.input_tensors:
                 consumers[id(t)] = consumers.get(id(t), 0) + 1
         for t in model.outputs:
             consumers[id(t)] = consumers.get(id(t), 0) + 1
-        graph_nodes = {id(n) for n in nodes}
 
         folds = {}
         for node in nodes:
-            bn = node.operation
-            if node.is_input or not _is_bn(bn):
+            bn = node.layer
+            if node.is_input or not self._candidate(prefix, bn):
                 continue
             if calls[id(bn)] > 1:
                 self._event(prefix, bn, None, "kept",
@@ -192,16 +191,15 @@ class _Folder:
                 self._event(prefix, bn, None, "kept", "its call has more than one input tensor")
                 continue
             y = tensors[0]
-            producer, node_index, _ = y._keras_history
-            producer_node = producer._inbound_nodes[node_index]
-            if id(producer_node) not in graph_nodes or producer_node.is_input:
+            producer, producer_is_input = internals.producer_of(y)
+            if producer_is_input or id(producer) not in calls:
                 self._event(prefix, bn, None, "kept", "its input is the model input")
                 continue
             if calls[id(producer)] > 1:
                 self._event(prefix, bn, None, "kept",
                             f"its producer '{producer.name}' is called more than once")
                 continue
-            training = node.arguments.kwargs.get("training")
+            training = node.kwargs.get("training")
             self._decide(prefix, bn, producer, len(y.shape),
                          consumers=consumers[id(y)], training=training, folds=folds)
 
@@ -210,21 +208,24 @@ class _Folder:
         def clone_function(layer):
             return self._clone(layer, folds, clones, prefix)
 
-        def call_function(layer, *args, **kwargs):
-            if id(layer) in folds:
-                return args[0] if args else kwargs["inputs"]
-            return layer(*args, **kwargs)
-
-        folded = keras.models.clone_model(
-            model,
-            input_tensors=keras.tree.map_structure(_fresh_input, model.input),
-            clone_function=clone_function,
-            call_function=call_function,
-        )
+        folded = self.flavour.clone_graph(model, clone_function, bypass=frozenset(folds))
         self._carry_weights(clones, folds)
         return folded
 
     # -- decisions ---------------------------------------------------------
+
+    def _candidate(self, prefix, layer):
+        """Whether `layer` is a BN to consider; a BN whose maths may differ is kept."""
+        if not walk_lib.is_normalization(layer, self.flavour):
+            return False
+        if walk_lib.is_plain_bn(layer, self.flavour):
+            return True
+        self._event(
+            prefix, layer, None, "kept",
+            f"{type(layer).__name__} is not plain BatchNormalization (a subclass or "
+            "a synchronized layer): its inference maths may differ from the fold's",
+        )
+        return False
 
     def _decide(self, prefix, bn, producer, rank, consumers, training, folds):
         """Record in `folds` (keyed by BN id) when the fold is exact."""
@@ -245,31 +246,26 @@ class _Folder:
 
     def _rule_for(self, producer):
         """The first fold rule naming the producer's exact class, or None."""
-        kind = type(producer)
         for rule in self.rules:
-            classes = getattr(rule, "classes", ())
-            if classes:
-                if kind in classes:
-                    return rule
-            elif kind.__name__ in rule.into and getattr(keras.layers, kind.__name__, kind) is kind:
-                # Unresolved rule: match the bare name, but a user subclass
-                # that merely shares a Keras layer's name is not that layer.
+            if type(producer) in rule.classes:
                 return rule
         return None
 
     # -- rebuilding --------------------------------------------------------
 
     def _clone(self, layer, folds, clones, prefix):
-        if isinstance(layer, keras.Model):
+        if isinstance(layer, self.flavour.Model):
             return self.fold(layer, _join(prefix, layer.name))
         if id(layer) in folds:
-            return layer  # never called: call_function bypasses it
-        if not isinstance(layer, keras.layers.Layer):
+            return layer  # never called: the clone bypasses it
+        if not isinstance(layer, self.flavour.Layer):
             return layer  # a stateless op (e.g. `x + y` on KerasTensors)
         config = layer.get_config()
         if _fold_of_producer(layer, folds) is not None:
             config["use_bias"] = True
-        clone = type(layer).from_config(config)
+        clone = self.flavour.from_config(
+            type(layer), config, safe_mode=not isinstance(layer, self.flavour.Lambda)
+        )
         clones[id(layer)] = (layer, clone)
         return clone
 
@@ -281,7 +277,7 @@ class _Folder:
                 continue
             values = _folded_weights(fold)
             for var in clone.weights:
-                var.assign(values[_short_name(var)].astype(var.dtype))
+                var.assign(values[_short_name(var)].astype(var.numpy().dtype))
 
     # -- report ------------------------------------------------------------
 
@@ -297,11 +293,7 @@ class _Folder:
             action=action,
             reason=reason,
         )
-        event = LayerEvent(**fields) if LayerEvent is not None else fields
-        if hasattr(self.report, "add"):
-            self.report.add(event)
-        else:
-            self.report.events.append(event)
+        self.report.add(LayerEvent(**fields))
 
 
 def _why_not(bn, producer, rule, rank, consumers, training):
@@ -357,11 +349,10 @@ def _folded_weights(fold):
 
 
 def _f64(variable):
-    return np.asarray(keras.ops.convert_to_numpy(variable), dtype=np.float64)
+    return np.asarray(variable.numpy(), dtype=np.float64)
 
 
-def _short_name(variable):
-    return variable.name
+_short_name = walk_lib.short_name
 
 
 def _fold_of_producer(layer, folds):
@@ -371,30 +362,9 @@ def _fold_of_producer(layer, folds):
     return None
 
 
-def _fresh_input(tensor):
-    """A new `keras.Input` like `tensor`, named after its InputLayer."""
-    layer = tensor._keras_history[0]
-    return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=layer.name)
-
-
-def _is_bn(layer):
-    return isinstance(layer, keras.layers.BatchNormalization)
-
-
-def _bn_layers(model):
-    found = []
-    for layer in getattr(model, "layers", []):
-        if _is_bn(layer):
-            found.append(layer)
-        elif isinstance(layer, keras.Model):
-            found.extend(_bn_layers(layer))
-    return found
-
-
 def _input_shape(layer):
     config = layer.get_build_config() or {}
     return config.get("input_shape") or ()
 
 
-def _join(prefix, name):
-    return f"{prefix}/{name}" if prefix else name
+_join = walk_lib.join

@@ -18,16 +18,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bnconvert import model_io
+from bnconvert import keras_internals as internals
+from bnconvert import paths
+from bnconvert import verify
 from bnconvert.errors import ConversionError
 from bnconvert.errors import OutputError
 from bnconvert.errors import VerificationError
-
-# Batch size of the generated check input: > 1 so a batch dimension that
-# was frozen to 1 by mistake shows up as an error.
-_CHECK_BATCH = 2
-# Size used for spatial dimensions the model leaves undefined.
-_FREE_DIM = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,26 +101,21 @@ def export_onnx(model, path, *, opset=None, tolerance=1e-4, inputs=None, check=T
             "The output directory does not exist; create it or choose another "
             f"path. Received: path={path!r}"
         )
-    opset = _check_opset(opset)
+    opset = check_opset(opset)
     input_names, specs = _input_specs(model)
     output_names = _output_names(model)
     extra = _user_batches(model, input_names, inputs)
 
-    batches = [_generated_batch(model, specs)] + extra
+    batches = [verify.sample_inputs(model)[0]] + extra
     diffs = (None, None)
     try:
-        with model_io.atomic_output(path) as tmp:
+        with paths.atomic_file(path) as tmp:
             proto = _convert(model, specs, input_names, output_names, opset)
             tmp.write_bytes(proto.SerializeToString())
             if check:
-                diffs = _compare(model, str(tmp), input_names, output_names, batches)
-                if not diffs[1] <= tolerance:
-                    raise VerificationError(
-                        f"The ONNX model differs from the Keras model '{model.name}' "
-                        f"by {diffs[1]:.3g} (relative; {diffs[0]:.3g} absolute), more "
-                        f"than the tolerance; nothing was written. Received: "
-                        f"tolerance={tolerance}"
-                    )
+                diffs = _compare(
+                    model, str(tmp), input_names, output_names, batches, tolerance
+                )
     except PermissionError as e:
         raise OutputError(
             f"Cannot write the ONNX file ({e.strerror}). Received: path={path!r}"
@@ -150,13 +141,14 @@ def supported_opsets():
     return range(known[0], known[-1] + 1)
 
 
-def _check_opset(opset):
+def check_opset(opset):
+    """Returns `opset` if the exporter can write it; raises `ConversionError` if not."""
     if opset is None:
         return None
     allowed = supported_opsets()
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in allowed:
         raise ConversionError(
-            f"The ONNX exporter (tf2onnx) cannot write this opset; use one from "
+            f"The ONNX exporter (tf2onnx) cannot write opset {opset}; use one from "
             f"{allowed.start} to {allowed.stop - 1}. Received: opset={opset!r}"
         )
     return opset
@@ -170,7 +162,7 @@ def _input_specs(model):
         )
     names, specs = [], []
     for tensor in model.inputs:
-        name = tensor._keras_history[0].name
+        name = internals.producing_layer(tensor).name
         names.append(name)
         shape = (None,) + tuple(tensor.shape[1:])
         specs.append(tf.TensorSpec(shape, tf.as_dtype(tensor.dtype), name=name))
@@ -180,7 +172,7 @@ def _input_specs(model):
 def _output_names(model):
     names = []
     for tensor in model.outputs:
-        name = tensor._keras_history[0].name
+        name = internals.producing_layer(tensor).name
         base, i = name, 1
         while name in names:
             name = f"{base}_{i}"
@@ -191,9 +183,6 @@ def _output_names(model):
 
 def _convert(model, specs, input_names, output_names, opset):
     import tf2onnx
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
 
     structure = model.input
 
@@ -208,7 +197,7 @@ def _convert(model, specs, input_names, output_names, opset):
             # eager tensors a layer keeps outside variables (Normalization's
             # mean and variance) into constants; `from_function` would make
             # each of them an extra graph input.
-            frozen = convert_variables_to_constants_v2(fn.get_concrete_function())
+            frozen = internals.freeze_concrete_function(fn.get_concrete_function())
             renames = dict(zip((t.name for t in frozen.inputs), input_names))
             renames.update(zip((t.name for t in frozen.outputs), output_names))
             proto, _ = tf2onnx.convert.from_graph_def(
@@ -295,21 +284,6 @@ def _proto_opset(proto):
     return None
 
 
-def _generated_batch(model, specs):
-    rng = np.random.default_rng(0)
-    batch = []
-    for spec in specs:
-        shape = [_CHECK_BATCH] + [d if d is not None else _FREE_DIM for d in spec.shape[1:]]
-        dtype = spec.dtype.as_numpy_dtype
-        if np.issubdtype(dtype, np.integer):
-            batch.append(rng.integers(0, 2, size=shape).astype(dtype))
-        elif dtype == np.bool_:
-            batch.append(rng.integers(0, 2, size=shape).astype(bool))
-        else:
-            batch.append(rng.standard_normal(shape).astype(dtype))
-    return batch
-
-
 def _user_batches(model, input_names, inputs):
     """Check inputs given by the user, as one list of arrays per batch."""
     if inputs is None:
@@ -356,7 +330,8 @@ def _load_array(value):
     return np.asarray(value)
 
 
-def _compare(model, onnx_path, input_names, output_names, batches):
+def _compare(model, onnx_path, input_names, output_names, batches, tolerance):
+    """Runs each batch in Keras and onnxruntime; returns the worst `(abs, rel)` figures."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -370,22 +345,13 @@ def _compare(model, onnx_path, input_names, output_names, batches):
         raise ConversionError(
             f"onnxruntime cannot load the exported graph of model '{model.name}': {first}"
         ) from e
-    max_abs, max_rel = 0.0, 0.0
+    worst = (0.0, 0.0)
     for batch in batches:
-        structure = keras.tree.pack_sequence_as(model.input, batch)
-        want = [np.asarray(o) for o in keras.tree.flatten(model(structure, training=False))]
-        got = session.run(output_names, dict(zip(input_names, batch)))
-        for w, g in zip(want, got):
-            if w.shape != g.shape:
-                raise VerificationError(
-                    f"The ONNX model's output has shape {g.shape}, Keras gives {w.shape}; "
-                    f"nothing was written. Received: model={model.name}"
-                )
-            w64, g64 = w.astype(np.float64), g.astype(np.float64)
-            diff = float(np.max(np.abs(w64 - g64))) if w.size else 0.0
-            scale = float(np.max(np.abs(w64))) if w.size else 0.0
-            if not np.isfinite(diff):
-                diff = float("inf")
-            max_abs = max(max_abs, diff)
-            max_rel = max(max_rel, diff / scale if scale > 0 else diff)
-    return max_abs, max_rel
+        figures = verify.compare(
+            verify.run(model, batch),
+            session.run(output_names, dict(zip(input_names, batch))),
+            tolerance=tolerance, relative=True,
+            what=f"The ONNX model of '{model.name}' (onnxruntime)",
+        )
+        worst = (max(worst[0], figures[0]), max(worst[1], figures[1]))
+    return worst

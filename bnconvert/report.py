@@ -8,7 +8,14 @@ renders as a dict, as JSON, and as a short text table for the CLI.
 import dataclasses
 import json
 
+from bnconvert import walk as walk_lib
+
 ACTIONS = ("applied", "skipped", "unchanged", "folded", "kept")
+
+_NORMALIZATION_SETTINGS = (
+    "axis", "momentum", "epsilon", "center", "scale", "renorm", "synchronized",
+    "trainable",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,3 +173,134 @@ class ConversionReport:
         elif self.verification_note:
             lines.append(f"not verified: {self.verification_note}")
         return "\n".join(lines)
+
+
+# -- bnconvert inspect ---------------------------------------------------------
+
+
+def _layer_settings(layer):
+    # tf-keras leaves `synchronized` (and `renorm` when off) out of
+    # get_config(), and both Sync layers drop `synchronized`; the layer's
+    # attribute of the same name says it then.
+    config = layer.get_config()
+    settings = {}
+    for key in _NORMALIZATION_SETTINGS:
+        value = config.get(key, getattr(layer, key, None))
+        if value is not None:
+            settings[key] = value
+    axis = settings.get("axis")
+    if axis is not None and not isinstance(axis, int):
+        # tf-keras keeps a built layer's axes in a tracking ListWrapper.
+        settings["axis"] = [int(a) for a in axis]
+    settings["trainable"] = bool(layer.trainable)
+    if type(layer).__name__.startswith("Sync"):
+        settings["synchronized"] = True
+    return settings
+
+
+def _layer_shape(layer):
+    shapes = {tuple(int(d) for d in w.shape) for w in layer.weights}
+    if len(shapes) == 1:
+        return list(shapes.pop())
+    return [list(s) for s in sorted(shapes)] or None
+
+
+def inspect_rows(model, report, flavour, named=frozenset()):
+    """Joins the model's normalization layers with the report's events.
+
+    Args:
+        model: The inspected model.
+        report: The `ConversionReport` of `inspect_model`.
+        flavour: The model's `Flavour`.
+        named: Classes the rules name (normalization layers too).
+
+    Returns:
+        A list of dicts, one per normalization layer (and one per event on a
+        layer not found by the walk), each with `path`, `class`, `shape`,
+        `settings` and `events` (what the rules would do).
+    """
+    events_by_path = {}
+    for event in report.events:
+        events_by_path.setdefault(event.path, []).append(event)
+    rows = []
+    for path, layer in walk_lib.normalization_layers(model, flavour, named):
+        rows.append({
+            "path": path,
+            "class": type(layer).__name__,
+            "shape": _layer_shape(layer),
+            "settings": _layer_settings(layer),
+            "events": [_event_dict(e) for e in events_by_path.pop(path, [])],
+        })
+    for path, events in events_by_path.items():
+        rows.append({
+            "path": path,
+            "class": events[0].class_before,
+            "shape": None,
+            "settings": {},
+            "events": [_event_dict(e) for e in events],
+        })
+    return rows
+
+
+def _event_dict(event):
+    return {
+        "path": event.path,
+        "class_before": event.class_before,
+        "class_after": event.class_after,
+        "rule": event.rule,
+        "action": event.action,
+        "reason": event.reason,
+    }
+
+
+def _format_settings(settings):
+    """`axis=-1 momentum=0.99 epsilon=0.001 center scale`: true flags by name."""
+    parts = []
+    for key, value in settings.items():
+        if key == "trainable":
+            if not value:
+                parts.append("frozen")
+        elif isinstance(value, bool):
+            if value:
+                parts.append(key)
+        elif isinstance(value, float):
+            parts.append(f"{key}={value:g}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def _format_event(event):
+    if event["action"] == "applied":
+        return f"{event['rule']}: -> {event['class_after']}"
+    text = event["action"]
+    if event["rule"]:
+        text = f"{event['rule']}: {text}"
+    return f"{text} ({event['reason']})" if event["reason"] else text
+
+
+def format_inspect_rows(rows):
+    """The `bnconvert inspect` table of `inspect_rows`, as text."""
+    headers = ("path", "class", "shape", "settings", "rule")
+    table = []
+    for row in rows:
+        shape = row["shape"]
+        if shape and all(isinstance(d, int) for d in shape):
+            shape = "x".join(str(d) for d in shape)
+        actions = "; ".join(_format_event(e) for e in row["events"])
+        table.append((
+            row["path"], row["class"], str(shape or "-"),
+            _format_settings(row["settings"]), actions or "no rule applies",
+        ))
+    widths = [
+        max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(headers)
+    ]
+    # The last column is left unpadded so lines carry no trailing blanks.
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(headers[:-1], widths)) + "  " + headers[-1]
+    ]
+    for r in table:
+        lines.append(
+            "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1]
+        )
+    return "\n".join(lines)

@@ -12,25 +12,25 @@ tree, installed as the package data directory `bnconvert/rules/`. User files
 are applied on top of them: a rule with the name of an earlier one replaces
 it, and rules from later files take precedence when several match a layer.
 
-Class names are resolved without importing anything: through the user's
-`custom_objects`, Keras's registered objects (`"bnconvert>SyncBatchNormalization"`),
-an attribute path under the `keras` package (`"keras.layers.BatchNormalization"`),
-or a bare name of a class in `keras.layers` (`"Conv2D"`). A name under
-`tf_keras` (`"tf_keras.layers.experimental.SyncBatchNormalization"`) names a
-tf-keras class; tf-keras is imported only when such a name appears.
+Class names are resolved in the model's flavour (`resolve_class`) without
+importing anything. A rule's target must be a normalization layer class:
+rules are data, and a target such as `Lambda` would let a rule file carry
+code.
 """
 
-import dataclasses
 import importlib.resources
 import os
 import pathlib
-import sys
 import tomllib
 from types import MappingProxyType
 
-import keras
-
+from bnconvert import flavour as flavour_lib
 from bnconvert.errors import RuleError
+# The data types live in their own module; they are part of this one's API.
+from bnconvert.rule_types import ConfigMapping
+from bnconvert.rule_types import FoldRule
+from bnconvert.rule_types import Rule
+from bnconvert.rule_types import RuleSet
 
 DIRECTIONS = ("sync", "inference")
 FOLD_LAYOUTS = ("conv", "conv_transpose", "depthwise", "separable", "dense")
@@ -44,139 +44,6 @@ _RULE_REQUIRED = ("name", "direction", "match", "target")
 _CONFIG_KEYS = {"drop", "rename", "set"}
 _FOLD_KEYS = {"name", "description", "into", "layout"}
 _FOLD_REQUIRED = ("name", "into", "layout")
-
-
-@dataclasses.dataclass(frozen=True)
-class ConfigMapping:
-    """How a matched layer's `get_config()` becomes the target's config.
-
-    Applied in this order: `drop` removes keys, `rename` moves values to new
-    keys, `set` writes fixed values. Every other key is carried unchanged.
-
-    Attributes:
-        drop: Keys removed from the source config.
-        rename: Read-only mapping old key -> new key.
-        set: Read-only mapping key -> value written into the config.
-    """
-
-    drop: tuple[str, ...] = ()
-    rename: MappingProxyType = dataclasses.field(
-        default_factory=lambda: MappingProxyType({})
-    )
-    set: MappingProxyType = dataclasses.field(
-        default_factory=lambda: MappingProxyType({})
-    )
-
-    def apply(self, config):
-        """Returns a new config dict with the mapping applied to `config`."""
-        config = dict(config)
-        for key in self.drop:
-            config.pop(key, None)
-        for old, new in self.rename.items():
-            if old in config:
-                config[new] = config.pop(old)
-        config.update(self.set)
-        return config
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """One layer rewrite.
-
-    Attributes:
-        name: Unique name; a later file's rule of the same name replaces it.
-        direction: `"sync"` or `"inference"`.
-        match: Class names as written in the file.
-        match_classes: The resolved classes; a layer matches when its class
-            is exactly one of them (subclasses must be named).
-        when: Read-only mapping config key -> required value (all must hold).
-        target: Target class name as written in the file.
-        target_class: The resolved target class.
-        config: The `ConfigMapping` from source to target config.
-        weights: Read-only mapping target weight name -> source weight name;
-            weights not listed keep their name.
-        description: Free text shown in docs.
-        source: The file the rule comes from.
-    """
-
-    name: str
-    direction: str
-    match: tuple[str, ...]
-    match_classes: tuple[type, ...]
-    target: str
-    target_class: type
-    when: MappingProxyType = dataclasses.field(
-        default_factory=lambda: MappingProxyType({})
-    )
-    config: ConfigMapping = dataclasses.field(default_factory=ConfigMapping)
-    weights: MappingProxyType = dataclasses.field(
-        default_factory=lambda: MappingProxyType({})
-    )
-    description: str = ""
-    source: str = ""
-
-    def why_not(self, layer):
-        """Returns why this rule does not apply to `layer`, or `None` if it does."""
-        if type(layer) not in self.match_classes:
-            return f"class {type(layer).__name__} is not one of {list(self.match)}"
-        if self.when:
-            config = layer.get_config()
-            for key, expected in self.when.items():
-                if key not in config:
-                    return f"config has no key '{key}'"
-                if config[key] != expected:
-                    return f"config {key}={config[key]!r}, rule wants {expected!r}"
-        return None
-
-    def source_weight_name(self, target_name):
-        """The source weight name that feeds target weight `target_name`."""
-        return self.weights.get(target_name, target_name)
-
-
-@dataclasses.dataclass(frozen=True)
-class FoldRule:
-    """Which producer layers a BatchNormalization may be folded into.
-
-    Attributes:
-        name: Unique name among fold rules.
-        into: Producer class names as written in the file.
-        layout: Where the producer's kernel keeps its output channels; one
-            of `FOLD_LAYOUTS`.
-        source: The file the rule comes from.
-        classes: The resolved producer classes (exact classes).
-    """
-
-    name: str
-    into: tuple[str, ...]
-    layout: str
-    source: str = ""
-    classes: tuple[type, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class RuleSet:
-    """Every rule in force, in precedence order (first match wins).
-
-    Attributes:
-        rules: Layer rewrite rules; those of later files come first.
-        fold_rules: Fold rules, in file order.
-        sources: The files read, in load order.
-    """
-
-    rules: tuple[Rule, ...]
-    fold_rules: tuple[FoldRule, ...]
-    sources: tuple[str, ...]
-
-    def for_direction(self, direction):
-        """The enabled rules of one direction, in precedence order."""
-        return tuple(r for r in self.rules if r.direction == direction)
-
-    def match(self, layer, direction):
-        """Returns the first rule of `direction` that applies to `layer`, or `None`."""
-        for rule in self.for_direction(direction):
-            if rule.why_not(layer) is None:
-                return rule
-        return None
 
 
 def shipped_rule_files():
@@ -207,7 +74,7 @@ def shipped_rule_files():
     )
 
 
-def load_rules(paths=None, *, custom_objects=None):
+def load_rules(paths=None, *, custom_objects=None, flavour=None):
     """Loads the shipped rules, then the user's rule files on top.
 
     Args:
@@ -217,6 +84,11 @@ def load_rules(paths=None, *, custom_objects=None):
             it.
         custom_objects: Optional dict name -> class used to resolve class
             names in the rules.
+        flavour: The `Flavour` whose classes the names resolve to
+            (`bnconvert.flavour.flavour_of(model)` gives a model's). With
+            `None`, `tf_keras.` names resolve in tf-keras and all others in
+            Keras 3. For a Keras 3 flavour, a rule whose match or target
+            names only `tf_keras.` classes is a tf-keras rule and is left out.
 
     Returns:
         A `RuleSet`.
@@ -235,7 +107,7 @@ def load_rules(paths=None, *, custom_objects=None):
     rules = {}  # name -> (file index, Rule); dicts keep insertion order
     folds = {}
     for index, path in enumerate(files):
-        file_rules, file_folds, disabled = _parse_file(path, custom_objects)
+        file_rules, file_folds, disabled = _parse_file(path, custom_objects, flavour)
         for rule in file_rules:
             rules.pop(rule.name, None)
             rules[rule.name] = (index, rule)
@@ -253,69 +125,48 @@ def load_rules(paths=None, *, custom_objects=None):
     )
 
 
-def resolve_class(name, custom_objects=None):
-    """Returns the layer class that `name` designates, or `None`.
+def resolve_class(name, custom_objects=None, flavour=None):
+    """Returns the layer class that `name` designates in a flavour, or `None`.
 
     Args:
-        name: `"package>Class"` (a registered Keras object), a name in
-            `custom_objects`, an attribute path under `keras`
-            (`"keras.layers.Dense"`) or `tf_keras`
-            (`"tf_keras.layers.BatchNormalization"`), or a bare
-            `keras.layers` class name.
+        name: `"package>Class"` (a registered object), a name in
+            `custom_objects`, an attribute path (`"keras.layers.Dense"`; a
+            `tf_keras.` prefix means the same), or a bare `layers` name.
+            Paths are read in the flavour's own package: for a tf-keras
+            model `"keras.layers.Dense"` is `tf_keras.layers.Dense`, and
+            for a Keras 3 model `"tf_keras.layers.Dense"` is
+            `keras.layers.Dense`, so one rule file serves both.
         custom_objects: Optional dict name -> class.
+        flavour: The `Flavour` to resolve in; by default tf-keras for
+            `tf_keras.` names and Keras 3 for all others.
 
     Returns:
-        The class, or `None` if nothing of that name is a Keras (or tf-keras)
-        layer class.
+        The class, or `None` if nothing of that name is a layer class of
+        the flavour. Nothing is ever imported.
     """
-    if name.startswith("tf_keras."):
-        return _tf_keras_class(name)
-    candidate = keras.saving.get_registered_object(name, custom_objects)
+    flavour = flavour or _flavour_for(name, None)
+    candidate = flavour.registered_object(name, custom_objects)
     if candidate is None and custom_objects:
         # Classes given by value may be keyed by their bare name only.
         candidate = next(
             (c for c in custom_objects.values()
-             if isinstance(c, type) and keras.saving.get_registered_name(c) == name),
+             if isinstance(c, type) and flavour.registered_name(c) == name),
             None,
         )
-    if candidate is None and name.startswith("keras."):
-        candidate = keras
+    if candidate is None and name.startswith(("keras.", "tf_keras.")):
+        candidate = flavour.keras
         for part in name.split(".")[1:]:
             if not part.isidentifier() or part.startswith("_"):
                 return None
             candidate = getattr(candidate, part, None)
     elif candidate is None and name.isidentifier():
-        candidate = getattr(keras.layers, name, None)
-    if isinstance(candidate, type) and issubclass(candidate, keras.layers.Layer):
-        return candidate
-    if candidate is None and ">" in name and "tf_keras" in sys.modules:
-        # A custom class registered with tf-keras rather than Keras 3.
-        candidate = sys.modules["tf_keras"].saving.get_registered_object(name)
-        if isinstance(candidate, type) and issubclass(
-            candidate, sys.modules["tf_keras"].layers.Layer
-        ):
-            return candidate
-    return None
-
-
-def _tf_keras_class(name):
-    """The tf-keras layer class at attribute path `name` ("tf_keras.X.Y"), or `None`."""
-    parts = name.split(".")[1:]
-    if not all(p.isidentifier() and not p.startswith("_") for p in parts):
-        return None
-    try:
-        import tf_keras
-    except ImportError:
-        return None
-    candidate = tf_keras
-    for part in parts:
-        candidate = getattr(candidate, part, None)
-    if isinstance(candidate, type) and issubclass(candidate, tf_keras.layers.Layer):
+        candidate = getattr(flavour.keras.layers, name, None)
+    if isinstance(candidate, type) and issubclass(candidate, flavour.Layer):
         return candidate
     return None
 
 
-def _parse_file(path, custom_objects):
+def _parse_file(path, custom_objects, flavour):
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -347,14 +198,16 @@ def _parse_file(path, custom_objects):
         if not _optional(ctx, name, entry, "enabled", bool, True):
             disabled.append(name)
             continue
-        rules.append(_parse_rule(ctx, name, entry, custom_objects))
+        rule = _parse_rule(ctx, name, entry, custom_objects, flavour)
+        if rule is not None:
+            rules.append(rule)
     seen = set()
     for entry in _table_list(ctx, data, "fold"):
         name = _rule_name(ctx, entry, "fold")
         if name in seen:
             ctx.fail(name, "name", "is used by two fold rules in this file", name)
         seen.add(name)
-        folds.append(_parse_fold(ctx, name, entry, custom_objects))
+        folds.append(_parse_fold(ctx, name, entry, custom_objects, flavour))
     return rules, folds, disabled
 
 
@@ -430,23 +283,40 @@ def _string_table(ctx, rule, table, key):
     return MappingProxyType(dict(value))
 
 
-def _classes(ctx, rule, key, names, custom_objects):
+def _foreign(name, flavour):
+    """Whether `name` names a tf-keras class while resolving for Keras 3."""
+    return flavour is not None and flavour.name == flavour_lib.KERAS3 and name.startswith(
+        "tf_keras."
+    )
+
+
+def _flavour_for(name, flavour):
+    if flavour is not None:
+        return flavour
+    tf_keras_name = name.startswith("tf_keras.")
+    return flavour_lib.get(flavour_lib.TF_KERAS if tf_keras_name else flavour_lib.KERAS3)
+
+
+def _classes(ctx, rule, key, names, custom_objects, flavour):
+    """Resolves `names`; names of the other flavour's package are left out."""
     classes = []
     for name in names:
-        cls = resolve_class(name, custom_objects)
+        if _foreign(name, flavour):
+            continue
+        cls = resolve_class(name, custom_objects, _flavour_for(name, flavour))
         if cls is None:
             ctx.fail(
                 rule, key,
                 "unknown layer class; use a registered name ('package>Class'), "
-                "'keras.layers.Class', 'tf_keras.layers.Class', or pass the "
-                "class in custom_objects",
+                "'keras.layers.Class', 'tf_keras.layers.Class' (tf-keras only), or "
+                "pass the class in custom_objects",
                 name,
             )
         classes.append(cls)
     return tuple(classes)
 
 
-def _parse_rule(ctx, name, entry, custom_objects):
+def _parse_rule(ctx, name, entry, custom_objects, flavour):
     _check_keys(ctx, entry, _RULE_KEYS, _RULE_REQUIRED, name)
     direction = entry["direction"]
     if direction not in DIRECTIONS:
@@ -461,13 +331,31 @@ def _parse_rule(ctx, name, entry, custom_objects):
         rename=_string_table(ctx, name, config, "rename"),
         set=MappingProxyType(dict(_optional(ctx, name, config, "set", dict, {}))),
     )
+    match_classes = _classes(ctx, name, "match", match, custom_objects, flavour)
+    targets = _classes(ctx, name, "target", (target,), custom_objects, flavour)
+    if not match_classes or not targets:
+        # A rule naming tf-keras classes only (`tf_keras.layers.X`) is a
+        # tf-keras rule: it has nothing to match in a Keras 3 model.
+        return None
+    target_class = targets[0]
+    if not issubclass(target_class, _flavour_for(target, flavour).bn_classes):
+        # Rules are data: a target that is not a normalization layer could
+        # be a Lambda whose config carries code.
+        ctx.fail(
+            name, "target",
+            "must be a normalization layer class (bnconvert's, a "
+            "BatchNormalization class, or a subclass of one)",
+            target,
+        )
+    if flavour is not None:
+        match_classes += flavour.match_aliases(match_classes)
     return Rule(
         name=name,
         direction=direction,
         match=match,
-        match_classes=_classes(ctx, name, "match", match, custom_objects),
+        match_classes=match_classes,
         target=target,
-        target_class=_classes(ctx, name, "target", (target,), custom_objects)[0],
+        target_class=target_class,
         when=MappingProxyType(dict(when)),
         config=mapping,
         weights=_string_table(ctx, name, entry, "weights"),
@@ -476,7 +364,7 @@ def _parse_rule(ctx, name, entry, custom_objects):
     )
 
 
-def _parse_fold(ctx, name, entry, custom_objects):
+def _parse_fold(ctx, name, entry, custom_objects, flavour):
     _check_keys(ctx, entry, _FOLD_KEYS, _FOLD_REQUIRED, name)
     _optional(ctx, name, entry, "description", str, "")
     into = _string_list(ctx, name, entry, "into")
@@ -488,5 +376,11 @@ def _parse_fold(ctx, name, entry, custom_objects):
         into=into,
         layout=layout,
         source=ctx.path,
-        classes=_classes(ctx, name, "into", into, custom_objects),
+        classes=_classes(ctx, name, "into", into, custom_objects, flavour),
     )
+
+
+__all__ = [
+    "ConfigMapping", "DIRECTIONS", "FOLD_LAYOUTS", "FoldRule", "Rule", "RuleSet",
+    "load_rules", "resolve_class", "shipped_rule_files",
+]

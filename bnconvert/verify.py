@@ -1,68 +1,164 @@
-"""Holds a converted model's outputs to its original's.
+"""One sample batch and one output comparison, for every check bnconvert makes.
 
-A swap (BN -> SyncBN and back) must reproduce the outputs to the last bit,
-so it is held to an absolute tolerance (default 1e-6). Folding a BN into the
-layer before it changes the order of floating-point operations, so the
-error grows with the size of the outputs; it is held to a tolerance relative
-to the largest original output (default 1e-5).
+The same generated batch feeds the conversion check (original model against
+converted model, in Keras) and the ONNX check (Keras against onnxruntime):
+float inputs standard normal, integer inputs 0 or 1, booleans random, from
+one seed; an unknown batch size becomes 2 (so that a batch dimension frozen
+to 1 by mistake shows up) and other unknown sizes 32 (enough for the 32x
+downsampling of image backbones).
+
+A swap (BN -> SyncBN and back) must reproduce the outputs exactly, so it is
+held to an absolute tolerance (default 1e-6). Folding a BN into the layer
+before it, and running a graph in another runtime, change the order of
+floating-point operations, so the error grows with the size of the outputs;
+those are held to a tolerance relative to each output's largest magnitude.
 """
 
+import keras
 import numpy as np
 
+from bnconvert import keras_internals as internals
 from bnconvert.errors import VerificationError
 
 ABSOLUTE_TOLERANCE = 1e-6
 RELATIVE_TOLERANCE = 1e-5
 
+SAMPLE_BATCH = 2
+UNKNOWN_DIM = 32
+SEED = 1234
 
-def compare_outputs(expected, actual, *, tolerance, relative, report, name):
-    """Compares two flat lists of outputs and records the figures in `report`.
+
+def input_specs(model):
+    """`[(shape, numpy dtype)]` of `model`'s inputs in `model.inputs` order, or `None`.
+
+    Models built on symbolic inputs give their inputs; a subclassed Keras 3
+    model built from an input shape gives its build config's shape.
+    """
+    if internals.has_symbolic_inputs(model):
+        return [(tuple(t.shape), _numpy_dtype(t.dtype)) for t in model.inputs]
+    build = model.get_build_config() if getattr(model, "built", False) else None
+    shape = (build or {}).get("input_shape")
+    if isinstance(shape, (list, tuple)) and all(d is None or isinstance(d, int) for d in shape):
+        return [(tuple(shape), np.dtype("float32"))]
+    return None
+
+
+def _numpy_dtype(dtype):
+    return np.dtype(getattr(dtype, "as_numpy_dtype", dtype))
+
+
+def sample_inputs(model, batch=SAMPLE_BATCH):
+    """One seeded batch for `model`, as a flat list in `model.inputs` order.
 
     Args:
-        expected: Flat list of the original model's outputs.
-        actual: Flat list of the converted model's outputs.
+        model: A built model of either flavour.
+        batch: Size given to an unknown batch dimension.
+
+    Returns:
+        `(arrays, note)`: the arrays, or `None` and the reason when no batch
+        can be made.
+    """
+    specs = input_specs(model)
+    if specs is None:
+        return None, (
+            f"model '{model.name}' has no defined inputs (not built from an input "
+            "shape); nothing to compare"
+        )
+    rng = np.random.default_rng(SEED)
+    arrays = []
+    for shape, dtype in specs:
+        dims = tuple(
+            (batch if i == 0 else UNKNOWN_DIM) if d is None else int(d)
+            for i, d in enumerate(shape)
+        )
+        if np.issubdtype(dtype, np.floating):
+            arrays.append(rng.standard_normal(dims).astype(dtype))
+        elif dtype == np.bool_:
+            arrays.append(rng.integers(0, 2, size=dims).astype(bool))
+        elif np.issubdtype(dtype, np.integer):
+            arrays.append(rng.integers(0, 2, size=dims).astype(dtype))
+        else:
+            return None, f"cannot generate inputs of dtype {dtype}"
+    return arrays, "one generated batch, training=False"
+
+
+def run(model, arrays):
+    """`model`'s outputs (inference mode) on flat `arrays`, as a flat list of arrays."""
+    return [np.asarray(o) for o in keras.tree.flatten(model(_structured(model, arrays), training=False))]
+
+
+def _structured(model, arrays):
+    """`arrays` in the structure of `model`'s inputs (a Sequential has no `input` until called)."""
+    try:
+        return keras.tree.pack_sequence_as(model.input, list(arrays))
+    except (AttributeError, ValueError, TypeError):
+        return arrays[0] if len(arrays) == 1 else list(arrays)
+
+
+def compare(expected, actual, *, tolerance, relative, what="The converted model"):
+    """Holds `actual` outputs to `expected` ones.
+
+    Args:
+        expected: Flat list of reference outputs.
+        actual: Flat list of outputs to check.
         tolerance: Largest accepted difference.
-        relative: If `True`, the difference is divided by the largest
-            absolute original output before it is held to `tolerance`.
-        report: The `ConversionReport` that receives the figures.
-        name: The model's name, for error messages.
+        relative: If `True`, each output's difference is divided by that
+            output's largest reference magnitude before the comparison.
+        what: Names the checked side in messages.
+
+    Returns:
+        `(max_abs_diff, max_rel_diff)`.
 
     Raises:
         VerificationError: Different output count or shapes, or a difference
             beyond `tolerance`.
     """
-    report.tolerance = tolerance
-    report.tolerance_kind = "relative" if relative else "absolute"
     if len(expected) != len(actual):
         raise VerificationError(
-            f"The converted model has {len(actual)} outputs, the original "
-            f"{len(expected)}. Received: model={name}"
+            f"{what} has {len(actual)} outputs, the reference {len(expected)}."
         )
-    worst, scale = 0.0, 0.0
+    worst_abs, worst_rel = 0.0, 0.0
     for a, b in zip(expected, actual):
         a = np.asarray(a, dtype=np.float64)
         b = np.asarray(b, dtype=np.float64)
         if a.shape != b.shape:
             raise VerificationError(
-                f"An output of the converted model has shape {b.shape}, the "
-                f"original's {a.shape}. Received: model={name}"
+                f"An output of {what[0].lower() + what[1:]} has shape {b.shape}, "
+                f"the reference's {a.shape}."
             )
-        if a.size:
-            # NaN where the original has NaN too is agreement, not a difference.
-            diff = np.where(np.isnan(a) & np.isnan(b), 0.0, np.abs(a - b))
-            worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max()))
-            scale = max(scale, float(np.nanmax(np.abs(a), initial=0.0)))
-    report.verified = True
-    report.max_abs_diff = worst
-    report.max_rel_diff = worst / scale if scale > 0 else worst
-    measured = report.max_rel_diff if relative else worst
+        if not a.size:
+            continue
+        # NaN where the reference has NaN too is agreement, not a difference.
+        diff = np.where(np.isnan(a) & np.isnan(b), 0.0, np.abs(a - b))
+        worst = float(np.nan_to_num(diff, nan=np.inf).max())
+        scale = float(np.nanmax(np.abs(a), initial=0.0))
+        worst_abs = max(worst_abs, worst)
+        worst_rel = max(worst_rel, worst / scale if scale > 0 else worst)
+    measured = worst_rel if relative else worst_abs
     if not measured <= tolerance:
+        kind = "relative" if relative else "absolute"
         raise VerificationError(
-            f"The converted model's outputs differ from the original's by up to "
-            f"{worst:.3g} ({report.max_rel_diff:.3g} relative) on a generated "
-            "batch; check the rules, or raise the tolerance if the difference is "
-            f"expected. Received: tolerance={tolerance:g} ({report.tolerance_kind})"
+            f"{what}'s outputs differ from the reference's by up to {worst_abs:.3g} "
+            f"({worst_rel:.3g} relative) on a generated batch; nothing was written. "
+            "Check the rules, or raise the tolerance if the difference is expected. "
+            f"Received: tolerance={tolerance:g} ({kind})"
         )
+    return worst_abs, worst_rel
+
+
+def verify_conversion(original, converted, *, tolerance, relative, report):
+    """Runs both models on the sample batch and records the figures in `report`."""
+    arrays, note = sample_inputs(original)
+    report.verification_note = note
+    report.tolerance = tolerance
+    report.tolerance_kind = "relative" if relative else "absolute"
+    if arrays is None:
+        return
+    report.max_abs_diff, report.max_rel_diff = compare(
+        run(original, arrays), run(converted, arrays),
+        tolerance=tolerance, relative=relative,
+    )
+    report.verified = True
 
 
 def default_tolerance(folding):

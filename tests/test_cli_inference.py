@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import bnconvert
-from bnconvert import cli
+import bnconvert_cli as cli
 
 L = keras.layers
 

@@ -28,7 +28,7 @@ import tensorflow as tf
 import tf_keras
 from click.testing import CliRunner
 
-from bnconvert import cli
+import bnconvert_cli as cli
 
 COMMANDS = ("to-sync", "inspect", "to-inference")
 

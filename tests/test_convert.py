@@ -13,6 +13,15 @@ import pytest
 import bnconvert
 from bnconvert import convert
 from bnconvert import errors
+from bnconvert import flavour as flavour_lib
+from bnconvert import keras_internals
+from bnconvert import walk
+
+
+def _flatten(layer):
+    """`layer` and every layer below it, each once (InputLayers aside)."""
+    found = walk.iter_layers(layer, flavour_lib.flavour_of(layer))
+    return [layer] + [sub for _, sub in found]
 
 BN = keras.layers.BatchNormalization
 SYNC = bnconvert.SyncBatchNormalization
@@ -22,7 +31,7 @@ SYNC = bnconvert.SyncBatchNormalization
 
 def norm_layers(model):
     """Every BN-family layer below `model` (each once), in walk order."""
-    return [l for l in convert._flatten(model) if isinstance(l, BN)]
+    return [l for l in _flatten(model) if isinstance(l, BN)]
 
 
 def randomize(model, seed=0):
@@ -278,10 +287,10 @@ def test_subclassed_model_swaps_attributes_lists_dicts():
     assert synced.heads["main"].epsilon == pytest.approx(1e-2)
     # Keras's own sublayer list follows the swap (weights, saving use it).
     assert synced.stem_bn in synced._layers
-    assert not any(type(l) is BN for l in convert._flatten(synced))
+    assert not any(type(l) is BN for l in _flatten(synced))
     # Names are the original ones, not fresh automatic names.
-    assert [l.name for l in convert._flatten(synced)] == [
-        l.name for l in convert._flatten(model)
+    assert [l.name for l in _flatten(synced)] == [
+        l.name for l in _flatten(model)
     ]
     assert synced.name == "net"
     # The converted model still trains.
@@ -320,7 +329,7 @@ def test_keras_internal_sublayer_list_is_available():
     assert block.dense in block._layers and block.bn in block._layers
     assert hasattr(block._tracker, "replace_tracked_value")
     inp = keras.Input((4,))
-    assert isinstance(keras.Model(inp, inp), convert._FUNCTIONAL)
+    assert isinstance(keras.Model(inp, inp), keras_internals.keras3_functional_class())
 
 
 # -- what carries over ---------------------------------------------------
@@ -556,7 +565,7 @@ def test_model_from_path(tmp_path):
 def test_inference_calls_fold_when_available(monkeypatch):
     calls = []
 
-    def fake_fold(model, fold_rules, report):
+    def fake_fold(model, fold_rules, report, **kwargs):
         calls.append([r.name for r in fold_rules])
         return model
 

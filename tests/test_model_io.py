@@ -12,7 +12,10 @@ import pytest
 import tensorflow as tf
 
 import bnconvert  # noqa: F401  (registers the layer, quiets TensorFlow)
+from bnconvert import custom_objects
+from bnconvert import formats
 from bnconvert import model_io
+from bnconvert import paths
 from bnconvert.errors import ModelLoadError
 from bnconvert.errors import OutputError
 
@@ -229,7 +232,7 @@ def test_unknown_custom_layer_names_class(custom_model_file):
 
 def test_custom_objects_from_file(custom_model_file):
     path, module_path = custom_model_file
-    objects = model_io.import_custom_objects([str(module_path)])
+    objects = custom_objects.import_custom_objects([str(module_path)])
     assert "Doubler" in objects
     model = model_io.load_model(path, custom_objects=objects)
     x = np.array([[1.0, -2.0, 3.0]], "float32")
@@ -243,7 +246,7 @@ def test_custom_objects_by_module_name_from_cwd(custom_model_file, monkeypatch):
     path, module_path = custom_model_file
     monkeypatch.chdir(module_path.parent)
     monkeypatch.setattr(os.sys, "path", [p for p in os.sys.path if p not in ("", ".")])
-    objects = model_io.import_custom_objects(["my_layers"])
+    objects = custom_objects.import_custom_objects(["my_layers"])
     assert objects["Doubler"].__module__ == "my_layers"
     model_io.load_model(path, custom_objects=objects)
     monkeypatch.delitem(os.sys.modules, "my_layers", raising=False)
@@ -251,7 +254,7 @@ def test_custom_objects_by_module_name_from_cwd(custom_model_file, monkeypatch):
 
 def test_custom_objects_module_missing():
     with pytest.raises(ModelLoadError) as e:
-        model_io.import_custom_objects(["no_such_module_xyz"])
+        custom_objects.import_custom_objects(["no_such_module_xyz"])
     _one_line_error(e, "'no_such_module_xyz'", "PYTHONPATH")
 
 
@@ -259,7 +262,7 @@ def test_custom_objects_module_that_fails(tmp_path):
     path = tmp_path / "broken.py"
     path.write_text("raise RuntimeError('boom')\n")
     with pytest.raises(ModelLoadError) as e:
-        model_io.import_custom_objects([str(path)])
+        custom_objects.import_custom_objects([str(path)])
     _one_line_error(e, "broken.py", "RuntimeError: boom")
 
 
@@ -279,42 +282,42 @@ def test_lambda_layer_needs_unsafe(tmp_path):
 
 
 def test_default_output_path(tmp_path):
-    assert model_io.default_output_path(tmp_path / "a.keras", ".sync.keras") == (
+    assert paths.beside(tmp_path / "a.keras", ".sync.keras") == (
         tmp_path / "a.sync.keras"
     )
-    assert model_io.default_output_path(tmp_path / "b.h5", ".sync.keras") == (
+    assert paths.beside(tmp_path / "b.h5", ".sync.keras") == (
         tmp_path / "b.sync.keras"
     )
     d = tmp_path / "resnet"
     d.mkdir()
-    assert model_io.default_output_path(d, ".sync.keras") == tmp_path / "resnet.sync.keras"
+    assert paths.beside(d, ".sync.keras") == tmp_path / "resnet.sync.keras"
 
 
 def test_output_exists_needs_force(tmp_path):
     out = tmp_path / "o.keras"
     out.write_text("old")
     with pytest.raises(OutputError) as e:
-        model_io.check_output_path(out)
+        paths.check_output(out)
     _one_line_error(e, "o.keras", "already exists", "--force")
-    assert model_io.check_output_path(out, force=True) == out
+    assert paths.check_output(out, force=True) == out
 
 
 def test_output_directory_missing(tmp_path):
     with pytest.raises(OutputError) as e:
-        model_io.check_output_path(tmp_path / "nope" / "o.keras")
+        paths.check_output(tmp_path / "nope" / "o.keras")
     _one_line_error(e, "does not exist", "nope")
 
 
 def test_output_is_a_directory(tmp_path):
     (tmp_path / "d.keras").mkdir()
     with pytest.raises(OutputError) as e:
-        model_io.check_output_path(tmp_path / "d.keras", force=True)
+        paths.check_output(tmp_path / "d.keras", force=True)
     _one_line_error(e, "is a directory")
 
 
 def test_output_suffix(tmp_path):
     with pytest.raises(OutputError) as e:
-        model_io.check_output_path(tmp_path / "o.txt", suffixes=(".keras",))
+        paths.check_output(tmp_path / "o.txt", suffixes=(".keras",))
     _one_line_error(e, "must end in .keras")
 
 
@@ -324,14 +327,14 @@ def test_output_equal_to_input_even_with_force(saved, tmp_path):
     (saved["dir"] / "sub").mkdir(exist_ok=True)
     for out in (src, spelled_otherwise):
         with pytest.raises(OutputError) as e:
-            model_io.check_output_path(out, force=True, inputs=(src,))
+            paths.check_output(out, force=True, inputs=(src,))
         _one_line_error(e, "is the input model")
     # The input given as the directory that holds it.
     d = tmp_path / "holder"
     d.mkdir()
     (d / "only.keras").write_bytes(src.read_bytes())
     with pytest.raises(OutputError):
-        model_io.check_output_path(d / "only.keras", force=True, inputs=(d,))
+        paths.check_output(d / "only.keras", force=True, inputs=(d,))
 
 
 # ---------------------------------------------------------------- saving
@@ -409,16 +412,16 @@ def test_failed_save_oserror_is_output_error(saved, tmp_path, monkeypatch):
 
 def test_write_text_atomic(tmp_path, monkeypatch):
     out = tmp_path / "r.json"
-    model_io.write_text(out, '{"a": 1}')
+    paths.write_text(out, '{"a": 1}')
     assert out.read_text() == '{"a": 1}'
     with pytest.raises(OutputError):
-        model_io.write_text(out, "{}")
+        paths.write_text(out, "{}")
     monkeypatch.setattr(
         type(out), "write_text",
         lambda self, *a, **k: (_ for _ in ()).throw(_Interrupted("stop")),
     )
     with pytest.raises(_Interrupted):
-        model_io.write_text(out, "{}", force=True)
+        paths.write_text(out, "{}", force=True)
     monkeypatch.undo()
     assert out.read_text() == '{"a": 1}'
     assert _leftovers(tmp_path) == []

@@ -9,7 +9,6 @@ Either way, `tf_keras.models.load_model` finds
 """
 
 import importlib.util
-import os
 import sys
 import warnings
 
@@ -75,20 +74,6 @@ def install_registration_hook():
     sys.meta_path.insert(0, _RegisterAfterImport())
 
 
-def handles(model):
-    """Whether `model` is a tf-keras model, or the path of a tf-keras model file.
-
-    Cheap: imports neither TensorFlow nor tf-keras (a model object can only
-    be a tf-keras model if tf_keras is already imported).
-    """
-    if isinstance(model, (str, os.PathLike)):
-        from bnconvert.compat import tf_keras_io
-
-        return tf_keras_io.tf_keras_format(model) is not None
-    tf_keras = sys.modules.get(_TF_KERAS)
-    return tf_keras is not None and isinstance(model, tf_keras.Model)
-
-
 def __getattr__(name):
     # `bnconvert.compat.SyncBatchNormalization` imports tf-keras on first use.
     if name == "SyncBatchNormalization":
@@ -98,4 +83,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["SyncBatchNormalization", "handles", "install_registration_hook"]
+__all__ = ["SyncBatchNormalization", "install_registration_hook"]

@@ -1,0 +1,206 @@
+"""Every private Keras, tf-keras and TensorFlow name that bnconvert touches.
+
+Keras exports no public way to do a few things a graph rewriter needs: list
+a plain layer's direct sublayers, swap one of them in Keras's own tracking
+list, read the graph nodes of a Functional model, or find the layer that
+produced a symbolic tensor. Those accesses live here and nowhere else, each
+behind a small function, and `tests/test_keras_internals.py` pins every one:
+an upgrade that removes one fails that test with the name of what moved.
+
+Accesses that a safety check depends on (tf-keras's `SafeModeScope` and
+`RevivedLayer`) fail closed: if they cannot be imported, `InternalsError`
+is raised and the caller refuses to load the model, rather than loading it
+without the check.
+"""
+
+import dataclasses
+
+
+class InternalsError(ImportError):
+    """A private Keras/TF name bnconvert relies on is gone (an upgrade moved it)."""
+
+
+def _missing(what, error):
+    return InternalsError(
+        f"This Keras/TensorFlow version has no {what}, which bnconvert needs; "
+        f"install a version in bnconvert's supported range ({error})"
+    )
+
+
+# -- Keras 3 --------------------------------------------------------------
+
+
+def keras3_functional_class():
+    """The class of `keras.Model(inputs, outputs)` models (not exported)."""
+    try:
+        from keras.src.models.functional import Functional
+    except ImportError as e:  # pragma: no cover - pinned by a test
+        raise _missing("keras.src.models.functional.Functional", e) from e
+    return Functional
+
+
+def direct_sublayers(layer, layer_class):
+    """`layer`'s direct sublayers in Keras 3's tracking order (`_layers`)."""
+    return [c for c in getattr(layer, "_layers", []) if isinstance(c, layer_class)]
+
+
+def replace_tracked_sublayer(parent, old, new):
+    """Puts `new` in `old`'s place in Keras 3's list of `parent`'s sublayers."""
+    parent._tracker.replace_tracked_value("layers", old, new)
+
+
+# Attributes through which Keras 3 tracks sublayers; an attribute walk that
+# swaps a sublayer must leave them to `replace_tracked_sublayer`.
+TRACKING_ATTRIBUTES = ("_layers", "_tracker")
+
+
+def keras3_safe_mode_scope(safe_mode):
+    """Keras 3's scope that `Lambda.from_config` and the loaders consult.
+
+    Raises:
+        InternalsError: The scope is gone; nothing is deserialized without it.
+    """
+    try:
+        from keras.src.saving.serialization_lib import SafeModeScope
+    except ImportError as e:
+        raise _missing("Keras SafeModeScope (safe mode for Lambda layers)", e) from e
+    return SafeModeScope(safe_mode)
+
+
+def has_symbolic_inputs(model):
+    """Whether a model was built on symbolic inputs (`keras.Input` tensors).
+
+    Keras 3 models keep them in `_inputs_struct` (its `inputs` property
+    raises for a subclassed model); tf-keras's `inputs` is public.
+    """
+    if hasattr(type(model), "_inputs_struct") or hasattr(model, "_inputs_struct"):
+        return getattr(model, "_inputs_struct", None) is not None and bool(model.inputs)
+    return bool(getattr(model, "inputs", None))
+
+
+def shadow_method(obj, name, function):
+    """Sets an instance attribute past Keras's attribute tracking.
+
+    Keras tracks every attribute set on a layer; a temporary method override
+    is not state, so it is set with `object.__setattr__` and removed with
+    `unshadow_method`.
+    """
+    object.__setattr__(obj, name, function)
+
+
+def unshadow_method(obj, name):
+    object.__delattr__(obj, name)
+
+
+# -- graph nodes, both flavours --------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphNode:
+    """One call of a layer in a Functional graph.
+
+    Attributes:
+        layer: The layer (or Keras 3 operation) called.
+        is_input: Whether the node is an InputLayer's.
+        input_tensors: The symbolic tensors passed in.
+        kwargs: The keyword arguments of the call (`training`, ...).
+    """
+
+    layer: object
+    is_input: bool
+    input_tensors: tuple
+    kwargs: dict
+
+
+def graph_nodes(model):
+    """The nodes of a Functional model, inputs first (`_nodes_by_depth`)."""
+    by_depth = model._nodes_by_depth
+    nodes = []
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
+            # Keras 3 names the called object `operation`, tf-keras `layer`.
+            layer = getattr(node, "operation", None)
+            if layer is None:
+                layer = getattr(node, "layer", None)
+            arguments = getattr(node, "arguments", None)
+            kwargs = arguments.kwargs if arguments is not None else getattr(
+                node, "call_kwargs", {}
+            )
+            nodes.append(GraphNode(
+                layer, bool(node.is_input), tuple(_flat(node.input_tensors)),
+                dict(kwargs or {}),
+            ))
+    return nodes
+
+
+def _flat(tensors):
+    if isinstance(tensors, (list, tuple)):
+        return [t for item in tensors for t in _flat(item)]
+    if isinstance(tensors, dict):
+        return [t for item in tensors.values() for t in _flat(item)]
+    return [tensors]
+
+
+def producer_of(tensor):
+    """`(layer, node_is_input)` for the call that produced a symbolic tensor."""
+    layer, node_index, _ = tensor._keras_history
+    node = layer._inbound_nodes[node_index]
+    return layer, bool(node.is_input)
+
+
+def producing_layer(tensor):
+    """The layer whose call produced a symbolic tensor (`_keras_history`)."""
+    return tensor._keras_history[0]
+
+
+# -- TensorFlow ------------------------------------------------------------
+
+
+def freeze_concrete_function(function):
+    """A concrete function with its variables turned into constants."""
+    try:
+        from tensorflow.python.framework.convert_to_constants import (
+            convert_variables_to_constants_v2,
+        )
+    except ImportError as e:  # pragma: no cover - pinned by a test
+        raise _missing("convert_variables_to_constants_v2", e) from e
+    return convert_variables_to_constants_v2(function)
+
+
+# -- tf-keras --------------------------------------------------------------
+
+
+def tf_keras_functional_class():
+    """tf-keras's Functional model class (not exported)."""
+    try:
+        from tf_keras.src.engine.functional import Functional
+    except ImportError as e:  # pragma: no cover - pinned by a test
+        raise _missing("tf_keras.src.engine.functional.Functional", e) from e
+    return Functional
+
+
+def tf_keras_safe_mode_scope(safe_mode):
+    """tf-keras's scope that its Lambda layers consult before running stored code.
+
+    Raises:
+        InternalsError: The scope is gone; loading must not go on without it.
+    """
+    try:
+        from tf_keras.src.saving.serialization_lib import SafeModeScope
+    except ImportError as e:
+        raise _missing("tf-keras SafeModeScope (safe mode for Lambda layers)", e) from e
+    return SafeModeScope(safe_mode)
+
+
+def tf_keras_revived_layer_class():
+    """The class tf-keras stands in for a layer whose class it cannot find.
+
+    Raises:
+        InternalsError: The class is gone; loading must not go on without
+            the check that uses it.
+    """
+    try:
+        from tf_keras.src.saving.legacy.saved_model.load import RevivedLayer
+    except ImportError as e:
+        raise _missing("tf-keras RevivedLayer (detects unresolved custom classes)", e) from e
+    return RevivedLayer

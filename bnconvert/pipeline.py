@@ -1,0 +1,261 @@
+"""The commands' pipeline: options in, files checked, model converted, outputs written.
+
+`run(options)` does everything a `bnconvert` command does except printing:
+
+1. Recognise the input (`bnconvert.formats`) and check every output place
+   (`bnconvert.paths`) so that a mistake costs nothing.
+2. Import the `--custom-objects` modules.
+3. Read the rule files (a mistake in one is reported before the model,
+   which can take long, is loaded), then load the model.
+4. Convert or inspect (`bnconvert.convert`), export to ONNX
+   (`bnconvert.onnx_export`), write the outputs atomically.
+
+Both flavours take exactly this path; the model's `Flavour` carries what
+differs.
+"""
+
+import contextlib
+import dataclasses
+import json
+
+from bnconvert import formats
+from bnconvert import paths
+
+SYNC_TAIL = ".sync"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What a command was asked to do.
+
+    Attributes:
+        command: `"to-sync"`, `"to-inference"` or `"inspect"`.
+        model: The input path.
+        output: `-o`: the model (to-sync) or ONNX (to-inference) output.
+        keras_out: `--keras-out` (to-inference).
+        report_path: `--report`.
+        rules: `--rules` files.
+        custom_objects: `--custom-objects` modules or `.py` files.
+        dry_run, force, unsafe: The flags of the same names.
+        fold: `False` with `--no-fold`.
+        opset, check, tolerance: ONNX export settings (`check` is `False`
+            with `--no-check`).
+        target: `inspect --to`.
+    """
+
+    command: str
+    model: str
+    output: str | None = None
+    keras_out: str | None = None
+    report_path: str | None = None
+    rules: tuple = ()
+    custom_objects: tuple = ()
+    dry_run: bool = False
+    force: bool = False
+    unsafe: bool = False
+    fold: bool = True
+    opset: int | None = None
+    check: bool = True
+    tolerance: float = 1e-4
+    target: str = "sync"
+
+
+@dataclasses.dataclass
+class Result:
+    """What a command did, for printing.
+
+    Attributes:
+        report: The `ConversionReport`.
+        output: The model or ONNX file written (`None` on a dry run).
+        keras_out: The Keras model written by `--keras-out`, if any.
+        report_path: The report written, if any.
+        onnx: The `OnnxExportResult` of `to-inference`.
+        rows: `inspect`'s layer rows (see `report.inspect_rows`).
+    """
+
+    report: object
+    output: object = None
+    keras_out: object = None
+    report_path: object = None
+    onnx: object = None
+    rows: list = None
+
+
+class _NoProgress:
+    @contextlib.contextmanager
+    def step(self, label):
+        yield
+
+
+def run(options, progress=None):
+    """Runs one command.
+
+    Args:
+        options: The `Options`.
+        progress: Optional object whose `step(label)` context manager
+            brackets each long step (the CLI prints them).
+
+    Returns:
+        A `Result`.
+
+    Raises:
+        BnconvertError: Any problem with the input, the options or the
+            outputs, as one line.
+    """
+    progress = progress or _NoProgress()
+    found = formats.resolve(options.model)
+    protected = _inputs(options, found)
+    plan = _check_outputs(options, found, protected)
+
+    from bnconvert import custom_objects as custom_objects_lib
+
+    objects = None
+    if options.custom_objects:
+        with progress.step("importing custom objects"):
+            objects = custom_objects_lib.import_custom_objects(options.custom_objects)
+    from bnconvert import flavour as flavour_lib
+    from bnconvert import rules as rules_lib
+
+    flavour = flavour_lib.get(found.flavour)
+    rules = list(options.rules) or None
+    rules_lib.load_rules(rules, custom_objects=objects, flavour=flavour)
+    if options.command == "to-inference":
+        from bnconvert import onnx_export
+
+        onnx_export.check_opset(options.opset)
+
+    from bnconvert import convert
+    from bnconvert import model_io
+
+    with progress.step(f"loading {options.model} ({flavour.label})"):
+        model = model_io.load_model(
+            options.model, custom_objects=objects, safe_mode=not options.unsafe
+        )
+    if options.command == "inspect":
+        return _inspect(options, model, flavour, rules, objects, progress)
+
+    direction = "sync" if options.command == "to-sync" else "inference"
+    label = "converting and verifying" if direction == "sync" else (
+        "unsyncing" + (" and folding" if options.fold else "")
+    )
+    with progress.step(label):
+        converted, report = convert.convert_model(
+            model, to=direction, rules=rules, custom_objects=objects,
+            fold=options.fold, safe_mode=not options.unsafe, return_report=True,
+        )
+    report.source = str(options.model)
+    result = Result(report=report, report_path=options.report_path)
+    if direction == "sync":
+        if plan.output is not None:
+            with progress.step(f"saving {plan.output}"):
+                result.output = model_io.save_model(
+                    converted, plan.output, force=options.force, inputs=protected,
+                    fmt=plan.output_format,
+                )
+        data = report.to_dict()
+    else:
+        from bnconvert import onnx_export
+
+        step = "exporting to ONNX" + (" and checking" if options.check else "")
+        with progress.step(step):
+            result.onnx = onnx_export.export_onnx(
+                converted, plan.output, opset=options.opset,
+                tolerance=options.tolerance, check=options.check,
+            )
+        result.output = plan.output
+        if plan.keras_out is not None:
+            with progress.step(f"saving {plan.keras_out}"):
+                result.keras_out = model_io.save_model(
+                    converted, plan.keras_out, force=options.force,
+                    inputs=protected, fmt=plan.keras_format,
+                )
+        data = report.to_dict()
+        data["onnx"] = result.onnx.to_dict()
+    if options.report_path:
+        paths.write_text(
+            options.report_path, json.dumps(data, indent=2), force=options.force,
+            inputs=protected,
+        )
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    output: object = None
+    output_format: str | None = None
+    keras_out: object = None
+    keras_format: str | None = None
+
+
+def _inputs(options, found):
+    """Every path this run reads: none of them may be written."""
+    given = [options.model, found.path, *options.rules]
+    given += [m for m in options.custom_objects if m.endswith(".py")]
+    return tuple(given)
+
+
+def _check_outputs(options, found, protected):
+    """Checks every output place before any work; returns where each goes."""
+    force = options.force
+    if options.command == "inspect":
+        return _Plan()
+    if options.command == "to-sync":
+        out = fmt = None
+        if not options.dry_run:
+            out = options.output or formats.default_output(options.model, found, SYNC_TAIL)
+            fmt = formats.output_format(found.flavour, out)
+            if not options.output and found.format == formats.SAVEDMODEL:
+                fmt = formats.SAVEDMODEL
+            out = paths.check_output(
+                out, force=force, inputs=protected, kind=_kind(fmt),
+                suffixes=formats.OUTPUT_FORMATS[found.flavour][fmt] or None,
+            )
+        paths.check_distinct(("--output", out), ("--report", options.report_path))
+        _check_report(options, protected + (out,))
+        return _Plan(output=out, output_format=fmt)
+    out = paths.check_output(
+        options.output or paths.beside(options.model, ".onnx"), force=force,
+        inputs=protected, suffixes=(".onnx",),
+    )
+    keras_out = keras_fmt = None
+    paths.check_distinct(
+        ("--output", out), ("--keras-out", options.keras_out),
+        ("--report", options.report_path),
+    )
+    if options.keras_out:
+        keras_fmt = formats.output_format(found.flavour, options.keras_out, "--keras-out")
+        keras_out = paths.check_output(
+            options.keras_out, force=force, inputs=protected + (out,),
+            kind=_kind(keras_fmt), option="--keras-out",
+            suffixes=formats.OUTPUT_FORMATS[found.flavour][keras_fmt] or None,
+        )
+    _check_report(options, protected + (out, keras_out))
+    return _Plan(output=out, keras_out=keras_out, keras_format=keras_fmt)
+
+
+def _check_report(options, protected):
+    if options.report_path:
+        paths.check_output(
+            options.report_path, force=options.force, inputs=protected, option="--report"
+        )
+
+
+def _kind(fmt):
+    return paths.DIRECTORY if fmt == formats.SAVEDMODEL else paths.FILE
+
+
+def _inspect(options, model, flavour, rules, objects, progress):
+    from bnconvert import convert
+    from bnconvert import report as report_lib
+    from bnconvert import rules as rules_lib
+    from bnconvert import walk
+
+    with progress.step("applying rules (dry run)"):
+        report = convert.inspect_model(
+            model, to=options.target, rules=rules, custom_objects=objects,
+            safe_mode=not options.unsafe,
+        )
+    ruleset = rules_lib.load_rules(rules, custom_objects=objects, flavour=flavour)
+    named = walk.named_classes(ruleset.rules)
+    rows = report_lib.inspect_rows(model, report, flavour, named)
+    return Result(report=report, rows=rows)

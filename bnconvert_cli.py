@@ -1,0 +1,274 @@
+"""The `bnconvert` command line: options in, one call into the pipeline, results out.
+
+This module lives outside the `bnconvert` package on purpose: importing the
+package registers its Keras layers, which imports TensorFlow (seconds), and
+`bnconvert --help` or `--version` should answer at once. Commands import
+bnconvert only when they run, with TensorFlow's native start-up chatter
+sent to /dev/null: stdout carries only results, stderr only progress and
+errors.
+"""
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import sys
+import time
+
+import click
+
+# Layers listed one by one in the summaries; --report has them all.
+SUMMARY_ROWS = 30
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Points file descriptor 2 at /dev/null while TensorFlow starts.
+
+    TensorFlow's native start-up messages go straight to the descriptor and,
+    before absl logging is initialised, ignore `TF_CPP_MIN_LOG_LEVEL`.
+    Python exceptions still surface: the descriptor is restored before they
+    propagate. Nothing is silenced when `TF_CPP_MIN_LOG_LEVEL` is 0.
+    """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def start_tensorflow():
+    """Imports TensorFlow, Keras and bnconvert quietly (the CLI's process only)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    with _native_stderr_silenced():
+        import tensorflow as tf
+
+        # Device discovery (and its CUDA probe) logs on first use.
+        tf.config.list_logical_devices()
+        import bnconvert  # noqa: F401  (registers the layers)
+    import logging
+    import warnings
+
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    # Keras warns about things that do not concern a conversion (legacy
+    # H5, unbuilt metrics, ...).
+    for module in ("keras", "tf_keras", "tensorflow"):
+        warnings.filterwarnings("ignore", module=rf"{module}(\..*)?$")
+
+
+class Progress:
+    """One stderr line per long step, with its elapsed time, when stderr is a terminal."""
+
+    def __init__(self, enabled=None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+
+    @contextlib.contextmanager
+    def step(self, label):
+        if not self.enabled:
+            yield
+            return
+        click.echo(f"{label} ...", err=True, nl=False)
+        begun = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            click.echo(" failed", err=True)
+            raise
+        click.echo(f" done ({time.perf_counter() - begun:.1f} s)", err=True)
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+def _run(**fields):
+    """Runs the pipeline; any error caused by the input becomes one click error line."""
+    progress = Progress()
+    with progress.step("starting TensorFlow"):
+        start_tensorflow()
+    from bnconvert.errors import BnconvertError
+    from bnconvert.pipeline import Options
+    from bnconvert.pipeline import run
+
+    try:
+        return run(Options(**fields), progress)
+    except BnconvertError as e:
+        raise click.ClickException(_one_line(e)) from None
+    except OSError as e:
+        # Files that vanish or cannot be read between the checks and their use.
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise click.ClickException(_one_line(f"{e.strerror or e}{where}")) from None
+
+
+def _tolerance(ctx, param, value):
+    # Not click.FloatRange: it lets NaN through (every comparison is False).
+    if value is None or (math.isfinite(value) and value >= 0):
+        return value
+    raise click.BadParameter(f"must be a finite number >= 0, not {value}.")
+
+
+def _common(f):
+    """--rules, --custom-objects and --unsafe, which every command takes."""
+    f = click.option(
+        "--unsafe", is_flag=True,
+        help="Allow loading Python code stored in the model (Lambda layers). "
+        "Only for files you trust.",
+    )(f)
+    f = click.option(
+        "--custom-objects", "custom_objects", multiple=True, metavar="MODULE",
+        help="A module (dotted name or .py file) defining the model's custom "
+        "layers; imported before loading. Repeatable.",
+    )(f)
+    return click.option(
+        "--rules", "rules", multiple=True, metavar="FILE",
+        type=click.Path(dir_okay=False),
+        help="A rule file (TOML) applied on top of the shipped rules; repeatable.",
+    )(f)
+
+
+def _writes(f):
+    """--report and --force, for the commands that write."""
+    f = click.option("--force", is_flag=True, help="Overwrite existing output files.")(f)
+    return click.option(
+        "--report", "report_path", type=click.Path(dir_okay=False), default=None,
+        metavar="FILE", help="Write the full report (every layer, rule and check) as JSON.",
+    )(f)
+
+
+def _version():
+    try:
+        return importlib.metadata.version("bnconvert")
+    except importlib.metadata.PackageNotFoundError:  # a source tree, not installed
+        return "unknown"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version=_version(), prog_name="bnconvert")
+def main():
+    """Rewrite Keras models between BatchNormalization flavours."""
+
+
+@main.command("to-sync")
+@click.argument("model", type=click.Path())
+@click.option(
+    # Not dir_okay=False: a tf-keras SavedModel output is a directory.
+    "-o", "--output", type=click.Path(), default=None,
+    help="Output .keras file (for a tf-keras model: a SavedModel directory, or "
+    "an .h5 file). Default: NAME.sync.keras beside the input.",
+)
+@click.option("--dry-run", is_flag=True, help="Convert and verify, print the summary, write no model.")
+@_writes
+@_common
+def to_sync(**options):
+    """Replace BatchNormalization layers with SyncBatchNormalization.
+
+    MODEL is a .keras or .h5 file, or a directory holding one. Weights and
+    moving statistics are carried over exactly; the converted model is
+    checked against the original on random inputs before it is written.
+    A tf-keras model (SavedModel directory or H5 file) stays a tf-keras
+    model, written in its input's format: NAME.sync or NAME.sync.h5.
+    """
+    result = _run(command="to-sync", **_tuples(options))
+    click.echo(result.report.summary_table(max_rows=SUMMARY_ROWS))
+    click.echo("Dry run: no model written." if result.output is None else f"Wrote {result.output}")
+    if result.report_path:
+        click.echo(f"Wrote report {result.report_path}")
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path())
+@click.option(
+    "--to", "target", type=click.Choice(["sync", "inference"]), default="sync",
+    show_default=True, help="The conversion whose rules to preview.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_common
+def inspect_command(as_json, **options):
+    """List the normalization layers of MODEL and what the rules would do.
+
+    Shows each layer's path, class, weight shape and key settings. Writes
+    nothing.
+    """
+    result = _run(command="inspect", **_tuples(options))
+    model, target = options["model"], options["target"]
+    if as_json:
+        click.echo(json.dumps(
+            {"model": str(model), "to": target, "layers": result.rows,
+             "report": result.report.to_dict()},
+            indent=2, default=str,
+        ))
+        return
+    from bnconvert.report import format_inspect_rows
+
+    click.echo(format_inspect_rows(result.rows) if result.rows else f"{model}: no normalization layers.")
+    n = result.report.converted
+    click.echo(f"{n} layer{'' if n == 1 else 's'} would be converted (to {target})")
+
+
+@main.command("to-inference")
+@click.argument("model", type=click.Path())
+@click.option(
+    "-o", "--output", type=click.Path(), default=None,
+    help="Output .onnx file. Default: NAME.onnx beside the input.",
+)
+@click.option(
+    # Not dir_okay=False: a tf-keras model is saved as a SavedModel directory.
+    "--keras-out", type=click.Path(), default=None, metavar="PATH",
+    help="Also save the unsynced (and folded) Keras model to PATH: a .keras "
+    "file (a SavedModel directory or .h5 file for tf-keras models).",
+)
+@click.option("--no-fold", is_flag=True, help="Keep every BatchNormalization layer.")
+@click.option("--opset", type=int, default=None, help="ONNX opset. Default: the exporter's (tf2onnx) default.")
+@click.option("--no-check", is_flag=True, help="Do not run the ONNX model in onnxruntime.")
+@click.option(
+    "--tolerance", type=float, default=1e-4, show_default=True, callback=_tolerance,
+    help="Largest accepted onnxruntime-vs-Keras difference, relative to the "
+    "largest output magnitude.",
+)
+@_writes
+@_common
+def to_inference(no_fold, no_check, **options):
+    """Unsync, fold BatchNormalization and export MODEL to ONNX.
+
+    Synchronized BN layers become plain BatchNormalization, each BN that
+    follows a Conv/Dense it can be folded into exactly is folded, and the
+    result is written as ONNX (dynamic batch size) after onnxruntime has
+    reproduced the Keras outputs within --tolerance. MODEL is a .keras or
+    .h5 file, a directory holding one, or a tf-keras SavedModel directory.
+    """
+    result = _run(command="to-inference", fold=not no_fold, check=not no_check, **_tuples(options))
+    click.echo(result.report.summary_table(max_rows=SUMMARY_ROWS))
+    onnx = result.onnx
+    if onnx.checked:
+        click.echo(
+            f"onnxruntime check: max |diff| = {onnx.max_abs_diff:.3g}, relative "
+            f"{onnx.max_rel_diff:.3g} (tolerance {onnx.tolerance:g}), opset {onnx.opset}"
+        )
+    else:
+        click.echo(f"onnxruntime check skipped (--no-check), opset {onnx.opset}")
+    for written in (result.output, result.keras_out):
+        if written is not None:
+            click.echo(f"Wrote {written}")
+    if result.report_path:
+        click.echo(f"Wrote report {result.report_path}")
+
+
+def _tuples(options):
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,198 @@
+"""Pins every private Keras, tf-keras and TensorFlow access (bnconvert/keras_internals.py).
+
+Each test exercises one accessor against the installed versions; when an
+upgrade moves a private name, the failing test says which one. The safety
+accessors must fail closed: a model is not loaded without them.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tf_keras  # noqa: E402
+
+import bnconvert  # noqa: E402,F401
+from bnconvert import keras_internals as internals  # noqa: E402
+from bnconvert import model_io  # noqa: E402
+from bnconvert.errors import ModelLoadError  # noqa: E402
+
+
+def pinned(name, check):
+    """Runs `check`; a failure names the private access that moved."""
+    try:
+        check()
+    except Exception as e:  # noqa: BLE001 - any failure means the access moved
+        pytest.fail(
+            f"Private Keras/TF access '{name}' no longer works with Keras "
+            f"{keras.__version__} / tf-keras {tf_keras.__version__} / TF "
+            f"{tf.__version__}: {type(e).__name__}: {e}. Update bnconvert/keras_internals.py."
+        )
+
+
+class Pair(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.first = keras.layers.Dense(2, name="first")
+        self.second = keras.layers.Dense(2, name="second")
+
+    def call(self, x):
+        return self.second(self.first(x))
+
+
+def _k3_functional():
+    inputs = keras.Input((4,), name="x")
+    y = keras.layers.Dense(3, name="d")(inputs)
+    y = keras.layers.BatchNormalization(name="bn")(y, training=False)
+    return keras.Model(inputs, y, name="f")
+
+
+def _tk_functional():
+    inputs = tf_keras.Input((4,), name="x")
+    y = tf_keras.layers.Dense(3, name="d")(inputs)
+    y = tf_keras.layers.BatchNormalization(name="bn")(y, training=False)
+    return tf_keras.Model(inputs, y, name="f")
+
+
+def test_keras3_functional_class():
+    def check():
+        model = _k3_functional()
+        assert type(model) is internals.keras3_functional_class()
+
+    pinned("keras.src.models.functional.Functional", check)
+
+
+def test_direct_sublayers_and_tracked_swap():
+    def check():
+        layer = Pair()
+        first, second = internals.direct_sublayers(layer, keras.layers.Layer)
+        assert (first.name, second.name) == ("first", "second")
+        replacement = keras.layers.Dense(2, name="third")
+        internals.replace_tracked_sublayer(layer, first, replacement)
+        names = [c.name for c in internals.direct_sublayers(layer, keras.layers.Layer)]
+        assert names == ["third", "second"]
+        assert all(a in vars(layer) for a in internals.TRACKING_ATTRIBUTES)
+
+    pinned("Layer._layers / Layer._tracker.replace_tracked_value", check)
+
+
+def test_has_symbolic_inputs():
+    def check():
+        assert internals.has_symbolic_inputs(_k3_functional())
+        assert internals.has_symbolic_inputs(_tk_functional())
+
+        class Sub(keras.Model):
+            def call(self, x):
+                return x
+
+        assert not internals.has_symbolic_inputs(Sub())
+
+    pinned("Model._inputs_struct", check)
+
+
+def test_shadow_method_is_untracked_and_removable():
+    def check():
+        layer = keras.layers.Dense(2)
+        internals.shadow_method(layer, "add_weight", lambda *a, **k: "shadowed")
+        assert layer.add_weight() == "shadowed"
+        internals.unshadow_method(layer, "add_weight")
+        layer.build((None, 3))
+        assert [tuple(w.shape) for w in layer.weights] == [(3, 2), (2,)]
+
+    pinned("object.__setattr__ on a Keras layer", check)
+
+
+@pytest.mark.parametrize("build", [_k3_functional, _tk_functional], ids=["keras3", "tf_keras"])
+def test_graph_nodes_and_producers(build):
+    def check():
+        model = build()
+        nodes = internals.graph_nodes(model)
+        called = [n.layer.name for n in nodes if not n.is_input]
+        assert called == ["d", "bn"]
+        bn_node = [n for n in nodes if n.layer is not None and n.layer.name == "bn"][0]
+        assert bn_node.kwargs.get("training") is False
+        (tensor,) = bn_node.input_tensors
+        producer, is_input = internals.producer_of(tensor)
+        assert producer.name == "d" and not is_input
+        assert internals.producing_layer(model.inputs[0]).name == "x"
+        assert internals.producer_of(model.inputs[0])[1] is True
+
+    pinned("Functional._nodes_by_depth / KerasTensor._keras_history / _inbound_nodes", check)
+
+
+def test_freeze_concrete_function():
+    def check():
+        variable = tf.Variable([2.0, 3.0])
+        fn = tf.function(lambda x: x * variable).get_concrete_function(
+            tf.TensorSpec([2], tf.float32)
+        )
+        frozen = internals.freeze_concrete_function(fn)
+        assert not frozen.variables
+        np.testing.assert_array_equal(frozen(tf.constant([1.0, 1.0]))[0], [2.0, 3.0])
+
+    pinned("tensorflow.python...convert_variables_to_constants_v2", check)
+
+
+def test_tf_keras_functional_class():
+    pinned(
+        "tf_keras.src.engine.functional.Functional",
+        lambda: isinstance(_tk_functional(), internals.tf_keras_functional_class()) or 1 / 0,
+    )
+
+
+def test_safe_mode_scopes_refuse_lambda_code():
+    def check():
+        fn_layer = keras.layers.Lambda(lambda x: x + 1)
+        config = fn_layer.get_config()
+        with internals.keras3_safe_mode_scope(True):
+            with pytest.raises(ValueError, match="unsafe|safe_mode"):
+                keras.layers.Lambda.from_config(config)
+        tk_layer = tf_keras.layers.Lambda(lambda x: x + 1)
+        tk_config = tk_layer.get_config()
+        with internals.tf_keras_safe_mode_scope(True):
+            with pytest.raises(ValueError, match="unsafe|safe_mode"):
+                tf_keras.layers.Lambda.from_config(tk_config)
+
+    pinned("keras/tf_keras serialization_lib.SafeModeScope", check)
+
+
+def test_tf_keras_revived_layer_class():
+    pinned(
+        "tf_keras.src.saving.legacy.saved_model.load.RevivedLayer",
+        # A mixin of the classes tf-keras makes up for unknown custom layers;
+        # tests/test_cli_robustness.py loads such a model and sees it refused.
+        lambda: internals.tf_keras_revived_layer_class().__name__ == "RevivedLayer" or 1 / 0,
+    )
+
+
+@pytest.mark.parametrize("module", [
+    "tf_keras.src.saving.serialization_lib",
+    "tf_keras.src.saving.legacy.saved_model.load",
+])
+def test_tf_keras_load_fails_closed_without_its_safety_checks(tmp_path, monkeypatch, module):
+    """If a safety check's private import breaks, the model is refused, not loaded unchecked."""
+    path = tmp_path / "tk.h5"
+    _tk_functional().save(path)
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # makes `from module import X` fail
+    with pytest.raises(ModelLoadError) as e:
+        model_io.load_model(path)
+    message = str(e.value)
+    assert "\n" not in message and "safely" in message and str(path) in message
+
+
+def test_keras3_load_fails_closed_without_safe_mode_scope(tmp_path, monkeypatch):
+    from bnconvert import convert
+
+    model = _k3_functional()
+    import sys
+
+    monkeypatch.setitem(sys.modules, "keras.src.saving.serialization_lib", None)
+    # Re-creating a layer needs the safe-mode scope: without it, nothing is built.
+    with pytest.raises(Exception) as e:
+        convert.convert_model(model)
+    assert "SafeModeScope" in str(e.value)
