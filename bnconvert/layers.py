@@ -262,7 +262,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         channels = 1
         for d in dims:
             channels *= d
-        self._memory = sync_stats.MeanMemory(channels)
+        self._memory = sync_stats.MeanMemory(channels, self.sync_group_size)
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={a: d for a, d in zip(self._axes, dims)}
         )
@@ -310,11 +310,10 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         gamma, beta = self._training_transform(
             tf.shape(inputs), moments.mean, moments.variance, gamma, beta
         )
-        self._update_moving_statistics(
-            moments.mean,
-            moments.variance,
-            None if moments.count is None else moments.count > 0,
-        )
+        if moments.count is None:
+            self._update_moving_statistics(moments.mean, moments.variance)
+        else:
+            self._update_moving_statistics(*sync_stats.moving_targets(moments))
         outputs = bn_math.normalize(x, moments, gamma, beta, self.epsilon)
         return tf.cast(outputs, self.compute_dtype)
 
@@ -405,7 +404,10 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         if isinstance(self.axis, list) and len(self.axis) > 1:
             config["axes"] = list(self.axis)
         config["renorm_clipping"] = self.renorm_clipping
-        config["sync_group_size"] = self.sync_group_size
+        if self.sync_group_size is not None:
+            # Only when set: a default config stays that of the layer
+            # replaced, so that `to-inference` rules need not know the key.
+            config["sync_group_size"] = self.sync_group_size
         if self.adjustment is not None:
             warnings.warn(
                 f"Layer '{self.name}': the `adjustment` callable cannot be "

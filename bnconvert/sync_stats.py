@@ -77,8 +77,12 @@ import collections
 import tensorflow as tf
 
 GlobalMoments = collections.namedtuple(
-    "GlobalMoments", ["shift", "correction", "mean", "variance", "count"]
+    "GlobalMoments",
+    ["shift", "correction", "mean", "variance", "count", "groups"],
+    defaults=[None],
 )
+# Every group's statistics, `[groups, C]` each (every replica sees them all).
+GroupMoments = collections.namedtuple("GroupMoments", ["mean", "variance", "count"])
 
 # Up to this many replicas the [R, 4C] table is used (see the benchmarks'
 # P5 for the measured crossover); above it, the centered sums.
@@ -183,6 +187,15 @@ def _place(row, index, rows):
     return tf.pad(row[tf.newaxis], [[index, rows - 1 - index], [0, 0]])
 
 
+def _channels(stat_shape):
+    if isinstance(stat_shape, list):
+        n = 1
+        for d in stat_shape:
+            n *= d
+        return n
+    return tf.reduce_prod(stat_shape)
+
+
 def global_moments(x, axes, ctx, mask=None, group_size=None, reference=None,
                    epsilon=1e-3, method=None):
     """Count-weighted moments of the global (or group) batch.
@@ -193,25 +206,22 @@ def global_moments(x, axes, ctx, mask=None, group_size=None, reference=None,
         ctx: a `tf.distribute.ReplicaContext` with more than one replica.
         mask: optional 0/1 tensor broadcastable to `x`.
         group_size: replicas per group; `None` or 0 for all of them.
-        reference: per-channel tensor (any shape with the channel count)
-            that every replica of a group holds identically: where the
-            centered sums are taken. `None` means 0.
+        reference: `[groups, C]` (or `[C]`, shared) tensor that every
+            replica holds identically: where each group's centered sums are
+            taken. `None` means 0.
         epsilon: the layer's epsilon (the precision the output needs).
         method: `"table"`, `"centered"` or `None` (by replica count).
 
     Returns:
-        A `GlobalMoments` whose fields have `keepdims=True` shape. Normalize
-        with `x - mean == (x - shift) + correction`; use `mean` and
-        `variance` for moving statistics; `count` counts the group's values.
+        A `GlobalMoments` whose fields have `keepdims=True` shape, for this
+        replica's group. Normalize with `x - mean == (x - shift) +
+        correction`; `count` counts the group's values; `groups` holds every
+        group's mean, variance and count, `[groups, C]`.
     """
     replicas = ctx.num_replicas_in_sync
     k = group_size_for(replicas, group_size)
     if mask is not None:
         mask = tf.broadcast_to(tf.cast(mask, x.dtype), tf.shape(x))
-    if k == 1:
-        count, shift, mu, m2 = local_moments(x, axes, mask)
-        return GlobalMoments(shift, -mu, shift + mu,
-                             tf.math.divide_no_nan(m2, count), count)
     if method is None:
         method = "table" if replicas <= TABLE_MAX_REPLICAS else "centered"
     if method == "table":
@@ -226,29 +236,31 @@ def _table_moments(x, axes, ctx, mask, k):
     replicas = ctx.num_replicas_in_sync
     rid = ctx.replica_id_in_sync_group
     table = all_reduce(ctx, _place(row, rid, replicas))
-    # This replica's group: rows [g * k, (g + 1) * k).
-    table = tf.reshape(table, [replicas // k, k, -1])[rid // k]
-    counts, shifts, mus, m2s = tf.split(table, 4, axis=1)
-
-    # Every replica of the group sees the same rows, so every one picks the
-    # same reference: the shift of the replica holding most values.
-    pick = tf.one_hot(tf.argmax(counts, axis=0), k, axis=0, dtype=x.dtype)
-    reference = tf.reduce_sum(shifts * pick, axis=0)
-    offsets = (shifts - reference) + mus
-    total = tf.reduce_sum(counts, axis=0)
-    delta = tf.math.divide_no_nan(tf.reduce_sum(counts * offsets, axis=0), total)
-    m2 = tf.reduce_sum(m2s, axis=0) + tf.reduce_sum(
-        counts * tf.square(offsets - delta), axis=0
+    # [groups, k, C] each: group g holds rows [g * k, (g + 1) * k).
+    counts, shifts, mus, m2s = tf.split(
+        tf.reshape(table, [replicas // k, k, -1]), 4, axis=2
     )
-    variance = tf.math.divide_no_nan(m2, total)
-    delta = tf.reshape(delta, stat_shape)
-    reference = tf.reshape(reference, stat_shape)
+    # Every replica sees the same rows, so every one picks the same
+    # reference per group: the shift of the replica holding most values.
+    pick = tf.one_hot(tf.argmax(counts, axis=1), k, axis=1, dtype=x.dtype)
+    reference = tf.reduce_sum(shifts * pick, axis=1, keepdims=True)
+    offsets = (shifts - reference) + mus
+    total = tf.reduce_sum(counts, axis=1)
+    delta = tf.math.divide_no_nan(tf.reduce_sum(counts * offsets, axis=1), total)
+    m2 = tf.reduce_sum(m2s, axis=1) + tf.reduce_sum(
+        counts * tf.square(offsets - delta[:, tf.newaxis]), axis=1
+    )
+    variances = tf.math.divide_no_nan(m2, total)
+    reference = reference[:, 0]
+    group = rid // k
+    shape = lambda t: tf.reshape(t, stat_shape)
     return GlobalMoments(
         shift=shift,
-        correction=(shift - reference) - delta,
-        mean=reference + delta,
-        variance=tf.reshape(variance, stat_shape),
-        count=tf.reshape(total, stat_shape),
+        correction=(shift - shape(reference[group])) - shape(delta[group]),
+        mean=shape(reference[group] + delta[group]),
+        variance=shape(variances[group]),
+        count=shape(total[group]),
+        groups=GroupMoments(reference + delta, variances, total),
     )
 
 
@@ -263,115 +275,144 @@ def _sums(x, axes, around, mask):
 
 def _centered_moments(x, axes, ctx, mask, k, reference, epsilon):
     stat_shape = _stat_shape(x, axes)
-    if reference is None:
-        r = tf.zeros(stat_shape, x.dtype)
-    else:
-        r = tf.reshape(tf.cast(reference, x.dtype), stat_shape)
-    r = tf.stop_gradient(r)
-    if isinstance(stat_shape, list):
-        channels = 1
-        for d in stat_shape:
-            channels *= d
-    else:
-        channels = tf.reduce_prod(stat_shape)
-    replicas = ctx.num_replicas_in_sync
-    groups = replicas // k
+    channels = _channels(stat_shape)
+    groups = ctx.num_replicas_in_sync // k
     group = ctx.replica_id_in_sync_group // k
+    if reference is None:
+        reference = tf.zeros([channels], x.dtype)
+    r_all = tf.cast(tf.reshape(reference, [-1, channels]), x.dtype)
+    r_all = tf.stop_gradient(tf.broadcast_to(r_all, [groups, channels]))
+    r = r_all[group]
 
-    s1, s2 = _sums(x, axes, r, mask)
+    s1, s2 = _sums(x, axes, tf.reshape(r, stat_shape), mask)
+    flat = lambda t: tf.reshape(t, [-1])
     if mask is None:
         # One count for all channels: the payload is 2C + 1.
         count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
-        payload = tf.concat([[count], tf.reshape(s1, [-1]), tf.reshape(s2, [-1])], 0)
-        reduced = all_reduce(ctx, _place(payload, group, groups))
-        counts = reduced[:, :1]
-        sums = reduced[:, 1:]
+        payload = tf.concat([[count], flat(s1), flat(s2)], 0)
+        width = 1
     else:
-        count = tf.reshape(tf.reduce_sum(mask, axes, keepdims=True), [-1])
-        payload = tf.concat([count, tf.reshape(s1, [-1]), tf.reshape(s2, [-1])], 0)
-        reduced = all_reduce(ctx, _place(payload, group, groups))
-        counts = reduced[:, :channels]
-        sums = reduced[:, channels:]
-    # [groups, C] each; every replica holds every group's row.
-    all_s1, all_s2 = sums[:, :channels], sums[:, channels:]
+        payload = tf.concat([flat(tf.reduce_sum(mask, axes)), flat(s1), flat(s2)], 0)
+        width = channels
+    reduced = all_reduce(ctx, _place(payload, group, groups))
+    counts = tf.broadcast_to(reduced[:, :width], [groups, channels])
+    all_s1 = reduced[:, width:width + channels]
+    all_s2 = reduced[:, width + channels:]
+    # [groups, C] each; every replica holds every group's values.
     offsets = tf.math.divide_no_nan(all_s1, counts)
     variances = tf.math.divide_no_nan(all_s2, counts) - tf.square(offsets)
     eps = tf.cast(epsilon, x.dtype)
-    # Identical on every replica: all of them take the same branch.
+    # Identical on every replica: all of them decide the same.
     cancelled = tf.reduce_any(
         tf.square(offsets) > CANCELLATION_RATIO * (variances + eps)
     )
-
-    n = tf.broadcast_to(counts[group], [channels])
-    r_flat = tf.reshape(r, [-1])
-    m = tf.stop_gradient(r_flat + offsets[group])
+    m_all = tf.stop_gradient(r_all + offsets)
 
     def second_sums():
-        t1, t2 = _sums(x, axes, tf.reshape(m, stat_shape), mask)
-        return tf.concat([tf.reshape(t1, [-1]), tf.reshape(t2, [-1])], 0)
+        t1, t2 = _sums(x, axes, tf.reshape(m_all[group], stat_shape), mask)
+        return tf.concat([flat(t1), flat(t2)], 0)
 
     # tf.distribute routes a collective through `merge_call`, which may not
     # sit inside control flow: the second all-reduce always exists, and the
-    # reduced values decide its size, 2C floats when needed and 0 otherwise.
+    # reduced values decide its size, 2C floats per group when needed and 0
+    # otherwise.
     row = tf.cond(cancelled, second_sums, lambda: tf.zeros([0], x.dtype))
-    again = all_reduce(ctx, _place(row, group, groups))[group]
+    again = all_reduce(ctx, _place(row, group, groups))
 
     def recentred():
-        o = tf.math.divide_no_nan(again[:channels], n)
-        return m, o, tf.math.divide_no_nan(again[channels:], n) - tf.square(o)
+        o = tf.math.divide_no_nan(again[:, :channels], counts)
+        v = tf.math.divide_no_nan(again[:, channels:], counts) - tf.square(o)
+        return m_all, o, v
 
-    shift, offset, variance = tf.cond(
-        cancelled, recentred, lambda: (r_flat, offsets[group], variances[group])
+    shifts, offsets, variances = tf.cond(
+        cancelled, recentred, lambda: (r_all, offsets, variances)
     )
     # Rounding can take a single-pass variance a hair below zero.
-    variance = tf.nn.relu(variance)
+    variances = tf.nn.relu(variances)
     shape = lambda t: tf.reshape(t, stat_shape)
     return GlobalMoments(
-        shift=shape(shift),
-        correction=-shape(offset),
-        mean=shape(shift + offset),
-        variance=shape(variance),
-        count=shape(n),
+        shift=shape(shifts[group]),
+        correction=-shape(offsets[group]),
+        mean=shape(shifts[group] + offsets[group]),
+        variance=shape(variances[group]),
+        count=shape(counts[group]),
+        groups=GroupMoments(shifts + offsets, variances, counts),
     )
+
+
+def moving_targets(moments, unbiased=False):
+    """What the moving statistics blend in: `(mean, variance, populated)`.
+
+    With one group these are the batch statistics. With several, every
+    replica blends in the same values, the average over the groups that
+    hold values of each group's statistics, so that mirrored moving
+    statistics stay identical on every replica (what a sync-on-read `MEAN`
+    variable would report). `unbiased` applies `N / (N - 1)` per group.
+    `populated` is False for channels whose (every) group batch was empty.
+    """
+    g = moments.groups
+    if g is None:
+        count = moments.count
+        variance = moments.variance
+        if unbiased:
+            variance = variance * (count / tf.maximum(count - 1.0, 1.0))
+        return moments.mean, variance, count > 0
+    variances = g.variance
+    if unbiased:
+        variances = variances * (g.count / tf.maximum(g.count - 1.0, 1.0))
+    has = tf.cast(g.count > 0, g.mean.dtype)
+    groups = tf.reduce_sum(has, axis=0)
+    average = lambda t: tf.math.divide_no_nan(tf.reduce_sum(t * has, axis=0), groups)
+    shape = lambda t: tf.reshape(t, tf.shape(moments.mean))
+    return shape(average(g.mean)), shape(average(variances)), shape(groups > 0)
 
 
 class MeanMemory:
-    """Per-replica memory of the last synchronized mean: the reference `r`.
+    """Per-replica memory of every group's last mean: the references `r`.
 
-    A sync-on-read variable, so that each replica reads and writes its own
-    copy without any traffic (every replica of a group writes the same
-    values). It is deliberately not a layer weight: it is not saved, and a
-    reloaded layer starts again from its moving mean. Created only under a
-    strategy with several replicas, in cross-replica context; otherwise
-    `reference()` returns the fallback.
+    A sync-on-read variable of `groups * C` values, so that each replica
+    reads and writes its own copy without any traffic (every replica writes
+    the same values, having seen every group's statistics). It is
+    deliberately not a layer weight: it is not saved, and a reloaded layer
+    starts again from its moving mean. Created only under a strategy with
+    several replicas, in cross-replica context; otherwise `reference()`
+    returns the fallback.
     """
 
-    def __init__(self, channels):
+    def __init__(self, channels, group_size=None):
         self.variable = None
         strategy = tf.distribute.get_strategy()
-        if (strategy.num_replicas_in_sync > 1
-                and tf.distribute.in_cross_replica_context()):
+        replicas = strategy.num_replicas_in_sync
+        k = group_size or replicas
+        if replicas > 1 and replicas % k == 0 and tf.distribute.in_cross_replica_context():
             with tf.init_scope():
                 self.variable = tf.Variable(
-                    tf.fill([channels], float("nan")),
+                    tf.fill([replicas // k * channels], float("nan")),
                     trainable=False,
                     synchronization=tf.VariableSynchronization.ON_READ,
                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
                     name="sync_bn_reference",
                 )
 
-    def reference(self, fallback):
-        """The remembered mean per channel; `fallback` where there is none."""
-        fallback = tf.reshape(fallback, [-1])
-        if self.variable is None:
+    def _usable(self, size):
+        return self.variable is not None and self.variable.shape[0] == size
+
+    def reference(self, fallback, groups):
+        """`[groups, C]`: the remembered means; `fallback` where there is none."""
+        fallback = tf.reshape(fallback, [1, -1])
+        channels = fallback.shape[1]
+        if not self._usable(groups * channels):
             return fallback
         value = tf.cast(tf.convert_to_tensor(self.variable), fallback.dtype)
+        value = tf.reshape(value, [groups, channels])
         return tf.where(tf.math.is_nan(value), fallback, value)
 
-    def remember(self, mean, count):
-        """Keeps `mean` for the channels whose group batch held values."""
-        if self.variable is None:
+    def remember(self, moments):
+        """Keeps each group's mean, for the channels where it held values."""
+        g = moments.groups
+        if g is None or not self._usable(g.mean.shape.num_elements() or -1):
             return
         old = tf.convert_to_tensor(self.variable)
-        mean = tf.cast(tf.reshape(mean, [-1]), old.dtype)
-        self.variable.assign(tf.where(tf.reshape(count, [-1]) > 0, mean, old))
+        mean = tf.cast(tf.reshape(g.mean, [-1]), old.dtype)
+        has = tf.reshape(g.count > 0, [-1])
+        self.variable.assign(tf.where(has, mean, old))

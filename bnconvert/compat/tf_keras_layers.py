@@ -246,7 +246,7 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         channels = 1
         for a in self.axis:
             channels *= int(input_shape[a])
-        self._memory = sync_stats.MeanMemory(channels)
+        self._memory = sync_stats.MeanMemory(channels, self.sync_group_size)
 
     def call(self, inputs, training=None, mask=None):
         inputs = tf.cast(inputs, self.compute_dtype)
@@ -259,18 +259,18 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             # it returns (a count of 0 in inference leaves them as they are):
             # in TF1-style graphs, updates must be ops of the outer graph
             # that `add_update` hands to `fit`.
-            outputs, mean, variance, count = tf.cond(
+            outputs, mean, variance, populated = tf.cond(
                 tf.cast(training, tf.bool),
                 lambda: self._training_call(inputs, mask),
                 lambda: self._inference_values(inputs),
             )
-            self._update_moving_statistics(mean, variance, count)
+            self._update_moving_statistics(mean, variance, populated)
             return outputs
         if tf.is_tensor(training):
             training = tf.get_static_value(training)
         if training:
-            outputs, mean, variance, count = self._training_call(inputs, mask)
-            self._update_moving_statistics(mean, variance, count)
+            outputs, mean, variance, populated = self._training_call(inputs, mask)
+            self._update_moving_statistics(mean, variance, populated)
             return outputs
         return self._inference_call(inputs)
 
@@ -278,7 +278,7 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         """Inference output, and statistics that leave the moving ones unchanged."""
         dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
         zeros = tf.zeros(self._param_broadcast, dtype)
-        return self._inference_call(inputs), zeros, zeros, zeros
+        return self._inference_call(inputs), zeros, zeros, tf.zeros_like(zeros, tf.bool)
 
     def _param(self, weight, dtype):
         if weight is None:
@@ -348,13 +348,18 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             )
             gamma, beta = bn_math.compose(r, d, gamma, beta)
         outputs = bn_math.normalize(x, moments, gamma, beta, self.epsilon)
-        count = tf.broadcast_to(moments.count, tf.shape(mean))
-        return tf.cast(outputs, inputs.dtype), mean, variance, count
+        # See the module docstring: tf-keras's fused kernel folds in the
+        # unbiased variance (and 0 for a single value); renorm never fuses.
+        target_mean, target_variance, populated = sync_stats.moving_targets(
+            moments, unbiased=self.fused and not self.renorm
+        )
+        populated = tf.broadcast_to(populated, tf.shape(mean))
+        return tf.cast(outputs, inputs.dtype), target_mean, target_variance, populated
 
-    def _update_moving_statistics(self, mean, variance, count):
+    def _update_moving_statistics(self, mean, variance, populated):
         shape = self.moving_mean.shape
         # An empty global batch has no statistics: keep the old values.
-        has_data = tf.reshape(count > 0, shape)
+        has_data = tf.reshape(populated, shape)
 
         def update(var, value, momentum):
             old = tf.convert_to_tensor(var)
@@ -379,10 +384,6 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             )
             updates = [mean_ops, [stddev_op, self.moving_variance.assign(new_variance)]]
         else:
-            if self.fused:
-                # See the module docstring: tf-keras's fused kernel reports
-                # the unbiased variance (and 0 for a single value).
-                variance = variance * (count / tf.maximum(count - 1.0, 1.0))
             updates = [
                 [update(self.moving_mean, mean, self.momentum)[0]],
                 [update(self.moving_variance, variance, self.momentum)[0]],
@@ -402,7 +403,10 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             None if self.renorm_clipping is None else dict(self.renorm_clipping)
         )
         config["renorm_momentum"] = self.renorm_momentum
-        config["sync_group_size"] = self.sync_group_size
+        if self.sync_group_size is not None:
+            # Only when set: a default config stays that of the layer
+            # replaced, so that `to-inference` rules need not know the key.
+            config["sync_group_size"] = self.sync_group_size
         if self._fused_argument is not None:
             # Unlike tf-keras BN, kept: it picks the inference kernel.
             config["fused"] = self._fused_argument
