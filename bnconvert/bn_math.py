@@ -19,20 +19,39 @@ import tensorflow as tf
 from bnconvert import sync_stats
 
 
-def batch_moments(x, reduction_axes, weights=None):
-    """Moments of the global batch (or of the local one without replicas).
+def batch_moments(x, reduction_axes, weights=None, *, group_size=None,
+                  memory=None, fallback_reference=None, epsilon=1e-3):
+    """Moments of the global (or group) batch, or of the local one without replicas.
 
     Args:
         x: float32/float64 tensor.
         reduction_axes: the non-channel axes (non-negative ints).
         weights: optional 0/1 mask broadcastable to `x`.
+        group_size: replicas per synchronized group (`None`: all).
+        memory: optional `sync_stats.MeanMemory` holding the last global
+            mean; read as the reference of the centered sums and updated.
+        fallback_reference: the reference where `memory` holds none (the
+            moving mean, identical on every replica).
+        epsilon: the layer's epsilon.
 
     Returns:
         A `sync_stats.GlobalMoments` with `keepdims=True` fields.
     """
     ctx = sync_stats.replica_context()
     if ctx is not None:
-        return sync_stats.global_moments(x, reduction_axes, ctx, weights)
+        reference = fallback_reference
+        if memory is not None and fallback_reference is not None:
+            k = sync_stats.group_size_for(ctx.num_replicas_in_sync, group_size)
+            reference = memory.reference(
+                fallback_reference, ctx.num_replicas_in_sync // k
+            )
+        moments = sync_stats.global_moments(
+            x, reduction_axes, ctx, weights, group_size=group_size,
+            reference=reference, epsilon=epsilon,
+        )
+        if memory is not None:
+            memory.remember(moments)
+        return moments
     count, shift, mu, m2 = sync_stats.local_moments(x, reduction_axes, weights)
     return sync_stats.GlobalMoments(
         shift=shift,

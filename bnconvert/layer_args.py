@@ -47,7 +47,14 @@ def check_axis(axis):
     )
 
 
-def check_renorm_clipping(renorm_clipping):
+def check_renorm_clipping(renorm_clipping, renorm=True):
+    """Validates `renorm_clipping` as Keras does, with Keras's messages.
+
+    As in `keras.layers.BatchNormalization`, the dict is only checked when
+    `renorm=True`; otherwise it is kept as given (it has no effect).
+    """
+    if not renorm:
+        return renorm_clipping
     if renorm_clipping is None:
         return None
     if not isinstance(renorm_clipping, dict):
@@ -57,9 +64,11 @@ def check_renorm_clipping(renorm_clipping):
         )
     unknown = sorted(set(renorm_clipping) - set(CLIPPING_KEYS))
     if unknown:
+        # The opening words are Keras's, so code matching its message works.
         raise ValueError(
-            f"Unknown key(s) {unknown} in `renorm_clipping`; supported keys are "
-            f"{list(CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
+            f"Received invalid keys for `renorm_clipping` argument: {unknown}. "
+            f"Supported values: {list(CLIPPING_KEYS)}. "
+            f"Received: renorm_clipping={renorm_clipping!r}"
         )
     clipping = {}
     for key, value in renorm_clipping.items():
@@ -74,15 +83,34 @@ def check_renorm_clipping(renorm_clipping):
     rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
     if rmin is not None and rmax is not None and rmax < rmin:
         raise ValueError(
-            "`renorm_clipping['rmax']` must be >= `renorm_clipping['rmin']`. "
+            "rmax should be greater than rmin in the `renorm_clipping` argument. "
             f"Received: renorm_clipping={renorm_clipping!r}"
         )
     if clipping.get("dmax", 0.0) < 0:
         raise ValueError(
-            "`renorm_clipping['dmax']` must be non-negative. "
+            "dmax should be non-negative in the `renorm_clipping` argument. "
             f"Received: renorm_clipping={renorm_clipping!r}"
         )
     return clipping
+
+
+def check_sync_group_size(sync_group_size):
+    """`None` or 0 (all replicas) or a positive int; returns `None` for all."""
+    if sync_group_size is None:
+        return None
+    if isinstance(sync_group_size, bool) or not isinstance(
+        sync_group_size, numbers.Integral
+    ):
+        raise ValueError(
+            "Argument `sync_group_size` must be None or a non-negative integer "
+            f"(0 or None: all replicas). Received: sync_group_size={sync_group_size!r}"
+        )
+    if sync_group_size < 0:
+        raise ValueError(
+            "Argument `sync_group_size` must be non-negative (0 or None: all "
+            f"replicas). Received: sync_group_size={sync_group_size!r}"
+        )
+    return int(sync_group_size) or None
 
 
 def check_epsilon(epsilon):
@@ -108,7 +136,7 @@ def check_adjustment(adjustment):
 
 def check_constructor_args(
     *, axis, momentum, epsilon, center, scale, renorm, renorm_clipping,
-    renorm_momentum, trainable, adjustment,
+    renorm_momentum, trainable, adjustment, sync_group_size=None,
 ):
     """Checks the shared arguments; returns them normalized, by name."""
     return {
@@ -120,6 +148,9 @@ def check_constructor_args(
         "scale": check_bool("scale", scale),
         "renorm": check_bool("renorm", renorm),
         "trainable": check_bool("trainable", trainable),
-        "renorm_clipping": check_renorm_clipping(renorm_clipping),
+        "renorm_clipping": check_renorm_clipping(
+            renorm_clipping, renorm=check_bool("renorm", renorm)
+        ),
+        "sync_group_size": check_sync_group_size(sync_group_size),
         "adjustment": check_adjustment(adjustment),
     }

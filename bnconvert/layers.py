@@ -92,6 +92,11 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             `lambda shape: (tf.random.uniform(shape[-1:], 0.93, 1.07),
             tf.random.uniform(shape[-1:], -0.1, 0.1))`. A callable is not
             serializable: it is left out of `get_config()`, with a warning.
+        sync_group_size: Optional positive int `k`: synchronize the
+            statistics within groups of `k` consecutive replicas (replicas
+            `0..k-1`, `k..2k-1`, ...) instead of all of them; the number of
+            replicas must then be a multiple of `k` (checked when the layer
+            runs). `None` or `0` (the default): all replicas.
         name: Optional name of the layer.
         **kwargs: Other base layer keyword arguments, such as `dtype`.
 
@@ -130,6 +135,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         renorm_momentum=0.99,
         trainable=True,
         adjustment=None,
+        sync_group_size=None,
         name=None,
         **kwargs,
     ):
@@ -145,7 +151,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             axis=axis, momentum=momentum, epsilon=epsilon, center=center,
             scale=scale, renorm=renorm, renorm_clipping=renorm_clipping,
             renorm_momentum=renorm_momentum, trainable=trainable,
-            adjustment=adjustment,
+            adjustment=adjustment, sync_group_size=sync_group_size,
         )
         axis, momentum, epsilon = checked["axis"], checked["momentum"], checked["epsilon"]
         renorm_momentum = checked["renorm_momentum"]
@@ -176,7 +182,9 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         self.synchronized = True
         self.renorm_clipping = renorm_clipping
         self.adjustment = adjustment
+        self.sync_group_size = checked["sync_group_size"]
         self._axes = None
+        self._memory = None
 
     def _resolve_axes(self, rank):
         axes = [self.axis] if isinstance(self.axis, int) else list(self.axis)
@@ -251,6 +259,10 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             self.moving_stddev = add("moving_stddev", stddev_init, False)
             self.renorm_mean = add("renorm_mean", mean_init, False)
             self.renorm_stddev = add("renorm_stddev", stddev_init, False)
+        channels = 1
+        for d in dims:
+            channels *= d
+        self._memory = sync_stats.MeanMemory(channels, self.sync_group_size)
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={a: d for a, d in zip(self._axes, dims)}
         )
@@ -287,18 +299,21 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
                 shift=None, correction=-mean, mean=mean, variance=variance, count=None
             )
         else:
-            moments = bn_math.batch_moments(x, self._reduction_axes, weights)
+            moments = bn_math.batch_moments(
+                x, self._reduction_axes, weights,
+                group_size=self.sync_group_size, memory=self._memory,
+                fallback_reference=self.moving_mean, epsilon=self.epsilon,
+            )
 
         gamma = self._param(self.gamma, compute_dtype)
         beta = self._param(self.beta, compute_dtype)
         gamma, beta = self._training_transform(
             tf.shape(inputs), moments.mean, moments.variance, gamma, beta
         )
-        self._update_moving_statistics(
-            moments.mean,
-            moments.variance,
-            None if moments.count is None else moments.count > 0,
-        )
+        if moments.count is None:
+            self._update_moving_statistics(moments.mean, moments.variance)
+        else:
+            self._update_moving_statistics(*sync_stats.moving_targets(moments))
         outputs = bn_math.normalize(x, moments, gamma, beta, self.epsilon)
         return tf.cast(outputs, self.compute_dtype)
 
@@ -389,6 +404,10 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         if isinstance(self.axis, list) and len(self.axis) > 1:
             config["axes"] = list(self.axis)
         config["renorm_clipping"] = self.renorm_clipping
+        if self.sync_group_size is not None:
+            # Only when set: a default config stays that of the layer
+            # replaced, so that `to-inference` rules need not know the key.
+            config["sync_group_size"] = self.sync_group_size
         if self.adjustment is not None:
             warnings.warn(
                 f"Layer '{self.name}': the `adjustment` callable cannot be "

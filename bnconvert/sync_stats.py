@@ -1,47 +1,75 @@
-"""Global batch moments across replicas: one collective, numerically stable.
+"""Global batch moments across replicas: exact, and a payload that does not grow with R.
 
 Synchronized batch normalization needs the mean and (biased) variance of the
-*global* batch: every example of every replica, each replica weighted by the
-number of examples it holds. This module computes them with a single
-all-reduce per call and without the catastrophic cancellation of
-`E[x^2] - E[x]^2`.
+*global* batch (or of a replica group's batch): every example of every
+replica, each replica weighted by the number of values it holds. Two
+exchanges implement this; both are one all-reduce SUM in the common case and
+both are exact for uneven and empty replicas.
 
-Algorithm
----------
-Let replica `i` hold `n_i` values of one channel, `x_i1 ... x_in`.
+Centered sums (the default above `TABLE_MAX_REPLICAS` replicas)
+---------------------------------------------------------------
+Every replica of a group holds the same per-channel reference `r`: the last
+global mean the layer computed (kept per replica; every replica of a group
+computed it from the same reduced values), or the moving mean before the
+first synchronized step. Replica `i` sends
 
-1. **Local shifted moments.** Each replica picks a shift `s_i` (its first
-   value of the channel, or 0 when it holds none) and works on `d = x - s_i`.
-   When the data sit far from zero (mean 1000, spread 0.01) the subtraction is
-   exact in floating point (Sterbenz), so the small quantities below keep
-   their full precision instead of being rounded at the magnitude of 1000:
+    [n_i, S1_i = sum(x - r), S2_i = sum((x - r)^2)]
 
-       mu_i = sum(d) / n_i            (0 when n_i == 0)
-       M2_i = sum((d - mu_i)^2)       (two-pass: no cancellation)
+that is `2C + 1` floats (`3C` with a mask, whose counts differ by channel),
+and after one all-reduce SUM every replica has `N`, `S1`, `S2` and
 
-2. **One exchange.** Replica `i` writes the row `[n_i, s_i, mu_i, M2_i]`
-   (4C values) into row `i` of an otherwise-zero `[replicas, 4C]` buffer, and one
-   all-reduce SUM gives every replica every row. An all-gather would do the
-   same, but its gradient costs two collectives; the gradient of an all-reduce
-   SUM is a single all-reduce SUM.
+    o   = S1 / N                    global mean = r + o
+    var = S2 / N - o^2              biased, as Keras BN
 
-3. **Combine (Chan et al.'s parallel formula) around a common reference.**
-   Every replica picks the same reference `r` (the shift of the replica with
-   most examples) and expresses each local mean as an offset from it,
-   `o_i = (s_i - r) + mu_i`. Then, with `N = sum(n_i)`:
+The output is normalized as `(x - r) - o`, so a large channel mean is never
+rounded: `x - r` is exact when `x` and `r` are within a factor of 2
+(Sterbenz), and `o` is small. The single-pass variance loses precision as
+`o^2` grows against `var` (float32 cancellation). What the output needs is
+precision relative to `var + epsilon`: the rounding error of `S2 / N` is about
+`u * log2(n) * (var + o^2)` (`u` = 6e-8), so while
 
-       delta = sum(n_i * o_i) / N                    global mean = r + delta
-       M2    = sum(M2_i) + sum(n_i * (o_i - delta)^2)
-       var   = M2 / N                                biased, as Keras BN
+    o^2 <= CANCELLATION_RATIO * (var + epsilon)          (every channel)
 
-   The global mean is returned as the pair `(r, delta)`; normalizing with
-   `(x - s_i) + ((s_i - r) - delta)` never forms `x - mean` with a rounded
-   mean, which is where a float32 mean of 1000 would lose 3e-5 absolute
-   (0.003 standard deviations at spread 0.01).
+the error stays within `(1 + CANCELLATION_RATIO)` times that of a two-pass
+variance, and the mean error within `(1 + sqrt(CANCELLATION_RATIO))` times.
+When any channel of any group breaks the bound (the reduced values are the
+same everywhere, so every replica decides the same), a **second exchange**
+sends `[sum(x - m), sum((x - m)^2)]` (`2C`) around the fresh global mean `m`
+of the first one, which is within rounding of the true mean, so the bound
+holds by a wide margin. With `r` the previous step's mean, the second
+exchange fires when the data move by more than about a standard deviation
+between two steps: at the first step from scratch (moving mean 0, data at
+1000) and rarely after that; the README reports measured rates.
 
-Everything stays in float32, so it runs where float64 does not (TPUs), and
-gradients flow through the all-reduce to every replica's inputs: the result
-is the gradient of single-device BN on the concatenated global batch.
+Why not the alternatives: an all-gather of per-replica rows (PyTorch) or the
+`[R, 4C]` table below grows with R; `E[x^2] - E[x]^2` around zero (Keras,
+3 all-reduces) loses every digit at mean 1000, std 0.01; a Welford/Chan
+combination needs per-replica means and therefore rows. A reference held by
+every replica costs no traffic and turns the common case into sums.
+
+Row table (R <= `TABLE_MAX_REPLICAS`)
+-------------------------------------
+Replica `i` fills row `i` of an otherwise-zero `[R, 4C]` table with
+`[n_i, s_i, mu_i, M2_i]` (a local shift, the local mean of `x - s_i` and the
+two-pass sum of squared deviations); one all-reduce SUM gives every row to
+every replica, and Chan's parallel formula combines the rows around the
+shift of the replica with most values. It is always one exchange and needs
+no state, and at a few replicas the table is as small as the centered sums.
+
+Replica groups
+--------------
+`group_size=k` synchronizes groups of `k` consecutive replicas. The exchange
+is still one all-reduce over all replicas: each replica writes into its
+group's row of a `[R / k, P]` buffer (centered sums) or its own row of the
+table and every replica combines its group's rows only. `k = 1` needs no
+exchange at all. The payload of the centered sums is then `R / k` rows,
+which grows with R for a fixed `k`; collectives over replica subsets are
+not exposed by `tf.distribute`.
+
+Everything stays in the input's float type (float32 works where float64 does
+not, e.g. TPUs), and gradients flow through the all-reduce (whose gradient is
+again one all-reduce SUM), so they equal those of single-device BN on the
+concatenated batch of the group.
 """
 
 import collections
@@ -49,8 +77,18 @@ import collections
 import tensorflow as tf
 
 GlobalMoments = collections.namedtuple(
-    "GlobalMoments", ["shift", "correction", "mean", "variance", "count"]
+    "GlobalMoments",
+    ["shift", "correction", "mean", "variance", "count", "groups"],
+    defaults=[None],
 )
+# Every group's statistics, `[groups, C]` each (every replica sees them all).
+GroupMoments = collections.namedtuple("GroupMoments", ["mean", "variance", "count"])
+
+# Up to this many replicas the [R, 4C] table is used (see the benchmarks'
+# P5 for the measured crossover); above it, the centered sums.
+TABLE_MAX_REPLICAS = 2
+# The second exchange fires when a channel's o^2 > RATIO * (var + epsilon).
+CANCELLATION_RATIO = 1.0
 
 
 def replica_context():
@@ -64,6 +102,24 @@ def replica_context():
     if ctx is None or ctx.num_replicas_in_sync <= 1:
         return None
     return ctx
+
+
+def group_size_for(replicas, group_size):
+    """The number of replicas per group; raises if `replicas` do not split."""
+    if not group_size or group_size == replicas:
+        return replicas
+    if replicas % group_size:
+        raise ValueError(
+            f"SyncBatchNormalization cannot split {replicas} replicas into "
+            f"groups of {group_size}: the number of replicas must be a multiple "
+            f"of `sync_group_size`. Received: sync_group_size={group_size}"
+        )
+    return group_size
+
+
+def all_reduce(ctx, value):
+    """The layer's only collective: an all-reduce SUM (benchmarks wrap it)."""
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
 def _first_along(x, axes):
@@ -81,14 +137,32 @@ def _first_along(x, axes):
     return tf.stop_gradient(safe)
 
 
+def _stat_shape(x, axes):
+    """The `keepdims=True` shape of a reduction over `axes` (static if known)."""
+    rank = x.shape.rank
+    static = [1 if a in axes else x.shape[a] for a in range(rank)]
+    if all(d is not None for d in static):
+        return static
+    keep = tf.constant([a in axes for a in range(rank)])
+    return tf.where(keep, tf.ones([rank], tf.int32), tf.shape(x))
+
+
+def _count(x, axes, mask):
+    """Values per channel (keepdims); `mask` is None or a broadcast 0/1 mask."""
+    if mask is None:
+        n = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
+        return tf.fill(_stat_shape(x, axes), n)
+    return tf.reduce_sum(mask, axes, keepdims=True)
+
+
 def local_moments(x, axes, mask=None):
     """Shifted two-pass moments of `x` over `axes` on this replica.
 
     Args:
-        x: float32 tensor.
+        x: float tensor.
         axes: list of reduction axes (non-negative).
-        mask: optional float32 tensor broadcastable to `x` with 1 for values
-            that count and 0 for those that do not.
+        mask: optional float tensor broadcastable to `x`, 1 for values that
+            count and 0 for those that do not.
 
     Returns:
         `(count, shift, mean_offset, m2)`, each with `keepdims=True` shape:
@@ -97,79 +171,248 @@ def local_moments(x, axes, mask=None):
     """
     shift = _first_along(x, axes)
     d = x - shift
-    if mask is None:
-        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
-        count = tf.fill(tf.shape(shift), count)
-        mean = tf.math.divide_no_nan(tf.reduce_sum(d, axes, keepdims=True), count)
-        m2 = tf.reduce_sum(
-            tf.math.squared_difference(d, tf.stop_gradient(mean)), axes, keepdims=True
-        )
-    else:
+    if mask is not None:
         mask = tf.broadcast_to(mask, tf.shape(x))
-        count = tf.reduce_sum(mask, axes, keepdims=True)
-        mean = tf.math.divide_no_nan(
-            tf.reduce_sum(d * mask, axes, keepdims=True), count
-        )
-        m2 = tf.reduce_sum(
-            tf.math.squared_difference(d, tf.stop_gradient(mean)) * mask,
-            axes,
-            keepdims=True,
-        )
+    count = _count(x, axes, mask)
+    w = (lambda t: t) if mask is None else (lambda t: t * mask)
+    mean = tf.math.divide_no_nan(tf.reduce_sum(w(d), axes, keepdims=True), count)
+    m2 = tf.reduce_sum(
+        w(tf.math.squared_difference(d, tf.stop_gradient(mean))), axes, keepdims=True
+    )
     return count, shift, mean, m2
 
 
-def global_moments(x, axes, ctx, mask=None):
-    """Count-weighted moments of the global batch, with one all-reduce.
+def _place(row, index, rows):
+    """`row` as row `index` of an otherwise-zero `[rows, len(row)]` buffer."""
+    return tf.pad(row[tf.newaxis], [[index, rows - 1 - index], [0, 0]])
+
+
+def _channels(stat_shape):
+    if isinstance(stat_shape, list):
+        n = 1
+        for d in stat_shape:
+            n *= d
+        return n
+    return tf.reduce_prod(stat_shape)
+
+
+def global_moments(x, axes, ctx, mask=None, group_size=None, reference=None,
+                   epsilon=1e-3, method=None):
+    """Count-weighted moments of the global (or group) batch.
 
     Args:
-        x: float32 tensor (this replica's slice of the batch).
+        x: float tensor (this replica's slice of the batch).
         axes: list of reduction axes (non-negative); the others are channels.
         ctx: a `tf.distribute.ReplicaContext` with more than one replica.
-        mask: optional 0/1 float32 tensor broadcastable to `x`.
+        mask: optional 0/1 tensor broadcastable to `x`.
+        group_size: replicas per group; `None` or 0 for all of them.
+        reference: `[groups, C]` (or `[C]`, shared) tensor that every
+            replica holds identically: where each group's centered sums are
+            taken. `None` means 0.
+        epsilon: the layer's epsilon (the precision the output needs).
+        method: `"table"`, `"centered"` or `None` (by replica count).
 
     Returns:
-        A `GlobalMoments` whose fields have `keepdims=True` shape. Normalize
-        with `x - mean == (x - shift) + correction`, which never subtracts a
-        rounded large mean; use `mean` and `variance` for moving statistics.
-        `count` is the number of values of the global batch per channel
-        (what an unbiased variance or an empty-batch check needs).
+        A `GlobalMoments` whose fields have `keepdims=True` shape, for this
+        replica's group. Normalize with `x - mean == (x - shift) +
+        correction`; `count` counts the group's values; `groups` holds every
+        group's mean, variance and count, `[groups, C]`.
     """
+    replicas = ctx.num_replicas_in_sync
+    k = group_size_for(replicas, group_size)
+    if mask is not None:
+        mask = tf.broadcast_to(tf.cast(mask, x.dtype), tf.shape(x))
+    if method is None:
+        method = "table" if replicas <= TABLE_MAX_REPLICAS else "centered"
+    if method == "table":
+        return _table_moments(x, axes, ctx, mask, k)
+    return _centered_moments(x, axes, ctx, mask, k, reference, epsilon)
+
+
+def _table_moments(x, axes, ctx, mask, k):
     count, shift, mu, m2 = local_moments(x, axes, mask)
     stat_shape = tf.shape(shift)
-    row = tf.concat(
-        [
-            tf.reshape(count, [-1]),
-            tf.reshape(shift, [-1]),
-            tf.reshape(mu, [-1]),
-            tf.reshape(m2, [-1]),
-        ],
-        axis=0,
-    )
+    row = tf.concat([tf.reshape(t, [-1]) for t in (count, shift, mu, m2)], axis=0)
     replicas = ctx.num_replicas_in_sync
     rid = ctx.replica_id_in_sync_group
-    padded = tf.pad(row[tf.newaxis], [[rid, replicas - 1 - rid], [0, 0]])
-    table = ctx.all_reduce(tf.distribute.ReduceOp.SUM, padded)
-
-    counts, shifts, mus, m2s = tf.split(table, 4, axis=1)
-
-    # Every replica sees the same table, so every replica picks the same
-    # reference: the shift of the replica holding most values of the channel.
-    pick = tf.one_hot(tf.argmax(counts, axis=0), replicas, axis=0, dtype=x.dtype)
-    reference = tf.reduce_sum(shifts * pick, axis=0)
-    offsets = (shifts - reference) + mus
-    total = tf.reduce_sum(counts, axis=0)
-    delta = tf.math.divide_no_nan(tf.reduce_sum(counts * offsets, axis=0), total)
-    m2 = tf.reduce_sum(m2s, axis=0) + tf.reduce_sum(
-        counts * tf.square(offsets - delta), axis=0
+    table = all_reduce(ctx, _place(row, rid, replicas))
+    # [groups, k, C] each: group g holds rows [g * k, (g + 1) * k).
+    counts, shifts, mus, m2s = tf.split(
+        tf.reshape(table, [replicas // k, k, -1]), 4, axis=2
     )
-    variance = tf.math.divide_no_nan(m2, total)
-
-    delta = tf.reshape(delta, stat_shape)
-    reference = tf.reshape(reference, stat_shape)
+    # Every replica sees the same rows, so every one picks the same
+    # reference per group: the shift of the replica holding most values.
+    pick = tf.one_hot(tf.argmax(counts, axis=1), k, axis=1, dtype=x.dtype)
+    reference = tf.reduce_sum(shifts * pick, axis=1, keepdims=True)
+    offsets = (shifts - reference) + mus
+    total = tf.reduce_sum(counts, axis=1)
+    delta = tf.math.divide_no_nan(tf.reduce_sum(counts * offsets, axis=1), total)
+    m2 = tf.reduce_sum(m2s, axis=1) + tf.reduce_sum(
+        counts * tf.square(offsets - delta[:, tf.newaxis]), axis=1
+    )
+    variances = tf.math.divide_no_nan(m2, total)
+    reference = reference[:, 0]
+    group = rid // k
+    shape = lambda t: tf.reshape(t, stat_shape)
     return GlobalMoments(
         shift=shift,
-        correction=(shift - reference) - delta,
-        mean=reference + delta,
-        variance=tf.reshape(variance, stat_shape),
-        count=tf.reshape(total, stat_shape),
+        correction=(shift - shape(reference[group])) - shape(delta[group]),
+        mean=shape(reference[group] + delta[group]),
+        variance=shape(variances[group]),
+        count=shape(total[group]),
+        groups=GroupMoments(reference + delta, variances, total),
     )
+
+
+def _sums(x, axes, around, mask):
+    d = x - around
+    if mask is not None:
+        d = d * mask
+    return tf.reduce_sum(d, axes, keepdims=True), tf.reduce_sum(
+        tf.square(d), axes, keepdims=True
+    )
+
+
+def _centered_moments(x, axes, ctx, mask, k, reference, epsilon):
+    stat_shape = _stat_shape(x, axes)
+    channels = _channels(stat_shape)
+    groups = ctx.num_replicas_in_sync // k
+    group = ctx.replica_id_in_sync_group // k
+    if reference is None:
+        reference = tf.zeros([channels], x.dtype)
+    r_all = tf.cast(tf.reshape(reference, [-1, channels]), x.dtype)
+    r_all = tf.stop_gradient(tf.broadcast_to(r_all, [groups, channels]))
+    r = r_all[group]
+
+    s1, s2 = _sums(x, axes, tf.reshape(r, stat_shape), mask)
+    flat = lambda t: tf.reshape(t, [-1])
+    if mask is None:
+        # One count for all channels: the payload is 2C + 1.
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
+        payload = tf.concat([[count], flat(s1), flat(s2)], 0)
+        width = 1
+    else:
+        payload = tf.concat([flat(tf.reduce_sum(mask, axes)), flat(s1), flat(s2)], 0)
+        width = channels
+    reduced = all_reduce(ctx, _place(payload, group, groups))
+    counts = tf.broadcast_to(reduced[:, :width], [groups, channels])
+    all_s1 = reduced[:, width:width + channels]
+    all_s2 = reduced[:, width + channels:]
+    # [groups, C] each; every replica holds every group's values.
+    offsets = tf.math.divide_no_nan(all_s1, counts)
+    variances = tf.math.divide_no_nan(all_s2, counts) - tf.square(offsets)
+    eps = tf.cast(epsilon, x.dtype)
+    # Identical on every replica: all of them decide the same.
+    cancelled = tf.reduce_any(
+        tf.square(offsets) > CANCELLATION_RATIO * (variances + eps)
+    )
+    m_all = tf.stop_gradient(r_all + offsets)
+
+    def second_sums():
+        t1, t2 = _sums(x, axes, tf.reshape(m_all[group], stat_shape), mask)
+        return tf.concat([flat(t1), flat(t2)], 0)
+
+    # tf.distribute routes a collective through `merge_call`, which may not
+    # sit inside control flow: the second all-reduce always exists, and the
+    # reduced values decide its size, 2C floats per group when needed and 0
+    # otherwise.
+    row = tf.cond(cancelled, second_sums, lambda: tf.zeros([0], x.dtype))
+    again = all_reduce(ctx, _place(row, group, groups))
+
+    def recentred():
+        o = tf.math.divide_no_nan(again[:, :channels], counts)
+        v = tf.math.divide_no_nan(again[:, channels:], counts) - tf.square(o)
+        return m_all, o, v
+
+    shifts, offsets, variances = tf.cond(
+        cancelled, recentred, lambda: (r_all, offsets, variances)
+    )
+    # Rounding can take a single-pass variance a hair below zero.
+    variances = tf.nn.relu(variances)
+    shape = lambda t: tf.reshape(t, stat_shape)
+    return GlobalMoments(
+        shift=shape(shifts[group]),
+        correction=-shape(offsets[group]),
+        mean=shape(shifts[group] + offsets[group]),
+        variance=shape(variances[group]),
+        count=shape(counts[group]),
+        groups=GroupMoments(shifts + offsets, variances, counts),
+    )
+
+
+def moving_targets(moments, unbiased=False):
+    """What the moving statistics blend in: `(mean, variance, populated)`.
+
+    With one group these are the batch statistics. With several, every
+    replica blends in the same values, the average over the groups that
+    hold values of each group's statistics, so that mirrored moving
+    statistics stay identical on every replica (what a sync-on-read `MEAN`
+    variable would report). `unbiased` applies `N / (N - 1)` per group.
+    `populated` is False for channels whose (every) group batch was empty.
+    """
+    g = moments.groups
+    if g is None:
+        count = moments.count
+        variance = moments.variance
+        if unbiased:
+            variance = variance * (count / tf.maximum(count - 1.0, 1.0))
+        return moments.mean, variance, count > 0
+    variances = g.variance
+    if unbiased:
+        variances = variances * (g.count / tf.maximum(g.count - 1.0, 1.0))
+    has = tf.cast(g.count > 0, g.mean.dtype)
+    groups = tf.reduce_sum(has, axis=0)
+    average = lambda t: tf.math.divide_no_nan(tf.reduce_sum(t * has, axis=0), groups)
+    shape = lambda t: tf.reshape(t, tf.shape(moments.mean))
+    return shape(average(g.mean)), shape(average(variances)), shape(groups > 0)
+
+
+class MeanMemory:
+    """Per-replica memory of every group's last mean: the references `r`.
+
+    A sync-on-read variable of `groups * C` values, so that each replica
+    reads and writes its own copy without any traffic (every replica writes
+    the same values, having seen every group's statistics). It is
+    deliberately not a layer weight: it is not saved, and a reloaded layer
+    starts again from its moving mean. Created only under a strategy with
+    several replicas, in cross-replica context; otherwise `reference()`
+    returns the fallback.
+    """
+
+    def __init__(self, channels, group_size=None):
+        self.variable = None
+        strategy = tf.distribute.get_strategy()
+        replicas = strategy.num_replicas_in_sync
+        k = group_size or replicas
+        if replicas > 1 and replicas % k == 0 and tf.distribute.in_cross_replica_context():
+            with tf.init_scope():
+                self.variable = tf.Variable(
+                    tf.fill([replicas // k * channels], float("nan")),
+                    trainable=False,
+                    synchronization=tf.VariableSynchronization.ON_READ,
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                    name="sync_bn_reference",
+                )
+
+    def _usable(self, size):
+        return self.variable is not None and self.variable.shape[0] == size
+
+    def reference(self, fallback, groups):
+        """`[groups, C]`: the remembered means; `fallback` where there is none."""
+        fallback = tf.reshape(fallback, [1, -1])
+        channels = fallback.shape[1]
+        if not self._usable(groups * channels):
+            return fallback
+        value = tf.cast(tf.convert_to_tensor(self.variable), fallback.dtype)
+        value = tf.reshape(value, [groups, channels])
+        return tf.where(tf.math.is_nan(value), fallback, value)
+
+    def remember(self, moments):
+        """Keeps each group's mean, for the channels where it held values."""
+        g = moments.groups
+        if g is None or not self._usable(g.mean.shape.num_elements() or -1):
+            return
+        old = tf.convert_to_tensor(self.variable)
+        mean = tf.cast(tf.reshape(g.mean, [-1]), old.dtype)
+        has = tf.reshape(g.count > 0, [-1])
+        self.variable.assign(tf.where(has, mean, old))

@@ -6,7 +6,10 @@ described by the `TF_CONFIG` environment variable: it trains the model with
 `bnconvert.SyncBatchNormalization` through `model.fit` on its own shard of a
 fixed global batch and writes the resulting weights to an `.npz` file.
 
-    python _mw_worker.py OUT.npz STEPS GLOBAL_BATCH
+    python _mw_worker.py OUT.npz STEPS GLOBAL_BATCH [table|centered]
+
+The optional last argument picks the exchange of `bnconvert.sync_stats`
+(default: whatever the replica count selects).
 
 The worker keeps TensorFlow's single CPU device: one replica per worker.
 """
@@ -134,12 +137,16 @@ def weights_dict(model):
     return {w.path: np.asarray(w.numpy()) for w in model.weights}
 
 
-def _main(out_path, steps, global_batch):
+def _main(out_path, steps, global_batch, method=None):
     import tensorflow as tf
 
     # Must come before any other TensorFlow op.
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     import bnconvert
+    from bnconvert import sync_stats
+
+    if method is not None:
+        sync_stats.TABLE_MAX_REPLICAS = {"table": 1 << 30, "centered": 1}[method]
 
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     workers = strategy.num_replicas_in_sync
@@ -160,4 +167,5 @@ def _main(out_path, steps, global_batch):
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    _main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
+          sys.argv[4] if len(sys.argv) > 4 else None)

@@ -124,7 +124,8 @@ def _free_ports(n):
 
 
 @pytest.mark.slow
-def test_multi_worker_fit_matches_single_device_bn(tmp_path):
+@pytest.mark.parametrize("method", ["table", "centered"])
+def test_multi_worker_fit_matches_single_device_bn(tmp_path, method):
     steps, global_batch = 3, 8
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -140,7 +141,7 @@ def test_multi_worker_fit_matches_single_device_bn(tmp_path):
             CUDA_VISIBLE_DEVICES="-1",
         )
         procs.append(subprocess.Popen(
-            [sys.executable, WORKER, str(out), str(steps), str(global_batch)],
+            [sys.executable, WORKER, str(out), str(steps), str(global_batch), method],
             env=env, cwd=str(tmp_path),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))

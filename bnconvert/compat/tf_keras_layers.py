@@ -36,6 +36,7 @@ import tf_keras
 
 from bnconvert import bn_math
 from bnconvert import layer_args
+from bnconvert import sync_stats
 
 _FUSED_DATA_FORMATS = {
     (4, 1): "NCHW",
@@ -122,6 +123,9 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             returning `(scale, bias)`, applied to the normalized value before
             `gamma` and `beta`, in training only. Not serializable: left out
             of `get_config()`.
+        sync_group_size: Optional positive int `k`: synchronize within
+            groups of `k` consecutive replicas; the replica count must be a
+            multiple of `k`. `None` or `0` (the default): all replicas.
         name: Optional name of the layer.
         **kwargs: Other base layer keyword arguments, such as `dtype`.
             `synchronized` is accepted and ignored (this layer always
@@ -168,6 +172,7 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         renorm_momentum=0.99,
         trainable=True,
         adjustment=None,
+        sync_group_size=None,
         name=None,
         **kwargs,
     ):
@@ -188,7 +193,7 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             axis=axis, momentum=momentum, epsilon=epsilon, center=center,
             scale=scale, renorm=renorm, renorm_clipping=renorm_clipping,
             renorm_momentum=renorm_momentum, trainable=trainable,
-            adjustment=adjustment,
+            adjustment=adjustment, sync_group_size=sync_group_size,
         )
         axis, momentum, epsilon = checked["axis"], checked["momentum"], checked["epsilon"]
         renorm_momentum = checked["renorm_momentum"]
@@ -225,6 +230,8 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         # tf-keras sets these only when renorm is on; the config keeps them.
         self.renorm_clipping = renorm_clipping
         self.renorm_momentum = renorm_momentum
+        self.sync_group_size = checked["sync_group_size"]
+        self._memory = None
 
     def build(self, input_shape):
         # tf-keras validates `axis` (to a sorted list of non-negative ints),
@@ -236,6 +243,10 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         self._param_broadcast = [1] * rank
         for a in self.axis:
             self._param_broadcast[a] = int(input_shape[a])
+        channels = 1
+        for a in self.axis:
+            channels *= int(input_shape[a])
+        self._memory = sync_stats.MeanMemory(channels, self.sync_group_size)
 
     def call(self, inputs, training=None, mask=None):
         inputs = tf.cast(inputs, self.compute_dtype)
@@ -244,16 +255,30 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         if not self.trainable:
             training = False
         if tf.is_tensor(training) and tf.get_static_value(training) is None:
-            return tf.cond(
+            # The moving statistics are updated after the cond, from values
+            # it returns (a count of 0 in inference leaves them as they are):
+            # in TF1-style graphs, updates must be ops of the outer graph
+            # that `add_update` hands to `fit`.
+            outputs, mean, variance, populated = tf.cond(
                 tf.cast(training, tf.bool),
                 lambda: self._training_call(inputs, mask),
-                lambda: self._inference_call(inputs),
+                lambda: self._inference_values(inputs),
             )
+            self._update_moving_statistics(mean, variance, populated)
+            return outputs
         if tf.is_tensor(training):
             training = tf.get_static_value(training)
         if training:
-            return self._training_call(inputs, mask)
+            outputs, mean, variance, populated = self._training_call(inputs, mask)
+            self._update_moving_statistics(mean, variance, populated)
+            return outputs
         return self._inference_call(inputs)
+
+    def _inference_values(self, inputs):
+        """Inference output, and statistics that leave the moving ones unchanged."""
+        dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
+        zeros = tf.zeros(self._param_broadcast, dtype)
+        return self._inference_call(inputs), zeros, zeros, tf.zeros_like(zeros, tf.bool)
 
     def _param(self, weight, dtype):
         if weight is None:
@@ -302,7 +327,11 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             while weights.shape.rank < x.shape.rank:
                 weights = weights[..., tf.newaxis]
 
-        moments = bn_math.batch_moments(x, self._reduction_axes, weights)
+        moments = bn_math.batch_moments(
+            x, self._reduction_axes, weights, group_size=self.sync_group_size,
+            memory=self._memory, fallback_reference=self.moving_mean,
+            epsilon=self.epsilon,
+        )
         mean, variance = moments.mean, moments.variance
         gamma, beta = self._param(self.gamma, dtype), self._param(self.beta, dtype)
         if self.adjustment is not None:
@@ -318,14 +347,19 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
                 self.epsilon, self.renorm_clipping,
             )
             gamma, beta = bn_math.compose(r, d, gamma, beta)
-        self._update_moving_statistics(mean, variance, moments.count)
         outputs = bn_math.normalize(x, moments, gamma, beta, self.epsilon)
-        return tf.cast(outputs, inputs.dtype)
+        # See the module docstring: tf-keras's fused kernel folds in the
+        # unbiased variance (and 0 for a single value); renorm never fuses.
+        target_mean, target_variance, populated = sync_stats.moving_targets(
+            moments, unbiased=self.fused and not self.renorm
+        )
+        populated = tf.broadcast_to(populated, tf.shape(mean))
+        return tf.cast(outputs, inputs.dtype), target_mean, target_variance, populated
 
-    def _update_moving_statistics(self, mean, variance, count):
+    def _update_moving_statistics(self, mean, variance, populated):
         shape = self.moving_mean.shape
         # An empty global batch has no statistics: keep the old values.
-        has_data = tf.reshape(count > 0, shape)
+        has_data = tf.reshape(populated, shape)
 
         def update(var, value, momentum):
             old = tf.convert_to_tensor(var)
@@ -333,26 +367,33 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             # tf-keras's form, `old - (old - value) * (1 - momentum)`.
             new = old - (old - value) * tf.cast(1.0 - momentum, old.dtype)
             new = tf.where(has_data, new, old)
-            var.assign(new)
-            return new
+            return var.assign(new), new
 
         if self.renorm:
             stddev = tf.sqrt(variance + self.epsilon)
-            update(self.renorm_mean, mean, self.renorm_momentum)
-            update(self.renorm_stddev, stddev, self.renorm_momentum)
-            update(self.moving_mean, mean, self.momentum)
-            moving_stddev = update(self.moving_stddev, stddev, self.momentum)
+            mean_ops = [
+                update(self.renorm_mean, mean, self.renorm_momentum)[0],
+                update(self.renorm_stddev, stddev, self.renorm_momentum)[0],
+                update(self.moving_mean, mean, self.momentum)[0],
+            ]
+            stddev_op, moving_stddev = update(self.moving_stddev, stddev, self.momentum)
             # Clamped at zero: rounding can push stddev^2 - epsilon below it.
-            self.moving_variance.assign(
-                tf.nn.relu(moving_stddev * moving_stddev - self.epsilon)
+            new_variance = tf.where(
+                has_data, tf.nn.relu(moving_stddev * moving_stddev - self.epsilon),
+                tf.convert_to_tensor(self.moving_variance),
             )
-            return
-        if self.fused:
-            # See the module docstring: tf-keras's fused kernel reports the
-            # unbiased variance (and 0 for a single value).
-            variance = variance * (count / tf.maximum(count - 1.0, 1.0))
-        update(self.moving_mean, mean, self.momentum)
-        update(self.moving_variance, variance, self.momentum)
+            updates = [mean_ops, [stddev_op, self.moving_variance.assign(new_variance)]]
+        else:
+            updates = [
+                [update(self.moving_mean, mean, self.momentum)[0]],
+                [update(self.moving_variance, variance, self.momentum)[0]],
+            ]
+        if not tf.compat.v1.executing_eagerly_outside_functions():
+            # TF1-style graph: assignments run only when fetched, and
+            # tf-keras's `fit` fetches `layer.updates` (two, as for
+            # tf-keras's BatchNormalization). Under TF2 they run anyway.
+            for ops in updates:
+                self.add_update(tf.group(*ops) if len(ops) > 1 else ops[0])
 
     def get_config(self):
         config = super().get_config()
@@ -362,6 +403,10 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             None if self.renorm_clipping is None else dict(self.renorm_clipping)
         )
         config["renorm_momentum"] = self.renorm_momentum
+        if self.sync_group_size is not None:
+            # Only when set: a default config stays that of the layer
+            # replaced, so that `to-inference` rules need not know the key.
+            config["sync_group_size"] = self.sync_group_size
         if self._fused_argument is not None:
             # Unlike tf-keras BN, kept: it picks the inference kernel.
             config["fused"] = self._fused_argument
