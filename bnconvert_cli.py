@@ -94,9 +94,42 @@ def _one_line(text):
     return " ".join(str(text).split())
 
 
+def _import_user_modules(names):
+    """Imports the --custom-objects modules before TensorFlow starts.
+
+    A model zoo may configure TensorFlow when imported (`TF_USE_LEGACY_KERAS`,
+    registering its layers with tf-keras); that must happen first. A module
+    that fails here is imported again by the pipeline, which reports the
+    failure in one line (bnconvert.custom_objects).
+    """
+    import importlib.util
+
+    for name in names:
+        try:
+            if name.endswith(".py") or os.sep in name:
+                path = os.path.abspath(name)
+                # The name bnconvert.custom_objects.module_name_for_file gives.
+                module_name = "_bnconvert_custom_" + os.path.splitext(os.path.basename(path))[0]
+                spec = importlib.util.spec_from_file_location(module_name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                spec.loader.exec_module(module)
+            else:
+                sys.path.append(os.getcwd())
+                try:
+                    importlib.import_module(name)
+                finally:
+                    sys.path.pop()
+        except Exception:  # noqa: BLE001 - reported by the pipeline
+            sys.modules.pop(locals().get("module_name", ""), None)
+
+
 def _run(**fields):
     """Runs the pipeline; any error caused by the input becomes one click error line."""
     progress = Progress()
+    if fields.get("custom_objects"):
+        with progress.step("importing custom objects"), _native_stderr_silenced():
+            _import_user_modules(fields["custom_objects"])
     with progress.step("starting TensorFlow"):
         start_tensorflow()
     from bnconvert.errors import BnconvertError
@@ -214,8 +247,12 @@ def inspect_command(as_json, **options):
     from bnconvert.report import format_inspect_rows
 
     click.echo(format_inspect_rows(result.rows) if result.rows else f"{model}: no normalization layers.")
-    n = result.report.converted
-    click.echo(f"{n} layer{'' if n == 1 else 's'} would be converted (to {target})")
+    report = result.report
+    n = report.converted
+    line = f"{n} layer{'' if n == 1 else 's'} would be converted (to {target})"
+    if target == "inference":
+        line += f"; {report.folded} would be folded, {report.count('kept')} kept"
+    click.echo(line)
 
 
 @main.command("to-inference")

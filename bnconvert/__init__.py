@@ -2,11 +2,14 @@
 
 The public API lives here and nowhere else. Importing the package registers
 `SyncBatchNormalization` with Keras 3 (and, when tf-keras is imported, its
-tf-keras twin; see `bnconvert.compat`) and does nothing more: no
+tf-keras twin; see `bnconvert.compat`), and the record with which a `.keras`
+file re-applies a conversion its model's config cannot hold
+(`bnconvert.persist`), and does nothing more: no
 environment variable, logger or file descriptor of the process is touched.
 """
 
 from bnconvert import compat
+from bnconvert import persist  # noqa: F401  (registers the conversion record of .keras files)
 from bnconvert.convert import convert_model
 from bnconvert.convert import inspect_model
 from bnconvert.layers import SyncBatchNormalization

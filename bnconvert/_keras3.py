@@ -2,6 +2,8 @@
 
 import contextlib
 import json
+import os
+import tempfile
 import warnings
 import zipfile
 
@@ -10,6 +12,8 @@ import keras
 from bnconvert import flavour_api as flavour
 from bnconvert import formats
 from bnconvert import keras_internals as internals
+from bnconvert import persist
+from bnconvert import walk
 from bnconvert.layers import SyncBatchNormalization
 
 
@@ -35,37 +39,41 @@ class Keras3Flavour(flavour.Flavour):
     def safe_mode_scope(self, safe_mode):
         return internals.keras3_safe_mode_scope(safe_mode)
 
-    def clone_graph(self, model, clone_function, bypass=frozenset()):
-        kwargs = {}
-        if isinstance(model, self.Functional) and not isinstance(model, keras.Sequential):
-            kwargs["input_tensors"] = keras.tree.map_structure(
-                self.fresh_input, model.input
-            )
-        if bypass:
-            def call_function(layer, *args, **kw):
-                if id(layer) in bypass:
-                    return args[0] if args else kw["inputs"]
-                return layer(*args, **kw)
+    def fresh_copy(self, model, custom_objects=None):
+        # Classes the model itself uses resolve even when nobody registered them.
+        classes = {}
+        for _, layer in [("", model), *walk.iter_layers(model, self)]:
+            classes[type(layer).__name__] = type(layer)
+            classes[self.registered_name(type(layer))] = type(layer)
+        classes.update(custom_objects or {})
+        custom_objects = classes
+        with tempfile.TemporaryDirectory(prefix="bnconvert-copy-") as tmp:
+            path = os.path.join(tmp, "copy.keras")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.save(path)
+                # Layers whose class the model's own config does not name
+                # (a subclassed model, a custom layer creating plain BN in
+                # __init__) come back as recorded.
+                persist.record(path, model, [
+                    at for _, at, layer in walk.iter_positions(model, self)
+                    if isinstance(layer, self.bn_classes) and type(layer) is not self.BatchNormalization
+                ])
+                # The model is already in this process: loading its own copy
+                # runs no code from an untrusted file.
+                copy = keras.saving.load_model(
+                    path, custom_objects=custom_objects, compile=False, safe_mode=False
+                )
+        if getattr(model, "compiled", False):
+            with contextlib.suppress(Exception):  # a loss Keras cannot rebuild
+                copy.compile_from_config(model.get_compile_config())
+        return copy
 
-            kwargs["call_function"] = call_function
-        new = keras.models.clone_model(model, clone_function=clone_function, **kwargs)
-        if model.built and not new.built:
-            # A Sequential built by a call has no Input layer to rebuild from.
-            new.build_from_config(model.get_build_config())
-        return new
-
-    def fresh_input(self, tensor):
-        """A new `keras.Input` like `tensor`, named after its InputLayer.
-
-        Left to itself, clone_model names each new InputLayer after its
-        tensor ("keras_tensor_890"), which would rename the inputs users,
-        saved files and the ONNX export see.
-        """
-        layer = internals.producing_layer(tensor)
-        return keras.Input(
-            batch_shape=tensor.shape, dtype=tensor.dtype, sparse=tensor.sparse,
-            name=layer.name,
-        )
+    def identity_like(self, layer):
+        # A policy object as `dtype` would make the layer unserializable.
+        identity = keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy.name)
+        identity.build(layer.get_build_config()["input_shape"])
+        return identity
 
     def build_like(self, original, new, source_of=None):
         build_config = original.get_build_config()

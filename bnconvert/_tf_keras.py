@@ -12,9 +12,13 @@ What tf-keras cannot do here, and why:
   not rewritten: tf-keras tracks sublayers through attribute assignment
   with no public or private way to swap one in place, so the copy could
   not be made to hold the converted sublayer.
-- A folded BN is replaced by a linear `Activation` of the same name:
-  tf-keras's `clone_model` has no way to drop a layer's call from a graph.
+- A folded BN becomes a linear `Activation` of the same name (Keras 3:
+  an `Identity`).
 """
+
+import os
+import tempfile
+import warnings
 
 import tf_keras
 
@@ -74,23 +78,35 @@ class TFKerasFlavour(flavour.Flavour):
     def safe_mode_scope(self, safe_mode):
         return internals.tf_keras_safe_mode_scope(safe_mode)
 
-    def clone_graph(self, model, clone_function, bypass=frozenset()):
-        def clone(layer):
-            if id(layer) in bypass:
-                return tf_keras.layers.Activation("linear", name=layer.name)
-            return clone_function(layer)
+    def fresh_copy(self, model, custom_objects=None):
+        with tempfile.TemporaryDirectory(prefix="bnconvert-copy-") as tmp:
+            path = os.path.join(tmp, "copy.h5")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.save(path, save_format="h5")
+                with self.custom_object_scope(custom_objects), self.safe_mode_scope(False):
+                    # The model is already in this process (see Keras 3's twin).
+                    copy = tf_keras.models.load_model(path, compile=False)
+        # tf-keras leaves these BN settings out of get_config(); the copy
+        # takes them from the original, layer by layer.
+        from bnconvert import walk
 
-        new = tf_keras.models.clone_model(model, clone_function=clone)
-        if model.built and not new.built:
-            new.build_from_config(model.get_build_config())
-        new.trainable = model.trainable
-        return new
+        pairs = zip(walk.iter_layers(model, self), walk.iter_layers(copy, self))
+        for (path_a, a), (path_b, b) in pairs:
+            if path_a == path_b and isinstance(a, self.bn_classes) and type(a) is type(b):
+                for name in ("synchronized", "fused"):
+                    if hasattr(a, name):
+                        setattr(b, name, getattr(a, name))
+        return copy
 
-    def fresh_input(self, tensor):
-        layer = internals.producing_layer(tensor)
-        return tf_keras.Input(
-            batch_shape=tensor.shape, dtype=tensor.dtype, name=layer.name
+    def identity_like(self, layer):
+        # A linear Activation: tf-keras's `Identity` has no place in its
+        # H5 and SavedModel loaders' layer tables in every version.
+        identity = tf_keras.layers.Activation(
+            "linear", name=layer.name, dtype=layer.dtype_policy.name
         )
+        identity.build(layer.get_build_config()["input_shape"])
+        return identity
 
     def build_like(self, original, new, source_of=None):
         if not original.built or new.built:

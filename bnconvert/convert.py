@@ -16,8 +16,10 @@ from bnconvert import flavour as flavour_lib
 from bnconvert import fold as fold_lib
 from bnconvert import rules as rules_lib
 from bnconvert import verify as verify_lib
+from bnconvert import walk
 from bnconvert.converter import Converter
 from bnconvert.errors import ConversionError
+from bnconvert.errors import first_line
 from bnconvert.report import ConversionReport
 
 
@@ -30,6 +32,7 @@ class _Job:
     ruleset: object
     report: ConversionReport
     converter: Converter
+    loaded: bool = False
 
 
 def convert_model(
@@ -45,6 +48,10 @@ def convert_model(
     return_report=False,
 ):
     """Returns a copy of `model` with its normalization layers rewritten.
+
+    The copy is made by Keras's own save and load, so it keeps the model's
+    class and config (keras-hub backbones and tasks), raw `keras.ops` nodes
+    and custom layers; only the matched layers are rewritten in it.
 
     With `to="sync"`, every `keras.layers.BatchNormalization` (exact class,
     synchronized or not) becomes `bnconvert.SyncBatchNormalization`. With
@@ -82,27 +89,111 @@ def convert_model(
         ModelLoadError: `model` is a path that cannot be loaded.
         VerificationError: The outputs differ by more than `tolerance`.
     """
-    job = _prepare(model, to, rules, custom_objects, safe_mode)
-    folding = to == "inference" and fold
-    tolerance = verify_lib.default_tolerance(folding) if tolerance is None else tolerance
-    with _quiet_keras():
-        new_model = job.converter.convert_root(job.model)
-        if folding:
-            new_model = fold_lib.fold_model(
-                new_model, job.ruleset.fold_rules, job.report, flavour=job.flavour
-            )
-        if verify:
-            verify_lib.verify_conversion(
-                job.model, new_model, tolerance=tolerance, relative=folding,
-                report=job.report,
-            )
-        else:
-            job.report.tolerance = tolerance
-            job.report.verification_note = "verification was turned off"
-    report = job.report
+    job = prepare(model, to, rules=rules, custom_objects=custom_objects, safe_mode=safe_mode)
+    # A model loaded here from a path is nobody else's: it is rewritten
+    # itself. A model given by the caller is copied first.
+    done = run_conversion(
+        job, verify=verify, tolerance=tolerance, fold=fold, in_place=job.loaded
+    )
     if return_report:
-        return new_model, report
-    return new_model
+        return done.model, done.report
+    return done.model
+
+
+@dataclasses.dataclass
+class Conversion:
+    """A finished conversion.
+
+    Attributes:
+        model: The converted model.
+        report: Its `ConversionReport`.
+        sample: The generated check batch (flat list of arrays), or `None`.
+        expected: The original model's outputs on `sample`, or `None`.
+        tolerance: The tolerance the outputs are held to.
+        relative: Whether that tolerance is relative (BN was folded).
+        rewritten: The layer objects the conversion rewrote in place.
+    """
+
+    model: object
+    report: ConversionReport
+    sample: list = None
+    expected: list = None
+    tolerance: float = None
+    relative: bool = False
+    rewritten: list = dataclasses.field(default_factory=list)
+
+
+def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=False):
+    """Converts `job.model` (in place, or a fresh copy of it) and verifies the outputs.
+
+    The original outputs are computed before anything changes, so that an
+    in-place conversion is verified against the model as it was; they are
+    kept in the result for checking the files written later.
+    """
+    folding = job.report.direction == "inference" and fold
+    tolerance = verify_lib.default_tolerance(folding) if tolerance is None else tolerance
+    report = job.report
+    report.tolerance = tolerance
+    report.tolerance_kind = "relative" if folding else "absolute"
+    sample = expected = None
+    if verify:
+        sample, report.verification_note = verify_lib.sample_inputs(job.model)
+        if sample is not None:
+            expected = verify_lib.run(job.model, sample)
+    else:
+        report.verification_note = "verification was turned off"
+    with _quiet_keras():
+        work = job.model if in_place else _copy(job)
+        job.converter.convert_in_place(work)
+        if folding:
+            fold_lib.fold_model(
+                work, job.ruleset.fold_rules, report, flavour=job.flavour,
+                rewritten=job.converter.rewritten,
+            )
+        if expected is not None:
+            report.max_abs_diff, report.max_rel_diff = verify_lib.compare(
+                expected, verify_lib.run(work, sample), tolerance=tolerance,
+                relative=folding,
+            )
+            report.verified = True
+    return Conversion(
+        work, report, sample, expected, tolerance, folding, list(job.converter.rewritten)
+    )
+
+
+def _copy(job):
+    try:
+        copy = job.flavour.fresh_copy(job.model, job.converter.custom_objects)
+    except Exception as e:  # noqa: BLE001 - Keras raises many kinds here
+        raise ConversionError(
+            f"Cannot copy model '{job.model.name}' through {job.flavour.label}'s own "
+            f"save and load: {first_line(e)}. Save the model to a file and convert "
+            "the file, or make the model savable (get_config for custom layers)."
+        ) from e
+    _align(job.model, copy, job.flavour)
+    return copy
+
+
+def _align(original, copy, flavour):
+    """Gives the copy's layers the names and `trainable` flags of the original's.
+
+    A save and load round trip re-creates sublayers that a custom layer
+    makes in `__init__` under new automatic names, and does not always
+    keep a nested model's `trainable`. Layers are paired in walk order,
+    parents first (setting `trainable` on a parent resets its children).
+    """
+    pairs = zip(
+        [original, *(layer for _, layer in walk.iter_layers(original, flavour))],
+        [copy, *(layer for _, layer in walk.iter_layers(copy, flavour))],
+    )
+    for a, b in pairs:
+        if type(a) is not type(b):
+            continue
+        if a.name != b.name:
+            with contextlib.suppress(AttributeError):  # read-only in tf-keras
+                b.name = a.name
+        if a.trainable != b.trainable:
+            b.trainable = a.trainable
 
 
 def inspect_model(model, to="sync", *, rules=None, custom_objects=None, safe_mode=True):
@@ -122,13 +213,14 @@ def inspect_model(model, to="sync", *, rules=None, custom_objects=None, safe_mod
     Raises:
         ConversionError, RuleError, ModelLoadError: As `convert_model`.
     """
-    job = _prepare(model, to, rules, custom_objects, safe_mode)
+    job = prepare(model, to, rules=rules, custom_objects=custom_objects, safe_mode=safe_mode)
     job.converter.inspect(job.model)
     job.report.verification_note = "inspection only: nothing was converted"
     return job.report
 
 
-def _prepare(model, to, rules, custom_objects, safe_mode):
+def prepare(model, to, *, rules=None, custom_objects=None, safe_mode=True):
+    """Resolves a conversion's inputs: the model (loaded if a path), flavour, rules, report."""
     if to not in rules_lib.DIRECTIONS:
         raise ConversionError(
             f"Unknown conversion direction; use one of {list(rules_lib.DIRECTIONS)}. "
@@ -158,7 +250,7 @@ def _prepare(model, to, rules, custom_objects, safe_mode):
         direction=to, source=source or model.name, rule_sources=ruleset.sources,
     )
     converter = Converter(flavour, ruleset, to, report, custom_objects)
-    return _Job(model, flavour, ruleset, report, converter)
+    return _Job(model, flavour, ruleset, report, converter, loaded=source is not None)
 
 
 @contextlib.contextmanager

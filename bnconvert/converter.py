@@ -1,28 +1,24 @@
-"""The walk that rewrites a model, for either flavour.
+"""The walk that rewrites a model's normalization layers in place, for either flavour.
 
-The converter walks the model once, building a new model beside it; the
-original is never modified. Each layer is decided once (a shared layer
-stays shared) and meets one of four fates:
+The converter walks every layer of a model once (a shared layer is met
+once) and rewrites only the layers a rule matches: a layer of the rule's
+target class is built from the mapped config, under the flavour's safe
+mode, with the same build shape, the weights are carried by name, and the
+original layer object then *becomes* the new layer
+(`keras_internals.become`). Every graph node, container attribute and
+symbolic tensor that referred to the old layer now refers to the new one,
+so nothing else is re-created: the model keeps its own class and config
+(keras-hub `Backbone` subclasses), raw `keras.ops` nodes, custom layers
+and nested models stay exactly as Keras built them.
 
-- A rule matches it (its exact class is named, its config meets the rule's
-  `when`): a layer of the rule's target class is built from the mapped
-  config, under the flavour's safe mode, with the same build shape, and
-  the weights are carried by name.
-- It is a Functional or Sequential model: the flavour clones its graph,
-  every layer going through the converter again, so nesting, shared
-  layers and several inputs/outputs are kept as they are.
-- It holds sublayers of its own (a subclassed model, a custom layer): see
-  `bnconvert.rebuild` (Keras 3; refused for tf-keras, whose flavour says
-  why).
-- Otherwise it is rebuilt from its config with the original's weights.
-
-Every normalization layer (`bnconvert.walk.is_normalization`) gets a
-`LayerEvent`, including those left alone and why.
+The model given is modified; `bnconvert.convert.convert_model` hands it a
+fresh copy made by Keras's own save and load. Every normalization layer
+(`bnconvert.walk.is_normalization`) gets a `LayerEvent`, including those
+left alone and why.
 """
 
-from bnconvert import rebuild
+from bnconvert import keras_internals as internals
 from bnconvert import walk as walk_lib
-from bnconvert.errors import BnconvertError
 from bnconvert.errors import ConversionError
 from bnconvert.errors import first_line
 from bnconvert.report import LayerEvent
@@ -49,23 +45,20 @@ class Converter:
         self.custom_objects = dict(custom_objects or {})
         self.targets = {r.target_class for r in self.rules}
         self.named = walk_lib.named_classes(ruleset.rules)
-        # id(original layer) -> its counterpart in the new model. The
-        # originals stay alive (the caller holds the model), so ids are stable.
-        self.memo = {}
-        self.pending_weights = []  # (original, new) built only once called
+        self.rewritten = []  # the layer objects rewritten in place, in order
 
     # -- entry points -------------------------------------------------------
 
-    def convert_root(self, model):
-        """Returns the converted counterpart of `model`, weights and `trainable` carried."""
-        new = self.convert(model, "")
-        for original, layer in self.pending_weights:
-            self.carry_all_weights(original, layer, "")
-        self._carry_trainable(model, set())
-        return new
+    def convert_in_place(self, model):
+        """Rewrites the matched layers of `model` in place; returns `model`."""
+        self._walk(model, apply=True)
+        return model
 
     def inspect(self, model):
-        """Records the events of a conversion without building anything."""
+        """Records the events of a conversion without changing anything."""
+        self._walk(model, apply=False)
+
+    def _walk(self, model, apply):
         seen = set()
 
         def visit(layer, parent):
@@ -74,33 +67,18 @@ class Converter:
             seen.add(id(layer))
             here = join(parent, layer.name)
             rule = self.decide(layer, here)
-            if rule is not None:
+            if rule is None:
+                for child in self.flavour.sublayers(layer):
+                    visit(child, here)
+            elif apply:
+                self._apply(rule, layer, here)
+            else:
                 self.report.add(LayerEvent(
                     here, type(layer).__name__, rule.target_class.__name__,
                     rule.name, "applied", "would apply (inspection only)",
                 ))
-                return
-            for child in self.flavour.sublayers(layer):
-                visit(child, here)
 
         visit(model, "")
-
-    def convert(self, layer, parent):
-        """Returns the new model's counterpart of `layer` (built, with weights)."""
-        if id(layer) in self.memo:  # a shared layer stays shared
-            return self.memo[id(layer)]
-        here = join(parent, layer.name)
-        rule = self.decide(layer, here)
-        if rule is not None:
-            new = self._apply(rule, layer, here)
-        elif self.flavour.is_graph_model(layer):
-            new = self._clone_graph(layer, here)
-        elif self.flavour.sublayers(layer):
-            new = self._copy_container(layer, here)
-        else:
-            new = self.copy_leaf(layer, here)
-        self.memo[id(layer)] = new
-        return new
 
     def decide(self, layer, here):
         """Returns the rule for `layer`; records an event for every other norm layer."""
@@ -153,6 +131,10 @@ class Converter:
                 f"mapping. Received: config keys={sorted(config)}"
             ) from e
         carried = self._carry_by_name(rule, source, new, preset, here)
+        if new.trainable != layer.trainable:
+            new.trainable = layer.trainable
+        internals.become(layer, new)
+        self.rewritten.append(layer)
         self.report.add(LayerEvent(
             here, kind, type(new).__name__, rule.name, "applied",
             "weights carried: " + (", ".join(carried) if carried else "none"),
@@ -195,107 +177,3 @@ class Converter:
                 f"{[short_name(v) for v in new.weights]}"
             )
         return used
-
-    def _clone_graph(self, model, here):
-        try:
-            return self.flavour.clone_graph(
-                model, lambda layer: self.convert(layer, here)
-            )
-        except BnconvertError:
-            raise
-        except Exception as e:
-            raise ConversionError(
-                f"Cannot rebuild model '{here}' ({type(model).__name__}): "
-                f"{first_line(e)}"
-            ) from e
-
-    def _copy_container(self, layer, here):
-        if self.flavour.containers is None:
-            return rebuild.copy_container(self, layer, here)
-        inner = [
-            path for path, sub in walk_lib.normalization_layers(layer, self.flavour, self.named)
-        ]
-        if isinstance(layer, self.flavour.Model) or inner:
-            raise ConversionError(
-                f"Layer '{here}' ({type(layer).__name__}) is a subclassed "
-                f"{self.flavour.label} model or a custom layer holding "
-                f"normalization layers: {self.flavour.containers}."
-            )
-        return self.copy_leaf(layer, here)
-
-    def copy_leaf(self, layer, here):
-        """Re-creates `layer` from its config, built like it, with its weights."""
-        try:
-            # A Lambda's function is already in this process: re-creating it
-            # runs no code from an untrusted file.
-            safe = not isinstance(layer, self.flavour.Lambda)
-            new = self.flavour.from_config(
-                type(layer), layer.get_config(), self.custom_objects, safe_mode=safe
-            )
-            preset = {}
-            if layer.built and layer.weights:
-                preset = self.flavour.build_like(layer, new, _unique_names(layer.weights).get)
-        except Exception as e:
-            raise ConversionError(
-                f"Cannot copy layer '{here}' ({type(layer).__name__}): "
-                f"{first_line(e)}. Check its get_config()/from_config(), or pass "
-                "its class in custom_objects."
-            ) from e
-        if new.weights or not layer.weights:
-            self.carry_all_weights(layer, new, here, preset)
-        else:
-            self.pending_weights.append((layer, new))
-        return new
-
-    # -- finishing ----------------------------------------------------------
-
-    def carry_all_weights(self, original, new, here, preset=None):
-        """Gives `new` the values of all of `original`'s weights, in order."""
-        if (
-            preset
-            and _plain_weight_access(original, self.flavour)
-            and _plain_weight_access(new, self.flavour)
-            and len(preset) == len(new.weights) == len(original.weights)
-            and all(
-                preset.get(id(v), (None, None))[1] is w
-                for v, w in zip(new.weights, original.weights)
-            )
-        ):
-            return  # every weight was created from the original's value
-        values = original.get_weights()
-        if len(values) != len(new.weights):
-            raise ConversionError(
-                f"Cannot copy the weights of layer '{here or original.name}' "
-                f"({type(original).__name__}): the copy has {len(new.weights)} "
-                f"weights, the original {len(values)}. Give the layer a "
-                "get_build_config()/build_from_config()."
-            )
-        new.set_weights(values)
-
-    def _carry_trainable(self, layer, seen):
-        # Parents first: setting `trainable` on a layer resets its sublayers.
-        if id(layer) in seen:
-            return
-        seen.add(id(layer))
-        new = self.memo.get(id(layer))
-        if new is not None and new.trainable != layer.trainable:
-            new.trainable = layer.trainable
-        for child in self.flavour.sublayers(layer):
-            self._carry_trainable(child, seen)
-
-
-def _plain_weight_access(layer, flavour):
-    """Whether `layer` gets and sets its weights as Keras does (no override)."""
-    cls = type(layer)
-    return (
-        cls.get_weights is flavour.Layer.get_weights
-        and cls.set_weights is flavour.Layer.set_weights
-    )
-
-
-def _unique_names(variables):
-    """Maps each short name that occurs once among `variables` to its variable."""
-    by_name = {}
-    for variable in variables:
-        by_name.setdefault(short_name(variable), []).append(variable)
-    return {name: found[0] for name, found in by_name.items() if len(found) == 1}

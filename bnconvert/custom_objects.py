@@ -53,6 +53,11 @@ def import_custom_objects(module_names):
     return objects
 
 
+def module_name_for_file(path):
+    """The module name a `.py` file given with `--custom-objects` is imported under."""
+    return f"_bnconvert_custom_{pathlib.Path(path).stem}"
+
+
 def _import_module(name):
     try:
         if name.endswith(".py") or os.sep in name:
@@ -62,8 +67,11 @@ def _import_module(name):
                     f"Custom-objects file {path} does not exist. "
                     f"Received: custom_objects={name!r}"
                 )
-            module_name = f"_bnconvert_custom_{path.stem}"
-            spec = importlib.util.spec_from_file_location(module_name, path)
+            module_name = module_name_for_file(path)
+            done = sys.modules.get(module_name)
+            if done is not None and getattr(done, "__file__", None) == str(path.resolve()):
+                return done  # imported already, before TensorFlow started
+            spec = importlib.util.spec_from_file_location(module_name, path.resolve())
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module
             try:

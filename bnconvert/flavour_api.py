@@ -75,20 +75,19 @@ class Flavour:
         with self.custom_object_scope(custom_objects), self.safe_mode_scope(safe_mode):
             return cls.from_config(config)
 
-    # -- graphs ---------------------------------------------------------------
+    # -- models and layers --------------------------------------------------
 
-    def clone_graph(self, model, clone_function, bypass=frozenset()):
-        """Clones a Functional or Sequential model layer by layer.
+    def fresh_copy(self, model, custom_objects=None):
+        """An independent copy of `model`, made by the flavour's own save and load.
 
-        Args:
-            model: The Functional or Sequential model.
-            clone_function: layer -> the layer to use in the clone.
-            bypass: ids of layers whose calls are dropped from the clone:
-                their output is their input (a folded BN).
-
-        Returns:
-            The new model; its InputLayers keep their names.
+        Keras re-creates the model as it would from a file (keras-hub models
+        through their own constructors), so the copy keeps the model's
+        class, config, raw ops and custom layers.
         """
+        raise NotImplementedError
+
+    def identity_like(self, layer):
+        """A built identity layer named and typed like `layer` (what a folded BN becomes)."""
         raise NotImplementedError
 
     def build_like(self, original, new, source_of=None):

@@ -73,15 +73,15 @@ class _Fold:
     rule: object
 
 
-def fold_model(model, fold_rules, report=None, flavour=None):
-    """Return a copy of `model` with BatchNormalization folded away.
+def fold_model(model, fold_rules, report=None, flavour=None, rewritten=None):
+    """Folds BatchNormalization into the layer before it, in `model` itself.
 
     Every plain `BatchNormalization` (exactly that class) whose input is
     produced by a layer that a fold rule names is merged into that layer
     when the fold is exact (see the module docstring); the BN disappears
-    from the graph and the producer gets `use_bias=True`. Nested
-    Functional and Sequential models are folded too. All other layers are
-    copied with their weights; the input model is not modified.
+    from the computation and the producer gets `use_bias=True`. Nested
+    Functional and Sequential models are folded too; no other layer is
+    touched.
 
     Args:
         model: A built Functional or Sequential `keras.Model`.
@@ -92,11 +92,15 @@ def fold_model(model, fold_rules, report=None, flavour=None):
             reason. Event paths start with the model's name
             (`"model/block/bn"`), as in the conversion.
         flavour: The model's `Flavour` (found from the model if `None`).
+        rewritten: Optional list; each layer object rewritten in place (the
+            producers and the folded BN) is appended to it.
 
     Returns:
-        A new `keras.Model` of the same kind, or `model` itself when it is
-        a subclassed model whose graph cannot be rebuilt (every BN is
-        then reported as kept).
+        `model` itself, folded in place: each folded BN layer object becomes
+        an identity layer of the same name and its producer gets the folded
+        kernel and bias, so the model keeps its class, config and graph. A
+        subclassed model, whose graph is unknown, is left as it is (every
+        BN is then reported as kept).
 
     Raises:
         ConversionError: A fold rule names an unknown layout.
@@ -109,7 +113,11 @@ def fold_model(model, fold_rules, report=None, flavour=None):
                 f"{list(LAYOUTS)}. Received: layout={rule.layout!r}"
             )
     flavour = flavour or flavour_lib.flavour_of(model)
-    return _Folder(rules, report, flavour).fold(model, prefix=model.name)
+    folder = _Folder(rules, report, flavour)
+    folded = folder.fold(model, prefix=model.name)
+    if rewritten is not None:
+        rewritten.extend(folder.rewritten)
+    return folded
 
 
 class _Folder:
@@ -117,6 +125,7 @@ class _Folder:
         self.rules = rules
         self.report = report
         self.flavour = flavour
+        self.rewritten = []
 
     # -- entry per model ---------------------------------------------------
 
@@ -127,7 +136,7 @@ class _Folder:
             return self._fold_functional(model, prefix)
         for path, layer in walk_lib.normalization_layers(model, self.flavour):
             self._event(path.rsplit("/", 1)[0], layer, None, "kept",
-                        f"model '{model.name}' is subclassed: its graph cannot be rebuilt")
+                        f"model '{model.name}' is subclassed: its graph is not known")
         return model
 
     def _fold_sequential(self, model, prefix):
@@ -152,17 +161,11 @@ class _Folder:
             rank = len(_input_shape(layer))
             self._decide(prefix, layer, producer, rank, consumers=1,
                          training=None, folds=folds)
-        clones = {}
-        new_layers = [
-            self._clone(layer, folds, clones, prefix)
-            for layer in layers
-            if id(layer) not in folds
-        ]
-        inputs = self.flavour.fresh_input(model.inputs[0])
-        folded = self.flavour.Sequential([inputs] + new_layers, name=model.name)
-        folded.trainable = model.trainable
-        self._carry_weights(clones, folds)
-        return folded
+        self._apply(folds)
+        for layer in layers:
+            if isinstance(layer, self.flavour.Model):
+                self.fold(layer, _join(prefix, layer.name))
+        return model
 
     def _fold_functional(self, model, prefix):
         nodes = internals.graph_nodes(model)
@@ -203,14 +206,11 @@ class _Folder:
             self._decide(prefix, bn, producer, len(y.shape),
                          consumers=consumers[id(y)], training=training, folds=folds)
 
-        clones = {}
-
-        def clone_function(layer):
-            return self._clone(layer, folds, clones, prefix)
-
-        folded = self.flavour.clone_graph(model, clone_function, bypass=frozenset(folds))
-        self._carry_weights(clones, folds)
-        return folded
+        self._apply(folds)
+        nested = {id(n.layer): n.layer for n in nodes if isinstance(n.layer, self.flavour.Model)}
+        for layer in nested.values():
+            self.fold(layer, _join(prefix, layer.name))
+        return model
 
     # -- decisions ---------------------------------------------------------
 
@@ -251,33 +251,22 @@ class _Folder:
                 return rule
         return None
 
-    # -- rebuilding --------------------------------------------------------
+    # -- rewriting in place --------------------------------------------------
 
-    def _clone(self, layer, folds, clones, prefix):
-        if isinstance(layer, self.flavour.Model):
-            return self.fold(layer, _join(prefix, layer.name))
-        if id(layer) in folds:
-            return layer  # never called: the clone bypasses it
-        if not isinstance(layer, self.flavour.Layer):
-            return layer  # a stateless op (e.g. `x + y` on KerasTensors)
-        config = layer.get_config()
-        if _fold_of_producer(layer, folds) is not None:
-            config["use_bias"] = True
-        clone = self.flavour.from_config(
-            type(layer), config, safe_mode=not isinstance(layer, self.flavour.Lambda)
-        )
-        clones[id(layer)] = (layer, clone)
-        return clone
-
-    def _carry_weights(self, clones, folds):
-        for layer, clone in clones.values():
-            fold = _fold_of_producer(layer, folds)
-            if fold is None:
-                clone.set_weights(layer.get_weights())
-                continue
+    def _apply(self, folds):
+        """Gives each producer its folded weights and turns each folded BN into an identity."""
+        for fold in folds.values():
+            producer, bn = fold.producer, fold.bn
+            config = dict(producer.get_config(), use_bias=True)
+            folded = self.flavour.from_config(type(producer), config)
+            self.flavour.build_like(producer, folded)
             values = _folded_weights(fold)
-            for var in clone.weights:
+            for var in folded.weights:
                 var.assign(values[_short_name(var)].astype(var.numpy().dtype))
+            folded.trainable = producer.trainable
+            internals.become(producer, folded)
+            internals.become(bn, self.flavour.identity_like(bn))
+            self.rewritten += [producer, bn]
 
     # -- report ------------------------------------------------------------
 
@@ -353,13 +342,6 @@ def _f64(variable):
 
 
 _short_name = walk_lib.short_name
-
-
-def _fold_of_producer(layer, folds):
-    for fold in folds.values():
-        if fold.producer is layer:
-            return fold
-    return None
 
 
 def _input_shape(layer):

@@ -14,6 +14,7 @@ without the check.
 """
 
 import dataclasses
+import inspect
 
 
 class InternalsError(ImportError):
@@ -90,6 +91,47 @@ def shadow_method(obj, name, function):
 
 def unshadow_method(obj, name):
     object.__delattr__(obj, name)
+
+
+# -- rewriting a layer in place, both flavours -----------------------------
+
+# What ties a layer object to the graphs it was called in and to its place in
+# the model; everything else about it comes from its replacement.
+_PLACE_ATTRIBUTES = frozenset({
+    "_inbound_nodes", "_outbound_nodes", "_parent_path", "_path",  # Keras 3
+    "_inbound_nodes_value", "_outbound_nodes_value",  # tf-keras
+    "_saved_model_inputs_spec", "_saved_model_arg_spec",  # both
+})
+
+
+def become(layer, new):
+    """Turns the object `layer` into `new`, keeping its place in every graph.
+
+    Graph nodes, parent layers' attributes and lists, and symbolic tensors'
+    histories all hold the layer object itself; giving that object the new
+    layer's class and state (its config, build state and variables) rewrites
+    the layer without touching anything that refers to it: the model's own
+    class and config, raw ops, custom layers and nested models stay as they
+    are. Only the attributes that record where the layer was called are kept.
+    `new` must not be used afterwards.
+    """
+    state = dict(vars(new))
+    state.update({k: v for k, v in vars(layer).items() if k in _PLACE_ATTRIBUTES})
+    vars(layer).clear()
+    vars(layer).update(state)
+    object.__setattr__(layer, "__class__", type(new))
+    # A graph replays each call with the keyword arguments recorded for it
+    # (Keras 3 records `mask=None` for a BN); drop those the new call lacks.
+    parameters = inspect.signature(type(new).call).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        for node in getattr(layer, "_inbound_nodes", None) or ():
+            arguments = getattr(node, "arguments", None)
+            kwargs = arguments.kwargs if arguments is not None else getattr(
+                node, "call_kwargs", None
+            )
+            if isinstance(kwargs, dict):
+                for key in [k for k in kwargs if k not in parameters]:
+                    del kwargs[key]
 
 
 # -- graph nodes, both flavours --------------------------------------------

@@ -57,7 +57,7 @@ def load_model(path, *, custom_objects=None, safe_mode=True):
     except BnconvertError:
         raise
     except Exception as e:  # Keras raises many types for a bad file.
-        raise _load_error(found.path, e, flavour) from e
+        raise _load_error(found.path, e, flavour, custom_objects) from e
     if not isinstance(model, flavour.Model):
         raise ModelLoadError(
             f"{found.path} holds a {type(model).__name__}, not a Keras model; "
@@ -75,7 +75,7 @@ def _error_chain_text(error):
     return "\n".join(texts)
 
 
-def _load_error(model_file, error, flavour):
+def _load_error(model_file, error, flavour, custom_objects=None):
     """Maps an exception raised while loading to a one-line `ModelLoadError`."""
     if isinstance(error, ImportError) and "bnconvert needs" in str(error):
         return ModelLoadError(f"Cannot load {model_file} safely: {first_line(error)}")
@@ -85,6 +85,13 @@ def _load_error(model_file, error, flavour):
         if match:
             # Registered names read "package>Class"; users know the class.
             name = match.group(1).split(">")[-1]
+            if custom_objects is not None:
+                return ModelLoadError(
+                    f"{model_file} uses the custom class or function '{name}', which "
+                    f"none of the custom objects given defines or registers "
+                    f"({len(custom_objects)} names); pass the module that defines "
+                    f"'{name}' with --custom-objects MODULE as well."
+                )
             return ModelLoadError(
                 f"{model_file} uses the custom class or function '{name}', which "
                 f"{flavour.label} cannot find; pass the module that defines it with "
@@ -128,7 +135,7 @@ def check_model_output(model_flavour, path, *, force=False, inputs=(), option="-
     return out, fmt
 
 
-def save_model(model, path, *, force=False, inputs=(), fmt=None):
+def save_model(model, path, *, force=False, inputs=(), fmt=None, check=None):
     """Saves `model` atomically: complete at `path`, or not there at all.
 
     Args:
@@ -138,6 +145,9 @@ def save_model(model, path, *, force=False, inputs=(), fmt=None):
         force: Whether an existing output may be replaced.
         inputs: Paths that must never be overwritten.
         fmt: The format, if already decided by `check_model_output`.
+        check: Optional `(temporary path, format) -> None`, run on the
+            written file before it is moved into place (it may raise, and
+            may rewrite the file; see `bnconvert.written`).
 
     Raises:
         OutputError: See `paths.check_output`; also when the file system
@@ -156,4 +166,6 @@ def save_model(model, path, *, force=False, inputs=(), fmt=None):
             if "space" in str(e).lower() or "resource" in type(e).__name__.lower():
                 raise OutputError(f"Cannot write {out}: {first_line(e)}") from e
             raise
+        if check is not None:
+            check(tmp, fmt)
     return out

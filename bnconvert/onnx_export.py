@@ -4,24 +4,29 @@ The model's inference function is traced once as a `tf.function` whose
 signature has a `None` batch dimension, frozen (variables and captured
 tensors become constants) and converted by `tf2onnx.convert.from_graph_def`;
 inputs carry the Keras input layer names and outputs the names of the
-Keras layers that produce them, in the Keras order. The file is written next to the
-target, run in onnxruntime against the Keras model, and only moved into
-place when the outputs agree.
+Keras layers that produce them, in the Keras order. TensorFlow ops that
+tf2onnx leaves unconverted are named in one line. The serialized model is
+run in onnxruntime against the Keras model from memory, and written (to a
+temporary name, renamed into place) only when the outputs agree.
 """
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
+import time
 
 import keras
 import numpy as np
+import onnx
 import tensorflow as tf
 
 from bnconvert import keras_internals as internals
 from bnconvert import paths
 from bnconvert import verify
 from bnconvert.errors import ConversionError
+from bnconvert.errors import first_line
 from bnconvert.errors import OutputError
 from bnconvert.errors import VerificationError
 
@@ -42,6 +47,8 @@ class OnnxExportResult:
             largest |Keras output| of that output (None when not checked).
         tolerance: The bound `max_rel_diff` was held to.
         batches: Number of input batches the check ran on.
+        exporter_note: How tf2onnx ran: its fast path, or a retry with its
+            error recovery on (and what that cost).
     """
 
     path: str
@@ -53,6 +60,7 @@ class OnnxExportResult:
     max_rel_diff: float | None
     tolerance: float
     batches: int
+    exporter_note: str = ""
 
     def to_dict(self):
         """The result as a JSON-ready dict."""
@@ -108,17 +116,18 @@ def export_onnx(model, path, *, opset=None, tolerance=1e-4, inputs=None, check=T
 
     batches = [verify.sample_inputs(model)[0]] + extra
     diffs = (None, None)
+    proto, note = _convert(model, specs, input_names, output_names, opset)
+    # Serialized and checked in memory: the file appears only once it is
+    # known good, written in one go.
+    data = proto.SerializeToString()
+    if check:
+        diffs = _compare(model, data, input_names, output_names, batches, tolerance)
     try:
         with paths.atomic_file(path) as tmp:
-            proto = _convert(model, specs, input_names, output_names, opset)
-            tmp.write_bytes(proto.SerializeToString())
-            if check:
-                diffs = _compare(
-                    model, str(tmp), input_names, output_names, batches, tolerance
-                )
-    except PermissionError as e:
+            tmp.write_bytes(data)
+    except OSError as e:
         raise OutputError(
-            f"Cannot write the ONNX file ({e.strerror}). Received: path={path!r}"
+            f"Cannot write the ONNX file ({e.strerror or e}). Received: path={path!r}"
         ) from None
     return OnnxExportResult(
         path=path,
@@ -130,6 +139,7 @@ def export_onnx(model, path, *, opset=None, tolerance=1e-4, inputs=None, check=T
         max_rel_diff=diffs[1],
         tolerance=tolerance,
         batches=len(batches) if check else 0,
+        exporter_note=note,
     )
 
 
@@ -182,8 +192,14 @@ def _output_names(model):
 
 
 def _convert(model, specs, input_names, output_names, opset):
-    import tf2onnx
+    """The ONNX model proto, and a note on how tf2onnx got there.
 
+    tf2onnx copies the whole graph before each optimizer pass so that it can
+    roll back a pass that raises; for ResNet50 that is half of the export.
+    The fast path turns those copies off; a graph on which it fails is
+    exported again with tf2onnx's recovery on, which is what plain tf2onnx
+    does.
+    """
     structure = model.input
 
     def serve(*args):
@@ -191,37 +207,65 @@ def _convert(model, specs, input_names, output_names, opset):
         return tuple(keras.tree.flatten(model(args, training=False)))
 
     fn = tf.function(serve, input_signature=specs, autograph=False)
-    try:
-        with _quiet_tf2onnx(), _tf2onnx_without_rollback_copies():
-            # Freezing here, rather than in `from_function`, also turns the
-            # eager tensors a layer keeps outside variables (Normalization's
-            # mean and variance) into constants; `from_function` would make
-            # each of them an extra graph input.
+    with _quiet_tf2onnx():
+        # Freezing here, rather than in `from_function`, also turns the
+        # eager tensors a layer keeps outside variables (Normalization's
+        # mean and variance) into constants; `from_function` would make
+        # each of them an extra graph input.
+        try:
             frozen = internals.freeze_concrete_function(fn.get_concrete_function())
-            renames = dict(zip((t.name for t in frozen.inputs), input_names))
-            renames.update(zip((t.name for t in frozen.outputs), output_names))
-            proto, _ = tf2onnx.convert.from_graph_def(
-                frozen.graph.as_graph_def(),
-                name=model.name,
-                input_names=[t.name for t in frozen.inputs],
-                output_names=[t.name for t in frozen.outputs],
-                opset=opset,
-                tensors_to_rename=renames,
+        except Exception as e:  # noqa: BLE001 - TensorFlow raises many kinds
+            raise ConversionError(
+                f"Cannot trace model '{model.name}' for the ONNX export: {first_line(e)}"
+            ) from e
+        renames = dict(zip((t.name for t in frozen.inputs), input_names))
+        renames.update(zip((t.name for t in frozen.outputs), output_names))
+        graph_def = frozen.graph.as_graph_def()
+        note = "tf2onnx fast path"
+        start = time.perf_counter()
+        try:
+            with _tf2onnx_recovery(False):
+                proto = _tf2onnx(graph_def, frozen, model, renames, opset)
+        except Exception as fast_error:  # noqa: BLE001 - tf2onnx raises many kinds
+            retry = time.perf_counter()
+            try:
+                with _tf2onnx_recovery(True):
+                    proto = _tf2onnx(graph_def, frozen, model, renames, opset)
+            except Exception as e:  # noqa: BLE001
+                raise ConversionError(
+                    f"The ONNX exporter (tf2onnx) failed on model '{model.name}': "
+                    f"{first_line(e)}. Received: opset={opset}"
+                ) from e
+            note = (
+                f"tf2onnx fast path failed ({first_line(fast_error, 80)}); exported with "
+                f"tf2onnx's error recovery, {time.perf_counter() - retry:.1f} s after "
+                f"{retry - start:.1f} s on the fast path"
             )
-    except Exception as e:  # tf2onnx raises bare exceptions of many kinds
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    unconverted = sorted({
+        n.op_type for n in proto.graph.node
+        if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)
+    } | {n.op_type for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    if unconverted:
         raise ConversionError(
-            f"The ONNX exporter (tf2onnx) failed on model '{model.name}': {first}. "
-            f"Received: opset={opset}"
-        ) from e
-    unsupported = sorted({n.op_type for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
-    if unsupported:
-        raise ConversionError(
-            f"The ONNX exporter (tf2onnx) left TensorFlow ops it cannot convert in "
-            f"model '{model.name}': {', '.join(unsupported)}; try a newer opset. "
-            f"Received: opset={opset}"
+            f"The ONNX exporter (tf2onnx) cannot convert these TensorFlow ops of model "
+            f"'{model.name}': {', '.join(unconverted)}; replace the layers that use "
+            f"them, or try another opset. Received: opset={opset}"
         )
     _name_outputs_in_keras_order(proto, output_names)
+    return proto, note
+
+
+def _tf2onnx(graph_def, frozen, model, renames, opset):
+    import tf2onnx
+
+    proto, _ = tf2onnx.convert.from_graph_def(
+        graph_def,
+        name=model.name,
+        input_names=[t.name for t in frozen.inputs],
+        output_names=[t.name for t in frozen.outputs],
+        opset=opset,
+        tensors_to_rename=renames,
+    )
     return proto
 
 
@@ -241,18 +285,11 @@ def _name_outputs_in_keras_order(proto, output_names):
 
 
 @contextlib.contextmanager
-def _tf2onnx_without_rollback_copies():
-    """Turn off tf2onnx's deep copy of the whole graph before each optimizer.
-
-    tf2onnx copies the graph, weights included, before every optimizer
-    pass so that it can fall back when a pass raises; for ResNet50 that is
-    about half of the export time. `TF2ONNX_CATCH_ERRORS` is tf2onnx's own
-    switch for it. A pass that raises then fails the conversion, which
-    `export_onnx` reports as a `ConversionError`.
-    """
+def _tf2onnx_recovery(on):
+    """tf2onnx's own switch for its per-pass graph copies (`TF2ONNX_CATCH_ERRORS`)."""
     key = "TF2ONNX_CATCH_ERRORS"
     old = os.environ.get(key)
-    os.environ[key] = "FALSE"
+    os.environ[key] = "TRUE" if on else "FALSE"
     try:
         yield
     finally:
@@ -264,14 +301,16 @@ def _tf2onnx_without_rollback_copies():
 
 @contextlib.contextmanager
 def _quiet_tf2onnx():
-    # tf2onnx logs progress, and its TF1-style freezing triggers TensorFlow
-    # deprecation notices; neither concerns the user.
+    # tf2onnx logs progress, rewriter exceptions it recovers from (with
+    # tracebacks) and TensorFlow deprecation notices; none concerns the
+    # user, whose stderr carries bnconvert's own lines only.
     loggers = [logging.getLogger(name) for name in ("tf2onnx", "tensorflow")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL + 1)
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
@@ -330,7 +369,7 @@ def _load_array(value):
     return np.asarray(value)
 
 
-def _compare(model, onnx_path, input_names, output_names, batches, tolerance):
+def _compare(model, onnx_model, input_names, output_names, batches, tolerance):
     """Runs each batch in Keras and onnxruntime; returns the worst `(abs, rel)` figures."""
     import onnxruntime as ort
 
@@ -338,7 +377,7 @@ def _compare(model, onnx_path, input_names, output_names, batches, tolerance):
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(
-            onnx_path, sess_options=options, providers=["CPUExecutionProvider"]
+            onnx_model, sess_options=options, providers=["CPUExecutionProvider"]
         )
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -139,11 +139,23 @@ def run(options, progress=None):
         "unsyncing" + (" and folding" if options.fold else "")
     )
     with progress.step(label):
-        converted, report = convert.convert_model(
-            model, to=direction, rules=rules, custom_objects=objects,
-            fold=options.fold, safe_mode=not options.unsafe, return_report=True,
+        job = convert.prepare(
+            model, direction, rules=rules, custom_objects=objects,
+            safe_mode=not options.unsafe,
         )
+        # The model was loaded here for this run only: it is rewritten itself.
+        conversion = convert.run_conversion(job, fold=options.fold, in_place=True)
+    converted, report = conversion.model, conversion.report
     report.source = str(options.model)
+
+    def check(tmp, fmt, name):
+        from bnconvert import written
+
+        report.file_checks.append(written.check_file(
+            tmp, fmt, flavour, converted, conversion, name=name,
+            custom_objects=objects, safe_mode=not options.unsafe,
+        ))
+
     result = Result(report=report, report_path=options.report_path)
     if direction == "sync":
         if plan.output is not None:
@@ -151,6 +163,7 @@ def run(options, progress=None):
                 result.output = model_io.save_model(
                     converted, plan.output, force=options.force, inputs=protected,
                     fmt=plan.output_format,
+                    check=lambda tmp, fmt: check(tmp, fmt, plan.output),
                 )
         data = report.to_dict()
     else:
@@ -168,6 +181,7 @@ def run(options, progress=None):
                 result.keras_out = model_io.save_model(
                     converted, plan.keras_out, force=options.force,
                     inputs=protected, fmt=plan.keras_format,
+                    check=lambda tmp, fmt: check(tmp, fmt, plan.keras_out),
                 )
         data = report.to_dict()
         data["onnx"] = result.onnx.to_dict()
@@ -245,17 +259,26 @@ def _kind(fmt):
 
 
 def _inspect(options, model, flavour, rules, objects, progress):
+    """What a conversion would do, the model's layers as they are now.
+
+    For `--to inference` the conversion runs for real on the model loaded for
+    this inspection (nothing is written), so that folding says what it
+    would fold and keep, and why.
+    """
     from bnconvert import convert
     from bnconvert import report as report_lib
-    from bnconvert import rules as rules_lib
     from bnconvert import walk
 
+    job = convert.prepare(
+        model, options.target, rules=rules, custom_objects=objects,
+        safe_mode=not options.unsafe,
+    )
+    rows = report_lib.inspect_rows(model, flavour, walk.named_classes(job.ruleset.rules))
     with progress.step("applying rules (dry run)"):
-        report = convert.inspect_model(
-            model, to=options.target, rules=rules, custom_objects=objects,
-            safe_mode=not options.unsafe,
-        )
-    ruleset = rules_lib.load_rules(rules, custom_objects=objects, flavour=flavour)
-    named = walk.named_classes(ruleset.rules)
-    rows = report_lib.inspect_rows(model, report, flavour, named)
-    return Result(report=report, rows=rows)
+        if options.target == "inference":
+            convert.run_conversion(job, verify=False, in_place=True)
+            job.report.verification_note = "inspection only: nothing was written"
+        else:
+            job.converter.inspect(model)
+            job.report.verification_note = "inspection only: nothing was converted"
+    return Result(report=job.report, rows=report_lib.add_events(rows, job.report))

@@ -66,6 +66,8 @@ class ConversionReport:
         tolerance_kind: `"absolute"` or `"relative"` (when BN was folded).
         verification_note: Why verification did not run, or what was fed.
         rule_sources: The rule files in force.
+        file_checks: One dict per model file written, loaded back and
+            checked (`bnconvert.written.check_file`).
     """
 
     direction: str
@@ -78,6 +80,7 @@ class ConversionReport:
     tolerance_kind: str = "absolute"
     verification_note: str = ""
     rule_sources: tuple = ()
+    file_checks: list = dataclasses.field(default_factory=list)
 
     def add(self, event):
         """Appends one `LayerEvent`."""
@@ -126,6 +129,7 @@ class ConversionReport:
                 "note": self.verification_note,
             },
             "rule_sources": list(self.rule_sources),
+            "file_checks": list(self.file_checks),
             "events": [dataclasses.asdict(e) for e in self.events],
         }
 
@@ -172,6 +176,13 @@ class ConversionReport:
             )
         elif self.verification_note:
             lines.append(f"not verified: {self.verification_note}")
+        for check in self.file_checks:
+            line = f"file check: {check['path']} loads back with {check['layers']} layer(s) as converted"
+            if check["max_abs_diff"] is not None:
+                line += f", max |diff| = {check['max_abs_diff']:.3g}"
+            if check["recorded"]:
+                line += f"; conversion recorded in the file for {len(check['recorded'])} layer(s)"
+            lines.append(line)
         return "\n".join(lines)
 
 
@@ -205,40 +216,36 @@ def _layer_shape(layer):
     return [list(s) for s in sorted(shapes)] or None
 
 
-def inspect_rows(model, report, flavour, named=frozenset()):
-    """Joins the model's normalization layers with the report's events.
+def inspect_rows(model, flavour, named=frozenset()):
+    """One row per normalization layer of `model`: path, class, shape, settings.
 
     Args:
-        model: The inspected model.
-        report: The `ConversionReport` of `inspect_model`.
+        model: The inspected model (before any change).
         flavour: The model's `Flavour`.
         named: Classes the rules name (normalization layers too).
 
     Returns:
-        A list of dicts, one per normalization layer (and one per event on a
-        layer not found by the walk), each with `path`, `class`, `shape`,
-        `settings` and `events` (what the rules would do).
+        A list of dicts with `path`, `class`, `shape`, `settings` and an
+        empty `events` list (see `add_events`).
     """
-    events_by_path = {}
+    return [
+        {"path": path, "class": type(layer).__name__, "shape": _layer_shape(layer),
+         "settings": _layer_settings(layer), "events": []}
+        for path, layer in walk_lib.normalization_layers(model, flavour, named)
+    ]
+
+
+def add_events(rows, report):
+    """Adds each of the report's events to the row of its layer (a new row if none)."""
+    by_path = {row["path"]: row for row in rows}
     for event in report.events:
-        events_by_path.setdefault(event.path, []).append(event)
-    rows = []
-    for path, layer in walk_lib.normalization_layers(model, flavour, named):
-        rows.append({
-            "path": path,
-            "class": type(layer).__name__,
-            "shape": _layer_shape(layer),
-            "settings": _layer_settings(layer),
-            "events": [_event_dict(e) for e in events_by_path.pop(path, [])],
-        })
-    for path, events in events_by_path.items():
-        rows.append({
-            "path": path,
-            "class": events[0].class_before,
-            "shape": None,
-            "settings": {},
-            "events": [_event_dict(e) for e in events],
-        })
+        row = by_path.get(event.path)
+        if row is None:
+            row = {"path": event.path, "class": event.class_before, "shape": None,
+                   "settings": {}, "events": []}
+            rows.append(row)
+            by_path[event.path] = row
+        row["events"].append(_event_dict(event))
     return rows
 
 

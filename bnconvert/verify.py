@@ -146,21 +146,6 @@ def compare(expected, actual, *, tolerance, relative, what="The converted model"
     return worst_abs, worst_rel
 
 
-def verify_conversion(original, converted, *, tolerance, relative, report):
-    """Runs both models on the sample batch and records the figures in `report`."""
-    arrays, note = sample_inputs(original)
-    report.verification_note = note
-    report.tolerance = tolerance
-    report.tolerance_kind = "relative" if relative else "absolute"
-    if arrays is None:
-        return
-    report.max_abs_diff, report.max_rel_diff = compare(
-        run(original, arrays), run(converted, arrays),
-        tolerance=tolerance, relative=relative,
-    )
-    report.verified = True
-
-
 def default_tolerance(folding):
     """The default tolerance: relative when BN layers are folded."""
     return RELATIVE_TOLERANCE if folding else ABSOLUTE_TOLERANCE

@@ -40,18 +40,31 @@ def is_plain_bn(layer, flavour):
 
 def iter_layers(model, flavour):
     """Yields `(path, layer)` for every layer below `model`, each once, InputLayers aside."""
+    for path, _, layer in iter_positions(model, flavour):
+        yield path, layer
+
+
+def iter_positions(model, flavour):
+    """Yields `(path, position, layer)` for every layer below `model`, parents first.
+
+    `position` locates a layer by the indices of the sublayers leading to it
+    (`"2.0"`: the first sublayer of the model's third). Unlike a name path
+    it survives a save and reload that gives automatic names afresh (a
+    custom layer creating its sublayers in `__init__`).
+    """
     seen = set()
 
-    def walk(layer, path):
-        for child in flavour.sublayers(layer):
+    def walk(layer, path, position):
+        for index, child in enumerate(flavour.sublayers(layer)):
             if id(child) in seen or isinstance(child, flavour.InputLayer):
                 continue
             seen.add(id(child))
             here = join(path, child.name)
-            yield here, child
-            yield from walk(child, here)
+            at = f"{position}.{index}" if position else str(index)
+            yield here, at, child
+            yield from walk(child, here, at)
 
-    yield from walk(model, model.name)
+    yield from walk(model, model.name, "")
 
 
 def normalization_layers(model, flavour, named=frozenset()):
