@@ -272,8 +272,12 @@ def inspect_command(as_json, **options):
 @click.option("--no-check", is_flag=True, help="Do not run the ONNX model in onnxruntime.")
 @click.option(
     "--tolerance", type=float, default=1e-4, show_default=True, callback=_tolerance,
-    help="Largest accepted onnxruntime-vs-Keras difference, relative to the "
-    "largest output magnitude.",
+    help="rtol of the onnxruntime-vs-Keras check: each element may differ by "
+    "ATOL * max(1, rms of its output) + TOLERANCE * |Keras value|.",
+)
+@click.option(
+    "--atol", type=float, default=1e-5, show_default=True, callback=_tolerance,
+    help="atol of that check.",
 )
 @_writes
 @_common
@@ -292,10 +296,13 @@ def to_inference(no_fold, no_check, **options):
     if onnx.checked:
         click.echo(
             f"onnxruntime check: max |diff| = {onnx.max_abs_diff:.3g}, relative "
-            f"{onnx.max_rel_diff:.3g} (tolerance {onnx.tolerance:g}), opset {onnx.opset}"
+            f"{onnx.max_rel_diff:.3g} (per element: {onnx.atol:g} * max(1, rms) + "
+            f"{onnx.tolerance:g} * |Keras|), opset {onnx.opset}"
         )
     else:
         click.echo(f"onnxruntime check skipped (--no-check), opset {onnx.opset}")
+    if onnx.exporter_note != "tf2onnx fast path":
+        click.echo(f"exporter: {onnx.exporter_note}")
     for written in (result.output, result.keras_out):
         if written is not None:
             click.echo(f"Wrote {written}")

@@ -45,7 +45,8 @@ class OnnxExportResult:
             check inputs (None when not checked).
         max_rel_diff: Largest `max_abs_diff` of an output divided by the
             largest |Keras output| of that output (None when not checked).
-        tolerance: The bound `max_rel_diff` was held to.
+        tolerance: The `rtol` of the per-element check.
+        atol: Its absolute term.
         batches: Number of input batches the check ran on.
         exporter_note: How tf2onnx ran: its fast path, or a retry with its
             error recovery on (and what that cost).
@@ -60,6 +61,7 @@ class OnnxExportResult:
     max_rel_diff: float | None
     tolerance: float
     batches: int
+    atol: float = verify.ATOL
     exporter_note: str = ""
 
     def to_dict(self):
@@ -70,22 +72,24 @@ class OnnxExportResult:
         return out
 
 
-def export_onnx(model, path, *, opset=None, tolerance=1e-4, inputs=None, check=True):
+def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
+                atol=verify.ATOL, inputs=None, check=True):
     """Write `model` as ONNX and check it against Keras in onnxruntime.
 
     The ONNX graph has a dynamic batch dimension and the Keras input and
     output names. The check feeds a generated batch (and `inputs`, when
     given) to both the Keras model and onnxruntime; the export is kept
-    only when the largest difference of every output, relative to that
-    output's largest magnitude, is within `tolerance`. The file is
-    written atomically: on any error no file is left at `path`, and an
-    existing file there is replaced only on success.
+    only when every element agrees within `atol * max(1, rms) + tolerance *
+    |keras|` (see `bnconvert.verify`). The file is written atomically: on
+    any error no file is left at `path`, and an existing file there is
+    replaced only on success.
 
     Args:
         model: A built `keras.Model`.
         path: Where to write the `.onnx` file; its directory must exist.
         opset: ONNX opset; None picks tf2onnx's default.
-        tolerance: Bound on the relative difference (see above).
+        tolerance: `rtol` of the per-element check (see above).
+        atol: Its absolute term.
         inputs: Extra check inputs: an array, a list of arrays (one per
             model input), a dict input-name -> array, a `.npy` path, or a
             list of `.npy` paths (one per model input).
@@ -121,7 +125,7 @@ def export_onnx(model, path, *, opset=None, tolerance=1e-4, inputs=None, check=T
     # known good, written in one go.
     data = proto.SerializeToString()
     if check:
-        diffs = _compare(model, data, input_names, output_names, batches, tolerance)
+        diffs = _compare(model, data, input_names, output_names, batches, tolerance, atol)
     try:
         with paths.atomic_file(path) as tmp:
             tmp.write_bytes(data)
@@ -138,6 +142,7 @@ def export_onnx(model, path, *, opset=None, tolerance=1e-4, inputs=None, check=T
         max_abs_diff=diffs[0],
         max_rel_diff=diffs[1],
         tolerance=tolerance,
+        atol=atol,
         batches=len(batches) if check else 0,
         exporter_note=note,
     )
@@ -369,7 +374,7 @@ def _load_array(value):
     return np.asarray(value)
 
 
-def _compare(model, onnx_model, input_names, output_names, batches, tolerance):
+def _compare(model, onnx_model, input_names, output_names, batches, tolerance, atol):
     """Runs each batch in Keras and onnxruntime; returns the worst `(abs, rel)` figures."""
     import onnxruntime as ort
 
@@ -389,7 +394,7 @@ def _compare(model, onnx_model, input_names, output_names, batches, tolerance):
         figures = verify.compare(
             verify.run(model, batch),
             session.run(output_names, dict(zip(input_names, batch))),
-            tolerance=tolerance, relative=True,
+            tolerance=tolerance, relative=True, atol=atol,
             what=f"The ONNX model of '{model.name}' (onnxruntime)",
         )
         worst = (max(worst[0], figures[0]), max(worst[1], figures[1]))

@@ -38,8 +38,8 @@ class Options:
         custom_objects: `--custom-objects` modules or `.py` files.
         dry_run, force, unsafe: The flags of the same names.
         fold: `False` with `--no-fold`.
-        opset, check, tolerance: ONNX export settings (`check` is `False`
-            with `--no-check`).
+        opset, check, tolerance, atol: ONNX export settings (`check` is
+            `False` with `--no-check`; `tolerance` is the check's `rtol`).
         target: `inspect --to`.
     """
 
@@ -57,6 +57,7 @@ class Options:
     opset: int | None = None
     check: bool = True
     tolerance: float = 1e-4
+    atol: float = 1e-5
     target: str = "sync"
 
 
@@ -173,7 +174,7 @@ def run(options, progress=None):
         with progress.step(step):
             result.onnx = onnx_export.export_onnx(
                 converted, plan.output, opset=options.opset,
-                tolerance=options.tolerance, check=options.check,
+                tolerance=options.tolerance, atol=options.atol, check=options.check,
             )
         result.output = plan.output
         if plan.keras_out is not None:

@@ -8,6 +8,7 @@ renders as a dict, as JSON, and as a short text table for the CLI.
 import dataclasses
 import json
 
+from bnconvert import verify
 from bnconvert import walk as walk_lib
 
 ACTIONS = ("applied", "skipped", "unchanged", "folded", "kept")
@@ -63,7 +64,9 @@ class ConversionReport:
         max_rel_diff: `max_abs_diff` divided by the largest absolute
             original output.
         tolerance: The tolerance the difference was held to.
-        tolerance_kind: `"absolute"` or `"relative"` (when BN was folded).
+        tolerance_kind: `"absolute"`, or `"relative"` when BN was folded: then
+            `tolerance` is the `rtol` of the per-element check of
+            `bnconvert.verify.compare`.
         verification_note: Why verification did not run, or what was fed.
         rule_sources: The rule files in force.
         file_checks: One dict per model file written, loaded back and
@@ -172,7 +175,9 @@ class ConversionReport:
             lines.append(
                 f"verified: max |diff| = {self.max_abs_diff:.3g}, "
                 f"relative {self.max_rel_diff:.3g} "
-                f"({self.tolerance_kind} tolerance {self.tolerance:g})"
+                + (f"(absolute tolerance {self.tolerance:g})" if self.tolerance_kind == "absolute"
+                   else f"(per element: {verify.ATOL:g} * max(1, rms) + "
+                   f"{self.tolerance:g} * |original|)")
             )
         elif self.verification_note:
             lines.append(f"not verified: {self.verification_note}")
