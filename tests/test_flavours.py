@@ -164,6 +164,10 @@ def test_to_sync(flavour, shape):
     assert_weights_equal(before, flavour.all_weights(model))
     assert all(type(l) is flavour.BN for l in flavour.bn_layers(model))
     assert_outputs_close(reference, flavour.outputs(synced, x), atol=SWAP_ATOL)
+    if shape == "nested":  # paths from the model down, through the nested model
+        assert sorted(e.path for e in report.events) == [
+            "nested/inner/inner_bn", "nested/outer_bn",
+        ]
     if shape == "shared":
         assert len(flavour.layer(synced, "shared_bn")._inbound_nodes) == 2
     if shape == "renorm":
@@ -423,6 +427,13 @@ def test_convert_model_from_a_path(saved, tmp_path):
     assert report.source == str(path) and report.converted == 2
     assert_weights_equal(flavour.all_weights(original), flavour.all_weights(out))
     assert_outputs_close(flavour.outputs(original, x), flavour.outputs(out, x), atol=SWAP_ATOL)
+    # The result saves in the same format and loads back as SyncBN.
+    (tmp_path / "out").mkdir()
+    reloaded = flavour.load(flavour.save(out, tmp_path / "out", fmt))
+    assert {type(l) for l in flavour.bn_layers(reloaded)} == {flavour.SYNC}
+    assert_outputs_close(
+        flavour.outputs(original, x), flavour.outputs(reloaded, x), atol=SWAP_ATOL
+    )
 
 
 # -- command line ---------------------------------------------------------------
