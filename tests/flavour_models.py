@@ -80,6 +80,13 @@ class Flavour:
         )
         return randomize(model)
 
+    def sequential_no_input(self):
+        """A Sequential without an Input layer, built by calling it."""
+        L = self.k.layers
+        model = self.k.Sequential([L.Dense(4, name="dense"), self.BN(name="bn")], name="seq_call")
+        model(np.zeros((2, 8), "float32"))
+        return randomize(model)
+
     def nested(self):
         """A Functional model holding a Sequential with its own BN."""
         L = self.k.layers

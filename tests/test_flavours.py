@@ -99,12 +99,7 @@ def saved(request):
 
 
 def build(flavour, shape):
-    """The model of `shape` in `flavour` (a Sequential without Input is built by a call)."""
-    if shape == "sequential_no_input":
-        L = flavour.k.layers
-        model = flavour.k.Sequential([L.Dense(4, name="dense"), flavour.BN(name="bn")])
-        model(np.zeros((2, 8), "float32"))
-        return randomize(model)
+    """The model of `shape` (a key of `SHAPES`) in `flavour`."""
     return getattr(flavour, shape)()
 
 
@@ -129,6 +124,7 @@ def assert_weights_equal(expected, actual):
 
 
 def events_by_layer(report):
+    """Layer name -> its one event in `report`."""
     return {e.path.split("/")[-1]: e for e in report.events}
 
 
@@ -248,6 +244,7 @@ def test_to_inference_without_fold_and_round_trip(flavour, shape):
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_converting_twice_changes_nothing(flavour, shape):
+    """Already synchronized layers stay as they are ("unchanged"), and so do plain BN."""
     model = build(flavour, shape)
     once = bnconvert.convert_model(model, "sync")
     snapshot = flavour.all_weights(once)
@@ -365,6 +362,7 @@ BN_TO_SYNC_OFF = textwrap.dedent("""
 
 
 def test_rule_file_naming_a_class(flavour, tmp_path):
+    """A user rule naming the BN subclass by its registered name converts it."""
     rules = tmp_path / "mine.toml"
     rules.write_text(MYBN_RULE)
     model = flavour.with_subclass()
@@ -381,6 +379,7 @@ def test_rule_file_naming_a_class(flavour, tmp_path):
 
 
 def test_rule_file_disabling_a_shipped_rule(flavour, tmp_path):
+    """`enabled = false` turns a shipped rule off: every BN is skipped."""
     rules = tmp_path / "off.toml"
     rules.write_text(BN_TO_SYNC_OFF)
     model = flavour.nested()
@@ -417,6 +416,7 @@ def test_subclassed_model(flavour):
 
 
 def test_convert_model_from_a_path(saved, tmp_path):
+    """`convert_model` takes the path of each format; the result saves and reloads."""
     flavour, fmt = saved
     model = flavour.nested()
     path = flavour.save(model, tmp_path, fmt)
@@ -440,6 +440,7 @@ def test_convert_model_from_a_path(saved, tmp_path):
 
 
 def cli(*args):
+    """Runs `bnconvert ARGS` in this process; returns click's `Result`."""
     return CliRunner().invoke(bnconvert_cli.main, [str(a) for a in args])
 
 
@@ -480,6 +481,7 @@ def assert_cli_sync_output(flavour, fmt, path, out, x):
 
 
 def test_cli_to_sync_default_output(saved, tmp_path):
+    """`to-sync MODEL` writes NAME.sync[.keras|.h5] and leaves the input alone."""
     flavour, fmt = saved
     path = flavour.save(flavour.nested(), tmp_path, fmt)
     before = digest(tmp_path)
@@ -497,6 +499,7 @@ def test_cli_to_sync_default_output(saved, tmp_path):
 
 
 def test_cli_to_sync_output_and_force(saved, tmp_path):
+    """`-o` onto an existing output is refused without `--force`, replaced with it."""
     flavour, fmt = saved
     path = flavour.save(flavour.nested(), tmp_path, fmt)
     (tmp_path / "out").mkdir()
@@ -519,6 +522,7 @@ FOREIGN_OUTPUT = {"keras3": ("o.h5", ".keras"), "tf_keras": ("o.keras", ".h5")}
 
 
 def test_cli_output_in_a_format_the_flavour_does_not_write(saved, tmp_path):
+    """Keras 3 refuses `-o x.h5`; tf-keras refuses `-o x.keras`."""
     flavour, fmt = saved
     path = flavour.save(flavour.nested(), tmp_path, fmt)
     name, fragment = FOREIGN_OUTPUT[flavour.name]
@@ -527,6 +531,7 @@ def test_cli_output_in_a_format_the_flavour_does_not_write(saved, tmp_path):
 
 
 def test_cli_dry_run_and_report(saved, tmp_path):
+    """`--dry-run` writes no model; `--report` writes the JSON, replaced only with `--force`."""
     flavour, fmt = saved
     model_dir = tmp_path / "model"
     model_dir.mkdir()
@@ -561,6 +566,7 @@ def test_cli_dry_run_and_report(saved, tmp_path):
 
 
 def test_cli_rules(saved, tmp_path):
+    """`--rules`: a file disabling the shipped rule, a file naming a class."""
     flavour, fmt = saved
     path = flavour.save(flavour.with_subclass(), tmp_path, fmt)
     off, mine = tmp_path / "off.toml", tmp_path / "mine.toml"
@@ -600,6 +606,7 @@ def inspect_model(flavour):
 
 
 def test_cli_inspect(saved, tmp_path):
+    """`inspect` (table and `--json`): settings, shapes, events, nested paths; writes nothing."""
     flavour, fmt = saved
     path = flavour.save(inspect_model(flavour), tmp_path, fmt)
     nested = flavour.save(flavour.nested(), tmp_path, fmt)
@@ -650,6 +657,7 @@ def test_cli_inspect(saved, tmp_path):
 
 
 def test_cli_inspect_inference_of_a_synced_file(saved, tmp_path):
+    """`inspect --to inference` previews sync-to-bn on every synchronized layer."""
     flavour, fmt = saved
     path = flavour.save(flavour.synced(), tmp_path, fmt)
     result = cli("inspect", path, "--to", "inference")
