@@ -1,16 +1,12 @@
-"""End-to-end tests of `bnconvert to-inference` through the CLI.
+"""End-to-end tests of `bnconvert to-inference` through the CLI: option checks.
 
-The reference for the ONNX outputs is the input model itself (synchronized
-BN, unfolded), run by Keras.
+Converting, folding, exporting and checking (with and without `--no-fold`,
+`--force`, default names) run in both flavours in `tests/test_flavours.py`;
+this file keeps the Keras 3 checks of the ONNX-specific options.
 """
-
-import hashlib
-import json
-import pathlib
 
 import keras
 import numpy as np
-import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
@@ -18,10 +14,6 @@ import bnconvert
 import bnconvert_cli as cli
 
 L = keras.layers
-
-
-def _sha(path):
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def _run(*args):
@@ -65,46 +57,6 @@ def synced_model_file(tmp_path_factory):
     return path
 
 
-def test_to_inference_writes_checked_onnx_and_folded_keras(synced_model_file, tmp_path):
-    before = _sha(synced_model_file)
-    out, keras_out, report = tmp_path / "m.onnx", tmp_path / "f.keras", tmp_path / "r.json"
-
-    result = _run("to-inference", synced_model_file, "-o", out,
-                  "--keras-out", keras_out, "--report", report)
-
-    assert result.exit_code == 0, result.output
-    assert "onnxruntime check: max |diff|" in result.stdout
-    assert "2 folded" in result.stdout and "1 kept" in result.stdout
-    assert _sha(synced_model_file) == before
-
-    original = keras.saving.load_model(synced_model_file)
-    x = np.random.default_rng(1).normal(size=(3, 10, 10, 3)).astype("float32")
-    want = original.predict(x, verbose=0).astype(np.float64)
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"image": x})
-    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-4
-
-    folded = keras.saving.load_model(keras_out)
-    kinds = [type(layer).__name__ for layer in folded.layers]
-    assert kinds.count("BatchNormalization") == 1
-    assert "SyncBatchNormalization" not in kinds
-
-    data = json.loads(report.read_text())
-    assert data["counts"]["folded"] == 2 and data["counts"]["kept"] == 1
-    assert data["onnx"]["checked"] and data["onnx"]["max_rel_diff"] <= 1e-4
-
-
-def test_no_fold_keeps_plain_batchnorm(synced_model_file, tmp_path):
-    keras_out = tmp_path / "f.keras"
-    result = _run("to-inference", synced_model_file, "-o", tmp_path / "m.onnx",
-                  "--keras-out", keras_out, "--no-fold", "--no-check")
-
-    assert result.exit_code == 0, result.output
-    assert "check skipped" in result.stdout
-    kinds = [type(layer).__name__ for layer in keras.saving.load_model(keras_out).layers]
-    assert kinds.count("BatchNormalization") == 3
-
-
 def test_output_directory_missing(synced_model_file, tmp_path):
     result = _run("to-inference", synced_model_file, "-o", tmp_path / "nope" / "m.onnx")
     _assert_one_line_error(result, "does not exist")
@@ -115,19 +67,6 @@ def test_opset_the_exporter_cannot_do(synced_model_file, tmp_path):
                   "--opset", "42")
     _assert_one_line_error(result, "opset 42")
     assert not list(tmp_path.iterdir())
-
-
-def test_existing_output_needs_force(synced_model_file, tmp_path):
-    out = tmp_path / "m.onnx"
-    out.write_bytes(b"keep me")
-
-    result = _run("to-inference", synced_model_file, "-o", out)
-    _assert_one_line_error(result, "already exists", "--force")
-    assert out.read_bytes() == b"keep me"
-
-    result = _run("to-inference", synced_model_file, "-o", out, "--force")
-    assert result.exit_code == 0, result.output
-    assert out.read_bytes() != b"keep me"
 
 
 def test_output_must_be_onnx(synced_model_file, tmp_path):

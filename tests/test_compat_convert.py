@@ -1,4 +1,9 @@
-"""Converting tf-keras (Keras 2) models: detection, CLI, reload, training.
+"""Converting tf-keras (Keras 2) models: what only tf-keras has.
+
+Detection, the legacy `experimental.SyncBatchNormalization`, fused BN and
+its rounding, SavedModel atomicity, tf-keras rule names and synchronized
+training of converted files. The conversion and CLI cases both flavours
+share run in the table of `tests/test_flavours.py`.
 
 References: the original tf-keras model's outputs (conversion must not change
 them), and the original model trained on one device over the same global
@@ -122,9 +127,12 @@ def test_savedmodel_without_keras_metadata_is_one_clear_error(tmp_path):
 # -- Python API ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [functional_model, sequential_model])
-def test_convert_model_rewrites_every_bn_and_keeps_outputs(make):
-    model = make()
+def test_legacy_fused_and_synchronized_bn_convert_both_ways():
+    """Every tf-keras BN kind: fused, legacy experimental SyncBN, synchronized axis 1.
+
+    Plain shapes run in both flavours in tests/test_flavours.py.
+    """
+    model = functional_model()
     x = batch_for(model)
     converted, report = bnconvert.convert_model(model, to="sync", return_report=True)
     assert isinstance(converted, tf_keras.Model)
@@ -155,22 +163,6 @@ def _all_layers(model):
     return out
 
 
-def test_subclassed_tf_keras_model_is_refused_in_one_line():
-    class Net(tf_keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.bn = tf_keras.layers.BatchNormalization()
-
-        def call(self, x):
-            return self.bn(x)
-
-    net = Net()
-    net(np.zeros((2, 3), "float32"))
-    with pytest.raises(bnconvert.errors.ConversionError, match="subclassed") as info:
-        bnconvert.convert_model(net)
-    assert "\n" not in str(info.value)
-
-
 # -- atomic SavedModel output --------------------------------------------------
 
 
@@ -195,16 +187,6 @@ def test_savedmodel_output_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.rglob("*")) == before
     assert (out / "saved_model.pb").stat().st_mtime_ns == stamp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-def test_keras_output_name_is_refused_for_tf_keras_models(tmp_path):
-    model = sequential_model()
-    path = save(model, tmp_path, "savedmodel")
-    result = CliRunner().invoke(
-        main, ["to-sync", str(path), "-o", str(tmp_path / "x.keras")]
-    )
-    assert result.exit_code != 0 and ".keras" in result.output
-    assert "Traceback" not in result.output
 
 
 # -- end to end: CLI, fresh-process reload, synchronized training ----------------
@@ -257,22 +239,17 @@ def reload_in_fresh_process(path, original_path, x, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["savedmodel", "h5"])
 @pytest.mark.parametrize("make", [functional_model, sequential_model])
-def test_cli_to_sync_then_reload_and_train_under_mirrored_strategy(tmp_path, fmt, make):
+def test_converted_file_trains_under_mirrored_strategy(tmp_path, fmt, make):
+    """A file written by `to-sync` trains under 2 replicas as the original on one device.
+
+    The CLI's output names, formats and reload are checked in both flavours
+    in tests/test_flavours.py.
+    """
     model = make()
     path = save(model, tmp_path, fmt)
-    x = batch_for(model)
-
     result = CliRunner().invoke(main, ["to-sync", str(path)])
     assert result.exit_code == 0, result.output
     out = formats.default_output(path, formats.resolve(path), ".sync")
-    assert f"Wrote {out}" in result.output
-    assert formats.resolve(out).format == fmt  # the input's format
-
-    y, y_original, classes = reload_in_fresh_process(out, path, x, tmp_path)
-    np.testing.assert_array_equal(y, y_original)
-    np.testing.assert_allclose(y, model(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
-    bn_names = [n for n in classes if "bn" in n or "sync" in n]
-    assert bn_names and all(classes[n] == SYNC_CLASS for n in bn_names)
 
     # Training with 2 replicas = the original (as loaded) trained on one device.
     model = tf_keras.models.load_model(path, compile=False)
@@ -280,6 +257,14 @@ def test_cli_to_sync_then_reload_and_train_under_mirrored_strategy(tmp_path, fmt
     with strategy.scope():
         synced = tf_keras.models.load_model(out, compile=False)
         synced.compile(optimizer=tf_keras.optimizers.SGD(0.1), loss="mse")
+    # Every BN kind (legacy SyncBN and synchronized=True included) came back as ours.
+    classes = _all_classes(synced)
+    bn_names = [l.name for l in _all_layers(model) if "bn" in l.name or "sync" in l.name]
+    assert bn_names and all(
+        classes[n] is bnconvert.compat.SyncBatchNormalization for n in bn_names
+    )
+    x = batch_for(model)
+    np.testing.assert_array_equal(synced(x, training=False), model(x, training=False))
     model.compile(optimizer=tf_keras.optimizers.SGD(0.1), loss="mse")
     xs = batch_for(model, n=24, seed=2) * 2 + 0.5
     ys = np.random.default_rng(3).normal(size=(24,) + model.output_shape[1:]).astype("float32")
@@ -328,14 +313,6 @@ def _cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def _digest(root):
-    root = pathlib.Path(root)
-    return {
-        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
-        for p in sorted(root.rglob("*"))
-    }
-
-
 def settings_model():
     """One layer per setting `inspect` shows, each away from its default."""
     inputs = tf_keras.Input((7, 7, 3))
@@ -352,90 +329,31 @@ def settings_model():
 
 
 @pytest.mark.parametrize("fmt", ["savedmodel", "h5"])
-def test_inspect_tf_keras_shows_shapes_and_settings(tmp_path, fmt):
+def test_inspect_legacy_sync_bn(tmp_path, fmt):
+    """The legacy experimental SyncBN is a normalization layer, synchronized, shown once.
+
+    The settings of plain BN layers are checked in both flavours in
+    tests/test_flavours.py.
+    """
     path = save(settings_model(), tmp_path, fmt)
-    before = _digest(tmp_path)
     result = _cli("inspect", path, "--json")
     assert result.exit_code == 0, result.output
     rows = {row["path"]: row for row in json.loads(result.stdout)["layers"]}
-    # LayerNormalization is not batch normalization, and no rule names it.
     assert set(rows) == {"settings/bn_a", "settings/legacy", "settings/bn_renorm"}
-    # The constructor arguments above; tf-keras stores axis -1 of a 4-D input as [3].
-    common = {"center": True, "scale": True, "renorm": False, "synchronized": False,
-              "trainable": True, "momentum": 0.99, "epsilon": 1e-3, "axis": [3]}
-    assert rows["settings/bn_a"]["settings"] == {
-        **common, "momentum": 0.5, "epsilon": 1e-4, "center": False}
-    assert rows["settings/legacy"]["settings"] == {
-        **common, "scale": False, "synchronized": True}
-    assert rows["settings/bn_renorm"]["settings"] == {
-        **common, "axis": [1], "renorm": True, "trainable": False}
-    assert rows["settings/bn_a"]["shape"] == [4]
-    assert rows["settings/bn_renorm"]["shape"] == [5]  # axis 1 of (None, 5, 5, 4)
-    for row in rows.values():
-        assert [e["path"] for e in row["events"]] == (
-            [] if row["class"] == "LayerNormalization" else [row["path"]]
-        )
-
+    legacy = rows["settings/legacy"]
+    assert legacy["class"] == "SyncBatchNormalization" and legacy["shape"] == [4]
+    assert legacy["settings"] == {
+        "center": True, "scale": False, "renorm": False, "synchronized": True,
+        "trainable": True, "momentum": 0.99, "epsilon": 1e-3, "axis": [3]}
+    assert [(e["path"], e["rule"]) for e in legacy["events"]] == [
+        ("settings/legacy", "bn-to-sync")]
     table = _cli("inspect", path)
-    assert table.exit_code == 0, table.output
-    line = next(l for l in table.stdout.splitlines() if l.startswith("settings/bn_a "))
-    assert " 4 " in line and "momentum=0.5" in line and "epsilon=0.0001" in line
-    assert "bn-to-sync: -> SyncBatchNormalization" in line
-    assert _digest(tmp_path) == before
-
-
-def test_inspect_tf_keras_nested_paths_match_the_report(tmp_path):
-    path = save(functional_model(), tmp_path, "savedmodel")
-    result = _cli("inspect", path, "--json")
-    assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)["layers"]
-    assert sorted(r["path"] for r in rows) == [
-        "functional/bn_fused", "functional/inner/inner_bn",
-        "functional/legacy_sync", "functional/sync_axis1",
-    ]
-    for row in rows:  # every row found by the walk, joined with its one event
-        assert row["shape"] and row["settings"], row
-        assert [e["path"] for e in row["events"]] == [row["path"]]
+    line = next(l for l in table.stdout.splitlines() if l.startswith("settings/legacy "))
+    assert "synchronized" in line and "bn-to-sync: -> SyncBatchNormalization" in line
 
 
 def _all_classes(model):
     return {l.name: type(l) for l in _all_layers(model)}
-
-
-def test_force_onto_an_existing_savedmodel_directory(tmp_path):
-    model = sequential_model()
-    path = save(model, tmp_path, "savedmodel")
-    x = batch_for(model)
-    out = tmp_path / "out"
-    assert _cli("to-sync", path, "-o", out).exit_code == 0
-    first = _digest(out)
-
-    refused = _cli("to-sync", path, "-o", out)
-    assert refused.exit_code != 0 and refused.stdout == ""
-    assert refused.stderr.strip().splitlines() == [
-        f"Error: Output {out} already exists; pass --force (force=True in Python) "
-        "to overwrite it."
-    ]
-    assert _digest(out) == first
-
-    replaced = _cli("to-sync", path, "-o", out, "--force")
-    assert replaced.exit_code == 0, replaced.output
-    synced = tf_keras.models.load_model(out, compile=False)
-    assert isinstance(synced.get_layer("bn_2d"), bnconvert.compat.SyncBatchNormalization)
-    np.testing.assert_allclose(synced(x, training=False), model(x, training=False),
-                               rtol=0, atol=1e-6)
-
-    # --keras-out of to-inference onto that SavedModel directory: same rule.
-    args = ["to-inference", out, "-o", tmp_path / "m.onnx", "--keras-out", tmp_path / "plain"]
-    assert _cli(*args).exit_code == 0
-    again = _cli(*args[:-2], "--keras-out", tmp_path / "plain", "--force")
-    assert again.exit_code == 0, again.output
-    plain = tf_keras.models.load_model(tmp_path / "plain", compile=False)
-    # tf-keras models are folded in Keras too: the BN went into the Dense.
-    assert not any(isinstance(l, tf_keras.layers.BatchNormalization) for l in plain.layers)
-    np.testing.assert_allclose(plain(x, training=False), model(x, training=False),
-                               rtol=1e-5, atol=1e-5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out", "plain", "sequential"]
 
 
 LEGACY_ONLY_RULES = textwrap.dedent("""
