@@ -181,9 +181,13 @@ class _Folder:
             consumers[id(t)] = consumers.get(id(t), 0) + 1
 
         folds = {}
+        met = set()  # a layer called at several sites is decided (and reported) once
         for node in nodes:
             bn = node.layer
-            if node.is_input or not self._candidate(prefix, bn):
+            if node.is_input or id(bn) in met:
+                continue
+            met.add(id(bn))
+            if not self._candidate(prefix, bn):
                 continue
             if calls[id(bn)] > 1:
                 self._event(prefix, bn, None, "kept",

@@ -8,9 +8,9 @@ or freshly reloaded from its file by the flavour's own loader) or NumPy.
 
 Where the flavours differ for a documented reason, the table says so:
 
-- `FOLDED_BN`: Keras 3 drops a folded BN from the graph; tf-keras, whose
-  `clone_model` cannot drop a call, leaves a linear `Activation` of the same
-  name in its place (`bnconvert/_tf_keras.py`).
+- `FOLDED_BN`: a folded BN is rewritten in place into an identity of the
+  same name (the graph, and the model's class, stay as they are): Keras 3's
+  `Identity`, tf-keras's linear `Activation` (`bnconvert/_tf_keras.py`).
 - `SUBCLASSED`: Keras 3 rewrites subclassed models; tf-keras refuses them
   (its sublayers cannot be swapped).
 - `flavour.sync_output_name`: Keras 3 writes `.keras` only (an `.h5` input
@@ -63,8 +63,8 @@ SHAPES = {
 # What stays of a folded BN in the folded model, by the kind of model that
 # holds it (see the module docstring): `None` when it is gone.
 FOLDED_BN = {
-    "keras3": {"Functional": None, "Sequential": None},
-    "tf_keras": {"Functional": "Activation", "Sequential": None},
+    "keras3": {"Functional": "Identity", "Sequential": "Identity"},
+    "tf_keras": {"Functional": "Activation", "Sequential": "Activation"},
 }
 
 # convert_model on a subclassed model holding BN: converted, or the refusal.
@@ -196,8 +196,8 @@ def test_to_inference_folds(flavour, shape):
             assert name not in classes, name
         else:
             stand_in = flavour.layer(folded, name)
-            assert type(stand_in).__name__ == stays
-            assert stand_in.get_config()["activation"] == "linear" and not stand_in.weights
+            assert type(stand_in).__name__ == stays and not stand_in.weights
+            assert stand_in.get_config().get("activation", "linear") == "linear"
     for name in expected.kept:
         assert classes[name] is flavour.BN
         kept = flavour.layer(folded, name)
@@ -263,11 +263,6 @@ def test_converting_twice_changes_nothing(flavour, shape):
     assert_weights_equal(snapshot, flavour.all_weights(again))
 
 
-@pytest.mark.xfail(
-    reason="bnconvert/fold.py _fold_functional records one 'kept' event per call "
-    "node, so a BN called at two sites is reported (and counted) as 2 kept layers",
-    strict=True,
-)
 def test_shared_bn_kept_by_fold_is_one_event(flavour):
     """The report counts layers: a shared BN that is not folded is kept once."""
     model = flavour.shared()
