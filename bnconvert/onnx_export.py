@@ -291,16 +291,21 @@ def _name_outputs_in_keras_order(proto, output_names):
 
 @contextlib.contextmanager
 def _tf2onnx_recovery(on):
-    """tf2onnx's own switch for its per-pass graph copies (`TF2ONNX_CATCH_ERRORS`)."""
+    """tf2onnx's switch for its per-pass graph copies (`TF2ONNX_CATCH_ERRORS`).
+
+    tf2onnx 1.17 compares the variable's *name*, not its value, with "TRUE":
+    recovery is off whenever the variable is set at all, and on only when
+    it is absent.
+    """
     key = "TF2ONNX_CATCH_ERRORS"
-    old = os.environ.get(key)
-    os.environ[key] = "TRUE" if on else "FALSE"
+    old = os.environ.pop(key, None)
+    if not on:
+        os.environ[key] = "FALSE"
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
+        os.environ.pop(key, None)
+        if old is not None:
             os.environ[key] = old
 
 

@@ -176,3 +176,37 @@ def test_model_zoo_parity_after_folding(name, tmp_path):
     x = np.random.default_rng(5).uniform(0, 255, size=(2, 96, 96, 3)).astype("float32")
     (got,) = onnx_run(path, {graph.input[0].name: x})
     assert rel_diff(got, original.predict(x, verbose=0)) <= 1e-4
+
+
+# -- graphs tf2onnx needs its error recovery for, and ops it cannot convert ----
+
+
+def test_graph_needing_tf2onnx_recovery_exports(tmp_path, capfd):
+    # tf2onnx's fast path (no per-pass rollback copies) fails on this graph
+    # with "max() arg is an empty sequence"; plain tf2onnx exports it.
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Rescaling(1 / 6, offset=0.5)(x)
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 3)(x))
+    result = export_onnx(model, tmp_path / "m.onnx")
+    assert result.checked and result.max_abs_diff <= 1e-5
+    assert "error recovery" in result.exporter_note
+    err = capfd.readouterr().err
+    assert "tf2onnx" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("layer, op", [
+    (lambda: keras.layers.Dense(4, activation="gelu"), "Erfc"),
+    (lambda: keras.layers.Conv2D(4, 3, groups=2), "PartitionedCall"),
+])
+def test_ops_tf2onnx_cannot_convert_are_named_in_one_line(tmp_path, capfd, layer, op):
+    shape = (8,) if op == "Erfc" else (8, 8, 4)
+    inputs = keras.Input(shape)
+    model = keras.Model(inputs, layer()(inputs))
+    with pytest.raises(ConversionError) as e:
+        export_onnx(model, tmp_path / "m.onnx")
+    message = str(e.value)
+    assert "\n" not in message and "cannot convert" in message and op in message
+    assert list(tmp_path.iterdir()) == []
+    assert "tf2onnx" not in capfd.readouterr().err
