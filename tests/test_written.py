@@ -280,3 +280,23 @@ def test_tf_keras_keras_archive_is_recognised(tmp_path):
     assert result.exit_code == 0, result.output
     reloaded = tf_keras.models.load_model(tmp_path / "out.h5", compile=False)
     assert isinstance(reloaded.layers[1], bnconvert.TFKerasSyncBatchNormalization)
+
+
+def test_custom_objects_modules_are_imported_before_tensorflow(tmp_path):
+    # A model zoo may configure TensorFlow when imported (TF_USE_LEGACY_KERAS).
+    (tmp_path / "early.py").write_text(textwrap.dedent("""
+        import os, sys
+        with open(os.environ["EARLY_PROBE"], "w") as f:
+            f.write("tensorflow" if "tensorflow" in sys.modules else "first")
+    """))
+    inputs = keras.Input((3,))
+    keras.Model(inputs, keras.layers.BatchNormalization()(inputs)).save(tmp_path / "m.keras")
+    script = pathlib.Path(sys.executable).with_name("bnconvert")
+    env = {**os.environ, "EARLY_PROBE": str(tmp_path / "probe.txt")}
+    proc = subprocess.run(
+        [str(script), "inspect", "m.keras", "--custom-objects", "early"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "probe.txt").read_text() == "first"
+    assert proc.stderr == ""
