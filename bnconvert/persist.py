@@ -87,6 +87,35 @@ class _Keras3Walk:
         return internals.direct_sublayers(layer, keras.layers.Layer)
 
 
+def wrap_config(config, model, positions):
+    """A model's serialized config wrapped with the record of the layers at `positions`.
+
+    Args:
+        config: `keras.saving.serialize_keras_object(model)`, or a `.keras`
+            file's `config.json`.
+        model: The converted model.
+        positions: Positions (see `walk.iter_positions`) of the layers that
+            the model's own config does not bring back.
+    """
+    wanted = set(positions)
+    entries = [
+        {"path": path, "position": at, "layer": keras.saving.serialize_keras_object(layer)}
+        for path, at, layer in walk.iter_positions(model, _Keras3Walk)
+        if at in wanted
+    ]
+    config = dict(config)
+    # Compiling belongs to the outer record, so that `compile=False` still
+    # means no compiling.
+    compile_config = config.pop("compile_config", None)
+    return {
+        "module": ConvertedModel.__module__,
+        "class_name": "ConvertedModel",
+        "registered_name": keras.saving.get_registered_name(ConvertedModel),
+        "config": {"model": config, "layers": entries},
+        "compile_config": compile_config,
+    }
+
+
 def record(archive, model, positions):
     """Rewrites the `.keras` file `archive` so that loading it re-applies some layers.
 
@@ -99,28 +128,13 @@ def record(archive, model, positions):
     """
     if not positions:
         return
-    entries = [
-        {"path": path, "position": at, "layer": keras.saving.serialize_keras_object(layer)}
-        for path, at, layer in walk.iter_positions(model, _Keras3Walk)
-        if at in set(positions)
-    ]
     rewritten = f"{archive}.record"
     try:
         with zipfile.ZipFile(archive) as source, zipfile.ZipFile(rewritten, "w") as target:
             for info in source.infolist():
                 if info.filename == _CONFIG:
                     config = json.loads(source.read(info))
-                    # Compiling belongs to the outer record, so that
-                    # `compile=False` still means no compiling.
-                    compile_config = config.pop("compile_config", None)
-                    wrapped = {
-                        "module": ConvertedModel.__module__,
-                        "class_name": "ConvertedModel",
-                        "registered_name": keras.saving.get_registered_name(ConvertedModel),
-                        "config": {"model": config, "layers": entries},
-                        "compile_config": compile_config,
-                    }
-                    target.writestr(info, json.dumps(wrapped))
+                    target.writestr(info, json.dumps(wrap_config(config, model, positions)))
                 else:
                     with source.open(info) as src, target.open(info, "w") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
