@@ -13,8 +13,10 @@ import importlib.metadata
 import json
 import math
 import os
+import signal
 import sys
 import time
+import warnings
 
 import click
 
@@ -94,8 +96,75 @@ def _one_line(text):
     return " ".join(str(text).split())
 
 
+class _Interrupts:
+    """Ctrl-C (SIGINT) for the whole command: recorded, then exit 130.
+
+    Keras swallows `KeyboardInterrupt` in places (a bare `except` while
+    loading weights), so the signal is also recorded here and the pipeline
+    checks it after each step and around placing the outputs: an
+    interrupted run writes nothing, whatever Keras did with the exception.
+    """
+
+    received = False
+    working = False  # inside the pipeline, where outputs must be undone
+
+    @classmethod
+    def handler(cls, signum, frame):
+        cls.received = True
+        if cls.working:
+            raise KeyboardInterrupt
+        # Parsing options or printing results: click would turn a
+        # KeyboardInterrupt into "Aborted!" and exit 1.
+        raise _interrupted()
+
+    @classmethod
+    @contextlib.contextmanager
+    def recorded(cls):
+        cls.received = False
+        try:
+            previous = signal.signal(signal.SIGINT, cls.handler)
+        except ValueError:  # not the main thread (an embedding application)
+            yield
+            return
+        try:
+            yield
+        finally:
+            cls.working = False
+            signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted():
+    click.echo("Interrupted: nothing was written.", err=True)
+    # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C.
+    return SystemExit(130)
+
+
 def _run(**fields):
-    """Runs the pipeline; any error caused by the input becomes one click error line."""
+    """Runs the pipeline; every error becomes one line, Ctrl-C exit 130."""
+    debug = bool(click.get_current_context().find_root().params.get("debug"))
+    if debug:
+        warnings.simplefilter("default")
+    _Interrupts.working = True
+    try:
+        return _run_pipeline(fields)
+    except KeyboardInterrupt:
+        raise _interrupted() from None
+    except click.ClickException:
+        raise
+    except Exception as e:
+        if debug:
+            raise
+        # A failure inside TensorFlow or Keras that no check foresaw: still
+        # one line, with the way to see more.
+        raise click.ClickException(_one_line(
+            f"{type(e).__name__}: {e} (an unexpected failure; run with --debug "
+            "for the traceback)"
+        )[:2000]) from None
+    finally:
+        _Interrupts.working = False
+
+
+def _run_pipeline(fields):
     progress = Progress()
     with progress.step("starting TensorFlow"):
         start_tensorflow()
@@ -104,13 +173,18 @@ def _run(**fields):
     from bnconvert.pipeline import run
 
     try:
-        return run(Options(**fields), progress)
+        return run(Options(**fields), progress, cancelled=lambda: _Interrupts.received)
     except BnconvertError as e:
         raise click.ClickException(_one_line(e)) from None
     except OSError as e:
         # Files that vanish or cannot be read between the checks and their use.
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         raise click.ClickException(_one_line(f"{e.strerror or e}{where}")) from None
+    except RecursionError as e:
+        raise click.ClickException(
+            "An input is nested too deeply to read (a rule file or model config "
+            "with hundreds of levels?); flatten it."
+        ) from e
 
 
 def _tolerance(ctx, param, value):
@@ -155,9 +229,25 @@ def _version():
         return "unknown"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The command group; Ctrl-C anywhere in a command ends it with exit 130."""
+
+    def main(self, *args, **kwargs):
+        with _Interrupts.recorded(), warnings.catch_warnings():
+            # stderr carries our own lines only: Keras's, TensorFlow's and
+            # zipfile's warnings ("Skipping invalid path") concern nobody
+            # running a conversion (--debug shows them).
+            warnings.simplefilter("ignore")
+            return super().main(*args, **kwargs)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=_version(), prog_name="bnconvert")
-def main():
+@click.option(
+    "--debug", is_flag=True,
+    help="On an unexpected failure, show the Python traceback (and warnings).",
+)
+def main(debug):
     """Rewrite Keras models between BatchNormalization flavours."""
 
 
