@@ -8,17 +8,29 @@ sent to /dev/null: stdout carries only results, stderr only progress and
 errors.
 """
 
-import contextlib
-import importlib.metadata
-import json
-import math
 import os
 import signal
 import sys
-import time
-import warnings
 
-import click
+
+def _early_interrupt(signum, frame):
+    sys.stderr.write("Interrupted: nothing was written.\n")
+    raise SystemExit(130)
+
+
+# Ctrl-C before the command runs (while Python imports click) exits like
+# Ctrl-C later on; only in the console script, never when imported.
+if os.path.basename(sys.argv[0] or "") == "bnconvert":
+    signal.signal(signal.SIGINT, _early_interrupt)
+
+import contextlib  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import click  # noqa: E402
 
 # Layers listed one by one in the summaries; --report has them all.
 SUMMARY_ROWS = 30

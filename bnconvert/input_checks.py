@@ -47,6 +47,10 @@ def config_limit():
     return int(mb * (1 << 20))
 
 
+def _mb(n):
+    return f"{n / (1 << 20):.3g} MB"
+
+
 def check_archive(model_file, archive):
     """Checks a `.keras` zip's directory and the H5 weights inside it.
 
@@ -71,8 +75,8 @@ def check_archive(model_file, archive):
         size, limit = archive.getinfo("config.json").file_size, config_limit()
         if size > limit:
             raise ModelLoadError(
-                f"{model_file} is refused: its config.json is {size >> 20} MB, above "
-                f"the {limit >> 20} MB limit; if you trust the file, raise the limit "
+                f"{model_file} is refused: its config.json is {_mb(size)}, above "
+                f"the {_mb(limit)} limit; if you trust the file, raise the limit "
                 f"with the environment variable {CONFIG_LIMIT_ENV}=<megabytes>."
             )
     if "model.weights.h5" in archive.namelist():

@@ -28,8 +28,9 @@ import shutil
 import tempfile
 
 from bnconvert.errors import OutputError
-from bnconvert.paths import DIRECTORY
-from bnconvert.paths import FILE
+
+FILE = "file"
+DIRECTORY = "directory"
 
 # Output names may be up to NAME_MAX (255) bytes; the temporary name keeps
 # a short part of the name so that it fits too.

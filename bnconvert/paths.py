@@ -11,15 +11,16 @@ renamed into place (atomic on one file system): a failed or interrupted
 write leaves the destination as it was.
 """
 
-import contextlib
 import os
 import pathlib
 
+from bnconvert import outputs
 from bnconvert.errors import OutputError
 from bnconvert.errors import first_line
 
-FILE = "file"
-DIRECTORY = "directory"
+# The output kinds (a file, or a directory for a SavedModel).
+FILE = outputs.FILE
+DIRECTORY = outputs.DIRECTORY
 
 
 def beside(path, tail):
@@ -150,15 +151,11 @@ def atomic_file(path, *, force=True):
     appears at `path` meanwhile is not replaced (`OutputError`). See
     `bnconvert.outputs`.
     """
-    from bnconvert import outputs
-
     return outputs.atomic(path, FILE, force=force)
 
 
 def atomic_directory(path, *, force=True):
     """Like `atomic_file`, for a directory (a SavedModel)."""
-    from bnconvert import outputs
-
     return outputs.atomic(path, DIRECTORY, force=force)
 
 

@@ -375,27 +375,21 @@ def _parse_rule(ctx, name, entry, custom_objects, flavour):
     )
 
 
+def _plain(value):
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return isinstance(value, (str, int, float, bool))
+
+
 def _plain_values(ctx, rule, config):
-    """The `set` table, whose values must be plain data.
-
-    A table value would reach the layer's `from_config` as a serialized
-    object (`{module = ..., class_name = ...}`), and tf-keras imports any
-    module such a config names: a rule file could then load code.
-    """
+    """The `set` table. A table value would reach `from_config` as a serialized
+    object (`{module = ..., class_name = ...}`), whose module tf-keras imports:
+    only plain data is allowed, so that a rule file cannot load code."""
     values = _optional(ctx, rule, config, "set", dict, {})
-
-    def plain(value):
-        if isinstance(value, list):
-            return all(plain(v) for v in value)
-        return isinstance(value, (str, int, float, bool))
-
     for key, value in values.items():
-        if not plain(value):
-            ctx.fail(
-                rule, f"set.{key}",
-                "must be a string, number, boolean or array of them; serialized "
-                "objects (tables) are not allowed in rule files", value,
-            )
+        if not _plain(value):
+            ctx.fail(rule, f"set.{key}", "must be a string, number, boolean or array "
+                     "of them; serialized objects (tables) are not allowed", value)
     return dict(values)
 
 
