@@ -13,7 +13,6 @@ each process in time, and marked slow.
 
 import base64
 import contextlib
-import hashlib
 import marshal
 import os
 import pathlib
@@ -32,15 +31,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
-from click.testing import CliRunner
 
 import bnconvert
-import bnconvert_cli as cli
 from bnconvert import _keras3
 from bnconvert import flavour as flavour_lib
 from bnconvert import model_io
 from bnconvert import outputs
 from bnconvert.errors import OutputError
+from file_checks import run_cli
+from file_checks import tree_digest
 
 RUN_S = 240  # upper bound for one console-script run on a busy machine
 
@@ -63,24 +62,10 @@ def built(tmp_path_factory):
     return d
 
 
-@pytest.fixture
-def work(built, tmp_path):
-    shutil.copytree(built, tmp_path / "w")
-    return tmp_path / "w"
+_digest = tree_digest
 
 
-def _digest(root):
-    root = pathlib.Path(root)
-    paths = [root] + sorted(root.rglob("*")) if root.is_dir() else [root]
-    return {
-        str(p.relative_to(root.parent)):
-            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        for p in paths
-    }
-
-
-def _run(*args):
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
+_run = run_cli
 
 
 def _one_error(result, *fragments, code=1):
@@ -261,20 +246,11 @@ D3_CASES = {
 @pytest.mark.parametrize("case", list(D3_CASES))
 def test_d3_force_never_replaces_an_input_or_a_special_file(work, case):
     extra = D3_CASES[case](work)
-    before = _digest_of_files(work)
+    before = _digest(work)
     _one_error(_run("to-sync", work / "k3.keras", "--force", *extra))
-    assert _digest_of_files(work) == before
+    assert _digest(work) == before
     if (work / "fifo.json").exists():
         assert stat.S_ISFIFO(os.lstat(work / "fifo.json").st_mode)
-
-
-def _digest_of_files(root):
-    out = {}
-    for p in sorted(pathlib.Path(root).rglob("*")):
-        mode = os.lstat(p).st_mode
-        out[str(p)] = (hashlib.sha256(p.read_bytes()).hexdigest()
-                       if stat.S_ISREG(mode) else stat.S_IFMT(mode))
-    return out
 
 
 # ---------------------------------------------------------------- D4-D6: outputs
