@@ -175,9 +175,9 @@ def _place(tmp, out, kind):
 
 def _check_replaceable(out, kind):
     """Re-checks, at commit time, that `--force` may replace what is at `out`."""
-    if kind == FILE and (out.is_symlink() or not out.is_file()):
-        if out.is_symlink():
-            return  # the link itself is replaced, never its target
+    if kind == FILE and out.is_symlink():
+        return  # the link itself is replaced, never its target
+    if kind == FILE and not out.is_file():
         raise OutputError(
             f"Output {out} is no longer a regular file; --force replaces regular "
             "files only. Nothing was written."
@@ -205,7 +205,7 @@ class Outputs:
     def __init__(self, force=False):
         self.force = force
         self._staged = []  # (final path, temporary path, kind)
-        self._placed = []  # (final path, kind, moved-aside old output or None)
+        self._placed = []  # [final path, kind, moved-aside old output or None, placed?]
         self._done = False
 
     def stage(self, out, kind=FILE, *, create=True):
