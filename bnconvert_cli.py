@@ -8,15 +8,29 @@ sent to /dev/null: stdout carries only results, stderr only progress and
 errors.
 """
 
-import contextlib
-import importlib.metadata
-import json
-import math
 import os
+import signal
 import sys
-import time
 
-import click
+
+def _early_interrupt(signum, frame):
+    sys.stderr.write("Interrupted: nothing was written.\n")
+    raise SystemExit(130)
+
+
+# Ctrl-C before the command runs (while Python imports click) exits like
+# Ctrl-C later on; only in the console script, never when imported.
+if os.path.basename(sys.argv[0] or "") == "bnconvert":
+    signal.signal(signal.SIGINT, _early_interrupt)
+
+import contextlib  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import click  # noqa: E402
 
 # Layers listed one by one in the summaries; --report has them all.
 SUMMARY_ROWS = 30
@@ -124,8 +138,75 @@ def _import_user_modules(names):
             sys.modules.pop(locals().get("module_name", ""), None)
 
 
+class _Interrupts:
+    """Ctrl-C (SIGINT) for the whole command: recorded, then exit 130.
+
+    Keras swallows `KeyboardInterrupt` in places (a bare `except` while
+    loading weights), so the signal is also recorded here and the pipeline
+    checks it after each step and around placing the outputs: an
+    interrupted run writes nothing, whatever Keras did with the exception.
+    """
+
+    received = False
+    working = False  # inside the pipeline, where outputs must be undone
+
+    @classmethod
+    def handler(cls, signum, frame):
+        cls.received = True
+        if cls.working:
+            raise KeyboardInterrupt
+        # Parsing options or printing results: click would turn a
+        # KeyboardInterrupt into "Aborted!" and exit 1.
+        raise _interrupted()
+
+    @classmethod
+    @contextlib.contextmanager
+    def recorded(cls):
+        cls.received = False
+        try:
+            previous = signal.signal(signal.SIGINT, cls.handler)
+        except ValueError:  # not the main thread (an embedding application)
+            yield
+            return
+        try:
+            yield
+        finally:
+            cls.working = False
+            signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted():
+    click.echo("Interrupted: nothing was written.", err=True)
+    # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C.
+    return SystemExit(130)
+
+
 def _run(**fields):
-    """Runs the pipeline; any error caused by the input becomes one click error line."""
+    """Runs the pipeline; every error becomes one line, Ctrl-C exit 130."""
+    debug = bool(click.get_current_context().find_root().params.get("debug"))
+    if debug:
+        warnings.simplefilter("default")
+    _Interrupts.working = True
+    try:
+        return _run_pipeline(fields)
+    except KeyboardInterrupt:
+        raise _interrupted() from None
+    except click.ClickException:
+        raise
+    except Exception as e:
+        if debug:
+            raise
+        # A failure inside TensorFlow or Keras that no check foresaw: still
+        # one line, with the way to see more.
+        raise click.ClickException(_one_line(
+            f"{type(e).__name__}: {e} (an unexpected failure; run with --debug "
+            "for the traceback)"
+        )[:2000]) from None
+    finally:
+        _Interrupts.working = False
+
+
+def _run_pipeline(fields):
     progress = Progress()
     if fields.get("custom_objects"):
         with progress.step("importing custom objects"), _native_stderr_silenced():
@@ -137,13 +218,18 @@ def _run(**fields):
     from bnconvert.pipeline import run
 
     try:
-        return run(Options(**fields), progress)
+        return run(Options(**fields), progress, cancelled=lambda: _Interrupts.received)
     except BnconvertError as e:
         raise click.ClickException(_one_line(e)) from None
     except OSError as e:
         # Files that vanish or cannot be read between the checks and their use.
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         raise click.ClickException(_one_line(f"{e.strerror or e}{where}")) from None
+    except RecursionError as e:
+        raise click.ClickException(
+            "An input is nested too deeply to read (a rule file or model config "
+            "with hundreds of levels?); flatten it."
+        ) from e
 
 
 def _tolerance(ctx, param, value):
@@ -188,9 +274,25 @@ def _version():
         return "unknown"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The command group; Ctrl-C anywhere in a command ends it with exit 130."""
+
+    def main(self, *args, **kwargs):
+        with _Interrupts.recorded(), warnings.catch_warnings():
+            # stderr carries our own lines only: Keras's, TensorFlow's and
+            # zipfile's warnings ("Skipping invalid path") concern nobody
+            # running a conversion (--debug shows them).
+            warnings.simplefilter("ignore")
+            return super().main(*args, **kwargs)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=_version(), prog_name="bnconvert")
-def main():
+@click.option(
+    "--debug", is_flag=True,
+    help="On an unexpected failure, show the Python traceback (and warnings).",
+)
+def main(debug):
     """Rewrite Keras models between BatchNormalization flavours."""
 
 

@@ -63,8 +63,9 @@ def _import_module(name):
         if name.endswith(".py") or os.sep in name:
             path = pathlib.Path(name)
             if not path.is_file():
+                what = "is not a regular file" if path.exists() else "does not exist"
                 raise ModelLoadError(
-                    f"Custom-objects file {path} does not exist. "
+                    f"Custom-objects file {path} {what}. "
                     f"Received: custom_objects={name!r}"
                 )
             module_name = module_name_for_file(path)

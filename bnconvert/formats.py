@@ -16,6 +16,7 @@ import json
 import pathlib
 import zipfile
 
+from bnconvert import input_checks
 from bnconvert.errors import ModelLoadError
 from bnconvert.errors import OutputError
 
@@ -138,6 +139,7 @@ def _check_keras_archive(model_file):
     """Checks a `.keras` zip and returns the Keras major version it records."""
     try:
         with zipfile.ZipFile(model_file) as archive:
+            input_checks.check_archive(model_file, archive)
             names = set(archive.namelist())
             metadata = {}
             if "metadata.json" in names:
@@ -166,6 +168,7 @@ def _check_h5_model(model_file):
         with h5py.File(model_file, "r") as f:
             has_config = "model_config" in f.attrs
             version = f.attrs.get("keras_version")
+            input_checks.check_h5(model_file, f, model_file.stat().st_size)
     except OSError as e:
         raise ModelLoadError(
             f"{model_file} is not a readable HDF5 file, it may be truncated or "

@@ -14,6 +14,7 @@ import zlib
 
 from bnconvert import flavour as flavour_lib
 from bnconvert import formats
+from bnconvert import outputs
 from bnconvert import paths
 from bnconvert.errors import BnconvertError
 from bnconvert.errors import ModelLoadError
@@ -156,16 +157,30 @@ def save_model(model, path, *, force=False, inputs=(), fmt=None, check=None):
     model_flavour = flavour_lib.flavour_of(model)
     out, checked_fmt = check_model_output(model_flavour, path, force=force, inputs=inputs)
     fmt = fmt or checked_fmt
-    place = paths.atomic_directory if fmt == formats.SAVEDMODEL else paths.atomic_file
-    with place(out) as tmp:
-        try:
-            model_flavour.save(model, tmp, fmt)
-        except OSError as e:
-            raise OutputError(f"Cannot write {out}: {first_line(e)}") from e
-        except Exception as e:  # TF raises its own types for a full disk
-            if "space" in str(e).lower() or "resource" in type(e).__name__.lower():
-                raise OutputError(f"Cannot write {out}: {first_line(e)}") from e
-            raise
+    with outputs.atomic(out, output_kind(fmt), force=force) as tmp:
+        write_model(model, tmp, fmt, out)
         if check is not None:
             check(tmp, fmt)
     return out
+
+
+def write_model(model, tmp, fmt, out):
+    """Writes `model` into the fresh temporary place `tmp` for the output `out`.
+
+    Keras's scratch files go to a directory of ours beside `out`, removed
+    afterwards (not /tmp, where a failed or killed save would leave them).
+
+    Raises:
+        OutputError: The file system refused the write (disk full,
+            permissions), as one line naming `out`.
+    """
+    model_flavour = flavour_lib.flavour_of(model)
+    try:
+        with outputs.private_tempdir(out):
+            model_flavour.save(model, tmp, fmt)
+    except OSError as e:
+        raise OutputError(f"Cannot write {out}: {first_line(e)}") from e
+    except Exception as e:  # TF raises its own types for a full disk
+        if "space" in str(e).lower() or "resource" in type(e).__name__.lower():
+            raise OutputError(f"Cannot write {out}: {first_line(e)}") from e
+        raise

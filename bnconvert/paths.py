@@ -11,17 +11,16 @@ renamed into place (atomic on one file system): a failed or interrupted
 write leaves the destination as it was.
 """
 
-import contextlib
 import os
 import pathlib
-import shutil
-import tempfile
 
+from bnconvert import outputs
 from bnconvert.errors import OutputError
 from bnconvert.errors import first_line
 
-FILE = "file"
-DIRECTORY = "directory"
+# The output kinds (a file, or a directory for a SavedModel).
+FILE = outputs.FILE
+DIRECTORY = outputs.DIRECTORY
 
 
 def beside(path, tail):
@@ -143,70 +142,21 @@ def check_distinct(*named):
                 )
 
 
-def _temporary_name(out, suffix):
-    # Short enough for any legal output name: the temp name must fit too.
-    stem = out.name[:80]
-    return f".{stem}.{os.getpid()}.", f".partial{suffix}"
-
-
-def _umask_mode(mode):
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-@contextlib.contextmanager
-def atomic_file(path):
-    """Yields a temporary path in `path`'s directory that replaces `path` on success.
+def atomic_file(path, *, force=True):
+    """Yields a temporary path in `path`'s directory that becomes `path` on success.
 
     The temporary file keeps the destination's extension (Keras picks the
     format from it). On any exception, `KeyboardInterrupt` included, it is
-    removed and `path` is left as it was.
+    removed and `path` is left as it was. With `force=False` an output that
+    appears at `path` meanwhile is not replaced (`OutputError`). See
+    `bnconvert.outputs`.
     """
-    out = pathlib.Path(path)
-    prefix, suffix = _temporary_name(out, out.suffix)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=prefix, suffix=suffix)
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
-    try:
-        yield tmp
-        # mkstemp creates the file private (0600); give the output the
-        # permissions any new file of this user gets.
-        os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    return outputs.atomic(path, FILE, force=force)
 
 
-@contextlib.contextmanager
-def atomic_directory(path):
-    """Yields a temporary directory beside `path` that replaces `path` on success.
-
-    An existing output is moved aside first and removed once the new one is
-    in place; on failure it is put back and the temporary directory removed.
-    """
-    out = pathlib.Path(path)
-    prefix, suffix = _temporary_name(out, "")
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=prefix, suffix=suffix))
-    os.chmod(tmp, _umask_mode(0o777))
-    old = None
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / (prefix + "old")
-            os.rename(out, old)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.rename(old, out)
-            old = None
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+def atomic_directory(path, *, force=True):
+    """Like `atomic_file`, for a directory (a SavedModel)."""
+    return outputs.atomic(path, DIRECTORY, force=force)
 
 
 def write_text(path, text, *, force=False, inputs=(), option="--report"):
@@ -216,7 +166,7 @@ def write_text(path, text, *, force=False, inputs=(), option="--report"):
         OutputError: see `check_output`, or the file system refused the write.
     """
     out = check_output(path, force=force, inputs=inputs, option=option)
-    with atomic_file(out) as tmp:
+    with atomic_file(out, force=force) as tmp:
         try:
             tmp.write_text(text, encoding="utf-8")
         except OSError as e:

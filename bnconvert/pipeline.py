@@ -18,8 +18,13 @@ import contextlib
 import dataclasses
 import json
 
+import pathlib
+
 from bnconvert import formats
+from bnconvert import outputs
 from bnconvert import paths
+from bnconvert.errors import OutputError
+from bnconvert.errors import first_line
 
 SYNC_TAIL = ".sync"
 
@@ -88,13 +93,16 @@ class _NoProgress:
         yield
 
 
-def run(options, progress=None):
+def run(options, progress=None, cancelled=None):
     """Runs one command.
 
     Args:
         options: The `Options`.
         progress: Optional object whose `step(label)` context manager
             brackets each long step (the CLI prints them).
+        cancelled: Optional callable, true once the run must stop (the CLI
+            records Ctrl-C there, since Keras swallows `KeyboardInterrupt`
+            in places). Checked after each step and around the commit.
 
     Returns:
         A `Result`.
@@ -102,11 +110,15 @@ def run(options, progress=None):
     Raises:
         BnconvertError: Any problem with the input, the options or the
             outputs, as one line.
+        KeyboardInterrupt: `cancelled()` became true; nothing was written.
     """
     progress = progress or _NoProgress()
+    cancelled = cancelled or (lambda: False)
     found = formats.resolve(options.model)
     protected = _inputs(options, found)
     plan = _check_outputs(options, found, protected)
+    for directory in plan.directories():
+        outputs.remove_stale(directory)
 
     from bnconvert import custom_objects as custom_objects_lib
 
@@ -132,6 +144,7 @@ def run(options, progress=None):
         model = model_io.load_model(
             options.model, custom_objects=objects, safe_mode=not options.unsafe
         )
+    _stop_if(cancelled)
     if options.command == "inspect":
         return _inspect(options, model, flavour, rules, objects, progress)
 
@@ -147,6 +160,7 @@ def run(options, progress=None):
         # The model was loaded here for this run only: it is rewritten itself.
         conversion = convert.run_conversion(job, fold=options.fold, in_place=True)
     converted, report = conversion.model, conversion.report
+    _stop_if(cancelled)
     report.source = str(options.model)
 
     def check(tmp, fmt, name):
@@ -158,40 +172,64 @@ def run(options, progress=None):
         ))
 
     result = Result(report=report, report_path=options.report_path)
-    if direction == "sync":
-        if plan.output is not None:
-            with progress.step(f"saving {plan.output}"):
-                result.output = model_io.save_model(
-                    converted, plan.output, force=options.force, inputs=protected,
-                    fmt=plan.output_format,
-                    check=lambda tmp, fmt: check(tmp, fmt, plan.output),
-                )
-        data = report.to_dict()
-    else:
-        from bnconvert import onnx_export
-
-        step = "exporting to ONNX" + (" and checking" if options.check else "")
-        with progress.step(step):
-            result.onnx = onnx_export.export_onnx(
-                converted, plan.output, opset=options.opset,
-                tolerance=options.tolerance, atol=options.atol, check=options.check,
-            )
-        result.output = plan.output
-        if plan.keras_out is not None:
-            with progress.step(f"saving {plan.keras_out}"):
-                result.keras_out = model_io.save_model(
-                    converted, plan.keras_out, force=options.force,
-                    inputs=protected, fmt=plan.keras_format,
-                    check=lambda tmp, fmt: check(tmp, fmt, plan.keras_out),
-                )
-        data = report.to_dict()
-        data["onnx"] = result.onnx.to_dict()
-    if options.report_path:
-        paths.write_text(
-            options.report_path, json.dumps(data, indent=2), force=options.force,
-            inputs=protected,
-        )
+    # Every output is written aside first and all are placed together at
+    # the end: a failure or an interrupt anywhere leaves none of them.
+    with outputs.Outputs(force=options.force) as staged:
+        if direction == "sync":
+            if plan.output is not None:
+                _write_model(staged, converted, plan.output, plan.output_format, progress, check)
+                result.output = plan.output
+            data = report.to_dict()
+        else:
+            result.onnx = _write_onnx(staged, converted, plan.output, options, progress)
+            result.output = plan.output
+            _stop_if(cancelled)
+            if plan.keras_out is not None:
+                _write_model(staged, converted, plan.keras_out, plan.keras_format, progress, check)
+                result.keras_out = plan.keras_out
+            data = report.to_dict()
+            data["onnx"] = result.onnx.to_dict()
+        if options.report_path:
+            tmp = staged.stage(options.report_path)
+            try:
+                tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+            except OSError as e:
+                raise OutputError(f"Cannot write {options.report_path}: {first_line(e)}") from e
+        _stop_if(cancelled)
+        staged.commit()
+        # An interrupt that arrived during the renames undoes them.
+        _stop_if(cancelled)
+        staged.finish()
     return result
+
+
+def _stop_if(cancelled):
+    if cancelled():
+        raise KeyboardInterrupt
+
+
+def _write_model(staged, model, out, fmt, progress, check):
+    from bnconvert import model_io
+
+    tmp = staged.stage(out, _kind(fmt))
+    with progress.step(f"saving {out}"):
+        model_io.write_model(model, tmp, fmt, out)
+    with progress.step(f"loading {out} back to check it"):
+        check(tmp, fmt, out)
+
+
+def _write_onnx(staged, model, out, options, progress):
+    from bnconvert import onnx_export
+
+    # export_onnx writes its file atomically itself: give it a free name.
+    tmp = staged.stage(out, create=False)
+    step = "exporting to ONNX" + (" and checking" if options.check else "")
+    with progress.step(step):
+        onnx = onnx_export.export_onnx(
+            model, tmp, opset=options.opset, tolerance=options.tolerance,
+            atol=options.atol, check=options.check,
+        )
+    return dataclasses.replace(onnx, path=str(out))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +238,12 @@ class _Plan:
     output_format: str | None = None
     keras_out: object = None
     keras_format: str | None = None
+    report: object = None
+
+    def directories(self):
+        """The directories outputs go to (where stale temporaries may lie)."""
+        given = (self.output, self.keras_out, self.report)
+        return sorted({pathlib.Path(p).parent for p in given if p is not None})
 
 
 def _inputs(options, found):
@@ -226,8 +270,8 @@ def _check_outputs(options, found, protected):
                 suffixes=formats.OUTPUT_FORMATS[found.flavour][fmt] or None,
             )
         paths.check_distinct(("--output", out), ("--report", options.report_path))
-        _check_report(options, protected + (out,))
-        return _Plan(output=out, output_format=fmt)
+        report = _check_report(options, protected + (out,))
+        return _Plan(output=out, output_format=fmt, report=report)
     out = paths.check_output(
         options.output or paths.beside(options.model, ".onnx"), force=force,
         inputs=protected, suffixes=(".onnx",),
@@ -244,15 +288,16 @@ def _check_outputs(options, found, protected):
             kind=_kind(keras_fmt), option="--keras-out",
             suffixes=formats.OUTPUT_FORMATS[found.flavour][keras_fmt] or None,
         )
-    _check_report(options, protected + (out, keras_out))
-    return _Plan(output=out, keras_out=keras_out, keras_format=keras_fmt)
+    report = _check_report(options, protected + (out, keras_out))
+    return _Plan(output=out, keras_out=keras_out, keras_format=keras_fmt, report=report)
 
 
 def _check_report(options, protected):
     if options.report_path:
-        paths.check_output(
+        return paths.check_output(
             options.report_path, force=options.force, inputs=protected, option="--report"
         )
+    return None
 
 
 def _kind(fmt):

@@ -167,9 +167,20 @@ def resolve_class(name, custom_objects=None, flavour=None):
 
 
 def _parse_file(path, custom_objects, flavour):
+    if os.path.exists(path) and not os.path.isfile(path):
+        # A FIFO would block the read forever.
+        raise RuleError(
+            f"Rule file {path} is not a regular file (a directory, pipe or "
+            f"device?); pass a TOML file. Received: path={path!r}"
+        )
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
+    except RecursionError as e:
+        raise RuleError(
+            f"Rule file {path} is nested too deeply to read (hundreds of levels "
+            "of tables or arrays); a rule file needs three at most."
+        ) from e
     except OSError as e:
         raise RuleError(
             f"Cannot read rule file {path}: {e.strerror}. "
@@ -329,7 +340,7 @@ def _parse_rule(ctx, name, entry, custom_objects, flavour):
     mapping = ConfigMapping(
         drop=_string_list(ctx, name, config, "drop", allow_empty=True),
         rename=_string_table(ctx, name, config, "rename"),
-        set=MappingProxyType(dict(_optional(ctx, name, config, "set", dict, {}))),
+        set=MappingProxyType(_plain_values(ctx, name, config)),
     )
     match_classes = _classes(ctx, name, "match", match, custom_objects, flavour)
     targets = _classes(ctx, name, "target", (target,), custom_objects, flavour)
@@ -362,6 +373,24 @@ def _parse_rule(ctx, name, entry, custom_objects, flavour):
         description=_optional(ctx, name, entry, "description", str, ""),
         source=ctx.path,
     )
+
+
+def _plain(value):
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return isinstance(value, (str, int, float, bool))
+
+
+def _plain_values(ctx, rule, config):
+    """The `set` table. A table value would reach `from_config` as a serialized
+    object (`{module = ..., class_name = ...}`), whose module tf-keras imports:
+    only plain data is allowed, so that a rule file cannot load code."""
+    values = _optional(ctx, rule, config, "set", dict, {})
+    for key, value in values.items():
+        if not _plain(value):
+            ctx.fail(rule, f"set.{key}", "must be a string, number, boolean or array "
+                     "of them; serialized objects (tables) are not allowed", value)
+    return dict(values)
 
 
 def _parse_fold(ctx, name, entry, custom_objects, flavour):

@@ -5,6 +5,7 @@ so this runs once, before any test module imports the package.
 """
 
 import os
+import shutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -53,3 +54,10 @@ def mirrored_strategy(n):
 def mirrored():
     """Factory: the MirroredStrategy over `n` logical CPU devices."""
     return mirrored_strategy
+
+
+@pytest.fixture
+def work(built, tmp_path):
+    """A private copy of the module's `built` directory of small models."""
+    shutil.copytree(built, tmp_path / "w")
+    return tmp_path / "w"

@@ -12,7 +12,6 @@ The small models are built once per module; every test works on its own
 copy.
 """
 
-import hashlib
 import os
 import pathlib
 import shutil
@@ -26,9 +25,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
-from click.testing import CliRunner
+from file_checks import run_cli
+from file_checks import tree_digest
 
-import bnconvert_cli as cli
 
 COMMANDS = ("to-sync", "inspect", "to-inference")
 
@@ -92,26 +91,10 @@ def built(tmp_path_factory):
     return d
 
 
-@pytest.fixture
-def work(built, tmp_path):
-    """A private copy of the built models."""
-    shutil.copytree(built, tmp_path / "w")
-    return tmp_path / "w"
+_tree_digest = tree_digest
 
 
-def _tree_digest(root):
-    """Every path under `root` (itself included) with its content hash."""
-    root = pathlib.Path(root)
-    paths = [root] + sorted(root.rglob("*")) if root.is_dir() else [root]
-    out = {}
-    for p in paths:
-        rel = str(p.relative_to(root.parent))
-        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-    return out
-
-
-def _run(*args):
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
+_run = run_cli
 
 
 def _assert_one_error_line(result, *fragments):
