@@ -122,6 +122,8 @@ def _import_user_modules(names):
         try:
             if name.endswith(".py") or os.sep in name:
                 path = os.path.abspath(name)
+                if not os.path.isfile(path):  # a pipe would block; reported later
+                    continue
                 # The name bnconvert.custom_objects.module_name_for_file gives.
                 module_name = "_bnconvert_custom_" + os.path.splitext(os.path.basename(path))[0]
                 spec = importlib.util.spec_from_file_location(module_name, path)

@@ -166,6 +166,8 @@ def run(options, progress=None, cancelled=None):
     def check(tmp, fmt, name):
         from bnconvert import written
 
+        _stop_if(cancelled)  # a save that swallowed Ctrl-C left nothing to check
+
         report.file_checks.append(written.check_file(
             tmp, fmt, flavour, converted, conversion, name=name,
             custom_objects=objects, safe_mode=not options.unsafe,
