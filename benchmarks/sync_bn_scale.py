@@ -156,18 +156,20 @@ def resnet50_bn_channels():
 def p5(bench, quick):
     channels = 64
     counter = Counter()
+    # --quick is a smoke run (the test suite runs it): two replica counts.
+    replica_counts = REPLICAS[:2] if quick else REPLICAS
     print(f"P5  scale: values all-reduced per replica per layer call (C={channels}, "
           "counted at run time) and training-step time")
     print(f"    {'R':>3}  {'variant':<11}{'fwd calls':>10}{'fwd values':>11}"
           f"{'fwd+bwd values':>15}{'per C (fwd)':>12}")
     measured = {}
-    for replicas in REPLICAS:
+    for replicas in replica_counts:
         for variant in VARIANTS:
             (fc, fv), (_, bv) = per_call_values(bench, variant, replicas, channels, counter)
             measured[replicas, variant] = (fc, fv, bv)
             print(f"    {replicas:>3}  {variant:<11}{fc:>10}{fv:>11}{bv:>15}"
                   f"{fv / channels:>12.2f}")
-    centered_fwd = measured[REPLICAS[-1], "centered"][1]
+    centered_fwd = measured[replica_counts[-1], "centered"][1]
     print(f"    centered payload {centered_fwd} values = {centered_fwd / channels:.3f} C "
           f"(target <= 4C + 1 = {4 * channels + 1}): "
           f"{'met' if centered_fwd <= 4 * channels + 1 else 'NOT met'}")
@@ -177,14 +179,14 @@ def p5(bench, quick):
     print(f"    {'R':>3}" + "".join(f"{n:>12}" for n in VARIANTS)
           + "   ours/keras  table/keras  centered/keras")
     rows = {}
-    for replicas in REPLICAS:
+    for replicas in replica_counts:
         t = step_times(bench, replicas, quick)
         rows[replicas] = t
         k = t["keras-sync"]
         print(f"    {replicas:>3}" + "".join(f"{t[n] * 1e3:>12.2f}" for n in VARIANTS)
               + f"   {t['ours'] / k:>10.3f}  {t['table'] / k:>11.3f}"
               f"  {t['centered'] / k:>14.3f}")
-    cross = [r for r in REPLICAS if rows[r]["centered"] < rows[r]["table"]]
+    cross = [r for r in replica_counts if rows[r]["centered"] < rows[r]["table"]]
     print(f"    centered faster than table at R = {cross or 'none measured'}; "
           f"TABLE_MAX_REPLICAS = {sync_stats.TABLE_MAX_REPLICAS}")
 
@@ -195,7 +197,7 @@ def p5(bench, quick):
           f"{'keras-sync MB':>15}")
     # Per layer: table 2 * R * 4C; centered 2 * (2C + 1) (+ 2 * 2C if the
     # second exchange fires); keras-sync as measured per call, scaled in C.
-    ks_fv, ks_bv = measured[REPLICAS[-1], "keras-sync"][1:]
+    ks_fv, ks_bv = measured[replica_counts[-1], "keras-sync"][1:]
     for replicas in (64, 256, 1024):
         table = 2 * replicas * 4 * total_c
         centered = 2 * (2 * total_c + layers)

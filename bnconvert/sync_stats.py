@@ -64,7 +64,7 @@ Replica `i` fills row `i` of an otherwise-zero `[R, 4C]` table with
 two-pass sum of squared deviations); one all-reduce SUM gives every row to
 every replica, and Chan's parallel formula combines the rows around the
 shift of the replica with most values. Always exactly one collective, no
-state; at 2 replicas it is about as small as the centered sums.
+state; at a few replicas its payload is small and one collective beats two.
 
 Replica groups
 --------------
@@ -96,9 +96,12 @@ GlobalMoments = collections.namedtuple(
 # Every group's statistics, `[groups, C]` each (every replica sees them all).
 GroupMoments = collections.namedtuple("GroupMoments", ["mean", "variance", "count"])
 
-# Up to this many replicas the [R, 4C] table is used (see the benchmarks'
-# P5 for the measured crossover); above it, the centered sums.
-TABLE_MAX_REPLICAS = 2
+# Up to this many replicas the [R, 4C] table is used; above it, the centered
+# sums. Measured (README, P5; 2-core CPU, logical devices): the table's one
+# collective beats the centered sums' two (one usually empty) at 2, 4 and 8
+# replicas, where its payload is still small; the cost of a call there is
+# the collective's latency, not its bytes.
+TABLE_MAX_REPLICAS = 8
 # The second exchange fires when a channel's o^2 > RATIO * (var + epsilon).
 CANCELLATION_RATIO = 1.0
 
