@@ -22,7 +22,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
     normalizes with the mean and variance of the *global* batch: every example
     on every replica, each replica weighted by how many examples it holds, so
     uneven and empty per-replica batches are handled exactly. The statistics
-    travel in one all-reduce of a `[replicas, 4C]` table up to 8 replicas, and
+    travel in one all-reduce of a `[replicas, 4C]` table up to 16 replicas, and
     above that as `2C + 1` sums around a reference every replica holds,
     whatever the replica count, with a second (otherwise empty) exchange
     only when float32 cancellation is detected. Both stay accurate when a

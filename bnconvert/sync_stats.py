@@ -98,10 +98,10 @@ GroupMoments = collections.namedtuple("GroupMoments", ["mean", "variance", "coun
 
 # Up to this many replicas the [R, 4C] table is used; above it, the centered
 # sums. Measured (README, P5; 2-core CPU, logical devices): the table's one
-# collective beats the centered sums' two (one usually empty) at 2, 4 and 8
-# replicas, where its payload is still small; the cost of a call there is
+# collective beats the centered sums' two (one usually empty) at 2, 4, 8 and
+# 16 replicas, where its payload is still small; the cost of a call there is
 # the collective's latency, not its bytes.
-TABLE_MAX_REPLICAS = 8
+TABLE_MAX_REPLICAS = 16
 # The second exchange fires when a channel's o^2 > RATIO * (var + epsilon).
 CANCELLATION_RATIO = 1.0
 

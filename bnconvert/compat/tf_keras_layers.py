@@ -55,7 +55,7 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
     example on every replica, each replica weighted by how many examples it
     holds (uneven and empty per-replica batches are exact). The statistics
     travel as in the Keras 3 layer (`bnconvert.sync_stats`: a row table up
-    to 8 replicas, `2C + 1` centered sums above, accurate when a channel's mean
+    to 16 replicas, `2C + 1` centered sums above, accurate when a channel's mean
     is large compared to its spread). Gradients are those of single-device
     batch normalization on the global batch. Under TF1-style graph
     execution the moving-statistic assignments are registered with
