@@ -17,13 +17,21 @@ several rounds and the medians compared, so machine noise hits both sides.
 Targets: ours / keras-sync <= 0.95 at 2 and 4 replicas, ours / single <= 1.05
 without a strategy.
 
+P5 (scale): values all-reduced per layer call, counted at run time by
+wrapping `tf.distribute.ReplicaContext.all_reduce`, and training-step time at
+2, 4, 8 and 16 replicas for ours (the exchange the replica count selects),
+each of our two exchanges forced (`table`, `centered`) and keras-sync; and
+the payload per training step of ResNet50's BN layers at R = 64, 256, 1024.
+`--firing` measures how often the centered sums need their second exchange.
+
 Usage:
-    python benchmarks/sync_bn.py [--quick]
+    python benchmarks/sync_bn.py [--quick] [--only p1,p2,p5] [--firing]
 """
 
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -31,16 +39,19 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import tensorflow as tf  # noqa: E402
 
-# Four logical CPU devices, before TensorFlow initialises its runtime.
+# Sixteen logical CPU devices (P1/P2 use the first 2 or 4), before
+# TensorFlow initialises its runtime.
+LOGICAL_DEVICES = 16
 _CPU = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
-    _CPU, [tf.config.LogicalDeviceConfiguration()] * 4
+    _CPU, [tf.config.LogicalDeviceConfiguration()] * LOGICAL_DEVICES
 )
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bnconvert  # noqa: E402
+from bnconvert import sync_stats  # noqa: E402
 
 EPSILON = 1e-3
 _STRATEGIES = {}
@@ -252,12 +263,28 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: shallow net, few rounds (timings meaningless)")
+    parser.add_argument("--only", default="p1,p2,p5",
+                        help="comma-separated figures to run (default: p1,p2,p5)")
+    parser.add_argument("--firing", action="store_true",
+                        help="also measure how often the second exchange fires")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     print(f"bnconvert {bnconvert.__version__}, TensorFlow {tf.__version__}, "
-          f"Keras {keras.__version__}, {os.cpu_count()} CPU cores, 4 logical CPU devices"
+          f"Keras {keras.__version__}, {os.cpu_count()} CPU cores, "
+          f"{LOGICAL_DEVICES} logical CPU devices"
           + ("  [--quick: timings are not meaningful]" if args.quick else ""))
-    p1()
-    p2(args.quick)
+    if "p1" in only:
+        p1()
+    if "p2" in only:
+        p2(args.quick)
+    if "p5" in only:
+        import sync_bn_scale
+
+        sync_bn_scale.p5(sys.modules[__name__], args.quick)
+    if args.firing:
+        import sync_bn_scale
+
+        sync_bn_scale.firing(sys.modules[__name__], args.quick)
 
 
 if __name__ == "__main__":

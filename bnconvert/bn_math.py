@@ -39,19 +39,10 @@ def batch_moments(x, reduction_axes, weights=None, *, group_size=None,
     """
     ctx = sync_stats.replica_context()
     if ctx is not None:
-        reference = fallback_reference
-        if memory is not None and fallback_reference is not None:
-            k = sync_stats.group_size_for(ctx.num_replicas_in_sync, group_size)
-            reference = memory.reference(
-                fallback_reference, ctx.num_replicas_in_sync // k
-            )
-        moments = sync_stats.global_moments(
+        return sync_stats.global_moments(
             x, reduction_axes, ctx, weights, group_size=group_size,
-            reference=reference, epsilon=epsilon,
+            reference=fallback_reference, epsilon=epsilon, memory=memory,
         )
-        if memory is not None:
-            memory.remember(moments)
-        return moments
     count, shift, mu, m2 = sync_stats.local_moments(x, reduction_axes, weights)
     return sync_stats.GlobalMoments(
         shift=shift,

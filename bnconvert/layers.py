@@ -22,9 +22,13 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
     normalizes with the mean and variance of the *global* batch: every example
     on every replica, each replica weighted by how many examples it holds, so
     uneven and empty per-replica batches are handled exactly. The statistics
-    travel in one all-reduce per layer call and are combined with a shifted,
-    two-pass formula that stays accurate when a channel's mean is large
-    compared to its spread (see `bnconvert.sync_stats`).
+    travel in one all-reduce of a `[replicas, 4C]` table up to 16 replicas, and
+    above that as `2C + 1` sums around a reference every replica holds,
+    whatever the replica count, with a second (otherwise empty) exchange
+    only when float32 cancellation is detected. Both stay accurate when a
+    channel's mean is large compared to its spread (see
+    `bnconvert.sync_stats`). `sync_group_size` restricts the statistics to
+    groups of consecutive replicas.
 
     Without a strategy, with a single replica, or in inference, the layer
     computes exactly what `keras.layers.BatchNormalization` computes with the

@@ -3,22 +3,23 @@
 Synchronized batch normalization needs the mean and (biased) variance of the
 *global* batch (or of a replica group's batch): every example of every
 replica, each replica weighted by the number of values it holds. Two
-exchanges implement this; both are one all-reduce SUM in the common case and
-both are exact for uneven and empty replicas.
+exchanges implement this, both exact for uneven and empty replicas; the
+replica count picks one (`TABLE_MAX_REPLICAS`, set from the measured
+crossover, see the README's P5).
 
-Centered sums (the default above `TABLE_MAX_REPLICAS` replicas)
----------------------------------------------------------------
-Every replica of a group holds the same per-channel reference `r`: the last
-global mean the layer computed (kept per replica; every replica of a group
-computed it from the same reduced values), or the moving mean before the
-first synchronized step. Replica `i` sends
+Centered sums (above `TABLE_MAX_REPLICAS` replicas)
+---------------------------------------------------
+Every replica of a group holds the same per-channel reference `r`: the
+group's mean at the previous synchronized step (`MeanMemory`, one copy per
+replica, written by every replica from the same reduced values), or the
+moving mean before the first one. Replica `i` sends
 
     [n_i, S1_i = sum(x - r), S2_i = sum((x - r)^2)]
 
 that is `2C + 1` floats (`3C` with a mask, whose counts differ by channel),
-and after one all-reduce SUM every replica has `N`, `S1`, `S2` and
+and after an all-reduce SUM every replica has `N`, `S1`, `S2` and
 
-    o   = S1 / N                    global mean = r + o
+    o   = S1 / N                    mean = r + o
     var = S2 / N - o^2              biased, as Keras BN
 
 The output is normalized as `(x - r) - o`, so a large channel mean is never
@@ -31,21 +32,30 @@ precision relative to `var + epsilon`: the rounding error of `S2 / N` is about
     o^2 <= CANCELLATION_RATIO * (var + epsilon)          (every channel)
 
 the error stays within `(1 + CANCELLATION_RATIO)` times that of a two-pass
-variance, and the mean error within `(1 + sqrt(CANCELLATION_RATIO))` times.
+variance, and the mean's within `(1 + sqrt(CANCELLATION_RATIO))` times.
 When any channel of any group breaks the bound (the reduced values are the
 same everywhere, so every replica decides the same), a **second exchange**
-sends `[sum(x - m), sum((x - m)^2)]` (`2C`) around the fresh global mean `m`
-of the first one, which is within rounding of the true mean, so the bound
-holds by a wide margin. With `r` the previous step's mean, the second
-exchange fires when the data move by more than about a standard deviation
-between two steps: at the first step from scratch (moving mean 0, data at
-1000) and rarely after that; the README reports measured rates.
+sends `[sum(x - m), sum((x - m)^2)]` (`2C`) around the fresh mean `m` of the
+first, which is within rounding of the true mean, so the bound then holds
+by a wide margin. With `r` the previous step's mean it fires when the data
+move by more than about a standard deviation between two steps: at the
+first step from scratch (moving mean 0, data at 1000) and rarely after.
 
-Why not the alternatives: an all-gather of per-replica rows (PyTorch) or the
-`[R, 4C]` table below grows with R; `E[x^2] - E[x]^2` around zero (Keras,
-3 all-reduces) loses every digit at mean 1000, std 0.01; a Welford/Chan
-combination needs per-replica means and therefore rows. A reference held by
-every replica costs no traffic and turns the common case into sums.
+`tf.distribute` sends every replica-context collective through
+`merge_call`, which may not sit inside control flow (`tf.cond`), so the
+second all-reduce cannot be skipped: it is always issued, and sized at run
+time from the reduced values, 2C floats when it fires and **0** otherwise.
+The common case therefore moves `2C + 1` floats (Keras's synchronized BN:
+`2C + 1` in three all-reduces), in one all-reduce that carries data plus
+one empty one; the gradient is the same again, in the backward pass.
+
+Why this and not the alternatives: an all-gather of per-replica rows
+(PyTorch) or the table below grows with R; `E[x^2] - E[x]^2` around zero
+(Keras) loses every digit at mean 1000, std 0.01; a Chan/Welford combination
+needs per-replica means, hence rows; compensated (two-float) sums still
+round inside the all-reduce. A reference that every replica already holds
+costs no traffic and turns the common case into plain sums, with a
+cancellation test that needs nothing but the reduced values.
 
 Row table (R <= `TABLE_MAX_REPLICAS`)
 -------------------------------------
@@ -53,22 +63,24 @@ Replica `i` fills row `i` of an otherwise-zero `[R, 4C]` table with
 `[n_i, s_i, mu_i, M2_i]` (a local shift, the local mean of `x - s_i` and the
 two-pass sum of squared deviations); one all-reduce SUM gives every row to
 every replica, and Chan's parallel formula combines the rows around the
-shift of the replica with most values. It is always one exchange and needs
-no state, and at a few replicas the table is as small as the centered sums.
+shift of the replica with most values. Always exactly one collective, no
+state; at a few replicas its payload is small and one collective beats two.
 
 Replica groups
 --------------
 `group_size=k` synchronizes groups of `k` consecutive replicas. The exchange
-is still one all-reduce over all replicas: each replica writes into its
-group's row of a `[R / k, P]` buffer (centered sums) or its own row of the
-table and every replica combines its group's rows only. `k = 1` needs no
-exchange at all. The payload of the centered sums is then `R / k` rows,
-which grows with R for a fixed `k`; collectives over replica subsets are
-not exposed by `tf.distribute`.
+is still one all-reduce over all replicas (plus the second, usually empty,
+one of the centered sums): each replica writes into its group's row of a
+`[R / k, P]` buffer (centered sums) or its own row of the table, and every
+replica sees every group's statistics. A replica normalizes with its own
+group's; the moving statistics blend in the average over groups
+(`moving_targets`), the same on every replica, so that mirrored variables
+stay identical. The centered payload is `R / k` rows, which grows with R for
+a fixed `k`: `tf.distribute` exposes no collective over a replica subset.
 
 Everything stays in the input's float type (float32 works where float64 does
 not, e.g. TPUs), and gradients flow through the all-reduce (whose gradient is
-again one all-reduce SUM), so they equal those of single-device BN on the
+again an all-reduce SUM), so they equal those of single-device BN on the
 concatenated batch of the group.
 """
 
@@ -84,9 +96,12 @@ GlobalMoments = collections.namedtuple(
 # Every group's statistics, `[groups, C]` each (every replica sees them all).
 GroupMoments = collections.namedtuple("GroupMoments", ["mean", "variance", "count"])
 
-# Up to this many replicas the [R, 4C] table is used (see the benchmarks'
-# P5 for the measured crossover); above it, the centered sums.
-TABLE_MAX_REPLICAS = 2
+# Up to this many replicas the [R, 4C] table is used; above it, the centered
+# sums. Measured (README, P5; 2-core CPU, logical devices): the table's one
+# collective beats the centered sums' two (one usually empty) at 2, 4, 8 and
+# 16 replicas, where its payload is still small; the cost of a call there is
+# the collective's latency, not its bytes.
+TABLE_MAX_REPLICAS = 16
 # The second exchange fires when a channel's o^2 > RATIO * (var + epsilon).
 CANCELLATION_RATIO = 1.0
 
@@ -197,7 +212,7 @@ def _channels(stat_shape):
 
 
 def global_moments(x, axes, ctx, mask=None, group_size=None, reference=None,
-                   epsilon=1e-3, method=None):
+                   epsilon=1e-3, method=None, memory=None):
     """Count-weighted moments of the global (or group) batch.
 
     Args:
@@ -211,6 +226,9 @@ def global_moments(x, axes, ctx, mask=None, group_size=None, reference=None,
             taken. `None` means 0.
         epsilon: the layer's epsilon (the precision the output needs).
         method: `"table"`, `"centered"` or `None` (by replica count).
+        memory: optional `MeanMemory`; the centered sums read their
+            reference from it (`reference` where it holds none) and write
+            every group's new mean to it.
 
     Returns:
         A `GlobalMoments` whose fields have `keepdims=True` shape, for this
@@ -226,7 +244,16 @@ def global_moments(x, axes, ctx, mask=None, group_size=None, reference=None,
         method = "table" if replicas <= TABLE_MAX_REPLICAS else "centered"
     if method == "table":
         return _table_moments(x, axes, ctx, mask, k)
-    return _centered_moments(x, axes, ctx, mask, k, reference, epsilon)
+    groups = replicas // k
+    if memory is not None and reference is not None:
+        reference = memory.reference(reference, groups)
+    moments = _centered_moments(x, axes, ctx, mask, k, reference, epsilon)
+    if memory is not None:
+        memory.remember(moments.groups)
+    if groups == 1:
+        # One group: its statistics are the batch statistics.
+        moments = moments._replace(groups=None)
+    return moments
 
 
 def _table_moments(x, axes, ctx, mask, k):
@@ -254,13 +281,16 @@ def _table_moments(x, axes, ctx, mask, k):
     reference = reference[:, 0]
     group = rid // k
     shape = lambda t: tf.reshape(t, stat_shape)
+    groups = None
+    if k < replicas:
+        groups = GroupMoments(reference + delta, variances, total)
     return GlobalMoments(
         shift=shift,
         correction=(shift - shape(reference[group])) - shape(delta[group]),
         mean=shape(reference[group] + delta[group]),
         variance=shape(variances[group]),
         count=shape(total[group]),
-        groups=GroupMoments(reference + delta, variances, total),
+        groups=groups,
     )
 
 
@@ -407,9 +437,8 @@ class MeanMemory:
         value = tf.reshape(value, [groups, channels])
         return tf.where(tf.math.is_nan(value), fallback, value)
 
-    def remember(self, moments):
-        """Keeps each group's mean, for the channels where it held values."""
-        g = moments.groups
+    def remember(self, g):
+        """Keeps each group's mean (`GroupMoments`) where it held values."""
         if g is None or not self._usable(g.mean.shape.num_elements() or -1):
             return
         old = tf.convert_to_tensor(self.variable)

@@ -187,8 +187,9 @@ def test_benchmark_quick_run():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "sync_bn.py"), "--quick"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "P1" in proc.stdout and "P2" in proc.stdout, proc.stdout
+    assert "P5" in proc.stdout and "ResNet50" in proc.stdout, proc.stdout
     assert "ours" in proc.stdout

@@ -54,10 +54,12 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
     normalizes with the mean and variance of the *global* batch: every
     example on every replica, each replica weighted by how many examples it
     holds (uneven and empty per-replica batches are exact). The statistics
-    travel in one all-reduce per call and are combined with the shifted,
-    two-pass formula of `bnconvert.sync_stats`, which stays accurate when a
-    channel's mean is large compared to its spread. Gradients are those of
-    single-device batch normalization on the global batch.
+    travel as in the Keras 3 layer (`bnconvert.sync_stats`: a row table up
+    to 16 replicas, `2C + 1` centered sums above, accurate when a channel's mean
+    is large compared to its spread). Gradients are those of single-device
+    batch normalization on the global batch. Under TF1-style graph
+    execution the moving-statistic assignments are registered with
+    `add_update` (two updates, as tf-keras BN), so `fit` runs them.
 
     Without a strategy, with one replica, or in inference, the layer computes
     what `tf_keras.layers.BatchNormalization` computes; in inference it runs
