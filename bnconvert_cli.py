@@ -307,6 +307,11 @@ def main(debug):
     "an .h5 file). Default: NAME.sync.keras beside the input.",
 )
 @click.option("--dry-run", is_flag=True, help="Convert and verify, print the summary, write no model.")
+@click.option(
+    "--sync-group-size", type=click.IntRange(min=1), default=None, metavar="K",
+    help="Synchronize BN statistics within groups of K consecutive replicas "
+    "instead of all of them (the layers' sync_group_size).",
+)
 @_writes
 @_common
 def to_sync(**options):

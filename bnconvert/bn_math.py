@@ -28,7 +28,7 @@ def batch_moments(x, reduction_axes, weights=None, *, group_size=None,
         reduction_axes: the non-channel axes (non-negative ints).
         weights: optional 0/1 mask broadcastable to `x`.
         group_size: replicas per synchronized group (`None`: all).
-        memory: optional `sync_stats.MeanMemory` holding the last global
+        memory: optional `bn_math.MeanMemory` holding the last global
             mean; read as the reference of the centered sums and updated.
         fallback_reference: the reference where `memory` holds none (the
             moving mean, identical on every replica).
@@ -103,3 +103,80 @@ def normalize(x, moments, gamma, beta, epsilon):
         offset = offset + beta
     shifted = x if moments.shift is None else x - moments.shift
     return shifted * multiplier + offset
+
+
+def moving_targets(moments, unbiased=False):
+    """What the moving statistics blend in: `(mean, variance, populated)`.
+
+    With one group these are the batch statistics. With several, every
+    replica blends in the same values, the average over the groups that
+    hold values of each group's statistics, so that mirrored moving
+    statistics stay identical on every replica (what a sync-on-read `MEAN`
+    variable would report). `unbiased` applies `N / (N - 1)` per group.
+    `populated` is False for channels whose (every) group batch was empty.
+    """
+    g = moments.groups
+    if g is None:
+        count = moments.count
+        variance = moments.variance
+        if unbiased:
+            variance = variance * (count / tf.maximum(count - 1.0, 1.0))
+        return moments.mean, variance, count > 0
+    variances = g.variance
+    if unbiased:
+        variances = variances * (g.count / tf.maximum(g.count - 1.0, 1.0))
+    has = tf.cast(g.count > 0, g.mean.dtype)
+    groups = tf.reduce_sum(has, axis=0)
+    average = lambda t: tf.math.divide_no_nan(tf.reduce_sum(t * has, axis=0), groups)
+    shape = lambda t: tf.reshape(t, tf.shape(moments.mean))
+    return shape(average(g.mean)), shape(average(variances)), shape(groups > 0)
+
+
+class MeanMemory:
+    """Per-replica memory of every group's last mean: the references `r`.
+
+    A sync-on-read variable of `groups * C` values, so that each replica
+    reads and writes its own copy without any traffic (every replica writes
+    the same values, having seen every group's statistics). It is
+    deliberately not a layer weight: it is not saved, and a reloaded layer
+    starts again from its moving mean. Created only under a strategy with
+    several replicas, in cross-replica context; otherwise `reference()`
+    returns the fallback.
+    """
+
+    def __init__(self, channels, group_size=None):
+        self.variable = None
+        strategy = tf.distribute.get_strategy()
+        replicas = strategy.num_replicas_in_sync
+        k = group_size or replicas
+        if replicas > 1 and replicas % k == 0 and tf.distribute.in_cross_replica_context():
+            with tf.init_scope():
+                self.variable = tf.Variable(
+                    tf.fill([replicas // k * channels], float("nan")),
+                    trainable=False,
+                    synchronization=tf.VariableSynchronization.ON_READ,
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                    name="sync_bn_reference",
+                )
+
+    def _usable(self, size):
+        return self.variable is not None and self.variable.shape[0] == size
+
+    def reference(self, fallback, groups):
+        """`[groups, C]`: the remembered means; `fallback` where there is none."""
+        fallback = tf.reshape(fallback, [1, -1])
+        channels = fallback.shape[1]
+        if not self._usable(groups * channels):
+            return fallback
+        value = tf.cast(tf.convert_to_tensor(self.variable), fallback.dtype)
+        value = tf.reshape(value, [groups, channels])
+        return tf.where(tf.math.is_nan(value), fallback, value)
+
+    def remember(self, g):
+        """Keeps each group's mean (`GroupMoments`) where it held values."""
+        if g is None or not self._usable(g.mean.shape.num_elements() or -1):
+            return
+        old = tf.convert_to_tensor(self.variable)
+        mean = tf.cast(tf.reshape(g.mean, [-1]), old.dtype)
+        has = tf.reshape(g.count > 0, [-1])
+        self.variable.assign(tf.where(has, mean, old))

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import warnings
+from types import MappingProxyType
 
 from bnconvert import flavour as flavour_lib
 from bnconvert import fold as fold_lib
@@ -46,6 +47,7 @@ def convert_model(
     fold=True,
     safe_mode=True,
     return_report=False,
+    sync_group_size=None,
 ):
     """Returns a copy of `model` with its normalization layers rewritten.
 
@@ -78,6 +80,11 @@ def convert_model(
         safe_mode: Passed to Keras when `model` is a path: refuse to load
             Python code (`Lambda` layers) stored in the file.
         return_report: If `True`, return `(model, report)`.
+        sync_group_size: With `to="sync"`, synchronize statistics within
+            groups of this many consecutive replicas instead of all of them
+            (set on every layer the rules turn into bnconvert's
+            synchronized layer; a rule file can set it too, with
+            `[rule.config] set = { sync_group_size = 4 }`).
 
     Returns:
         A new `keras.Model`, or `(model, ConversionReport)`.
@@ -89,7 +96,10 @@ def convert_model(
         ModelLoadError: `model` is a path that cannot be loaded.
         VerificationError: The outputs differ by more than `tolerance`.
     """
-    job = prepare(model, to, rules=rules, custom_objects=custom_objects, safe_mode=safe_mode)
+    job = prepare(
+        model, to, rules=rules, custom_objects=custom_objects, safe_mode=safe_mode,
+        sync_group_size=sync_group_size,
+    )
     # A model loaded here from a path is nobody else's: it is rewritten
     # itself. A model given by the caller is copied first.
     done = run_conversion(
@@ -219,7 +229,8 @@ def inspect_model(model, to="sync", *, rules=None, custom_objects=None, safe_mod
     return job.report
 
 
-def prepare(model, to, *, rules=None, custom_objects=None, safe_mode=True):
+def prepare(model, to, *, rules=None, custom_objects=None, safe_mode=True,
+            sync_group_size=None):
     """Resolves a conversion's inputs: the model (loaded if a path), flavour, rules, report."""
     if to not in rules_lib.DIRECTIONS:
         raise ConversionError(
@@ -235,6 +246,8 @@ def prepare(model, to, *, rules=None, custom_objects=None, safe_mode=True):
         rules = [rules]
     flavour = flavour_lib.flavour_of(model)
     ruleset = rules_lib.load_rules(rules, custom_objects=custom_objects, flavour=flavour)
+    if sync_group_size is not None:
+        ruleset = _with_group_size(ruleset, flavour, sync_group_size)
     source = None
     if isinstance(model, (str, os.PathLike)):
         from bnconvert import model_io
@@ -251,6 +264,22 @@ def prepare(model, to, *, rules=None, custom_objects=None, safe_mode=True):
     )
     converter = Converter(flavour, ruleset, to, report, custom_objects)
     return _Job(model, flavour, ruleset, report, converter, loaded=source is not None)
+
+
+def _with_group_size(ruleset, flavour, group_size):
+    """`ruleset` whose rules into bnconvert's synchronized layer also set `sync_group_size`."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ConversionError(
+            "`sync_group_size` must be a positive whole number of replicas. "
+            f"Received: sync_group_size={group_size!r}"
+        )
+    rules = []
+    for rule in ruleset.rules:
+        if issubclass(rule.target_class, flavour.SyncBatchNormalization):
+            settings = MappingProxyType({**rule.config.set, "sync_group_size": group_size})
+            rule = dataclasses.replace(rule, config=dataclasses.replace(rule.config, set=settings))
+        rules.append(rule)
+    return dataclasses.replace(ruleset, rules=tuple(rules))
 
 
 @contextlib.contextmanager

@@ -266,7 +266,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         channels = 1
         for d in dims:
             channels *= d
-        self._memory = sync_stats.MeanMemory(channels, self.sync_group_size)
+        self._memory = bn_math.MeanMemory(channels, self.sync_group_size)
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={a: d for a, d in zip(self._axes, dims)}
         )
@@ -317,7 +317,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         if moments.count is None:
             self._update_moving_statistics(moments.mean, moments.variance)
         else:
-            self._update_moving_statistics(*sync_stats.moving_targets(moments))
+            self._update_moving_statistics(*bn_math.moving_targets(moments))
         outputs = bn_math.normalize(x, moments, gamma, beta, self.epsilon)
         return tf.cast(outputs, self.compute_dtype)
 

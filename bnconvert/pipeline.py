@@ -46,6 +46,7 @@ class Options:
         opset, check, tolerance, atol: ONNX export settings (`check` is
             `False` with `--no-check`; `tolerance` is the check's `rtol`).
         target: `inspect --to`.
+        sync_group_size: `to-sync --sync-group-size`.
     """
 
     command: str
@@ -64,6 +65,7 @@ class Options:
     tolerance: float = 1e-4
     atol: float = 1e-5
     target: str = "sync"
+    sync_group_size: int | None = None
 
 
 @dataclasses.dataclass
@@ -155,7 +157,7 @@ def run(options, progress=None, cancelled=None):
     with progress.step(label):
         job = convert.prepare(
             model, direction, rules=rules, custom_objects=objects,
-            safe_mode=not options.unsafe,
+            safe_mode=not options.unsafe, sync_group_size=options.sync_group_size,
         )
         # The model was loaded here for this run only: it is rewritten itself.
         conversion = convert.run_conversion(job, fold=options.fold, in_place=True)

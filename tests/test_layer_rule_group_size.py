@@ -57,3 +57,41 @@ def test_rule_file_sets_the_group_size(tmp_path):
 def test_without_the_rule_the_group_is_all_replicas():
     converted = bnconvert.convert_model(small_model(), to="sync")
     assert converted.get_layer("bn").sync_group_size is None
+
+
+def test_cli_sets_the_group_size_and_inference_drops_it(tmp_path):
+    from click.testing import CliRunner
+
+    import bnconvert_cli
+
+    model = small_model()
+    model.save(tmp_path / "m.keras")
+    result = CliRunner().invoke(bnconvert_cli.main, [
+        "to-sync", str(tmp_path / "m.keras"), "--sync-group-size", "2"])
+    assert result.exit_code == 0, result.output
+    synced = keras.saving.load_model(tmp_path / "m.sync.keras")
+    assert synced.get_layer("bn").get_config()["sync_group_size"] == 2
+    # Back to inference: a plain BN has no replica groups.
+    result = CliRunner().invoke(bnconvert_cli.main, [
+        "to-inference", str(tmp_path / "m.sync.keras"), "--no-fold",
+        "--keras-out", str(tmp_path / "plain.keras")])
+    assert result.exit_code == 0, result.output
+    plain = keras.saving.load_model(tmp_path / "plain.keras")
+    assert type(plain.get_layer("bn")) is keras.layers.BatchNormalization
+    x = np.random.default_rng(3).normal(size=(2, 6, 6, 3)).astype("float32")
+    np.testing.assert_array_equal(plain(x), model(x))
+
+
+def test_group_size_is_validated_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    import bnconvert_cli
+
+    small_model().save(tmp_path / "m.keras")
+    result = CliRunner().invoke(bnconvert_cli.main, [
+        "to-sync", str(tmp_path / "m.keras"), "--sync-group-size", "0"])
+    assert result.exit_code == 2 and "--sync-group-size" in result.stderr
+    import pytest
+
+    with pytest.raises(bnconvert.errors.ConversionError, match="sync_group_size"):
+        bnconvert.convert_model(small_model(), sync_group_size=-1)

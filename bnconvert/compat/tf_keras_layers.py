@@ -248,7 +248,7 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         channels = 1
         for a in self.axis:
             channels *= int(input_shape[a])
-        self._memory = sync_stats.MeanMemory(channels, self.sync_group_size)
+        self._memory = bn_math.MeanMemory(channels, self.sync_group_size)
 
     def call(self, inputs, training=None, mask=None):
         inputs = tf.cast(inputs, self.compute_dtype)
@@ -352,7 +352,7 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         outputs = bn_math.normalize(x, moments, gamma, beta, self.epsilon)
         # See the module docstring: tf-keras's fused kernel folds in the
         # unbiased variance (and 0 for a single value); renorm never fuses.
-        target_mean, target_variance, populated = sync_stats.moving_targets(
+        target_mean, target_variance, populated = bn_math.moving_targets(
             moments, unbiased=self.fused and not self.renorm
         )
         populated = tf.broadcast_to(populated, tf.shape(mean))
