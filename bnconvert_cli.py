@@ -410,7 +410,7 @@ def to_inference(no_fold, no_check, **options):
         )
     else:
         click.echo(f"onnxruntime check skipped (--no-check), opset {onnx.opset}")
-    if onnx.exporter_note != "tf2onnx fast path":
+    if "failed" in onnx.exporter_note:
         click.echo(f"exporter: {onnx.exporter_note}")
     for written in (result.output, result.keras_out):
         if written is not None:

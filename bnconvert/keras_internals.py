@@ -209,6 +209,25 @@ def freeze_concrete_function(function):
     return convert_variables_to_constants_v2(function)
 
 
+def inline_functions(graph_def, input_names, output_names):
+    """`graph_def` with its function calls inlined by TensorFlow's grappler.
+
+    Keras 3 runs some ops as XLA-compiled functions on CPU (a grouped
+    convolution), which a frozen graph keeps as `StatefulPartitionedCall`
+    nodes that tf2onnx cannot convert. Grappler inlines a function only if
+    it is not marked `_XlaMustCompile`; for export it need not be.
+    """
+    import tensorflow as tf
+    from tf2onnx import tf_loader
+
+    for holder in [*graph_def.node, *graph_def.library.function]:
+        for key in ("_XlaMustCompile", "_noinline"):
+            if key in holder.attr:
+                del holder.attr[key]
+    with tf.Graph().as_default():
+        return tf_loader.tf_optimize_grappler(list(input_names), list(output_names), graph_def)
+
+
 # -- tf-keras --------------------------------------------------------------
 
 

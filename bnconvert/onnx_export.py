@@ -227,6 +227,11 @@ def _convert(model, specs, input_names, output_names, opset):
         renames.update(zip((t.name for t in frozen.outputs), output_names))
         graph_def = frozen.graph.as_graph_def()
         note = "tf2onnx fast path"
+        if any(n.op.endswith("PartitionedCall") for n in graph_def.node):
+            graph_def = internals.inline_functions(
+                graph_def, [t.name for t in frozen.inputs], [t.name for t in frozen.outputs]
+            )
+            note += " (function calls inlined first)"
         start = time.perf_counter()
         try:
             with _tf2onnx_recovery(False):
