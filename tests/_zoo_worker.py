@@ -48,28 +48,6 @@ def _one_line(exc):
     return text[0][:400] if text else type(exc).__name__
 
 
-def _walk(root, layer_class):
-    found, stack, seen = [], [root], set()
-    while stack:
-        item = stack.pop()
-        if isinstance(item, (list, tuple)):
-            stack.extend(item)
-            continue
-        if isinstance(item, dict):
-            stack.extend(item.values())
-            continue
-        if not isinstance(item, layer_class) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        found.append(item)
-        stack.extend(getattr(item, "layers", None) or [])
-        for key, value in vars(item).items():
-            if key.startswith("_") and key != "_layers":
-                continue
-            stack.append(value)
-    return found
-
-
 def main(spec_path):
     with open(spec_path) as f:
         spec = json.load(f)
@@ -97,8 +75,9 @@ def main(spec_path):
     start = time.perf_counter()
     try:
         model = K.models.load_model(spec["model"], compile=False)
-        norm = [l for l in _walk(model, K.layers.Layer)
-                if isinstance(l, K.layers.BatchNormalization)]
+        import zoo_models  # the same walk the test process uses
+
+        norm = zoo_models.batchnorm_layers(model)
         plain = [l for l in norm if not isinstance(l, sync_class)]
         result["reload"] = {
             "class": type(model).__name__,
@@ -124,8 +103,10 @@ def main(spec_path):
         with strategy.scope():
             model = K.models.load_model(spec["model"], compile=False)
             outs = tree.flatten(model.outputs)
-            flat = [K.layers.Flatten()(o) for o in outs]
-            joined = flat[0] if len(flat) == 1 else K.layers.Concatenate()(flat)
+            # Names of our own, so that they cannot collide with the model's
+            # (MobileNetV3Small has a layer called "flatten").
+            flat = [K.layers.Flatten(name=f"zoo_flatten_{i}")(o) for i, o in enumerate(outs)]
+            joined = flat[0] if len(flat) == 1 else K.layers.Concatenate(name="zoo_concat")(flat)
             trainer = K.Model(model.inputs, joined)
             kwargs = {} if spec["flavour"] == "tf_keras" else {"jit_compile": False}
             # jit_compile=False: XLA with MirroredStrategy over logical CPU
