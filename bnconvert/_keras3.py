@@ -20,6 +20,8 @@ class Keras3Flavour(flavour.Flavour):
 
     name = flavour.KERAS3
     label = "Keras 3"
+    records_conversions = True
+    other_prefix = "tf_keras."
     keras = keras
     BatchNormalization = keras.layers.BatchNormalization
     SyncBatchNormalization = SyncBatchNormalization

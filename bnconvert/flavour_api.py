@@ -23,6 +23,10 @@ class Flavour:
             `SyncBatchNormalization` (which is not a BN subclass).
         containers: `None` if custom layers and subclassed models holding
             sublayers can be rewritten, else the reason they cannot.
+        records_conversions: Whether a `.keras` file can record a
+            conversion its model's config cannot hold (`bnconvert.persist`).
+        other_prefix: Class paths under this prefix name the other
+            flavour's classes (rules written for it).
 
     Which file formats each flavour writes is file knowledge, kept (without
     importing TensorFlow) in `bnconvert.formats`.
@@ -31,6 +35,8 @@ class Flavour:
     name = None
     label = None
     containers = None
+    records_conversions = False
+    other_prefix = None
 
     # -- classes and configs ------------------------------------------------
 

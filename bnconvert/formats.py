@@ -33,6 +33,20 @@ OUTPUT_FORMATS = {
     "keras3": {KERAS: (".keras",)},
     "tf_keras": {SAVEDMODEL: (), H5: H5_SUFFIXES},
 }
+# Why an output name fits none of them.
+_WRITTEN_AS = {
+    "keras3": "must end in .keras.",
+    "tf_keras": (
+        "asks for a .keras file, but tf-keras models are written as a SavedModel "
+        "directory or an .h5 file; give a name without an extension or ending in .h5."
+    ),
+}
+# The default output's ending for each flavour and input format: a Keras 3
+# model is always written as .keras, a tf-keras model keeps its format.
+_DEFAULT_ENDING = {
+    ("keras3", KERAS): ".keras", ("keras3", H5): ".keras",
+    ("tf_keras", SAVEDMODEL): "", ("tf_keras", H5): ".h5", ("tf_keras", KERAS): ".h5",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,15 +226,7 @@ def output_format(flavour, path, option="--output"):
             return fmt
     if SAVEDMODEL in OUTPUT_FORMATS[flavour] and not name.endswith(MODEL_SUFFIXES):
         return SAVEDMODEL
-    if flavour == "keras3":
-        raise OutputError(
-            f"Output {path} must end in .keras. Received: {option}={str(path)!r}"
-        )
-    raise OutputError(
-        f"Output {path} asks for a .keras file, but tf-keras models are "
-        "written as a SavedModel directory or an .h5 file; give a name "
-        f"without an extension or ending in .h5. Received: {option}={str(path)!r}"
-    )
+    raise OutputError(f"Output {path} {_WRITTEN_AS[flavour]} Received: {option}={str(path)!r}")
 
 
 def default_output(path, found, tail):
@@ -231,8 +237,4 @@ def default_output(path, found, tail):
     """
     from bnconvert import paths
 
-    if found.flavour == "keras3":
-        return paths.beside(path, tail + ".keras")
-    if found.format == SAVEDMODEL:
-        return paths.beside(path, tail)
-    return paths.beside(path, tail + ".h5")
+    return paths.beside(path, tail + _DEFAULT_ENDING[found.flavour, found.format])

@@ -295,9 +295,9 @@ def _string_table(ctx, rule, table, key):
 
 
 def _foreign(name, flavour):
-    """Whether `name` names a tf-keras class while resolving for Keras 3."""
-    return flavour is not None and flavour.name == flavour_lib.KERAS3 and name.startswith(
-        "tf_keras."
+    """Whether `name` names the other flavour's class (a tf-keras one, for Keras 3)."""
+    return flavour is not None and bool(flavour.other_prefix) and name.startswith(
+        flavour.other_prefix
     )
 
 

@@ -49,7 +49,7 @@ def check_file(path, fmt, flavour, model, conversion, *, name, custom_objects=No
             or gives other outputs.
     """
     want = _classes(model, flavour)
-    recordable = flavour.name == "keras3" and fmt == formats.KERAS
+    recordable = flavour.records_conversions and fmt == formats.KERAS
     try:
         reloaded = _load(path, fmt, flavour, custom_objects, safe_mode, name)
         wrong = _differences(want, _classes(reloaded, flavour))
