@@ -612,15 +612,23 @@ def test_kills_leave_input_intact_and_leftovers_are_cleaned(work, tmp_path):
     before = _digest(work / "k3.keras")
     outs = [work / "m.onnx", work / "f.keras", work / "r.json"]
     interrupted = 0
-    for sig, delay in [(signal.SIGKILL, 3), (signal.SIGKILL, 6),
-                       (signal.SIGINT, 3), (signal.SIGINT, 6)]:
+    command = [script, "to-inference", str(work / "k3.keras"), "-o", str(outs[0]),
+               "--keras-out", str(outs[1]), "--report", str(outs[2]), "--force"]
+    # Signals land at fractions of an undisturbed run's length, so that they
+    # hit a running process on a fast machine and on a loaded one alike.
+    start = time.perf_counter()
+    subprocess.run(command, capture_output=True, env=_env(scratch), cwd=work,
+                   timeout=RUN_S, check=True)
+    whole = time.perf_counter() - start
+    for p in outs:
+        p.unlink()
+    for sig, share in [(signal.SIGKILL, 0.4), (signal.SIGKILL, 0.8),
+                       (signal.SIGINT, 0.4), (signal.SIGINT, 0.8)]:
         proc = subprocess.Popen(
-            [script, "to-inference", str(work / "k3.keras"), "-o", str(outs[0]),
-             "--keras-out", str(outs[1]), "--report", str(outs[2]), "--force"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=_env(scratch), cwd=work,
         )
-        time.sleep(delay)
+        time.sleep(whole * share)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=RUN_S)
         assert _digest(work / "k3.keras") == before
