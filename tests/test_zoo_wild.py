@@ -50,7 +50,9 @@ pytest.importorskip("keras_hub")
 import bnconvert_cli as cli  # noqa: E402
 import zoo_models  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# The reload step runs one model's fresh process (reload and 2 training
+# steps): longer than the suite's 600 s per-test limit allows when loaded.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1000)]
 
 NAMES = list(zoo_models.ZOO)
 STEPS = ("to_sync", "reload", "train", "to_inference")
