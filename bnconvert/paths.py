@@ -154,11 +154,6 @@ def atomic_file(path, *, force=True):
     return outputs.atomic(path, FILE, force=force)
 
 
-def atomic_directory(path, *, force=True):
-    """Like `atomic_file`, for a directory (a SavedModel)."""
-    return outputs.atomic(path, DIRECTORY, force=force)
-
-
 def write_text(path, text, *, force=False, inputs=(), option="--report"):
     """Checks `path`, then writes `text` (UTF-8) to it atomically.
 
