@@ -377,7 +377,10 @@ def inspect_command(as_json, **options):
     "file (a SavedModel directory or .h5 file for tf-keras models).",
 )
 @click.option("--no-fold", is_flag=True, help="Keep every BatchNormalization layer.")
-@click.option("--opset", type=int, default=None, help="ONNX opset. Default: the exporter's (tf2onnx) default.")
+@click.option("--exporter", type=click.Choice(["auto", "native", "tf2onnx"]), default="auto",
+              show_default=True, help="native: Keras layers straight to ONNX; tf2onnx: "
+              "through the TensorFlow graph; auto: native, else tf2onnx (said why).")
+@click.option("--opset", type=int, default=None, help="ONNX opset. Default: the exporter's (native: 17).")
 @click.option("--no-check", is_flag=True, help="Do not run the ONNX model in onnxruntime.")
 @click.option(
     "--tolerance", type=float, default=1e-4, show_default=True, callback=_tolerance,
@@ -410,8 +413,8 @@ def to_inference(no_fold, no_check, **options):
         )
     else:
         click.echo(f"onnxruntime check skipped (--no-check), opset {onnx.opset}")
-    if "failed" in onnx.exporter_note:
-        click.echo(f"exporter: {onnx.exporter_note}")
+    note = f" ({onnx.exporter_note})" if onnx.exporter_note else ""
+    click.echo(f"exporter: {onnx.exporter}{note}, {onnx.seconds:.1f} s")
     for written in (result.output, result.keras_out):
         if written is not None:
             click.echo(f"Wrote {written}")

@@ -37,6 +37,8 @@ class TFKerasFlavour(flavour.Flavour):
     name = flavour.TF_KERAS
     label = "tf-keras"
     keras = tf_keras
+    # tf-keras keeps the old slope; Keras 3 uses relu6(x + 3) / 6.
+    hard_sigmoid = (0.2, 0.5)
     BatchNormalization = tf_keras.layers.BatchNormalization
     SyncBatchNormalization = SyncBatchNormalization
     InputLayer = tf_keras.layers.InputLayer

@@ -27,6 +27,8 @@ class Flavour:
             conversion its model's config cannot hold (`bnconvert.persist`).
         other_prefix: Class paths under this prefix name the other
             flavour's classes (rules written for it).
+        hard_sigmoid: `(alpha, beta)` of the flavour's `hard_sigmoid`
+            activation, `max(0, min(1, alpha * x + beta))` (for ONNX).
 
     Which file formats each flavour writes is file knowledge, kept (without
     importing TensorFlow) in `bnconvert.formats`.
@@ -37,6 +39,7 @@ class Flavour:
     containers = None
     records_conversions = False
     other_prefix = None
+    hard_sigmoid = (1.0 / 6.0, 0.5)
 
     # -- classes and configs ------------------------------------------------
 

@@ -146,17 +146,24 @@ class GraphNode:
         is_input: Whether the node is an InputLayer's.
         input_tensors: The symbolic tensors passed in.
         kwargs: The keyword arguments of the call (`training`, ...).
+        args: The positional arguments of the call, tensors in place.
+        outputs: The symbolic tensors the call produced, flat.
     """
 
     layer: object
     is_input: bool
     input_tensors: tuple
     kwargs: dict
+    args: tuple = ()
+    outputs: tuple = ()
 
 
 def graph_nodes(model):
     """The nodes of a Functional model, inputs first (`_nodes_by_depth`)."""
-    by_depth = model._nodes_by_depth
+    # A Keras 3 Sequential keeps its graph in a Functional it builds.
+    by_depth = getattr(model, "_nodes_by_depth", None)
+    if by_depth is None:
+        by_depth = model._functional._nodes_by_depth
     nodes = []
     for depth in sorted(by_depth, reverse=True):
         for node in by_depth[depth]:
@@ -168,9 +175,10 @@ def graph_nodes(model):
             kwargs = arguments.kwargs if arguments is not None else getattr(
                 node, "call_kwargs", {}
             )
+            args = arguments.args if arguments is not None else getattr(node, "call_args", ())
             nodes.append(GraphNode(
                 layer, bool(node.is_input), tuple(_flat(node.input_tensors)),
-                dict(kwargs or {}),
+                dict(kwargs or {}), tuple(args or ()), tuple(_flat(node.outputs)),
             ))
     return nodes
 

@@ -1,13 +1,21 @@
 """Export a Keras model to ONNX and check it in onnxruntime.
 
-The model's inference function is traced once as a `tf.function` whose
-signature has a `None` batch dimension, frozen (variables and captured
-tensors become constants) and converted by `tf2onnx.convert.from_graph_def`;
-inputs carry the Keras input layer names and outputs the names of the
-Keras layers that produce them, in the Keras order. TensorFlow ops that
-tf2onnx leaves unconverted are named in one line. The serialized model is
-run in onnxruntime against the Keras model from memory, and written (to a
-temporary name, renamed into place) only when the outputs agree.
+Two exporters write the graph:
+
+- **native** (`bnconvert.onnx_native`): Keras layers and ops straight to
+  ONNX nodes, in about a second for ResNet50;
+- **tf2onnx** (`bnconvert.onnx_tf2onnx`): trace, freeze and convert the
+  TensorFlow graph; slower, but it covers whatever TensorFlow can run.
+
+`auto` (the default) takes the native exporter and falls back to tf2onnx
+when the model holds a layer the native one does not cover, or when its
+graph does not pass the check; the result says which path was taken and
+why. Whichever writes it, the serialized model is run in onnxruntime
+against the Keras model from memory (the gate), and written (to a
+temporary name, renamed into place) only when the outputs agree. Inputs
+carry the Keras input layer names and outputs the names of the Keras
+layers that produce them, in the Keras order, with a dynamic batch
+dimension.
 """
 
 import contextlib
@@ -17,10 +25,7 @@ import logging
 import os
 import time
 
-import keras
 import numpy as np
-import onnx
-import tensorflow as tf
 
 from bnconvert import keras_internals as internals
 from bnconvert import paths
@@ -29,6 +34,10 @@ from bnconvert.errors import ConversionError
 from bnconvert.errors import first_line
 from bnconvert.errors import OutputError
 from bnconvert.errors import VerificationError
+
+AUTO, NATIVE, TF2ONNX = "auto", "native", "tf2onnx"
+EXPORTERS = (AUTO, NATIVE, TF2ONNX)
+NATIVE_OPSETS = range(13, 22)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +55,12 @@ class OnnxExportResult:
         max_rel_diff: Largest `max_abs_diff` of an output divided by the
             largest |Keras output| of that output (None when not checked).
         tolerance: The `rtol` of the per-element check.
-        atol: Its absolute term.
         batches: Number of input batches the check ran on.
-        exporter_note: How tf2onnx ran: its fast path, or a retry with its
-            error recovery on (and what that cost).
+        atol: Its absolute term.
+        exporter: The exporter that wrote the file: `"native"` or `"tf2onnx"`.
+        exporter_note: Why that one, and how it ran (for tf2onnx: its fast
+            path, or a retry with its error recovery on, and what that cost).
+        seconds: Time spent writing the graph (not checking it).
     """
 
     path: str
@@ -62,7 +73,9 @@ class OnnxExportResult:
     tolerance: float
     batches: int
     atol: float = verify.ATOL
+    exporter: str = NATIVE
     exporter_note: str = ""
+    seconds: float = 0.0
 
     def to_dict(self):
         """The result as a JSON-ready dict."""
@@ -73,7 +86,7 @@ class OnnxExportResult:
 
 
 def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
-                atol=verify.ATOL, inputs=None, check=True):
+                atol=verify.ATOL, inputs=None, check=True, exporter=AUTO):
     """Write `model` as ONNX and check it against Keras in onnxruntime.
 
     The ONNX graph has a dynamic batch dimension and the Keras input and
@@ -85,15 +98,16 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
     replaced only on success.
 
     Args:
-        model: A built `keras.Model`.
+        model: A built `keras.Model` (Keras 3 or tf-keras).
         path: Where to write the `.onnx` file; its directory must exist.
-        opset: ONNX opset; None picks tf2onnx's default.
+        opset: ONNX opset; None picks the exporter's default (native: 17).
         tolerance: `rtol` of the per-element check (see above).
         atol: Its absolute term.
         inputs: Extra check inputs: an array, a list of arrays (one per
             model input), a dict input-name -> array, a `.npy` path, or a
             list of `.npy` paths (one per model input).
         check: Run the onnxruntime check; False only writes the file.
+        exporter: `"auto"` (native, else tf2onnx), `"native"` or `"tf2onnx"`.
 
     Returns:
         An `OnnxExportResult`.
@@ -102,7 +116,8 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
         OutputError: The directory of `path` does not exist or is not
             writable.
         ConversionError: The exporter cannot produce the graph (for
-            example an unsupported opset).
+            example an unsupported opset, or with `exporter="native"` a
+            layer it does not cover, named).
         VerificationError: onnxruntime disagrees with Keras beyond
             `tolerance`, or `inputs` do not fit the model.
     """
@@ -113,19 +128,31 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
             "The output directory does not exist; create it or choose another "
             f"path. Received: path={path!r}"
         )
-    opset = check_opset(opset)
-    input_names, specs = _input_specs(model)
+    opset = check_opset(opset, exporter)
+    input_names = _input_names(model)
     output_names = _output_names(model)
     extra = _user_batches(model, input_names, inputs)
-
     batches = [verify.sample_inputs(model)[0]] + extra
-    diffs = (None, None)
-    proto, note = _convert(model, specs, input_names, output_names, opset)
-    # Serialized and checked in memory: the file appears only once it is
-    # known good, written in one go.
-    data = proto.SerializeToString()
-    if check:
-        diffs = _compare(model, data, input_names, output_names, batches, tolerance, atol)
+
+    def checked(data):
+        if not check:
+            return (None, None)
+        return _compare(model, data, input_names, output_names, batches, tolerance, atol)
+
+    written = None
+    why = ""
+    if exporter == NATIVE or (exporter == AUTO and opset in (None, *NATIVE_OPSETS)):
+        try:
+            written = _native(model, input_names, output_names, opset, checked)
+        except _NativeFailed as e:
+            if exporter == NATIVE:
+                raise e.error from None
+            why = f"the native exporter {e.reason}"
+    elif exporter == AUTO:
+        why = f"opset {opset} is outside the native exporter's range"
+    if written is None:
+        written = _with_tf2onnx(model, input_names, output_names, opset, checked, why)
+    data, diffs, name, note, seconds, proto_opset = written
     try:
         with paths.atomic_file(path) as tmp:
             tmp.write_bytes(data)
@@ -135,7 +162,7 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
         ) from None
     return OnnxExportResult(
         path=path,
-        opset=_proto_opset(proto),
+        opset=proto_opset,
         input_names=tuple(input_names),
         output_names=tuple(output_names),
         checked=bool(check),
@@ -144,44 +171,127 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
         tolerance=tolerance,
         atol=atol,
         batches=len(batches) if check else 0,
+        exporter=name,
         exporter_note=note,
+        seconds=seconds,
     )
 
 
-def supported_opsets():
-    """The opsets this exporter can write: `range` of tf2onnx's table."""
-    from tf2onnx import constants
+class _NativeFailed(Exception):
+    def __init__(self, reason, error):
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
 
-    known = sorted(constants.OPSET_TO_IR_VERSION)
-    return range(known[0], known[-1] + 1)
+
+def _native(model, input_names, output_names, opset, checked):
+    """The native export, serialized and checked: `_Written` fields."""
+    from bnconvert import flavour as flavour_lib
+    from bnconvert import onnx_native
+    from bnconvert.onnx_graph import Uncovered
+    from bnconvert.onnx_graph import describe
+
+    start = time.perf_counter()
+    try:
+        with quiet_tensorflow():
+            proto = onnx_native.emit(
+                model, flavour_lib.flavour_of(model), input_names, output_names, opset
+            )
+    except Uncovered as e:
+        raise _NativeFailed(f"does not cover {describe(e.layers)}", ConversionError(
+            f"The native ONNX exporter does not cover these layers of model "
+            f"'{model.name}': {describe(e.layers)}; use the tf2onnx (or auto) exporter."
+        )) from None
+    data = proto.SerializeToString()
+    seconds = time.perf_counter() - start
+    try:
+        diffs = checked(data)
+    except (ConversionError, VerificationError) as e:
+        raise _NativeFailed(f"wrote a graph that failed the check ({first_line(e, 160)})", e) from None
+    return data, diffs, NATIVE, "", seconds, _proto_opset(proto)
 
 
-def check_opset(opset):
-    """Returns `opset` if the exporter can write it; raises `ConversionError` if not."""
+def _with_tf2onnx(model, input_names, output_names, opset, checked, why):
+    from bnconvert import onnx_tf2onnx
+
+    start = time.perf_counter()
+    with quiet_tensorflow():
+        proto, how = onnx_tf2onnx.convert(model, input_names, output_names, opset)
+    data = proto.SerializeToString()
+    seconds = time.perf_counter() - start
+    diffs = checked(data)
+    note = f"{why}; {how}" if why else how
+    return data, diffs, TF2ONNX, note, seconds, _proto_opset(proto)
+
+
+@contextlib.contextmanager
+def quiet_tensorflow():
+    """Keeps exporter chatter (tf2onnx progress, TensorFlow retracing notices) off stderr.
+
+    The user's stderr carries bnconvert's own lines only.
+    """
+    loggers = [logging.getLogger(name) for name in ("tf2onnx", "tensorflow")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def supported_opsets(exporter=AUTO):
+    """The opsets `exporter` can write, as a `range`.
+
+    `auto` accepts what either exporter writes: an opset outside the
+    native exporter's range goes to tf2onnx.
+    """
+    from bnconvert import onnx_tf2onnx
+
+    if exporter == NATIVE:
+        return NATIVE_OPSETS
+    tf2onnx_range = onnx_tf2onnx.supported_opsets()
+    if exporter == TF2ONNX:
+        return tf2onnx_range
+    low = min(tf2onnx_range.start, NATIVE_OPSETS.start)
+    return range(low, max(tf2onnx_range.stop, NATIVE_OPSETS.stop))
+
+
+def check_exporter(exporter):
+    """Returns `exporter` if it names an exporter; raises `ConversionError` if not."""
+    if exporter not in EXPORTERS:
+        raise ConversionError(
+            f"Unknown ONNX exporter; use one of {', '.join(EXPORTERS)}. "
+            f"Received: exporter={exporter!r}"
+        )
+    return exporter
+
+
+def check_opset(opset, exporter=AUTO):
+    """Returns `opset` if `exporter` can write it; raises `ConversionError` if not."""
+    check_exporter(exporter)
     if opset is None:
         return None
-    allowed = supported_opsets()
+    allowed = supported_opsets(exporter)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in allowed:
+        who = {AUTO: "The ONNX exporters", NATIVE: "The native ONNX exporter",
+               TF2ONNX: "The ONNX exporter tf2onnx"}[exporter]
         raise ConversionError(
-            f"The ONNX exporter (tf2onnx) cannot write opset {opset}; use one from "
+            f"{who} cannot write opset {opset}; use one from "
             f"{allowed.start} to {allowed.stop - 1}. Received: opset={opset!r}"
         )
     return opset
 
 
-def _input_specs(model):
+def _input_names(model):
     if not model.inputs:
         raise ConversionError(
             f"Model '{model.name}' has no defined inputs; build it on a keras.Input "
             "before exporting."
         )
-    names, specs = [], []
-    for tensor in model.inputs:
-        name = internals.producing_layer(tensor).name
-        names.append(name)
-        shape = (None,) + tuple(tensor.shape[1:])
-        specs.append(tf.TensorSpec(shape, tf.as_dtype(tensor.dtype), name=name))
-    return names, specs
+    return [internals.producing_layer(t).name for t in model.inputs]
 
 
 def _output_names(model):
@@ -194,141 +304,6 @@ def _output_names(model):
             i += 1
         names.append(name)
     return names
-
-
-def _convert(model, specs, input_names, output_names, opset):
-    """The ONNX model proto, and a note on how tf2onnx got there.
-
-    tf2onnx copies the whole graph before each optimizer pass so that it can
-    roll back a pass that raises; for ResNet50 that is half of the export.
-    The fast path turns those copies off; a graph on which it fails is
-    exported again with tf2onnx's recovery on, which is what plain tf2onnx
-    does.
-    """
-    structure = model.input
-
-    def serve(*args):
-        args = keras.tree.pack_sequence_as(structure, list(args))
-        return tuple(keras.tree.flatten(model(args, training=False)))
-
-    fn = tf.function(serve, input_signature=specs, autograph=False)
-    with _quiet_tf2onnx():
-        # Freezing here, rather than in `from_function`, also turns the
-        # eager tensors a layer keeps outside variables (Normalization's
-        # mean and variance) into constants; `from_function` would make
-        # each of them an extra graph input.
-        try:
-            frozen = internals.freeze_concrete_function(fn.get_concrete_function())
-        except Exception as e:  # noqa: BLE001 - TensorFlow raises many kinds
-            raise ConversionError(
-                f"Cannot trace model '{model.name}' for the ONNX export: {first_line(e)}"
-            ) from e
-        renames = dict(zip((t.name for t in frozen.inputs), input_names))
-        renames.update(zip((t.name for t in frozen.outputs), output_names))
-        graph_def = frozen.graph.as_graph_def()
-        note = "tf2onnx fast path"
-        if any(n.op.endswith("PartitionedCall") for n in graph_def.node):
-            graph_def = internals.inline_functions(
-                graph_def, [t.name for t in frozen.inputs], [t.name for t in frozen.outputs]
-            )
-            note += " (function calls inlined first)"
-        start = time.perf_counter()
-        try:
-            with _tf2onnx_recovery(False):
-                proto = _tf2onnx(graph_def, frozen, model, renames, opset)
-        except Exception as fast_error:  # noqa: BLE001 - tf2onnx raises many kinds
-            retry = time.perf_counter()
-            try:
-                with _tf2onnx_recovery(True):
-                    proto = _tf2onnx(graph_def, frozen, model, renames, opset)
-            except Exception as e:  # noqa: BLE001
-                raise ConversionError(
-                    f"The ONNX exporter (tf2onnx) failed on model '{model.name}': "
-                    f"{first_line(e)}. Received: opset={opset}"
-                ) from e
-            note = (
-                f"tf2onnx fast path failed ({first_line(fast_error, 80)}); exported with "
-                f"tf2onnx's error recovery, {time.perf_counter() - retry:.1f} s after "
-                f"{retry - start:.1f} s on the fast path"
-            )
-    unconverted = sorted({
-        n.op_type for n in proto.graph.node
-        if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)
-    } | {n.op_type for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
-    if unconverted:
-        raise ConversionError(
-            f"The ONNX exporter (tf2onnx) cannot convert these TensorFlow ops of model "
-            f"'{model.name}': {', '.join(unconverted)}; replace the layers that use "
-            f"them, or try another opset. Received: opset={opset}"
-        )
-    _name_outputs_in_keras_order(proto, output_names)
-    return proto, note
-
-
-def _tf2onnx(graph_def, frozen, model, renames, opset):
-    import tf2onnx
-
-    proto, _ = tf2onnx.convert.from_graph_def(
-        graph_def,
-        name=model.name,
-        input_names=[t.name for t in frozen.inputs],
-        output_names=[t.name for t in frozen.outputs],
-        opset=opset,
-        tensors_to_rename=renames,
-    )
-    return proto
-
-
-def _name_outputs_in_keras_order(proto, output_names):
-    """Order graph outputs like the Keras model's and name the batch dim."""
-    by_name = {o.name: o for o in proto.graph.output}
-    ordered = [by_name[n] for n in output_names]
-    copies = [type(o)() for o in ordered]
-    for copy, original in zip(copies, ordered):
-        copy.CopyFrom(original)
-    del proto.graph.output[:]
-    proto.graph.output.extend(copies)
-    for value in list(proto.graph.input) + list(proto.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) and not dims[0].HasField("dim_value"):
-            dims[0].dim_param = "batch"
-
-
-@contextlib.contextmanager
-def _tf2onnx_recovery(on):
-    """tf2onnx's switch for its per-pass graph copies (`TF2ONNX_CATCH_ERRORS`).
-
-    tf2onnx 1.17 compares the variable's *name*, not its value, with "TRUE":
-    recovery is off whenever the variable is set at all, and on only when
-    it is absent.
-    """
-    key = "TF2ONNX_CATCH_ERRORS"
-    old = os.environ.pop(key, None)
-    if not on:
-        os.environ[key] = "FALSE"
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
-        if old is not None:
-            os.environ[key] = old
-
-
-@contextlib.contextmanager
-def _quiet_tf2onnx():
-    # tf2onnx logs progress, rewriter exceptions it recovers from (with
-    # tracebacks) and TensorFlow deprecation notices; none concerns the
-    # user, whose stderr carries bnconvert's own lines only.
-    loggers = [logging.getLogger(name) for name in ("tf2onnx", "tensorflow")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL + 1)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def _proto_opset(proto):

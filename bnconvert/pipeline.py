@@ -43,8 +43,9 @@ class Options:
         custom_objects: `--custom-objects` modules or `.py` files.
         dry_run, force, unsafe: The flags of the same names.
         fold: `False` with `--no-fold`.
-        opset, check, tolerance, atol: ONNX export settings (`check` is
-            `False` with `--no-check`; `tolerance` is the check's `rtol`).
+        opset, check, tolerance, atol, exporter: ONNX export settings
+            (`check` is `False` with `--no-check`; `tolerance` is the
+            check's `rtol`; `exporter` is `auto`, `native` or `tf2onnx`).
         target: `inspect --to`.
         sync_group_size: `to-sync --sync-group-size`.
     """
@@ -64,6 +65,7 @@ class Options:
     check: bool = True
     tolerance: float = 1e-4
     atol: float = 1e-5
+    exporter: str = "auto"
     target: str = "sync"
     sync_group_size: int | None = None
 
@@ -137,7 +139,7 @@ def run(options, progress=None, cancelled=None):
     if options.command == "to-inference":
         from bnconvert import onnx_export
 
-        onnx_export.check_opset(options.opset)
+        onnx_export.check_opset(options.opset, options.exporter)
 
     from bnconvert import convert
     from bnconvert import model_io
@@ -231,7 +233,7 @@ def _write_onnx(staged, model, out, options, progress):
     with progress.step(step):
         onnx = onnx_export.export_onnx(
             model, tmp, opset=options.opset, tolerance=options.tolerance,
-            atol=options.atol, check=options.check,
+            atol=options.atol, check=options.check, exporter=options.exporter,
         )
     return dataclasses.replace(onnx, path=str(out))
 

@@ -127,12 +127,20 @@ def test_missing_output_directory(tmp_path):
     assert not path.parent.exists()
 
 
-@pytest.mark.parametrize("opset", [0, 19, 99])
-def test_unsupported_opset_is_one_clear_error(tmp_path, opset):
+@pytest.mark.parametrize("opset, exporter", [
+    (0, "auto"), (99, "auto"), (19, "tf2onnx"), (22, "native"), (12, "native"),
+])
+def test_unsupported_opset_is_one_clear_error(tmp_path, opset, exporter):
     with pytest.raises(ConversionError) as info:
-        export_onnx(small_cnn(), tmp_path / "m.onnx", opset=opset)
+        export_onnx(small_cnn(), tmp_path / "m.onnx", opset=opset, exporter=exporter)
     assert "opset" in str(info.value) and "\n" not in str(info.value)
     assert not list(tmp_path.iterdir())
+
+
+def test_auto_takes_tf2onnx_for_an_opset_native_cannot_write(tmp_path):
+    result = export_onnx(small_cnn(), tmp_path / "m.onnx", opset=11)
+    assert (result.exporter, result.opset) == ("tf2onnx", 11)
+    assert "opset 11 is outside the native exporter's range" in result.exporter_note
 
 
 def test_explicit_opset_is_written(tmp_path):
@@ -189,7 +197,7 @@ def test_graph_needing_tf2onnx_recovery_exports(tmp_path, capfd):
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.Rescaling(1 / 6, offset=0.5)(x)
     model = keras.Model(inputs, keras.layers.Conv2D(2, 3)(x))
-    result = export_onnx(model, tmp_path / "m.onnx")
+    result = export_onnx(model, tmp_path / "m.onnx", exporter="tf2onnx")
     assert result.checked and result.max_abs_diff <= 1e-5
     assert "error recovery" in result.exporter_note
     err = capfd.readouterr().err
@@ -200,19 +208,23 @@ def test_ops_tf2onnx_cannot_convert_are_named_in_one_line(tmp_path, capfd):
     inputs = keras.Input((8,))
     model = keras.Model(inputs, keras.layers.Dense(4, activation="gelu")(inputs))
     with pytest.raises(ConversionError) as e:
-        export_onnx(model, tmp_path / "m.onnx")
+        export_onnx(model, tmp_path / "m.onnx", exporter="tf2onnx")
     message = str(e.value)
     # Exact GELU uses erfc, which tf2onnx has no conversion for.
     assert "\n" not in message and "cannot convert" in message and "Erfc" in message
     assert list(tmp_path.iterdir()) == []
     assert "tf2onnx" not in capfd.readouterr().err
+    # The native exporter writes it (Erf), and auto takes that path.
+    result = export_onnx(model, tmp_path / "m.onnx")
+    assert result.exporter == "native" and result.max_abs_diff <= 1e-5
 
 
 @pytest.mark.parametrize("layer", [
     lambda: keras.layers.Conv2D(6, 3, groups=3, name="grouped"),
     lambda: keras.layers.DepthwiseConv2D(3, name="depthwise"),
 ], ids=["grouped", "depthwise"])
-def test_xla_wrapped_convolutions_are_inlined_and_export(tmp_path, layer):
+@pytest.mark.parametrize("exporter", ["tf2onnx", "native"])
+def test_xla_wrapped_convolutions_are_inlined_and_export(tmp_path, layer, exporter):
     # Keras runs a grouped convolution on CPU as an XLA-compiled function,
     # which a frozen graph keeps as a call tf2onnx cannot convert.
     inputs = keras.Input((8, 8, 6))
@@ -222,8 +234,8 @@ def test_xla_wrapped_convolutions_are_inlined_and_export(tmp_path, layer):
     for variable in model.weights:
         variable.assign(np.random.default_rng(0).uniform(0.5, 1.5, variable.shape).astype("float32"))
     folded = convert_model(model, to="inference")
-    result = export_onnx(folded, tmp_path / "m.onnx")
-    assert result.checked and result.max_abs_diff <= 1e-5
+    result = export_onnx(folded, tmp_path / "m.onnx", exporter=exporter)
+    assert result.checked and result.max_abs_diff <= 1e-5 and result.exporter == exporter
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).normal(size=(3, 8, 8, 6)).astype("float32")
     (got,) = session.run(None, {session.get_inputs()[0].name: x})

@@ -1,0 +1,227 @@
+"""An ONNX graph under construction, with tensor layouts tracked per value.
+
+Keras image tensors are channels-last (`NHWC`); ONNX convolutions and
+pooling want channels-first (`NCHW`). Rather than transposing around every
+layer, each `Value` records how its data are laid out: `perm[i]` is the Keras
+axis held by physical axis `i` (the identity is the Keras layout). A layer
+that needs channels first asks for that layout (`Graph.layout`), which costs
+a `Transpose` only the first time a given value is asked for a given
+layout; elementwise layers keep whatever layout their inputs have. A plain
+CNN therefore pays one layout change after each input and one before each
+output, and its whole body runs in `NCHW`.
+
+The graph writes weights as initializers once (`Graph.constant`) and names
+every node and tensor uniquely after the Keras layer it comes from.
+"""
+
+import dataclasses
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx import numpy_helper
+
+FLOAT = onnx.TensorProto.FLOAT
+
+
+class Uncovered(Exception):
+    """A layer or op the native exporter has no ONNX mapping for.
+
+    Attributes:
+        layers: `(name, class name, reason)` triples, one per uncovered layer.
+    """
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        super().__init__(describe(self.layers))
+
+
+def describe(layers, limit=4):
+    """`layers` (from `Uncovered`) as one short phrase."""
+    shown = [f"'{name}' ({cls}{': ' + why if why else ''})" for name, cls, why in layers[:limit]]
+    more = len(layers) - limit
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Value:
+    """A tensor of the ONNX graph as the Keras model sees it.
+
+    Attributes:
+        name: The ONNX tensor name.
+        shape: The Keras shape (`None` for unknown dimensions).
+        perm: Physical axis `i` holds Keras axis `perm[i]`.
+    """
+
+    name: str
+    shape: tuple
+    perm: tuple
+
+    @property
+    def rank(self):
+        return len(self.shape)
+
+    def physical(self, keras_axis):
+        """The physical position of a Keras axis (negative axes allowed)."""
+        return self.perm.index(keras_axis % self.rank)
+
+
+def identity(rank):
+    """The Keras layout of a rank-`rank` tensor."""
+    return tuple(range(rank))
+
+
+def channels_first(rank):
+    """`(0, rank-1, 1, ..., rank-2)`: Keras channels-last data stored as `NC...`."""
+    return (0, rank - 1) + tuple(range(1, rank - 1)) if rank > 2 else identity(rank)
+
+
+class Graph:
+    """Nodes, initializers and layouts of the graph being emitted.
+
+    Args:
+        opset: The ONNX opset of the default domain.
+    """
+
+    def __init__(self, opset):
+        self.opset = opset
+        self.nodes = []
+        self.initializers = []
+        self._names = set()
+        self._layouts = {}
+        self._scalars = {}
+        # `(alpha, beta)` of the hard sigmoid (`Flavour.hard_sigmoid`).
+        self.hard_sigmoid = (1.0 / 6.0, 0.5)
+
+    def unique(self, base):
+        """A tensor or node name not used yet, derived from `base`."""
+        name, i = base, 1
+        while name in self._names:
+            name = f"{base}_{i}"
+            i += 1
+        self._names.add(name)
+        return name
+
+    def reserve(self, name):
+        """Claims `name` exactly (graph input and output names)."""
+        if name in self._names:
+            raise ValueError(f"ONNX tensor name {name!r} is used twice")
+        self._names.add(name)
+        return name
+
+    def constant(self, array, base, dtype=np.float32):
+        """An initializer holding `array`; returns its name."""
+        name = self.unique(base)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
+        return name
+
+    def scalar(self, value, dtype=np.float32):
+        """A shared scalar initializer."""
+        key = (float(value), np.dtype(dtype).str)
+        if key not in self._scalars:
+            self._scalars[key] = self.constant(np.array(value, dtype), "const", dtype)
+        return self._scalars[key]
+
+    def ints(self, values, base="shape"):
+        """An int64 initializer (shapes, axes, pads)."""
+        return self.constant(np.asarray(values, np.int64), base, np.int64)
+
+    def node(self, op_type, inputs, base, outputs=1, output_names=None, **attrs):
+        """Adds one node; returns the name of its output (a list if several)."""
+        names = output_names or [self.unique(base if outputs == 1 else f"{base}_{i}")
+                                 for i in range(outputs)]
+        self.nodes.append(helper.make_node(
+            op_type, list(inputs), names, name=self.unique(f"{base}/{op_type}"),
+            **{k: v for k, v in attrs.items() if v is not None},
+        ))
+        return names[0] if outputs == 1 else names
+
+    def value(self, name, shape, perm=None):
+        """A `Value` for an emitted tensor."""
+        shape = tuple(shape)
+        return Value(name, shape, tuple(perm) if perm is not None else identity(len(shape)))
+
+    def layout(self, value, perm):
+        """`value`'s data in layout `perm`: a cached `Transpose` when it differs."""
+        perm = tuple(perm)
+        if value.perm == perm:
+            return value
+        key = (value.name, value.perm, perm)
+        if key not in self._layouts:
+            order = [value.perm.index(axis) for axis in perm]
+            name = self.node("Transpose", [value.name], f"{value.name}/layout", perm=order)
+            self._layouts[key] = Value(name, value.shape, perm)
+        return self._layouts[key]
+
+    def keras(self, value):
+        """`value` in the Keras layout."""
+        return self.layout(value, identity(value.rank))
+
+    def channels_first(self, value):
+        """`value` with its last Keras axis stored second (`NC...`)."""
+        return self.layout(value, channels_first(value.rank))
+
+    def broadcast_constant(self, array, value, base):
+        """A constant that broadcasts against `value` as `array` does in Keras.
+
+        `array` is right-aligned against `value`'s Keras shape (NumPy
+        broadcasting) and then laid out as `value` is.
+        """
+        array = np.asarray(array, np.float32)
+        if array.ndim == 0:
+            return self.constant(array, base)
+        if array.ndim > value.rank:
+            raise ValueError("constant of higher rank than the tensor")
+        full = array.reshape((1,) * (value.rank - array.ndim) + array.shape)
+        return self.constant(np.transpose(full, value.perm), base)
+
+    def reduce(self, op_type, value_name, axes, keepdims, base):
+        """A Reduce* node; axes are an attribute before opset 18 (13 for ReduceSum)."""
+        axes = [int(a) for a in axes]
+        as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if as_input:
+            return self.node(op_type, [value_name, self.ints(axes, "axes")], base,
+                             keepdims=int(keepdims))
+        return self.node(op_type, [value_name], base, axes=axes, keepdims=int(keepdims))
+
+    def model(self, name, inputs, outputs, producer):
+        """The `onnx.ModelProto`: `inputs`/`outputs` are `(name, shape)` pairs."""
+        def info(name, shape):
+            dims = ["batch" if i == 0 and d is None else d for i, d in enumerate(shape)]
+            return helper.make_tensor_value_info(name, FLOAT, dims)
+
+        graph = helper.make_graph(
+            self.nodes, name, [info(*i) for i in inputs], [info(*o) for o in outputs],
+            initializer=self.initializers,
+        )
+        opsets = [helper.make_opsetid("", self.opset)]
+        return helper.make_model(
+            graph, opset_imports=opsets, producer_name=producer,
+            ir_version=helper.find_min_ir_version_for(opsets),
+        )
+
+
+@dataclasses.dataclass
+class Call:
+    """One call of a layer or op, with its tensors already emitted.
+
+    Attributes:
+        layer: The Keras layer or op.
+        inputs: The input `Value`s, flat, in call order.
+        args: The positional arguments with `Value`s for tensors.
+        kwargs: The keyword arguments, likewise.
+        shapes: The Keras shapes of the call's outputs, flat.
+        base: A name prefix for the nodes emitted.
+    """
+
+    layer: object
+    inputs: list
+    args: tuple
+    kwargs: dict
+    shapes: list
+    base: str
+
+    def out(self, name, perm=None, index=0):
+        """The `Value` of output `index`, emitted as `name` in layout `perm`."""
+        shape = tuple(self.shapes[index])
+        return Value(name, shape, tuple(perm) if perm is not None else identity(len(shape)))

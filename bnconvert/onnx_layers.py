@@ -1,0 +1,303 @@
+"""Keras layers with weights as ONNX nodes: convolutions, Dense, normalizations.
+
+Every emitter takes the `Graph` and a `Call` and returns the output `Value`s.
+Convolutions run channels first: a channels-last input is asked for in the
+`NC...` layout (one cached `Transpose` per tensor, see `onnx_graph`) and the
+output stays in it. Keras kernels are `(*window, in, out)`; ONNX wants
+`(out, in, *window)`, and the transposition happens once, on the weights.
+
+"same" padding is TensorFlow's: the total padding of an axis is split with
+the odd element at the end. With a known spatial size it becomes explicit
+pads; otherwise `auto_pad="SAME_UPPER"`, which is the same rule.
+"""
+
+import numpy as np
+
+from bnconvert import onnx_activations as activations
+from bnconvert.onnx_graph import Uncovered
+
+
+def weights(variable):
+    """A Keras weight as a NumPy array (float64 for the algebra)."""
+    return np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable, np.float64)
+
+
+def layout_for(g, value, data_format):
+    """`value` with its channels second, and the layout the result keeps."""
+    if data_format == "channels_first":
+        return g.keras(value)
+    return g.channels_first(value)
+
+
+def _tuple(v, n):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
+
+
+def _spatial(value):
+    """The spatial Keras sizes of a channels-second `value` (None if unknown)."""
+    return [value.shape[a] for a in value.perm[2:]]
+
+
+def conv_pads(value, kernel, strides, dilations, padding, transpose=False):
+    """`(pads, auto_pad)` for a window op over `value` (channels second)."""
+    n = len(kernel)
+    if padding == "valid":
+        return [0] * (2 * n), None
+    if padding == "causal":
+        return [d * (k - 1) for k, d in zip(kernel, dilations)] + [0] * n, None
+    if padding != "same":
+        raise Uncovered([("", "", f"padding={padding!r}")])
+    begin, end = [], []
+    for k, s, d, size in zip(kernel, strides, dilations, _spatial(value)):
+        effective = d * (k - 1) + 1
+        if transpose:
+            total = max(effective - s, 0)
+        elif size is None:
+            if s != 1:
+                return None, "SAME_UPPER"
+            total = effective - 1
+        else:
+            out = -(-size // s)
+            total = max((out - 1) * s + effective - size, 0)
+        begin.append(total // 2)
+        end.append(total - total // 2)
+    return begin + end, None
+
+
+def _finish(g, call, name, perm, activation=None):
+    out = call.out(name, perm)
+    return [activations.apply(g, out, activation, call.base)]
+
+
+def _bias(g, layer, base):
+    bias = getattr(layer, "bias", None)
+    if not getattr(layer, "use_bias", bias is not None) or bias is None:
+        return []
+    return [g.constant(weights(bias), f"{base}/bias")]
+
+
+def conv(g, call):
+    """Conv1D/2D/3D, grouped or not."""
+    layer = call.layer
+    x = layout_for(g, call.inputs[0], layer.data_format)
+    kernel = weights(layer.kernel)
+    n = kernel.ndim - 2
+    window = kernel.shape[:n]
+    strides, dilations = _tuple(layer.strides, n), _tuple(layer.dilation_rate, n)
+    pads, auto = conv_pads(x, window, strides, dilations, layer.padding)
+    w = np.transpose(kernel, (n + 1, n) + tuple(range(n)))
+    name = g.node(
+        "Conv", [x.name, g.constant(w, f"{call.base}/kernel")] + _bias(g, layer, call.base),
+        call.base, kernel_shape=list(window), strides=list(strides),
+        dilations=list(dilations), group=int(getattr(layer, "groups", 1) or 1),
+        pads=pads, auto_pad=auto,
+    )
+    return _finish(g, call, name, x.perm, layer.activation)
+
+
+def _depthwise(g, x, layer, kernel, strides, dilations, base, bias):
+    """A depthwise convolution: one group per input channel."""
+    n = kernel.ndim - 2
+    window, channels, multiplier = kernel.shape[:n], kernel.shape[n], kernel.shape[n + 1]
+    w = np.transpose(kernel, (n, n + 1) + tuple(range(n)))
+    w = w.reshape((channels * multiplier, 1) + tuple(window))
+    pads, auto = conv_pads(x, window, strides, dilations, layer.padding)
+    return g.node(
+        "Conv", [x.name, g.constant(w, f"{base}/depthwise_kernel")] + bias, base,
+        kernel_shape=list(window), strides=list(strides), dilations=list(dilations),
+        group=int(channels), pads=pads, auto_pad=auto,
+    )
+
+
+def depthwise_conv(g, call):
+    """DepthwiseConv1D/2D."""
+    layer = call.layer
+    x = layout_for(g, call.inputs[0], layer.data_format)
+    kernel = weights(layer.kernel if hasattr(layer, "kernel") else layer.depthwise_kernel)
+    n = kernel.ndim - 2
+    name = _depthwise(
+        g, x, layer, kernel, _tuple(layer.strides, n), _tuple(layer.dilation_rate, n),
+        call.base, _bias(g, layer, call.base),
+    )
+    return _finish(g, call, name, x.perm, layer.activation)
+
+
+def separable_conv(g, call):
+    """SeparableConv1D/2D: depthwise, then a pointwise convolution with the bias."""
+    layer = call.layer
+    x = layout_for(g, call.inputs[0], layer.data_format)
+    kernel = weights(layer.depthwise_kernel)
+    n = kernel.ndim - 2
+    depth = _depthwise(
+        g, x, layer, kernel, _tuple(layer.strides, n), _tuple(layer.dilation_rate, n),
+        f"{call.base}/depthwise", [],
+    )
+    point = weights(layer.pointwise_kernel)
+    w = np.transpose(point, (n + 1, n) + tuple(range(n)))
+    name = g.node(
+        "Conv", [depth, g.constant(w, f"{call.base}/pointwise_kernel")]
+        + _bias(g, layer, call.base), call.base, kernel_shape=[1] * n,
+    )
+    return _finish(g, call, name, x.perm, layer.activation)
+
+
+def conv_transpose(g, call):
+    """Conv1D/2D/3DTranspose."""
+    layer = call.layer
+    x = layout_for(g, call.inputs[0], layer.data_format)
+    kernel = weights(layer.kernel)
+    n = kernel.ndim - 2
+    window = kernel.shape[:n]
+    strides, dilations = _tuple(layer.strides, n), _tuple(layer.dilation_rate, n)
+    pads, _ = conv_pads(x, window, strides, dilations, layer.padding, transpose=True)
+    extra = []
+    given = getattr(layer, "output_padding", None)
+    for i, (k, s, d) in enumerate(zip(window, strides, dilations)):
+        effective = d * (k - 1) + 1
+        if given is not None:
+            extra.append(int(_tuple(given, n)[i]))
+            if layer.padding == "same":
+                raise Uncovered([(layer.name, type(layer).__name__,
+                                  "output_padding with 'same' padding")])
+        else:
+            extra.append(max(s - effective, 0))
+    w = np.transpose(kernel, (n + 1, n) + tuple(range(n)))
+    name = g.node(
+        "ConvTranspose", [x.name, g.constant(w, f"{call.base}/kernel")]
+        + _bias(g, layer, call.base), call.base, kernel_shape=list(window),
+        strides=list(strides), dilations=list(dilations), pads=pads,
+        output_padding=extra if any(extra) else None,
+    )
+    return _finish(g, call, name, x.perm, layer.activation)
+
+
+def dense(g, call):
+    """Dense: `Gemm` on a matrix, `MatMul` + `Add` on higher ranks."""
+    layer = call.layer
+    x = g.keras(call.inputs[0])
+    kernel = g.constant(weights(layer.kernel), f"{call.base}/kernel")
+    bias = _bias(g, layer, call.base)
+    if x.rank == 2:
+        name = g.node("Gemm", [x.name, kernel] + bias, call.base)
+    else:
+        name = g.node("MatMul", [x.name, kernel], call.base)
+        if bias:
+            name = g.node("Add", [name, bias[0]], call.base)
+    return _finish(g, call, name, x.perm, layer.activation)
+
+
+def _axes(layer, rank):
+    axis = layer.axis
+    axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+    return sorted(a % rank for a in axes)
+
+
+def _gamma_beta(layer, size):
+    gamma = getattr(layer, "gamma", None)
+    beta = getattr(layer, "beta", None)
+    gamma = weights(gamma) if gamma is not None else np.ones(size)
+    beta = weights(beta) if beta is not None else np.zeros(size)
+    return gamma, beta
+
+
+def batch_norm(g, call):
+    """BatchNormalization in inference (moving statistics), the synchronized one too."""
+    layer = call.layer
+    x = call.inputs[0]
+    (axis,) = _axes(layer, x.rank) if len(_axes(layer, x.rank)) == 1 else (None,)
+    if axis is None or getattr(layer, "adjustment", None) is not None:
+        raise Uncovered([(layer.name, type(layer).__name__, "several axes or an adjustment")])
+    if x.physical(axis) != 1 and x.rank > 2:
+        x = g.channels_first(x) if axis == x.rank - 1 else g.keras(x)
+    mean, variance = weights(layer.moving_mean), weights(layer.moving_variance)
+    gamma, beta = _gamma_beta(layer, mean.shape)
+    if x.physical(axis) == 1:
+        params = [g.constant(a, f"{call.base}/{n}") for a, n in
+                  ((gamma, "gamma"), (beta, "beta"), (mean, "mean"), (variance, "variance"))]
+        name = g.node("BatchNormalization", [x.name] + params, call.base,
+                      epsilon=float(layer.epsilon))
+        return [call.out(name, x.perm)]
+    scale = gamma / np.sqrt(variance + layer.epsilon)
+    shift = beta - mean * scale
+    return [_scale_shift(g, call, x, axis, scale, shift)]
+
+
+def _scale_shift(g, call, x, axis, scale, shift):
+    """`x * scale + shift` with per-channel constants along Keras `axis`."""
+    shape = [1] * x.rank
+    shape[axis] = -1
+    scale = g.broadcast_constant(np.reshape(scale, shape), x, f"{call.base}/scale")
+    shift = g.broadcast_constant(np.reshape(shift, shape), x, f"{call.base}/shift")
+    name = g.node("Add", [g.node("Mul", [x.name, scale], call.base), shift], call.base)
+    return call.out(name, x.perm)
+
+
+def _normalize(g, x, axes, epsilon, base, rms=False):
+    """`(x - mean) / sqrt(var + eps)` (or `x / sqrt(mean(x^2) + eps)`) over physical `axes`."""
+    if rms:
+        centred = x.name
+    else:
+        mean = g.reduce("ReduceMean", x.name, axes, True, base)
+        centred = g.node("Sub", [x.name, mean], base)
+    square = g.node("Mul", [centred, centred], base)
+    variance = g.reduce("ReduceMean", square, axes, True, base)
+    std = g.node("Sqrt", [g.node("Add", [variance, g.scalar(epsilon)], base)], base)
+    return g.node("Div", [centred, std], base)
+
+
+def layer_norm(g, call):
+    """LayerNormalization (with `rms_scaling` too)."""
+    layer = call.layer
+    x = call.inputs[0]
+    axes = _axes(layer, x.rank)
+    rms = bool(getattr(layer, "rms_scaling", False))
+    name = _normalize(g, x, [x.physical(a) for a in axes], float(layer.epsilon), call.base, rms)
+    shape = [x.shape[a] if a in axes else 1 for a in range(x.rank)]
+    gamma, beta = _gamma_beta(layer, [x.shape[a] for a in axes])
+    if getattr(layer, "scale", True) and getattr(layer, "gamma", None) is not None:
+        name = g.node("Mul", [name, g.broadcast_constant(gamma.reshape(shape), x,
+                                                         f"{call.base}/gamma")], call.base)
+    if getattr(layer, "center", True) and getattr(layer, "beta", None) is not None and not rms:
+        name = g.node("Add", [name, g.broadcast_constant(beta.reshape(shape), x,
+                                                         f"{call.base}/beta")], call.base)
+    return [call.out(name, x.perm)]
+
+
+def group_norm(g, call):
+    """GroupNormalization: channels second, then `[N, groups, -1]` moments."""
+    layer = call.layer
+    x = call.inputs[0]
+    (axis,) = _axes(layer, x.rank)
+    if axis != x.rank - 1 and axis != 1:
+        raise Uncovered([(layer.name, type(layer).__name__, f"axis={layer.axis}")])
+    x = g.channels_first(x) if axis == x.rank - 1 else g.keras(x)
+    grouped = g.node("Reshape", [x.name, g.ints([0, int(layer.groups), -1])], call.base)
+    name = _normalize_grouped(g, grouped, x, float(layer.epsilon), call.base)
+    channels = x.shape[axis]
+    gamma, beta = _gamma_beta(layer, (channels,))
+    shape = [1, channels] + [1] * (x.rank - 2)
+    name = g.node("Mul", [name, g.constant(gamma.reshape(shape), f"{call.base}/gamma")], call.base)
+    name = g.node("Add", [name, g.constant(beta.reshape(shape), f"{call.base}/beta")], call.base)
+    return [call.out(name, x.perm)]
+
+
+def _normalize_grouped(g, grouped, x, epsilon, base):
+    name = _normalize(g, _Named(grouped), [2], epsilon, base)
+    return g.node("Reshape", [name, g.node("Shape", [x.name], base)], base)
+
+
+class _Named:
+    def __init__(self, name):
+        self.name = name
+
+
+EMITTERS = {
+    "Conv1D": conv, "Conv2D": conv, "Conv3D": conv,
+    "DepthwiseConv1D": depthwise_conv, "DepthwiseConv2D": depthwise_conv,
+    "SeparableConv1D": separable_conv, "SeparableConv2D": separable_conv,
+    "Conv1DTranspose": conv_transpose, "Conv2DTranspose": conv_transpose,
+    "Conv3DTranspose": conv_transpose,
+    "Dense": dense,
+    "BatchNormalization": batch_norm, "SyncBatchNormalization": batch_norm,
+    "LayerNormalization": layer_norm, "GroupNormalization": group_norm,
+}

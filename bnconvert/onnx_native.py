@@ -1,0 +1,190 @@
+"""The native ONNX exporter: Keras layers straight to ONNX nodes.
+
+The Keras graph is walked once, node by node in the model's own order;
+every layer or op becomes ONNX nodes through the emitter tables of
+`onnx_layers` (layers with weights), `onnx_structure` (layers without) and
+`onnx_ops` (raw ops). Nested models are walked in place. A layer the
+tables do not know (a custom layer, a Lambda, a keras-hub block) is opened
+by calling its `call` on fresh symbolic inputs, which records its sublayers
+and `keras.ops` calls as a small graph, walked the same way; a layer whose
+code cannot run symbolically stays uncovered.
+
+Nothing is emitted for an uncovered model: every uncovered layer is
+collected and reported together (`onnx_graph.Uncovered`), so that the
+caller can fall back to tf2onnx and say why.
+"""
+
+import tensorflow as tf
+
+from bnconvert import keras_internals as internals
+from bnconvert import onnx_layers
+from bnconvert import onnx_ops
+from bnconvert import onnx_structure
+from bnconvert.onnx_graph import Call
+from bnconvert.onnx_graph import Graph
+from bnconvert.onnx_graph import Uncovered
+from bnconvert.onnx_graph import Value
+
+LAYERS = {**onnx_layers.EMITTERS, **onnx_structure.EMITTERS}
+DEFAULT_OPSET = 17
+OPSETS = range(13, 22)
+# Layers of these packages are mapped by class name; any other class
+# (including subclasses of Keras layers) is opened by tracing its call.
+_KNOWN_PACKAGES = ("keras.", "tf_keras.", "bnconvert.")
+
+
+def emit(model, flavour, input_names, output_names, opset=None):
+    """The ONNX model of a Keras model, emitted natively.
+
+    Args:
+        model: A built Keras model with symbolic inputs (Functional,
+            Sequential, or any model whose `call` runs on symbolic tensors).
+        flavour: The model's `Flavour`.
+        input_names: ONNX names of the model's inputs, in order.
+        output_names: ONNX names of its outputs, in order.
+        opset: The ONNX opset (`DEFAULT_OPSET` if None).
+
+    Returns:
+        An `onnx.ModelProto`: inputs and outputs in the Keras layout with a
+        dynamic batch dimension.
+
+    Raises:
+        Uncovered: Some layers have no mapping; all of them are listed.
+    """
+    g = Graph(opset or DEFAULT_OPSET)
+    g.hard_sigmoid = flavour.hard_sigmoid
+    walker = _Walker(g, flavour)
+    env = {}
+    inputs = []
+    for name in output_names:
+        g.reserve(name)
+    for tensor, name in zip(model.inputs, input_names):
+        g.reserve(name)
+        env[id(tensor)] = Value(name, tuple(tensor.shape), tuple(range(len(tensor.shape))))
+        inputs.append((name, tuple(tensor.shape)))
+    if flavour.is_graph_model(model):
+        walker.walk(model, env, "")
+    else:
+        walker.trace(model, model.inputs, (tuple(model.inputs),), {}, env, "")
+    if walker.uncovered:
+        raise Uncovered(walker.uncovered)
+    outputs = []
+    for tensor, name in zip(model.outputs, output_names):
+        value = g.keras(env[id(tensor)])
+        g.node("Identity", [value.name], name, output_names=[name])
+        outputs.append((name, tuple(tensor.shape)))
+    _fuse_output_transposes(g, output_names)
+    return g.model(model.name, inputs, outputs, "bnconvert")
+
+
+def _fuse_output_transposes(g, output_names):
+    """Write a final Transpose straight to the output name (no Identity after it)."""
+    producers = {n.output[0]: n for n in g.nodes}
+    uses = {}
+    for n in g.nodes:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for node in [n for n in g.nodes if n.op_type == "Identity" and n.output[0] in output_names]:
+        source = producers.get(node.input[0])
+        if source is None or uses[node.input[0]] != 1 or source.op_type != "Transpose":
+            continue
+        source.output[0] = node.output[0]
+        g.nodes.remove(node)
+
+
+class _Walker:
+    def __init__(self, g, flavour):
+        self.g = g
+        self.flavour = flavour
+        self.uncovered = []
+
+    def walk(self, model, env, prefix):
+        """Emits every node of a Functional (or Sequential) model."""
+        for node in internals.graph_nodes(model):
+            if node.is_input:
+                continue
+            self.node(node.layer, node.input_tensors, node.args, node.kwargs,
+                      node.outputs, env, prefix)
+
+    def node(self, layer, tensors, args, kwargs, outputs, env, prefix):
+        missing = [t for t in tensors if id(t) not in env]
+        if missing:  # an input not produced (its producer was uncovered)
+            self._placeholders(outputs, env, prefix, layer)
+            return
+        base = prefix + layer.name
+        try:
+            values = self._emit(layer, tensors, args, kwargs, outputs, env, base)
+        except Uncovered as e:
+            self.uncovered += [(n or base, c or type(layer).__name__, w) for n, c, w in e.layers]
+            self._placeholders(outputs, env, prefix, layer)
+            return
+        for tensor, value in zip(outputs, values):
+            env[id(tensor)] = value
+
+    def _placeholders(self, outputs, env, prefix, layer):
+        for t in outputs:
+            env[id(t)] = Value(f"?{prefix}{layer.name}", tuple(t.shape),
+                               tuple(range(len(t.shape))))
+
+    def _emit(self, layer, tensors, args, kwargs, outputs, env, base):
+        def sub(x):
+            return env[id(x)] if id(x) in env else x
+
+        args = tf.nest.map_structure(sub, tuple(args))
+        kwargs = tf.nest.map_structure(sub, dict(kwargs))
+        call = Call(layer, [env[id(t)] for t in tensors], args, kwargs,
+                    [tuple(t.shape) for t in outputs], base)
+        if not isinstance(layer, self.flavour.Layer):
+            return onnx_ops.emit_op(self.g, call)
+        dtype = getattr(layer, "compute_dtype", "float32")
+        if dtype not in (None, "float32"):
+            raise Uncovered([(base, type(layer).__name__, f"compute dtype {dtype}")])
+        kind = type(layer).__name__
+        if self.flavour.is_graph_model(layer):
+            inner = dict(zip((id(t) for t in layer.inputs), call.inputs))
+            self.walk(layer, inner, base + "/")
+            return [inner.get(id(t)) or self._missing(base) for t in layer.outputs]
+        if kind == "TFOpLambda":
+            return onnx_ops.emit_tf_function(self.g, call)
+        if kind in LAYERS and type(layer).__module__.startswith(_KNOWN_PACKAGES):
+            return LAYERS[kind](self.g, call)
+        if kind == "InputLayer":
+            return call.inputs
+        return self.trace(layer, tensors, args, kwargs, env, base + "/", call.inputs)
+
+    def _missing(self, base):
+        raise Uncovered([(base, "model", "an output of a nested model")])
+
+    def trace(self, layer, tensors, args, kwargs, env, prefix, values=None):
+        """Opens a layer by calling its `call` on fresh symbolic inputs."""
+        values = values or [env[id(t)] for t in tensors]
+        keras = self.flavour.keras
+        fresh = {}
+
+        def symbolic(x):
+            if isinstance(x, Value):
+                index = values.index(x)
+                tensor = tensors[index]
+                if id(tensor) not in fresh:
+                    fresh[id(tensor)] = keras.Input(batch_shape=tuple(tensor.shape),
+                                                    dtype=tensor.dtype)
+                return fresh[id(tensor)]
+            return x
+
+        name = getattr(layer, "name", "model")
+        try:
+            call_args = tf.nest.map_structure(symbolic, tuple(args))
+            call_kwargs = tf.nest.map_structure(symbolic, dict(kwargs))
+            result = layer.call(*call_args, **call_kwargs)
+            inputs = [fresh[id(t)] for t in tensors if id(t) in fresh]
+            sub = keras.Model(inputs, tf.nest.flatten(result))
+        except Exception as e:  # noqa: BLE001 - user code raises anything
+            reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+            raise Uncovered([(prefix.rstrip("/") or name, type(layer).__name__,
+                              f"its call does not run on symbolic tensors ({reason})")])
+        inner = {id(fresh[id(t)]): v for t, v in zip(tensors, values) if id(t) in fresh}
+        self.walk(sub, inner, prefix)
+        out = [inner.get(id(t)) for t in sub.outputs]
+        if any(v is None for v in out):
+            self._missing(prefix)
+        return out

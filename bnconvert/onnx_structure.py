@@ -1,0 +1,253 @@
+"""Keras layers without weights as ONNX nodes: pooling, padding, merging, shaping.
+
+Window and padding layers run channels first, like convolutions. Merging
+and activation layers keep their inputs' layout (all inputs are brought to
+the first one's). Layers that depend on the memory order of the Keras
+layout (Flatten, Reshape, Permute) get their input in the Keras layout.
+"""
+
+import numpy as np
+
+from bnconvert import onnx_activations as activations
+from bnconvert.onnx_graph import Uncovered
+from bnconvert.onnx_layers import conv_pads
+from bnconvert.onnx_layers import layout_for
+
+# Layers that are the identity in inference.
+IDENTITY = (
+    "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+    "GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization",
+    "Identity",
+)
+
+
+def _tuple(v, n):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
+
+
+def pooling(op_type):
+    """Max/AveragePooling1D/2D/3D."""
+
+    def emit(g, call):
+        layer = call.layer
+        x = layout_for(g, call.inputs[0], layer.data_format)
+        n = x.rank - 2
+        window = _tuple(layer.pool_size, n)
+        strides = _tuple(layer.strides or layer.pool_size, n)
+        pads, auto = conv_pads(x, window, strides, (1,) * n, layer.padding)
+        # TensorFlow's "same" average leaves the padding out of the count.
+        extra = {"count_include_pad": 0} if op_type == "AveragePool" else {}
+        name = g.node(op_type, [x.name], call.base, kernel_shape=list(window),
+                      strides=list(strides), pads=pads, auto_pad=auto, **extra)
+        return [call.out(name, x.perm)]
+
+    return emit
+
+
+def global_pooling(op_type):
+    """GlobalAverage/MaxPooling1D/2D/3D, with or without `keepdims`."""
+
+    def emit(g, call):
+        layer = call.layer
+        x = layout_for(g, call.inputs[0], layer.data_format)
+        name = g.node(op_type, [x.name], call.base)
+        if getattr(layer, "keepdims", False):
+            return [call.out(name, x.perm)]
+        return [call.out(g.node("Flatten", [name], call.base, axis=1))]
+
+    return emit
+
+
+def _window_pairs(layer, attr, n):
+    value = getattr(layer, attr)
+    if isinstance(value, int):
+        return [(value, value)] * n
+    return [_tuple(v, 2) for v in value]
+
+
+def zero_padding(g, call):
+    """ZeroPadding1D/2D/3D."""
+    layer = call.layer
+    x = layout_for(g, call.inputs[0], getattr(layer, "data_format", "channels_last"))
+    pairs = _window_pairs(layer, "padding", x.rank - 2)
+    pads = [0, 0] + [p[0] for p in pairs] + [0, 0] + [p[1] for p in pairs]
+    name = g.node("Pad", [x.name, g.ints(pads, "pads")], call.base, mode="constant")
+    return [call.out(name, x.perm)]
+
+
+def cropping(g, call):
+    """Cropping1D/2D/3D."""
+    layer = call.layer
+    x = layout_for(g, call.inputs[0], getattr(layer, "data_format", "channels_last"))
+    pairs = _window_pairs(layer, "cropping", x.rank - 2)
+    starts = [p[0] for p in pairs]
+    ends = [-p[1] if p[1] else np.iinfo(np.int64).max for p in pairs]
+    axes = list(range(2, x.rank))
+    name = g.node("Slice", [x.name, g.ints(starts, "starts"), g.ints(ends, "ends"),
+                            g.ints(axes, "axes")], call.base)
+    return [call.out(name, x.perm)]
+
+
+def upsampling(g, call):
+    """UpSampling1D/2D/3D (nearest; bilinear in 2D)."""
+    layer = call.layer
+    x = layout_for(g, call.inputs[0], getattr(layer, "data_format", "channels_last"))
+    n = x.rank - 2
+    size = _tuple(getattr(layer, "size", getattr(layer, "length", 2)), n)
+    mode = getattr(layer, "interpolation", "nearest")
+    if mode not in ("nearest", "bilinear"):
+        raise Uncovered([(layer.name, type(layer).__name__, f"interpolation={mode!r}")])
+    scales = g.constant(np.array([1.0, 1.0] + [float(s) for s in size], np.float32), "scales")
+    if mode == "nearest":
+        attrs = dict(mode="nearest", coordinate_transformation_mode="asymmetric",
+                     nearest_mode="floor")
+    else:
+        attrs = dict(mode="linear", coordinate_transformation_mode="half_pixel")
+    name = g.node("Resize", [x.name, "", scales], call.base, **attrs)
+    return [call.out(name, x.perm)]
+
+
+def resizing(g, call):
+    """Resizing to a fixed size (nearest or bilinear, no cropping or padding)."""
+    layer = call.layer
+    mode = layer.interpolation
+    if mode not in ("nearest", "bilinear") or getattr(layer, "crop_to_aspect_ratio", False) \
+            or getattr(layer, "pad_to_aspect_ratio", False):
+        raise Uncovered([(layer.name, "Resizing", f"interpolation={mode!r} or aspect-ratio "
+                                                  "cropping/padding")])
+    x = layout_for(g, call.inputs[0], getattr(layer, "data_format", "channels_last"))
+    # sizes = [N, C] of the input + the fixed [height, width].
+    leading = g.node("Slice", [g.node("Shape", [x.name], call.base), g.ints([0]),
+                               g.ints([2])], call.base)
+    sizes = g.node("Concat", [leading, g.ints([layer.height, layer.width])], call.base, axis=0)
+    # TensorFlow's resize uses half-pixel centres; its nearest neighbour is
+    # floor((i + 0.5) / scale), which is ONNX's rounding with ties up.
+    attrs = dict(mode="nearest", nearest_mode="round_prefer_ceil") if mode == "nearest" \
+        else dict(mode="linear")
+    name = g.node("Resize", [x.name, "", "", sizes], call.base,
+                  coordinate_transformation_mode="half_pixel", **attrs)
+    return [call.out(name, x.perm)]
+
+
+def _same_layout(g, values):
+    """The values in one layout: the first one's (all must have one rank)."""
+    if len({v.rank for v in values}) > 1:
+        return [g.keras(v) for v in values]
+    return [g.layout(v, values[0].perm) for v in values]
+
+
+def merge(op_type, scale=None):
+    """Add, Subtract, Multiply, Maximum, Minimum, Average."""
+
+    def emit(g, call):
+        values = _same_layout(g, list(call.inputs))
+        names = [v.name for v in values]
+        if op_type == "Sub":
+            name = g.node("Sub", names, call.base)
+        else:
+            name = g.node(op_type, names, call.base)
+        if scale == "mean":
+            name = g.node("Mul", [name, g.scalar(1.0 / len(names))], call.base)
+        return [call.out(name, values[0].perm)]
+
+    return emit
+
+
+def concatenate(g, call):
+    """Concatenate along the Keras axis, in the first input's layout."""
+    values = _same_layout(g, list(call.inputs))
+    axis = values[0].physical(call.layer.axis)
+    name = g.node("Concat", [v.name for v in values], call.base, axis=axis)
+    return [call.out(name, values[0].perm)]
+
+
+def identity(g, call):
+    """A layer that changes nothing in inference."""
+    return [call.inputs[0]]
+
+
+def flatten(g, call):
+    """Flatten, in the Keras layout (channels-last memory order)."""
+    x = g.keras(call.inputs[0])
+    return [call.out(g.node("Flatten", [x.name], call.base, axis=1))]
+
+
+def reshape(g, call):
+    """Reshape: the target shape after an unchanged batch dimension."""
+    x = g.keras(call.inputs[0])
+    target = [0] + [int(d) for d in call.layer.target_shape]
+    return [call.out(g.node("Reshape", [x.name, g.ints(target)], call.base))]
+
+
+def permute(g, call):
+    """Permute: only a change of layout, resolved when a later layer needs one."""
+    x = call.inputs[0]
+    dims = (0,) + tuple(call.layer.dims)
+    # Output axis i is input axis dims[i]: the data stay where they are.
+    return [call.out(x.name, [dims.index(a) for a in x.perm])]
+
+
+def activation_layer(g, call):
+    """Activation, ReLU, LeakyReLU, ELU, Softmax layers."""
+    layer = call.layer
+    kind = type(layer).__name__
+    config = layer.get_config()
+    params = {}
+    if kind == "Activation":
+        function = config["activation"]
+        function = function if isinstance(function, str) else layer.activation
+    elif kind == "ReLU":
+        function = "relu"
+        params = {k: config.get(k) for k in ("max_value", "negative_slope", "threshold")}
+    elif kind == "LeakyReLU":
+        function = "leaky_relu"
+        params = {"negative_slope": config.get("negative_slope", config.get("alpha", 0.3))}
+    elif kind == "ELU":
+        function, params = "elu", {"alpha": config.get("alpha", 1.0)}
+    else:  # Softmax
+        function, params = "softmax", {"axis": config.get("axis", -1)}
+    return [activations.apply(g, call.inputs[0], function, call.base, **params)]
+
+
+def rescaling(g, call):
+    """Rescaling: `x * scale + offset`, scalars or per-channel lists."""
+    layer = call.layer
+    x = call.inputs[0]
+    scale = g.broadcast_constant(np.asarray(layer.scale, np.float32), x, f"{call.base}/scale")
+    offset = g.broadcast_constant(np.asarray(layer.offset, np.float32), x, f"{call.base}/offset")
+    name = g.node("Add", [g.node("Mul", [x.name, scale], call.base), offset], call.base)
+    return [call.out(name, x.perm)]
+
+
+def normalization(g, call):
+    """Normalization: `(x - mean) / max(sqrt(variance), epsilon)`, or its inverse."""
+    layer = call.layer
+    x = call.inputs[0]
+    mean = np.asarray(layer.mean, np.float64)
+    std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64)), 1e-7)
+    mean = g.broadcast_constant(mean, x, f"{call.base}/mean")
+    std = g.broadcast_constant(std, x, f"{call.base}/std")
+    if getattr(layer, "invert", False):
+        name = g.node("Add", [g.node("Mul", [x.name, std], call.base), mean], call.base)
+    else:
+        name = g.node("Div", [g.node("Sub", [x.name, mean], call.base), std], call.base)
+    return [call.out(name, x.perm)]
+
+
+EMITTERS = {
+    **{f"MaxPooling{n}D": pooling("MaxPool") for n in (1, 2, 3)},
+    **{f"AveragePooling{n}D": pooling("AveragePool") for n in (1, 2, 3)},
+    **{f"GlobalAveragePooling{n}D": global_pooling("GlobalAveragePool") for n in (1, 2, 3)},
+    **{f"GlobalMaxPooling{n}D": global_pooling("GlobalMaxPool") for n in (1, 2, 3)},
+    **{f"ZeroPadding{n}D": zero_padding for n in (1, 2, 3)},
+    **{f"Cropping{n}D": cropping for n in (1, 2, 3)},
+    **{f"UpSampling{n}D": upsampling for n in (1, 2, 3)},
+    **{name: identity for name in IDENTITY},
+    "Add": merge("Sum"), "Subtract": merge("Sub"), "Multiply": merge("Mul"),
+    "Maximum": merge("Max"), "Minimum": merge("Min"), "Average": merge("Sum", "mean"),
+    "Concatenate": concatenate,
+    "Flatten": flatten, "Reshape": reshape, "Permute": permute,
+    "Activation": activation_layer, "ReLU": activation_layer, "LeakyReLU": activation_layer,
+    "ELU": activation_layer, "Softmax": activation_layer,
+    "Rescaling": rescaling, "Normalization": normalization, "Resizing": resizing,
+}
