@@ -15,6 +15,7 @@ import numpy as np
 
 from bnconvert import onnx_activations as activations
 from bnconvert.onnx_graph import Uncovered
+from bnconvert.onnx_graph import channels_first
 
 
 def weights(variable):
@@ -174,7 +175,14 @@ def conv_transpose(g, call):
 def dense(g, call):
     """Dense: `Gemm` on a matrix, `MatMul` + `Add` on higher ranks."""
     layer = call.layer
-    x = g.keras(call.inputs[0])
+    x = call.inputs[0]
+    if x.rank > 2 and x.perm == channels_first(x.rank):
+        # On channels-first data a Dense is a 1x1 convolution: no layout change.
+        w = weights(layer.kernel).T.reshape(-1, x.shape[-1], *[1] * (x.rank - 2))
+        name = g.node("Conv", [x.name, g.constant(w, f"{call.base}/kernel")]
+                      + _bias(g, layer, call.base), call.base, kernel_shape=[1] * (x.rank - 2))
+        return _finish(g, call, name, x.perm, layer.activation)
+    x = g.keras(x)
     kernel = g.constant(weights(layer.kernel), f"{call.base}/kernel")
     bias = _bias(g, layer, call.base)
     if x.rank == 2:

@@ -10,6 +10,7 @@ layer multiplies by) become constants laid out like the tensor they meet.
 import numpy as np
 
 from bnconvert import onnx_activations as activations
+from bnconvert import onnx_structure as structure
 from bnconvert.onnx_graph import Uncovered
 from bnconvert.onnx_graph import Value
 
@@ -124,9 +125,12 @@ def pad(g, call, widths, mode, constant):
 
 
 def reshape(g, call, shape):
-    x = g.keras(call.inputs[0])
-    shape = [-1 if d is None else int(d) for d in shape]
-    return [call.out(g.node("Reshape", [x.name, g.ints(shape)], call.base))]
+    if shape[0] not in (None, -1) or list(shape[1:]).count(-1) > 0:
+        x = g.keras(call.inputs[0])
+        shape = [-1 if d is None else int(d) for d in shape]
+        return [call.out(g.node("Reshape", [x.name, g.ints(shape)], call.base))]
+    name, perm = structure.reshape_to(g, call.inputs[0], call.shapes[0], call.base)
+    return [call.out(name, perm)]
 
 
 def emit_op(g, call):

@@ -10,6 +10,7 @@ import numpy as np
 
 from bnconvert import onnx_activations as activations
 from bnconvert.onnx_graph import Uncovered
+from bnconvert.onnx_graph import channels_first
 from bnconvert.onnx_layers import conv_pads
 from bnconvert.onnx_layers import layout_for
 
@@ -172,11 +173,33 @@ def flatten(g, call):
     return [call.out(g.node("Flatten", [x.name], call.base, axis=1))]
 
 
+def moves_only_ones(perm, shape):
+    """Whether layout `perm` of `shape` only moves axes of size 1 (same memory order)."""
+    kept = [a for a in perm if shape[a] != 1]
+    return kept == [a for a in range(len(shape)) if shape[a] != 1]
+
+
+def reshape_to(g, x, target, base):
+    """`x` reshaped to the Keras shape `target` (batch first, kept).
+
+    When neither side's layout changes the memory order (only axes of size 1
+    move, as in a squeeze-and-excite `[N, C] -> [N, 1, 1, C]`), the result is
+    written channels first directly; otherwise in the Keras layout.
+    """
+    first = channels_first(len(target))
+    if moves_only_ones(x.perm, x.shape) and len(target) > 2 and moves_only_ones(first, target) \
+            and all(d is not None for d in target[1:]):
+        shape = [0] + [int(target[a]) for a in first[1:]]
+        return g.node("Reshape", [x.name, g.ints(shape)], base), first
+    x = g.keras(x)
+    shape = [0] + [-1 if d is None else int(d) for d in target[1:]]
+    return g.node("Reshape", [x.name, g.ints(shape)], base), None
+
+
 def reshape(g, call):
     """Reshape: the target shape after an unchanged batch dimension."""
-    x = g.keras(call.inputs[0])
-    target = [0] + [int(d) for d in call.layer.target_shape]
-    return [call.out(g.node("Reshape", [x.name, g.ints(target)], call.base))]
+    name, perm = reshape_to(g, call.inputs[0], call.shapes[0], call.base)
+    return [call.out(name, perm)]
 
 
 def permute(g, call):

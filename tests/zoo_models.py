@@ -137,6 +137,26 @@ def _efficientnet():
     )
 
 
+def _efficientnet_gelu():
+    # The same backbone with exact GELU, which tf2onnx cannot convert (Erfc).
+    return H.EfficientNetBackbone(
+        stackwise_width_coefficients=[1.0] * 3,
+        stackwise_depth_coefficients=[1.0] * 3,
+        stackwise_kernel_sizes=[3, 3, 3],
+        stackwise_num_repeats=[1, 1, 1],
+        stackwise_input_filters=[16, 16, 24],
+        stackwise_output_filters=[16, 24, 32],
+        stackwise_expansion_ratios=[1, 4, 4],
+        stackwise_squeeze_and_excite_ratios=[0.0, 0.25, 0.25],
+        stackwise_strides=[1, 2, 2],
+        stackwise_block_types=["fused", "unfused", "unfused"],
+        stackwise_force_input_filters=[0] * 3,
+        stackwise_nores_option=[False] * 3,
+        activation="gelu",
+        input_shape=(64, 64, 3),
+    )
+
+
 def _densenet():
     return H.DenseNetBackbone(
         stackwise_num_repeats=[1, 2, 2], growth_rate=8, image_shape=(64, 64, 3)
@@ -248,6 +268,15 @@ ZOO = {
     "custom_convbn": (_convbn_model, ["zoo_models"]),
 }
 
+# Exported to ONNX only (tests/test_onnx_zoo.py): models whose layers the
+# zoo above lacks. EfficientNet with exact GELU, which tf2onnx cannot
+# convert; ConvNeXt (LayerNormalization, GELU, a custom LayerScale layer,
+# no BN at all).
+EXPORT_ONLY = {
+    "hub_efficientnet_gelu": (_efficientnet_gelu, ["keras_hub"]),
+    "app_ConvNeXtTiny": (_app(A.ConvNeXtTiny, 32), []),
+}
+
 
 def _layer_base(root):
     if "tf_keras" in type(root).__module__:
@@ -311,7 +340,7 @@ def seed_of(name):
 
 def build(name):
     """The model `name` of ZOO, with weights and BN statistics seeded by its name."""
-    builder, _ = ZOO[name]
+    builder, _ = {**ZOO, **EXPORT_ONLY}[name]
     keras.utils.set_random_seed(seed_of(name) % 2**31)  # seeds TF and NumPy too
     model = builder()
     randomize_batchnorm(model, seed_of(name))
