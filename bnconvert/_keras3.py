@@ -43,6 +43,11 @@ class Keras3Flavour(flavour.Flavour):
         # Classes the model itself uses resolve even when nobody registered them.
         classes = {}
         for _, layer in [("", model), *walk.iter_layers(model, self)]:
+            if type(layer).__module__.startswith("keras."):
+                # Keras finds its own classes by module; by bare name, the
+                # `Add` layer would also replace the `x + 3.0` op node of a
+                # model that has both (MobileNetV3).
+                continue
             classes[type(layer).__name__] = type(layer)
             classes[self.registered_name(type(layer))] = type(layer)
         classes.update(custom_objects or {})

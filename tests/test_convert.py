@@ -577,3 +577,16 @@ def test_converted_weights_are_independent_of_the_originals():
     for v in model.weights:
         v.assign_add(np.ones(tuple(v.shape), v.dtype))
     assert_snapshot_equal(trained, synced)
+
+
+def test_in_memory_copy_keeps_op_nodes_named_like_layers():
+    # MobileNetV3 has both `Add` layers and `x + 3.0` op nodes (class `Add`
+    # too); the copy must not resolve the op node to the layer.
+    inputs = keras.Input((6,))
+    x = keras.layers.BatchNormalization()(keras.layers.Dense(4)(inputs))
+    y = keras.layers.Add()([x, x]) + 3.0
+    model = keras.Model(inputs, y)
+    data = np.random.default_rng(0).normal(size=(3, 6)).astype("float32")
+    converted = bnconvert.convert_model(model)
+    np.testing.assert_allclose(converted(data, training=False), model(data, training=False),
+                               rtol=1e-6, atol=1e-6)
