@@ -122,6 +122,7 @@ class Conversion:
         tolerance: The tolerance the outputs are held to.
         relative: Whether that tolerance is relative (BN was folded).
         rewritten: The layer objects the conversion rewrote in place.
+        actual: The converted model's outputs on `sample`, or `None`.
     """
 
     model: object
@@ -131,6 +132,7 @@ class Conversion:
     tolerance: float = None
     relative: bool = False
     rewritten: list = dataclasses.field(default_factory=list)
+    actual: list = None
 
 
 def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=False):
@@ -160,14 +162,16 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
                 work, job.ruleset.fold_rules, report, flavour=job.flavour,
                 rewritten=job.converter.rewritten,
             )
+        actual = None
         if expected is not None:
+            actual = verify_lib.run(work, sample)
             report.max_abs_diff, report.max_rel_diff = verify_lib.compare(
-                expected, verify_lib.run(work, sample), tolerance=tolerance,
-                relative=folding,
+                expected, actual, tolerance=tolerance, relative=folding,
             )
             report.verified = True
     return Conversion(
-        work, report, sample, expected, tolerance, folding, list(job.converter.rewritten)
+        work, report, sample, expected, tolerance, folding, list(job.converter.rewritten),
+        actual,
     )
 
 

@@ -86,7 +86,7 @@ class OnnxExportResult:
 
 
 def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
-                atol=verify.ATOL, inputs=None, check=True, exporter=AUTO):
+                atol=verify.ATOL, inputs=None, check=True, exporter=AUTO, reference=None):
     """Write `model` as ONNX and check it against Keras in onnxruntime.
 
     The ONNX graph has a dynamic batch dimension and the Keras input and
@@ -108,6 +108,9 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
             list of `.npy` paths (one per model input).
         check: Run the onnxruntime check; False only writes the file.
         exporter: `"auto"` (native, else tf2onnx), `"native"` or `"tf2onnx"`.
+        reference: Optional `(arrays, outputs)`: `model`'s outputs on the
+            generated check batch (`verify.sample_inputs`), when the caller
+            has already computed them; saves running the model again.
 
     Returns:
         An `OnnxExportResult`.
@@ -132,12 +135,17 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
     input_names = _input_names(model)
     output_names = _output_names(model)
     extra = _user_batches(model, input_names, inputs)
-    batches = [verify.sample_inputs(model)[0]] + extra
+    if reference is not None and reference[0] is not None:
+        sample, known = reference
+    else:
+        sample, known = verify.sample_inputs(model)[0], None
+    batches = [sample] + extra
 
     def checked(data):
         if not check:
             return (None, None)
-        return _compare(model, data, input_names, output_names, batches, tolerance, atol)
+        return _compare(model, data, input_names, output_names, batches, tolerance, atol,
+                        known)
 
     written = None
     why = ""
@@ -359,7 +367,8 @@ def _load_array(value):
     return np.asarray(value)
 
 
-def _compare(model, onnx_model, input_names, output_names, batches, tolerance, atol):
+def _compare(model, onnx_model, input_names, output_names, batches, tolerance, atol,
+             known=None):
     """Runs each batch in Keras and onnxruntime; returns the worst `(abs, rel)` figures."""
     import onnxruntime as ort
 
@@ -375,9 +384,9 @@ def _compare(model, onnx_model, input_names, output_names, batches, tolerance, a
             f"onnxruntime cannot load the exported graph of model '{model.name}': {first}"
         ) from e
     worst = (0.0, 0.0)
-    for batch in batches:
+    for i, batch in enumerate(batches):
         figures = verify.compare(
-            verify.run(model, batch),
+            known if i == 0 and known is not None else verify.run(model, batch),
             session.run(output_names, dict(zip(input_names, batch))),
             tolerance=tolerance, relative=True, atol=atol,
             what=f"The ONNX model of '{model.name}' (onnxruntime)",

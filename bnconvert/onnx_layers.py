@@ -39,7 +39,7 @@ def _spatial(value):
     return [value.shape[a] for a in value.perm[2:]]
 
 
-def conv_pads(value, kernel, strides, dilations, padding, transpose=False):
+def conv_pads(value, kernel, strides, dilations, padding):
     """`(pads, auto_pad)` for a window op over `value` (channels second)."""
     n = len(kernel)
     if padding == "valid":
@@ -51,9 +51,7 @@ def conv_pads(value, kernel, strides, dilations, padding, transpose=False):
     begin, end = [], []
     for k, s, d, size in zip(kernel, strides, dilations, _spatial(value)):
         effective = d * (k - 1) + 1
-        if transpose:
-            total = max(effective - s, 0)
-        elif size is None:
+        if size is None:
             if s != 1:
                 return None, "SAME_UPPER"
             total = effective - 1
@@ -142,6 +140,44 @@ def separable_conv(g, call):
     return _finish(g, call, name, x.perm, layer.activation)
 
 
+def _transpose_pads(x, out_sizes, window, strides, dilations, padding):
+    """`(pads, output_padding)` of a ConvTranspose that yields Keras's output size.
+
+    TensorFlow runs a transposed convolution as the gradient of the forward
+    convolution from the output size `L` (which Keras computes, with its
+    `output_padding`) to the input size: "valid" pads nothing before,
+    "same" pads `max(full - L, 0) // 2` before, where
+    `full = (in - 1) * stride + effective kernel`. ONNX then needs the rest
+    trimmed at the end (`pads`) or added there (`output_padding`).
+    """
+    begin, end, extra = [], [], []
+    for k, s, d, size, length in zip(window, strides, dilations, _spatial(x), out_sizes):
+        full = (size - 1) * s + d * (k - 1) + 1
+        before = max(full - length, 0) // 2 if padding == "same" else 0
+        rest = full - before - length
+        begin.append(before)
+        end.append(max(rest, 0))
+        extra.append(max(-rest, 0))
+    return begin + end, extra
+
+
+def _transpose_pads_unknown(layer, window, strides, dilations):
+    """`_transpose_pads` for an unknown spatial size: Keras's sizes without `output_padding`."""
+    given = getattr(layer, "output_padding", None)
+    if given is not None and layer.padding == "same":
+        raise Uncovered([(layer.name, type(layer).__name__,
+                          "output_padding with 'same' padding on an unknown spatial size")])
+    begin, end, extra = [], [], []
+    for i, (k, s, d) in enumerate(zip(window, strides, dilations)):
+        effective = d * (k - 1) + 1
+        total = max(effective - s, 0) if layer.padding == "same" else 0
+        begin.append(total // 2)
+        end.append(total - total // 2)
+        extra.append(int(_tuple(given, len(window))[i]) if given is not None
+                     else max(s - effective, 0))
+    return begin + end, extra
+
+
 def conv_transpose(g, call):
     """Conv1D/2D/3DTranspose."""
     layer = call.layer
@@ -150,18 +186,13 @@ def conv_transpose(g, call):
     n = kernel.ndim - 2
     window = kernel.shape[:n]
     strides, dilations = _tuple(layer.strides, n), _tuple(layer.dilation_rate, n)
-    pads, _ = conv_pads(x, window, strides, dilations, layer.padding, transpose=True)
-    extra = []
-    given = getattr(layer, "output_padding", None)
-    for i, (k, s, d) in enumerate(zip(window, strides, dilations)):
-        effective = d * (k - 1) + 1
-        if given is not None:
-            extra.append(int(_tuple(given, n)[i]))
-            if layer.padding == "same":
-                raise Uncovered([(layer.name, type(layer).__name__,
-                                  "output_padding with 'same' padding")])
-        else:
-            extra.append(max(s - effective, 0))
+    out_sizes = [call.shapes[0][a] for a in x.perm[2:]]
+    if layer.padding not in ("valid", "same"):
+        raise Uncovered([(layer.name, type(layer).__name__, f"padding={layer.padding!r}")])
+    if None in out_sizes or None in _spatial(x):
+        pads, extra = _transpose_pads_unknown(layer, window, strides, dilations)
+    else:
+        pads, extra = _transpose_pads(x, out_sizes, window, strides, dilations, layer.padding)
     w = np.transpose(kernel, (n + 1, n) + tuple(range(n)))
     name = g.node(
         "ConvTranspose", [x.name, g.constant(w, f"{call.base}/kernel")]
@@ -241,16 +272,18 @@ def _scale_shift(g, call, x, axis, scale, shift):
 
 
 def _normalize(g, x, axes, epsilon, base, rms=False):
-    """`(x - mean) / sqrt(var + eps)` (or `x / sqrt(mean(x^2) + eps)`) over physical `axes`."""
-    if rms:
-        centred = x.name
-    else:
-        mean = g.reduce("ReduceMean", x.name, axes, True, base)
-        centred = g.node("Sub", [x.name, mean], base)
+    """`(x - mean) / sqrt(var + eps)` (or `x / sqrt(var + eps)`) over physical `axes`.
+
+    Keras's `rms_scaling` divides the *uncentred* input by the standard
+    deviation (the centred variance), not by the root mean square; its
+    deprecation warning says so, and the export must match what it computes.
+    """
+    mean = g.reduce("ReduceMean", x.name, axes, True, base)
+    centred = g.node("Sub", [x.name, mean], base)
     square = g.node("Mul", [centred, centred], base)
     variance = g.reduce("ReduceMean", square, axes, True, base)
     std = g.node("Sqrt", [g.node("Add", [variance, g.scalar(epsilon)], base)], base)
-    return g.node("Div", [centred, std], base)
+    return g.node("Div", [x.name if rms else centred, std], base)
 
 
 def layer_norm(g, call):

@@ -19,8 +19,9 @@ _BINARY = {
     "TrueDivide": "Div", "Maximum": "Max", "Minimum": "Min", "Power": "Pow",
 }
 _UNARY = {
-    "Sqrt": "Sqrt", "Abs": "Abs", "Negative": "Neg", "Exp": "Exp", "Log": "Log",
-    "Erf": "Erf", "Floor": "Floor", "Ceil": "Ceil", "Reciprocal": "Reciprocal",
+    # `keras.ops.abs` records an `Absolute` op (`Abs` is its subclass).
+    "Sqrt": "Sqrt", "Abs": "Abs", "Absolute": "Abs", "Negative": "Neg", "Exp": "Exp",
+    "Log": "Log", "Erf": "Erf", "Floor": "Floor", "Ceil": "Ceil", "Reciprocal": "Reciprocal",
 }
 _ACTIVATIONS = {
     "Relu": "relu", "Relu6": "relu6", "Sigmoid": "sigmoid", "Tanh": "tanh",

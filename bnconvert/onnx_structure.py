@@ -63,6 +63,8 @@ def _window_pairs(layer, attr, n):
     value = getattr(layer, attr)
     if isinstance(value, int):
         return [(value, value)] * n
+    if n == 1 and all(isinstance(v, int) for v in value):
+        return [tuple(value)]  # the 1D layers keep one `(begin, end)` pair
     return [_tuple(v, 2) for v in value]
 
 

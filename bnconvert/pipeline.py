@@ -187,7 +187,10 @@ def run(options, progress=None, cancelled=None):
                 result.output = plan.output
             data = report.to_dict()
         else:
-            result.onnx = _write_onnx(staged, converted, plan.output, options, progress)
+            result.onnx = _write_onnx(
+                staged, converted, plan.output, options, progress,
+                (conversion.sample, conversion.actual),
+            )
             result.output = plan.output
             _stop_if(cancelled)
             if plan.keras_out is not None:
@@ -224,7 +227,7 @@ def _write_model(staged, model, out, fmt, progress, check):
         check(tmp, fmt, out)
 
 
-def _write_onnx(staged, model, out, options, progress):
+def _write_onnx(staged, model, out, options, progress, reference):
     from bnconvert import onnx_export
 
     # export_onnx writes its file atomically itself: give it a free name.
@@ -234,6 +237,7 @@ def _write_onnx(staged, model, out, options, progress):
         onnx = onnx_export.export_onnx(
             model, tmp, opset=options.opset, tolerance=options.tolerance,
             atol=options.atol, check=options.check, exporter=options.exporter,
+            reference=reference if reference[1] is not None else None,
         )
     return dataclasses.replace(onnx, path=str(out))
 

@@ -72,3 +72,66 @@ def test_opset_the_exporter_cannot_do(synced_model_file, tmp_path):
 def test_output_must_be_onnx(synced_model_file, tmp_path):
     result = _run("to-inference", synced_model_file, "-o", tmp_path / "m.keras")
     _assert_one_line_error(result, ".onnx")
+
+
+# -- choosing the exporter -----------------------------------------------------
+
+
+def _report(path):
+    import json
+
+    return json.loads(path.read_text())["onnx"]
+
+
+@pytest.mark.parametrize("choice", ["auto", "native", "tf2onnx"])
+def test_exporter_choice_is_taken_and_reported(synced_model_file, tmp_path, choice):
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    result = _run("to-inference", synced_model_file, "-o", out, "--exporter", choice,
+                  "--report", report)
+    assert result.exit_code == 0, result.output
+    taken = "tf2onnx" if choice == "tf2onnx" else "native"
+    assert f"exporter: {taken}" in result.stdout
+    assert _report(report)["exporter"] == taken
+    # The file written is the one that passed the check: run it again here.
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["sbn3"]
+
+
+@keras.saving.register_keras_serializable(package="test_cli_inference")
+class Rot90(L.Layer):
+    """A layer calling TensorFlow directly: nothing symbolic to open."""
+
+    def call(self, x):
+        import tensorflow as tf
+
+        return tf.image.rot90(x)
+
+
+@pytest.fixture(scope="module")
+def uncovered_model_file(tmp_path_factory):
+    inputs = keras.Input((6, 6, 3), name="image")
+    y = L.BatchNormalization(name="bn")(L.Conv2D(4, 3, name="conv")(inputs))
+    y = Rot90(name="rot")(y)
+    path = tmp_path_factory.mktemp("uncovered") / "rot.keras"
+    keras.Model(inputs, y).save(path)
+    return path
+
+
+def test_native_exporter_names_what_it_does_not_cover(uncovered_model_file, tmp_path):
+    result = _run("to-inference", uncovered_model_file, "-o", tmp_path / "m.onnx",
+                  "--exporter", "native", "--custom-objects", __name__)
+    _assert_one_line_error(result, "native ONNX exporter does not cover", "'rot' (Rot90")
+    assert not list(tmp_path.iterdir())
+
+
+def test_auto_falls_back_to_tf2onnx_and_says_why(uncovered_model_file, tmp_path):
+    result = _run("to-inference", uncovered_model_file, "-o", tmp_path / "m.onnx",
+                  "--custom-objects", __name__)
+    assert result.exit_code == 0, result.output
+    line = [l for l in result.stdout.splitlines() if l.startswith("exporter:")]
+    assert len(line) == 1 and "tf2onnx" in line[0]
+    assert "native exporter does not cover 'rot' (Rot90" in line[0]
+    assert (tmp_path / "m.onnx").exists()
