@@ -145,10 +145,11 @@ def merge(op_type, scale=None):
     def emit(g, call):
         values = _same_layout(g, list(call.inputs))
         names = [v.name for v in values]
-        if op_type == "Sub":
-            name = g.node("Sub", names, call.base)
-        else:
-            name = g.node(op_type, names, call.base)
+        # Binary ops, not the variadic Sum/Mul/Max/Min: onnxruntime fuses a
+        # Conv with the Add (and Relu) after it, never with a Sum.
+        name = names[0]
+        for other in names[1:]:
+            name = g.node(op_type, [name, other], call.base)
         if scale == "mean":
             name = g.node("Mul", [name, g.scalar(1.0 / len(names))], call.base)
         return [call.out(name, values[0].perm)]
@@ -268,8 +269,8 @@ EMITTERS = {
     **{f"Cropping{n}D": cropping for n in (1, 2, 3)},
     **{f"UpSampling{n}D": upsampling for n in (1, 2, 3)},
     **{name: identity for name in IDENTITY},
-    "Add": merge("Sum"), "Subtract": merge("Sub"), "Multiply": merge("Mul"),
-    "Maximum": merge("Max"), "Minimum": merge("Min"), "Average": merge("Sum", "mean"),
+    "Add": merge("Add"), "Subtract": merge("Sub"), "Multiply": merge("Mul"),
+    "Maximum": merge("Max"), "Minimum": merge("Min"), "Average": merge("Add", "mean"),
     "Concatenate": concatenate,
     "Flatten": flatten, "Reshape": reshape, "Permute": permute,
     "Activation": activation_layer, "ReLU": activation_layer, "LeakyReLU": activation_layer,

@@ -316,12 +316,12 @@ for _mode in ("nearest", "bilinear"):
              ["Resize"])
 
 # Merging.
-for _cls, _op in (("Add", "Sum"), ("Subtract", "Sub"), ("Multiply", "Mul"), ("Average", "Sum"),
+for _cls, _op in (("Add", "Add"), ("Subtract", "Sub"), ("Multiply", "Mul"), ("Average", "Add"),
                   ("Maximum", "Max"), ("Minimum", "Min")):
     case(f"merge_{_cls.lower()}",
          two_branches(S2, lambda K, ab, c=_cls: getattr(K.layers, c)()(ab)), [_op])
 case("merge_add_three", body(S2, lambda K, y: K.layers.Add()(
-    [y, K.layers.Conv2D(6, 1)(y), K.layers.ReLU()(y)])), ["Sum"])
+    [y, K.layers.Conv2D(6, 1)(y), K.layers.ReLU()(y)])), ["Add"])
 case("concatenate_last", two_branches(S2, lambda K, ab: K.layers.Concatenate()(ab)), ["Concat"])
 case("concatenate_axis1", two_branches(S2, lambda K, ab: K.layers.Concatenate(axis=1)(ab)),
      ["Concat"])
@@ -350,7 +350,7 @@ case("permute_then_conv", body(S2, lambda K, y: K.layers.Conv2D(4, 3)(
 case("permute_channels_first_flatten",
      body(S2, lambda K, y: K.layers.Flatten()(K.layers.Permute((3, 1, 2))(y))), ["Flatten"])
 case("permute_add_mixed_layouts", body(S2, lambda K, y: K.layers.Add()(
-    [K.layers.Permute((2, 1, 3))(y), y])), ["Sum"])
+    [K.layers.Permute((2, 1, 3))(y), y])), ["Add"])
 case("permute_rank3", body(S1, lambda K, y: K.layers.Dense(3)(K.layers.Permute((2, 1))(y))))
 for _cls in ("Dropout", "SpatialDropout2D", "GaussianNoise"):
     case(f"identity_{_cls.lower()}",
@@ -489,7 +489,7 @@ def _shared(K, y):
     return L.Add()([shared(L.ReLU()(a)), a])
 
 
-case("shared_layer_twice", body(S2, _shared), ["Conv", "Sum"])
+case("shared_layer_twice", body(S2, _shared), ["Conv", "Add"])
 
 
 def _sequential(K):
@@ -524,7 +524,7 @@ tfk("global_avgpool", body(S2, lambda K, y: K.layers.GlobalAveragePooling2D()(y)
     ["GlobalAveragePool"])
 tfk("zero_padding2d", body(S2, lambda K, y: K.layers.ZeroPadding2D(((1, 2), (0, 3)))(y)), ["Pad"])
 tfk("concatenate", two_branches(S2, lambda K, ab: K.layers.Concatenate()(ab)), ["Concat"])
-tfk("add", two_branches(S2, lambda K, ab: K.layers.Add()(ab)), ["Sum"])
+tfk("add", two_branches(S2, lambda K, ab: K.layers.Add()(ab)), ["Add"])
 tfk("hard_sigmoid", body(S2, lambda K, y: K.layers.Activation("hard_sigmoid")(y)),
     ["HardSigmoid"])
 tfk("relu6", body(S2, lambda K, y: K.layers.ReLU(max_value=6.0)(y)), ["Clip"])
