@@ -23,6 +23,7 @@ import dataclasses
 import io
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -142,10 +143,23 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
     batches = [sample] + extra
 
     def checked(data):
-        if not check:
-            return (None, None)
-        return _compare(model, data, input_names, output_names, batches, tolerance, atol,
-                        known)
+        """Checks `data` while writing it aside; it becomes `path` only if it passes."""
+        try:
+            with paths.atomic_file(path) as tmp:
+                # The 100 MB write of a ResNet50 overlaps onnxruntime's check
+                # (file I/O releases the GIL); a failed check removes it.
+                writer = _Writer(tmp, data)
+                try:
+                    if not check:
+                        return (None, None)
+                    return _compare(model, data, input_names, output_names, batches,
+                                    tolerance, atol, known)
+                finally:
+                    writer.finish()
+        except OSError as e:
+            raise OutputError(
+                f"Cannot write the ONNX file ({e.strerror or e}). Received: path={path!r}"
+            ) from None
 
     written = None
     why = ""
@@ -161,13 +175,6 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
     if written is None:
         written = _with_tf2onnx(model, input_names, output_names, opset, checked, why)
     data, diffs, name, note, seconds, proto_opset = written
-    try:
-        with paths.atomic_file(path) as tmp:
-            tmp.write_bytes(data)
-    except OSError as e:
-        raise OutputError(
-            f"Cannot write the ONNX file ({e.strerror or e}). Received: path={path!r}"
-        ) from None
     return OnnxExportResult(
         path=path,
         opset=proto_opset,
@@ -183,6 +190,26 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
         exporter_note=note,
         seconds=seconds,
     )
+
+
+class _Writer:
+    """Writes bytes to a file in a thread; `finish` waits and re-raises its error."""
+
+    def __init__(self, path, data):
+        self.error = None
+        self.thread = threading.Thread(target=self._write, args=(path, data), daemon=True)
+        self.thread.start()
+
+    def _write(self, path, data):
+        try:
+            path.write_bytes(data)
+        except OSError as e:
+            self.error = e
+
+    def finish(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 class _NativeFailed(Exception):

@@ -19,7 +19,6 @@ import dataclasses
 import numpy as np
 import onnx
 from onnx import helper
-from onnx import numpy_helper
 
 FLOAT = onnx.TensorProto.FLOAT
 
@@ -112,7 +111,8 @@ class Graph:
     def constant(self, array, base, dtype=np.float32):
         """An initializer holding `array`; returns its name."""
         name = self.unique(base)
-        self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
+        # Kept as arrays: `model` writes each into the final proto once.
+        self.initializers.append((name, np.ascontiguousarray(array, dtype=dtype)))
         return name
 
     def scalar(self, value, dtype=np.float32):
@@ -192,13 +192,21 @@ class Graph:
 
         graph = helper.make_graph(
             self.nodes, name, [info(*i) for i in inputs], [info(*o) for o in outputs],
-            initializer=self.initializers,
         )
         opsets = [helper.make_opsetid("", self.opset)]
-        return helper.make_model(
+        model = helper.make_model(
             graph, opset_imports=opsets, producer_name=producer,
             ir_version=helper.find_min_ir_version_for(opsets),
         )
+        # Filled in place: `make_graph` and `make_model` copy what they are
+        # given, which for ResNet50 is 100 MB twice.
+        for tensor_name, array in self.initializers:
+            tensor = model.graph.initializer.add()
+            tensor.name = tensor_name
+            tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+            tensor.dims.extend(array.shape)
+            tensor.raw_data = array.tobytes()
+        return model
 
 
 @dataclasses.dataclass
