@@ -17,15 +17,15 @@ several rounds and the medians compared, so machine noise hits both sides.
 Targets: ours / keras-sync <= 0.95 at 2 and 4 replicas, ours / single <= 1.05
 without a strategy.
 
-P5 (scale): values all-reduced per layer call, counted at run time by
-wrapping `tf.distribute.ReplicaContext.all_reduce`, and training-step time at
-2, 4, 8 and 16 replicas for ours (the exchange the replica count selects),
-each of our two exchanges forced (`table`, `centered`) and keras-sync; and
-the payload per training step of ResNet50's BN layers at R = 64, 256, 1024.
-`--firing` measures how often the centered sums need their second exchange.
+P5 (scale): all-reduces, values and bytes per layer call, counted at run
+time by wrapping `tf.distribute.ReplicaContext.all_reduce`, and training-step
+time at 2, 4, 8 and 16 replicas for each of our two exchanges forced
+(`table`, `centered`) and keras-sync, alternating in one run (`--repeat N`:
+N runs, medians of the ratios); and the payload per training step of
+ResNet50's BN layers at R = 64, 256, 1024.
 
 Usage:
-    python benchmarks/sync_bn.py [--quick] [--only p1,p2,p5] [--firing]
+    python benchmarks/sync_bn.py [--quick] [--only p1,p2,p5] [--repeat N]
 """
 
 import argparse
@@ -265,8 +265,8 @@ def main():
                         help="smoke run: shallow net, few rounds (timings meaningless)")
     parser.add_argument("--only", default="p1,p2,p5",
                         help="comma-separated figures to run (default: p1,p2,p5)")
-    parser.add_argument("--firing", action="store_true",
-                        help="also measure how often the second exchange fires")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="P5 step times: runs of the whole comparison (medians)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     print(f"bnconvert {bnconvert.__version__}, TensorFlow {tf.__version__}, "
@@ -280,11 +280,7 @@ def main():
     if "p5" in only:
         import sync_bn_scale
 
-        sync_bn_scale.p5(sys.modules[__name__], args.quick)
-    if args.firing:
-        import sync_bn_scale
-
-        sync_bn_scale.firing(sys.modules[__name__], args.quick)
+        sync_bn_scale.p5(sys.modules[__name__], args.quick, args.repeat)
 
 
 if __name__ == "__main__":
