@@ -1,38 +1,33 @@
 """P5 of `benchmarks/sync_bn.py`: what the exchange costs as the replica count grows.
 
-Run through `python benchmarks/sync_bn.py --only p5 [--firing]`; this module
+Run through `python benchmarks/sync_bn.py --only p5 [--repeat 3]`; this module
 borrows the strategies, the conv net and the timing loop of that script
 (passed in as `bench`), so that all figures come from one process.
 
-- Values all-reduced per layer call: `tf.distribute.ReplicaContext.all_reduce`
-  is wrapped so that every call adds the size of what it sends to counters,
-  at run time (the second exchange of the centered sums is sized at run
-  time, 0 values unless it fires). Forward alone, then forward + backward
+- Collectives, values and bytes all-reduced per layer call:
+  `tf.distribute.ReplicaContext.all_reduce` (which `sync_stats.all_reduce`
+  calls, and keras-sync too) is wrapped so that every call adds what it
+  sends to counters, at run time. Forward alone, then forward + backward
   (the gradient of an all-reduce SUM is an all-reduce of the same size).
-- Training-step time at 2, 4, 8, 16 replicas: ours (the exchange the replica
-  count selects), each of our exchanges forced, and keras-sync, measured
-  alternately in the same run; ratios against keras-sync.
+- Training-step time at 2, 4, 8, 16 replicas: each of our exchanges forced
+  (`table`, `centered`) and keras-sync, measured alternately in the same
+  run; ratios against keras-sync and centered / table. `--repeat N` runs
+  the whole comparison N times (fresh models each time) and reports the
+  medians of the ratios.
 - ResNet50: the payload per training step (forward + backward, every BN
-  layer) from the per-call counts, at R = 64, 256, 1024.
-- `firing()`: how often the centered sums need their second exchange, over a
-  few hundred steps of `examples/train_mirrored.py`-style training and from
-  scratch on data with mean 1000 and standard deviation 0.01.
+  layer) from the per-call byte counts, at R = 64, 256, 1024.
 """
 
 import contextlib
-import os
 import statistics
-import sys
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-import bnconvert
 from bnconvert import sync_stats
 
 REPLICAS = (2, 4, 8, 16)
-FLOAT_BYTES = 4
 
 
 @contextlib.contextmanager
@@ -53,15 +48,18 @@ VARIANTS = {
     "centered": ("ours", 1),
     "keras-sync": ("keras_sync", None),
 }
+# Timed: "ours" is one of table / centered, whichever the replica count picks.
+TIMED = ("table", "centered", "keras-sync")
 
 
 class Counter:
-    """Run-time counts of `ReplicaContext.all_reduce` calls and values."""
+    """Run-time counts of `ReplicaContext.all_reduce` calls, values and bytes."""
 
     def __init__(self):
         with tf.init_scope():
             self.calls = tf.Variable(0, dtype=tf.int64, trainable=False)
             self.values = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self.bytes = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._original = tf.distribute.ReplicaContext.all_reduce
 
     @contextlib.contextmanager
@@ -72,7 +70,9 @@ class Counter:
         def counting(ctx, reduce_op, value, options=None):
             for t in tf.nest.flatten(value):
                 counter.calls.assign_add(1)
-                counter.values.assign_add(tf.cast(tf.size(t), tf.int64))
+                size = tf.cast(tf.size(t), tf.int64)
+                counter.values.assign_add(size)
+                counter.bytes.assign_add(size * t.dtype.size)
             return original(ctx, reduce_op, value, options)
 
         tf.distribute.ReplicaContext.all_reduce = counting
@@ -82,14 +82,15 @@ class Counter:
             tf.distribute.ReplicaContext.all_reduce = original
 
     def read(self, replicas):
-        out = int(self.calls.numpy()) // replicas, int(self.values.numpy()) // replicas
-        self.calls.assign(0)
-        self.values.assign(0)
+        """`(calls, values, bytes)` per replica since the last read."""
+        out = tuple(int(v.numpy()) // replicas for v in (self.calls, self.values, self.bytes))
+        for v in (self.calls, self.values, self.bytes):
+            v.assign(0)
         return out
 
 
 def per_call_values(bench, variant, replicas, channels, counter):
-    """`(calls, values)` per replica for one forward and one forward+backward."""
+    """`(calls, values, bytes)` per replica: forward, then forward+backward."""
     make, forced = VARIANTS[variant]
     strat = bench.strategy(replicas)
     x = np.random.default_rng(0).normal(size=(2 * replicas, 4, 4, channels))
@@ -130,7 +131,8 @@ def step_times(bench, replicas, quick):
     x = rs.randn(batch, 8, 8, 16).astype(np.float32)
     y = rs.randn(batch, 10).astype(np.float32)
     fns = {}
-    for name, (make, forced) in VARIANTS.items():
+    for name in TIMED:
+        make, forced = VARIANTS[name]
         with threshold(forced):
             fn = bench.make_step(getattr(bench, make), replicas, x, y, depth)
             bench.timed(fn, 1)  # traced under the forced threshold
@@ -153,142 +155,62 @@ def resnet50_bn_channels():
     return len(sizes), sum(sizes)
 
 
-def p5(bench, quick):
+def p5(bench, quick, repeat=1):
     channels = 64
     counter = Counter()
     # --quick is a smoke run (the test suite runs it): two replica counts.
     replica_counts = REPLICAS[:2] if quick else REPLICAS
-    print(f"P5  scale: values all-reduced per replica per layer call (C={channels}, "
-          "counted at run time) and training-step time")
+    print(f"P5  scale: all-reduces, values and bytes per replica per layer call "
+          f"(C={channels}, counted at run time) and training-step time; "
+          f"TABLE_MAX_REPLICAS = {sync_stats.TABLE_MAX_REPLICAS}")
     print(f"    {'R':>3}  {'variant':<11}{'fwd calls':>10}{'fwd values':>11}"
-          f"{'fwd+bwd values':>15}{'per C (fwd)':>12}")
+          f"{'fwd bytes':>10}{'fwd+bwd bytes':>14}{'bytes/C':>9}")
     measured = {}
     for replicas in replica_counts:
         for variant in VARIANTS:
-            (fc, fv), (_, bv) = per_call_values(bench, variant, replicas, channels, counter)
-            measured[replicas, variant] = (fc, fv, bv)
-            print(f"    {replicas:>3}  {variant:<11}{fc:>10}{fv:>11}{bv:>15}"
-                  f"{fv / channels:>12.2f}")
-    centered_fwd = measured[replica_counts[-1], "centered"][1]
-    print(f"    centered payload {centered_fwd} values = {centered_fwd / channels:.3f} C "
-          f"(target <= 4C + 1 = {4 * channels + 1}): "
-          f"{'met' if centered_fwd <= 4 * channels + 1 else 'NOT met'}")
+            (fc, fv, fb), (_, _, bb) = per_call_values(
+                bench, variant, replicas, channels, counter)
+            measured[replicas, variant] = (fc, fv, fb, bb)
+            print(f"    {replicas:>3}  {variant:<11}{fc:>10}{fv:>11}{fb:>10}{bb:>14}"
+                  f"{fb / channels:>9.2f}")
+    centered = {measured[r, "centered"][2] for r in replica_counts}
+    print(f"    centered bytes per call at every R: {sorted(centered)} "
+          f"(8 * (2C + 1) = {8 * (2 * channels + 1)})")
 
-    print(f"    step time (conv net, {4 if quick else DEPTH} BN layers, global batch 32), "
-          "median ms; ratio to keras-sync")
-    print(f"    {'R':>3}" + "".join(f"{n:>12}" for n in VARIANTS)
-          + "   ours/keras  table/keras  centered/keras")
-    rows = {}
+    depth = 4 if quick else DEPTH
+    print(f"    step time (conv net, {depth} BN layers, global batch max(32, 2R)), "
+          f"median ms of alternating rounds; ratios; {repeat} run(s)")
+    print(f"    {'R':>3}{'run':>4}" + "".join(f"{n:>12}" for n in TIMED)
+          + "  table/keras  centered/keras  centered/table")
+    ratios = {}
     for replicas in replica_counts:
-        t = step_times(bench, replicas, quick)
-        rows[replicas] = t
-        k = t["keras-sync"]
-        print(f"    {replicas:>3}" + "".join(f"{t[n] * 1e3:>12.2f}" for n in VARIANTS)
-              + f"   {t['ours'] / k:>10.3f}  {t['table'] / k:>11.3f}"
-              f"  {t['centered'] / k:>14.3f}")
-    cross = [r for r in replica_counts if rows[r]["centered"] < rows[r]["table"]]
-    print(f"    centered faster than table at R = {cross or 'none measured'}; "
-          f"TABLE_MAX_REPLICAS = {sync_stats.TABLE_MAX_REPLICAS}")
+        for run in range(repeat):
+            t = step_times(bench, replicas, quick)
+            k = t["keras-sync"]
+            row = (t["table"] / k, t["centered"] / k, t["centered"] / t["table"])
+            ratios.setdefault(replicas, []).append(row)
+            print(f"    {replicas:>3}{run + 1:>4}" + "".join(f"{t[n] * 1e3:>12.2f}" for n in TIMED)
+                  + f"  {row[0]:>11.3f}  {row[1]:>14.3f}  {row[2]:>14.3f}", flush=True)
+    print("    medians over runs:  table/keras  centered/keras  centered/table")
+    for replicas in replica_counts:
+        med = [statistics.median(col) for col in zip(*ratios[replicas])]
+        print(f"    R = {replicas:>2}{'':>12}{med[0]:>11.3f}  {med[1]:>14.3f}  {med[2]:>14.3f}")
 
     layers, total_c = resnet50_bn_channels()
     print(f"    ResNet50: {layers} BN layers, {total_c} channels; payload per training "
-          "step (forward + backward, all BN layers)")
-    print(f"    {'R':>6}{'table MB':>11}{'centered MB':>13}{'+ if every 2nd fires':>22}"
-          f"{'keras-sync MB':>15}")
-    # Per layer: table 2 * R * 4C; centered 2 * (2C + 1) (+ 2 * 2C if the
-    # second exchange fires); keras-sync as measured per call, scaled in C.
-    ks_fv, ks_bv = measured[replica_counts[-1], "keras-sync"][1:]
+          "step (forward + backward, all BN layers), from the measured bytes per call")
+    print(f"    {'R':>6}{'table MB':>11}{'centered MB':>13}{'keras-sync MB':>15}")
+    last = replica_counts[-1]
+    # Per layer and channel, as measured at C = 64: table 2 * R * 4 * 4
+    # bytes; centered 2 * 8 * 2 (+ 2 * 8 per layer for the count).
+    table_per_rc = measured[last, "table"][3] / (last * channels)
+    centered_fixed = 2 * 8  # the count, forward and backward
+    centered_per_c = (measured[last, "centered"][3] - centered_fixed) / channels
+    keras_per_c = measured[last, "keras-sync"][3] / channels
     for replicas in (64, 256, 1024):
-        table = 2 * replicas * 4 * total_c
-        centered = 2 * (2 * total_c + layers)
-        fired = centered + 2 * 2 * total_c
-        keras_sync = ks_bv / channels * total_c
-        mb = lambda v: v * FLOAT_BYTES / 1e6
-        print(f"    {replicas:>6}{mb(table):>11.1f}{mb(centered):>13.3f}{mb(fired):>22.3f}"
-              f"{mb(keras_sync):>15.3f}")
-    return measured, rows
-
-
-class FireCounter:
-    """Counts the centered sums' second exchanges that carried values."""
-
-    def __init__(self):
-        with tf.init_scope():
-            self.calls = tf.Variable(0, dtype=tf.int64, trainable=False)
-            self.nonempty = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.original = sync_stats.all_reduce
-
-    def __call__(self, ctx, value):
-        self.calls.assign_add(1)
-        self.nonempty.assign_add(tf.cast(tf.size(value) > 0, tf.int64))
-        return self.original(ctx, value)
-
-    def rate(self, replicas):
-        calls = int(self.calls.numpy()) // replicas // 2
-        fired = int(self.nonempty.numpy()) // replicas - calls
-        return fired, calls
-
-
-def _fit_counting(model_fn, strat, data, steps, memory=True):
-    counter = FireCounter()
-    sync_stats.all_reduce = counter
-    try:
-        with threshold(1), strat.scope():
-            model = model_fn()
-            if not memory:
-                for layer in model.layers:
-                    if isinstance(layer, bnconvert.SyncBatchNormalization):
-                        layer._memory.variable = None
-            model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
-    finally:
-        sync_stats.all_reduce = counter.original
-    return counter.rate(strat.num_replicas_in_sync)
-
-
-def firing(bench, quick):
-    steps = 20 if quick else 300
-    replicas = 4
-    strat = bench.strategy(replicas)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(root, "examples"))
-    from make_small_model import build_small_resnet, randomize_batchnorm
-
-    print(f"P5  second exchange of the centered sums: fired / layer calls, {steps} "
-          f"steps, {replicas} replicas (centered forced), CANCELLATION_RATIO = "
-          f"{sync_stats.CANCELLATION_RATIO}")
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(256, 32, 32, 3)).astype("float32")
-    y = rng.integers(0, 10, size=256)
-    data = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(16)
-
-    def resnet():
-        original = build_small_resnet()
-        randomize_batchnorm(original)
-        model = bnconvert.convert_model(original, verify=False)
-        model.compile(optimizer=keras.optimizers.SGD(0.05),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        return model
-
-    offset_x = (1000.0 + 0.1 * rng.random(8) + 0.01 * rng.normal(size=(1024, 8)))
-    offset_y = rng.normal(size=(1024, 1))
-    offset_data = tf.data.Dataset.from_tensor_slices(
-        (offset_x.astype("float32"), offset_y.astype("float32"))).repeat().batch(32)
-
-    def from_scratch():
-        inputs = keras.Input((8,))
-        h = bnconvert.SyncBatchNormalization(name="bn0")(inputs)
-        h = keras.layers.Dense(8, activation="relu")(h)
-        h = bnconvert.SyncBatchNormalization(name="bn1")(h)
-        model = keras.Model(inputs, keras.layers.Dense(1)(h))
-        model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
-        return model
-
-    cases = [
-        ("small ResNet (train_mirrored.py), random BN statistics", resnet, data, True),
-        ("mean 1000, std 0.01 from scratch", from_scratch, offset_data, True),
-        ("  same, reference = moving mean only", from_scratch, offset_data, False),
-    ]
-    for label, fn, ds, memory in cases:
-        fired, calls = _fit_counting(fn, strat, ds, steps, memory)
-        print(f"    {label:<56}{fired:>6} / {calls:<6} = {fired / max(calls, 1):.4f}")
+        mb = lambda b: b / 1e6
+        table = table_per_rc * replicas * total_c
+        centered = centered_per_c * total_c + centered_fixed * layers
+        print(f"    {replicas:>6}{mb(table):>11.1f}{mb(centered):>13.3f}"
+              f"{mb(keras_per_c * total_c):>15.3f}")
+    return measured, ratios

@@ -20,7 +20,7 @@ from bnconvert import sync_stats
 
 
 def batch_moments(x, reduction_axes, weights=None, *, group_size=None,
-                  memory=None, fallback_reference=None, epsilon=1e-3):
+                  memory=None, fallback_reference=None):
     """Moments of the global (or group) batch, or of the local one without replicas.
 
     Args:
@@ -32,7 +32,6 @@ def batch_moments(x, reduction_axes, weights=None, *, group_size=None,
             mean; read as the reference of the centered sums and updated.
         fallback_reference: the reference where `memory` holds none (the
             moving mean, identical on every replica).
-        epsilon: the layer's epsilon.
 
     Returns:
         A `sync_stats.GlobalMoments` with `keepdims=True` fields.
@@ -41,7 +40,7 @@ def batch_moments(x, reduction_axes, weights=None, *, group_size=None,
     if ctx is not None:
         return sync_stats.global_moments(
             x, reduction_axes, ctx, weights, group_size=group_size,
-            reference=fallback_reference, epsilon=epsilon, memory=memory,
+            reference=fallback_reference, memory=memory,
         )
     count, shift, mu, m2 = sync_stats.local_moments(x, reduction_axes, weights)
     return sync_stats.GlobalMoments(

@@ -22,10 +22,9 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
     normalizes with the mean and variance of the *global* batch: every example
     on every replica, each replica weighted by how many examples it holds, so
     uneven and empty per-replica batches are handled exactly. The statistics
-    travel in one all-reduce of a `[replicas, 4C]` table up to 16 replicas, and
-    above that as `2C + 1` sums around a reference every replica holds,
-    whatever the replica count, with a second (otherwise empty) exchange
-    only when float32 cancellation is detected. Both stay accurate when a
+    travel in one all-reduce per call: a `[replicas, 4C]` table at few
+    replicas, above that `2C + 1` float64 sums around a reference every
+    replica holds, whatever the replica count. Both stay accurate when a
     channel's mean is large compared to its spread (see
     `bnconvert.sync_stats`). `sync_group_size` restricts the statistics to
     groups of consecutive replicas.
@@ -306,7 +305,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             moments = bn_math.batch_moments(
                 x, self._reduction_axes, weights,
                 group_size=self.sync_group_size, memory=self._memory,
-                fallback_reference=self.moving_mean, epsilon=self.epsilon,
+                fallback_reference=self.moving_mean,
             )
 
         gamma = self._param(self.gamma, compute_dtype)

@@ -1,4 +1,4 @@
-"""Test session setup: quiet TensorFlow and four logical CPU devices.
+"""Test session setup: quiet TensorFlow and sixteen logical CPU devices.
 
 The logical devices must exist before TensorFlow initialises its runtime,
 so this runs once, before any test module imports the package.
@@ -12,7 +12,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import tensorflow as tf  # noqa: E402
 
-N_LOGICAL_CPUS = 4
+# Up to 16 replicas: the exchange tests count what each replica count sends.
+N_LOGICAL_CPUS = 16
 
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(

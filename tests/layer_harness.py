@@ -84,11 +84,9 @@ class ExchangeCounter:
     """Counts, at run time, what the layer's collective carries.
 
     Wraps `bnconvert.sync_stats.all_reduce` (install with `monkeypatch`).
-    Every call adds, on every replica, the number of values sent to plain
-    variables living outside the strategy; dividing by the replica count
-    gives per-replica figures. The second exchange of the centered sums is
-    empty unless it fired, so `fired` counts the calls that carried values
-    beyond the first one of each layer call.
+    Every call adds, on every replica, the number of values and of bytes sent
+    to plain variables living outside the strategy; dividing by the replica
+    count gives per-replica figures.
     """
 
     def __init__(self, sync_stats):
@@ -96,20 +94,19 @@ class ExchangeCounter:
         with tf.init_scope():
             self.calls = tf.Variable(0, dtype=tf.int64, trainable=False)
             self.values = tf.Variable(0, dtype=tf.int64, trainable=False)
-            self.empty = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.sizes = []
+            self.bytes = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def __call__(self, ctx, value):
         size = tf.cast(tf.size(value), tf.int64)
         self.calls.assign_add(1)
         self.values.assign_add(size)
-        self.empty.assign_add(tf.cast(tf.equal(size, 0), tf.int64))
+        self.bytes.assign_add(size * value.dtype.size)
         return self._original(ctx, value)
 
     def reset(self):
-        for v in (self.calls, self.values, self.empty):
+        for v in (self.calls, self.values, self.bytes):
             v.assign(0)
 
     def per_replica(self, replicas):
-        """`(calls, values, empty calls)` per replica."""
-        return tuple(int(v.numpy()) // replicas for v in (self.calls, self.values, self.empty))
+        """`(calls, values, bytes)` per replica."""
+        return tuple(int(v.numpy()) // replicas for v in (self.calls, self.values, self.bytes))

@@ -3,7 +3,9 @@
 Reference: NumPy float64 batch normalization on the concatenated batch of the
 whole strategy or of each replica group (`tests/bn_reference.py`). The
 exchange is chosen by patching `sync_stats.TABLE_MAX_REPLICAS`; what the
-collective carries is counted at run time by `layer_harness.ExchangeCounter`.
+collective carries (calls, values, bytes) is counted at run time by
+`layer_harness.ExchangeCounter`. Every path makes exactly one collective per
+layer call.
 """
 
 import zlib
@@ -26,8 +28,8 @@ FLAVOURS = {
     "keras3": bnconvert.SyncBatchNormalization,
     "tf_keras": bnconvert.compat.SyncBatchNormalization,
 }
-# R = 4 logical devices: the table at TABLE_MAX_REPLICAS >= 4, the centered
-# sums below.
+# The table at TABLE_MAX_REPLICAS >= R (16 logical devices at most), the
+# centered sums below.
 METHODS = {"table": 64, "centered": 1}
 SHAPE, AXIS = (3, 3, 4), -1
 CHANNELS = 4
@@ -86,9 +88,8 @@ def make_data(rng, sizes, offset):
 @pytest.mark.parametrize("sizes", [[5, 1, 4, 2], [6, 0, 4, 2]], ids=["uneven", "empty"])
 @pytest.mark.parametrize("start", ["near", "far"])
 def test_both_exchanges_match_float64(monkeypatch, counter, flavour, method, sizes, start):
-    # "near": the moving mean (the first reference) is the batch mean, so the
-    # centered sums need one exchange; "far": the data sit at 50 while the
-    # moving mean is 0, and the second exchange must fire.
+    # "near": the moving mean (the first reference) is the batch mean; "far":
+    # the data sit at 50 while the moving mean is 0. One collective either way.
     use_method(monkeypatch, method)
     rng = np.random.default_rng(zlib.crc32(repr((flavour, method, sizes, start)).encode()))
     x = make_data(rng, sizes, 50.0)
@@ -115,21 +116,19 @@ def test_both_exchanges_match_float64(monkeypatch, counter, flavour, method, siz
     assert_close(layer.moving_variance.numpy(),
                  0.9 * w["moving_variance"] + 0.1 * batch_var, 1e-5, "moving_variance")
 
-    calls, values, empty = counter.per_replica(4)
+    calls, values, sent = counter.per_replica(4)
     if method == "table":
-        assert (calls, values) == (1, 4 * 4 * CHANNELS)
+        assert (calls, values, sent) == (1, 4 * 4 * CHANNELS, 4 * 4 * 4 * CHANNELS)
     else:
-        fired = start == "far"
-        assert calls == 2 and empty == (0 if fired else 1)
-        assert values == (2 * CHANNELS + 1) + (2 * CHANNELS if fired else 0)
+        assert (calls, values, sent) == (1, 2 * CHANNELS + 1, 8 * (2 * CHANNELS + 1))
 
 
-def offset_step(strategy, layer, x):
+def offset_step(strategy, layer, x, sizes):
     @tf.function
     def run(v):
         return strategy.run(lambda t: layer(t, training=True), args=(v,))
 
-    shards = split(x, [len(x) // 4] * 4)
+    shards = split(x, sizes)
     values = strategy.experimental_distribute_values_from_function(
         lambda ctx: tf.constant(shards[ctx.replica_id_in_sync_group])
     )
@@ -137,26 +136,38 @@ def offset_step(strategy, layer, x):
     return np.concatenate([np.asarray(t, np.float64) for t in out])
 
 
+# Global batch 64: even, and uneven with one empty replica.
+OFFSET_SIZES = {
+    (4, "even"): [16] * 4,
+    (4, "uneven"): [30, 0, 20, 14],
+    (8, "even"): [8] * 8,
+    (8, "uneven"): [13, 3, 9, 0, 11, 7, 16, 5],
+}
+
+
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_offset_data_from_scratch_every_step(monkeypatch, counter, flavour, method):
-    # Mean 1000, std 0.01, moving statistics at their initializers (mean 0):
-    # at every step the error is no worse than single-device BN's, and with
-    # the centered sums only the first step needs the second exchange (the
-    # layer then centers on the previous step's mean).
+@pytest.mark.parametrize("replicas,split_name", sorted(OFFSET_SIZES))
+def test_offset_data_from_scratch_every_step(monkeypatch, counter, flavour, method,
+                                             replicas, split_name):
+    # Mean 1000, std 0.01, moving statistics at their initializers (mean 0,
+    # so the centered sums' first reference is 1e5 standard deviations
+    # away): at every step, the first included, the error against float64
+    # on the global batch is no worse than single-device BN's on the same
+    # batch, in one collective per call.
     use_method(monkeypatch, method)
     import keras
     import tf_keras
 
     plain = {"keras3": keras.layers.BatchNormalization,
              "tf_keras": tf_keras.layers.BatchNormalization}[flavour]
-    strategy = mirrored_strategy(4)
+    sizes = OFFSET_SIZES[replicas, split_name]
+    strategy = mirrored_strategy(replicas)
     with strategy.scope():
         layer = FLAVOURS[flavour](epsilon=EPSILON)
         layer.build((None, 8))
     single = plain(epsilon=EPSILON)
-    rng = np.random.default_rng(11)
-    fired = []
+    rng = np.random.default_rng(zlib.crc32(repr((flavour, method, sizes)).encode()))
     # Fixed channel means: each step draws a new batch of the same data.
     means = 1000.0 + 0.1 * rng.random(8)
     for step in range(5):
@@ -165,14 +176,72 @@ def test_offset_data_from_scratch_every_step(monkeypatch, counter, flavour, meth
         x64 = x.astype(np.float64)
         reference = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + EPSILON)
         counter.reset()
-        ours = np.abs(offset_step(strategy, layer, x) - reference).max()
+        ours = np.abs(offset_step(strategy, layer, x, sizes) - reference).max()
         theirs = np.abs(np.asarray(single(x, training=True), np.float64) - reference).max()
         assert ours <= theirs, f"step {step + 1}: {ours:.3g} > single {theirs:.3g}"
         assert ours < 1e-5, f"step {step + 1}: {ours:.3g}"
-        calls, _, empty = counter.per_replica(4)
-        fired.append(calls - empty - 1 if method == "centered" else 0)
-    if method == "centered":
-        assert fired == [1, 0, 0, 0, 0]
+        assert counter.per_replica(replicas)[0] == 1, f"step {step + 1}"
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("replicas", [2, 4, 8, 16])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+@pytest.mark.parametrize("group_size", [None, 2], ids=["all", "pairs"])
+def test_one_collective_per_call_and_its_size(monkeypatch, counter, method, replicas,
+                                              masked, group_size):
+    # Exactly one all-reduce per layer call on every path; the centered sums
+    # send 8 * (2C + 1) bytes (3C float64 values with a mask) per group
+    # whatever the replica count, the table 4R * 4C bytes of float32.
+    use_method(monkeypatch, method)
+    strategy = mirrored_strategy(replicas)
+    layer = build(bnconvert.SyncBatchNormalization, strategy, sync_group_size=group_size)
+    rng = np.random.default_rng(replicas)
+    x = (rng.normal(size=(2 * replicas,) + SHAPE) + 1000.0).astype("float32")
+    mask = rng.random((2 * replicas,) + SHAPE[:-1]) > 0.3
+
+    @tf.function
+    def run(v, m):
+        return strategy.run(
+            lambda t, k: layer(t, training=True, mask=k if masked else None), args=(v, m))
+
+    dist = lambda a: strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(split(a, [2] * replicas)[ctx.replica_id_in_sync_group]))
+    for _ in range(2):
+        counter.reset()
+        run(dist(x), dist(mask))
+        calls, values, sent = counter.per_replica(replicas)
+        groups = replicas // (group_size or replicas)
+        if method == "table":
+            assert (calls, values, sent) == (1, replicas * 4 * CHANNELS,
+                                             4 * replicas * 4 * CHANNELS)
+        else:
+            width = 3 * CHANNELS if masked else 2 * CHANNELS + 1
+            assert (calls, values, sent) == (1, groups * width, 8 * groups * width)
+
+
+class _FakeExtended:
+    def __init__(self, devices):
+        self.worker_devices = devices
+
+
+class _FakeStrategy:
+    def __init__(self, devices):
+        self.extended = _FakeExtended(devices)
+
+
+def test_no_centered_sums_where_float64_is_missing(monkeypatch):
+    # TPUs have no float64: a TPU strategy, or replicas on TPU devices, take
+    # the table (float32 only) whatever the replica count.
+    monkeypatch.setattr(sync_stats, "TABLE_MAX_REPLICAS", 4)
+    tpu = tf.distribute.TPUStrategy.__new__(tf.distribute.TPUStrategy)
+    on_tpu = _FakeStrategy([f"/job:worker/replica:0/task:0/device:TPU:{i}" for i in range(8)])
+    on_cpu = _FakeStrategy([f"/job:worker/replica:0/task:0/device:CPU:{i}" for i in range(8)])
+    assert sync_stats.method_for(8, tpu) == "table"
+    assert sync_stats.method_for(8, on_tpu) == "table"
+    assert sync_stats.method_for(8, on_cpu) == "centered"
+    assert sync_stats.method_for(8, mirrored_strategy(8)) == "centered"
+    assert sync_stats.method_for(4, on_cpu) == "table"
+    assert sync_stats.method_for(8, None) == "centered"
 
 
 def group_reference(x, dy, sizes, group_size, w):
@@ -235,7 +304,7 @@ def test_replica_groups_match_float64_per_group(monkeypatch, counter, flavour, m
     if method == "table":
         assert (calls, values) == (1, 4 * 4 * CHANNELS)
     else:
-        assert calls == 2 and values >= groups * (2 * CHANNELS + 1)
+        assert (calls, values) == (1, groups * (2 * CHANNELS + 1))
 
 
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
@@ -286,5 +355,4 @@ def test_masked_payload_carries_a_count_per_channel(monkeypatch, counter):
     mean, var = values.mean(0), values.var(0)
     expected = (x - mean) / np.sqrt(var + EPSILON) * layer.gamma.numpy() + layer.beta.numpy()
     assert_close(y, expected, 1e-5, "masked y")
-    calls, sent, empty = counter.per_replica(4)
-    assert calls == 2 and sent - (0 if empty else 2 * CHANNELS) == 3 * CHANNELS
+    assert counter.per_replica(4) == (1, 3 * CHANNELS, 8 * 3 * CHANNELS)

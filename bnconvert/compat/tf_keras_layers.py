@@ -54,9 +54,9 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
     normalizes with the mean and variance of the *global* batch: every
     example on every replica, each replica weighted by how many examples it
     holds (uneven and empty per-replica batches are exact). The statistics
-    travel as in the Keras 3 layer (`bnconvert.sync_stats`: a row table up
-    to 16 replicas, `2C + 1` centered sums above, accurate when a channel's mean
-    is large compared to its spread). Gradients are those of single-device
+    travel as in the Keras 3 layer (`bnconvert.sync_stats`: one all-reduce
+    per call, a row table at few replicas, `2C + 1` float64 centered sums
+    above, accurate when a channel's mean is large compared to its spread). Gradients are those of single-device
     batch normalization on the global batch. Under TF1-style graph
     execution the moving-statistic assignments are registered with
     `add_update` (two updates, as tf-keras BN), so `fit` runs them.
@@ -332,7 +332,6 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         moments = bn_math.batch_moments(
             x, self._reduction_axes, weights, group_size=self.sync_group_size,
             memory=self._memory, fallback_reference=self.moving_mean,
-            epsilon=self.epsilon,
         )
         mean, variance = moments.mean, moments.variance
         gamma, beta = self._param(self.gamma, dtype), self._param(self.beta, dtype)
