@@ -133,6 +133,7 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
             f"path. Received: path={path!r}"
         )
     opset = check_opset(opset, exporter)
+    model = _graph_view(model)
     input_names = _input_names(model)
     output_names = _output_names(model)
     extra = _user_batches(model, input_names, inputs)
@@ -320,12 +321,34 @@ def check_opset(opset, exporter=AUTO):
     return opset
 
 
-def _input_names(model):
-    if not model.inputs:
+def _graph_view(model):
+    """`model`, or for a subclassed model built from a shape, a Functional model calling it.
+
+    Both exporters need symbolic inputs and outputs; a subclassed model built
+    with `build(shape)` has neither. Its ONNX input is named `input` (or
+    `input_0`, ...) and its output after the model.
+    """
+    if internals.has_symbolic_inputs(model):
+        return model
+    specs = verify.input_specs(model)
+    if specs is None:
         raise ConversionError(
             f"Model '{model.name}' has no defined inputs; build it on a keras.Input "
-            "before exporting."
+            "(or call build() with an input shape) before exporting."
         )
+    from bnconvert import flavour as flavour_lib
+
+    keras = flavour_lib.flavour_of(model).keras
+    inputs = [
+        keras.Input(batch_shape=shape, dtype=dtype.name,
+                    name="input" if len(specs) == 1 else f"input_{i}")
+        for i, (shape, dtype) in enumerate(specs)
+    ]
+    outputs = model(inputs[0] if len(inputs) == 1 else inputs)
+    return keras.Model(inputs, outputs, name=model.name)
+
+
+def _input_names(model):
     return [internals.producing_layer(t).name for t in model.inputs]
 
 

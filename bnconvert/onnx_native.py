@@ -65,7 +65,11 @@ def emit(model, flavour, input_names, output_names, opset=None):
     if flavour.is_graph_model(model):
         walker.walk(model, env, "")
     else:
-        walker.trace(model, model.inputs, (tuple(model.inputs),), {}, env, "")
+        # A subclassed model with symbolic inputs: opened like a custom layer.
+        values = [env[id(t)] for t in model.inputs]
+        args = (values[0] if len(values) == 1 else values,)
+        outs = walker.trace(model, list(model.inputs), args, {}, env, "", values)
+        env.update(zip((id(t) for t in model.outputs), outs))
     if walker.uncovered:
         raise Uncovered(walker.uncovered)
     outputs = []

@@ -240,3 +240,39 @@ def test_xla_wrapped_convolutions_are_inlined_and_export(tmp_path, layer, export
     x = np.random.default_rng(1).normal(size=(3, 8, 8, 6)).astype("float32")
     (got,) = session.run(None, {session.get_inputs()[0].name: x})
     np.testing.assert_allclose(got, model(x, training=False), rtol=1e-4, atol=1e-5)
+
+
+@keras.saving.register_keras_serializable(package="test_onnx_export")
+class _Subclassed(keras.Model):
+    """A subclassed model: no symbolic inputs, built from a shape."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = keras.layers.Conv2D(4, 3, padding="same")
+        self.bn = keras.layers.BatchNormalization()
+
+    def call(self, x, training=None):
+        return keras.ops.relu(self.bn(self.conv(x), training=training))
+
+
+@pytest.mark.parametrize("exporter", ["native", "tf2onnx"])
+def test_subclassed_model_built_from_a_shape_exports(tmp_path, exporter):
+    model = _Subclassed(name="sub")
+    model.build((None, 7, 7, 3))
+    model(np.zeros((1, 7, 7, 3), "float32"))  # builds the sublayers
+    rng = np.random.default_rng(2)
+    model.bn.moving_mean.assign(rng.normal(size=4).astype("float32"))
+    model.bn.moving_variance.assign(rng.uniform(0.5, 2, size=4).astype("float32"))
+    result = export_onnx(model, tmp_path / "m.onnx", exporter=exporter)
+    assert (result.exporter, result.input_names, result.output_names) == (exporter, ("input",), ("sub",))
+    x = rng.normal(size=(3, 7, 7, 3)).astype("float32")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input": x})
+    np.testing.assert_allclose(got, model(x, training=False), rtol=1e-4, atol=1e-5)
+
+
+def test_model_without_inputs_is_one_clear_error(tmp_path):
+    model = _Subclassed(name="unbuilt")
+    with pytest.raises(ConversionError, match="no defined inputs"):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
