@@ -276,3 +276,20 @@ def test_model_without_inputs_is_one_clear_error(tmp_path):
     with pytest.raises(ConversionError, match="no defined inputs"):
         export_onnx(model, tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_native_graph_failing_the_check_falls_back_or_fails(tmp_path, monkeypatch):
+    """The onnxruntime check is the gate for the native exporter too."""
+    from bnconvert import onnx_native
+
+    def wrong_relu(g, call):  # an emitter bug: ReLU written as the identity
+        return [call.inputs[0]]
+
+    monkeypatch.setitem(onnx_native.LAYERS, "ReLU", wrong_relu)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(VerificationError):
+        export_onnx(small_cnn(), path, exporter="native")
+    assert not list(tmp_path.iterdir())
+    result = export_onnx(small_cnn(), path)
+    assert result.exporter == "tf2onnx" and result.max_abs_diff <= 1e-5
+    assert "native exporter wrote a graph that failed the check" in result.exporter_note

@@ -114,7 +114,6 @@ class Case:
     atol: float = ATOL
     channels_first: bool = False
     x_shape: tuple = None  # the test batch's shape without the batch (dynamic inputs)
-    fold_xfail: str = ""  # a known bug outside the emitters: fold=True is expected to fail
 
 
 CASES = []
@@ -582,9 +581,7 @@ def has_bn_layer(model):
 def _params():
     for c in CASES:
         for fold in (False, True):
-            marks = [pytest.mark.xfail(reason=c.fold_xfail, strict=True)] \
-                if fold and c.fold_xfail else []
-            yield pytest.param(c, fold, id=f"{c.id}-{'fold' if fold else 'nofold'}", marks=marks)
+            yield pytest.param(c, fold, id=f"{c.id}-{'fold' if fold else 'nofold'}")
 
 
 @pytest.mark.parametrize("c, fold", list(_params()))
