@@ -26,9 +26,9 @@ import os
 import threading
 import time
 
-import numpy as np
 
 from bnconvert import keras_internals as internals
+from bnconvert import onnx_check
 from bnconvert import paths
 from bnconvert import verify
 from bnconvert.errors import ConversionError
@@ -136,7 +136,7 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
     model = _graph_view(model)
     input_names = _input_names(model)
     output_names = _output_names(model)
-    extra = _user_batches(model, input_names, inputs)
+    extra = onnx_check.user_batches(model, input_names, inputs)
     if reference is not None and reference[0] is not None:
         sample, known = reference
     else:
@@ -153,8 +153,8 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
                 try:
                     if not check:
                         return (None, None)
-                    return _compare(model, data, input_names, output_names, batches,
-                                    tolerance, atol, known)
+                    return onnx_check.compare(model, data, input_names, output_names,
+                                              batches, tolerance, atol, known)
                 finally:
                     writer.finish()
         except OSError as e:
@@ -369,77 +369,3 @@ def _proto_opset(proto):
         if entry.domain in ("", "ai.onnx"):
             return int(entry.version)
     return None
-
-
-def _user_batches(model, input_names, inputs):
-    """Check inputs given by the user, as one list of arrays per batch."""
-    if inputs is None:
-        return []
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    if isinstance(inputs, dict):
-        missing = [n for n in input_names if n not in inputs]
-        if missing:
-            raise VerificationError(
-                f"Check inputs lack model input(s) {missing}. Received: "
-                f"inputs keys={sorted(inputs)}"
-            )
-        arrays = [inputs[n] for n in input_names]
-    elif isinstance(inputs, (list, tuple)):
-        arrays = list(inputs)
-    else:
-        arrays = [inputs]
-    arrays = [_load_array(a) for a in arrays]
-    if len(arrays) != len(input_names):
-        raise VerificationError(
-            f"Model '{model.name}' has {len(input_names)} input(s) {input_names} but "
-            f"{len(arrays)} check array(s) were given. Received: inputs={len(arrays)} array(s)"
-        )
-    for name, array, tensor in zip(input_names, arrays, model.inputs):
-        want = tuple(tensor.shape[1:])
-        got = array.shape[1:]
-        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
-            raise VerificationError(
-                f"Check input for '{name}' has shape {array.shape}, the model expects "
-                f"(batch,) + {want}. Received: shape={array.shape}"
-            )
-    return [[a.astype(t.dtype) for a, t in zip(arrays, model.inputs)]]
-
-
-def _load_array(value):
-    if isinstance(value, (str, os.PathLike)):
-        try:
-            return np.load(value, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise VerificationError(
-                f"Cannot read check input as a .npy array ({e}). Received: path={os.fspath(value)!r}"
-            ) from None
-    return np.asarray(value)
-
-
-def _compare(model, onnx_model, input_names, output_names, batches, tolerance, atol,
-             known=None):
-    """Runs each batch in Keras and onnxruntime; returns the worst `(abs, rel)` figures."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(
-            onnx_model, sess_options=options, providers=["CPUExecutionProvider"]
-        )
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConversionError(
-            f"onnxruntime cannot load the exported graph of model '{model.name}': {first}"
-        ) from e
-    worst = (0.0, 0.0)
-    for i, batch in enumerate(batches):
-        figures = verify.compare(
-            known if i == 0 and known is not None else verify.run(model, batch),
-            session.run(output_names, dict(zip(input_names, batch))),
-            tolerance=tolerance, relative=True, atol=atol,
-            what=f"The ONNX model of '{model.name}' (onnxruntime)",
-        )
-        worst = (max(worst[0], figures[0]), max(worst[1], figures[1]))
-    return worst
