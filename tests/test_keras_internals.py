@@ -119,8 +119,21 @@ def test_graph_nodes_and_producers(build):
         assert producer.name == "d" and not is_input
         assert internals.producing_layer(model.inputs[0]).name == "x"
         assert internals.producer_of(model.inputs[0])[1] is True
+        # The native ONNX exporter reads a call's arguments and outputs.
+        assert bn_node.args[0] is tensor
+        assert bn_node.outputs == tuple(model.outputs)
 
-    pinned("Functional._nodes_by_depth / KerasTensor._keras_history / _inbound_nodes", check)
+    pinned("Functional._nodes_by_depth / KerasTensor._keras_history / _inbound_nodes / "
+           "Node.arguments, call_args, outputs", check)
+
+
+def test_graph_nodes_of_a_keras3_sequential():
+    def check():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+        (node,) = [n for n in internals.graph_nodes(model) if not n.is_input]
+        assert node.layer.name == "d" and node.outputs == tuple(model.outputs)
+
+    pinned("Sequential._functional", check)
 
 
 def test_freeze_concrete_function():
