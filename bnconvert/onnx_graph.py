@@ -65,6 +65,19 @@ class Value:
         return self.perm.index(keras_axis % self.rank)
 
 
+def as_tuple(value, n):
+    """A Keras size argument (an int or a sequence) as an `n`-tuple."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+
+def keras_axes(axis, rank):
+    """A Keras `axis` argument (int, sequence or None for all) as sorted non-negative axes."""
+    if axis is None:
+        return list(range(rank))
+    axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+    return sorted(int(a) % rank for a in axes)
+
+
 def identity(rank):
     """The Keras layout of a rank-`rank` tensor."""
     return tuple(range(rank))

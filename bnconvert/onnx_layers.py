@@ -15,7 +15,9 @@ import numpy as np
 
 from bnconvert import onnx_activations as activations
 from bnconvert.onnx_graph import Uncovered
+from bnconvert.onnx_graph import as_tuple
 from bnconvert.onnx_graph import channels_first
+from bnconvert.onnx_graph import keras_axes
 
 
 def weights(variable):
@@ -28,10 +30,6 @@ def layout_for(g, value, data_format):
     if data_format == "channels_first":
         return g.keras(value)
     return g.channels_first(value)
-
-
-def _tuple(v, n):
-    return tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
 
 
 def _spatial(value):
@@ -82,7 +80,7 @@ def conv(g, call):
     kernel = weights(layer.kernel)
     n = kernel.ndim - 2
     window = kernel.shape[:n]
-    strides, dilations = _tuple(layer.strides, n), _tuple(layer.dilation_rate, n)
+    strides, dilations = as_tuple(layer.strides, n), as_tuple(layer.dilation_rate, n)
     pads, auto = conv_pads(x, window, strides, dilations, layer.padding)
     w = np.transpose(kernel, (n + 1, n) + tuple(range(n)))
     name = g.node(
@@ -115,7 +113,7 @@ def depthwise_conv(g, call):
     kernel = weights(layer.kernel if hasattr(layer, "kernel") else layer.depthwise_kernel)
     n = kernel.ndim - 2
     name = _depthwise(
-        g, x, layer, kernel, _tuple(layer.strides, n), _tuple(layer.dilation_rate, n),
+        g, x, layer, kernel, as_tuple(layer.strides, n), as_tuple(layer.dilation_rate, n),
         call.base, _bias(g, layer, call.base),
     )
     return _finish(g, call, name, x.perm, layer.activation)
@@ -128,7 +126,7 @@ def separable_conv(g, call):
     kernel = weights(layer.depthwise_kernel)
     n = kernel.ndim - 2
     depth = _depthwise(
-        g, x, layer, kernel, _tuple(layer.strides, n), _tuple(layer.dilation_rate, n),
+        g, x, layer, kernel, as_tuple(layer.strides, n), as_tuple(layer.dilation_rate, n),
         f"{call.base}/depthwise", [],
     )
     point = weights(layer.pointwise_kernel)
@@ -173,7 +171,7 @@ def _transpose_pads_unknown(layer, window, strides, dilations):
         total = max(effective - s, 0) if layer.padding == "same" else 0
         begin.append(total // 2)
         end.append(total - total // 2)
-        extra.append(int(_tuple(given, len(window))[i]) if given is not None
+        extra.append(int(as_tuple(given, len(window))[i]) if given is not None
                      else max(s - effective, 0))
     return begin + end, extra
 
@@ -185,7 +183,7 @@ def conv_transpose(g, call):
     kernel = weights(layer.kernel)
     n = kernel.ndim - 2
     window = kernel.shape[:n]
-    strides, dilations = _tuple(layer.strides, n), _tuple(layer.dilation_rate, n)
+    strides, dilations = as_tuple(layer.strides, n), as_tuple(layer.dilation_rate, n)
     out_sizes = [call.shapes[0][a] for a in x.perm[2:]]
     if layer.padding not in ("valid", "same"):
         raise Uncovered([(layer.name, type(layer).__name__, f"padding={layer.padding!r}")])
@@ -225,12 +223,6 @@ def dense(g, call):
     return _finish(g, call, name, x.perm, layer.activation)
 
 
-def _axes(layer, rank):
-    axis = layer.axis
-    axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
-    return sorted(a % rank for a in axes)
-
-
 def _gamma_beta(layer, size):
     gamma = getattr(layer, "gamma", None)
     beta = getattr(layer, "beta", None)
@@ -243,9 +235,10 @@ def batch_norm(g, call):
     """BatchNormalization in inference (moving statistics), the synchronized one too."""
     layer = call.layer
     x = call.inputs[0]
-    (axis,) = _axes(layer, x.rank) if len(_axes(layer, x.rank)) == 1 else (None,)
-    if axis is None or getattr(layer, "adjustment", None) is not None:
+    axes = keras_axes(layer.axis, x.rank)
+    if len(axes) != 1 or getattr(layer, "adjustment", None) is not None:
         raise Uncovered([(layer.name, type(layer).__name__, "several axes or an adjustment")])
+    (axis,) = axes
     if x.physical(axis) != 1 and x.rank > 2:
         x = g.channels_first(x) if axis == x.rank - 1 else g.keras(x)
     mean, variance = weights(layer.moving_mean), weights(layer.moving_variance)
@@ -290,7 +283,7 @@ def layer_norm(g, call):
     """LayerNormalization (with `rms_scaling` too)."""
     layer = call.layer
     x = call.inputs[0]
-    axes = _axes(layer, x.rank)
+    axes = keras_axes(layer.axis, x.rank)
     rms = bool(getattr(layer, "rms_scaling", False))
     name = _normalize(g, x, [x.physical(a) for a in axes], float(layer.epsilon), call.base, rms)
     shape = [x.shape[a] if a in axes else 1 for a in range(x.rank)]
@@ -308,7 +301,7 @@ def group_norm(g, call):
     """GroupNormalization: channels second, then `[N, groups, -1]` moments."""
     layer = call.layer
     x = call.inputs[0]
-    (axis,) = _axes(layer, x.rank)
+    (axis,) = keras_axes(layer.axis, x.rank)
     if axis != x.rank - 1 and axis != 1:
         raise Uncovered([(layer.name, type(layer).__name__, f"axis={layer.axis}")])
     x = g.channels_first(x) if axis == x.rank - 1 else g.keras(x)

@@ -12,6 +12,7 @@ import numpy as np
 from bnconvert import onnx_activations as activations
 from bnconvert import onnx_structure as structure
 from bnconvert.onnx_graph import Uncovered
+from bnconvert.onnx_graph import keras_axes
 from bnconvert.onnx_graph import Value
 
 _BINARY = {
@@ -70,17 +71,10 @@ def binary(g, call, op_type, operands):
     return [call.out(name, reference.perm)]
 
 
-def _axes(axis, rank):
-    if axis is None:
-        return list(range(rank))
-    axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
-    return sorted(int(a) % rank for a in axes)
-
-
 def reduce(g, call, op_type, axis, keepdims):
     """A reduction over Keras axes; the kept axes keep their order in memory."""
     x = call.inputs[0]
-    axes = _axes(axis, x.rank)
+    axes = keras_axes(axis, x.rank)
     name = g.reduce(op_type, x.name, [x.physical(a) for a in axes], keepdims, call.base)
     if keepdims:
         return [call.out(name, x.perm)]

@@ -10,6 +10,7 @@ import numpy as np
 
 from bnconvert import onnx_activations as activations
 from bnconvert.onnx_graph import Uncovered
+from bnconvert.onnx_graph import as_tuple
 from bnconvert.onnx_graph import channels_first
 from bnconvert.onnx_layers import conv_pads
 from bnconvert.onnx_layers import layout_for
@@ -22,10 +23,6 @@ IDENTITY = (
 )
 
 
-def _tuple(v, n):
-    return tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
-
-
 def pooling(op_type):
     """Max/AveragePooling1D/2D/3D."""
 
@@ -33,8 +30,8 @@ def pooling(op_type):
         layer = call.layer
         x = layout_for(g, call.inputs[0], layer.data_format)
         n = x.rank - 2
-        window = _tuple(layer.pool_size, n)
-        strides = _tuple(layer.strides or layer.pool_size, n)
+        window = as_tuple(layer.pool_size, n)
+        strides = as_tuple(layer.strides or layer.pool_size, n)
         pads, auto = conv_pads(x, window, strides, (1,) * n, layer.padding)
         # TensorFlow's "same" average leaves the padding out of the count.
         extra = {"count_include_pad": 0} if op_type == "AveragePool" else {}
@@ -65,7 +62,7 @@ def _window_pairs(layer, attr, n):
         return [(value, value)] * n
     if n == 1 and all(isinstance(v, int) for v in value):
         return [tuple(value)]  # the 1D layers keep one `(begin, end)` pair
-    return [_tuple(v, 2) for v in value]
+    return [as_tuple(v, 2) for v in value]
 
 
 def zero_padding(g, call):
@@ -96,7 +93,7 @@ def upsampling(g, call):
     layer = call.layer
     x = layout_for(g, call.inputs[0], getattr(layer, "data_format", "channels_last"))
     n = x.rank - 2
-    size = _tuple(getattr(layer, "size", getattr(layer, "length", 2)), n)
+    size = as_tuple(getattr(layer, "size", getattr(layer, "length", 2)), n)
     mode = getattr(layer, "interpolation", "nearest")
     if mode not in ("nearest", "bilinear"):
         raise Uncovered([(layer.name, type(layer).__name__, f"interpolation={mode!r}")])
