@@ -42,6 +42,7 @@ import onnxruntime as ort  # noqa: E402
 import bnconvert  # noqa: E402
 from bnconvert import convert  # noqa: E402
 from bnconvert.convert import convert_model  # noqa: E402
+from convert import synthetic_chain  # noqa: E402  (benchmarks/convert.py)
 
 # A 2,000-layer chain nests Keras's graph walks deeper than 1,000 frames.
 sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
@@ -119,20 +120,10 @@ def timed(fn):
     return time.perf_counter() - start, value
 
 
-def chain(n_layers, width=16):
-    """Dense, BN, Dense, BN, ... (`n_layers` layers)."""
-    inputs = keras.Input((width,))
-    x = inputs
-    for i in range(n_layers // 2):
-        x = keras.layers.Dense(width, name=f"dense_{i}")(x)
-        x = keras.layers.BatchNormalization(name=f"bn_{i}")(x)
-    return keras.Model(inputs, x, name=f"chain_{n_layers}")
-
-
 def chains(sizes, repeats, tmp):
     rows = []
     for n in sizes:
-        model = chain(n)
+        model = synthetic_chain(n)
         path = os.path.join(tmp, f"chain_{n}.onnx")
         export = lambda: bnconvert.export_onnx(model, path, exporter="native", check=False)
         export()  # warm-up at this size

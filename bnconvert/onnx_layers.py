@@ -73,16 +73,25 @@ def _bias(g, layer, base):
     return [g.constant(weights(bias), f"{base}/bias")]
 
 
+def _window(layer):
+    """`(window, strides, dilations, kernel)` of a convolution, the kernel as ONNX wants it.
+
+    Keras kernels are `(*window, a, b)`; ONNX wants `(b, a, *window)`, for
+    Conv (`a` in, `b` out) as for ConvTranspose (`a` out, `b` in).
+    """
+    kernel = weights(layer.kernel)
+    n = kernel.ndim - 2
+    strides, dilations = as_tuple(layer.strides, n), as_tuple(layer.dilation_rate, n)
+    w = np.transpose(kernel, (n + 1, n) + tuple(range(n)))
+    return kernel.shape[:n], strides, dilations, w
+
+
 def conv(g, call):
     """Conv1D/2D/3D, grouped or not."""
     layer = call.layer
     x = layout_for(g, call.inputs[0], layer.data_format)
-    kernel = weights(layer.kernel)
-    n = kernel.ndim - 2
-    window = kernel.shape[:n]
-    strides, dilations = as_tuple(layer.strides, n), as_tuple(layer.dilation_rate, n)
+    window, strides, dilations, w = _window(layer)
     pads, auto = conv_pads(x, window, strides, dilations, layer.padding)
-    w = np.transpose(kernel, (n + 1, n) + tuple(range(n)))
     name = g.node(
         "Conv", [x.name, g.constant(w, f"{call.base}/kernel")] + _bias(g, layer, call.base),
         call.base, kernel_shape=list(window), strides=list(strides),
@@ -180,10 +189,7 @@ def conv_transpose(g, call):
     """Conv1D/2D/3DTranspose."""
     layer = call.layer
     x = layout_for(g, call.inputs[0], layer.data_format)
-    kernel = weights(layer.kernel)
-    n = kernel.ndim - 2
-    window = kernel.shape[:n]
-    strides, dilations = as_tuple(layer.strides, n), as_tuple(layer.dilation_rate, n)
+    window, strides, dilations, w = _window(layer)
     out_sizes = [call.shapes[0][a] for a in x.perm[2:]]
     if layer.padding not in ("valid", "same"):
         raise Uncovered([(layer.name, type(layer).__name__, f"padding={layer.padding!r}")])
@@ -191,7 +197,6 @@ def conv_transpose(g, call):
         pads, extra = _transpose_pads_unknown(layer, window, strides, dilations)
     else:
         pads, extra = _transpose_pads(x, out_sizes, window, strides, dilations, layer.padding)
-    w = np.transpose(kernel, (n + 1, n) + tuple(range(n)))
     name = g.node(
         "ConvTranspose", [x.name, g.constant(w, f"{call.base}/kernel")]
         + _bias(g, layer, call.base), call.base, kernel_shape=list(window),
