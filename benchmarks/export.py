@@ -171,6 +171,9 @@ def main():
     print(f"{'':44}{'ours':>9}{'anchor':>9}{'ratio':>8}  target")
     print(f"{'P4 to-inference after load (s)':44}{median['cli']:9.2f}{median['anchor']:9.2f}"
           f"{median['cli'] / median['anchor']:8.2f}  <= 0.1x (anchor: Keras model.export onnx)")
+    for kind in ("cli", "anchor"):
+        shown = ", ".join(f"{r['total']:.2f}" for r in runs[kind])
+        print(f"{'  each run, ' + kind + ' (s)':44}{shown}")
     print(f"{'  unsync+fold+verify in place (s)':44}{convert_cli:9.2f}")
     print(f"{'  export_onnx, check included (s)':44}{median['cli'] - convert_cli:9.2f}"
           f"   exporter: {runs['cli'][0]['exporter']}")
