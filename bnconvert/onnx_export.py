@@ -137,7 +137,7 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
     input_names = _input_names(model)
     output_names = _output_names(model)
     extra = onnx_check.user_batches(model, input_names, inputs)
-    if reference is not None and reference[0] is not None:
+    if reference is not None:
         sample, known = reference
     else:
         sample, known = verify.sample_inputs(model)[0], None

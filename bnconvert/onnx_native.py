@@ -66,9 +66,9 @@ def emit(model, flavour, input_names, output_names, opset=None):
         walker.walk(model, env, "")
     else:
         # A subclassed model with symbolic inputs: opened like a custom layer.
-        values = [env[id(t)] for t in model.inputs]
-        args = (values[0] if len(values) == 1 else values,)
-        outs = walker.trace(model, list(model.inputs), args, {}, env, "", values)
+        tensors = list(model.inputs)
+        args = (tensors[0] if len(tensors) == 1 else tensors,)
+        outs = walker.trace(model, tensors, args, {}, env, "")
         env.update(zip((id(t) for t in model.outputs), outs))
     if walker.uncovered:
         raise Uncovered(walker.uncovered)
@@ -134,9 +134,9 @@ class _Walker:
         def sub(x):
             return env[id(x)] if id(x) in env else x
 
-        args = tf.nest.map_structure(sub, tuple(args))
-        kwargs = tf.nest.map_structure(sub, dict(kwargs))
-        call = Call(layer, [env[id(t)] for t in tensors], args, kwargs,
+        call = Call(layer, [env[id(t)] for t in tensors],
+                    tf.nest.map_structure(sub, tuple(args)),
+                    tf.nest.map_structure(sub, dict(kwargs)),
                     [tuple(t.shape) for t in outputs], base)
         if not isinstance(layer, self.flavour.Layer):
             return onnx_ops.emit_op(self.g, call)
@@ -154,25 +154,26 @@ class _Walker:
             return LAYERS[kind](self.g, call)
         if kind == "InputLayer":
             return call.inputs
-        return self.trace(layer, tensors, args, kwargs, env, base + "/", call.inputs)
+        return self.trace(layer, tensors, args, kwargs, env, base + "/")
 
     def _missing(self, base):
         raise Uncovered([(base, "model", "an output of a nested model")])
 
-    def trace(self, layer, tensors, args, kwargs, env, prefix, values=None):
-        """Opens a layer by calling its `call` on fresh symbolic inputs."""
-        values = values or [env[id(t)] for t in tensors]
+    def trace(self, layer, tensors, args, kwargs, env, prefix):
+        """Opens a layer by calling its `call` on fresh symbolic inputs.
+
+        `args` and `kwargs` are the call's own, holding `tensors` (emitted
+        already, in `env`); each becomes a fresh `keras.Input`.
+        """
         keras = self.flavour.keras
+        values = {id(t): env[id(t)] for t in tensors}
         fresh = {}
 
         def symbolic(x):
-            if isinstance(x, Value):
-                index = values.index(x)
-                tensor = tensors[index]
-                if id(tensor) not in fresh:
-                    fresh[id(tensor)] = keras.Input(batch_shape=tuple(tensor.shape),
-                                                    dtype=tensor.dtype)
-                return fresh[id(tensor)]
+            if id(x) in values:
+                if id(x) not in fresh:
+                    fresh[id(x)] = keras.Input(batch_shape=tuple(x.shape), dtype=x.dtype)
+                return fresh[id(x)]
             return x
 
         name = getattr(layer, "name", "model")
@@ -186,7 +187,7 @@ class _Walker:
             reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
             raise Uncovered([(prefix.rstrip("/") or name, type(layer).__name__,
                               f"its call does not run on symbolic tensors ({reason})")])
-        inner = {id(fresh[id(t)]): v for t, v in zip(tensors, values) if id(t) in fresh}
+        inner = {id(fresh[i]): values[i] for i in fresh}
         self.walk(sub, inner, prefix)
         out = [inner.get(id(t)) for t in sub.outputs]
         if any(v is None for v in out):

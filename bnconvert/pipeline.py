@@ -237,7 +237,7 @@ def _write_onnx(staged, model, out, options, progress, reference):
         onnx = onnx_export.export_onnx(
             model, tmp, opset=options.opset, tolerance=options.tolerance,
             atol=options.atol, check=options.check, exporter=options.exporter,
-            reference=reference if reference[1] is not None else None,
+            reference=reference if None not in reference else None,
         )
     return dataclasses.replace(onnx, path=str(out))
 
