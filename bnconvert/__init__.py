@@ -13,7 +13,7 @@ from bnconvert import persist  # noqa: F401  (registers the conversion record of
 from bnconvert.convert import convert_model
 from bnconvert.convert import inspect_model
 from bnconvert.layers import SyncBatchNormalization
-from bnconvert.onnx_export import export_onnx
+from bnconvert.onnx.export import export_onnx
 from bnconvert.report import ConversionReport
 from bnconvert.report import LayerEvent
 from bnconvert.rules import load_rules

@@ -8,7 +8,7 @@
 3. Read the rule files (a mistake in one is reported before the model,
    which can take long, is loaded), then load the model.
 4. Convert or inspect (`bnconvert.convert`), export to ONNX
-   (`bnconvert.onnx_export`), write the outputs atomically.
+   (`bnconvert.onnx.export`), write the outputs atomically.
 
 Both flavours take exactly this path; the model's `Flavour` carries what
 differs.
@@ -137,7 +137,7 @@ def run(options, progress=None, cancelled=None):
     rules = list(options.rules) or None
     rules_lib.load_rules(rules, custom_objects=objects, flavour=flavour)
     if options.command == "to-inference":
-        from bnconvert import onnx_export
+        from bnconvert.onnx import export as onnx_export
 
         onnx_export.check_opset(options.opset, options.exporter)
 
@@ -228,7 +228,7 @@ def _write_model(staged, model, out, fmt, progress, check):
 
 
 def _write_onnx(staged, model, out, options, progress, reference):
-    from bnconvert import onnx_export
+    from bnconvert.onnx import export as onnx_export
 
     # export_onnx writes its file atomically itself: give it a free name.
     tmp = staged.stage(out, create=False)

@@ -1,7 +1,7 @@
 """The native ONNX exporter, layer by layer, against Keras.
 
-Every layer kind and op of the emitter tables (`onnx_layers`,
-`onnx_structure`, `onnx_ops`, `onnx_activations`) gets a tiny model in
+Every layer kind and op of the emitter tables (`onnx.layers`,
+`onnx.shape`, `onnx.ops`, `onnx.activations`) gets a tiny model in
 which it follows a Conv/Dense + BatchNormalization (so that folding has
 something to fold), with every weight drawn from a seeded generator. Each
 model is converted for inference with and without folding, exported with
@@ -614,10 +614,10 @@ def test_layer_matches_keras(c, fold, tmp_path):
 
 def test_every_emitter_kind_is_in_the_table():
     """The table names every layer kind, activation and op the emitters map."""
-    from bnconvert import onnx_activations
-    from bnconvert import onnx_layers
-    from bnconvert import onnx_ops
-    from bnconvert import onnx_structure
+    from bnconvert.onnx import activations as onnx_activations
+    from bnconvert.onnx import layers as onnx_layers
+    from bnconvert.onnx import ops as onnx_ops
+    from bnconvert.onnx import shape as onnx_structure
 
     built = set()
     for c in CASES:

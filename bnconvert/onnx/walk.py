@@ -2,30 +2,30 @@
 
 The Keras graph is walked once, node by node in the model's own order;
 every layer or op becomes ONNX nodes through the emitter tables of
-`onnx_layers` (layers with weights), `onnx_structure` (layers without) and
-`onnx_ops` (raw ops). Nested models are walked in place. A layer the
+`layers` (layers with weights), `shape` (layers without) and
+`ops` (raw ops). Nested models are walked in place. A layer the
 tables do not know (a custom layer, a Lambda, a keras-hub block) is opened
 by calling its `call` on fresh symbolic inputs, which records its sublayers
 and `keras.ops` calls as a small graph, walked the same way; a layer whose
 code cannot run symbolically stays uncovered.
 
 Nothing is emitted for an uncovered model: every uncovered layer is
-collected and reported together (`onnx_graph.Uncovered`), so that the
+collected and reported together (`graph.Uncovered`), so that the
 caller can fall back to tf2onnx and say why.
 """
 
 import tensorflow as tf
 
 from bnconvert import keras_internals as internals
-from bnconvert import onnx_layers
-from bnconvert import onnx_ops
-from bnconvert import onnx_structure
-from bnconvert.onnx_graph import Call
-from bnconvert.onnx_graph import Graph
-from bnconvert.onnx_graph import Uncovered
-from bnconvert.onnx_graph import Value
+from bnconvert.onnx import layers
+from bnconvert.onnx import ops
+from bnconvert.onnx import shape
+from bnconvert.onnx.graph import Call
+from bnconvert.onnx.graph import Graph
+from bnconvert.onnx.graph import Uncovered
+from bnconvert.onnx.graph import Value
 
-LAYERS = {**onnx_layers.EMITTERS, **onnx_structure.EMITTERS}
+LAYERS = {**layers.EMITTERS, **shape.EMITTERS}
 DEFAULT_OPSET = 17
 OPSETS = range(13, 22)
 # Layers of these packages are mapped by class name; any other class
@@ -139,7 +139,7 @@ class _Walker:
                     tf.nest.map_structure(sub, dict(kwargs)),
                     [tuple(t.shape) for t in outputs], base)
         if not isinstance(layer, self.flavour.Layer):
-            return onnx_ops.emit_op(self.g, call)
+            return ops.emit_op(self.g, call)
         dtype = getattr(layer, "compute_dtype", "float32")
         if dtype not in (None, "float32"):
             raise Uncovered([(base, type(layer).__name__, f"compute dtype {dtype}")])
@@ -149,7 +149,7 @@ class _Walker:
             self.walk(layer, inner, base + "/")
             return [inner.get(id(t)) or self._missing(base) for t in layer.outputs]
         if kind == "TFOpLambda":
-            return onnx_ops.emit_tf_function(self.g, call)
+            return ops.emit_tf_function(self.g, call)
         if kind in LAYERS and type(layer).__module__.startswith(_KNOWN_PACKAGES):
             return LAYERS[kind](self.g, call)
         if kind == "InputLayer":

@@ -9,11 +9,11 @@ layer multiplies by) become constants laid out like the tensor they meet.
 
 import numpy as np
 
-from bnconvert import onnx_activations as activations
-from bnconvert import onnx_structure as structure
-from bnconvert.onnx_graph import Uncovered
-from bnconvert.onnx_graph import keras_axes
-from bnconvert.onnx_graph import Value
+from bnconvert.onnx import activations
+from bnconvert.onnx import shape as structure
+from bnconvert.onnx.graph import Uncovered
+from bnconvert.onnx.graph import keras_axes
+from bnconvert.onnx.graph import Value
 
 _BINARY = {
     "Add": "Add", "Subtract": "Sub", "Multiply": "Mul", "Divide": "Div",

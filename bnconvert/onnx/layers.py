@@ -2,7 +2,7 @@
 
 Every emitter takes the `Graph` and a `Call` and returns the output `Value`s.
 Convolutions run channels first: a channels-last input is asked for in the
-`NC...` layout (one cached `Transpose` per tensor, see `onnx_graph`) and the
+`NC...` layout (one cached `Transpose` per tensor, see `graph`) and the
 output stays in it. Keras kernels are `(*window, in, out)`; ONNX wants
 `(out, in, *window)`, and the transposition happens once, on the weights.
 
@@ -13,11 +13,11 @@ pads; otherwise `auto_pad="SAME_UPPER"`, which is the same rule.
 
 import numpy as np
 
-from bnconvert import onnx_activations as activations
-from bnconvert.onnx_graph import Uncovered
-from bnconvert.onnx_graph import as_tuple
-from bnconvert.onnx_graph import channels_first
-from bnconvert.onnx_graph import keras_axes
+from bnconvert.onnx import activations
+from bnconvert.onnx.graph import Uncovered
+from bnconvert.onnx.graph import as_tuple
+from bnconvert.onnx.graph import channels_first
+from bnconvert.onnx.graph import keras_axes
 
 
 def weights(variable):

@@ -2,9 +2,9 @@
 
 Two exporters write the graph:
 
-- **native** (`bnconvert.onnx_native`): Keras layers and ops straight to
+- **native** (`bnconvert.onnx.walk`): Keras layers and ops straight to
   ONNX nodes, in about a second for ResNet50;
-- **tf2onnx** (`bnconvert.onnx_tf2onnx`): trace, freeze and convert the
+- **tf2onnx** (`bnconvert.onnx.tf2onnx`): trace, freeze and convert the
   TensorFlow graph; slower, but it covers whatever TensorFlow can run.
 
 `auto` (the default) takes the native exporter and falls back to tf2onnx
@@ -28,7 +28,7 @@ import time
 
 
 from bnconvert import keras_internals as internals
-from bnconvert import onnx_check
+from bnconvert.onnx import check as ort_check
 from bnconvert import paths
 from bnconvert import verify
 from bnconvert.errors import ConversionError
@@ -136,7 +136,7 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
     model = _graph_view(model)
     input_names = _input_names(model)
     output_names = _output_names(model)
-    extra = onnx_check.user_batches(model, input_names, inputs)
+    extra = ort_check.user_batches(model, input_names, inputs)
     if reference is not None:
         sample, known = reference
     else:
@@ -153,7 +153,7 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
                 try:
                     if not check:
                         return (None, None)
-                    return onnx_check.compare(model, data, input_names, output_names,
+                    return ort_check.compare(model, data, input_names, output_names,
                                               batches, tolerance, atol, known)
                 finally:
                     writer.finish()
@@ -223,14 +223,14 @@ class _NativeFailed(Exception):
 def _native(model, input_names, output_names, opset, checked):
     """The native export, serialized and checked: `_Written` fields."""
     from bnconvert import flavour as flavour_lib
-    from bnconvert import onnx_native
-    from bnconvert.onnx_graph import Uncovered
-    from bnconvert.onnx_graph import describe
+    from bnconvert.onnx import walk
+    from bnconvert.onnx.graph import Uncovered
+    from bnconvert.onnx.graph import describe
 
     start = time.perf_counter()
     try:
         with quiet_tensorflow():
-            proto = onnx_native.emit(
+            proto = walk.emit(
                 model, flavour_lib.flavour_of(model), input_names, output_names, opset
             )
     except Uncovered as e:
@@ -248,11 +248,11 @@ def _native(model, input_names, output_names, opset, checked):
 
 
 def _with_tf2onnx(model, input_names, output_names, opset, checked, why):
-    from bnconvert import onnx_tf2onnx
+    from bnconvert.onnx import tf2onnx
 
     start = time.perf_counter()
     with quiet_tensorflow():
-        proto, how = onnx_tf2onnx.convert(model, input_names, output_names, opset)
+        proto, how = tf2onnx.convert(model, input_names, output_names, opset)
     data = proto.SerializeToString()
     seconds = time.perf_counter() - start
     diffs = checked(data)
@@ -284,11 +284,11 @@ def supported_opsets(exporter=AUTO):
     `auto` accepts what either exporter writes: an opset outside the
     native exporter's range goes to tf2onnx.
     """
-    from bnconvert import onnx_tf2onnx
+    from bnconvert.onnx import tf2onnx
 
     if exporter == NATIVE:
         return NATIVE_OPSETS
-    tf2onnx_range = onnx_tf2onnx.supported_opsets()
+    tf2onnx_range = tf2onnx.supported_opsets()
     if exporter == TF2ONNX:
         return tf2onnx_range
     low = min(tf2onnx_range.start, NATIVE_OPSETS.start)

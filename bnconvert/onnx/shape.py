@@ -8,12 +8,12 @@ layout (Flatten, Reshape, Permute) get their input in the Keras layout.
 
 import numpy as np
 
-from bnconvert import onnx_activations as activations
-from bnconvert.onnx_graph import Uncovered
-from bnconvert.onnx_graph import as_tuple
-from bnconvert.onnx_graph import channels_first
-from bnconvert.onnx_layers import conv_pads
-from bnconvert.onnx_layers import layout_for
+from bnconvert.onnx import activations
+from bnconvert.onnx.graph import Uncovered
+from bnconvert.onnx.graph import as_tuple
+from bnconvert.onnx.graph import channels_first
+from bnconvert.onnx.layers import conv_pads
+from bnconvert.onnx.layers import layout_for
 
 # Layers that are the identity in inference.
 IDENTITY = (

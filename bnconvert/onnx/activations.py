@@ -8,7 +8,7 @@ where ONNX gained a `Gelu` op: both are what Keras computes.
 
 import math
 
-from bnconvert.onnx_graph import Uncovered
+from bnconvert.onnx.graph import Uncovered
 
 def name_of(function):
     """The serialized name of an activation function, or None."""
