@@ -124,7 +124,7 @@ def sample_inputs(model, batch=SAMPLE_BATCH):
                 "your own (check_inputs= of convert_model, inputs= of export_onnx)"
             )
     # standard_normal draws float64 before the cast: 8 bytes an element.
-    check_size(sum(math.prod(s) * 8 for s in shapes), f"model '{model.name}''s check batch",
+    check_size(sum(math.prod(s) * 8 for s in shapes), f"The check batch of model '{model.name}'",
                shapes)
     rng = np.random.default_rng(SEED)
     arrays = []
