@@ -106,9 +106,10 @@ class Progress:
 
 
 def _one_line(text):
-    console = sys.modules.get("bnconvert.console")
+    text = " ".join(str(text).split())
     # Before bnconvert is imported, nothing printed comes from a model.
-    return console.one_line(text) if console else " ".join(str(text).split())
+    printable = sys.modules.get("bnconvert.printable")
+    return printable.printable(text) if printable else text
 
 
 def _import_user_modules(names):

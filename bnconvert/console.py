@@ -9,11 +9,6 @@ control characters escaped (`bnconvert.printable`).
 from bnconvert.printable import printable
 
 
-def one_line(text):
-    """`text` as one line (whitespace runs become one blank), control characters escaped."""
-    return printable(" ".join(str(text).split()))
-
-
 def _written(result):
     lines = [f"Wrote {p}" for p in (result.output, result.keras_out) if p is not None]
     if result.report_path:

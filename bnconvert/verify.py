@@ -262,7 +262,8 @@ def compare(expected, actual, *, tolerance, relative, what="The converted model"
                 f"reference has other values ({_nonfinite_counts(b, np.isfinite(b))} in "
                 "that output); nothing was written. Check the rules and the model."
             )
-        diff = np.where(same, 0.0, np.abs(a - b))
+        with np.errstate(invalid="ignore"):  # inf - inf where both agree
+            diff = np.where(same, 0.0, np.abs(a - b))
         scale = float(np.max(np.abs(a[finite]), initial=0.0))
         worst_abs = max(worst_abs, float(diff.max()))
         worst_rel = max(worst_rel, float(diff.max()) / scale if scale > 0 else float(diff.max()))
