@@ -18,7 +18,6 @@ from bnconvert import outputs
 from bnconvert import paths
 from bnconvert.errors import BnconvertError
 from bnconvert.errors import ModelLoadError
-from bnconvert.errors import OutputError
 from bnconvert.errors import first_line
 
 # Keras names an unresolvable class in one of these ways, depending on the

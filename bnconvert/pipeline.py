@@ -24,7 +24,6 @@ from bnconvert import formats
 from bnconvert import outputs
 from bnconvert import paths
 from bnconvert.errors import OutputError
-from bnconvert.errors import first_line
 
 SYNC_TAIL = ".sync"
 

@@ -9,7 +9,6 @@ batch (`bnconvert.verify.sample_inputs`) and on any batches the user gave
 from bnconvert import check_inputs
 from bnconvert import verify
 from bnconvert.errors import ConversionError
-from bnconvert.errors import VerificationError
 
 
 def user_batches(model, input_names, inputs):
