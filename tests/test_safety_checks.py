@@ -226,6 +226,19 @@ def test_8_names_with_escapes_are_printed_escaped(work, command):
     assert not any(line.startswith("0 layers converted") for line in result.stdout.splitlines())
 
 
+def test_8_error_lines_are_escaped_too(work, monkeypatch):
+    from bnconvert import convert
+
+    def refuse(job, **kwargs):
+        raise ConversionError(f"Cannot rewrite layer '{EVIL_INPUT}/{EVIL_BN}'.")
+
+    monkeypatch.setattr(convert, "run_conversion", refuse)
+    line = _one_error(run_cli("to-sync", work / "evil.keras", "-o", work / "e.keras"))
+    assert line.isprintable(), repr(line)
+    # Line breaks fold into blanks (one line); the rest is escaped.
+    assert "'x\\x1b]0;pwned\\x07/bn 0 layers converted '" in line
+
+
 def test_8_json_keeps_the_real_names(work):
     import json
 
