@@ -180,6 +180,14 @@ def test_4_string_model_checked_on_given_inputs():
         bnconvert.convert_model(model, check_inputs=np.ones((2, 1)))
 
 
+def test_4_onnx_check_without_any_batch_refuses():
+    from bnconvert.onnx import check as ort_check
+
+    model = _dense_bn("m")
+    with pytest.raises(VerificationError, match="No check batch can be generated"):
+        ort_check.compare(model, b"", ["x"], ["bn"], [None], 1e-4, 1e-5)
+
+
 # ---------------------------------------------------------------- 5: check batch size
 
 def test_5_huge_declared_input_is_refused_before_allocating():

@@ -9,6 +9,7 @@ batch (`bnconvert.verify.sample_inputs`) and on any batches the user gave
 from bnconvert import check_inputs
 from bnconvert import verify
 from bnconvert.errors import ConversionError
+from bnconvert.errors import VerificationError
 
 
 def user_batches(model, input_names, inputs):
@@ -25,8 +26,22 @@ def check_arguments(tolerance, atol):
 
 def compare(model, onnx_model, input_names, output_names, batches, tolerance, atol,
             known=None, allow_nonfinite=False):
-    """Runs each batch in Keras and onnxruntime; returns the worst `(abs, rel)` figures."""
+    """Runs each batch in Keras and onnxruntime; returns the worst `(abs, rel)` figures.
+
+    A `None` batch (none could be generated: string inputs) is left out; with
+    no batch left the check refuses rather than pass having run nothing.
+    """
     import onnxruntime as ort
+
+    if known is not None and batches and batches[0] is None:
+        known = None
+    batches = [b for b in batches if b is not None]
+    if not batches:
+        raise VerificationError(
+            f"No check batch can be generated for model '{model.name}' (string inputs?), "
+            "so the ONNX file cannot be checked; pass inputs= to export_onnx, or skip "
+            "the check (check=False, --no-check)."
+        )
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
