@@ -20,7 +20,8 @@ def _early_interrupt(signum, frame):
 
 # Ctrl-C before the command runs (while Python imports click) exits like
 # Ctrl-C later on; only in the console script, never when imported.
-if os.path.basename(sys.argv[0] or "") == "bnconvert":
+_CONSOLE_SCRIPT = os.path.basename(sys.argv[0] or "") == "bnconvert"
+if _CONSOLE_SCRIPT:
     signal.signal(signal.SIGINT, _early_interrupt)
 
 import contextlib  # noqa: E402
@@ -105,7 +106,10 @@ class Progress:
 
 
 def _one_line(text):
-    return " ".join(str(text).split())
+    text = " ".join(str(text).split())
+    # Before bnconvert is imported, nothing printed comes from a model.
+    printable = sys.modules.get("bnconvert.printable")
+    return printable.printable(text) if printable else text
 
 
 def _import_user_modules(names):
@@ -151,6 +155,7 @@ class _Interrupts:
 
     received = False
     working = False  # inside the pipeline, where outputs must be undone
+    placed = False  # every output is in place: Ctrl-C waits for the summary
 
     @classmethod
     def handler(cls, signum, frame):
@@ -162,9 +167,16 @@ class _Interrupts:
         raise _interrupted()
 
     @classmethod
+    def ignore(cls):
+        """From here on, Ctrl-C is ignored: what was written stands and is printed."""
+        cls.placed = True
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    @classmethod
     @contextlib.contextmanager
     def recorded(cls):
-        cls.received = False
+        cls.received = cls.placed = False
         try:
             previous = signal.signal(signal.SIGINT, cls.handler)
         except ValueError:  # not the main thread (an embedding application)
@@ -174,7 +186,10 @@ class _Interrupts:
             yield
         finally:
             cls.working = False
-            signal.signal(signal.SIGINT, previous)
+            # A Python handler left in place would let a Ctrl-C during the
+            # interpreter's exit kill the process (signal 2) after success.
+            if not (cls.placed and _CONSOLE_SCRIPT):
+                signal.signal(signal.SIGINT, previous)
 
 
 def _interrupted():
@@ -220,7 +235,8 @@ def _run_pipeline(fields):
     from bnconvert.pipeline import run
 
     try:
-        return run(Options(**fields), progress, cancelled=lambda: _Interrupts.received)
+        return run(Options(**fields), progress, cancelled=lambda: _Interrupts.received,
+                   placed=_Interrupts.ignore)
     except BnconvertError as e:
         raise click.ClickException(_one_line(e)) from None
     except OSError as e:
@@ -261,7 +277,12 @@ def _common(f):
 
 
 def _writes(f):
-    """--report and --force, for the commands that write."""
+    """--report, --force and --allow-nonfinite, for the commands that write."""
+    f = click.option(
+        "--allow-nonfinite", is_flag=True,
+        help="Accept a model whose outputs hold NaN or Inf (the check then only "
+        "requires the same NaN/Inf), with a warning. Default: refuse it.",
+    )(f)
     f = click.option("--force", is_flag=True, help="Overwrite existing output files.")(f)
     return click.option(
         "--report", "report_path", type=click.Path(dir_okay=False), default=None,
@@ -324,10 +345,9 @@ def to_sync(**options):
     model, written in its input's format: NAME.sync or NAME.sync.h5.
     """
     result = _run(command="to-sync", **_tuples(options))
-    click.echo(result.report.summary_table(max_rows=SUMMARY_ROWS))
-    click.echo("Dry run: no model written." if result.output is None else f"Wrote {result.output}")
-    if result.report_path:
-        click.echo(f"Wrote report {result.report_path}")
+    from bnconvert import console  # TensorFlow has started
+
+    click.echo("\n".join(console.to_sync_lines(result, SUMMARY_ROWS)))
 
 
 @main.command("inspect")
@@ -353,15 +373,9 @@ def inspect_command(as_json, **options):
             indent=2, default=str,
         ))
         return
-    from bnconvert.report import format_inspect_rows
+    from bnconvert import console
 
-    click.echo(format_inspect_rows(result.rows) if result.rows else f"{model}: no normalization layers.")
-    report = result.report
-    n = report.converted
-    line = f"{n} layer{'' if n == 1 else 's'} would be converted (to {target})"
-    if target == "inference":
-        line += f"; {report.folded} would be folded, {report.count('kept')} kept"
-    click.echo(line)
+    click.echo("\n".join(console.inspect_lines(result, model, target)))
 
 
 @main.command("to-inference")
@@ -403,23 +417,9 @@ def to_inference(no_fold, no_check, **options):
     .h5 file, a directory holding one, or a tf-keras SavedModel directory.
     """
     result = _run(command="to-inference", fold=not no_fold, check=not no_check, **_tuples(options))
-    click.echo(result.report.summary_table(max_rows=SUMMARY_ROWS))
-    onnx = result.onnx
-    if onnx.checked:
-        click.echo(
-            f"onnxruntime check: max |diff| = {onnx.max_abs_diff:.3g}, relative "
-            f"{onnx.max_rel_diff:.3g} (per element: {onnx.atol:g} * max(1, rms) + "
-            f"{onnx.tolerance:g} * |Keras|), opset {onnx.opset}"
-        )
-    else:
-        click.echo(f"onnxruntime check skipped (--no-check), opset {onnx.opset}")
-    note = f" ({onnx.exporter_note})" if onnx.exporter_note else ""
-    click.echo(f"exporter: {onnx.exporter}{note}, {onnx.seconds:.1f} s")
-    for written in (result.output, result.keras_out):
-        if written is not None:
-            click.echo(f"Wrote {written}")
-    if result.report_path:
-        click.echo(f"Wrote report {result.report_path}")
+    from bnconvert import console  # TensorFlow has started
+
+    click.echo("\n".join(console.to_inference_lines(result, SUMMARY_ROWS)))
 
 
 def _tuples(options):

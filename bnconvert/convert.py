@@ -13,8 +13,10 @@ import os
 import warnings
 from types import MappingProxyType
 
+from bnconvert import check_inputs as check_inputs_lib
 from bnconvert import flavour as flavour_lib
 from bnconvert import fold as fold_lib
+from bnconvert import layer_args
 from bnconvert import rules as rules_lib
 from bnconvert import verify as verify_lib
 from bnconvert import walk
@@ -48,6 +50,8 @@ def convert_model(
     safe_mode=True,
     return_report=False,
     sync_group_size=None,
+    check_inputs=None,
+    allow_nonfinite=False,
 ):
     """Returns a copy of `model` with its normalization layers rewritten.
 
@@ -71,8 +75,8 @@ def convert_model(
             shipped rules (see `rules/README.md`).
         custom_objects: Optional dict name -> class, used to load the model
             and to resolve class names in rules.
-        verify: If `True`, run both models on one generated batch with
-            `training=False` and compare the outputs.
+        verify: If `True`, run both models on one generated batch (or
+            `check_inputs`) with `training=False` and compare the outputs.
         tolerance: Largest accepted difference of the outputs: absolute
             (default 1e-6) for a swap, relative to the largest output
             (default 1e-5) when BN layers are folded.
@@ -84,7 +88,15 @@ def convert_model(
             groups of this many consecutive replicas instead of all of them
             (set on every layer the rules turn into bnconvert's
             synchronized layer; a rule file can set it too, with
-            `[rule.config] set = { sync_group_size = 4 }`).
+            `[rule.config] set = { sync_group_size = 4 }`); at most
+            `bnconvert.layer_args.MAX_SYNC_GROUP_SIZE`.
+        check_inputs: Optional inputs to verify on instead of a generated
+            batch (needed for string inputs): an array, a list of arrays
+            (one per model input), a dict input-name -> array, or `.npy`
+            paths; each with at least one row, finite.
+        allow_nonfinite: Accept NaN/Inf original outputs that the converted
+            model reproduces exactly (with a warning in the report) instead
+            of raising `VerificationError`.
 
     Returns:
         A new `keras.Model`, or `(model, ConversionReport)`.
@@ -102,8 +114,10 @@ def convert_model(
     )
     # A model loaded here from a path is nobody else's: it is rewritten
     # itself. A model given by the caller is copied first.
+    tolerance = verify_lib.check_tolerance("tolerance", tolerance, optional=True)
     done = run_conversion(
-        job, verify=verify, tolerance=tolerance, fold=fold, in_place=job.loaded
+        job, verify=verify, tolerance=tolerance, fold=fold, in_place=job.loaded,
+        check_inputs=check_inputs, allow_nonfinite=allow_nonfinite,
     )
     if return_report:
         return done.model, done.report
@@ -123,6 +137,7 @@ class Conversion:
         relative: Whether that tolerance is relative (BN was folded).
         rewritten: The layer objects the conversion rewrote in place.
         actual: The converted model's outputs on `sample`, or `None`.
+        allow_nonfinite: Whether non-finite outputs were accepted.
     """
 
     model: object
@@ -133,9 +148,11 @@ class Conversion:
     relative: bool = False
     rewritten: list = dataclasses.field(default_factory=list)
     actual: list = None
+    allow_nonfinite: bool = False
 
 
-def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=False):
+def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=False,
+                   check_inputs=None, allow_nonfinite=False):
     """Converts `job.model` (in place, or a fresh copy of it) and verifies the outputs.
 
     The original outputs are computed before anything changes, so that an
@@ -148,12 +165,15 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
     report.tolerance = tolerance
     report.tolerance_kind = "relative" if folding else "absolute"
     sample = expected = None
-    if verify:
+    if verify and check_inputs is not None:
+        sample = check_inputs_lib.user_inputs(job.model, check_inputs)
+        report.verification_note = "the given check inputs, training=False"
+    elif verify:
         sample, report.verification_note = verify_lib.sample_inputs(job.model)
-        if sample is not None:
-            expected = verify_lib.run(job.model, sample)
     else:
         report.verification_note = "verification was turned off"
+    if sample is not None:
+        expected = verify_lib.run(job.model, sample)
     with _quiet_keras():
         work = job.model if in_place else _copy(job)
         job.converter.convert_in_place(work)
@@ -167,11 +187,17 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
             actual = verify_lib.run(work, sample)
             report.max_abs_diff, report.max_rel_diff = verify_lib.compare(
                 expected, actual, tolerance=tolerance, relative=folding,
+                allow_nonfinite=allow_nonfinite,
             )
             report.verified = True
+            nonfinite = verify_lib.nonfinite_note(expected)
+            if nonfinite:
+                report.warnings.append(
+                    f"non-finite outputs accepted (allow_nonfinite): {nonfinite}"
+                )
     return Conversion(
         work, report, sample, expected, tolerance, folding, list(job.converter.rewritten),
-        actual,
+        actual, allow_nonfinite,
     )
 
 
@@ -251,7 +277,7 @@ def prepare(model, to, *, rules=None, custom_objects=None, safe_mode=True,
     flavour = flavour_lib.flavour_of(model)
     ruleset = rules_lib.load_rules(rules, custom_objects=custom_objects, flavour=flavour)
     if sync_group_size is not None:
-        ruleset = _with_group_size(ruleset, flavour, sync_group_size)
+        ruleset = _with_group_size(ruleset, flavour, check_group_size(sync_group_size))
     source = None
     if isinstance(model, (str, os.PathLike)):
         from bnconvert import model_io
@@ -270,13 +296,20 @@ def prepare(model, to, *, rules=None, custom_objects=None, safe_mode=True,
     return _Job(model, flavour, ruleset, report, converter, loaded=source is not None)
 
 
+def check_group_size(group_size):
+    """Returns `group_size` if it is a whole number from 1 to the layers' maximum."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (
+        1 <= group_size <= layer_args.MAX_SYNC_GROUP_SIZE
+    ):
+        raise ConversionError(
+            "`sync_group_size` must be a whole number of replicas from 1 to "
+            f"{layer_args.MAX_SYNC_GROUP_SIZE}. Received: sync_group_size={group_size!r}"
+        )
+    return group_size
+
+
 def _with_group_size(ruleset, flavour, group_size):
     """`ruleset` whose rules into bnconvert's synchronized layer also set `sync_group_size`."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ConversionError(
-            "`sync_group_size` must be a positive whole number of replicas. "
-            f"Received: sync_group_size={group_size!r}"
-        )
     rules = []
     for rule in ruleset.rules:
         if issubclass(rule.target_class, flavour.SyncBatchNormalization):

@@ -8,6 +8,12 @@ import numbers
 
 CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
+# A group cannot have more replicas than a job has: the largest accelerator
+# pods hold thousands of chips (a TPU v5p pod 8960), so 2**16 leaves room
+# while a mistyped or hostile value (int64 max, 10**30) fails at once, not at
+# the first training step, and group arithmetic stays well inside int32.
+MAX_SYNC_GROUP_SIZE = 2**16
+
 
 def check_unit_interval(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -95,7 +101,7 @@ def check_renorm_clipping(renorm_clipping, renorm=True):
 
 
 def check_sync_group_size(sync_group_size):
-    """`None` or 0 (all replicas) or a positive int; returns `None` for all."""
+    """`None` or 0 (all replicas) or an int up to `MAX_SYNC_GROUP_SIZE`; `None` for all."""
     if sync_group_size is None:
         return None
     if isinstance(sync_group_size, bool) or not isinstance(
@@ -105,10 +111,10 @@ def check_sync_group_size(sync_group_size):
             "Argument `sync_group_size` must be None or a non-negative integer "
             f"(0 or None: all replicas). Received: sync_group_size={sync_group_size!r}"
         )
-    if sync_group_size < 0:
+    if not 0 <= sync_group_size <= MAX_SYNC_GROUP_SIZE:
         raise ValueError(
-            "Argument `sync_group_size` must be non-negative (0 or None: all "
-            f"replicas). Received: sync_group_size={sync_group_size!r}"
+            f"Argument `sync_group_size` must be from 0 to {MAX_SYNC_GROUP_SIZE} replicas "
+            f"(0 or None: all replicas). Received: sync_group_size={sync_group_size!r}"
         )
     return int(sync_group_size) or None
 

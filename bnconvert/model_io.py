@@ -18,7 +18,6 @@ from bnconvert import outputs
 from bnconvert import paths
 from bnconvert.errors import BnconvertError
 from bnconvert.errors import ModelLoadError
-from bnconvert.errors import OutputError
 from bnconvert.errors import first_line
 
 # Keras names an unresolvable class in one of these ways, depending on the
@@ -179,8 +178,8 @@ def write_model(model, tmp, fmt, out):
         with outputs.private_tempdir(out):
             model_flavour.save(model, tmp, fmt)
     except OSError as e:
-        raise OutputError(f"Cannot write {out}: {first_line(e)}") from e
+        raise outputs.write_error(out, e, tmp) from e
     except Exception as e:  # TF raises its own types for a full disk
         if "space" in str(e).lower() or "resource" in type(e).__name__.lower():
-            raise OutputError(f"Cannot write {out}: {first_line(e)}") from e
+            raise outputs.write_error(out, e, tmp) from e
         raise

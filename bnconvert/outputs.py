@@ -28,6 +28,7 @@ import shutil
 import tempfile
 
 from bnconvert.errors import OutputError
+from bnconvert.errors import first_line
 
 FILE = "file"
 DIRECTORY = "directory"
@@ -287,6 +288,14 @@ class Outputs:
             self.rollback()
         self.discard()
         return False
+
+
+def write_error(out, error, tmp=None):
+    """The `OutputError` for a refused write of `out`, naming it, never its temporary place `tmp`."""
+    text = getattr(error, "strerror", None) or first_line(error)
+    if tmp is not None:
+        text = text.replace(str(tmp), str(out))
+    return OutputError(f"Cannot write {out}: {text}; nothing was written.")
 
 
 def _appeared(out):

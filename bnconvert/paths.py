@@ -4,7 +4,7 @@ Every output is checked before any long work starts: it is not an input,
 does not contain one and does not lie inside one; its directory exists and
 takes files; it exists only if `--force` allows replacing it, and `--force`
 replaces only a regular file or a SavedModel directory, never a device, a
-pipe or another kind of directory.
+pipe, a dangling symbolic link or another kind of directory.
 
 Outputs are written to a temporary name in the destination directory and
 renamed into place (atomic on one file system): a failed or interrupted
@@ -95,6 +95,12 @@ def check_output(path, *, force=False, inputs=(), suffixes=None, kind=FILE, opti
         raise OutputError(f"Output directory {parent} is not writable.")
     if not (out.exists() or out.is_symlink()):
         return out
+    if not out.exists():
+        # Writing through it would create its target wherever it points.
+        raise OutputError(
+            f"Output {out} is a dangling symbolic link (to {os.readlink(out)}); it is "
+            "not replaced, even with --force. Remove the link or choose another output path."
+        )
     if kind == FILE and out.is_dir():
         raise OutputError(
             f"Output {out} is a directory, but {option} writes a file; give a "

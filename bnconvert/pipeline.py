@@ -24,7 +24,6 @@ from bnconvert import formats
 from bnconvert import outputs
 from bnconvert import paths
 from bnconvert.errors import OutputError
-from bnconvert.errors import first_line
 
 SYNC_TAIL = ".sync"
 
@@ -48,6 +47,8 @@ class Options:
             check's `rtol`; `exporter` is `auto`, `native` or `tf2onnx`).
         target: `inspect --to`.
         sync_group_size: `to-sync --sync-group-size`.
+        allow_nonfinite: `--allow-nonfinite`: accept NaN/Inf outputs that
+            the converted model reproduces, with a warning.
     """
 
     command: str
@@ -68,6 +69,7 @@ class Options:
     exporter: str = "auto"
     target: str = "sync"
     sync_group_size: int | None = None
+    allow_nonfinite: bool = False
 
 
 @dataclasses.dataclass
@@ -97,7 +99,7 @@ class _NoProgress:
         yield
 
 
-def run(options, progress=None, cancelled=None):
+def run(options, progress=None, cancelled=None, placed=None):
     """Runs one command.
 
     Args:
@@ -107,6 +109,9 @@ def run(options, progress=None, cancelled=None):
         cancelled: Optional callable, true once the run must stop (the CLI
             records Ctrl-C there, since Keras swallows `KeyboardInterrupt`
             in places). Checked after each step and around the commit.
+        placed: Optional callable, called once every output is in place
+            and the run can no longer be undone (the CLI then lets Ctrl-C
+            wait for the few lines it prints).
 
     Returns:
         A `Result`.
@@ -118,6 +123,7 @@ def run(options, progress=None, cancelled=None):
     """
     progress = progress or _NoProgress()
     cancelled = cancelled or (lambda: False)
+    _check_arguments(options)
     found = formats.resolve(options.model)
     protected = _inputs(options, found)
     plan = _check_outputs(options, found, protected)
@@ -136,11 +142,6 @@ def run(options, progress=None, cancelled=None):
     flavour = flavour_lib.get(found.flavour)
     rules = list(options.rules) or None
     rules_lib.load_rules(rules, custom_objects=objects, flavour=flavour)
-    if options.command == "to-inference":
-        from bnconvert.onnx import export as onnx_export
-
-        onnx_export.check_opset(options.opset, options.exporter)
-
     from bnconvert import convert
     from bnconvert import model_io
 
@@ -162,7 +163,9 @@ def run(options, progress=None, cancelled=None):
             safe_mode=not options.unsafe, sync_group_size=options.sync_group_size,
         )
         # The model was loaded here for this run only: it is rewritten itself.
-        conversion = convert.run_conversion(job, fold=options.fold, in_place=True)
+        conversion = convert.run_conversion(
+            job, fold=options.fold, in_place=True, allow_nonfinite=options.allow_nonfinite
+        )
     converted, report = conversion.model, conversion.report
     _stop_if(cancelled)
     report.source = str(options.model)
@@ -203,13 +206,38 @@ def run(options, progress=None, cancelled=None):
             try:
                 tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
             except OSError as e:
-                raise OutputError(f"Cannot write {options.report_path}: {first_line(e)}") from e
+                raise outputs.write_error(options.report_path, e, tmp) from e
         _stop_if(cancelled)
         staged.commit()
         # An interrupt that arrived during the renames undoes them.
         _stop_if(cancelled)
+        if placed is not None:
+            placed()
         staged.finish()
     return result
+
+
+def _check_arguments(options):
+    """Refuses bad option values before anything is read or loaded."""
+    for option, value in (("--output", options.output), ("--keras-out", options.keras_out),
+                          ("--report", options.report_path)):
+        if value is not None and not str(value).strip():
+            raise OutputError(
+                f"{option} is empty; give a path, or leave the option out for the "
+                f"default. Received: {option}={str(value)!r}"
+            )
+    if options.command == "to-inference":
+        from bnconvert import verify
+        from bnconvert.onnx import export as onnx_export
+
+        onnx_export.check_opset(options.opset, options.exporter)
+        verify.check_tolerance("tolerance", options.tolerance)
+        verify.check_tolerance("atol", options.atol)
+    if options.sync_group_size is not None:
+        from bnconvert import convert
+
+        convert.check_group_size(options.sync_group_size)
+
 
 
 def _stop_if(cancelled):
@@ -234,11 +262,16 @@ def _write_onnx(staged, model, out, options, progress, reference):
     tmp = staged.stage(out, create=False)
     step = "exporting to ONNX" + (" and checking" if options.check else "")
     with progress.step(step):
-        onnx = onnx_export.export_onnx(
-            model, tmp, opset=options.opset, tolerance=options.tolerance,
-            atol=options.atol, check=options.check, exporter=options.exporter,
-            reference=reference if None not in reference else None,
-        )
+        try:
+            onnx = onnx_export.export_onnx(
+                model, tmp, opset=options.opset, tolerance=options.tolerance,
+                atol=options.atol, check=options.check, exporter=options.exporter,
+                reference=reference if None not in reference else None,
+                allow_nonfinite=options.allow_nonfinite,
+            )
+        except OutputError as e:
+            # export_onnx names the path it was given: here a temporary one.
+            raise outputs.write_error(out, e, tmp) from None
     return dataclasses.replace(onnx, path=str(out))
 
 

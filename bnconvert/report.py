@@ -2,7 +2,8 @@
 
 A `ConversionReport` collects a `LayerEvent` for every normalization layer the
 converter (and the folder) met: which rule applied, or why none did. It
-renders as a dict, as JSON, and as a short text table for the CLI.
+renders as a dict, as JSON, and as a short text table for the CLI (names
+from the model escaped, `bnconvert.printable`).
 """
 
 import dataclasses
@@ -10,6 +11,7 @@ import json
 
 from bnconvert import verify
 from bnconvert import walk as walk_lib
+from bnconvert.printable import printable
 
 ACTIONS = ("applied", "skipped", "unchanged", "folded", "kept")
 
@@ -71,6 +73,7 @@ class ConversionReport:
         rule_sources: The rule files in force.
         file_checks: One dict per model file written, loaded back and
             checked (`bnconvert.written.check_file`).
+        warnings: What was accepted only on request (non-finite outputs).
     """
 
     direction: str
@@ -84,6 +87,7 @@ class ConversionReport:
     verification_note: str = ""
     rule_sources: tuple = ()
     file_checks: list = dataclasses.field(default_factory=list)
+    warnings: list = dataclasses.field(default_factory=list)
 
     def add(self, event):
         """Appends one `LayerEvent`."""
@@ -133,6 +137,7 @@ class ConversionReport:
             },
             "rule_sources": list(self.rule_sources),
             "file_checks": list(self.file_checks),
+            "warnings": list(self.warnings),
             "events": [dataclasses.asdict(e) for e in self.events],
         }
 
@@ -153,7 +158,8 @@ class ConversionReport:
             detail = e.rule or ""
             if e.reason:
                 detail = f"{detail}: {e.reason}" if detail else e.reason
-            rows.append((e.path, e.class_before, e.class_after, e.action, detail))
+            rows.append(tuple(map(printable, (e.path, e.class_before, e.class_after,
+                                              e.action, detail))))
         shown = rows if max_rows is None else rows[:max_rows]
         widths = [
             max([len(header[i])] + [len(r[i]) for r in shown]) for i in range(4)
@@ -188,7 +194,8 @@ class ConversionReport:
             if check["recorded"]:
                 line += f"; conversion recorded in the file for {len(check['recorded'])} layer(s)"
             lines.append(line)
-        return "\n".join(lines)
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(map(printable, lines))
 
 
 # -- bnconvert inspect ---------------------------------------------------------
@@ -300,10 +307,10 @@ def format_inspect_rows(rows):
         if shape and all(isinstance(d, int) for d in shape):
             shape = "x".join(str(d) for d in shape)
         actions = "; ".join(_format_event(e) for e in row["events"])
-        table.append((
+        table.append(tuple(map(printable, (
             row["path"], row["class"], str(shape or "-"),
             _format_settings(row["settings"]), actions or "no rule applies",
-        ))
+        ))))
     widths = [
         max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(headers)
     ]

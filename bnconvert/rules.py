@@ -25,6 +25,7 @@ import tomllib
 from types import MappingProxyType
 
 from bnconvert import flavour as flavour_lib
+from bnconvert import layer_args
 from bnconvert.errors import RuleError
 # The data types live in their own module; they are part of this one's API.
 from bnconvert.rule_types import ConfigMapping
@@ -390,6 +391,13 @@ def _plain_values(ctx, rule, config):
         if not _plain(value):
             ctx.fail(rule, f"set.{key}", "must be a string, number, boolean or array "
                      "of them; serialized objects (tables) are not allowed", value)
+    if "sync_group_size" in values:
+        # Checked here, before the model loads, with the layer's own bound.
+        try:
+            layer_args.check_sync_group_size(values["sync_group_size"])
+        except ValueError as e:
+            ctx.fail(rule, "set.sync_group_size", str(e).split(". Received")[0],
+                     values["sync_group_size"])
     return dict(values)
 
 

@@ -26,12 +26,26 @@ whose softmax peaks at 0.014: 4.7e-4 of its largest output; it needs atol
 (ResNet50V2, needs atol 1.5e-5) and 1.7e-4 (ResNet50): accepted and
 rejected respectively by these defaults. A fold that leaves out epsilon
 changes these outputs by less than float32 noise; no output check can see it.
+
+A reference output holding NaN or Inf fails every check (the model itself
+computes non-finite numbers: a negative moving variance, an overflow), and
+so does a checked output that is non-finite where the reference is not:
+`nan > tol` is false, so differences are never compared with NaN in them.
+`allow_nonfinite=True` accepts non-finite reference elements that the
+checked side reproduces exactly, with a warning. The check arrays are
+bounded in size before they are allocated (`BNCONVERT_MAX_CHECK_MB`).
 """
+
+import math
+import numbers
+import os
+import warnings
 
 import keras
 import numpy as np
 
 from bnconvert import keras_internals as internals
+from bnconvert.errors import ConversionError
 from bnconvert.errors import VerificationError
 
 ABSOLUTE_TOLERANCE = 1e-6
@@ -41,6 +55,13 @@ ATOL = 1e-5
 SAMPLE_BATCH = 2
 UNKNOWN_DIM = 32
 SEED = 1234
+
+# The check arrays (generated or read from .npy) may take this much memory
+# unless BNCONVERT_MAX_CHECK_MB says otherwise: a 224x224 RGB batch of two
+# takes 1.2 MB, a 4096x4096 one 400 MB; a declared 60000x60000 input 27 GB.
+MAX_CHECK_MB_VARIABLE = "BNCONVERT_MAX_CHECK_MB"
+DEFAULT_MAX_CHECK_MB = 1024
+_ALLOW = "pass --allow-nonfinite (allow_nonfinite=True in Python)"
 
 
 def input_specs(model):
@@ -59,7 +80,14 @@ def input_specs(model):
 
 
 def _numpy_dtype(dtype):
+    # Keras 3 names its string dtype "string", which NumPy does not know.
+    if str(getattr(dtype, "name", dtype)) == "string":
+        return np.dtype(object)
     return np.dtype(getattr(dtype, "as_numpy_dtype", dtype))
+
+
+def is_string(dtype):
+    return dtype == np.dtype(object)
 
 
 def sample_inputs(model, batch=SAMPLE_BATCH):
@@ -71,7 +99,11 @@ def sample_inputs(model, batch=SAMPLE_BATCH):
 
     Returns:
         `(arrays, note)`: the arrays, or `None` and the reason when no batch
-        can be made.
+        can be made (no defined inputs, or string inputs).
+
+    Raises:
+        VerificationError: The batch would be larger than the check limit
+            (`BNCONVERT_MAX_CHECK_MB`).
     """
     specs = input_specs(model)
     if specs is None:
@@ -79,22 +111,77 @@ def sample_inputs(model, batch=SAMPLE_BATCH):
             f"model '{model.name}' has no defined inputs (not built from an input "
             "shape); nothing to compare"
         )
+    shapes = [
+        tuple((batch if i == 0 else UNKNOWN_DIM) if d is None else int(d)
+              for i, d in enumerate(shape))
+        for shape, _ in specs
+    ]
+    for i, (_, dtype) in enumerate(specs):
+        if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+            kind = "string" if is_string(dtype) else str(dtype)
+            return None, (
+                f"no check batch can be generated for input {i} of dtype {kind}; pass "
+                "your own (check_inputs= of convert_model, inputs= of export_onnx)"
+            )
+    # standard_normal draws float64 before the cast: 8 bytes an element.
+    check_size(sum(math.prod(s) * 8 for s in shapes), f"The check batch of model '{model.name}'",
+               shapes)
     rng = np.random.default_rng(SEED)
     arrays = []
-    for shape, dtype in specs:
-        dims = tuple(
-            (batch if i == 0 else UNKNOWN_DIM) if d is None else int(d)
-            for i, d in enumerate(shape)
-        )
+    for dims, (_, dtype) in zip(shapes, specs):
         if np.issubdtype(dtype, np.floating):
             arrays.append(rng.standard_normal(dims).astype(dtype))
         elif dtype == np.bool_:
             arrays.append(rng.integers(0, 2, size=dims).astype(bool))
-        elif np.issubdtype(dtype, np.integer):
-            arrays.append(rng.integers(0, 2, size=dims).astype(dtype))
         else:
-            return None, f"cannot generate inputs of dtype {dtype}"
+            arrays.append(rng.integers(0, 2, size=dims).astype(dtype))
     return arrays, "one generated batch, training=False"
+
+
+def max_check_bytes():
+    """The size limit of check arrays, from `BNCONVERT_MAX_CHECK_MB` (default 1024)."""
+    text = os.environ.get(MAX_CHECK_MB_VARIABLE)
+    if text is None:
+        return DEFAULT_MAX_CHECK_MB << 20
+    try:
+        megabytes = int(text)
+    except ValueError:
+        megabytes = 0
+    if megabytes < 1:
+        # Fail closed: a limit that cannot be read is not switched off.
+        raise VerificationError(
+            f"{MAX_CHECK_MB_VARIABLE} must be a whole number of megabytes >= 1. "
+            f"Received: {MAX_CHECK_MB_VARIABLE}={text!r}"
+        )
+    return megabytes << 20
+
+
+def check_size(nbytes, what, shapes):
+    """Refuses check arrays of `nbytes` over `max_check_bytes()`, before allocating them."""
+    limit = max_check_bytes()
+    if nbytes > limit:
+        raise VerificationError(
+            f"{what} would take {nbytes / 2**30:.1f} GiB (shapes {list(shapes)}), over "
+            f"the {limit >> 20} MB limit; pass a smaller check input, or raise "
+            f"{MAX_CHECK_MB_VARIABLE} if you have the memory."
+        )
+
+
+def check_tolerance(name, value, *, optional=False):
+    """Returns `value` as a float if it is finite and >= 0; raises `ConversionError` if not.
+
+    An infinite or NaN tolerance would switch the check off silently.
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+        math.isfinite(value) and value >= 0
+    ):
+        raise ConversionError(
+            f"Argument `{name}` must be a finite number >= 0 (inf or NaN would turn "
+            f"the check off). Received: {name}={value!r}"
+        )
+    return float(value)
 
 
 def run(model, arrays):
@@ -110,7 +197,8 @@ def _structured(model, arrays):
         return arrays[0] if len(arrays) == 1 else list(arrays)
 
 
-def compare(expected, actual, *, tolerance, relative, what="The converted model", atol=ATOL):
+def compare(expected, actual, *, tolerance, relative, what="The converted model", atol=ATOL,
+            allow_nonfinite=False):
     """Holds `actual` outputs to `expected` ones (see the module docstring).
 
     Args:
@@ -121,39 +209,67 @@ def compare(expected, actual, *, tolerance, relative, what="The converted model"
         relative: Whether to use the per-element relative check.
         what: Names the checked side in messages.
         atol: The absolute term of the relative check.
+        allow_nonfinite: Accept NaN/Inf reference elements that `actual`
+            reproduces exactly (with a `RuntimeWarning`) instead of failing.
 
     Returns:
         `(max_abs_diff, max_rel_diff)`: the largest absolute difference, and
         the largest one of an output divided by that output's largest
-        reference magnitude (for the report).
+        reference magnitude (for the report), over finite elements.
 
     Raises:
-        VerificationError: Different output count or shapes, or a difference
-            beyond the tolerance.
+        VerificationError: Different output count or shapes, a non-finite
+            reference (unless allowed), a non-finite output where the
+            reference differs, or a difference beyond the tolerance.
     """
     if len(expected) != len(actual):
         raise VerificationError(
             f"{what} has {len(actual)} outputs, the reference {len(expected)}."
         )
+    checked = what[0].lower() + what[1:]
     worst_abs, worst_rel, failed = 0.0, 0.0, None
-    for a, b in zip(expected, actual):
+    for i, (a, b) in enumerate(zip(expected, actual)):
         a = np.asarray(a, dtype=np.float64)
         b = np.asarray(b, dtype=np.float64)
         if a.shape != b.shape:
             raise VerificationError(
-                f"An output of {what[0].lower() + what[1:]} has shape {b.shape}, "
-                f"the reference's {a.shape}."
+                f"An output of {checked} has shape {b.shape}, the reference's {a.shape}."
             )
         if not a.size:
             continue
-        # NaN where the reference has NaN too is agreement, not a difference.
-        diff = np.nan_to_num(np.where(np.isnan(a) & np.isnan(b), 0.0, np.abs(a - b)), nan=np.inf)
-        scale = float(np.nanmax(np.abs(a), initial=0.0))
+        output = f"output {i} (of {len(expected)})"
+        finite = np.isfinite(a)
+        if not finite.all():
+            counts = _nonfinite_counts(a, finite)
+            if not allow_nonfinite:
+                raise VerificationError(
+                    f"The reference {output} that {checked} is compared with holds "
+                    f"{counts}: the model itself computes non-finite values (a negative "
+                    "moving variance? an overflow?), so the check proves nothing; nothing "
+                    f"was written. Fix the model, or {_ALLOW} to accept it."
+                )
+            warnings.warn(
+                f"bnconvert: the reference {output} holds {counts}; accepted because "
+                "allow_nonfinite=True, where the checked side reproduces them.",
+                RuntimeWarning, stacklevel=2,
+            )
+        # Equal values (equal infinities included) and NaN facing NaN agree.
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        wild = ~same & ~(finite & np.isfinite(b))
+        if wild.any():
+            raise VerificationError(
+                f"{what} gives {int(wild.sum())} NaN/Inf value(s) in {output} where the "
+                f"reference has other values ({_nonfinite_counts(b, np.isfinite(b))} in "
+                "that output); nothing was written. Check the rules and the model."
+            )
+        with np.errstate(invalid="ignore"):  # inf - inf where both agree
+            diff = np.where(same, 0.0, np.abs(a - b))
+        scale = float(np.max(np.abs(a[finite]), initial=0.0))
         worst_abs = max(worst_abs, float(diff.max()))
         worst_rel = max(worst_rel, float(diff.max()) / scale if scale > 0 else float(diff.max()))
         if relative:
-            rms = float(np.sqrt(np.nanmean(np.square(a)))) if np.isfinite(a).all() else 1.0
-            allowed = atol * max(1.0, rms) + tolerance * np.abs(np.nan_to_num(a))
+            rms = float(np.sqrt(np.mean(np.square(a[finite])))) if finite.any() else 0.0
+            allowed = atol * max(1.0, rms) + tolerance * np.abs(np.where(finite, a, 0.0))
         else:
             allowed = tolerance
         if failed is None and not np.all(diff <= allowed):
@@ -165,11 +281,27 @@ def compare(expected, actual, *, tolerance, relative, what="The converted model"
         )
         raise VerificationError(
             f"{what}'s outputs differ from the reference's by up to {worst_abs:.3g} "
-            f"({worst_rel:.3g} relative to the largest output), beyond {rule}, on a "
-            "generated batch; nothing was written. Check the rules, or raise the "
+            f"({worst_rel:.3g} relative to the largest output), beyond {rule}, on the "
+            "check batch; nothing was written. Check the rules, or raise the "
             "tolerance if the difference is expected."
         )
     return worst_abs, worst_rel
+
+
+def nonfinite_note(outputs):
+    """What non-finite values `outputs` (flat list) hold, in a few words, or `None`."""
+    notes = []
+    for i, values in enumerate(outputs):
+        values = np.asarray(values, dtype=np.float64)
+        finite = np.isfinite(values)
+        if not finite.all():
+            notes.append(f"output {i}: {_nonfinite_counts(values, finite)}")
+    return "; ".join(notes) or None
+
+
+def _nonfinite_counts(values, finite):
+    nan = int(np.isnan(values).sum())
+    return f"{nan} NaN and {int((~finite).sum()) - nan} Inf among {values.size} values"
 
 
 def default_tolerance(folding):

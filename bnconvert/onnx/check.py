@@ -6,65 +6,42 @@ batch (`bnconvert.verify.sample_inputs`) and on any batches the user gave
 `atol * max(1, rms) + rtol * |keras|` (`bnconvert.verify.compare`).
 """
 
-import os
-
-import numpy as np
-
+from bnconvert import check_inputs
 from bnconvert import verify
 from bnconvert.errors import ConversionError
 from bnconvert.errors import VerificationError
 
 
 def user_batches(model, input_names, inputs):
-    """Check inputs given by the user, as one list of arrays per batch."""
+    """Check inputs given by the user, as one list of arrays per batch (see `check_inputs`)."""
     if inputs is None:
         return []
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    if isinstance(inputs, dict):
-        missing = [n for n in input_names if n not in inputs]
-        if missing:
-            raise VerificationError(
-                f"Check inputs lack model input(s) {missing}. Received: "
-                f"inputs keys={sorted(inputs)}"
-            )
-        arrays = [inputs[n] for n in input_names]
-    elif isinstance(inputs, (list, tuple)):
-        arrays = list(inputs)
-    else:
-        arrays = [inputs]
-    arrays = [_load_array(a) for a in arrays]
-    if len(arrays) != len(input_names):
-        raise VerificationError(
-            f"Model '{model.name}' has {len(input_names)} input(s) {input_names} but "
-            f"{len(arrays)} check array(s) were given. Received: inputs={len(arrays)} array(s)"
-        )
-    for name, array, tensor in zip(input_names, arrays, model.inputs):
-        want = tuple(tensor.shape[1:])
-        got = array.shape[1:]
-        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
-            raise VerificationError(
-                f"Check input for '{name}' has shape {array.shape}, the model expects "
-                f"(batch,) + {want}. Received: shape={array.shape}"
-            )
-    return [[a.astype(t.dtype) for a, t in zip(arrays, model.inputs)]]
+    return [check_inputs.user_inputs(model, inputs, input_names)]
 
 
-def _load_array(value):
-    if isinstance(value, (str, os.PathLike)):
-        try:
-            return np.load(value, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise VerificationError(
-                f"Cannot read check input as a .npy array ({e}). Received: path={os.fspath(value)!r}"
-            ) from None
-    return np.asarray(value)
+def check_arguments(tolerance, atol):
+    """`(tolerance, atol)` as floats, both finite and >= 0 (`ConversionError` if not)."""
+    return verify.check_tolerance("tolerance", tolerance), verify.check_tolerance("atol", atol)
 
 
 def compare(model, onnx_model, input_names, output_names, batches, tolerance, atol,
-             known=None):
-    """Runs each batch in Keras and onnxruntime; returns the worst `(abs, rel)` figures."""
+            known=None, allow_nonfinite=False):
+    """Runs each batch in Keras and onnxruntime; returns the worst `(abs, rel)` figures.
+
+    A `None` batch (none could be generated: string inputs) is left out; with
+    no batch left the check refuses rather than pass having run nothing.
+    """
     import onnxruntime as ort
+
+    if known is not None and batches and batches[0] is None:
+        known = None
+    batches = [b for b in batches if b is not None]
+    if not batches:
+        raise VerificationError(
+            f"No check batch can be generated for model '{model.name}' (string inputs?), "
+            "so the ONNX file cannot be checked; pass inputs= to export_onnx, or skip "
+            "the check (check=False, --no-check)."
+        )
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -84,6 +61,7 @@ def compare(model, onnx_model, input_names, output_names, batches, tolerance, at
             session.run(output_names, dict(zip(input_names, batch))),
             tolerance=tolerance, relative=True, atol=atol,
             what=f"The ONNX model of '{model.name}' (onnxruntime)",
+            allow_nonfinite=allow_nonfinite,
         )
         worst = (max(worst[0], figures[0]), max(worst[1], figures[1]))
     return worst

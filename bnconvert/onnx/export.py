@@ -87,7 +87,8 @@ class OnnxExportResult:
 
 
 def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
-                atol=verify.ATOL, inputs=None, check=True, exporter=AUTO, reference=None):
+                atol=verify.ATOL, inputs=None, check=True, exporter=AUTO, reference=None,
+                allow_nonfinite=False):
     """Write `model` as ONNX and check it against Keras in onnxruntime.
 
     The ONNX graph has a dynamic batch dimension and the Keras input and
@@ -112,6 +113,8 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
         reference: Optional `(arrays, outputs)`: `model`'s outputs on the
             generated check batch (`verify.sample_inputs`), when the caller
             has already computed them; saves running the model again.
+        allow_nonfinite: Accept NaN/Inf Keras outputs that onnxruntime
+            reproduces (with a warning) instead of failing the check.
 
     Returns:
         An `OnnxExportResult`.
@@ -133,6 +136,7 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
             f"path. Received: path={path!r}"
         )
     opset = check_opset(opset, exporter)
+    tolerance, atol = ort_check.check_arguments(tolerance, atol)
     model = _graph_view(model)
     input_names = _input_names(model)
     output_names = _output_names(model)
@@ -154,7 +158,7 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
                     if not check:
                         return (None, None)
                     return ort_check.compare(model, data, input_names, output_names,
-                                              batches, tolerance, atol, known)
+                                              batches, tolerance, atol, known, allow_nonfinite)
                 finally:
                     writer.finish()
         except OSError as e:
@@ -310,8 +314,12 @@ def check_opset(opset, exporter=AUTO):
     check_exporter(exporter)
     if opset is None:
         return None
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ConversionError(
+            f"Argument `opset` must be a whole number (an int) or None. Received: opset={opset!r}"
+        )
     allowed = supported_opsets(exporter)
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in allowed:
+    if opset not in allowed:
         who = {AUTO: "The ONNX exporters", NATIVE: "The native ONNX exporter",
                TF2ONNX: "The ONNX exporter tf2onnx"}[exporter]
         raise ConversionError(
