@@ -242,7 +242,12 @@ def _tolerance(ctx, param, value):
 
 
 def _common(f):
-    """--rules, --custom-objects and --unsafe, which every command takes."""
+    """--rules, --custom-objects, --unsafe and --allow-asset-paths, which every command takes."""
+    f = click.option(
+        "--allow-asset-paths", is_flag=True,
+        help="Allow a model config that names files to read (a lookup layer's "
+        "vocabulary path); they are copied into the outputs. Only for files you trust.",
+    )(f)
     f = click.option(
         "--unsafe", is_flag=True,
         help="Allow loading Python code stored in the model (Lambda layers). "

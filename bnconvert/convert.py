@@ -48,6 +48,7 @@ def convert_model(
     safe_mode=True,
     return_report=False,
     sync_group_size=None,
+    allow_asset_paths=False,
 ):
     """Returns a copy of `model` with its normalization layers rewritten.
 
@@ -85,6 +86,9 @@ def convert_model(
             (set on every layer the rules turn into bnconvert's
             synchronized layer; a rule file can set it too, with
             `[rule.config] set = { sync_group_size = 4 }`).
+        allow_asset_paths: When `model` is a path: accept a config that
+            names files to read (a lookup layer's `vocabulary` path), which
+            is refused by default (`bnconvert.config_checks`).
 
     Returns:
         A new `keras.Model`, or `(model, ConversionReport)`.
@@ -98,7 +102,7 @@ def convert_model(
     """
     job = prepare(
         model, to, rules=rules, custom_objects=custom_objects, safe_mode=safe_mode,
-        sync_group_size=sync_group_size,
+        sync_group_size=sync_group_size, allow_asset_paths=allow_asset_paths,
     )
     # A model loaded here from a path is nobody else's: it is rewritten
     # itself. A model given by the caller is copied first.
@@ -210,7 +214,8 @@ def _align(original, copy, flavour):
             b.trainable = a.trainable
 
 
-def inspect_model(model, to="sync", *, rules=None, custom_objects=None, safe_mode=True):
+def inspect_model(model, to="sync", *, rules=None, custom_objects=None, safe_mode=True,
+                  allow_asset_paths=False):
     """Reports what `convert_model` would do, without converting anything.
 
     Args:
@@ -219,6 +224,7 @@ def inspect_model(model, to="sync", *, rules=None, custom_objects=None, safe_mod
         rules: Optional list of user rule-file paths.
         custom_objects: Optional dict name -> class.
         safe_mode: Passed to Keras when `model` is a path.
+        allow_asset_paths: As for `convert_model`.
 
     Returns:
         A `ConversionReport` whose events say, for every normalization
@@ -227,14 +233,17 @@ def inspect_model(model, to="sync", *, rules=None, custom_objects=None, safe_mod
     Raises:
         ConversionError, RuleError, ModelLoadError: As `convert_model`.
     """
-    job = prepare(model, to, rules=rules, custom_objects=custom_objects, safe_mode=safe_mode)
+    job = prepare(
+        model, to, rules=rules, custom_objects=custom_objects, safe_mode=safe_mode,
+        allow_asset_paths=allow_asset_paths,
+    )
     job.converter.inspect(job.model)
     job.report.verification_note = "inspection only: nothing was converted"
     return job.report
 
 
 def prepare(model, to, *, rules=None, custom_objects=None, safe_mode=True,
-            sync_group_size=None):
+            sync_group_size=None, allow_asset_paths=False):
     """Resolves a conversion's inputs: the model (loaded if a path), flavour, rules, report."""
     if to not in rules_lib.DIRECTIONS:
         raise ConversionError(
@@ -257,7 +266,10 @@ def prepare(model, to, *, rules=None, custom_objects=None, safe_mode=True,
         from bnconvert import model_io
 
         source = os.fspath(model)
-        model = model_io.load_model(model, custom_objects=custom_objects, safe_mode=safe_mode)
+        model = model_io.load_model(
+            model, custom_objects=custom_objects, safe_mode=safe_mode,
+            allow_asset_paths=allow_asset_paths,
+        )
     if not isinstance(model, flavour.Model):
         raise ConversionError(
             "Expected a keras.Model, a tf_keras.Model or the path of a saved model. "
