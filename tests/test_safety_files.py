@@ -24,6 +24,7 @@ from bnconvert import config_checks
 from bnconvert import flavour as flavour_lib
 from bnconvert import formats
 from bnconvert import model_io
+from bnconvert import weight_bounds
 from bnconvert.errors import ModelLoadError
 from file_checks import run_cli
 from file_checks import tree_digest
@@ -196,6 +197,32 @@ def test_5_dense_of_a_billion_units_is_refused_before_keras_builds(work, monkeyp
     assert "KB of weights" in line
 
 
+@pytest.mark.parametrize("kind", ["sequential", "functional"])
+def test_5_tf_keras_h5_sizes_follow_the_graph(tmp_path, kind):
+    """tf-keras `.h5` configs record no input shapes: the graph tells them."""
+    if kind == "sequential":
+        model = tf_keras.Sequential([
+            tf_keras.Input((4,)), tf_keras.layers.Dense(5, name="wide"),
+            tf_keras.layers.BatchNormalization(), tf_keras.layers.Dense(3, name="next"),
+        ])
+    else:
+        inputs = tf_keras.Input((4,))
+        y = tf_keras.layers.Dense(5, name="wide")(inputs)
+        y = tf_keras.layers.Add()([tf_keras.layers.ReLU()(y), y])
+        model = tf_keras.Model(inputs, tf_keras.layers.Dense(3, name="next")(y))
+    path = tmp_path / "m.h5"
+    model.save(path)
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        _layer(config, "wide")["config"]["units"] = 10 ** 5
+        _layer(config, "next")["config"]["units"] = 10 ** 5
+        assert "build_config" not in json.dumps(_layer(config, "next"))
+        f.attrs["model_config"] = json.dumps(config).encode()
+    # Each layer's units alone are 4e5 and 1e5 weights; 'next' builds 1e10.
+    with pytest.raises(ModelLoadError, match="1e\\+10 weights.*layer 'next' \\(Dense\\)"):
+        config_checks.check_model_config(formats.resolve(path))
+
+
 def test_5_limit_is_overridable(work, monkeypatch):
     big = _big_dense(work, 3000, input_dim=100)  # 300k weights, 1.14 MB as float32
     found = formats.resolve(big)
@@ -234,7 +261,7 @@ def test_5_declared_weights_bound_what_keras_builds(make, shape):
     built_weights = sum(int(np.prod(w.shape)) for w in layer.weights)
     entry = dict(keras.saving.serialize_keras_object(layer), build_config=layer.get_build_config())
     entry = json.loads(json.dumps(entry))  # as a file holds it
-    declared = config_checks.declared_weights(entry)
+    declared = weight_bounds.declared_weights(entry)
     # A lower bound (never refusing a real file), and a tight one.
     assert built_weights / 2 <= declared <= built_weights, (declared, built_weights)
 
