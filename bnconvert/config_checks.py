@@ -33,7 +33,7 @@ from bnconvert.weight_bounds import human_size
 
 # Keys under which Keras layers (and keras-hub tokenizers) take a file path.
 ASSET_KEYS = frozenset({"vocabulary", "idf_weights", "stop_words", "merges", "proto"})
-
+_WEIGHTS_RATIO = 16
 
 
 def check_model_config(found, *, allow_asset_paths=False):
@@ -76,10 +76,12 @@ def _read_config(found):
     path = found.path
     if found.format == formats.KERAS:
         with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-            stored = (
-                archive.getinfo("model.weights.h5").file_size
-                if "model.weights.h5" in names else 0
+            # Weights (.h5 or .npz) and assets; a member's stated size counts
+            # up to a deflate ratio real weights never reach (zeros do).
+            stored = sum(
+                min(info.file_size, _WEIGHTS_RATIO * info.compress_size)
+                for info in archive.infolist()
+                if info.filename not in ("config.json", "metadata.json")
             )
             texts = [archive.read("config.json")]
         what = "config.json"

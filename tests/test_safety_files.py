@@ -223,6 +223,15 @@ def test_5_tf_keras_h5_sizes_follow_the_graph(tmp_path, kind):
         config_checks.check_model_config(formats.resolve(path))
 
 
+def test_5_zeros_in_the_archive_do_not_count_as_stored_weights(work, monkeypatch):
+    monkeypatch.setenv("BNCONVERT_MAX_DECLARED_MB", "0")
+    big = _big_dense(work, 10 ** 6)  # 4e6 weights, 15 MB as float32
+    with zipfile.ZipFile(big, "a", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("assets/padding", bytes(8 << 20))  # states 8 MB, holds ~8 KB
+    with pytest.raises(ModelLoadError, match="layer 'd' \\(Dense\\)"):
+        config_checks.check_model_config(formats.resolve(big))
+
+
 def test_5_limit_is_overridable(work, monkeypatch):
     big = _big_dense(work, 3000, input_dim=100)  # 300k weights, 1.14 MB as float32
     found = formats.resolve(big)
