@@ -27,6 +27,7 @@ from bnconvert.errors import ModelLoadError
 
 DECLARED_LIMIT_ENV = "BNCONVERT_MAX_DECLARED_MB"
 DEFAULT_DECLARED_LIMIT_MB = 1024
+_CAP = 1 << 64
 
 _CONV = re.compile(r"^(Separable|Depthwise)?Conv(?:olution)?([123])D(Transpose)?$")
 _RNN_GATES = {
@@ -55,23 +56,25 @@ def human_size(n):
 
 
 def _count(value):
-    """A config value as a non-negative whole number (0 if it is none)."""
+    """A config value as a whole number in [0, 2**64] (0 if it is none)."""
     if isinstance(value, bool):
         return 0
     if isinstance(value, float):
-        return int(value) if math.isfinite(value) and value > 0 else 0
-    if isinstance(value, str):
+        value = int(min(value, _CAP)) if math.isfinite(value) else 0
+    elif isinstance(value, str):
         value = value.strip()
-        return int(value) if value.isdigit() and len(value) < 400 else 0
-    return value if isinstance(value, int) and value > 0 else 0
+        value = int(value) if value.isdigit() and len(value) < 30 else 0
+    return min(value, _CAP) if isinstance(value, int) and value > 0 else 0
 
 
 def _input_shape(entry):
     """The input shape a serialized layer records (first input's), or `None`."""
     config = entry["config"]
     build = entry.get("build_config")
+    build = build if isinstance(build, dict) else {}
     candidates = (
-        build.get("input_shape") if isinstance(build, dict) else None,
+        build.get("input_shape"),
+        build.get("shapes_dict"),
         entry.get("build_input_shape"),
         config.get("batch_input_shape"),
         config.get("batch_shape"),
@@ -88,16 +91,20 @@ def _input_shape(entry):
 
 def _dim(shape, axis):
     """`shape[axis]` as a count, or 1 (a lower bound) when unknown."""
-    if shape is None or not isinstance(axis, int) or not -len(shape) <= axis < len(shape):
+    if not isinstance(shape, list) or not isinstance(axis, int):
+        return 1
+    if not -len(shape) <= axis < len(shape):
         return 1
     return max(_count(shape[axis]), 1)
 
 
 def _kernel(config, rank):
     size = config.get("kernel_size")
-    if isinstance(size, list):
-        return math.prod(max(_count(k), 1) for k in size)
-    return max(_count(size), 1) ** rank
+    sizes = size if isinstance(size, list) else [size] * rank
+    product = 1
+    for k in sizes:  # capped as it goes: a crafted list cannot make a huge number
+        product = min(product * max(_count(k), 1), _CAP)
+    return product
 
 
 def _shape_of(entry, last_dim=None):
@@ -129,7 +136,7 @@ def declared_weights(entry, last_dim=None):
         axis = config.get("axis", -1)
         return 2 * _dim(shape, axis[0] if isinstance(axis, list) and axis else axis)
     if cls == "MultiHeadAttention":
-        return 4 * _count(config.get("num_heads")) * _count(config.get("key_dim"))
+        return _attention(config, entry.get("build_config"))
     conv = _CONV.match(cls)
     if conv is None:
         return 0
@@ -142,6 +149,21 @@ def declared_weights(entry, last_dim=None):
         return multiplier * channels * (kernel + filters)
     groups = _count(config.get("groups", 1)) or 1
     return filters * kernel * max(channels // groups, 1)
+
+
+def _attention(config, build):
+    """Query, key, value and output kernels of a `MultiHeadAttention`."""
+    build = build if isinstance(build, dict) else {}
+    # Keras 3 records a build with several shapes as {"shapes_dict": {...}}.
+    build = build.get("shapes_dict", build)
+    build = build if isinstance(build, dict) else {}
+    query = _dim(build.get("query_shape"), -1)
+    value = _dim(build.get("value_shape"), -1)
+    key = _dim(build.get("key_shape") or build.get("value_shape"), -1)
+    out = query if config.get("output_shape") is None else 1
+    key_dim = _count(config.get("key_dim"))
+    value_dim = _count(config.get("value_dim")) or key_dim
+    return _count(config.get("num_heads")) * (key_dim * (query + key) + value_dim * (value + out))
 
 
 def _output_last_dim(entry, last_dim):

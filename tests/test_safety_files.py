@@ -260,13 +260,14 @@ _LAYERS = [
     (lambda: keras.layers.SimpleRNN(6), (None, 4, 5)),
     (lambda: keras.layers.BatchNormalization(), (None, 5)),
     (lambda: bnconvert.SyncBatchNormalization(axis=1), (None, 5, 2)),
+    (lambda: keras.layers.MultiHeadAttention(2, 4, value_dim=3), [(None, 3, 8), (None, 3, 8)]),
 ]
 
 
 @pytest.mark.parametrize("make, shape", _LAYERS)
 def test_5_declared_weights_bound_what_keras_builds(make, shape):
     layer = make()
-    layer.build(shape)
+    layer.build(*shape) if isinstance(shape, list) else layer.build(shape)
     built_weights = sum(int(np.prod(w.shape)) for w in layer.weights)
     entry = dict(keras.saving.serialize_keras_object(layer), build_config=layer.get_build_config())
     entry = json.loads(json.dumps(entry))  # as a file holds it
