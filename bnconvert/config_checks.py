@@ -53,7 +53,7 @@ def check_model_config(found, *, allow_asset_paths=False):
     if not allow_asset_paths:
         _check_asset_paths(found.path, items)
     entries = [item[2] for item in items if weight_bounds.is_serialized(item[2])]
-    weight_bounds.check(found.path, entries, stored, _describe)
+    weight_bounds.check(found.path, entries, stored)
 
 
 def _too_large(model_file, what, size):

@@ -255,41 +255,47 @@ def declared_limit():
     return int(min(mb, 1e12) * (1 << 20))
 
 
-def check(model_file, entries, stored, describe):
-    """Refuses a config whose layers declare far more weights than the file stores.
+def declared_per_layer(entries):
+    """`{layer key: weights}` for the layers among `entries` whose weights are counted.
 
-    Args:
-        model_file: The model's path, for messages.
-        entries: Every serialized object in the config (layers among them).
-        stored: The bytes the file stores for weights.
-        describe: `entry -> str` naming a layer in messages.
-
-    Raises:
-        ModelLoadError: See the module docstring.
+    One layer can be serialized twice (a SavedModel records each layer's
+    node and the model's config holding it): layers are keyed by class and
+    name, and two layers sharing both count once (still a lower bound).
     """
     last_dims = graph_last_dims(entries)
     per_layer = {}
     for entry in entries:
         n = declared_weights(entry, last_dims.get(id(entry)))
         if n:
-            # One layer can be serialized twice (a SavedModel records each
-            # layer's node and the model's config holding it); two layers
-            # sharing a class and a name count once (still a lower bound).
             name = entry["config"].get("name")
             key = (entry["class_name"], name if isinstance(name, str) else
                    json.dumps(entry["config"], sort_keys=True, default=str))
-            if n > per_layer.get(key, (0, None))[0]:
-                per_layer[key] = (n, describe(entry))
-    total = sum(n for n, _ in per_layer.values())
+            per_layer[key] = max(per_layer.get(key, 0), n)
+    return per_layer
+
+
+def check(model_file, entries, stored):
+    """Refuses a config whose layers declare far more weights than the file stores.
+
+    Args:
+        model_file: The model's path, for messages.
+        entries: Every serialized object in the config (layers among them).
+        stored: The bytes the file stores for weights.
+
+    Raises:
+        ModelLoadError: See the module docstring.
+    """
+    per_layer = declared_per_layer(entries)
+    total = sum(per_layer.values())
     if 4 * total <= 8 * stored + declared_limit():
         return
-    largest, layer = max(per_layer.values(), key=lambda pair: pair[0])
+    (cls, name), largest = max(per_layer.items(), key=lambda item: item[1])
     raise ModelLoadError(
         f"{model_file} is refused: its config declares {_amount(total)} weights "
-        f"({human_size(4 * total)} as float32; {layer} alone {_amount(largest)}), "
-        f"but the file stores {human_size(stored)} of weights: building them would fill "
-        "memory (a crafted config?). If you trust the file, raise the limit with the "
-        f"environment variable {DECLARED_LIMIT_ENV}=<megabytes>."
+        f"({human_size(4 * total)} as float32; layer {name!r} ({cls}) alone "
+        f"{_amount(largest)}), but the file stores {human_size(stored)} of weights: "
+        "building them would fill memory (a crafted config?). If you trust the file, "
+        f"raise the limit with the environment variable {DECLARED_LIMIT_ENV}=<megabytes>."
     )
 
 

@@ -297,8 +297,21 @@ def test_5_real_models_pass_without_slack(tmp_path, monkeypatch):
     k3.save(tmp_path / "k3.h5")
     tk.save(tmp_path / "tk.h5")
     tk.save(tmp_path / "tksm")
+    seen = []
+
+    def check(model_file, entries, stored):
+        seen.append((sum(weight_bounds.declared_per_layer(entries).values()), stored))
+        return real_check(model_file, entries, stored)
+
+    real_check = weight_bounds.check
+    monkeypatch.setattr(weight_bounds, "check", check)
     for name in ("k3.keras", "k3.h5", "tk.h5", "tksm"):
         config_checks.check_model_config(formats.resolve(tmp_path / name))
+    # Never more than the file really stores (no layer counted twice), and
+    # most of it (these models' weights are in counted layers).
+    for (declared, stored), model in zip(seen, (k3, k3, tk, tk)):
+        actual = model.count_params()
+        assert 0.8 * actual <= declared <= actual <= stored / 4, (declared, actual, stored)
 
 
 # ------------------------------------------------- 6: config size of H5 and SavedModel
