@@ -86,7 +86,10 @@ def lookups(built, tmp_path_factory):  # noqa: F811
     _point_saved_model(d / "tksm", secret)
     inputs = keras.Input((1,), dtype="string")
     y = keras.layers.StringLookup(vocabulary=["a", "b"], name="lookup")(inputs)
-    keras.Model(inputs, y).save(d / "k3.keras")
+    k3 = keras.Model(inputs, y)
+    k3.save(d / "k3.keras")
+    k3.save(d / "k3.h5")
+    _point_h5(d / "k3.h5", secret)
     _rewrite_zip(d / "k3.keras",
                  lambda c: _layer(c, "lookup")["config"].update(vocabulary=str(secret)))
     return d
@@ -94,10 +97,10 @@ def lookups(built, tmp_path_factory):  # noqa: F811
 
 # ------------------------------------------------- 1: local files named in a config
 
-@pytest.mark.parametrize("name", ["tk.h5", "tksm", "k3.keras"])
+@pytest.mark.parametrize("name", ["tk.h5", "tksm", "k3.keras", "k3.h5"])
 def test_1_vocabulary_path_is_refused_and_nothing_is_written(lookups, tmp_path, name):
     before = tree_digest(lookups)
-    out = tmp_path / ("out.h5" if name == "tk.h5" else "out.keras" if name == "k3.keras" else "out")
+    out = tmp_path / {"tk.h5": "out.h5", "tksm": "out"}.get(name, "out.keras")
     line = _one_error(
         run_cli("to-sync", lookups / name, "-o", out),
         "'lookup' (StringLookup)", "vocabulary", "id_rsa", "--allow-asset-paths",
