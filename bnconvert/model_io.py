@@ -1,6 +1,7 @@
 """Loading and saving models of either flavour, with one-line errors.
 
-`load_model` recognises the input (`bnconvert.formats`), lets its flavour
+`load_model` recognises the input (`bnconvert.formats`), checks its config
+before Keras builds anything (`bnconvert.config_checks`), lets its flavour
 load it in safe mode, and turns whatever Keras raises into one
 `ModelLoadError` line that names the file and says what to do; Keras's own
 messages for the same cases run to pages and often name the wrong cause.
