@@ -258,12 +258,11 @@ def _tolerance(ctx, param, value):
 
 
 def _common(f):
-    """--rules, --custom-objects and --unsafe, which every command takes."""
-    f = click.option(
-        "--unsafe", is_flag=True,
-        help="Allow loading Python code stored in the model (Lambda layers). "
-        "Only for files you trust.",
-    )(f)
+    """--rules, --custom-objects, --unsafe and --allow-asset-paths, which every command takes."""
+    f = click.option("--allow-asset-paths", is_flag=True, help="Allow a model config naming files "
+                     "to read (a vocabulary path; copied into outputs). Only for files you trust.")(f)
+    f = click.option("--unsafe", is_flag=True, help="Allow loading Python code stored in the "
+                     "model (Lambda layers). Only for files you trust.")(f)
     f = click.option(
         "--custom-objects", "custom_objects", multiple=True, metavar="MODULE",
         help="A module (dotted name or .py file) defining the model's custom "

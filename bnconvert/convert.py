@@ -52,6 +52,7 @@ def convert_model(
     sync_group_size=None,
     check_inputs=None,
     allow_nonfinite=False,
+    allow_asset_paths=False,
 ):
     """Returns a copy of `model` with its normalization layers rewritten.
 
@@ -97,6 +98,9 @@ def convert_model(
         allow_nonfinite: Accept NaN/Inf original outputs that the converted
             model reproduces exactly (with a warning in the report) instead
             of raising `VerificationError`.
+        allow_asset_paths: When `model` is a path: accept a config that
+            names files to read (a lookup layer's `vocabulary` path), which
+            is refused by default (`bnconvert.config_checks`).
 
     Returns:
         A new `keras.Model`, or `(model, ConversionReport)`.
@@ -110,7 +114,7 @@ def convert_model(
     """
     job = prepare(
         model, to, rules=rules, custom_objects=custom_objects, safe_mode=safe_mode,
-        sync_group_size=sync_group_size,
+        sync_group_size=sync_group_size, allow_asset_paths=allow_asset_paths,
     )
     # A model loaded here from a path is nobody else's: it is rewritten
     # itself. A model given by the caller is copied first.
@@ -236,7 +240,8 @@ def _align(original, copy, flavour):
             b.trainable = a.trainable
 
 
-def inspect_model(model, to="sync", *, rules=None, custom_objects=None, safe_mode=True):
+def inspect_model(model, to="sync", *, rules=None, custom_objects=None, safe_mode=True,
+                  allow_asset_paths=False):
     """Reports what `convert_model` would do, without converting anything.
 
     Args:
@@ -245,6 +250,7 @@ def inspect_model(model, to="sync", *, rules=None, custom_objects=None, safe_mod
         rules: Optional list of user rule-file paths.
         custom_objects: Optional dict name -> class.
         safe_mode: Passed to Keras when `model` is a path.
+        allow_asset_paths: As for `convert_model`.
 
     Returns:
         A `ConversionReport` whose events say, for every normalization
@@ -253,14 +259,17 @@ def inspect_model(model, to="sync", *, rules=None, custom_objects=None, safe_mod
     Raises:
         ConversionError, RuleError, ModelLoadError: As `convert_model`.
     """
-    job = prepare(model, to, rules=rules, custom_objects=custom_objects, safe_mode=safe_mode)
+    job = prepare(
+        model, to, rules=rules, custom_objects=custom_objects, safe_mode=safe_mode,
+        allow_asset_paths=allow_asset_paths,
+    )
     job.converter.inspect(job.model)
     job.report.verification_note = "inspection only: nothing was converted"
     return job.report
 
 
 def prepare(model, to, *, rules=None, custom_objects=None, safe_mode=True,
-            sync_group_size=None):
+            sync_group_size=None, allow_asset_paths=False):
     """Resolves a conversion's inputs: the model (loaded if a path), flavour, rules, report."""
     if to not in rules_lib.DIRECTIONS:
         raise ConversionError(
@@ -283,7 +292,10 @@ def prepare(model, to, *, rules=None, custom_objects=None, safe_mode=True,
         from bnconvert import model_io
 
         source = os.fspath(model)
-        model = model_io.load_model(model, custom_objects=custom_objects, safe_mode=safe_mode)
+        model = model_io.load_model(
+            model, custom_objects=custom_objects, safe_mode=safe_mode,
+            allow_asset_paths=allow_asset_paths,
+        )
     if not isinstance(model, flavour.Model):
         raise ConversionError(
             "Expected a keras.Model, a tf_keras.Model or the path of a saved model. "

@@ -273,3 +273,24 @@ def tf_keras_revived_layer_class():
     except ImportError as e:
         raise _missing("tf-keras RevivedLayer (detects unresolved custom classes)", e) from e
     return RevivedLayer
+
+
+def tf_keras_saved_metadata(data):
+    """The layers' metadata (JSON texts) in the bytes of a tf-keras `keras_metadata.pb`.
+
+    Raises:
+        InternalsError: tf-keras's message class is gone; a SavedModel is
+            not loaded without the config checks that read it.
+        ValueError: `data` is not such a message.
+    """
+    try:
+        from google.protobuf.message import DecodeError
+        from tf_keras.protobuf import saved_metadata_pb2
+    except ImportError as e:
+        raise _missing("tf-keras SavedMetadata (reads keras_metadata.pb)", e) from e
+    message = saved_metadata_pb2.SavedMetadata()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as e:
+        raise ValueError(str(e)) from e
+    return [node.metadata for node in message.nodes]

@@ -1,6 +1,7 @@
 """Loading and saving models of either flavour, with one-line errors.
 
-`load_model` recognises the input (`bnconvert.formats`), lets its flavour
+`load_model` recognises the input (`bnconvert.formats`), checks its config
+before Keras builds anything (`bnconvert.config_checks`), lets its flavour
 load it in safe mode, and turns whatever Keras raises into one
 `ModelLoadError` line that names the file and says what to do; Keras's own
 messages for the same cases run to pages and often name the wrong cause.
@@ -12,6 +13,7 @@ import re
 import zipfile
 import zlib
 
+from bnconvert import config_checks
 from bnconvert import flavour as flavour_lib
 from bnconvert import formats
 from bnconvert import outputs
@@ -24,11 +26,18 @@ from bnconvert.errors import first_line
 # flavour and on whether the file is an archive, an H5 file or a SavedModel.
 _UNKNOWN_OBJECT_PATTERNS = (
     re.compile(r"Could not locate (?:class|function) '([^']+)'"),
-    re.compile(r"Unknown (?:layer|object|class|function)[^:']*: '?([^'\s.]+)"),
+    re.compile(r"Unknown (?:\w+ )?(?:layer|object|class|function)[^:']*: '?([^'\s.]+)"),
+)
+# tf-keras names a function stored by name as the unknown "function" and
+# records its name in the config quoted beside the error.
+_STORED_FUNCTION = re.compile(r"'class_name': 'function', 'config': '([^']+)'")
+# Keras 3 refuses, in safe mode, a vocabulary read from a path.
+_VOCABULARY_FILE = re.compile(
+    r"vocabulary file outside of the model archive.*?Vocabulary file: '([^'\n]*)'", re.S
 )
 
 
-def load_model(path, *, custom_objects=None, safe_mode=True):
+def load_model(path, *, custom_objects=None, safe_mode=True, allow_asset_paths=False):
     """Loads a Keras 3 or tf-keras model from a file or directory.
 
     A `.keras` model saved compiled comes back compiled with its saved
@@ -42,17 +51,22 @@ def load_model(path, *, custom_objects=None, safe_mode=True):
         custom_objects: Optional dict name -> class or function.
         safe_mode: If `True` (the default), stored Python code (`Lambda`
             layers) is refused; pass `False` only for files you trust.
+        allow_asset_paths: If `False` (the default), a config naming a
+            file to read (a lookup layer's `vocabulary` path) is refused
+            (see `bnconvert.config_checks`).
 
     Returns:
         The loaded `keras.Model` or `tf_keras.Model`.
 
     Raises:
         ModelLoadError: The path is missing or not a model, is corrupt,
-            needs custom objects, or holds code that safe mode refuses.
+            needs custom objects, holds code that safe mode refuses, names
+            files, or declares more weights than it stores.
     """
     found = formats.resolve(path)
     flavour = flavour_lib.get(found.flavour)
     try:
+        config_checks.check_model_config(found, allow_asset_paths=allow_asset_paths)
         model = flavour.load(found.path, found.format, custom_objects, safe_mode)
     except BnconvertError:
         raise
@@ -85,6 +99,16 @@ def _load_error(model_file, error, flavour, custom_objects=None):
         if match:
             # Registered names read "package>Class"; users know the class.
             name = match.group(1).split(">")[-1]
+            stored = _STORED_FUNCTION.search(text) if name == "function" else None
+            if stored:
+                name = stored.group(1).split(">")[-1]
+            if stored and name in (custom_objects or {}):
+                return ModelLoadError(
+                    f"{model_file} stores the custom function '{name}' in a form that "
+                    f"{flavour.label}'s .h5 loader cannot read back, even when it is "
+                    "given (a tf-keras limitation); re-save the model as a SavedModel "
+                    "directory (model.save('NAME', save_format='tf')) and convert that."
+                )
             if custom_objects is not None:
                 return ModelLoadError(
                     f"{model_file} uses the custom class or function '{name}', which "
@@ -97,6 +121,14 @@ def _load_error(model_file, error, flavour, custom_objects=None):
                 f"{flavour.label} cannot find; pass the module that defines it with "
                 "--custom-objects MODULE (custom_objects= in Python)."
             )
+    vocabulary = _VOCABULARY_FILE.search(text)
+    if vocabulary:
+        return ModelLoadError(
+            f"{model_file} names the vocabulary file {vocabulary.group(1)!r} outside "
+            "the model, which Keras 3 safe mode refuses to read; if you trust the "
+            "file, pass --unsafe with --allow-asset-paths (safe_mode=False, "
+            "allow_asset_paths=True in Python)."
+        )
     if "safe_mode" in text or "unsafe" in text.lower():
         return ModelLoadError(
             f"{model_file} holds Python code (a Lambda layer or a function) that "

@@ -41,6 +41,8 @@ class Options:
         rules: `--rules` files.
         custom_objects: `--custom-objects` modules or `.py` files.
         dry_run, force, unsafe: The flags of the same names.
+        allow_asset_paths: `--allow-asset-paths`: accept a model config
+            naming files to read (see `bnconvert.config_checks`).
         fold: `False` with `--no-fold`.
         opset, check, tolerance, atol, exporter: ONNX export settings
             (`check` is `False` with `--no-check`; `tolerance` is the
@@ -61,6 +63,7 @@ class Options:
     dry_run: bool = False
     force: bool = False
     unsafe: bool = False
+    allow_asset_paths: bool = False
     fold: bool = True
     opset: int | None = None
     check: bool = True
@@ -147,7 +150,8 @@ def run(options, progress=None, cancelled=None, placed=None):
 
     with progress.step(f"loading {options.model} ({flavour.label})"):
         model = model_io.load_model(
-            options.model, custom_objects=objects, safe_mode=not options.unsafe
+            options.model, custom_objects=objects, safe_mode=not options.unsafe,
+            allow_asset_paths=options.allow_asset_paths,
         )
     _stop_if(cancelled)
     if options.command == "inspect":

@@ -209,3 +209,14 @@ def test_keras3_load_fails_closed_without_safe_mode_scope(tmp_path, monkeypatch)
     with pytest.raises(Exception) as e:
         convert.convert_model(model)
     assert "SafeModeScope" in str(e.value)
+
+
+def test_tf_keras_saved_metadata(tmp_path):
+    def check():
+        _tk_functional().save(tmp_path / "sm")
+        texts = internals.tf_keras_saved_metadata((tmp_path / "sm" / "keras_metadata.pb").read_bytes())
+        assert any('"class_name": "BatchNormalization"' in t for t in texts), texts
+        with pytest.raises(ValueError):
+            internals.tf_keras_saved_metadata(b"\xff" * 16)
+
+    pinned("tf_keras.protobuf.saved_metadata_pb2.SavedMetadata", check)
