@@ -24,6 +24,7 @@ from bnconvert.onnx.graph import Call
 from bnconvert.onnx.graph import Graph
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
+from bnconvert.onnx.graph import dtype_name
 
 LAYERS = {**layers.EMITTERS, **shape.EMITTERS}
 DEFAULT_OPSET = 17
@@ -137,7 +138,8 @@ class _Walker:
         call = Call(layer, [env[id(t)] for t in tensors],
                     tf.nest.map_structure(sub, tuple(args)),
                     tf.nest.map_structure(sub, dict(kwargs)),
-                    [tuple(t.shape) for t in outputs], base)
+                    [tuple(t.shape) for t in outputs], base,
+                    [dtype_name(t) for t in outputs], [dtype_name(t) for t in tensors])
         if not isinstance(layer, self.flavour.Layer):
             return ops.emit_op(self.g, call)
         dtype = getattr(layer, "compute_dtype", "float32")
