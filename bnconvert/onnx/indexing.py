@@ -32,6 +32,9 @@ def _index(value, what, call):
 def _key(call, key, rank):
     """`key` as a list of per-axis entries: slices, ints and `None` (new axis)."""
     key = list(key) if isinstance(key, (tuple, list)) else [key]
+    # tf-keras's SlicingOpLambda records each slice as a dict.
+    key = [slice(k["start"], k["stop"], k["step"]) if isinstance(k, dict) and set(k) == {
+        "start", "stop", "step"} else k for k in key]
     used = sum(1 for k in key if k is not None and k is not Ellipsis)
     if key.count(Ellipsis) > 1 or used > rank:
         raise Uncovered([(call.base, "GetItem", "an invalid key")])

@@ -322,7 +322,7 @@ _UNARY = {
     "sign": "Sign", "sin": "Sin", "cos": "Cos", "tan": "Tan", "arcsin": "Asin", "arccos": "Acos",
     "arctan": "Atan", "sinh": "Sinh", "cosh": "Cosh", "arcsinh": "Asinh", "arccosh": "Acosh",
     "arctanh": "Atanh", "isnan": "IsNaN", "isinf": "IsInf",
-    "copy": "Identity", "stop_gradient": "Identity",
+    "copy": "Identity",
 }
 _COMPOSED = {
     "square": lambda g, x, b, p: g.node("Mul", [x.name, x.name], b),

@@ -40,7 +40,7 @@ _ACTIVATIONS = {
     "swish": "silu", "hard_silu": "hard_silu", "hard_swish": "hard_silu",
     "hard_sigmoid": "hard_sigmoid", "gelu": "gelu", "softmax": "softmax",
     "log_softmax": "log_softmax", "leaky_relu": "leaky_relu", "elu": "elu", "selu": "selu",
-    "softplus": "softplus", "softsign": "softsign", "mish": "mish",
+    "softplus": "softplus", "softsign": "softsign",
 }
 
 
@@ -87,6 +87,7 @@ EMITTERS = {
     **math.EMITTERS, **reductions.EMITTERS, **indexing.EMITTERS, **reshaping.EMITTERS,
     **{k: _activation(v) for k, v in _ACTIVATIONS.items()},
     "glu": _glu, "add_n": _add_n, "resize": _resize,
+    "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
 }
 
 # Keras 3 op classes whose names are not their function's in snake case.
@@ -200,7 +201,7 @@ _REDUCE_TF = {
 }
 # tf-keras TFOpLambda symbols -> (keras.ops function, adjust, renames).
 TF_FUNCTIONS = {
-    **{k: _tf(v) for k, v in _UNARY_TF.items()},
+    **{k: _tf(v, input="x") for k, v in _UNARY_TF.items()},
     **{k: _tf(v, features="x") for k, v in _ACTIVATIONS_TF.items()},
     **{k: _tf(v, x="x1", y="x2") for k, v in _BINARY_TF.items()},
     **{k: _tf(v, input_tensor="x") for k, v in _REDUCE_TF.items()},
@@ -227,8 +228,10 @@ TF_FUNCTIONS = {
     "split": _tf("split", _sizes_to_points, value="x", num_or_size_splits="indices_or_sections"),
     "reshape": _tf("reshape", tensor="x", shape="newshape"),
     "transpose": _tf("transpose", _checked(conjugate=False), a="x", perm="axes"),
+    "compat.v1.transpose": _tf("transpose", _checked(conjugate=False), a="x", perm="axes"),
     "expand_dims": _tf("expand_dims", input="x"),
     "squeeze": _tf("squeeze", input="x"),
+    "compat.v1.squeeze": _tf("squeeze", _checked(squeeze_dims=None), input="x"),
     "tile": _tf("tile", input="x", multiples="repeats"),
     "repeat": _tf("repeat", input="x"),
     "broadcast_to": _tf("broadcast_to", input="x"),
@@ -237,6 +240,7 @@ TF_FUNCTIONS = {
     "pad": _tf("pad", lambda p: dict(p, mode=str(p["mode"]).lower()), tensor="x",
                paddings="pad_width", constant_values="constant_values"),
     "gather": _tf("take", _gather, params="x"),
+    "compat.v1.gather": _tf("take", _gather, params="x"),
     "linalg.matmul": _tf("matmul", _checked(adjoint_a=False, adjoint_b=False), a="x1", b="x2"),
     "einsum": _tf("einsum", equation="subscripts", inputs="operands"),
     "linalg.tensordot": _tf("tensordot", a="x1", b="x2"),

@@ -83,13 +83,18 @@ def pad(g, call, p):
 
 
 def reshape(g, call, p):
+    """reshape; a batch-preserving one may keep the layout (`shape.reshape_to`)."""
+    x = p["x"]
     shape = list(p["newshape"]) if isinstance(p["newshape"], (list, tuple)) \
         else [int(d) for d in constant(p["newshape"]).reshape(-1)]
-    if isinstance(p["x"], Value) and (shape[0] not in (None, -1) or shape[1:].count(-1) > 0):
-        x = g.keras(p["x"])
+    rest, target = x.shape[1:], shape[1:]
+    keeps_batch = shape[0] in (None, -1) and None not in rest and -1 not in target \
+        and None not in target and np.prod(rest) == np.prod(target)
+    if not keeps_batch:
+        x = g.keras(x)
         shape = [-1 if d is None else int(d) for d in shape]
         return [call.out(g.node("Reshape", [x.name, g.ints(shape)], call.base))]
-    name, perm = structure.reshape_to(g, p["x"], call.shapes[0], call.base)
+    name, perm = structure.reshape_to(g, x, call.shapes[0], call.base)
     return [call.out(name, perm)]
 
 

@@ -150,7 +150,7 @@ class _Walker:
             inner = dict(zip((id(t) for t in layer.inputs), call.inputs))
             self.walk(layer, inner, base + "/")
             return [inner.get(id(t)) or self._missing(base) for t in layer.outputs]
-        if kind == "TFOpLambda":
+        if kind in ("TFOpLambda", "SlicingOpLambda"):
             return ops.emit_tf_function(self.g, call)
         if kind in LAYERS and type(layer).__module__.startswith(_KNOWN_PACKAGES):
             return LAYERS[kind](self.g, call)

@@ -1,0 +1,108 @@
+"""Conformance of the native exporter's `keras.ops` emitters with Keras.
+
+Each case of `onnx_ops_cases` becomes a tiny Functional model, once with
+the op applied to the model input (Keras layout) and once after a 1x1
+Conv2D (whose output the exporter keeps channels-first, so the op must map
+its axes through the layout). The model is emitted natively at opsets 13,
+17 and 21 and run in onnxruntime on a batch of 3 (the export gate uses 2)
+and, where the op allows a dynamic size, a 9x5 image (the gate uses 32x32),
+with values of both signs up to a few hundred; the reference is the Keras
+model itself. The tf-keras `TFOpLambda` forms run the same way.
+"""
+
+import keras
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tensorflow as tf
+
+import onnx_ops_cases as cases
+from bnconvert import export_onnx
+from bnconvert import flavour as flavour_lib
+from bnconvert.onnx import ops as onnx_ops
+from bnconvert.onnx import walk
+
+OPSETS = (13, 17, 21)
+BATCH = 3
+HEADS = ("keras", "nchw")
+
+
+def _data(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=shape) * 100.0 - 10.0).astype("float32")
+
+
+def _model(K, fn, head, static):
+    x = K.Input((7, 5, 6) if static else (None, None, 6))
+    y = x
+    if head == "nchw":
+        init = K.initializers.RandomNormal(stddev=0.5, seed=1)
+        y = K.layers.Conv2D(6, 1, kernel_initializer=init, bias_initializer="ones")(x)
+    return K.Model(x, fn(y))
+
+
+def _outputs(result):
+    return [np.asarray(r) for r in tf.nest.flatten(result)]
+
+
+def check(model, x):
+    """The model emitted at each opset agrees with Keras on `x` in onnxruntime."""
+    want = _outputs(model(x, training=False))
+    names = [f"out{i}" for i in range(len(want))]
+    flavour = flavour_lib.flavour_of(model)
+    for opset in OPSETS:
+        proto = walk.emit(model, flavour, ["input"], names, opset)
+        session = ort.InferenceSession(proto.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        got = session.run(None, {"input": x})
+        for g, w in zip(got, want):
+            assert g.shape == w.shape, (opset, g.shape, w.shape)
+            finite = w[np.isfinite(w)]
+            scale = max(1.0, float(np.sqrt(np.mean(finite ** 2)))) if finite.size else 1.0
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * scale,
+                                       err_msg=f"opset {opset}")
+
+
+def _shape(case):
+    return (BATCH, 7, 5, 6) if case in cases.STATIC else (BATCH, 9, 5, 6)
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("case", sorted(cases.KERAS))
+def test_keras_op_matches(case, head):
+    model = _model(keras, cases.KERAS[case], head, case in cases.STATIC)
+    check(model, _data(_shape(case)))
+
+
+@pytest.mark.parametrize("case", sorted(cases.tf_cases()))
+def test_tf_function_matches(case):
+    import tf_keras
+
+    model = _model(tf_keras, cases.tf_cases()[case], "nchw", False)
+    assert any(type(layer).__name__ in ("TFOpLambda", "SlicingOpLambda") for layer in model.layers)
+    check(model, _data((BATCH, 9, 5, 6), seed=1))
+
+
+def test_every_emitter_has_a_case():
+    tested = {c.split(":")[0] for c in cases.KERAS} | {"add_n"}
+    assert set(onnx_ops.EMITTERS) <= tested, sorted(set(onnx_ops.EMITTERS) - tested)
+
+
+def test_every_tf_function_maps_onto_an_emitter():
+    for symbol, (name, _, _) in onnx_ops.TF_FUNCTIONS.items():
+        assert name in onnx_ops.EMITTERS, symbol
+
+
+@pytest.mark.parametrize("case", ["softmax:positional", "mean:positional", "mean:all",
+                                  "max:positional_keepdims"])
+def test_issue17_tf_graphs_without_the_gate(case, tmp_path):
+    """tf-keras calls that exported a wrong graph (or crashed): right with check=False."""
+    import tf_keras
+
+    model = _model(tf_keras, cases.tf_cases()[case], "nchw", False)
+    result = export_onnx(model, tmp_path / "m.onnx", exporter="native", check=False)
+    assert result.exporter == "native"
+    x = _data((BATCH, 9, 5, 6), seed=2)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(got, np.asarray(model(x)), rtol=1e-4, atol=1e-3)
