@@ -34,6 +34,16 @@ def _f(y):
     return ops.cast(y, F)
 
 
+def _prob(y):
+    """Probabilities away from 0 and 1 (Keras reads a Softmax/Sigmoid output's logits)."""
+    return ops.sigmoid(y / 40.0) * 0.98 + 0.01
+
+
+def _w(shape, seed=3):
+    """A constant weight of both signs."""
+    return np.random.default_rng(seed).normal(size=shape).astype(F)
+
+
 KERAS = {
     # elementwise
     "abs": lambda y: ops.abs(y), "absolute": lambda y: ops.absolute(y),
@@ -154,10 +164,96 @@ KERAS = {
     "resize:nearest": lambda y: ops.image.resize(y, (10, 4), interpolation="nearest"),
     "resize:channels_first": lambda y: ops.image.resize(ops.transpose(y, (0, 3, 1, 2)), (6, 8),
                                                         data_format="channels_first"),
+    # nn
+    "conv": lambda y: ops.conv(y, _w((3, 3, 6, 4)), padding="same"),
+    "conv:strided": lambda y: ops.conv(y, _w((3, 2, 6, 4)), strides=2),
+    "depthwise_conv": lambda y: ops.depthwise_conv(y, _w((3, 3, 6, 2)), padding="same"),
+    "max_pool": lambda y: ops.max_pool(y, 2, padding="same"),
+    "average_pool": lambda y: ops.average_pool(y, (3, 2), strides=1),
+    "depth_to_space": lambda y: ops.depth_to_space(ops.concatenate([y, -y], -1)[..., :8], 2),
+    "space_to_depth": lambda y: ops.space_to_depth(y[:, :6, :4], 2),
+    "batch_normalization": lambda y: ops.batch_normalization(
+        y, _w((6,)), _w((6,)) ** 2 + 0.5, -1, offset=_w((6,)), scale=_w((6,))),
+    "layer_normalization": lambda y: ops.layer_normalization(y, _w((6,)), _w((6,))),
+    "rms_normalization": lambda y: ops.rms_normalization(y, _w((6,)), axis=-1),
+    "normalize": lambda y: ops.normalize(y, axis=-1),
+    "dot_product_attention": lambda y: ops.dot_product_attention(
+        *[ops.reshape(y[:, :4] * s, (-1, 4, 3, 10)) for s in (0.01, 0.02, 1.0)]),
+    "dot_product_attention:causal": lambda y: ops.dot_product_attention(
+        *[ops.reshape(y[:, :4] * s, (-1, 4, 3, 10)) for s in (0.01, 0.02, 1.0)], is_causal=True),
+    # more numpy
+    "fmax": lambda y: ops.fmax(ops.log(y), -ops.flip(y, 3)),
+    "fmin": lambda y: ops.fmin(ops.log(y), ops.flip(y, 3)),
+    "arctan2": lambda y: ops.arctan2(y, ops.round(ops.flip(y, 3) / 60.0)),
+    "isclose": lambda y: _f(ops.isclose(ops.round(_small(y)), ops.round(_small(ops.flip(y, 1))))),
+    "allclose": lambda y: _f(ops.allclose(y, y + 1e-4)) + 0 * y,
+    "saturate_cast": lambda y: _f(ops.saturate_cast(y, "uint8")),
+    "empty_like": lambda y: 0 * ops.empty_like(y) + y,
+    "nansum": lambda y: ops.nansum(ops.log(y), axis=-1), "nanprod": lambda y: ops.nanprod(
+        ops.log(y / 100.0 + 1.0), axis=1), "nanmax": lambda y: ops.nanmax(ops.log(y), axis=2),
+    "nanmin": lambda y: ops.nanmin(ops.log(y), axis=(1, 2)),
+    "nancumsum": lambda y: ops.nancumsum(ops.log(y), axis=-1),
+    "nanargmax": lambda y: _f(ops.nanargmax(ops.log(y), axis=-1)),
+    "nanargmin": lambda y: _f(ops.nanargmin(ops.log(y), axis=-1)),
+    "nanmean": lambda y: ops.nanmean(ops.log(y), axis=-1),
+    "nanvar": lambda y: ops.nanvar(ops.log(y), axis=2), "nanstd": lambda y: ops.nanstd(
+        ops.log(y), axis=-1),
+    "diff": lambda y: ops.diff(y, 2, axis=1), "trapezoid": lambda y: ops.trapezoid(y, axis=2),
+    "append": lambda y: ops.append(y, -y, axis=3), "append:flat": lambda y: ops.append(y, y),
+    "dstack": lambda y: ops.dstack([y, -y]), "hsplit": lambda y: ops.hsplit(y, [2])[1],
+    "vsplit": lambda y: ops.vsplit(y, [1])[1], "dsplit": lambda y: ops.dsplit(y, [1])[1],
+    "rot90": lambda y: ops.rot90(y, 1, axes=(1, 2)), "rot90:2": lambda y: ops.rot90(y[:, :5], 2, (1, 2)),
+    "trace": lambda y: ops.trace(y, 1, axis1=1, axis2=2),
+    "diagonal": lambda y: ops.diagonal(y, -1, axis1=2, axis2=1),
+    "vander": lambda y: ops.vander(ops.mean(y / 100.0, axis=[1, 2, 3]), 4),
+    "select": lambda y: ops.select([y > 20, y < -20], [y, 2 * y], -1.0),
+    "inner": lambda y: ops.inner(y, _w((5, 6))), "vdot": lambda y: ops.vdot(y, y) + 0 * y,
+    "rgb_to_grayscale": lambda y: ops.image.rgb_to_grayscale(y[..., :3]),
+    "multi_hot": lambda y: ops.multi_hot(ops.argmax(y, axis=-1)[:, 0], 6, dtype=F),
+    # losses and metrics
+    "binary_crossentropy": lambda y: ops.binary_crossentropy(
+        _prob(ops.flip(y, 3)), _prob(y)),
+    "binary_crossentropy:logits": lambda y: ops.binary_crossentropy(
+        _prob(ops.flip(y, 3)), y / 10.0, from_logits=True),
+    "categorical_crossentropy": lambda y: ops.categorical_crossentropy(
+        _prob(ops.flip(y, 3)), _prob(y), axis=-1),
+    "categorical_crossentropy:logits": lambda y: ops.categorical_crossentropy(
+        _prob(ops.flip(y, 1)), y / 10.0, from_logits=True, axis=1),
+    "sparse_categorical_crossentropy": lambda y: ops.sparse_categorical_crossentropy(
+        ops.argmax(ops.flip(y, 3), axis=-1), _prob(y)),
+    "sparse_categorical_crossentropy:logits": lambda y: ops.sparse_categorical_crossentropy(
+        ops.argmax(ops.flip(y, 3), axis=-1), y / 10.0, from_logits=True),
+    "psnr": lambda y: ops.psnr(_prob(y), _prob(ops.flip(y, 3)), 1.0) + 0 * y,
+    "in_top_k": lambda y: _f(ops.in_top_k(ops.argmax(ops.flip(y[:, 0, 0], 1), axis=-1),
+                                          y[:, 0, 0], 2)),
+    "separable_conv": lambda y: ops.separable_conv(y, _w((3, 3, 6, 2)), _w((1, 1, 12, 5)),
+                                                   padding="same"),
+    # array constructions
+    "diag": lambda y: ops.diag(ops.mean(y, axis=[0, 1, 2]), 1) + 0 * ops.sum(y),
+    "diag:matrix": lambda y: ops.diag(y[0, :, :, 0], -1),
+    "diagflat": lambda y: ops.diagflat(y[0, 0, :2, :2], -1),
+    "kron": lambda y: ops.kron(y[0, :2, :3, 0], y[1, 2:4, 1:3, 2]),
+    "cross": lambda y: ops.cross(y[..., :3], y[..., 3:]),
+    "isin": lambda y: _f(ops.isin(ops.round(_small(y)), np.array([0.0, 2.0, -3.0], F))),
+    "scatter_update": lambda y: ops.scatter_update(y[0], np.array([[0, 1], [3, 2]]),
+                                                   _w((2, 6))),
+    "slice_update": lambda y: ops.slice_update(y, np.array([0, 1, 2, 3]), _w((1, 2, 3, 2))),
+    "extract_sequences": lambda y: ops.extract_sequences(y, 3, 2),
+    "quantile": lambda y: ops.quantile(y, 0.3, axis=-1),
+    "percentile": lambda y: ops.percentile(y, 75.0, axis=2, keepdims=True),
+    "median": lambda y: ops.median(y, axis=-1), "cdist": lambda y: ops.cdist(y[:, 0], y[:, 1]),
+    "logaddexp2": lambda y: ops.logaddexp2(y, ops.flip(y, 3)),
+    "ldexp": lambda y: ops.ldexp(y, ops.cast(ops.round(_small(y)), "int32")),
 }
 # Cases that need a known spatial size (all others run on a dynamic one).
 STATIC = {"roll", "tril", "triu", "slice", "unstack", "broadcast_to", "repeat", "get_item:int",
-          "outer", "tile"}
+          "outer", "tile", "trace", "diagonal", "dot_product_attention",
+          "dot_product_attention:causal", "depth_to_space", "space_to_depth", "rot90:2",
+          "adaptive_average_pool", "adaptive_max_pool", "diag", "diag:matrix", "diagflat", "kron",
+          "scatter_update", "slice_update", "median", "quantile", "percentile"}
+# Keras's TensorFlow rot90 is wrong for k >= 2 on a non-square plane (it
+# reshapes where it should transpose); the emitter follows NumPy, and the
+# k=2 case uses a square plane.
 
 
 def _tf_cases():

@@ -27,8 +27,12 @@ import types
 import numpy as np
 
 from bnconvert.onnx import activations
+from bnconvert.onnx import arrays
 from bnconvert.onnx import indexing
+from bnconvert.onnx import losses
 from bnconvert.onnx import math
+from bnconvert.onnx import nn
+from bnconvert.onnx import numpy_extra
 from bnconvert.onnx import reductions
 from bnconvert.onnx import reshaping
 from bnconvert.onnx import shape as structure
@@ -85,13 +89,17 @@ def _resize(g, call, p):
 
 EMITTERS = {
     **math.EMITTERS, **reductions.EMITTERS, **indexing.EMITTERS, **reshaping.EMITTERS,
+    **nn.EMITTERS, **numpy_extra.EMITTERS, **losses.EMITTERS, **arrays.EMITTERS,
     **{k: _activation(v) for k, v in _ACTIVATIONS.items()},
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
 }
 
 # Keras 3 op classes whose names are not their function's in snake case.
-_CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize"}
+_CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_normalization",
+                "LayerNorm": "layer_normalization", "RMSNorm": "rms_normalization",
+                "RGBToGrayscale": "rgb_to_grayscale", "AllClose": "allclose",
+                "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin"}
 
 
 def function_name(op):

@@ -50,7 +50,15 @@ def split(g, call, p):
     """split / array_split (`indices_or_sections`: equal parts or split points)."""
     x = p["x"]
     axis = int(p.get("axis", 0)) % x.rank
-    sizes = _sizes(call, x, axis, p["indices_or_sections"])
+    points = p["indices_or_sections"]
+    if x.shape[axis] is None and isinstance(points, (list, tuple)):
+        # Split points on an axis of unknown size: one Slice per piece.
+        bounds = [0] + [int(b) for b in points] + [np.iinfo(np.int64).max]
+        a = g.ints([x.physical(axis)], "axes")
+        return [call.out(g.node("Slice", [x.name, g.ints([lo], "starts"), g.ints([hi], "ends"),
+                                          a], call.base), x.perm, i)
+                for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+    sizes = _sizes(call, x, axis, points)
     names = g.node("Split", [x.name, g.ints(sizes, "split")], call.base,
                    outputs=len(sizes), axis=x.physical(axis))
     names = names if isinstance(names, list) else [names]

@@ -1,0 +1,209 @@
+"""`keras.ops` array constructions as ONNX: diag, kron, cross, isin, updates, quantiles.
+
+Emitters are `emit(g, call, p)` as in `math`. They work in the Keras layout
+and need the sizes they build from to be known (a `diag` of unknown length
+is refused, not guessed). Quantiles sort the axis with `TopK` and
+interpolate linearly between the two neighbours of `q * (n - 1)`, as
+NumPy's default method does.
+"""
+
+import numpy as np
+
+from bnconvert.onnx.graph import Uncovered
+from bnconvert.onnx.graph import Value
+from bnconvert.onnx.math import aligned
+from bnconvert.onnx.math import cast
+from bnconvert.onnx.math import constant
+from bnconvert.onnx.math import dtype_of
+from bnconvert.onnx.math import onnx_dtype
+from bnconvert.onnx.math import out_dtype
+
+
+def _static(call, value, what):
+    if any(d is None for d in value.shape):
+        raise Uncovered([(call.base, what, "a size unknown when exporting")])
+
+
+def _diag_1d(g, call, x, k):
+    """A 1-D `x` on the `k`-th diagonal of a square matrix."""
+    _static(call, x, "Diag")
+    n = x.shape[0] + abs(k)
+    # matrix[i, j] = x[min(i, j)] on the diagonal: gather rows, mask the rest.
+    index = np.clip(np.arange(n) - abs(k), 0, x.shape[0] - 1)
+    rows = g.node("Gather", [x.name, g.ints(index, "index")], call.base, axis=0)
+    wide = g.node("Unsqueeze", [rows, g.ints([1 if k < 0 else 0], "axes")], call.base)
+    mask = g.constant(np.eye(n, n, k, dtype=bool), f"{call.base}/eye", bool)
+    zero = g.scalar(0, np.dtype(out_dtype(call)))
+    return [call.out(g.node("Where", [mask, wide, zero], call.base))]
+
+
+def diag(g, call, p):
+    x, k = g.keras(p["x"]), int(p.get("k", 0))
+    if x.rank == 1:
+        return _diag_1d(g, call, x, k)
+    from bnconvert.onnx import numpy_extra
+
+    return numpy_extra.EMITTERS["diagonal"](g, call, {"x": x, "offset": k, "axis1": 0,
+                                                      "axis2": 1})
+
+
+def diagflat(g, call, p):
+    x = g.keras(p["x"])
+    _static(call, x, "Diagflat")
+    flat = g.node("Reshape", [x.name, g.ints([-1])], call.base)
+    return _diag_1d(g, call, Value(flat, (int(np.prod(x.shape)),), (0,)), int(p.get("k", 0)))
+
+
+def kron(g, call, p):
+    a, b = (g.keras(p[k]) for k in ("x1", "x2"))
+    if a.rank != b.rank:
+        raise Uncovered([(call.base, "Kron", "operands of different ranks")])
+    _static(call, a, "Kron")
+    _static(call, b, "Kron")
+    left = "".join(chr(97 + i) for i in range(a.rank))
+    right = "".join(chr(110 + i) for i in range(b.rank))
+    out = "".join(x + y for x, y in zip(left, right))
+    names, _ = aligned(g, call, [a, b], out_dtype(call))
+    name = g.node("Einsum", names, call.base, equation=f"{left},{right}->{out}")
+    shape = [x * y for x, y in zip(a.shape, b.shape)]
+    return [call.out(g.node("Reshape", [name, g.ints(shape)], call.base))]
+
+
+def cross(g, call, p):
+    """The cross product of 3-vectors along the last axis."""
+    if p.get("axis") not in (None, -1) or any(p.get(k, -1) != -1 for k in ("axisa", "axisb",
+                                                                           "axisc")):
+        raise Uncovered([(call.base, "Cross", "axes other than the last")])
+    a, b = (g.keras(p[k]) for k in ("x1", "x2"))
+    if a.shape[-1] != 3 or b.shape[-1] != 3:
+        raise Uncovered([(call.base, "Cross", "vectors of length other than 3")])
+    (a, b), ref = aligned(g, call, [a, b], out_dtype(call))
+
+    def part(name, i):
+        return g.node("Gather", [name, g.ints([i], "index")], call.base, axis=ref.rank - 1)
+
+    terms = []
+    for i, j in ((1, 2), (2, 0), (0, 1)):
+        terms.append(g.node("Sub", [g.node("Mul", [part(a, i), part(b, j)], call.base),
+                                    g.node("Mul", [part(a, j), part(b, i)], call.base)],
+                            call.base))
+    return [call.out(g.node("Concat", terms, call.base, axis=ref.rank - 1))]
+
+
+def isin(g, call, p):
+    x, values = p["x1"], p["x2"]
+    if isinstance(values, Value):
+        raise Uncovered([(call.base, "IsIn", "tested values computed in the graph")])
+    dtype = dtype_of(call, x)
+    table = np.unique(constant(values).reshape(-1)).astype(dtype)
+    wide = g.node("Unsqueeze", [x.name, g.ints([-1], "axes")], call.base)
+    hit = g.node("Equal", [wide, g.constant(table, f"{call.base}/values", table.dtype)],
+                 call.base)
+    hit = g.node("Cast", [hit], call.base, to=onnx_dtype("int32"))  # ReduceMax has no bool
+    name = g.reduce("ReduceMax", hit, [x.rank], False, call.base)
+    name = g.node("Cast", [name], call.base, to=onnx_dtype("bool"))
+    if p.get("invert"):
+        name = g.node("Not", [name], call.base)
+    return [call.out(name, x.perm)]
+
+
+def scatter_update(g, call, p):
+    if p.get("reduction") is not None:
+        raise Uncovered([(call.base, "ScatterUpdate", f"reduction={p['reduction']!r}")])
+    x = g.keras(p["inputs"])
+    indices = p["indices"]
+    indices = cast(g, g.keras(indices), dtype_of(call, indices), "int64", call.base).name \
+        if isinstance(indices, Value) else g.ints(constant(indices), "indices")
+    (updates,), _ = aligned(g, call, [p["updates"]], out_dtype(call)) if isinstance(
+        p["updates"], Value) else ([g.constant(constant(p["updates"]), f"{call.base}/updates",
+                                               np.dtype(out_dtype(call)))], None)
+    return [call.out(g.node("ScatterND", [x.name, indices, updates], call.base))]
+
+
+def slice_update(g, call, p):
+    """`inputs` with a static-shaped block at static `start_indices` replaced."""
+    x, updates = g.keras(p["inputs"]), p["updates"]
+    shape = updates.shape if isinstance(updates, Value) else constant(updates).shape
+    starts = constant(p["start_indices"]).reshape(-1)
+    if any(d is None for d in shape) or isinstance(p["start_indices"], Value):
+        raise Uncovered([(call.base, "SliceUpdate", "a block of unknown size or start")])
+    grid = np.stack(np.meshgrid(*[np.arange(s, s + n) for s, n in zip(starts, shape)],
+                                indexing="ij"), axis=-1)
+    return scatter_update(g, call, {"inputs": x, "indices": grid, "updates": updates})
+
+
+def extract_sequences(g, call, p):
+    x = g.keras(p["x"])
+    n, length, stride = x.shape[-1], int(p["sequence_length"]), int(p["sequence_stride"])
+    if n is None:
+        raise Uncovered([(call.base, "ExtractSequences", "an unknown length")])
+    count = 1 + (n - length) // stride
+    index = np.arange(count)[:, None] * stride + np.arange(length)[None, :]
+    return [call.out(g.node("Gather", [x.name, g.ints(index, "index")], call.base,
+                            axis=x.rank - 1))]
+
+
+def _quantile(scale):
+    def emit(g, call, p):
+        x = g.keras(p["x"])
+        q = constant(p.get("q", 0.5)) / scale
+        axis = p.get("axis")
+        if axis is None or np.ndim(q) or isinstance(axis, (list, tuple)) and len(axis) > 1 \
+                or p.get("method", "linear") != "linear":
+            raise Uncovered([(call.base, "Quantile", "several q or axes, axis=None, or a "
+                                                     "method other than linear")])
+        axis = int(axis[0] if isinstance(axis, (list, tuple)) else axis) % x.rank
+        n = x.shape[axis]
+        if n is None:
+            raise Uncovered([(call.base, "Quantile", "an axis of unknown size")])
+        ordered, _ = g.node("TopK", [x.name, g.ints([n], "k")], call.base, outputs=2, axis=axis,
+                            largest=0, sorted=1)
+        position = float(q) * (n - 1)
+        low, high = int(np.floor(position)), int(np.ceil(position))
+        pick = [g.node("Squeeze", [g.node("Gather", [ordered, g.ints([i], "index")], call.base,
+                                          axis=axis), g.ints([axis], "axes")], call.base)
+                for i in (low, high)]
+        gap = g.node("Sub", [pick[1], pick[0]], call.base)
+        name = g.node("Add", [pick[0], g.node("Mul", [gap, g.scalar(position - low)], call.base)],
+                      call.base)
+        if p.get("keepdims"):
+            name = g.node("Unsqueeze", [name, g.ints([axis], "axes")], call.base)
+        return [call.out(name)]
+    return emit
+
+
+def cdist(g, call, p):
+    """Euclidean distances between the rows of `x` and `y` (last axis: features)."""
+    x, y = g.keras(p["x"]), g.keras(p["y"])
+    (a, b), _ = aligned(g, call, [x, y], out_dtype(call))
+    a = g.node("Unsqueeze", [a, g.ints([x.rank - 1], "axes")], call.base)
+    b = g.node("Unsqueeze", [b, g.ints([y.rank - 2], "axes")], call.base)
+    d = g.node("Sub", [a, b], call.base)
+    total = g.reduce("ReduceSum", g.node("Mul", [d, d], call.base), [x.rank], False, call.base)
+    return [call.out(g.node("Sqrt", [total], call.base))]
+
+
+def logaddexp2(g, call, p):
+    """max + log2(1 + 2^-|a - b|)."""
+    (a, b), ref = aligned(g, call, [p["x1"], p["x2"]], out_dtype(call))
+    gap = g.node("Neg", [g.node("Abs", [g.node("Sub", [a, b], call.base)], call.base)], call.base)
+    power = g.node("Pow", [g.scalar(2.0), gap], call.base)
+    soft = g.node("Log", [g.node("Add", [power, g.scalar(1.0)], call.base)], call.base)
+    soft = g.node("Mul", [soft, g.scalar(1.0 / np.log(2.0))], call.base)
+    return [call.out(g.node("Add", [g.node("Max", [a, b], call.base), soft], call.base),
+                     ref.perm)]
+
+
+def ldexp(g, call, p):
+    (a, e), ref = aligned(g, call, [p["x1"], p["x2"]], out_dtype(call))
+    power = g.node("Pow", [g.scalar(2.0, np.dtype(out_dtype(call))), e], call.base)
+    return [call.out(g.node("Mul", [a, power], call.base), ref.perm)]
+
+
+EMITTERS = {
+    "diag": diag, "diagflat": diagflat, "kron": kron, "cross": cross, "isin": isin,
+    "scatter_update": scatter_update, "slice_update": slice_update,
+    "extract_sequences": extract_sequences, "quantile": _quantile(1.0),
+    "percentile": _quantile(100.0), "median": lambda g, call, p: _quantile(1.0)(
+        g, call, dict(p, q=0.5)), "cdist": cdist, "logaddexp2": logaddexp2, "ldexp": ldexp,
+}
