@@ -34,6 +34,10 @@ def _f(y):
     return ops.cast(y, F)
 
 
+def _i(y):
+    return ops.cast(y, "int32")
+
+
 def _prob(y):
     """Probabilities away from 0 and 1 (Keras reads a Softmax/Sigmoid output's logits)."""
     return ops.sigmoid(y / 40.0) * 0.98 + 0.01
@@ -244,13 +248,37 @@ KERAS = {
     "median": lambda y: ops.median(y, axis=-1), "cdist": lambda y: ops.cdist(y[:, 0], y[:, 1]),
     "logaddexp2": lambda y: ops.logaddexp2(y, ops.flip(y, 3)),
     "ldexp": lambda y: ops.ldexp(y, ops.cast(ops.round(_small(y)), "int32")),
+    "det": lambda y: ops.det(y[:, :3, :3, 0] / 10.0),
+    "slogdet": lambda y: ops.slogdet(y[:, :3, :3, 0] / 10.0)[1] + ops.slogdet(
+        y[:, :3, :3, 0] / 10.0)[0],
+    "meshgrid": lambda y: ops.meshgrid(ops.mean(y, axis=[0, 1, 2]), ops.mean(
+        y, axis=[0, 1, 3]))[0] + 0 * ops.sum(y),
+    "meshgrid:ij": lambda y: ops.meshgrid(ops.mean(y, axis=[0, 1, 2]), ops.mean(
+        y, axis=[0, 1, 3]), indexing="ij")[1] + 0 * ops.sum(y),
+    "sparsemax": lambda y: ops.sparsemax(y / 40.0),
+    "segment_sum": lambda y: ops.segment_sum(y[0], np.array([0, 2, 2, 1, 0, 2, 1]), 3),
+    "cumprod": lambda y: ops.cumprod(_unit(y) + 1.0, axis=3),
+    "nancumprod": lambda y: ops.nancumprod(ops.log(y / 100.0 + 1.0), axis=-1),
+    # integers (bitwise ops need opset 18: `MIN_OPSET`)
+    "bitwise_and": lambda y: _f(ops.bitwise_and(_i(y), _i(ops.flip(y, 3)))),
+    "bitwise_or": lambda y: _f(ops.bitwise_or(_i(y), _i(ops.flip(y, 3)))),
+    "bitwise_xor": lambda y: _f(ops.bitwise_xor(_i(y), _i(ops.flip(y, 3)))),
+    "bitwise_not": lambda y: _f(ops.bitwise_not(_i(y))),
+    "bitwise_invert": lambda y: _f(ops.bitwise_invert(_i(y))),
+    "bitwise_left_shift": lambda y: _f(ops.bitwise_left_shift(_i(y), _i(ops.abs(y) / 40.0))),
+    "left_shift": lambda y: _f(ops.left_shift(_i(y), 3)),
+    "bitwise_right_shift": lambda y: _f(ops.bitwise_right_shift(_i(y), _i(ops.abs(y) / 40.0))),
+    "right_shift": lambda y: _f(ops.right_shift(_i(y), 2)),
 }
+MIN_OPSET = dict.fromkeys(["bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not",
+                           "bitwise_invert"], 18)
 # Cases that need a known spatial size (all others run on a dynamic one).
 STATIC = {"roll", "tril", "triu", "slice", "unstack", "broadcast_to", "repeat", "get_item:int",
           "outer", "tile", "trace", "diagonal", "dot_product_attention",
           "dot_product_attention:causal", "depth_to_space", "space_to_depth", "rot90:2",
           "adaptive_average_pool", "adaptive_max_pool", "diag", "diag:matrix", "diagflat", "kron",
-          "scatter_update", "slice_update", "median", "quantile", "percentile"}
+          "scatter_update", "slice_update", "median", "quantile", "percentile", "det", "slogdet",
+          "meshgrid", "meshgrid:ij", "segment_sum"}
 # Keras's TensorFlow rot90 is wrong for k >= 2 on a non-square plane (it
 # reshapes where it should transpose); the emitter follows NumPy, and the
 # k=2 case uses a square plane.

@@ -200,7 +200,80 @@ def ldexp(g, call, p):
     return [call.out(g.node("Mul", [a, power], call.base), ref.perm)]
 
 
+def det(g, call, p):
+    x = g.keras(p["x"])
+    return [call.out(g.node("Det", [x.name], call.base))]
+
+
+def slogdet(g, call, p):
+    """(sign, log|det|) of the last two axes."""
+    x = g.keras(p["x"])
+    value = g.node("Det", [x.name], call.base)
+    return [call.out(g.node("Sign", [value], call.base)),
+            call.out(g.node("Log", [g.node("Abs", [value], call.base)], call.base), index=1)]
+
+
+def meshgrid(g, call, p):
+    xs = [g.keras(x) for x in p["x"]]
+    lengths = [x.shape[0] for x in xs]
+    if any(x.rank != 1 for x in xs) or None in lengths:
+        raise Uncovered([(call.base, "Meshgrid", "inputs not 1-D of known length")])
+    order = list(range(len(xs)))
+    if p.get("indexing", "xy") == "xy" and len(xs) > 1:
+        order[0], order[1] = 1, 0  # "xy": the first input varies along axis 1
+    full = [lengths[order.index(i)] for i in range(len(xs))]
+    outs = []
+    for i, x in enumerate(xs):
+        shape = [1] * len(xs)
+        shape[order[i]] = lengths[i]
+        wide = g.node("Reshape", [x.name, g.ints(shape)], call.base)
+        outs.append(call.out(g.node("Expand", [wide, g.ints(full)], call.base), index=i))
+    return outs
+
+
+def sparsemax(g, call, p):
+    """Keras's sparsemax: its support test and threshold, along a last axis of known size."""
+    x = g.keras(p["x"])
+    axis = int(p.get("axis", -1)) % x.rank
+    n = x.shape[axis]
+    if n is None:
+        raise Uncovered([(call.base, "Sparsemax", "an axis of unknown size")])
+    ordered, _ = g.node("TopK", [x.name, g.ints([n], "k")], call.base, outputs=2, axis=axis)
+    total = g.node("CumSum", [ordered, g.ints(axis, "axis")], call.base)
+    shape = [1] * x.rank
+    shape[axis] = n
+    ranks = g.constant(np.arange(1, n + 1, dtype=np.float32).reshape(shape), f"{call.base}/r")
+    support = g.node("Greater", [g.node("Sub", [ordered, g.node("Div", [g.node(
+        "Sub", [total, g.scalar(1.0)], call.base), ranks], call.base)], call.base),
+        g.scalar(0.0)], call.base)
+    k = g.reduce("ReduceSum", g.node("Cast", [support], call.base, to=onnx_dtype("float32")),
+                 [axis], True, call.base)
+    kept = g.node("Where", [support, total, g.scalar(0.0)], call.base)
+    tau = g.node("Div", [g.node("Sub", [g.reduce("ReduceSum", kept, [axis], True, call.base),
+                                        g.scalar(1.0)], call.base), k], call.base)
+    name = g.node("Max", [g.node("Sub", [x.name, tau], call.base), g.scalar(0.0)], call.base)
+    return [call.out(name)]
+
+
+def segment_sum(g, call, p):
+    """A sum per segment with constant ids: one-hot(ids)^T @ data."""
+    ids, count = p["segment_ids"], p.get("num_segments")
+    if isinstance(ids, Value) or count is None:
+        raise Uncovered([(call.base, "SegmentSum", "segment ids computed in the graph or no "
+                                                   "num_segments")])
+    ids = constant(ids).astype(np.int64).reshape(-1)
+    data = g.keras(p["data"])
+    hot = (np.arange(int(count))[:, None] == ids[None, :]).astype(np.dtype(out_dtype(call)))
+    flat = g.node("Reshape", [data.name, g.ints([len(ids), -1])], call.base)
+    summed = g.node("MatMul", [g.constant(hot, f"{call.base}/segments", hot.dtype), flat],
+                    call.base)
+    shape = [int(count)] + [-1 if d is None else int(d) for d in data.shape[1:]]
+    return [call.out(g.node("Reshape", [summed, g.ints(shape)], call.base))]
+
+
 EMITTERS = {
+    "det": det, "slogdet": slogdet, "meshgrid": meshgrid, "sparsemax": sparsemax,
+    "segment_sum": segment_sum,
     "diag": diag, "diagflat": diagflat, "kron": kron, "cross": cross, "isin": isin,
     "scatter_update": scatter_update, "slice_update": slice_update,
     "extract_sequences": extract_sequences, "quantile": _quantile(1.0),

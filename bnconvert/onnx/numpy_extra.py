@@ -302,6 +302,7 @@ EMITTERS = {
     "nanmax": _nan_reduction(reductions.EMITTERS["max"], -np.inf, all_nan=np.nan),
     "nanmin": _nan_reduction(reductions.EMITTERS["min"], np.inf, all_nan=np.nan),
     "nancumsum": _nan_reduction(reductions.EMITTERS["cumsum"], 0.0),
+    "nancumprod": _nan_reduction(reductions.EMITTERS["cumprod"], 1.0),
     # Keras answers -1 for an all-NaN slice.
     "nanargmax": _nan_reduction(reductions.EMITTERS["argmax"], -np.inf, all_nan=-1),
     "nanargmin": _nan_reduction(reductions.EMITTERS["argmin"], np.inf, all_nan=-1),

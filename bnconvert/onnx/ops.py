@@ -29,6 +29,7 @@ import numpy as np
 from bnconvert.onnx import activations
 from bnconvert.onnx import arrays
 from bnconvert.onnx import indexing
+from bnconvert.onnx import integers
 from bnconvert.onnx import losses
 from bnconvert.onnx import math
 from bnconvert.onnx import nn
@@ -90,6 +91,7 @@ def _resize(g, call, p):
 EMITTERS = {
     **math.EMITTERS, **reductions.EMITTERS, **indexing.EMITTERS, **reshaping.EMITTERS,
     **nn.EMITTERS, **numpy_extra.EMITTERS, **losses.EMITTERS, **arrays.EMITTERS,
+    **integers.EMITTERS,
     **{k: _activation(v) for k, v in _ACTIVATIONS.items()},
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],

@@ -197,6 +197,24 @@ def _cumsum(g, call, p):
     return [call.out(name, x.perm)]
 
 
+def _cumprod(g, call, p):
+    """A running product along an axis of known size: one Mul per element, in order."""
+    x = _input(g, call, p)
+    if p.get("axis") is None:
+        raise Uncovered([(call.base, "Cumprod", "axis=None")])
+    axis = int(p["axis"]) % x.rank
+    n, a = x.shape[axis], x.physical(axis)
+    if n is None:
+        raise Uncovered([(call.base, "Cumprod", "an axis of unknown size")])
+    parts = g.node("Split", [x.name, g.ints([1] * n, "split")], call.base, outputs=n, axis=a) \
+        if n > 1 else [x.name]
+    running = [parts[0]]
+    for part in parts[1:]:
+        running.append(g.node("Mul", [running[-1], part], call.base))
+    name = g.node("Concat", running, call.base, axis=a) if n > 1 else running[0]
+    return [call.out(name, x.perm)]
+
+
 EMITTERS = {
     "sum": reduction("ReduceSum"), "mean": reduction("ReduceMean"),
     "max": reduction("ReduceMax"), "min": reduction("ReduceMin"),
@@ -204,5 +222,5 @@ EMITTERS = {
     "prod": reduction("ReduceProd"), "var": _var, "std": _std, "moments": _moments,
     "logsumexp": _logsumexp, "any": _truth("ReduceMax"), "all": _truth("ReduceMin"),
     "count_nonzero": _count_nonzero, "norm": _norm, "ptp": _ptp, "average": _average,
-    "argmax": _arg("ArgMax"), "argmin": _arg("ArgMin"), "cumsum": _cumsum,
+    "argmax": _arg("ArgMax"), "argmin": _arg("ArgMin"), "cumsum": _cumsum, "cumprod": _cumprod,
 }
