@@ -257,6 +257,13 @@ KERAS = {
         y, axis=[0, 1, 3]), indexing="ij")[1] + 0 * ops.sum(y),
     "sparsemax": lambda y: ops.sparsemax(y / 40.0),
     "segment_sum": lambda y: ops.segment_sum(y[0], np.array([0, 2, 2, 1, 0, 2, 1]), 3),
+    "segment_max": lambda y: ops.segment_max(y[0], np.array([0, 3, 3, 1, 0, 3, 1]), 4),
+    "segment_min": lambda y: ops.segment_min(y[0], np.array([0, 3, 3, 1, 0, 3, 1]), 4),
+    "segment_prod": lambda y: ops.segment_prod(_unit(y[0]) + 1.0, np.array([0, 2, 2, 1, 0, 2, 1]),
+                                               3),
+    "scatter": lambda y: ops.scatter(np.array([[0, 1], [2, 2], [0, 1]]), y[0, 0, 0, :3], (3, 3)),
+    "scatter_update:add": lambda y: ops.scatter_update(y[0], np.array([[0, 1], [0, 1]]),
+                                                       _w((2, 6)), reduction="add"),
     "cumprod": lambda y: ops.cumprod(_unit(y) + 1.0, axis=3),
     "nancumprod": lambda y: ops.nancumprod(ops.log(y / 100.0 + 1.0), axis=-1),
     # integers (bitwise ops need opset 18: `MIN_OPSET`)
@@ -270,15 +277,16 @@ KERAS = {
     "bitwise_right_shift": lambda y: _f(ops.bitwise_right_shift(_i(y), _i(ops.abs(y) / 40.0))),
     "right_shift": lambda y: _f(ops.right_shift(_i(y), 2)),
 }
-MIN_OPSET = dict.fromkeys(["bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not",
-                           "bitwise_invert"], 18)
+MIN_OPSET = {**dict.fromkeys(["bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not",
+                              "bitwise_invert"], 18), "scatter": 16, "scatter_update:add": 16}
 # Cases that need a known spatial size (all others run on a dynamic one).
 STATIC = {"roll", "tril", "triu", "slice", "unstack", "broadcast_to", "repeat", "get_item:int",
           "outer", "tile", "trace", "diagonal", "dot_product_attention",
           "dot_product_attention:causal", "depth_to_space", "space_to_depth", "rot90:2",
           "adaptive_average_pool", "adaptive_max_pool", "diag", "diag:matrix", "diagflat", "kron",
           "scatter_update", "slice_update", "median", "quantile", "percentile", "det", "slogdet",
-          "meshgrid", "meshgrid:ij", "segment_sum"}
+          "meshgrid", "meshgrid:ij", "segment_sum", "segment_max", "segment_min", "segment_prod",
+          "scatter", "scatter_update:add"}
 # Keras's TensorFlow rot90 is wrong for k >= 2 on a non-square plane (it
 # reshapes where it should transpose); the emitter follows NumPy, and the
 # k=2 case uses a square plane.

@@ -33,6 +33,7 @@ _CONSTANT = "builds a constant from Python numbers (no tensor input): already a 
 _INSPECT = "inspects a tensor or converts it (no graph op)"
 _CALLABLE = "takes Python callables (control flow, autodiff, vectorization): no op graph"
 _COMPLEX = "complex numbers: ONNX tensors have no complex dtype"
+_RANDOM = "random augmentation (draws from a seed): no deterministic inference meaning"
 NO_ONNX_MEANING = {
     **dict.fromkeys(["arange", "array", "bartlett", "blackman", "empty", "eye", "full",
                      "geomspace", "hamming", "hanning", "identity", "kaiser", "linspace",
@@ -44,6 +45,7 @@ NO_ONNX_MEANING = {
     **dict.fromkeys(["angle", "conj", "conjugate", "fft", "fft2", "ifft2", "imag", "irfft",
                      "isreal", "istft", "polar", "real", "rfft", "stft", "view_as_complex",
                      "view_as_real"], _COMPLEX),
+    "image.elastic_transform": _RANDOM,
 }
 _DATA_SHAPE = "output shape depends on the values (ONNX could, the emitters need static shapes)"
 _NO_OP = "no ONNX op and no exact composition of ONNX ops written"
@@ -59,10 +61,6 @@ UNCOVERED_REASONS = {
     **dict.fromkeys(["adaptive_average_pool", "adaptive_max_pool", "conv_transpose"],
                     _KERAS_SHAPE),
     "view": "reinterprets the bits as another dtype: no ONNX op",
-    **dict.fromkeys(["bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not", "bitwise_invert",
-                     "bitwise_left_shift", "bitwise_right_shift", "left_shift", "right_shift"],
-                    "integer bit ops: ONNX Bitwise* needs opset 18, BitShift unsigned types; "
-                    "not written"),
     **dict.fromkeys(["cholesky", "cholesky_inverse", "eig", "eigh", "qr", "svd", "lu_factor",
                      "lstsq", "solve", "solve_triangular", "inv", "pinv", "matrix_rank",
                      "slogdet", "logdet", "det"], _LINALG),

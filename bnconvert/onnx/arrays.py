@@ -8,6 +8,7 @@ NumPy's default method does.
 """
 
 import numpy as np
+from onnx import helper
 
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
@@ -107,17 +108,56 @@ def isin(g, call, p):
     return [call.out(name, x.perm)]
 
 
+_SCATTER_OPSET = {None: 13, "add": 16, "mul": 16, "max": 18, "min": 18}
+
+
 def scatter_update(g, call, p):
-    if p.get("reduction") is not None:
-        raise Uncovered([(call.base, "ScatterUpdate", f"reduction={p['reduction']!r}")])
-    x = g.keras(p["inputs"])
+    reduction = p.get("reduction")
+    if reduction not in _SCATTER_OPSET:
+        raise Uncovered([(call.base, "ScatterUpdate", f"reduction={reduction!r}")])
+    if g.opset < _SCATTER_OPSET[reduction]:
+        raise Uncovered([(call.base, "ScatterUpdate", f"reduction={reduction!r} needs opset "
+                                                      f"{_SCATTER_OPSET[reduction]}")])
+    x = g.keras(p["inputs"]) if isinstance(p["inputs"], Value) else p["inputs"]
     indices = p["indices"]
     indices = cast(g, g.keras(indices), dtype_of(call, indices), "int64", call.base).name \
         if isinstance(indices, Value) else g.ints(constant(indices), "indices")
     (updates,), _ = aligned(g, call, [p["updates"]], out_dtype(call)) if isinstance(
         p["updates"], Value) else ([g.constant(constant(p["updates"]), f"{call.base}/updates",
                                                np.dtype(out_dtype(call)))], None)
-    return [call.out(g.node("ScatterND", [x.name, indices, updates], call.base))]
+    return [call.out(g.node("ScatterND", [x.name, indices, updates], call.base,
+                            reduction=reduction))]
+
+
+def scatter(g, call, p):
+    """Values summed into zeros at `indices` (duplicates add up, as in tf.scatter_nd)."""
+    if g.opset < 16:
+        raise Uncovered([(call.base, "Scatter", f"needs opset 16 (exporting {g.opset})")])
+    dtype = np.dtype(out_dtype(call))
+    fill = helper.make_tensor("zero", onnx_dtype(dtype), [1], [0])
+    zeros = g.node("ConstantOfShape", [g.ints([int(d) for d in p["shape"]])], call.base,
+                   value=fill)
+    zeros = Value(zeros, tuple(p["shape"]), tuple(range(len(p["shape"]))))
+    return scatter_update(g, call, {"inputs": zeros, "indices": p["indices"],
+                                    "updates": p["values"], "reduction": "add"})
+
+
+def _segment(op_type, empty):
+    """segment_max / min / prod with constant ids: a masked reduction per segment."""
+    def emit(g, call, p):
+        ids, count = p["segment_ids"], p.get("num_segments")
+        if isinstance(ids, Value) or count is None or p.get("sorted"):
+            raise Uncovered([(call.base, op_type, "segment ids computed in the graph, sorted, "
+                                                  "or no num_segments")])
+        ids = constant(ids).astype(np.int64).reshape(-1)
+        data = g.keras(p["data"])
+        mask = np.arange(int(count))[:, None] == ids[None, :]
+        mask = mask.reshape(mask.shape + (1,) * (data.rank - 1))
+        wide = g.node("Unsqueeze", [data.name, g.ints([0], "axes")], call.base)
+        filled = g.node("Where", [g.constant(mask, f"{call.base}/segments", bool), wide,
+                                  g.scalar(empty)], call.base)
+        return [call.out(g.reduce(op_type, filled, [1], False, call.base))]
+    return emit
 
 
 def slice_update(g, call, p):
@@ -273,7 +313,11 @@ def segment_sum(g, call, p):
 
 EMITTERS = {
     "det": det, "slogdet": slogdet, "meshgrid": meshgrid, "sparsemax": sparsemax,
-    "segment_sum": segment_sum,
+    "segment_sum": segment_sum, "scatter": scatter,
+    # tf.math.unsorted_segment_*: an empty segment holds the reduction's identity.
+    "segment_max": _segment("ReduceMax", float(np.finfo(np.float32).min)),
+    "segment_min": _segment("ReduceMin", float(np.finfo(np.float32).max)),
+    "segment_prod": _segment("ReduceProd", 1.0),
     "diag": diag, "diagflat": diagflat, "kron": kron, "cross": cross, "isin": isin,
     "scatter_update": scatter_update, "slice_update": slice_update,
     "extract_sequences": extract_sequences, "quantile": _quantile(1.0),
