@@ -264,6 +264,9 @@ KERAS = {
     "scatter": lambda y: ops.scatter(np.array([[0, 1], [2, 2], [0, 1]]), y[0, 0, 0, :3], (3, 3)),
     "scatter_update:add": lambda y: ops.scatter_update(y[0], np.array([[0, 1], [0, 1]]),
                                                        _w((2, 6)), reduction="add"),
+    "digitize": lambda y: _f(ops.digitize(y, np.array([-50.0, 0.0, 3.0, 80.0], F))),
+    "unravel_index": lambda y: _f(ops.unravel_index(ops.argmax(ops.reshape(
+        y, (-1, 210)), axis=-1), (7, 5, 6))[1]),
     "cumprod": lambda y: ops.cumprod(_unit(y) + 1.0, axis=3),
     "nancumprod": lambda y: ops.nancumprod(ops.log(y / 100.0 + 1.0), axis=-1),
     # integers (bitwise ops need opset 18: `MIN_OPSET`)
@@ -286,7 +289,7 @@ STATIC = {"roll", "tril", "triu", "slice", "unstack", "broadcast_to", "repeat", 
           "adaptive_average_pool", "adaptive_max_pool", "diag", "diag:matrix", "diagflat", "kron",
           "scatter_update", "slice_update", "median", "quantile", "percentile", "det", "slogdet",
           "meshgrid", "meshgrid:ij", "segment_sum", "segment_max", "segment_min", "segment_prod",
-          "scatter", "scatter_update:add"}
+          "scatter", "scatter_update:add", "unravel_index"}
 # Keras's TensorFlow rot90 is wrong for k >= 2 on a non-square plane (it
 # reshapes where it should transpose); the emitter follows NumPy, and the
 # k=2 case uses a square plane.

@@ -311,7 +311,42 @@ def segment_sum(g, call, p):
     return [call.out(g.node("Reshape", [summed, g.ints(shape)], call.base))]
 
 
+def _count_against(g, call, x, table, op_type):
+    """How many entries `t` of the constant 1-D `table` satisfy `op_type(t, x)`, per element."""
+    x_dtype = dtype_of(call, x)
+    table = constant(table).astype(x_dtype).reshape(-1)
+    wide = g.node("Unsqueeze", [x.name, g.ints([-1], "axes")], call.base)
+    hits = g.node(op_type, [g.constant(table, f"{call.base}/table", table.dtype), wide], call.base)
+    hits = g.node("Cast", [hits], call.base, to=onnx_dtype("int64"))
+    count = g.reduce("ReduceSum", hits, [x.rank], False, call.base)
+    return [call.out(cast(g, Value(count, (), ()), "int64", out_dtype(call), call.base).name,
+                     x.perm)]
+
+
+def digitize(g, call, p):
+    """The bin of each value: how many (increasing, constant) bin edges are <= it."""
+    bins = p["bins"]
+    if isinstance(bins, Value) or np.any(np.diff(constant(bins)) < 0):
+        raise Uncovered([(call.base, "Digitize", "bins computed in the graph or decreasing")])
+    return _count_against(g, call, p["x"], bins, "LessOrEqual")
+
+
+def unravel_index(g, call, p):
+    x = p["indices"]
+    shape = [int(d) for d in p["shape"]]
+    flat = cast(g, x, dtype_of(call, x), "int64", call.base).name
+    outs = []
+    for i, size in enumerate(shape):
+        stride = int(np.prod(shape[i + 1:]))
+        name = g.node("Mod", [g.node("Div", [flat, g.scalar(stride, np.int64)], call.base),
+                              g.scalar(size, np.int64)], call.base)
+        name = cast(g, Value(name, (), ()), "int64", out_dtype(call, i), call.base).name
+        outs.append(call.out(name, x.perm, index=i))
+    return outs
+
+
 EMITTERS = {
+    "digitize": digitize, "unravel_index": unravel_index,
     "det": det, "slogdet": slogdet, "meshgrid": meshgrid, "sparsemax": sparsemax,
     "segment_sum": segment_sum, "scatter": scatter,
     # tf.math.unsorted_segment_*: an empty segment holds the reduction's identity.
