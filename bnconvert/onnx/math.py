@@ -33,15 +33,25 @@ def onnx_dtype(dtype):
         raise Uncovered([(None, "Cast", f"dtype {dtype}")]) from None
 
 
+def graph_dtype(dtype):
+    """The dtype a Keras tensor of `dtype` has in the native graph.
+
+    The graph computes floats in float32, also for a mixed-precision model's
+    float16 / bfloat16 tensors (whose variables are float32); other dtypes
+    are kept.
+    """
+    return "float32" if str(dtype) in ("float16", "bfloat16") else str(dtype)
+
+
 def out_dtype(call, index=0):
-    return call.dtypes[index] if call.dtypes else "float32"
+    return graph_dtype(call.dtypes[index]) if call.dtypes else "float32"
 
 
 def dtype_of(call, value):
-    """The Keras dtype of one of `call`'s input `Value`s."""
+    """The graph dtype of one of `call`'s input `Value`s."""
     for v, dtype in zip(call.inputs, call.input_dtypes or []):
         if v.name == value.name:
-            return dtype
+            return graph_dtype(dtype)
     return "float32"
 
 
