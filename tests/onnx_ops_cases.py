@@ -267,6 +267,18 @@ KERAS = {
     "digitize": lambda y: _f(ops.digitize(y, np.array([-50.0, 0.0, 3.0, 80.0], F))),
     "unravel_index": lambda y: _f(ops.unravel_index(ops.argmax(ops.reshape(
         y, (-1, 210)), axis=-1), (7, 5, 6))[1]),
+    # images
+    "crop_images": lambda y: ops.image.crop_images(y, 1, 2, bottom_cropping=2, right_cropping=1),
+    "crop_images:target": lambda y: ops.image.crop_images(y, 2, 1, target_height=3,
+                                                          target_width=2),
+    "pad_images": lambda y: ops.image.pad_images(y, 1, 2, bottom_padding=3, right_padding=0),
+    "pad_images:target": lambda y: ops.image.pad_images(y, 1, 2, target_height=10,
+                                                        target_width=9),
+    "extract_patches": lambda y: ops.image.extract_patches(y, 2),
+    "extract_patches:overlapping": lambda y: ops.image.extract_patches(y, (3, 2), strides=1,
+                                                                       padding="same"),
+    "extract_patches_3d": lambda y: ops.image.extract_patches_3d(ops.expand_dims(y, 1), (1, 2, 2)),
+    "unfold": lambda y: ops.unfold(ops.transpose(y, (0, 3, 1, 2)), 2, stride=(1, 2)),
     "cumprod": lambda y: ops.cumprod(_unit(y) + 1.0, axis=3),
     "nancumprod": lambda y: ops.nancumprod(ops.log(y / 100.0 + 1.0), axis=-1),
     # integers (bitwise ops need opset 18: `MIN_OPSET`)
@@ -289,7 +301,8 @@ STATIC = {"roll", "tril", "triu", "slice", "unstack", "broadcast_to", "repeat", 
           "adaptive_average_pool", "adaptive_max_pool", "diag", "diag:matrix", "diagflat", "kron",
           "scatter_update", "slice_update", "median", "quantile", "percentile", "det", "slogdet",
           "meshgrid", "meshgrid:ij", "segment_sum", "segment_max", "segment_min", "segment_prod",
-          "scatter", "scatter_update:add", "unravel_index"}
+          "scatter", "scatter_update:add", "unravel_index", "pad_images:target", "unfold",
+          "crop_images"}
 # Keras's TensorFlow rot90 is wrong for k >= 2 on a non-square plane (it
 # reshapes where it should transpose); the emitter follows NumPy, and the
 # k=2 case uses a square plane.

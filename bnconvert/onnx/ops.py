@@ -29,6 +29,7 @@ import numpy as np
 
 from bnconvert.onnx import activations
 from bnconvert.onnx import arrays
+from bnconvert.onnx import images
 from bnconvert.onnx import indexing
 from bnconvert.onnx import integers
 from bnconvert.onnx import losses
@@ -92,7 +93,7 @@ def _resize(g, call, p):
 EMITTERS = {
     **math.EMITTERS, **reductions.EMITTERS, **indexing.EMITTERS, **reshaping.EMITTERS,
     **nn.EMITTERS, **numpy_extra.EMITTERS, **losses.EMITTERS, **arrays.EMITTERS,
-    **integers.EMITTERS,
+    **integers.EMITTERS, **images.EMITTERS,
     **{k: _activation(v) for k, v in _ACTIVATIONS.items()},
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
@@ -102,7 +103,8 @@ EMITTERS = {
 _CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_normalization",
                 "LayerNorm": "layer_normalization", "RMSNorm": "rms_normalization",
                 "RGBToGrayscale": "rgb_to_grayscale", "AllClose": "allclose",
-                "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin"}
+                "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin",
+                "ExtractPatches3D": "extract_patches_3d"}
 
 
 def function_name(op):

@@ -1,0 +1,107 @@
+"""`keras.ops.image` and `ops.unfold` as ONNX: cropping, padding, patches.
+
+Emitters are `emit(g, call, p)` as in `math`. Cropping and padding slice or
+pad the two spatial axes in the value's own layout, their sizes inferred
+as Keras infers them (`top = target - bottom - height`, ...). Patches are
+what Keras computes them as: a convolution with an identity kernel, which
+copies each input value to its place and is exact in floating point.
+`unfold` (PyTorch's order: channel, then kernel row and column) is the
+same convolution grouped per channel.
+"""
+
+import numpy as np
+
+from bnconvert.onnx import nn
+from bnconvert.onnx.graph import Uncovered
+from bnconvert.onnx.graph import as_tuple
+
+_BIG = np.iinfo(np.int64).max
+
+
+def _spatial(call, p, key):
+    x = p[key]
+    data_format = p.get("data_format") or "channels_last"
+    if x.rank != 4:
+        raise Uncovered([(call.base, "image op", "images not of rank 4")])
+    axes = (1, 2) if data_format == "channels_last" else (2, 3)
+    return x, axes, [x.shape[a] for a in axes]
+
+
+def _infer(size, first, second, target, what, call):
+    """`(first, second)` amounts with the missing one inferred from `target`."""
+    if first is None or second is None:
+        if size is None or target is None:
+            raise Uncovered([(call.base, what, "a size unknown when exporting")])
+        first = target - second - size if first is None else first
+        second = target - first - size if second is None else second
+    return int(first), int(second)
+
+
+def crop_images(g, call, p):
+    x, axes, (height, width) = _spatial(call, p, "images")
+    starts, ends = [], []
+    for size, (first, last), target in ((height, ("top", "bottom"), p.get("target_height")),
+                                        (width, ("left", "right"), p.get("target_width"))):
+        begin, end = p.get(f"{first}_cropping"), p.get(f"{last}_cropping")
+        if begin is None:
+            if size is None or target is None:
+                raise Uncovered([(call.base, "CropImages", "a size unknown when exporting")])
+            begin = size - target - (end or 0)
+        stop = begin + target if target is not None else (-end if end else _BIG)
+        starts.append(int(begin))
+        ends.append(int(stop))
+    name = g.node("Slice", [x.name, g.ints(starts, "starts"), g.ints(ends, "ends"),
+                            g.ints([x.physical(a) for a in axes], "axes")], call.base)
+    return [call.out(name, x.perm)]
+
+
+def pad_images(g, call, p):
+    x, axes, (height, width) = _spatial(call, p, "images")
+    top, bottom = _infer(height, p.get("top_padding"), p.get("bottom_padding"),
+                         p.get("target_height"), "PadImages", call)
+    left, right = _infer(width, p.get("left_padding"), p.get("right_padding"),
+                         p.get("target_width"), "PadImages", call)
+    begin, end = [0] * 4, [0] * 4
+    for a, (b, e) in zip(axes, ((top, bottom), (left, right))):
+        begin[x.physical(a)], end[x.physical(a)] = b, e
+    name = g.node("Pad", [x.name, g.ints(begin + end, "pads")], call.base, mode="constant")
+    return [call.out(name, x.perm)]
+
+
+def extract_patches(g, call, p):
+    """Patches as Keras computes them: conv with an identity kernel."""
+    x = p["images"]
+    n = x.rank - 2
+    if n not in (2, 3):
+        raise Uncovered([(call.base, "ExtractPatches", "unbatched images")])
+    size = as_tuple(p["size"], n)
+    channels_last = (p.get("data_format") or "channels_last") == "channels_last"
+    channels = x.shape[-1] if channels_last else x.shape[1]
+    depth = int(np.prod(size)) * channels
+    kernel = np.eye(depth, dtype=np.float32).reshape(tuple(size) + (channels, depth))
+    return nn.conv(g, call, dict(p, inputs=x, kernel=kernel, strides=p.get("strides") or size))
+
+
+def unfold(g, call, p):
+    """`(N, C, H, W)` -> `(N, C*kH*kW, L)`, each channel's patches together."""
+    x = g.keras(p["x"])
+    if x.rank != 4 or x.shape[1] is None:
+        raise Uncovered([(call.base, "Unfold", "not (N, C, H, W) with known C")])
+    k, d, s = (as_tuple(p.get(key, 1), 2) for key in ("kernel_size", "dilation", "stride"))
+    pads = as_tuple(p.get("padding", 0), 2)
+    channels = x.shape[1]
+    eye = np.eye(k[0] * k[1], dtype=np.float32).reshape(k[0] * k[1], 1, k[0], k[1])
+    weight = np.tile(eye, (channels, 1, 1, 1))
+    name = g.node("Conv", [x.name, g.constant(weight, f"{call.base}/identity")], call.base,
+                  kernel_shape=list(k), strides=list(s), dilations=list(d), group=channels,
+                  pads=[pads[0], pads[1], pads[0], pads[1]])
+    flat = g.node("Reshape", [name, g.ints([0, channels * k[0] * k[1], -1])], call.base)
+    return [call.out(flat)]
+
+
+EMITTERS = {
+    "crop_images": crop_images, "pad_images": pad_images, "extract_patches": extract_patches,
+    "extract_patches_3d": lambda g, call, p: extract_patches(
+        g, call, dict(p, images=p.get("volumes", p.get("images")))),
+    "unfold": unfold,
+}
