@@ -133,3 +133,19 @@ def test_float16_ops_compute_in_float32():
     # float16 rounding of values up to ~40: a few 1e-2, and argmax ties may flip.
     close = np.isclose(got, want, rtol=2e-3, atol=3e-2)
     assert close.mean() > 0.98, float(close.mean())
+
+
+def test_arguments_an_emitter_cannot_handle_leave_the_op_uncovered(monkeypatch):
+    """An op whose arguments an emitter does not handle is named, never a crash."""
+    x = keras.Input((4, 6))
+    model = keras.Model(x, keras.ops.pad(x, [[0, 0], [1, 1], [0, 0]], mode="symmetric"))
+    with pytest.raises(Uncovered, match="mode='symmetric'"):
+        walk.emit(model, flavour_lib.flavour_of(model), ["input"], ["out"], 17)
+
+    def broken(g, call, p):
+        raise ValueError("an argument this emitter never saw")
+
+    monkeypatch.setitem(onnx_ops.EMITTERS, "absolute", broken)
+    model = keras.Model(x, keras.ops.abs(x), name="m")
+    with pytest.raises(Uncovered, match="arguments not handled.*never saw"):
+        walk.emit(model, flavour_lib.flavour_of(model), ["input"], ["out"], 17)

@@ -133,12 +133,23 @@ def keras_params(op, call):
     return p
 
 
+def _run(g, call, name, p, what):
+    """Runs one emitter; arguments it cannot handle make the op uncovered, not a crash."""
+    try:
+        return EMITTERS[name](g, call, p)
+    except Uncovered:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise Uncovered([(call.base, what, f"arguments not handled ({type(e).__name__}: "
+                                           f"{str(e).splitlines()[0][:80] if str(e) else ''})")])
+
+
 def emit_op(g, call):
     """A Keras 3 op node."""
     name = function_name(call.layer)
     if name not in EMITTERS:
         raise Uncovered([(call.base, type(call.layer).__name__, "op")])
-    return EMITTERS[name](g, call, keras_params(call.layer, call))
+    return _run(g, call, name, keras_params(call.layer, call), type(call.layer).__name__)
 
 
 def _tf(name, adjust=None, **renames):
@@ -285,5 +296,5 @@ def tf_params(call):
 def emit_tf_function(g, call):
     """A tf-keras `TFOpLambda` layer."""
     name, p = tf_params(call)
-    return EMITTERS[name](g, call, p)
+    return _run(g, call, name, p, "TFOpLambda")
 
