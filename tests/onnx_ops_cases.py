@@ -279,6 +279,10 @@ KERAS = {
                                                                        padding="same"),
     "extract_patches_3d": lambda y: ops.image.extract_patches_3d(ops.expand_dims(y, 1), (1, 2, 2)),
     "unfold": lambda y: ops.unfold(ops.transpose(y, (0, 3, 1, 2)), 2, stride=(1, 2)),
+    "fold": lambda y: ops.fold(ops.unfold(ops.transpose(y, (0, 3, 1, 2)), 3, stride=(2, 1),
+                                          padding=1), (7, 5), 3, stride=(2, 1), padding=1),
+    "gaussian_blur": lambda y: ops.image.gaussian_blur(y, (3, 5), (1.0, 2.0)),
+    "corrcoef": lambda y: ops.corrcoef(y[0, 0]),
     "cumprod": lambda y: ops.cumprod(_unit(y) + 1.0, axis=3),
     "nancumprod": lambda y: ops.nancumprod(ops.log(y / 100.0 + 1.0), axis=-1),
     # integers (bitwise ops need opset 18: `MIN_OPSET`)
@@ -302,7 +306,7 @@ STATIC = {"roll", "tril", "triu", "slice", "unstack", "broadcast_to", "repeat", 
           "scatter_update", "slice_update", "median", "quantile", "percentile", "det", "slogdet",
           "meshgrid", "meshgrid:ij", "segment_sum", "segment_max", "segment_min", "segment_prod",
           "scatter", "scatter_update:add", "unravel_index", "pad_images:target", "unfold",
-          "crop_images"}
+          "crop_images", "fold", "corrcoef"}
 # Keras's TensorFlow rot90 is wrong for k >= 2 on a non-square plane (it
 # reshapes where it should transpose); the emitter follows NumPy, and the
 # k=2 case uses a square plane.

@@ -345,7 +345,31 @@ def unravel_index(g, call, p):
     return outs
 
 
+def corrcoef(g, call, p):
+    """Correlations between the rows of a 2-D `x`, clipped to [-1, 1] as Keras does."""
+    x = g.keras(p["x"])
+    rows, n = x.shape if x.rank == 2 else (None, None)
+    if rows is None or n is None:
+        raise Uncovered([(call.base, "Corrcoef", "not a 2-D tensor of known shape")])
+    name = cast(g, x, dtype_of(call, p["x"]), out_dtype(call), call.base).name
+    mean = g.reduce("ReduceMean", name, [1], True, call.base)
+    centred = g.node("Sub", [name, mean], call.base)
+    cov = g.node("MatMul", [centred, g.node("Transpose", [centred], call.base, perm=[1, 0])],
+                 call.base)
+    cov = g.node("Div", [cov, g.scalar(float(n - 1))], call.base)
+    eye = g.constant(np.eye(rows, dtype=bool), f"{call.base}/eye", bool)
+    diagonal = g.reduce("ReduceSum", g.node("Where", [eye, cov, g.scalar(0.0)], call.base), [1],
+                        False, call.base)
+    std = g.node("Sqrt", [diagonal], call.base)
+    outer = g.node("Mul", [g.node("Unsqueeze", [std, g.ints([1], "axes")], call.base),
+                           g.node("Unsqueeze", [std, g.ints([0], "axes")], call.base)], call.base)
+    name = g.node("Clip", [g.node("Div", [cov, outer], call.base), g.scalar(-1.0),
+                           g.scalar(1.0)], call.base)
+    return [call.out(name)]
+
+
 EMITTERS = {
+    "corrcoef": corrcoef,
     "digitize": digitize, "unravel_index": unravel_index,
     "det": det, "slogdet": slogdet, "meshgrid": meshgrid, "sparsemax": sparsemax,
     "segment_sum": segment_sum, "scatter": scatter,

@@ -99,7 +99,49 @@ def unfold(g, call, p):
     return [call.out(flat)]
 
 
+def fold(g, call, p):
+    """`(N, C*kH*kW, L)` blocks summed back into `(N, C, oH, oW)`: unfold's transpose."""
+    x = g.keras(p["x"])
+    k, d, s = (as_tuple(p.get(key, 1), 2) for key in ("kernel_size", "dilation", "stride"))
+    pads, out = as_tuple(p.get("padding", 0), 2), as_tuple(p["output_size"], 2)
+    if x.rank != 3 or x.shape[1] is None:
+        raise Uncovered([(call.base, "Fold", "not (N, C*kH*kW, L) with known C*kH*kW")])
+    channels = x.shape[1] // (k[0] * k[1])
+    blocks = [(o + 2 * q - e * (n - 1) - 1) // t + 1 for o, q, e, n, t in zip(out, pads, d, k, s)]
+    grid = g.node("Reshape", [x.name, g.ints([0, x.shape[1]] + blocks)], call.base)
+    eye = np.eye(k[0] * k[1], dtype=np.float32).reshape(k[0] * k[1], 1, k[0], k[1])
+    reached = [(b - 1) * t + e * (n - 1) + 1 - 2 * q
+               for b, t, e, n, q in zip(blocks, s, d, k, pads)]
+    name = g.node("ConvTranspose", [grid, g.constant(np.tile(eye, (channels, 1, 1, 1)),
+                                                     f"{call.base}/identity")], call.base,
+                  kernel_shape=list(k), strides=list(s), dilations=list(d), group=channels,
+                  pads=[pads[0], pads[1], pads[0], pads[1]],
+                  output_padding=[o - r for o, r in zip(out, reached)])
+    return [call.out(name)]
+
+
+def gaussian_blur(g, call, p):
+    """Keras's kernel (outer product of two normalized 1-D Gaussians), depthwise, "same"."""
+    x = p["images"]
+    channels_last = (p.get("data_format") or "channels_last") == "channels_last"
+    channels = x.shape[-1] if channels_last else x.shape[1]
+    size, sigma = as_tuple(p.get("kernel_size", 3), 2), as_tuple(p.get("sigma", 1.0), 2)
+    if channels is None or x.rank != 4:
+        raise Uncovered([(call.base, "GaussianBlur", "unknown channels or unbatched images")])
+
+    def gaussian(n, sd):
+        t = np.arange(n, dtype=np.float32) - (n - 1) / 2
+        v = np.exp(-0.5 * (t / np.float32(sd)) ** 2)
+        return v / v.sum()
+
+    kernel = np.tensordot(gaussian(size[1], sigma[1]), gaussian(size[0], sigma[0]), axes=0)
+    kernel = np.tile(kernel.reshape(size[0], size[1], 1, 1), (1, 1, channels, 1))
+    return nn.depthwise_conv(g, call, dict(p, inputs=x, kernel=kernel, padding="same",
+                                           strides=1))
+
+
 EMITTERS = {
+    "fold": fold, "gaussian_blur": gaussian_blur,
     "crop_images": crop_images, "pad_images": pad_images, "extract_patches": extract_patches,
     "extract_patches_3d": lambda g, call, p: extract_patches(
         g, call, dict(p, images=p.get("volumes", p.get("images")))),
