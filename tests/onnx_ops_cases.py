@@ -282,6 +282,9 @@ KERAS = {
     "fold": lambda y: ops.fold(ops.unfold(ops.transpose(y, (0, 3, 1, 2)), 3, stride=(2, 1),
                                           padding=1), (7, 5), 3, stride=(2, 1), padding=1),
     "gaussian_blur": lambda y: ops.image.gaussian_blur(y, (3, 5), (1.0, 2.0)),
+    "sobel_edges": lambda y: ops.image.sobel_edges(y),
+    "sobel_edges:channels_first": lambda y: ops.image.sobel_edges(
+        ops.transpose(y, (0, 3, 1, 2)), data_format="channels_first"),
     "corrcoef": lambda y: ops.corrcoef(y[0, 0]),
     "cumprod": lambda y: ops.cumprod(_unit(y) + 1.0, axis=3),
     "nancumprod": lambda y: ops.nancumprod(ops.log(y / 100.0 + 1.0), axis=-1),

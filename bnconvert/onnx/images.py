@@ -140,8 +140,30 @@ def gaussian_blur(g, call, p):
                                            strides=1))
 
 
+def sobel_edges(g, call, p):
+    """TensorFlow's Sobel filters (dy, dx) on reflect-padded images: `(..., C, 2)`."""
+    channels_last = (p.get("data_format") or "channels_last") == "channels_last"
+    x = p["images"]
+    channels = x.shape[-1] if channels_last else x.shape[1]
+    if channels is None or x.rank != 4:
+        raise Uncovered([(call.base, "SobelEdges", "unknown channels or unbatched images")])
+    x = g.layout(x, (0, 3, 1, 2) if channels_last else (0, 1, 2, 3))
+    padded = g.node("Pad", [x.name, g.ints([0, 0, 1, 1, 0, 0, 1, 1], "pads")], call.base,
+                    mode="reflect")
+    dy = np.array([[-1, -2, -1], [0, 0, 0], [1, 2, 1]], np.float32)
+    parts = []
+    for kernel in (dy, dy.T):
+        weight = np.tile(kernel[None, None], (channels, 1, 1, 1))
+        edge = g.node("Conv", [padded, g.constant(weight, f"{call.base}/sobel")], call.base,
+                      kernel_shape=[3, 3], group=channels)
+        parts.append(g.node("Unsqueeze", [edge, g.ints([2], "axes")], call.base))
+    # Physical (N, C, 2, H, W): the Keras axes of (N, H, W, C, 2) or (N, C, H, W, 2).
+    name = g.node("Concat", parts, call.base, axis=2)
+    return [call.out(name, (0, 3, 4, 1, 2) if channels_last else (0, 1, 4, 2, 3))]
+
+
 EMITTERS = {
-    "fold": fold, "gaussian_blur": gaussian_blur,
+    "fold": fold, "gaussian_blur": gaussian_blur, "sobel_edges": sobel_edges,
     "crop_images": crop_images, "pad_images": pad_images, "extract_patches": extract_patches,
     "extract_patches_3d": lambda g, call, p: extract_patches(
         g, call, dict(p, images=p.get("volumes", p.get("images")))),
