@@ -202,11 +202,15 @@ KERAS = {
     "nanmean": lambda y: ops.nanmean(ops.log(y), axis=-1),
     "nanvar": lambda y: ops.nanvar(ops.log(y), axis=2), "nanstd": lambda y: ops.nanstd(
         ops.log(y), axis=-1),
+    "nanquantile": lambda y: ops.nanquantile(ops.log(y), 0.3, axis=-1),
+    "nanpercentile": lambda y: ops.nanpercentile(ops.log(y), 80.0, axis=2, keepdims=True),
+    "nanmedian": lambda y: ops.nanmedian(ops.log(y), axis=-1),
     "diff": lambda y: ops.diff(y, 2, axis=1), "trapezoid": lambda y: ops.trapezoid(y, axis=2),
     "append": lambda y: ops.append(y, -y, axis=3), "append:flat": lambda y: ops.append(y, y),
     "dstack": lambda y: ops.dstack([y, -y]), "hsplit": lambda y: ops.hsplit(y, [2])[1],
     "vsplit": lambda y: ops.vsplit(y, [1])[1], "dsplit": lambda y: ops.dsplit(y, [1])[1],
-    "rot90": lambda y: ops.rot90(y, 1, axes=(1, 2)), "rot90:2": lambda y: ops.rot90(y[:, :5], 2, (1, 2)),
+    "rot90": lambda y: ops.rot90(y, 1, axes=(1, 2)),
+    "rot90:2": lambda y: ops.rot90(y[:, :5], 2, (1, 2)),
     "trace": lambda y: ops.trace(y, 1, axis1=1, axis2=2),
     "diagonal": lambda y: ops.diagonal(y, -1, axis1=2, axis2=1),
     "vander": lambda y: ops.vander(ops.mean(y / 100.0, axis=[1, 2, 3]), 4),
@@ -309,7 +313,7 @@ STATIC = {"roll", "tril", "triu", "slice", "unstack", "broadcast_to", "repeat", 
           "scatter_update", "slice_update", "median", "quantile", "percentile", "det", "slogdet",
           "meshgrid", "meshgrid:ij", "segment_sum", "segment_max", "segment_min", "segment_prod",
           "scatter", "scatter_update:add", "unravel_index", "pad_images:target", "unfold",
-          "crop_images", "fold", "corrcoef"}
+          "crop_images", "fold", "corrcoef", "nanpercentile"}
 # Keras's TensorFlow rot90 is wrong for k >= 2 on a non-square plane (it
 # reshapes where it should transpose); the emitter follows NumPy, and the
 # k=2 case uses a square plane.

@@ -20,7 +20,6 @@ from onnx import helper
 
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
-from bnconvert.onnx.graph import keras_axes
 
 _FLOATS = ("float16", "float32", "float64", "bfloat16")
 
@@ -239,7 +238,8 @@ def _clip(g, call, p):
                 (name, c), ref = aligned(g, call, [Value(name, x.shape, x.perm), b], dtype)
                 name = g.node(op_type, [name, c], call.base)
         return [call.out(name, x.perm)]
-    lo, hi = [g.scalar(float(constant(b)), np.dtype(dtype)) if b is not None else "" for b in bounds]
+    lo, hi = [g.scalar(float(constant(b)), np.dtype(dtype)) if b is not None else ""
+              for b in bounds]
     return [call.out(g.node("Clip", [x.name, lo, hi], call.base), x.perm)]
 
 

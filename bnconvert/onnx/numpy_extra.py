@@ -18,7 +18,6 @@ from bnconvert.onnx import reductions
 from bnconvert.onnx import reshaping
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
-from bnconvert.onnx.graph import keras_axes
 from bnconvert.onnx.math import aligned
 from bnconvert.onnx.math import cast
 from bnconvert.onnx.math import common_dtype
@@ -292,7 +291,53 @@ def _multi_hot(g, call, p):
     return [call.out(name)]
 
 
+def _nan_quantile(scale):
+    """nanquantile / nanpercentile / nanmedian: the linear quantile of the non-NaN values.
+
+    NaN sorts last as +inf; with `m` values left the quantile sits at
+    `q (m - 1)`, gathered per slice; an all-NaN slice gives NaN.
+    """
+    def emit(g, call, p):
+        x = g.keras(p["x"])
+        q = float(np.asarray(p["q"])) / scale
+        axis = p.get("axis")
+        if axis is None or isinstance(axis, (list, tuple)) and len(axis) > 1 \
+                or p.get("method", "linear") != "linear":
+            raise Uncovered([(call.base, "NanQuantile", "axis=None, several axes or a method "
+                                                        "other than linear")])
+        axis = int(axis[0] if isinstance(axis, (list, tuple)) else axis) % x.rank
+        n = x.shape[axis]
+        if n is None:
+            raise Uncovered([(call.base, "NanQuantile", "an axis of unknown size")])
+        nan = g.node("IsNaN", [x.name], call.base)
+        filled = g.node("Where", [nan, g.scalar(np.inf), x.name], call.base)
+        ordered, _ = g.node("TopK", [filled, g.ints([n], "k")], call.base, outputs=2, axis=axis,
+                            largest=0, sorted=1)
+        valid = g.node("Cast", [g.node("Not", [nan], call.base)], call.base,
+                       to=onnx_dtype("float32"))
+        m = g.reduce("ReduceSum", valid, [axis], True, call.base)
+        position = g.node("Mul", [g.node("Sub", [m, g.scalar(1.0)], call.base), g.scalar(q)],
+                          call.base)
+        low = g.node("Floor", [position], call.base)
+        picks = []
+        for index in (low, g.node("Ceil", [position], call.base)):
+            index = g.node("Max", [index, g.scalar(0.0)], call.base)
+            index = g.node("Cast", [index], call.base, to=onnx_dtype("int64"))
+            picks.append(g.node("GatherElements", [ordered, index], call.base, axis=axis))
+        gap = g.node("Sub", [picks[1], picks[0]], call.base)
+        frac = g.node("Sub", [position, low], call.base)
+        name = g.node("Add", [picks[0], g.node("Mul", [gap, frac], call.base)], call.base)
+        name = g.node("Where", [g.node("Equal", [m, g.scalar(0.0)], call.base),
+                                g.scalar(float("nan")), name], call.base)
+        if not p.get("keepdims"):
+            name = g.node("Squeeze", [name, g.ints([axis], "axes")], call.base)
+        return [call.out(name)]
+    return emit
+
+
 EMITTERS = {
+    "nanquantile": _nan_quantile(1.0), "nanpercentile": _nan_quantile(100.0),
+    "nanmedian": lambda g, call, p: _nan_quantile(1.0)(g, call, dict(p, q=0.5)),
     "fmax": _fextreme("Max"), "fmin": _fextreme("Min"), "arctan2": _arctan2,
     "isclose": _isclose_emit,
     "allclose": _allclose, "saturate_cast": _saturate_cast,

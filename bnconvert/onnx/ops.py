@@ -40,7 +40,6 @@ from bnconvert.onnx import reductions
 from bnconvert.onnx import reshaping
 from bnconvert.onnx import shape as structure
 from bnconvert.onnx.graph import Uncovered
-from bnconvert.onnx.graph import Value
 
 _ACTIVATIONS = {
     "relu": "relu", "relu6": "relu6", "sigmoid": "sigmoid", "tanh": "tanh", "silu": "silu",
