@@ -176,8 +176,12 @@ def graph_nodes(model):
                 node, "call_kwargs", {}
             )
             args = arguments.args if arguments is not None else getattr(node, "call_args", ())
+            # tf-keras's `input_tensors` is the first argument only (a string
+            # for `tf.einsum`, a number for `0 * x`); `keras_inputs` is all of them.
+            tensors = node.input_tensors if node.is_input else getattr(
+                node, "keras_inputs", node.input_tensors)
             nodes.append(GraphNode(
-                layer, bool(node.is_input), tuple(_flat(node.input_tensors)),
+                layer, bool(node.is_input), tuple(_flat(tensors)),
                 dict(kwargs or {}), tuple(args or ()), tuple(_flat(node.outputs)),
             ))
     return nodes

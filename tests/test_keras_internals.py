@@ -127,6 +127,23 @@ def test_graph_nodes_and_producers(build):
            "Node.arguments, call_args, outputs", check)
 
 
+def test_graph_nodes_of_tf_functions_list_every_tensor_argument():
+    def check():
+        import tensorflow as tf
+        import tf_keras
+
+        x = tf_keras.Input((3, 4), name="x")
+        y = tf.einsum("bij,bkj->bik", x, x * 2.0)
+        model = tf_keras.Model(x, y)
+        (node,) = [n for n in internals.graph_nodes(model)
+                   if n.layer is not None and n.layer.name.startswith("tf.einsum")]
+        # tf-keras's own `input_tensors` is the first argument: the equation.
+        assert len(node.input_tensors) == 2
+        assert node.input_tensors[0] is x and node.args[0] == "bij,bkj->bik"
+
+    pinned("tf_keras Node.keras_inputs", check)
+
+
 def test_graph_nodes_of_a_keras3_sequential():
     def check():
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])

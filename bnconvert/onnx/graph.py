@@ -78,6 +78,12 @@ def keras_axes(axis, rank):
     return sorted(int(a) % rank for a in axes)
 
 
+def dtype_name(tensor):
+    """The dtype name (`"float32"`, `"int32"`, ...) of a Keras 3 or tf-keras tensor."""
+    dtype = getattr(tensor, "dtype", None) or "float32"
+    return str(getattr(dtype, "name", dtype))
+
+
 def identity(rank):
     """The Keras layout of a rank-`rank` tensor."""
     return tuple(range(rank))
@@ -174,19 +180,19 @@ class Graph:
         """`value` with its last Keras axis stored second (`NC...`)."""
         return self.layout(value, channels_first(value.rank))
 
-    def broadcast_constant(self, array, value, base):
+    def broadcast_constant(self, array, value, base, dtype=np.float32):
         """A constant that broadcasts against `value` as `array` does in Keras.
 
         `array` is right-aligned against `value`'s Keras shape (NumPy
         broadcasting) and then laid out as `value` is.
         """
-        array = np.asarray(array, np.float32)
+        array = np.asarray(array, dtype)
         if array.ndim == 0:
-            return self.constant(array, base)
+            return self.constant(array, base, dtype)
         if array.ndim > value.rank:
             raise ValueError("constant of higher rank than the tensor")
         full = array.reshape((1,) * (value.rank - array.ndim) + array.shape)
-        return self.constant(np.transpose(full, value.perm), base)
+        return self.constant(np.transpose(full, value.perm), base, dtype)
 
     def reduce(self, op_type, value_name, axes, keepdims, base):
         """A Reduce* node; axes are an attribute before opset 18 (13 for ReduceSum)."""
@@ -233,6 +239,8 @@ class Call:
         kwargs: The keyword arguments, likewise.
         shapes: The Keras shapes of the call's outputs, flat.
         base: A name prefix for the nodes emitted.
+        dtypes: The Keras dtype names of the outputs (None: all float32).
+        input_dtypes: The Keras dtype names of `inputs` (None: all float32).
     """
 
     layer: object
@@ -241,6 +249,8 @@ class Call:
     kwargs: dict
     shapes: list
     base: str
+    dtypes: list = None
+    input_dtypes: list = None
 
     def out(self, name, perm=None, index=0):
         """The `Value` of output `index`, emitted as `name` in layout `perm`."""

@@ -1,189 +1,299 @@
-"""Raw tensor ops of a Keras graph as ONNX nodes.
+"""Raw tensor ops of a Keras graph as ONNX nodes, for both flavours.
 
 Keras 3 records `keras.ops` calls on symbolic tensors as graph nodes of
 their own (an `Add` op, a `Mean` op, ...); tf-keras records TensorFlow
-functions as `TFOpLambda` layers. Both map here, by the op's name. Operands
-that are not tensors of the graph (numbers, arrays, variables a custom
-layer multiplies by) become constants laid out like the tensor they meet.
+functions as `TFOpLambda` layers. Both are mapped onto the same emitters
+(`math`, `reductions`, `indexing`, `reshaping`, `nn`, `numpy_extra`, `arrays`,
+`losses`, `integers`), keyed by the name of the
+`keras.ops` function, with one argument dict `p` under that function's
+parameter names:
+
+- a Keras 3 op: its constructor attributes (`axis`, `keepdims`, ...) and
+  its call arguments, bound to the op's `call` signature;
+- a `TFOpLambda`: the call's positional and keyword arguments bound to the
+  TensorFlow function's own signature (so `tf.reduce_mean(y, 1)` and
+  `tf.reduce_mean(y, axis=1)` read the same), renamed by `TF_FUNCTIONS`
+  and adjusted where TensorFlow's defaults differ (`tf.argmax`'s axis 0).
+
+Operands that are not tensors of the graph (numbers, arrays, variables a
+custom layer multiplies by) become constants laid out like the tensor
+they meet.
 """
+
+import dataclasses
+import inspect
+import re
+import types
 
 import numpy as np
 
 from bnconvert.onnx import activations
+from bnconvert.onnx import arrays
+from bnconvert.onnx import images
+from bnconvert.onnx import indexing
+from bnconvert.onnx import integers
+from bnconvert.onnx import losses
+from bnconvert.onnx import math
+from bnconvert.onnx import nn
+from bnconvert.onnx import numpy_extra
+from bnconvert.onnx import reductions
+from bnconvert.onnx import reshaping
 from bnconvert.onnx import shape as structure
 from bnconvert.onnx.graph import Uncovered
-from bnconvert.onnx.graph import keras_axes
-from bnconvert.onnx.graph import Value
 
-_BINARY = {
-    "Add": "Add", "Subtract": "Sub", "Multiply": "Mul", "Divide": "Div",
-    "TrueDivide": "Div", "Maximum": "Max", "Minimum": "Min", "Power": "Pow",
-}
-_UNARY = {
-    # `keras.ops.abs` records an `Absolute` op (`Abs` is its subclass).
-    "Sqrt": "Sqrt", "Abs": "Abs", "Absolute": "Abs", "Negative": "Neg", "Exp": "Exp",
-    "Log": "Log", "Erf": "Erf", "Floor": "Floor", "Ceil": "Ceil", "Reciprocal": "Reciprocal",
-}
 _ACTIVATIONS = {
-    "Relu": "relu", "Relu6": "relu6", "Sigmoid": "sigmoid", "Tanh": "tanh",
-    "Silu": "silu", "HardSilu": "hard_silu", "HardSigmoid": "hard_sigmoid",
-    "Gelu": "gelu", "Softmax": "softmax", "LogSoftmax": "log_softmax",
-    "LeakyRelu": "leaky_relu", "Elu": "elu", "Selu": "selu", "Softplus": "softplus",
-    "Softsign": "softsign", "Mish": "mish",
-}
-_REDUCE = {"Mean": "ReduceMean", "Sum": "ReduceSum", "Max": "ReduceMax", "Min": "ReduceMin"}
-# tf-keras TFOpLambda functions -> the Keras 3 op of the same meaning.
-TF_FUNCTIONS = {
-    "__operators__.add": "Add", "math.add": "Add", "math.add_n": "AddN",
-    "math.subtract": "Subtract", "math.multiply": "Multiply",
-    "math.truediv": "TrueDivide", "math.divide": "TrueDivide",
-    "math.maximum": "Maximum", "math.minimum": "Minimum",
-    "nn.relu": "Relu", "nn.relu6": "Relu6", "math.sigmoid": "Sigmoid",
-    "nn.silu": "Silu", "nn.swish": "Silu", "math.tanh": "Tanh", "nn.gelu": "Gelu",
-    "nn.softmax": "Softmax", "math.reduce_mean": "Mean", "math.reduce_sum": "Sum",
-    "math.reduce_max": "Max", "concat": "Concatenate", "reshape": "Reshape",
+    "relu": "relu", "relu6": "relu6", "sigmoid": "sigmoid", "tanh": "tanh", "silu": "silu",
+    "swish": "silu", "hard_silu": "hard_silu", "hard_swish": "hard_silu",
+    "hard_sigmoid": "hard_sigmoid", "gelu": "gelu", "softmax": "softmax",
+    "log_softmax": "log_softmax", "leaky_relu": "leaky_relu", "elu": "elu", "selu": "selu",
+    "softplus": "softplus", "softsign": "softsign",
 }
 
 
-def _constant(value):
-    if hasattr(value, "numpy"):
-        value = value.numpy()
-    return np.asarray(value, np.float32)
+def _activation(name):
+    def emit(g, call, p):
+        params = {k: p[k] for k in ("axis", "negative_slope", "alpha", "approximate")
+                  if p.get(k) is not None}
+        if p.get("beta", 1.0) != 1.0:
+            raise Uncovered([(call.base, name, "beta != 1")])
+        return [activations.apply(g, p["x"], name, call.base, **params)]
+    return emit
 
 
-def binary(g, call, op_type, operands):
-    """An elementwise op with NumPy broadcasting, in the tensors' layout."""
-    values = [v for v in operands if isinstance(v, Value)]
-    if not values:
-        raise Uncovered([(call.base, type(call.layer).__name__, "no tensor operand")])
-    if len({v.rank for v in values}) > 1 or any(
-        not isinstance(v, Value) and np.ndim(_constant(v)) > values[0].rank for v in operands
-    ):
-        values = [g.keras(v) for v in values]
-    reference = max(values, key=lambda v: v.rank)
-    names = []
-    for v in operands:
-        if isinstance(v, Value):
-            names.append(g.layout(v, reference.perm).name)
-        else:
-            names.append(g.broadcast_constant(_constant(v), reference, f"{call.base}/operand"))
-    name = g.node(op_type, names, call.base)
-    return [call.out(name, reference.perm)]
+def _glu(g, call, p):
+    x = p["x"]
+    axis = int(p.get("axis", -1)) % x.rank
+    if x.shape[axis] is None:
+        raise Uncovered([(call.base, "Glu", "an axis of unknown size")])
+    half = x.shape[axis] // 2
+    a, b = g.node("Split", [x.name, g.ints([half, half], "split")], call.base, outputs=2,
+                  axis=x.physical(axis))
+    return [call.out(g.node("Mul", [a, g.node("Sigmoid", [b], call.base)], call.base), x.perm)]
 
 
-def reduce(g, call, op_type, axis, keepdims):
-    """A reduction over Keras axes; the kept axes keep their order in memory."""
-    x = call.inputs[0]
-    axes = keras_axes(axis, x.rank)
-    name = g.reduce(op_type, x.name, [x.physical(a) for a in axes], keepdims, call.base)
-    if keepdims:
-        return [call.out(name, x.perm)]
-    kept = [a for a in x.perm if a not in axes]
-    return [call.out(name, [sorted(kept).index(a) for a in kept])]
+def _add_n(g, call, p):
+    names, ref = math.aligned(g, call, list(p["inputs"]), math.out_dtype(call))
+    return [call.out(g.node("Sum", names, call.base), ref.perm)]
 
 
-def concatenate(g, call, xs, axis):
-    values = [g.layout(v, xs[0].perm) if v.rank == xs[0].rank else v for v in xs]
-    if len({v.perm for v in values}) > 1:
-        values = [g.keras(v) for v in values]
-    name = g.node("Concat", [v.name for v in values], call.base,
-                  axis=values[0].physical(int(axis)))
-    return [call.out(name, values[0].perm)]
+def _resize(g, call, p):
+    """`image.resize` through the Resizing layer's emitter."""
+    if p.get("antialias") or p.get("preserve_aspect_ratio"):
+        raise Uncovered([(call.base, "Resize", "antialias or preserve_aspect_ratio")])
+    height, width = (int(s) for s in p["size"])
+    layer = types.SimpleNamespace(
+        name=call.base, interpolation=p.get("interpolation", "bilinear"), height=height,
+        width=width, data_format=p.get("data_format") or "channels_last",
+        crop_to_aspect_ratio=p.get("crop_to_aspect_ratio", False),
+        pad_to_aspect_ratio=p.get("pad_to_aspect_ratio", False))
+    return structure.resizing(g, dataclasses.replace(call, layer=layer, inputs=[p["images"]]))
 
 
-def split(g, call, sections, axis):
-    x = call.inputs[0]
-    size = x.shape[int(axis)]
-    if isinstance(sections, int):
-        if size is None:
-            raise Uncovered([(call.base, "Split", "an axis of unknown size")])
-        sizes = [size // sections] * sections
-    else:
-        bounds = [0] + list(sections) + [size]
-        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
-    names = g.node("Split", [x.name, g.ints(sizes, "split")], call.base,
-                   outputs=len(sizes), axis=x.physical(int(axis)))
-    names = names if isinstance(names, list) else [names]
-    return [call.out(n, x.perm, i) for i, n in enumerate(names)]
+EMITTERS = {
+    **math.EMITTERS, **reductions.EMITTERS, **indexing.EMITTERS, **reshaping.EMITTERS,
+    **nn.EMITTERS, **numpy_extra.EMITTERS, **losses.EMITTERS, **arrays.EMITTERS,
+    **integers.EMITTERS, **images.EMITTERS,
+    **{k: _activation(v) for k, v in _ACTIVATIONS.items()},
+    "glu": _glu, "add_n": _add_n, "resize": _resize,
+    "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
+}
+
+# Keras 3 op classes whose names are not their function's in snake case.
+_CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_normalization",
+                "LayerNorm": "layer_normalization", "RMSNorm": "rms_normalization",
+                "RGBToGrayscale": "rgb_to_grayscale", "AllClose": "allclose",
+                "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin",
+                "ExtractPatches3D": "extract_patches_3d"}
 
 
-def pad(g, call, widths, mode, constant):
-    x = call.inputs[0]
-    if mode != "constant":
-        raise Uncovered([(call.base, "Pad", f"mode={mode!r}")])
-    widths = [tuple(w) for w in widths]
-    pads = [widths[a][0] for a in x.perm] + [widths[a][1] for a in x.perm]
-    inputs = [x.name, g.ints(pads, "pads")]
-    if constant:
-        inputs.append(g.scalar(float(constant)))
-    return [call.out(g.node("Pad", inputs, call.base, mode="constant"), x.perm)]
+def function_name(op):
+    """The `keras.ops` function a Keras 3 op node records (`TopK` -> `top_k`)."""
+    name = type(op).__name__
+    return _CLASS_NAMES.get(name) or re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def reshape(g, call, shape):
-    if shape[0] not in (None, -1) or list(shape[1:]).count(-1) > 0:
-        x = g.keras(call.inputs[0])
-        shape = [-1 if d is None else int(d) for d in shape]
-        return [call.out(g.node("Reshape", [x.name, g.ints(shape)], call.base))]
-    name, perm = structure.reshape_to(g, call.inputs[0], call.shapes[0], call.base)
-    return [call.out(name, perm)]
+def _bind(function, args, kwargs, what):
+    try:
+        bound = inspect.signature(function).bind(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise Uncovered([(None, what, f"arguments not understood ({e})")]) from None
+    bound.apply_defaults()
+    out = dict(bound.arguments)
+    for name, parameter in inspect.signature(function).parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(out.pop(name, {}))
+    return out
+
+
+def keras_params(op, call):
+    """A Keras 3 op's arguments: its attributes and its bound call arguments."""
+    p = {k: v for k, v in vars(op).items() if not k.startswith("_")}
+    p.update(_bind(type(op).call, (op,) + tuple(call.args), call.kwargs, type(op).__name__))
+    return p
+
+
+def _run(g, call, name, p, what):
+    """Runs one emitter; arguments it cannot handle make the op uncovered, not a crash."""
+    try:
+        return EMITTERS[name](g, call, p)
+    except Uncovered:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise Uncovered([(call.base, what, f"arguments not handled ({type(e).__name__}: "
+                                           f"{str(e).splitlines()[0][:80] if str(e) else ''})")])
 
 
 def emit_op(g, call):
     """A Keras 3 op node."""
-    op = call.layer
-    return _emit(g, call, type(op).__name__, list(call.args), op)
+    name = function_name(call.layer)
+    if name not in EMITTERS:
+        raise Uncovered([(call.base, type(call.layer).__name__, "op")])
+    return _run(g, call, name, keras_params(call.layer, call), type(call.layer).__name__)
+
+
+def _tf(name, adjust=None, **renames):
+    return name, renames, adjust
+
+
+def _axis_zero(p):
+    """TensorFlow's arg-reductions and gather read `axis=None` as axis 0."""
+    return dict(p, axis=0 if p.get("axis") is None else p["axis"])
+
+
+def _axis_last(p):
+    return dict(p, axis=-1 if p.get("axis") is None else p["axis"])
+
+
+def _sizes_to_points(p):
+    """tf.split's sizes -> NumPy split points."""
+    sections = p["indices_or_sections"]
+    if isinstance(sections, int) or np.ndim(math.constant(sections)) == 0:
+        return dict(p, indices_or_sections=int(math.constant(sections)))
+    sizes = [int(s) for s in math.constant(sections).reshape(-1)]
+    if -1 in sizes:
+        raise Uncovered([(None, "split", "a size of -1")])
+    return dict(p, indices_or_sections=list(np.cumsum(sizes)[:-1]))
+
+
+def _gather(p):
+    if p.get("batch_dims"):
+        raise Uncovered([(None, "gather", "batch_dims")])
+    return _axis_zero(p)
+
+
+def _checked(**expected):
+    """Refuses TensorFlow arguments this mapping does not translate."""
+    def adjust(p):
+        for key, value in expected.items():
+            if p.get(key, value) != value:
+                raise Uncovered([(None, "TFOpLambda", f"{key}={p[key]!r}")])
+        return p
+    return adjust
+
+
+_UNARY_TF = {
+    "math.abs": "abs", "math.negative": "negative", "math.exp": "exp", "math.log": "log",
+    "math.sqrt": "sqrt", "math.rsqrt": "rsqrt", "math.square": "square", "math.erf": "erf",
+    "math.erfc": "erfc", "math.floor": "floor", "math.ceil": "ceil", "math.round": "round",
+    "math.sign": "sign", "math.reciprocal": "reciprocal", "math.sin": "sin", "math.cos": "cos",
+    "math.log1p": "log1p", "math.expm1": "expm1", "math.logical_not": "logical_not",
+    "math.is_nan": "isnan", "math.is_inf": "isinf", "math.is_finite": "isfinite",
+    "identity": "copy", "stop_gradient": "copy", "math.sigmoid": "sigmoid",
+    "math.tanh": "tanh", "nn.sigmoid": "sigmoid", "nn.tanh": "tanh",
+}
+_ACTIVATIONS_TF = {
+    "nn.relu": "relu", "nn.relu6": "relu6", "nn.silu": "silu", "nn.swish": "silu",
+    "nn.gelu": "gelu", "nn.elu": "elu", "nn.selu": "selu", "math.softplus": "softplus",
+    "nn.softplus": "softplus", "nn.softsign": "softsign", "math.softsign": "softsign",
+}
+_BINARY_TF = {
+    "__operators__.add": "add", "math.add": "add", "math.subtract": "subtract",
+    "math.multiply": "multiply", "math.truediv": "true_divide", "math.divide": "true_divide",
+    "math.maximum": "maximum", "math.minimum": "minimum", "math.pow": "power",
+    "math.floormod": "mod", "math.floordiv": "floor_divide", "math.equal": "equal",
+    "math.not_equal": "not_equal", "math.greater": "greater",
+    "math.greater_equal": "greater_equal", "math.less": "less", "math.less_equal": "less_equal",
+    "math.logical_and": "logical_and", "math.logical_or": "logical_or",
+    "math.logical_xor": "logical_xor", "math.divide_no_nan": "divide_no_nan",
+}
+_REDUCE_TF = {
+    "math.reduce_mean": "mean", "math.reduce_sum": "sum", "math.reduce_max": "max",
+    "math.reduce_min": "min", "math.reduce_prod": "prod", "math.reduce_any": "any",
+    "math.reduce_all": "all", "math.reduce_variance": "var", "math.reduce_std": "std",
+    "math.reduce_logsumexp": "logsumexp",
+}
+# tf-keras TFOpLambda symbols -> (keras.ops function, adjust, renames).
+TF_FUNCTIONS = {
+    **{k: _tf(v, input="x") for k, v in _UNARY_TF.items()},
+    **{k: _tf(v, features="x") for k, v in _ACTIVATIONS_TF.items()},
+    **{k: _tf(v, x="x1", y="x2") for k, v in _BINARY_TF.items()},
+    **{k: _tf(v, input_tensor="x") for k, v in _REDUCE_TF.items()},
+    "__operators__.ne": _tf("not_equal", self="x1", other="x2"),
+    "__operators__.eq": _tf("equal", self="x1", other="x2"),
+    "__operators__.getitem": _tf("get_item", tensor="x", slice_spec="key"),
+    "math.add_n": _tf("add_n"),
+    "nn.bias_add": _tf("add", _checked(data_format=None), value="x1", bias="x2"),
+    "nn.leaky_relu": _tf("leaky_relu", features="x", alpha="negative_slope"),
+    "nn.softmax": _tf("softmax", _axis_last, logits="x"),
+    "nn.log_softmax": _tf("log_softmax", _axis_last, logits="x"),
+    "math.argmax": _tf("argmax", _axis_zero, input="x"),
+    "math.argmin": _tf("argmin", _axis_zero, input="x"),
+    "math.cumsum": _tf("cumsum"),
+    "math.count_nonzero": _tf("count_nonzero", input="x"),
+    "norm": _tf("norm", lambda p: dict(p, ord=None if p["ord"] == "euclidean" else p["ord"]),
+                tensor="x"),
+    "clip_by_value": _tf("clip", t="x", clip_value_min="x_min", clip_value_max="x_max"),
+    "where": _tf("where", x="x1", y="x2"),
+    "cast": _tf("cast"),
+    "concat": _tf("concatenate", values="xs"),
+    "stack": _tf("stack", values="x"),
+    "unstack": _tf("unstack", value="x"),
+    "split": _tf("split", _sizes_to_points, value="x", num_or_size_splits="indices_or_sections"),
+    "reshape": _tf("reshape", tensor="x", shape="newshape"),
+    "transpose": _tf("transpose", _checked(conjugate=False), a="x", perm="axes"),
+    "compat.v1.transpose": _tf("transpose", _checked(conjugate=False), a="x", perm="axes"),
+    "expand_dims": _tf("expand_dims", input="x"),
+    "squeeze": _tf("squeeze", input="x"),
+    "compat.v1.squeeze": _tf("squeeze", _checked(squeeze_dims=None), input="x"),
+    "tile": _tf("tile", input="x", multiples="repeats"),
+    "repeat": _tf("repeat", input="x"),
+    "broadcast_to": _tf("broadcast_to", input="x"),
+    "reverse": _tf("flip", tensor="x"),
+    "roll": _tf("roll", input="x"),
+    "pad": _tf("pad", lambda p: dict(p, mode=str(p["mode"]).lower()), tensor="x",
+               paddings="pad_width", constant_values="constant_values"),
+    "gather": _tf("take", _gather, params="x"),
+    "compat.v1.gather": _tf("take", _gather, params="x"),
+    "linalg.matmul": _tf("matmul", _checked(adjoint_a=False, adjoint_b=False), a="x1", b="x2"),
+    "einsum": _tf("einsum", equation="subscripts", inputs="operands"),
+    "linalg.tensordot": _tf("tensordot", a="x1", b="x2"),
+    "one_hot": _tf("one_hot", _checked(on_value=None, off_value=None), indices="x",
+                   depth="num_classes"),
+    "math.top_k": _tf("top_k", input="x"),
+    "sort": _tf("sort", _checked(direction="ASCENDING"), values="x"),
+    "argsort": _tf("argsort", _checked(direction="ASCENDING"), values="x"),
+    "zeros_like": _tf("zeros_like", input="x"),
+    "ones_like": _tf("ones_like", input="x"),
+    "image.resize": _tf("resize", method="interpolation"),
+}
+
+
+def tf_params(call):
+    """A TFOpLambda call's arguments under their `keras.ops` names."""
+    symbol = call.layer.get_config().get("function")
+    if symbol not in TF_FUNCTIONS:
+        raise Uncovered([(call.layer.name, "TFOpLambda", f"tf.{symbol}")])
+    name, renames, adjust = TF_FUNCTIONS[symbol]
+    kwargs = {k: v for k, v in call.kwargs.items() if k != "name"}
+    bound = _bind(call.layer.function, call.args, kwargs, f"tf.{symbol}")
+    p = {renames.get(k, k): v for k, v in bound.items()}
+    if hasattr(p.get("dtype"), "name"):
+        p["dtype"] = p["dtype"].name
+    return name, adjust(p) if adjust else p
 
 
 def emit_tf_function(g, call):
     """A tf-keras `TFOpLambda` layer."""
-    function = call.layer.get_config().get("function")
-    kind = TF_FUNCTIONS.get(function)
-    if kind is None:
-        raise Uncovered([(call.layer.name, "TFOpLambda", f"tf.{function}")])
-    args = list(call.args)
-    kwargs = {k: v for k, v in call.kwargs.items() if k != "name"}
+    name, p = tf_params(call)
+    return _run(g, call, name, p, "TFOpLambda")
 
-    class Params:
-        axis = kwargs.get("axis", args[1] if kind == "Concatenate" and len(args) > 1 else -1)
-        keepdims = kwargs.get("keepdims", False)
-        newshape = kwargs.get("shape", args[1] if len(args) > 1 else None)
-        approximate = kwargs.get("approximate", False)
-
-    if kind in _BINARY and len(args) < 2:
-        args += [kwargs.get("y")]
-    if kind == "AddN":
-        return binary(g, call, "Sum", list(args[0]))
-    return _emit(g, call, kind, args, Params)
-
-
-def _emit(g, call, kind, args, op):
-    if kind in _BINARY:
-        return binary(g, call, _BINARY[kind], args[:2])
-    if kind in _UNARY:
-        return [call.out(g.node(_UNARY[kind], [call.inputs[0].name], call.base),
-                         call.inputs[0].perm)]
-    if kind == "Square":
-        x = call.inputs[0]
-        return [call.out(g.node("Mul", [x.name, x.name], call.base), x.perm)]
-    if kind in _ACTIVATIONS:
-        params = {k: getattr(op, k) for k in ("axis", "negative_slope", "alpha", "approximate")
-                  if hasattr(op, k)}
-        return [activations.apply(g, call.inputs[0], _ACTIVATIONS[kind], call.base, **params)]
-    if kind in _REDUCE:
-        return reduce(g, call, _REDUCE[kind], op.axis, bool(op.keepdims))
-    if kind == "Concatenate":
-        return concatenate(g, call, [v for v in args[0]], op.axis)
-    if kind == "Split":
-        return split(g, call, op.indices_or_sections, op.axis)
-    if kind == "Pad":
-        constant = args[1] if len(args) > 1 else call.kwargs.get("constant_values")
-        return pad(g, call, op.pad_width, op.mode, constant)
-    if kind == "Reshape":
-        return reshape(g, call, op.newshape)
-    if kind == "Transpose":
-        x = call.inputs[0]
-        axes = op.axes if op.axes is not None else tuple(reversed(range(x.rank)))
-        return [call.out(x.name, [list(axes).index(a) for a in x.perm])]
-    if kind == "Cast" and str(getattr(op.dtype, "name", op.dtype)) == "float32":
-        return [call.inputs[0]]
-    raise Uncovered([(call.base, kind, "op")])

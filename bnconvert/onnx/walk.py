@@ -24,6 +24,7 @@ from bnconvert.onnx.graph import Call
 from bnconvert.onnx.graph import Graph
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
+from bnconvert.onnx.graph import dtype_name
 
 LAYERS = {**layers.EMITTERS, **shape.EMITTERS}
 DEFAULT_OPSET = 17
@@ -137,7 +138,8 @@ class _Walker:
         call = Call(layer, [env[id(t)] for t in tensors],
                     tf.nest.map_structure(sub, tuple(args)),
                     tf.nest.map_structure(sub, dict(kwargs)),
-                    [tuple(t.shape) for t in outputs], base)
+                    [tuple(t.shape) for t in outputs], base,
+                    [dtype_name(t) for t in outputs], [dtype_name(t) for t in tensors])
         if not isinstance(layer, self.flavour.Layer):
             return ops.emit_op(self.g, call)
         dtype = getattr(layer, "compute_dtype", "float32")
@@ -148,7 +150,7 @@ class _Walker:
             inner = dict(zip((id(t) for t in layer.inputs), call.inputs))
             self.walk(layer, inner, base + "/")
             return [inner.get(id(t)) or self._missing(base) for t in layer.outputs]
-        if kind == "TFOpLambda":
+        if kind in ("TFOpLambda", "SlicingOpLambda"):
             return ops.emit_tf_function(self.g, call)
         if kind in LAYERS and type(layer).__module__.startswith(_KNOWN_PACKAGES):
             return LAYERS[kind](self.g, call)

@@ -1,0 +1,282 @@
+"""`keras.ops` shape ops and products as ONNX: reshape, transpose, joins, splits, matmul.
+
+Emitters are `emit(g, call, p)` as in `math`. Ops that only move axes
+(transpose, swapaxes, moveaxis) emit nothing: they change the `perm` of the
+value. Ops that split, join, pad or tile along an axis work in the value's
+own layout. Ops that depend on the memory order of the Keras layout
+(reshape, stack, expand_dims, matmul, einsum) take their inputs in it.
+"""
+
+import numpy as np
+
+from bnconvert.onnx import shape as structure
+from bnconvert.onnx.graph import Uncovered
+from bnconvert.onnx.graph import Value
+from bnconvert.onnx.graph import keras_axes
+from bnconvert.onnx.math import aligned
+from bnconvert.onnx.math import constant
+from bnconvert.onnx.math import out_dtype
+
+
+def concatenate(g, call, p):
+    xs, axis = list(p["xs"]), int(p.get("axis", 0))
+    names, ref = aligned(g, call, xs, out_dtype(call))
+    name = g.node("Concat", names, call.base, axis=ref.physical(axis))
+    return [call.out(name, ref.perm)]
+
+
+def _stacked(axis):
+    def emit(g, call, p):
+        xs = list(p["xs"])
+        if any(v.rank < 2 for v in xs if isinstance(v, Value)):
+            raise Uncovered([(call.base, "Stack", "operands of rank < 2")])
+        return concatenate(g, call, {"xs": xs, "axis": axis})
+    return emit
+
+
+def _sizes(call, x, axis, sections):
+    size = x.shape[axis]
+    if isinstance(sections, int):
+        if size is None:
+            raise Uncovered([(call.base, "Split", "an axis of unknown size")])
+        return [size // sections + (1 if i < size % sections else 0) for i in range(sections)]
+    bounds = [0] + [int(s) for s in sections] + [size]
+    if size is None:
+        raise Uncovered([(call.base, "Split", "an axis of unknown size")])
+    return [max(b - a, 0) for a, b in zip(bounds, bounds[1:])]
+
+
+def split(g, call, p):
+    """split / array_split (`indices_or_sections`: equal parts or split points)."""
+    x = p["x"]
+    axis = int(p.get("axis", 0)) % x.rank
+    points = p["indices_or_sections"]
+    if x.shape[axis] is None and isinstance(points, (list, tuple)):
+        # Split points on an axis of unknown size: one Slice per piece.
+        bounds = [0] + [int(b) for b in points] + [np.iinfo(np.int64).max]
+        a = g.ints([x.physical(axis)], "axes")
+        return [call.out(g.node("Slice", [x.name, g.ints([lo], "starts"), g.ints([hi], "ends"),
+                                          a], call.base), x.perm, i)
+                for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+    sizes = _sizes(call, x, axis, points)
+    names = g.node("Split", [x.name, g.ints(sizes, "split")], call.base,
+                   outputs=len(sizes), axis=x.physical(axis))
+    names = names if isinstance(names, list) else [names]
+    return [call.out(n, x.perm, i) for i, n in enumerate(names)]
+
+
+def unstack(g, call, p):
+    x = p["x"]
+    axis = int(p.get("axis", 0)) % x.rank
+    parts = split(g, call, {"x": x, "axis": axis, "indices_or_sections": x.shape[axis] or 0})
+    a = g.ints([x.physical(axis)], "axes")
+    kept = [k for k in x.perm if k != axis]
+    perm = [sorted(kept).index(k) for k in kept]
+    return [call.out(g.node("Squeeze", [v.name, a], call.base), perm, i)
+            for i, v in enumerate(parts)]
+
+
+def pad(g, call, p):
+    x, mode = p["x"], p.get("mode", "constant")
+    if mode not in ("constant", "reflect", "edge"):
+        raise Uncovered([(call.base, "Pad", f"mode={mode!r}")])
+    widths = np.broadcast_to(np.asarray(p["pad_width"], np.int64).reshape(-1, 2)
+                             if np.ndim(p["pad_width"]) else p["pad_width"], (x.rank, 2))
+    pads = [widths[a][0] for a in x.perm] + [widths[a][1] for a in x.perm]
+    inputs = [x.name, g.ints(pads, "pads")]
+    value = p.get("constant_values")
+    if mode == "constant" and value is not None and float(constant(value)):
+        inputs.append(g.scalar(float(constant(value)), np.dtype(out_dtype(call))))
+    return [call.out(g.node("Pad", inputs, call.base, mode=mode), x.perm)]
+
+
+def reshape(g, call, p):
+    """reshape; a batch-preserving one may keep the layout (`shape.reshape_to`)."""
+    x = p["x"]
+    shape = list(p["newshape"]) if isinstance(p["newshape"], (list, tuple)) \
+        else [int(d) for d in constant(p["newshape"]).reshape(-1)]
+    rest, target = x.shape[1:], shape[1:]
+    keeps_batch = shape[0] in (None, -1) and None not in rest and -1 not in target \
+        and None not in target and np.prod(rest) == np.prod(target)
+    if not keeps_batch:
+        x = g.keras(x)
+        shape = [-1 if d is None else int(d) for d in shape]
+        return [call.out(g.node("Reshape", [x.name, g.ints(shape)], call.base))]
+    name, perm = structure.reshape_to(g, x, call.shapes[0], call.base)
+    return [call.out(name, perm)]
+
+
+def _moved(g, call, x, axes):
+    """`x` with Keras axis `axes[i]` as its axis `i`: only the layout changes."""
+    return [call.out(x.name, [list(axes).index(a) for a in x.perm])]
+
+
+def transpose(g, call, p):
+    x = p["x"]
+    axes = p.get("axes")
+    axes = [int(a) % x.rank for a in axes] if axes is not None else list(reversed(range(x.rank)))
+    return _moved(g, call, x, axes)
+
+
+def swapaxes(g, call, p):
+    x = p["x"]
+    axes = list(range(x.rank))
+    a, b = int(p["axis1"]) % x.rank, int(p["axis2"]) % x.rank
+    axes[a], axes[b] = axes[b], axes[a]
+    return _moved(g, call, x, axes)
+
+
+def moveaxis(g, call, p):
+    x = p["x"]
+    source = keras_axes(p["source"], x.rank) if not isinstance(p["source"], (list, tuple)) \
+        else [int(a) % x.rank for a in p["source"]]
+    target = [int(a) % x.rank for a in (p["destination"] if isinstance(
+        p["destination"], (list, tuple)) else [p["destination"]])]
+    rest = [a for a in range(x.rank) if a not in source]
+    axes = [None] * x.rank
+    for s, t in zip(source, target):
+        axes[t] = s
+    for i in range(x.rank):
+        if axes[i] is None:
+            axes[i] = rest.pop(0)
+    return _moved(g, call, x, axes)
+
+
+def ravel(g, call, p):
+    x = g.keras(p["x"])
+    return [call.out(g.node("Reshape", [x.name, g.ints([-1])], call.base))]
+
+
+def expand_dims(g, call, p):
+    x = g.keras(p["x"])
+    rank = x.rank + (len(p["axis"]) if isinstance(p["axis"], (list, tuple)) else 1)
+    axes = keras_axes(p["axis"], rank)
+    return [call.out(g.node("Unsqueeze", [x.name, g.ints(axes, "axes")], call.base))]
+
+
+def squeeze(g, call, p):
+    x = p["x"]
+    if p.get("axis") is None:
+        axes = [a for a, d in enumerate(x.shape) if d == 1]
+    else:
+        axes = keras_axes(p["axis"], x.rank)
+    if any(x.shape[a] != 1 for a in axes):
+        raise Uncovered([(call.base, "Squeeze", "an axis not known to have size 1")])
+    kept = [a for a in x.perm if a not in axes]
+    name = g.node("Squeeze", [x.name, g.ints([x.physical(a) for a in axes], "axes")], call.base)
+    return [call.out(name, [sorted(kept).index(a) for a in kept])]
+
+
+def stack(g, call, p):
+    xs = [g.keras(v) for v in p["x"]]
+    axis = keras_axes(p.get("axis", 0), xs[0].rank + 1)
+    names, _ = aligned(g, call, xs, out_dtype(call))
+    parts = [g.node("Unsqueeze", [n, g.ints(axis, "axes")], call.base) for n in names]
+    return [call.out(g.node("Concat", parts, call.base, axis=axis[0]))]
+
+
+def tile(g, call, p):
+    x = p["x"]
+    repeats = [int(r) for r in (p["repeats"] if isinstance(p["repeats"], (list, tuple))
+                                else [p["repeats"]])]
+    if len(repeats) > x.rank:
+        raise Uncovered([(call.base, "Tile", "more repeats than axes")])
+    repeats = [1] * (x.rank - len(repeats)) + repeats
+    name = g.node("Tile", [x.name, g.ints([repeats[a] for a in x.perm], "repeats")], call.base)
+    return [call.out(name, x.perm)]
+
+
+def repeat(g, call, p):
+    """`repeat` by one count: each element repeated along a new axis, then merged."""
+    x, repeats, axis = g.keras(p["x"]), p["repeats"], p.get("axis")
+    counts = np.unique(constant(repeats).reshape(-1)) if not isinstance(repeats, Value) else []
+    if len(counts) != 1:
+        raise Uncovered([(call.base, "Repeat", "a tensor or per-element repeat count")])
+    if axis is None:
+        x, axis = Value(g.node("Reshape", [x.name, g.ints([-1])], call.base), (None,), (0,)), 0
+    axis = int(axis) % x.rank
+    if any(d is None for d in x.shape[axis + 1:]):
+        raise Uncovered([(call.base, "Repeat", "unknown sizes after the axis")])
+    wide = g.node("Unsqueeze", [x.name, g.ints([axis + 1], "axes")], call.base)
+    ones = [1] * (x.rank + 1)
+    ones[axis + 1] = int(counts[0])
+    wide = g.node("Tile", [wide, g.ints(ones, "repeats")], call.base)
+    target = [0] * axis + [-1] + [int(d) for d in x.shape[axis + 1:]]
+    return [call.out(g.node("Reshape", [wide, g.ints(target)], call.base))]
+
+
+def broadcast_to(g, call, p):
+    x = g.keras(p["x"])
+    shape = [int(d) for d in p["shape"]]
+    return [call.out(g.node("Expand", [x.name, g.ints(shape)], call.base))]
+
+
+def _operands(g, call, xs):
+    """Tensors in the Keras layout, constants as initializers, all of the output dtype."""
+    names, _ = aligned(g, call, [g.keras(x) if isinstance(x, Value) else x for x in xs
+                                 if isinstance(x, Value)], out_dtype(call))
+    out, it = [], iter(names)
+    for x in xs:
+        out.append(next(it) if isinstance(x, Value) else g.constant(
+            constant(x), f"{call.base}/operand", np.dtype(out_dtype(call))))
+    return out
+
+
+def matmul(g, call, p):
+    """matmul (NumPy semantics, as ONNX's); tf's transpose flags transpose last two axes."""
+    xs = [p["x1"], p["x2"]]
+    names = _operands(g, call, xs)
+    for i, flag in enumerate(("transpose_a", "transpose_b")):
+        if p.get(flag):
+            rank = xs[i].rank if isinstance(xs[i], Value) else np.ndim(constant(xs[i]))
+            perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+            names[i] = g.node("Transpose", [names[i]], call.base, perm=perm)
+    return [call.out(g.node("MatMul", names, call.base))]
+
+
+def einsum(g, call, p):
+    names = _operands(g, call, list(p["operands"]))
+    return [call.out(g.node("Einsum", names, call.base, equation=str(p["subscripts"])))]
+
+
+def _letters(n, start=0):
+    return "".join(chr(ord("a") + start + i) for i in range(n))
+
+
+def tensordot(g, call, p):
+    """tensordot as an Einsum over the contracted axes."""
+    a, b = p["x1"], p["x2"]
+    ra = a.rank if isinstance(a, Value) else np.ndim(constant(a))
+    rb = b.rank if isinstance(b, Value) else np.ndim(constant(b))
+    axes = p.get("axes", 2)
+    if isinstance(axes, int):
+        axes = (list(range(ra - axes, ra)), list(range(axes)))
+    left, right = ([int(v) % r for v in (x if isinstance(x, (list, tuple)) else [x])]
+                   for x, r in zip(axes, (ra, rb)))
+    sa, sb = list(_letters(ra)), list(_letters(rb, ra))
+    for i, j in zip(left, right):
+        sb[j] = sa[i]
+    out = [c for i, c in enumerate(sa) if i not in left] + [c for j, c in enumerate(sb)
+                                                            if j not in right]
+    equation = f"{''.join(sa)},{''.join(sb)}->{''.join(out)}"
+    return einsum(g, call, {"operands": [a, b], "subscripts": equation})
+
+
+def dot(g, call, p):
+    b = p["x2"]
+    rank = b.rank if isinstance(b, Value) else np.ndim(constant(b))
+    if rank > 2:
+        raise Uncovered([(call.base, "Dot", "a right operand of rank > 2")])
+    return matmul(g, call, p)
+
+
+EMITTERS = {
+    "concatenate": concatenate, "hstack": _stacked(1), "vstack": _stacked(0),
+    "split": split, "array_split": split, "unstack": unstack, "pad": pad, "reshape": reshape,
+    "transpose": transpose, "swapaxes": swapaxes, "moveaxis": moveaxis, "ravel": ravel,
+    "expand_dims": expand_dims, "squeeze": squeeze, "stack": stack, "tile": tile,
+    "repeat": repeat, "broadcast_to": broadcast_to, "matmul": matmul, "einsum": einsum,
+    "tensordot": tensordot, "dot": dot,
+    "outer": lambda g, call, p: einsum(g, call, {"operands": [
+        ravel(g, call, {"x": p[k]})[0] for k in ("x1", "x2")], "subscripts": "i,j->ij"}),
+}
