@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 FLOAT = onnx.TensorProto.FLOAT
+BOOL = onnx.TensorProto.BOOL
 
 
 class Uncovered(Exception):
@@ -104,6 +105,8 @@ class Graph:
         self._scalars = {}
         # `(alpha, beta)` of the hard sigmoid (`Flavour.hard_sigmoid`).
         self.hard_sigmoid = (1.0 / 6.0, 0.5)
+        # `trace(function, value, base)`: a Python function applied to a `Value`, traced.
+        self.trace = None
 
     def unique(self, base):
         """A tensor or node name not used yet, derived from `base`."""

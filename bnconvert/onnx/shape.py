@@ -9,6 +9,8 @@ layout (Flatten, Reshape, Permute) get their input in the Keras layout.
 import numpy as np
 
 from bnconvert.onnx import activations
+from bnconvert.onnx.graph import BOOL
+from bnconvert.onnx.graph import FLOAT
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import as_tuple
 from bnconvert.onnx.graph import channels_first
@@ -47,6 +49,8 @@ def global_pooling(op_type):
 
     def emit(g, call):
         layer = call.layer
+        if call.kwargs.get("mask") is not None and op_type == "GlobalAveragePool":
+            return [_masked_average(g, call)]
         x = layout_for(g, call.inputs[0], layer.data_format)
         name = g.node(op_type, [x.name], call.base)
         if getattr(layer, "keepdims", False):
@@ -54,6 +58,20 @@ def global_pooling(op_type):
         return [call.out(g.node("Flatten", [name], call.base, axis=1))]
 
     return emit
+
+
+def _masked_average(g, call):
+    """GlobalAveragePooling1D with `mask=`: the mean over the unmasked steps only."""
+    x, mask = g.keras(call.inputs[0]), g.keras(call.kwargs["mask"])
+    channels_last = call.layer.data_format == "channels_last"
+    weight = g.node("Cast", [g.node("Cast", [mask.name], call.base, to=BOOL)], call.base, to=FLOAT)
+    weight = g.node("Unsqueeze", [weight, g.ints([2 if channels_last else 1])], call.base)
+    steps = 1 if channels_last else 2
+    keep = bool(getattr(call.layer, "keepdims", False))
+    total = g.reduce("ReduceSum", g.node("Mul", [x.name, weight], call.base), [steps], keep,
+                     call.base)
+    count = g.reduce("ReduceSum", weight, [steps], keep, call.base)
+    return call.out(g.node("Div", [total, count], call.base))
 
 
 def _window_pairs(layer, attr, n):
@@ -168,8 +186,16 @@ def identity(g, call):
 
 
 def flatten(g, call):
-    """Flatten, in the Keras layout (channels-last memory order)."""
-    x = g.keras(call.inputs[0])
+    """Flatten, in the Keras layout (channels-last memory order).
+
+    With `data_format="channels_first"` Keras first moves axis 1 last (to
+    channels-last order), so the data are flattened in that layout.
+    """
+    x = call.inputs[0]
+    if getattr(call.layer, "data_format", "channels_last") == "channels_first" and x.rank > 2:
+        x = g.layout(x, (0,) + tuple(range(2, x.rank)) + (1,))
+    else:
+        x = g.keras(x)
     return [call.out(g.node("Flatten", [x.name], call.base, axis=1))]
 
 
@@ -217,8 +243,7 @@ def activation_layer(g, call):
     config = layer.get_config()
     params = {}
     if kind == "Activation":
-        function = config["activation"]
-        function = function if isinstance(function, str) else layer.activation
+        function = layer.activation
     elif kind == "ReLU":
         function = "relu"
         params = {k: config.get(k) for k in ("max_value", "negative_slope", "threshold")}
@@ -229,7 +254,26 @@ def activation_layer(g, call):
         function, params = "elu", {"alpha": config.get("alpha", 1.0)}
     else:  # Softmax
         function, params = "softmax", {"axis": config.get("axis", -1)}
+        if call.kwargs.get("mask") is not None:
+            return [_masked_softmax(g, call, params["axis"])]
     return [activations.apply(g, call.inputs[0], function, call.base, **params)]
+
+
+def _masked_softmax(g, call, axis):
+    """Softmax with `mask=`: masked inputs count as -1e9, masked outputs are 0.
+
+    A float mask keeps what is above 0.5, as Keras does.
+    """
+    x, mask = call.inputs[0], call.kwargs["mask"]
+    mask = g.layout(mask, x.perm) if mask.rank == x.rank else g.keras(mask)
+    x = x if mask.perm == x.perm else g.keras(x)
+    keep = g.node("Greater", [g.node("Cast", [mask.name], call.base, to=FLOAT),
+                              g.scalar(0.5)], call.base)
+    masked = g.node("Where", [keep, x.name, g.scalar(-1e9)], call.base)
+    inner = activations.apply(g, call.out(masked, x.perm), "softmax", call.base, axis=axis)
+    if isinstance(axis, (list, tuple)) and len(axis) > 1:
+        raise Uncovered([(call.base, "Softmax", "a masked softmax over several axes")])
+    return call.out(g.node("Where", [keep, inner.name, g.scalar(0.0)], call.base), x.perm)
 
 
 def rescaling(g, call):

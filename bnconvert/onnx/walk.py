@@ -54,6 +54,7 @@ def emit(model, flavour, input_names, output_names, opset=None):
     g = Graph(opset or DEFAULT_OPSET)
     g.hard_sigmoid = flavour.hard_sigmoid
     walker = _Walker(g, flavour)
+    g.trace = walker.trace_function
     env = {}
     inputs = []
     for name in output_names:
@@ -151,7 +152,9 @@ class _Walker:
         if kind == "TFOpLambda":
             return ops.emit_tf_function(self.g, call)
         if kind in LAYERS and type(layer).__module__.startswith(_KNOWN_PACKAGES):
-            return LAYERS[kind](self.g, call)
+            out = LAYERS[kind](self.g, call)  # None: open the layer by tracing
+            if out is not None:
+                return out
         if kind == "InputLayer":
             return call.inputs
         return self.trace(layer, tensors, args, kwargs, env, base + "/")
@@ -176,18 +179,37 @@ class _Walker:
                 return fresh[id(x)]
             return x
 
-        name = getattr(layer, "name", "model")
-        try:
+        def record():
             call_args = tf.nest.map_structure(symbolic, tuple(args))
             call_kwargs = tf.nest.map_structure(symbolic, dict(kwargs))
             result = layer.call(*call_args, **call_kwargs)
             inputs = [fresh[id(t)] for t in tensors if id(t) in fresh]
-            sub = keras.Model(inputs, tf.nest.flatten(result))
+            return keras.Model(inputs, tf.nest.flatten(result))
+
+        sub = self._record(record, getattr(layer, "name", "model"), type(layer).__name__, prefix)
+        inner = {id(fresh[i]): values[i] for i in fresh}
+        return self._walk_traced(sub, inner, prefix)
+
+    def trace_function(self, function, value, base):
+        """`function(value)` for a Python function (an activation), traced like a layer."""
+        keras = self.flavour.keras
+        x = keras.Input(batch_shape=value.shape)
+        name = getattr(function, "__name__", "function")
+        sub = self._record(lambda: keras.Model(x, function(x)), name, "function", base + "/")
+        (out,) = self._walk_traced(sub, {id(x): value}, base + "/")
+        return out
+
+    @staticmethod
+    def _record(build, name, kind, prefix):
+        """`build()`, the traced sub-model; `Uncovered` if it does not run symbolically."""
+        try:
+            return build()
         except Exception as e:  # noqa: BLE001 - user code raises anything
             reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-            raise Uncovered([(prefix.rstrip("/") or name, type(layer).__name__,
+            raise Uncovered([(prefix.rstrip("/") or name, kind,
                               f"its call does not run on symbolic tensors ({reason})")])
-        inner = {id(fresh[i]): values[i] for i in fresh}
+
+    def _walk_traced(self, sub, inner, prefix):
         self.walk(sub, inner, prefix)
         out = [inner.get(id(t)) for t in sub.outputs]
         if any(v is None for v in out):
