@@ -193,6 +193,102 @@ case("gap1d_mask_keepdims", _masked(lambda K: K.layers.GlobalAveragePooling1D(ke
 
 
 # --------------------------------------------------------------------------
+# Attention and embeddings
+
+
+def _mha(query_len=None, value_len=None, key=False, **call_kw):
+    def build(K):
+        q, v = K.Input((query_len, 6)), K.Input((value_len, 5))
+        inputs = [q, v]
+        kw = dict(call_kw)
+        if key:
+            k = K.Input((value_len, 5))
+            inputs.append(k)
+            kw["key"] = k
+        if kw.pop("attention_mask", False):
+            m = K.Input((query_len, value_len))
+            inputs.append(m)
+            kw["attention_mask"] = m
+        layer = K.layers.MultiHeadAttention(num_heads=2, key_dim=3, value_dim=4,
+                                            **kw.pop("layer", {}))
+        out = layer(q, v, **kw)
+        return K.Model(inputs, out)
+    return build
+
+
+case("mha", _mha(), shapes=((4, 6), (7, 5)), flavours=("keras", "tf_keras"))
+case("mha_key_no_bias", _mha(key=True, layer={"use_bias": False, "output_shape": 3}),
+     shapes=((4, 6), (7, 5), (7, 5)))
+case("mha_causal", _mha(use_causal_mask=True), shapes=((4, 6), (4, 5)))
+case("mha_attention_mask", _mha(4, 7, attention_mask=True), kinds=("normal", "normal", "mask"),
+     flavours=("keras", "tf_keras"))
+case("mha_scores", _mha(4, 7, return_attention_scores=True))
+
+
+def _self_attention(K):
+    x = K.Input((None, 8))
+    return K.Model(x, K.layers.MultiHeadAttention(2, 4)(x, x))
+
+
+case("mha_self", _self_attention, shapes=((9, 8),), flavours=("keras", "tf_keras"))
+
+
+def _attention(kind, n=2, masks=False, **kw):
+    def build(K):
+        q, v = K.Input((4, 5)), K.Input((6, 5))
+        inputs = [q, v] + ([K.Input((6, 5))] if n == 3 else [])
+        layer = getattr(K.layers, kind)(**kw.pop("layer", {}))
+        call_kw = dict(kw)
+        if masks:
+            qm, vm = K.Input((4,)), K.Input((6,))
+            call_kw["mask"] = [qm, vm]
+            out = layer(inputs, **call_kw)
+            inputs = inputs + [qm, vm]
+        else:
+            out = layer(inputs, **call_kw)
+        return K.Model(inputs, out)
+    return build
+
+
+BOTH = ("keras", "tf_keras")
+case("attention_dot", _attention("Attention"), flavours=BOTH)
+case("attention_scaled_key", _attention("Attention", 3, layer={"use_scale": True}),
+     flavours=BOTH)
+case("attention_concat", _attention("Attention", layer={"score_mode": "concat",
+                                                       "use_scale": True}), flavours=BOTH)
+case("attention_masks", _attention("Attention", masks=True),
+     kinds=("normal", "normal", "mask", "mask"))
+case("attention_causal_scores", _attention("Attention", use_causal_mask=True,
+                                           return_attention_scores=True))
+case("additive_attention", _attention("AdditiveAttention"), flavours=BOTH)
+case("additive_attention_unscaled_masks",
+     _attention("AdditiveAttention", masks=True, layer={"use_scale": False}),
+     kinds=("normal", "normal", "mask", "mask"))
+
+case("einsum_dense", seq((None, 6), lambda K: K.layers.EinsumDense(
+    "abc,cde->abde", output_shape=(None, 2, 3), bias_axes="de", activation="relu")),
+    shapes=((5, 6),))
+case("embedding", seq((7,), lambda K: K.layers.Embedding(10, 4)), kinds=("index",),
+     flavours=BOTH)
+
+
+def _quantized(layer_kind, mode="int8"):
+    def build(K):
+        x = K.Input((7,) if layer_kind == "Embedding" else (6,))
+        layer = (K.layers.Embedding(10, 4) if layer_kind == "Embedding"
+                 else K.layers.Dense(5, activation="relu"))
+        model = K.Model(x, layer(x))
+        randomize(model)
+        layer.quantize(mode)
+        return model
+    return build
+
+
+case("dense_int8", _quantized("Dense"))
+case("embedding_int8", _quantized("Embedding"), kinds=("index",))
+
+
+# --------------------------------------------------------------------------
 # The test (after the table: the parameters are read when it is defined)
 
 

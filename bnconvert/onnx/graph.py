@@ -236,6 +236,9 @@ class Call:
         kwargs: The keyword arguments, likewise.
         shapes: The Keras shapes of the call's outputs, flat.
         base: A name prefix for the nodes emitted.
+        masks: The Keras masks the call's input tensors carry (flat, like
+            `inputs`): a `Value`, None, or `"unknown"` for a mask not in
+            the graph. Layers that read masks themselves (attention) use it.
     """
 
     layer: object
@@ -244,6 +247,7 @@ class Call:
     kwargs: dict
     shapes: list
     base: str
+    masks: list = dataclasses.field(default_factory=list)
 
     def out(self, name, perm=None, index=0):
         """The `Value` of output `index`, emitted as `name` in layout `perm`."""

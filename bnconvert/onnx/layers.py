@@ -14,6 +14,7 @@ pads; otherwise `auto_pad="SAME_UPPER"`, which is the same rule.
 import numpy as np
 
 from bnconvert.onnx import activations
+from bnconvert.onnx import quantized
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import as_tuple
 from bnconvert.onnx.graph import channels_first
@@ -210,6 +211,12 @@ def dense(g, call):
     """Dense: `Gemm` on a matrix, `MatMul` + `Add` on higher ranks."""
     layer = call.layer
     x = call.inputs[0]
+    if quantized.mode_of(layer) is not None:
+        x = g.keras(x)
+        name = quantized.dense_int8(g, x, layer, call.base)
+        bias = _bias(g, layer, call.base)
+        name = g.node("Add", [name, bias[0]], call.base) if bias else name
+        return _finish(g, call, name, x.perm, layer.activation)
     if x.rank > 2 and x.perm == channels_first(x.rank):
         # On channels-first data a Dense is a 1x1 convolution: no layout change.
         w = weights(layer.kernel).T.reshape(-1, x.shape[-1], *[1] * (x.rank - 2))

@@ -17,6 +17,7 @@ caller can fall back to tf2onnx and say why.
 import tensorflow as tf
 
 from bnconvert import keras_internals as internals
+from bnconvert.onnx import attention
 from bnconvert.onnx import layers
 from bnconvert.onnx import ops
 from bnconvert.onnx import shape
@@ -25,7 +26,7 @@ from bnconvert.onnx.graph import Graph
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 
-LAYERS = {**layers.EMITTERS, **shape.EMITTERS}
+LAYERS = {**layers.EMITTERS, **shape.EMITTERS, **attention.EMITTERS}
 DEFAULT_OPSET = 17
 OPSETS = range(13, 22)
 # Layers of these packages are mapped by class name; any other class
@@ -97,6 +98,14 @@ def _fuse_output_transposes(g, output_names):
         g.nodes.remove(node)
 
 
+def _mask(tensor, env):
+    """The `Value` of `tensor`'s Keras mask, None, or "unknown" (not produced in the graph)."""
+    mask = getattr(tensor, "_keras_mask", None)
+    if mask is None:
+        return None
+    return env.get(id(mask), "unknown")
+
+
 class _Walker:
     def __init__(self, g, flavour):
         self.g = g
@@ -138,7 +147,8 @@ class _Walker:
         call = Call(layer, [env[id(t)] for t in tensors],
                     tf.nest.map_structure(sub, tuple(args)),
                     tf.nest.map_structure(sub, dict(kwargs)),
-                    [tuple(t.shape) for t in outputs], base)
+                    [tuple(t.shape) for t in outputs], base,
+                    [_mask(t, env) for t in tensors])
         if not isinstance(layer, self.flavour.Layer):
             return ops.emit_op(self.g, call)
         dtype = getattr(layer, "compute_dtype", "float32")
