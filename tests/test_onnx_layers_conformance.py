@@ -74,6 +74,14 @@ def inputs_for(model, c, seed=1):
         kind = c.kinds[i] if i < len(c.kinds) else "normal"
         if kind == "mask":
             arrays.append((rng.uniform(size=shape) > 0.3).astype("float32"))
+        elif kind == "right_padded":  # zeros after a random length per row
+            x = rng.normal(-2.0, 8.0, size=shape).astype("float32")
+            for row, length in enumerate(rng.integers(1, shape[1] + 1, size=shape[0])):
+                x[row, length:] = 0.0
+            arrays.append(x)
+        elif kind == "prefix_mask":  # True on the first 1..steps steps of each row
+            lengths = rng.integers(1, shape[1] + 1, size=shape[0])
+            arrays.append((np.arange(shape[1])[None] < lengths[:, None]).astype("float32"))
         elif kind == "index":
             arrays.append(rng.integers(0, 10, size=shape).astype("float32"))
         else:  # large and negative: centred at -2 with a spread of 8
@@ -289,6 +297,68 @@ case("embedding_int8", _quantized("Embedding"), kinds=("index",))
 
 
 # --------------------------------------------------------------------------
+# Recurrent layers
+
+SEQ = (None, 4)  # open time: tested on 6 steps
+SEQ_SHAPES = ((6, 4),)
+for kind in ("LSTM", "GRU", "SimpleRNN"):
+    for kw in ({}, {"return_sequences": True}, {"go_backwards": True},
+               {"go_backwards": True, "return_sequences": True},
+               {"return_state": True, "return_sequences": True}):
+        case(f"{kind.lower()}_" + "_".join(kw) if kw else kind.lower(),
+             seq(SEQ, lambda K, kind=kind, kw=kw: getattr(K.layers, kind)(5, **kw)),
+             shapes=SEQ_SHAPES, flavours=BOTH, rtol=1e-3)
+case("lstm_hard_sigmoid_relu", seq(SEQ, lambda K: K.layers.LSTM(
+    5, recurrent_activation="hard_sigmoid", activation="relu", return_sequences=True)),
+    shapes=SEQ_SHAPES, flavours=BOTH, rtol=1e-3)
+case("gru_reset_before", seq(SEQ, lambda K: K.layers.GRU(5, reset_after=False, use_bias=True)),
+     shapes=SEQ_SHAPES, flavours=BOTH, rtol=1e-3)
+case("simple_rnn_relu_no_bias", seq(SEQ, lambda K: K.layers.SimpleRNN(
+    5, activation="relu", use_bias=False, return_sequences=True)), shapes=SEQ_SHAPES, rtol=1e-3)
+case("rnn_of_lstm_cell", seq(SEQ, lambda K: K.layers.RNN(K.layers.LSTMCell(5))),
+     shapes=SEQ_SHAPES, rtol=1e-3)
+for merge in ("concat", "sum", "mul", "ave", None):
+    for sequences in (False, True):
+        case(f"bidirectional_{merge}_{'seq' if sequences else 'last'}",
+             seq(SEQ, lambda K, m=merge, s=sequences: K.layers.Bidirectional(
+                 K.layers.LSTM(5, return_sequences=s), merge_mode=m)),
+             shapes=SEQ_SHAPES, flavours=BOTH, rtol=1e-3)
+case("bidirectional_gru_state", seq(SEQ, lambda K: K.layers.Bidirectional(
+    K.layers.GRU(5, return_sequences=True, return_state=True))), shapes=SEQ_SHAPES,
+    flavours=BOTH, rtol=1e-3)
+
+
+def _masked_rnn(make):
+    """A recurrent layer given `mask=` (True on a prefix of each row's steps)."""
+    def build(K):
+        x, m = K.Input((6, 4)), K.Input((6,))
+        return K.Model([x, m], make(K)(x, mask=m))
+    return build
+
+
+for name, make in (
+    ("lstm_seq", lambda K: K.layers.LSTM(5, return_sequences=True)),
+    ("gru_last", lambda K: K.layers.GRU(5)),
+    ("simple_rnn_state", lambda K: K.layers.SimpleRNN(5, return_state=True)),
+    ("bidirectional_seq", lambda K: K.layers.Bidirectional(
+        K.layers.SimpleRNN(5, return_sequences=True))),
+    ("bidirectional_last", lambda K: K.layers.Bidirectional(K.layers.GRU(5))),
+):
+    case(f"masked_{name}", _masked_rnn(make), kinds=("normal", "prefix_mask"), rtol=1e-3)
+
+case("masking", seq((6, 4), lambda K: K.layers.Masking(0.0)), kinds=("right_padded",))
+
+
+def _initial_state(K):
+    x, h, c = K.Input((None, 4)), K.Input((5,)), K.Input((5,))
+    return K.Model([x, h, c], K.layers.LSTM(5)(x, initial_state=[h, c]))
+
+
+case("lstm_initial_state", _initial_state, shapes=((6, 4), (5,), (5,)), flavours=BOTH,
+     rtol=1e-3)
+
+
+# --------------------------------------------------------------------------
 # The test (after the table: the parameters are read when it is defined)
 
 
@@ -308,3 +378,14 @@ def test_layer_conforms(c, flavour):
     for opset in OPSETS:
         got, _ = emit_and_run(model, arrays, opset)
         assert_matches(got, want, c.rtol)
+
+
+def test_recurrent_mask_that_is_no_prefix_gives_nan_rows():
+    """A mask ONNX's `sequence_lens` cannot express fails loudly, per row, never silently."""
+    model = _masked_rnn(lambda K: K.layers.LSTM(5))(keras)
+    x = np.random.default_rng(0).normal(size=(2, 6, 4)).astype("float32")
+    mask = np.array([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1]], "float32")
+    (got,), _ = emit_and_run(model, [x, mask], 17)
+    want = verify.run(model, [x, mask])[0]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-3, atol=1e-4)
+    assert np.isnan(got[1]).all()

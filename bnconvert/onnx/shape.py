@@ -276,6 +276,20 @@ def _masked_softmax(g, call, axis):
     return call.out(g.node("Where", [keep, inner.name, g.scalar(0.0)], call.base), x.perm)
 
 
+def masking(g, call):
+    """Masking: steps whose features all equal `mask_value` become zeros.
+
+    The mask itself reaches the layers that use it through the graph
+    (Keras 3 records its computation as ops).
+    """
+    x = call.inputs[0]
+    value = g.scalar(float(call.layer.mask_value))
+    differs = g.node("Not", [g.node("Equal", [x.name, value], call.base)], call.base)
+    keep = g.reduce("ReduceMax", g.node("Cast", [differs], call.base, to=FLOAT),
+                    [x.physical(-1)], True, call.base)
+    return [call.out(g.node("Mul", [x.name, keep], call.base), x.perm)]
+
+
 def rescaling(g, call):
     """Rescaling: `x * scale + offset`, scalars or per-channel lists."""
     layer = call.layer
@@ -316,5 +330,6 @@ EMITTERS = {
     "Flatten": flatten, "Reshape": reshape, "Permute": permute,
     "Activation": activation_layer, "ReLU": activation_layer, "LeakyReLU": activation_layer,
     "ELU": activation_layer, "Softmax": activation_layer,
+    "Masking": masking,
     "Rescaling": rescaling, "Normalization": normalization, "Resizing": resizing,
 }

@@ -20,13 +20,14 @@ from bnconvert import keras_internals as internals
 from bnconvert.onnx import attention
 from bnconvert.onnx import layers
 from bnconvert.onnx import ops
+from bnconvert.onnx import recurrent
 from bnconvert.onnx import shape
 from bnconvert.onnx.graph import Call
 from bnconvert.onnx.graph import Graph
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 
-LAYERS = {**layers.EMITTERS, **shape.EMITTERS, **attention.EMITTERS}
+LAYERS = {**layers.EMITTERS, **shape.EMITTERS, **attention.EMITTERS, **recurrent.EMITTERS}
 DEFAULT_OPSET = 17
 OPSETS = range(13, 22)
 # Layers of these packages are mapped by class name; any other class
