@@ -389,3 +389,17 @@ def test_recurrent_mask_that_is_no_prefix_gives_nan_rows():
     want = verify.run(model, [x, mask])[0]
     np.testing.assert_allclose(got[0], want[0], rtol=1e-3, atol=1e-4)
     assert np.isnan(got[1]).all()
+
+
+def test_every_emitter_of_these_modules_has_a_case():
+    """Each layer kind of attention.py, recurrent.py (and Masking) is built by a case above."""
+    from bnconvert.onnx import attention
+    from bnconvert.onnx import recurrent
+
+    built = set()
+    for c in CASES:
+        if c.flavours[0] == "keras":
+            model = c.build(keras)
+            built |= {type(layer).__name__ for layer in model._flatten_layers(include_self=False)}
+    wanted = set(attention.EMITTERS) | set(recurrent.EMITTERS) | {"Masking"}
+    assert not wanted - built, sorted(wanted - built)
