@@ -359,6 +359,99 @@ case("lstm_initial_state", _initial_state, shapes=((6, 4), (5,), (5,)), flavours
 
 
 # --------------------------------------------------------------------------
+# Images: augmentation at inference, resizing, cropping
+
+IMG = (None, None, 3)
+IMG_SHAPES = ((12, 10, 3),)
+_AUGMENT_ARGS = {"RandomBrightness": {"factor": 0.5}, "RandomContrast": {"factor": 0.5},
+                 "RandomRotation": {"factor": 0.5}, "RandomZoom": {"height_factor": 0.5},
+                 "RandomTranslation": {"height_factor": 0.5, "width_factor": 0.5},
+                 "RandomHue": {"factor": 0.5}, "RandomSaturation": {"factor": 0.5},
+                 "RandomSharpness": {"factor": 0.5}, "RandomColorDegeneration": {"factor": 0.5},
+                 "RandomPosterization": {"factor": (1, 8)},
+                 "MaxNumBoundingBoxes": {"max_number": 3}}
+_TF_KERAS_AUGMENT = ("RandomFlip", "RandomRotation", "RandomZoom", "RandomContrast",
+                     "RandomTranslation", "RandomBrightness")
+
+
+def _augment(name):
+    from bnconvert.onnx.images import AUGMENTATION
+
+    assert name in AUGMENTATION
+    return seq((12, 10, 3), lambda K: K.layers.Conv2D(3, 1),
+               lambda K: getattr(K.layers, name)(**_AUGMENT_ARGS.get(name, {})))
+
+
+def _augment_cases():
+    from bnconvert.onnx.images import AUGMENTATION
+
+    for name in AUGMENTATION:
+        flavours = BOTH if name in _TF_KERAS_AUGMENT else ("keras",)
+        case(f"augment_{name}", _augment(name), flavours=flavours)
+
+
+_augment_cases()
+
+for mode in ("nearest", "bilinear", "bicubic"):
+    for size in ((7, 5), (20, 16)) if mode != "bicubic" else ((20, 16),):
+        # bicubic needs the size when exporting (it is refused for shrinking)
+        case(f"resizing_{mode}_{size[0]}x{size[1]}",
+             seq(IMG if mode != "bicubic" else IMG_SHAPES[0],
+                 lambda K, m=mode, s=size: K.layers.Resizing(*s, interpolation=m)),
+             shapes=IMG_SHAPES, flavours=BOTH, rtol=1e-3)
+    case(f"resizing_{mode}_channels_first", seq((3, 12, 10), lambda K, m=mode: K.layers.Resizing(
+        14, 15, interpolation=m, data_format="channels_first")), rtol=1e-3)
+for flag in ("crop_to_aspect_ratio", "pad_to_aspect_ratio"):
+    for size in ((4, 9), (9, 4)):
+        case(f"resizing_{flag}_{size[0]}x{size[1]}", seq((12, 10, 3), lambda K, f=flag, s=size:
+             K.layers.Resizing(*s, **{f: True})), rtol=1e-3)
+case("resizing_pad_fill_value", seq((12, 10, 3), lambda K: K.layers.Resizing(
+    4, 9, pad_to_aspect_ratio=True, fill_value=3.5)), rtol=1e-3)
+case("resizing_area", seq((12, 10, 3), lambda K: K.layers.Resizing(6, 5, interpolation="area")),
+     flavours=BOTH)
+case("resizing_area_channels_first", seq((3, 12, 10), lambda K: K.layers.Resizing(
+    4, 5, interpolation="area", data_format="channels_first")))
+case("center_crop", seq((12, 10, 3), lambda K: K.layers.CenterCrop(7, 4)), flavours=BOTH)
+case("center_crop_channels_first", seq((3, 12, 10), lambda K: K.layers.CenterCrop(
+    7, 4, data_format="channels_first")))
+
+# --------------------------------------------------------------------------
+# Normalizations, PReLU, wrappers
+
+case("unit_normalization", seq((5, 6), lambda K: K.layers.UnitNormalization()),
+     flavours=BOTH)
+case("unit_normalization_axes", seq((5, 6), lambda K: K.layers.UnitNormalization(axis=(1, 2))))
+case("rms_normalization", seq((5, 6), lambda K: K.layers.RMSNormalization()))
+case("batch_norm_two_axes", seq((6, 7, 3), lambda K: K.layers.Conv2D(4, 3, padding="same"),
+                                lambda K: K.layers.BatchNormalization(axis=(2, 3))),
+     flavours=("tf_keras",))  # Keras 3's BN takes one axis
+case("batch_norm_two_axes_fixed", seq((6, 7, 3), lambda K: K.layers.BatchNormalization(
+    axis=(1, 3))), flavours=("tf_keras",))
+case("prelu", seq(S2, lambda K: K.layers.Conv2D(4, 3, padding="same"),
+                  lambda K: K.layers.PReLU(shared_axes=(1, 2))), shapes=SP, flavours=BOTH)
+case("prelu_full", seq((5, 4), lambda K: K.layers.PReLU()), flavours=BOTH)
+case("time_distributed_dense", seq((None, 4), lambda K: K.layers.TimeDistributed(
+    K.layers.Dense(3, activation="relu"))), shapes=((6, 4),), flavours=BOTH)
+case("time_distributed_conv", seq((None, 8, 8, 3), lambda K: K.layers.TimeDistributed(
+    K.layers.Conv2D(4, 3, strides=2))), shapes=((2, 8, 8, 3),), flavours=BOTH)
+case("repeat_vector", seq((4,), lambda K: K.layers.RepeatVector(3)), flavours=BOTH)
+
+
+def _dot(axes, normalize=False, shapes=((4, 5), (6, 5))):
+    def build(K):
+        a, b = K.Input(shapes[0]), K.Input(shapes[1])
+        return K.Model([a, b], K.layers.Dot(axes, normalize=normalize)([a, b]))
+    return build
+
+
+case("dot_rank2", _dot(1, shapes=((5,), (5,))), flavours=BOTH)
+case("dot_rank2_normalized", _dot(1, True, shapes=((5,), (5,))), flavours=BOTH)
+case("dot_22", _dot(2), flavours=BOTH)
+case("dot_11_normalized", _dot(1, True, shapes=((4, 5), (4, 6))), flavours=BOTH)
+case("dot_21", _dot((2, 1), shapes=((4, 5), (5, 6))), flavours=BOTH)
+
+
+# --------------------------------------------------------------------------
 # The test (after the table: the parameters are read when it is defined)
 
 
@@ -392,7 +485,7 @@ def test_recurrent_mask_that_is_no_prefix_gives_nan_rows():
 
 
 def test_every_emitter_of_these_modules_has_a_case():
-    """Each layer kind of attention.py, recurrent.py (and Masking) is built by a case above."""
+    """Each layer kind of the tables of this work is built by a case above."""
     from bnconvert.onnx import attention
     from bnconvert.onnx import recurrent
 
@@ -401,5 +494,10 @@ def test_every_emitter_of_these_modules_has_a_case():
         if c.flavours[0] == "keras":
             model = c.build(keras)
             built |= {type(layer).__name__ for layer in model._flatten_layers(include_self=False)}
-    wanted = set(attention.EMITTERS) | set(recurrent.EMITTERS) | {"Masking"}
+    from bnconvert.onnx import images
+    from bnconvert.onnx import norm
+    from bnconvert.onnx import wrappers
+
+    wanted = (set(attention.EMITTERS) | set(recurrent.EMITTERS) | set(images.EMITTERS)
+              | set(norm.EMITTERS) | set(wrappers.EMITTERS) | {"Masking"})
     assert not wanted - built, sorted(wanted - built)

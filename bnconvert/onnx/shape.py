@@ -125,28 +125,6 @@ def upsampling(g, call):
     return [call.out(name, x.perm)]
 
 
-def resizing(g, call):
-    """Resizing to a fixed size (nearest or bilinear, no cropping or padding)."""
-    layer = call.layer
-    mode = layer.interpolation
-    if mode not in ("nearest", "bilinear") or getattr(layer, "crop_to_aspect_ratio", False) \
-            or getattr(layer, "pad_to_aspect_ratio", False):
-        raise Uncovered([(layer.name, "Resizing", f"interpolation={mode!r} or aspect-ratio "
-                                                  "cropping/padding")])
-    x = layout_for(g, call.inputs[0], getattr(layer, "data_format", "channels_last"))
-    # sizes = [N, C] of the input + the fixed [height, width].
-    leading = g.node("Slice", [g.node("Shape", [x.name], call.base), g.ints([0]),
-                               g.ints([2])], call.base)
-    sizes = g.node("Concat", [leading, g.ints([layer.height, layer.width])], call.base, axis=0)
-    # TensorFlow's resize uses half-pixel centres; its nearest neighbour is
-    # floor((i + 0.5) / scale), which is ONNX's rounding with ties up.
-    attrs = dict(mode="nearest", nearest_mode="round_prefer_ceil") if mode == "nearest" \
-        else dict(mode="linear")
-    name = g.node("Resize", [x.name, "", "", sizes], call.base,
-                  coordinate_transformation_mode="half_pixel", **attrs)
-    return [call.out(name, x.perm)]
-
-
 def _same_layout(g, values):
     """The values in one layout: the first one's (all must have one rank)."""
     if len({v.rank for v in values}) > 1:
@@ -331,5 +309,5 @@ EMITTERS = {
     "Activation": activation_layer, "ReLU": activation_layer, "LeakyReLU": activation_layer,
     "ELU": activation_layer, "Softmax": activation_layer,
     "Masking": masking,
-    "Rescaling": rescaling, "Normalization": normalization, "Resizing": resizing,
+    "Rescaling": rescaling, "Normalization": normalization,
 }

@@ -18,16 +18,20 @@ import tensorflow as tf
 
 from bnconvert import keras_internals as internals
 from bnconvert.onnx import attention
+from bnconvert.onnx import images
 from bnconvert.onnx import layers
+from bnconvert.onnx import norm
 from bnconvert.onnx import ops
 from bnconvert.onnx import recurrent
 from bnconvert.onnx import shape
+from bnconvert.onnx import wrappers
 from bnconvert.onnx.graph import Call
 from bnconvert.onnx.graph import Graph
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 
-LAYERS = {**layers.EMITTERS, **shape.EMITTERS, **attention.EMITTERS, **recurrent.EMITTERS}
+LAYERS = {**layers.EMITTERS, **shape.EMITTERS, **attention.EMITTERS, **recurrent.EMITTERS,
+          **images.EMITTERS, **norm.EMITTERS, **wrappers.EMITTERS}
 DEFAULT_OPSET = 17
 OPSETS = range(13, 22)
 # Layers of these packages are mapped by class name; any other class
