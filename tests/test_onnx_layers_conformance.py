@@ -450,6 +450,20 @@ case("dot_22", _dot(2), flavours=BOTH)
 case("dot_11_normalized", _dot(1, True, shapes=((4, 5), (4, 6))), flavours=BOTH)
 case("dot_21", _dot((2, 1), shapes=((4, 5), (5, 6))), flavours=BOTH)
 
+case("pad_reflect", seq(S2, lambda K: K.layers.Conv2D(4, 3, padding="same"),
+                        lambda K: lambda y: ops.pad(y, [[0, 0], [1, 2], [2, 1], [0, 0]],
+                                                    mode="reflect")), shapes=SP)
+
+for kind in ("Average", "Max"):
+    case(f"adaptive_{kind.lower()}_1d", seq((11, 3), lambda K, k=kind: getattr(
+        K.layers, f"Adaptive{k}Pooling1D")(4)))
+    case(f"adaptive_{kind.lower()}_2d", seq((12, 10, 3), lambda K, k=kind: getattr(
+        K.layers, f"Adaptive{k}Pooling2D")((5, 3))))
+    case(f"adaptive_{kind.lower()}_2d_channels_first", seq((3, 12, 10), lambda K, k=kind: getattr(
+        K.layers, f"Adaptive{k}Pooling2D")((5, 3), data_format="channels_first")))
+    case(f"adaptive_{kind.lower()}_3d", seq((5, 6, 7, 2), lambda K, k=kind: getattr(
+        K.layers, f"Adaptive{k}Pooling3D")((2, 3, 4))))
+
 
 # --------------------------------------------------------------------------
 # The test (after the table: the parameters are read when it is defined)
@@ -499,5 +513,6 @@ def test_every_emitter_of_these_modules_has_a_case():
     from bnconvert.onnx import wrappers
 
     wanted = (set(attention.EMITTERS) | set(recurrent.EMITTERS) | set(images.EMITTERS)
-              | set(norm.EMITTERS) | set(wrappers.EMITTERS) | {"Masking"})
+              | set(norm.EMITTERS) | set(wrappers.EMITTERS) | {"Masking"}
+              | {f"Adaptive{k}Pooling{n}D" for k in ("Average", "Max") for n in (1, 2, 3)})
     assert not wanted - built, sorted(wanted - built)

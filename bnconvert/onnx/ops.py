@@ -109,14 +109,14 @@ def split(g, call, sections, axis):
 
 def pad(g, call, widths, mode, constant):
     x = call.inputs[0]
-    if mode != "constant":
+    if mode not in ("constant", "reflect"):  # ONNX's "reflect" is NumPy's
         raise Uncovered([(call.base, "Pad", f"mode={mode!r}")])
     widths = [tuple(w) for w in widths]
     pads = [widths[a][0] for a in x.perm] + [widths[a][1] for a in x.perm]
     inputs = [x.name, g.ints(pads, "pads")]
-    if constant:
+    if constant and mode == "constant":
         inputs.append(g.scalar(float(constant)))
-    return [call.out(g.node("Pad", inputs, call.base, mode="constant"), x.perm)]
+    return [call.out(g.node("Pad", inputs, call.base, mode=mode), x.perm)]
 
 
 def reshape(g, call, shape):

@@ -60,6 +60,31 @@ def global_pooling(op_type):
     return emit
 
 
+def adaptive_pooling(op_type):
+    """AdaptiveAverage/MaxPooling1D/2D/3D: bin `i` of an axis of size `L` into `n` is
+    `[floor(i L / n), ceil((i + 1) L / n))`; both reductions are separable by axis."""
+
+    def emit(g, call):
+        layer = call.layer
+        x = layout_for(g, call.inputs[0], layer.data_format)
+        n = x.rank - 2
+        name = x.name
+        for axis, size, out in zip(range(2, x.rank), [x.shape[a] for a in x.perm[2:]],
+                                   as_tuple(layer.output_size, n)):
+            if size is None:
+                raise Uncovered([(call.base, type(layer).__name__, "an unknown spatial size")])
+            bins = []
+            for i in range(out):
+                start, end = (i * size) // out, -(-((i + 1) * size) // out)
+                part = g.node("Slice", [name, g.ints([start]), g.ints([end]), g.ints([axis])],
+                              call.base)
+                bins.append(g.reduce(op_type, part, [axis], True, call.base))
+            name = g.node("Concat", bins, call.base, axis=axis) if len(bins) > 1 else bins[0]
+        return [call.out(name, x.perm)]
+
+    return emit
+
+
 def _masked_average(g, call):
     """GlobalAveragePooling1D with `mask=`: the mean over the unmasked steps only."""
     x, mask = g.keras(call.inputs[0]), g.keras(call.kwargs["mask"])
@@ -298,6 +323,8 @@ EMITTERS = {
     **{f"AveragePooling{n}D": pooling("AveragePool") for n in (1, 2, 3)},
     **{f"GlobalAveragePooling{n}D": global_pooling("GlobalAveragePool") for n in (1, 2, 3)},
     **{f"GlobalMaxPooling{n}D": global_pooling("GlobalMaxPool") for n in (1, 2, 3)},
+    **{f"AdaptiveAveragePooling{n}D": adaptive_pooling("ReduceMean") for n in (1, 2, 3)},
+    **{f"AdaptiveMaxPooling{n}D": adaptive_pooling("ReduceMax") for n in (1, 2, 3)},
     **{f"ZeroPadding{n}D": zero_padding for n in (1, 2, 3)},
     **{f"Cropping{n}D": cropping for n in (1, 2, 3)},
     **{f"UpSampling{n}D": upsampling for n in (1, 2, 3)},
