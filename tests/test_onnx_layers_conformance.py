@@ -21,6 +21,7 @@ from bnconvert.onnx import walk
 
 ops = keras.ops
 OPSETS = (13, 17, 21)
+BOTH = ("keras", "tf_keras")
 BATCH = 3
 
 
@@ -72,8 +73,9 @@ def inputs_for(model, c, seed=1):
         shape = (c.shapes[i] if c.shapes else None) or tuple(tensor.shape[1:])
         shape = (BATCH,) + tuple(shape)
         kind = c.kinds[i] if i < len(c.kinds) else "normal"
-        if kind == "mask":
-            arrays.append((rng.uniform(size=shape) > 0.3).astype("float32"))
+        if kind in ("mask", "sparse_mask"):  # sparse: many rows wholly masked
+            cut = 0.3 if kind == "mask" else 0.8
+            arrays.append((rng.uniform(size=shape) > cut).astype("float32"))
         elif kind == "right_padded":  # zeros after a random length per row
             x = rng.normal(-2.0, 8.0, size=shape).astype("float32")
             for row, length in enumerate(rng.integers(1, shape[1] + 1, size=shape[0])):
@@ -217,6 +219,10 @@ def _mha(query_len=None, value_len=None, key=False, **call_kw):
             m = K.Input((query_len, value_len))
             inputs.append(m)
             kw["attention_mask"] = m
+        if kw.pop("value_mask", False):
+            m = K.Input((value_len,))
+            inputs.append(m)
+            kw["value_mask"] = m
         layer = K.layers.MultiHeadAttention(num_heads=2, key_dim=3, value_dim=4,
                                             **kw.pop("layer", {}))
         out = layer(q, v, **kw)
@@ -231,6 +237,32 @@ case("mha_causal", _mha(use_causal_mask=True), shapes=((4, 6), (4, 5)))
 case("mha_attention_mask", _mha(4, 7, attention_mask=True), kinds=("normal", "normal", "mask"),
      flavours=("keras", "tf_keras"))
 case("mha_scores", _mha(4, 7, return_attention_scores=True))
+case("mha_rows_masked", _mha(4, 7, attention_mask=True), flavours=BOTH,
+     kinds=("normal", "normal", "sparse_mask"))
+case("mha_rows_masked_scores", _mha(4, 7, attention_mask=True, return_attention_scores=True),
+     kinds=("normal", "normal", "sparse_mask"))
+
+
+def _gqa(**call_kw):
+    def build(K):
+        q, v = K.Input((None, 6)), K.Input((None, 6))
+        inputs = [q, v]
+        kw = dict(call_kw)
+        for name in ("attention_mask", "value_mask"):
+            if kw.pop(name, False):
+                m = K.Input((4, 7) if name == "attention_mask" else (7,))
+                inputs.append(m)
+                kw[name] = m
+        layer = K.layers.GroupQueryAttention(head_dim=3, num_query_heads=4,
+                                             num_key_value_heads=2)
+        return K.Model(inputs, layer(q, v, **kw))
+    return build
+
+
+case("gqa", _gqa(), shapes=((4, 6), (7, 6)))
+case("gqa_causal_masks", _gqa(use_causal_mask=True, attention_mask=True, value_mask=True),
+     shapes=((4, 6), (7, 6), (4, 7), (7,)), kinds=("normal", "normal", "mask", "mask"))
+case("mha_value_mask", _mha(4, 7, value_mask=True), kinds=("normal", "normal", "mask"))
 
 
 def _self_attention(K):
@@ -258,7 +290,6 @@ def _attention(kind, n=2, masks=False, **kw):
     return build
 
 
-BOTH = ("keras", "tf_keras")
 case("attention_dot", _attention("Attention"), flavours=BOTH)
 case("attention_scaled_key", _attention("Attention", 3, layer={"use_scale": True}),
      flavours=BOTH)

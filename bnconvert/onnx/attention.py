@@ -3,9 +3,9 @@
 All of these work on `(batch, steps, features)` tensors in the Keras
 layout. MultiHeadAttention is written as four projections (`Einsum`, the
 layer's own equations, with their biases), then per head
-`softmax(q k^T / sqrt(key_dim))` masked where the mask is False (Keras
-sets masked scores to -1e9 and zeroes masked weights), and the weighted
-values projected back. Masks are booleans in ONNX: a float mask counts as
+`softmax(q k^T / sqrt(key_dim))` masked where the mask is False (in the
+way the Keras version and code path at hand does, see `masked_softmax`),
+and the weighted values projected back. Masks are booleans in ONNX: a float mask counts as
 True where it is non-zero, as Keras's casts do.
 """
 
@@ -76,48 +76,79 @@ def _and(g, a, b, base):
     return g.node("And", [a, b], base)
 
 
-def masked_softmax(g, scores, mask, base):
-    """Keras's masked softmax over the last axis: -1e9 where masked, weights 0 there."""
+def masked_softmax(g, scores, mask, base, style):
+    """The masked softmax over the last axis, in one of Keras's three styles.
+
+    - "layer" (Keras 3's Softmax layer): -1e9 where masked, then weights 0 there;
+    - "fused" (Keras 3's `dot_product_attention`): -0.7 * float32 max where
+      masked, nothing after (a fully masked row is uniform);
+    - "additive" (tf-keras's Softmax layer): -1e9 added where masked.
+    """
     if mask is None:
         return g.node("Softmax", [scores], base, axis=-1)
-    scores = g.node("Where", [mask, scores, g.scalar(_LARGE_NEGATIVE)], base)
-    weights_ = g.node("Softmax", [scores], base, axis=-1)
+    if style == "additive":
+        shifted = g.node("Add", [scores, g.scalar(_LARGE_NEGATIVE)], base)
+        return g.node("Softmax", [g.node("Where", [mask, scores, shifted], base)], base, axis=-1)
+    low = _LARGE_NEGATIVE if style == "layer" else -0.7 * 3.38953e38
+    weights_ = g.node("Softmax", [g.node("Where", [mask, scores, g.scalar(low)], base)], base,
+                      axis=-1)
+    if style == "fused":
+        return weights_
     return g.node("Where", [mask, weights_, g.scalar(0.0)], base)
 
 
+def _softmax_style(layer, args):
+    """Which masked softmax `layer` runs (see `masked_softmax`)."""
+    if not type(layer).__module__.startswith("keras."):
+        return "additive"
+    dropout = getattr(layer, "_dropout", getattr(layer, "dropout", 0.0)) or 0.0
+    return "layer" if args.get("return_attention_scores") or dropout > 0 else "fused"
+
+
+def _repeat_heads(g, name, repeats, size, base):
+    """`[B, S, KV, size]` -> `[B, S, KV * repeats, size]`, each head repeated in place."""
+    expanded = g.node("Unsqueeze", [name, g.ints([3])], base)
+    expanded = g.node("Expand", [expanded, g.ints([1, 1, 1, repeats, 1])], base)
+    return g.node("Reshape", [expanded, g.ints([0, 0, -1, size])], base)
+
+
 def multi_head_attention(g, call):
-    """MultiHeadAttention over one attention axis (rank-3 query, key and value)."""
+    """MultiHeadAttention over one attention axis (rank-3 inputs); GroupedQueryAttention."""
     layer = call.layer
     args = arguments(call)
     query, value = args["query"], args["value"]
     key = args.get("key")
     key = value if key is None else key
-    if any(v.rank != 3 for v in (query, key, value)) or tuple(layer._attention_axes) != (1,):
+    if any(v.rank != 3 for v in (query, key, value)) or \
+            tuple(getattr(layer, "_attention_axes", None) or (1,)) != (1,):
         _refuse(call, "attention over other than one sequence axis (rank-3 inputs)")
-    if getattr(layer, "_sliding_window", None) is not None:
+    if getattr(layer, "_sliding_window", getattr(layer, "sliding_window", None)) is not None:
         _refuse(call, "sliding_window")
-    masks = [m for m in call.masks[:3] if m is not None]
-    if any(not isinstance(m, Value) for m in masks):
-        _refuse(call, "a Keras mask on its inputs the exporter cannot follow")
     base = call.base
     q_in, k_in, v_in = (g.keras(v).name for v in (query, key, value))
+    scale = getattr(layer, "_inverse_sqrt_key_dim", getattr(layer, "_inverse_sqrt_head_dim",
+                                                            None))
+    scale = 1.0 / np.sqrt(float(layer._key_dim)) if scale is None else scale
 
     def heads_first(name, last):  # [B, T, H, D] -> [B, H, T, D] (or [B, H, D, T])
         return g.node("Transpose", [name], base, perm=[0, 2, 3, 1] if last else [0, 2, 1, 3])
 
     q = einsum_dense(g, layer._query_dense, q_in, f"{base}/query")
-    scale = getattr(layer, "_inverse_sqrt_key_dim", 1.0 / np.sqrt(float(layer._key_dim)))
     q = g.node("Mul", [q, g.scalar(float(scale))], base)
     k = einsum_dense(g, layer._key_dense, k_in, f"{base}/key")
     v = einsum_dense(g, layer._value_dense, v_in, f"{base}/value")
+    repeats = int(getattr(layer, "num_repeats", 1))
+    if repeats > 1:
+        k, v = (_repeat_heads(g, t, repeats, int(dense.kernel.shape[-1]), base)
+                for t, dense in ((k, layer._key_dense), (v, layer._value_dense)))
     scores = g.node("MatMul", [heads_first(q, False), heads_first(k, True)], base)
-    mask = _attention_mask(g, call, args, q_in, k_in)
+    mask = _attention_mask(g, call, args, query, q_in, k_in)
     if mask is not None:
         mask = g.node("Unsqueeze", [mask, g.ints([1])], base)  # over the heads
-    probabilities = masked_softmax(g, scores, mask, base)
+    probabilities = masked_softmax(g, scores, mask, base, _softmax_style(layer, args))
     out = g.node("MatMul", [probabilities, heads_first(v, False)], base)
     out = g.node("Transpose", [out], base, perm=[0, 2, 1, 3])
-    if getattr(layer, "_use_gate", False):
+    if getattr(layer, "_use_gate", getattr(layer, "use_gate", False)):
         gate = einsum_dense(g, layer._gate_dense, q_in, f"{base}/gate")
         gate = activations.apply(g, Value(gate, (None,) * 4, (0, 1, 2, 3)),
                                  layer._gate_dense.activation, f"{base}/gate")
@@ -129,13 +160,22 @@ def multi_head_attention(g, call):
     return results
 
 
-def _attention_mask(g, call, args, q_in, k_in):
-    """MultiHeadAttention's `[B, T, S]` bool mask (None if nothing is masked)."""
+def _attention_mask(g, call, args, query, q_in, k_in):
+    """The `[B, T, S]` bool mask of (grouped-query) multi-head attention, or None.
+
+    Keras fills `value_mask`/`key_mask` (and, for grouped-query attention,
+    `query_mask`) from the inputs' Keras masks; MultiHeadAttention reads the
+    query's Keras mask itself, whatever `query_mask` says.
+    """
     base = call.base
-    implicit = call.masks[:3] + [None] * (3 - len(call.masks[:3]))
-    query_mask = args.get("query_mask", implicit[0])
-    value_mask = args.get("value_mask", implicit[1])
-    key_mask = args.get("key_mask", implicit[2] if args.get("key") is not None else None)
+    query_mask = args.get("query_mask")
+    if type(call.layer).__name__ == "MultiHeadAttention":
+        query_mask = call.masks[call.inputs.index(query)] if call.masks else None
+    value_mask, key_mask = args.get("value_mask"), args.get("key_mask")
+    given = args.get("attention_mask")
+    for m in (query_mask, value_mask, key_mask, given):
+        if m is not None and not isinstance(m, Value):
+            _refuse(call, "a mask the exporter cannot follow (not computed in the graph)")
     mask = None
     if query_mask is not None:
         mask = g.node("Unsqueeze", [as_bool(g, query_mask, base), g.ints([2])], base)
@@ -145,7 +185,6 @@ def _attention_mask(g, call, args, q_in, k_in):
                         base)
     if args.get("use_causal_mask"):
         mask = _and(g, mask, _causal(g, q_in, k_in, base), base)
-    given = args.get("attention_mask")
     if given is not None:
         mask = _and(g, as_bool(g, given, base), mask, base)
     return mask
@@ -223,6 +262,7 @@ def embedding(g, call):
 
 EMITTERS = {
     "MultiHeadAttention": multi_head_attention,
+    "GroupedQueryAttention": multi_head_attention,
     "Attention": dot_attention,
     "AdditiveAttention": dot_attention,
     "EinsumDense": einsum_dense_layer,
