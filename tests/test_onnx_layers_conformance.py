@@ -497,6 +497,22 @@ for kind in ("Average", "Max"):
 
 
 # --------------------------------------------------------------------------
+# Layers opened by tracing, and identities at inference
+
+case("spectral_normalization", seq((5, 4), lambda K: K.layers.SpectralNormalization(
+    K.layers.Dense(3))))
+case("pipeline", seq((6, 5, 3), lambda K: K.layers.Pipeline(
+    [K.layers.Rescaling(0.5, 1.0), K.layers.CenterCrop(4, 3)])))
+case("lambda", seq((5, 4), lambda K: K.layers.Lambda(lambda t: t * 2.0 + 1.0)), flavours=BOTH)
+case("random_crop", seq((12, 10, 3), lambda K: K.layers.RandomCrop(12, 10)))
+for name in ("Identity", "ActivityRegularization", "AlphaDropout", "GaussianDropout",
+             "GaussianNoise", "SpatialDropout1D"):
+    case(f"identity_{name}", seq((5, 4), lambda K, n=name: getattr(K.layers, n)(
+        **({"rate": 0.3} if "Dropout" in n else {"stddev": 0.3} if n == "GaussianNoise"
+           else {}))))
+
+
+# --------------------------------------------------------------------------
 # The test (after the table: the parameters are read when it is defined)
 
 

@@ -136,8 +136,21 @@ def center_crop(g, call):
     return [call.out(name, x.perm)]
 
 
+def random_crop(g, call):
+    """RandomCrop: the identity at inference, where the crop is the whole image.
+
+    Keras 3 returns the image uncropped at inference, while declaring the
+    cropped shape; any other size is refused rather than guessed.
+    """
+    x = call.inputs[0]
+    if tuple(x.shape) != tuple(call.shapes[0]):
+        _refuse(call, "an image larger than the crop (Keras returns it uncropped at inference)")
+    return [x]
+
+
 EMITTERS = {
     **{name: identity for name in AUGMENTATION},
+    "RandomCrop": random_crop,
     "Resizing": resizing,
     "CenterCrop": center_crop,
 }
