@@ -323,6 +323,22 @@ def _quantized(layer_kind, mode="int8"):
     return build
 
 
+
+
+def _reversible(**kw):
+    def build(K):
+        tokens, hidden = K.Input((7,)), K.Input((7, 4))
+        layer = K.layers.ReversibleEmbedding(10, 4, **kw)
+        return K.Model([tokens, hidden], [layer(tokens), layer(hidden, reverse=True)])
+    return build
+
+
+case("reversible_embedding", _reversible(), kinds=("index", "normal"))
+case("reversible_embedding_untied_capped", _reversible(tie_weights=False, logit_soft_cap=5.0),
+     kinds=("index", "normal"))
+for mode, n in (("one_hot", 1), ("multi_hot", 5), ("count", 5)):
+    case(f"category_encoding_{mode}", seq((n,), lambda K, m=mode: K.layers.CategoryEncoding(
+        10, output_mode=m)), kinds=("index",))
 case("dense_int8", _quantized("Dense"))
 case("embedding_int8", _quantized("Embedding"), kinds=("index",))
 
@@ -505,11 +521,12 @@ case("pipeline", seq((6, 5, 3), lambda K: K.layers.Pipeline(
     [K.layers.Rescaling(0.5, 1.0), K.layers.CenterCrop(4, 3)])))
 case("lambda", seq((5, 4), lambda K: K.layers.Lambda(lambda t: t * 2.0 + 1.0)), flavours=BOTH)
 case("random_crop", seq((12, 10, 3), lambda K: K.layers.RandomCrop(12, 10)))
+_IDENTITY_ARGS = {"GaussianNoise": {"stddev": 0.3}}
 for name in ("Identity", "ActivityRegularization", "AlphaDropout", "GaussianDropout",
-             "GaussianNoise", "SpatialDropout1D"):
-    case(f"identity_{name}", seq((5, 4), lambda K, n=name: getattr(K.layers, n)(
-        **({"rate": 0.3} if "Dropout" in n else {"stddev": 0.3} if n == "GaussianNoise"
-           else {}))))
+             "GaussianNoise", "SpatialDropout1D", "SpatialDropout3D"):
+    shape = (2, 3, 5, 4) if name.endswith("3D") else (5, 4)
+    kw = _IDENTITY_ARGS.get(name, {"rate": 0.3} if "Dropout" in name else {})
+    case(f"identity_{name}", seq(shape, lambda K, n=name, kw=kw: getattr(K.layers, n)(**kw)))
 
 
 # --------------------------------------------------------------------------

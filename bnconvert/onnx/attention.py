@@ -260,6 +260,43 @@ def embedding(g, call):
     return [call.out(name)]
 
 
+def reversible_embedding(g, call):
+    """ReversibleEmbedding: an Embedding, or with `reverse=True` the logits over the vocabulary."""
+    layer = call.layer
+    if not arguments(call).get("reverse"):
+        return embedding(g, call)
+    quantized.refuse(layer, call.base)
+    if getattr(layer, "reverse_dtype", None) not in (None, "float32"):
+        _refuse(call, f"reverse_dtype={layer.reverse_dtype!r}")
+    kernel = weights(layer.embeddings).T if layer.tie_weights else weights(
+        layer.reverse_embeddings)
+    x = g.keras(call.inputs[0])
+    logits = g.node("MatMul", [x.name, g.constant(kernel, f"{call.base}/reverse")], call.base)
+    cap = getattr(layer, "logit_soft_cap", None)
+    if cap is not None:
+        capped = g.node("Tanh", [g.node("Div", [logits, g.scalar(float(cap))], call.base)],
+                        call.base)
+        logits = g.node("Mul", [capped, g.scalar(float(cap))], call.base)
+    return [call.out(logits)]
+
+
+def category_encoding(g, call):
+    """CategoryEncoding of `[batch, n]` indices: one-hot (n = 1), multi-hot or counts."""
+    layer = call.layer
+    x = g.keras(call.inputs[0])
+    mode = layer.output_mode
+    if x.rank != 2 or (mode == "one_hot" and x.shape[1] != 1) or \
+            mode not in ("one_hot", "multi_hot", "count") or call.kwargs.get("count_weights") \
+            is not None or getattr(layer, "sparse", False):
+        _refuse(call, f"output_mode={mode!r} on this input (or count_weights, sparse)")
+    indices = g.node("Cast", [x.name], call.base, to=7)  # INT64
+    hot = g.node("OneHot", [indices, g.ints([int(layer.num_tokens)]),
+                            g.constant(np.array([0.0, 1.0], np.float32), "values")],
+                 call.base, axis=-1)
+    op_type = "ReduceSum" if mode == "count" else "ReduceMax"
+    return [call.out(g.reduce(op_type, hot, [1], False, call.base))]
+
+
 EMITTERS = {
     "MultiHeadAttention": multi_head_attention,
     "GroupedQueryAttention": multi_head_attention,
@@ -267,4 +304,6 @@ EMITTERS = {
     "AdditiveAttention": dot_attention,
     "EinsumDense": einsum_dense_layer,
     "Embedding": embedding,
+    "ReversibleEmbedding": reversible_embedding,
+    "CategoryEncoding": category_encoding,
 }
