@@ -76,6 +76,9 @@ def inputs_for(model, c, seed=1):
         if kind in ("mask", "sparse_mask"):  # sparse: many rows wholly masked
             cut = 0.3 if kind == "mask" else 0.8
             arrays.append((rng.uniform(size=shape) > cut).astype("float32"))
+        elif kind == "fraction":  # a float mask in [0, 1], some steps 0
+            arrays.append(np.where(rng.uniform(size=shape) > 0.3, rng.uniform(size=shape),
+                                   0.0).astype("float32"))
         elif kind == "right_padded":  # zeros after a random length per row
             x = rng.normal(-2.0, 8.0, size=shape).astype("float32")
             for row, length in enumerate(rng.integers(1, shape[1] + 1, size=shape[0])):
@@ -151,8 +154,9 @@ def gelu(t):  # a user's own `gelu`, the tanh approximation: not Keras's exact o
     return 0.5 * t * (1.0 + ops.tanh(0.7978845608 * (t + 0.044715 * t * t * t)))
 
 
-for fn in (_gelu_lambda, hard_sigmoid_torch, custom_swish, gelu):
-    case(f"activation_function_{fn.__name__}",
+for fn in (_gelu_lambda, hard_sigmoid_torch, custom_swish, gelu, ops.gelu):
+    prefix = "keras_ops_" if fn is ops.gelu else ""  # ops.gelu defaults to the tanh form
+    case(f"activation_function_{prefix}{fn.__name__}",
          seq(S2, lambda K: K.layers.Conv2D(4, 3, padding="same"),
              lambda K, fn=fn: K.layers.Activation(fn)), shapes=SP)
 case("conv_activation_function",
@@ -193,13 +197,15 @@ def _masked(layer, mask_shape=(6,)):
 
 
 case("softmax_mask", _masked(lambda K: K.layers.Softmax(axis=1), (6, 4)),
-     kinds=("normal", "mask"))
+     kinds=("normal", "sparse_mask"), flavours=BOTH)
 case("softmax_mask_broadcast", _masked(lambda K: K.layers.Softmax(), (6, 1)),
-     kinds=("normal", "mask"))
+     kinds=("normal", "mask"), flavours=BOTH)
 case("gap1d_mask", _masked(lambda K: K.layers.GlobalAveragePooling1D()),
-     kinds=("normal", "mask"))
+     kinds=("normal", "mask"), flavours=BOTH)
 case("gap1d_mask_keepdims", _masked(lambda K: K.layers.GlobalAveragePooling1D(keepdims=True)),
-     kinds=("normal", "mask"))
+     kinds=("normal", "mask"), flavours=BOTH)
+case("gap1d_fractional_mask", _masked(lambda K: K.layers.GlobalAveragePooling1D()),
+     kinds=("normal", "fraction"), flavours=BOTH)
 
 
 # --------------------------------------------------------------------------

@@ -11,9 +11,11 @@ import math
 from bnconvert.onnx.graph import FLOAT
 from bnconvert.onnx.graph import Uncovered
 
-# Functions of these packages are mapped by name; any other function (a
-# lambda, a user's own `gelu`) is traced: its name says nothing of its maths.
-_KNOWN_PACKAGES = ("keras.", "tf_keras.", "tensorflow.")
+# Functions of these modules are mapped by name; any other function (a
+# lambda, a user's own `gelu`, `keras.ops.gelu` whose default is the tanh
+# approximation) is traced: its name alone does not say what it computes.
+_KNOWN_PACKAGES = ("keras.src.activations", "tf_keras.src.activations", "keras.activations",
+                   "tf_keras.activations", "tensorflow.")
 
 
 def name_of(function):

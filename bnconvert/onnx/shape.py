@@ -86,10 +86,16 @@ def adaptive_pooling(op_type):
 
 
 def _masked_average(g, call):
-    """GlobalAveragePooling1D with `mask=`: the mean over the unmasked steps only."""
+    """GlobalAveragePooling1D with `mask=`: the mean over the unmasked steps only.
+
+    Keras 3 counts a step where the mask is non-zero; tf-keras weighs each
+    step by the mask's value.
+    """
     x, mask = g.keras(call.inputs[0]), g.keras(call.kwargs["mask"])
     channels_last = call.layer.data_format == "channels_last"
-    weight = g.node("Cast", [g.node("Cast", [mask.name], call.base, to=BOOL)], call.base, to=FLOAT)
+    weight = mask.name if _tf_keras(call.layer) else g.node("Cast", [mask.name], call.base,
+                                                             to=BOOL)
+    weight = g.node("Cast", [weight], call.base, to=FLOAT)
     weight = g.node("Unsqueeze", [weight, g.ints([2 if channels_last else 1])], call.base)
     steps = 1 if channels_last else 2
     keep = bool(getattr(call.layer, "keepdims", False))
@@ -262,20 +268,31 @@ def activation_layer(g, call):
     return [activations.apply(g, call.inputs[0], function, call.base, **params)]
 
 
+def _tf_keras(layer):
+    return type(layer).__module__.startswith("tf_keras.")
+
+
 def _masked_softmax(g, call, axis):
     """Softmax with `mask=`: masked inputs count as -1e9, masked outputs are 0.
 
-    A float mask keeps what is above 0.5, as Keras does.
+    A float mask keeps what is above 0.5, as Keras 3 does; tf-keras adds
+    `(1 - mask) * -1e9` to the inputs and leaves the outputs alone.
     """
     x, mask = call.inputs[0], call.kwargs["mask"]
     mask = g.layout(mask, x.perm) if mask.rank == x.rank else g.keras(mask)
     x = x if mask.perm == x.perm else g.keras(x)
+    if isinstance(axis, (list, tuple)) and len(axis) > 1:
+        raise Uncovered([(call.base, "Softmax", "a masked softmax over several axes")])
+    if _tf_keras(call.layer):
+        weight = g.node("Cast", [mask.name], call.base, to=FLOAT)
+        adder = g.node("Mul", [g.node("Sub", [g.scalar(1.0), weight], call.base),
+                               g.scalar(-1e9)], call.base)
+        shifted = g.node("Add", [x.name, adder], call.base)
+        return activations.apply(g, call.out(shifted, x.perm), "softmax", call.base, axis=axis)
     keep = g.node("Greater", [g.node("Cast", [mask.name], call.base, to=FLOAT),
                               g.scalar(0.5)], call.base)
     masked = g.node("Where", [keep, x.name, g.scalar(-1e9)], call.base)
     inner = activations.apply(g, call.out(masked, x.perm), "softmax", call.base, axis=axis)
-    if isinstance(axis, (list, tuple)) and len(axis) > 1:
-        raise Uncovered([(call.base, "Softmax", "a masked softmax over several axes")])
     return call.out(g.node("Where", [keep, inner.name, g.scalar(0.0)], call.base), x.perm)
 
 
