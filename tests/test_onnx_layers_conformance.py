@@ -370,6 +370,17 @@ case("simple_rnn_relu_no_bias", seq(SEQ, lambda K: K.layers.SimpleRNN(
     5, activation="relu", use_bias=False, return_sequences=True)), shapes=SEQ_SHAPES, rtol=1e-3)
 case("rnn_of_lstm_cell", seq(SEQ, lambda K: K.layers.RNN(K.layers.LSTMCell(5))),
      shapes=SEQ_SHAPES, rtol=1e-3)
+
+
+def _stacked(**kw):
+    return lambda K: K.layers.RNN(K.layers.StackedRNNCells(
+        [K.layers.LSTMCell(5), K.layers.GRUCell(3), K.layers.SimpleRNNCell(4)]), **kw)
+
+
+case("rnn_stacked_cells", seq(SEQ, _stacked()), shapes=SEQ_SHAPES, rtol=1e-3, flavours=BOTH)
+case("rnn_stacked_cells_backwards_states", seq(SEQ, _stacked(
+    go_backwards=True, return_sequences=True, return_state=True)), shapes=SEQ_SHAPES,
+    rtol=1e-3, flavours=BOTH)
 for merge in ("concat", "sum", "mul", "ave", None):
     for sequences in (False, True):
         case(f"bidirectional_{merge}_{'seq' if sequences else 'last'}",
@@ -392,6 +403,7 @@ def _masked_rnn(make):
 for name, make in (
     ("lstm_seq", lambda K: K.layers.LSTM(5, return_sequences=True)),
     ("gru_last", lambda K: K.layers.GRU(5)),
+    ("stacked_cells_seq", _stacked(return_sequences=True)),
     ("simple_rnn_state", lambda K: K.layers.SimpleRNN(5, return_state=True)),
     ("bidirectional_seq", lambda K: K.layers.Bidirectional(
         K.layers.SimpleRNN(5, return_sequences=True))),

@@ -34,11 +34,25 @@ _ACTIVATIONS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu", "softsign"
 
 
 def _kind(layer):
-    """`LSTM`, `GRU` or `SimpleRNN` for a layer or a generic `RNN` of one such cell."""
-    name = type(layer).__name__
-    if name == "RNN":
-        name = type(layer.cell).__name__.replace("Cell", "")
+    """`LSTM`, `GRU` or `SimpleRNN`: the kind of the layer's cell (None for other cells)."""
+    name = type(getattr(layer, "cell", None)).__name__.replace("Cell", "")
     return name if name in _GATES else None
+
+
+class _Step:
+    """One cell of a `StackedRNNCells`, standing for a layer in `run_direction`."""
+
+    def __init__(self, cell, layer):
+        self.cell = cell
+        self.name = layer.name
+        self.zero_output_for_mask = getattr(layer, "zero_output_for_mask", False)
+
+
+def _cells(layer):
+    """The layer's cells: several for an RNN of `StackedRNNCells`, else its one layer."""
+    if type(getattr(layer, "cell", None)).__name__ == "StackedRNNCells":
+        return [_Step(cell, layer) for cell in layer.cell.cells]
+    return [layer]
 
 
 def _refuse(layer, base, why):
@@ -106,8 +120,9 @@ def _check_arguments(layer, base, masked):
         _refuse(layer, base, "time_major=True")
     if getattr(layer, "unroll", False) and masked:
         _refuse(layer, base, "unroll=True with a mask")
-    if _kind(layer) is None:
-        _refuse(layer, base, f"cell {type(getattr(layer, 'cell', None)).__name__}")
+    for step in _cells(layer):
+        if _kind(step) is None:
+            _refuse(layer, base, f"cell {type(getattr(step, 'cell', None)).__name__}")
 
 
 def _sequence_lens(g, mask, base):
@@ -178,16 +193,25 @@ def _inputs(call):
 
 
 def recurrent(g, call):
-    """LSTM, GRU, SimpleRNN (and RNN of one such cell)."""
+    """LSTM, GRU, SimpleRNN, and RNN of such cells (stacked too)."""
     layer = call.layer
     x, mask, initial = _inputs(call)
     _check_arguments(layer, call.base, mask is not None)
     if mask is not None and layer.go_backwards:
         _refuse(layer, call.base, "go_backwards with a mask")
+    steps = _cells(layer)
+    if len(steps) > 1 and initial:
+        _refuse(layer, call.base, "initial_state with stacked cells")
     time_first = g.node("Transpose", [g.keras(x).name], call.base, perm=[1, 0, 2])
-    y, states, bad = run_direction(g, layer, time_first, call.base, mask, initial,
-                                   reverse=bool(layer.go_backwards))
-    out = y if layer.return_sequences else states[0]
+    states, reverse = [], bool(layer.go_backwards)
+    for i, step in enumerate(steps):
+        # Each stacked cell reads the one before it in the order that one ran.
+        base = call.base if len(steps) == 1 else f"{call.base}/cell{i}"
+        y, step_states, bad = run_direction(g, step, time_first, base, mask, initial, reverse)
+        states += step_states
+        time_first = g.node("Transpose", [y], base, perm=[1, 0, 2])
+        reverse = False
+    out = y if layer.return_sequences else step_states[0]
     results = [_guard(g, out, bad, 3 if layer.return_sequences else 2, call.base)]
     if layer.return_state:
         results += [_guard(g, s, bad, 2, call.base) for s in states]
