@@ -598,3 +598,19 @@ def test_every_emitter_of_these_modules_has_a_case():
               | set(norm.EMITTERS) | set(wrappers.EMITTERS) | {"Masking"}
               | {f"Adaptive{k}Pooling{n}D" for k in ("Average", "Max") for n in (1, 2, 3)})
     assert not wanted - built, sorted(wanted - built)
+
+
+@pytest.mark.parametrize("make", [
+    lambda K: K.layers.LSTM(5), lambda K: K.layers.GlobalAveragePooling1D(),
+    lambda K: lambda t: K.layers.Attention()([t, t]),
+    lambda K: K.layers.Bidirectional(K.layers.GRU(3)),
+], ids=["lstm", "gap1d", "attention", "bidirectional"])
+def test_tf_keras_implicit_mask_is_refused_not_dropped(make):
+    """tf-keras keeps Keras masks outside the graph: a layer reading one is refused by name."""
+    from bnconvert.onnx.graph import Uncovered
+
+    K = keras_module("tf_keras")
+    x = K.Input((6, 4))
+    model = K.Model(x, make(K)(K.layers.Masking(0.0)(x)))
+    with pytest.raises(Uncovered, match="mask not computed in the graph"):
+        emit_and_run(model, [np.zeros((1, 6, 4), "float32")], 17)

@@ -223,7 +223,7 @@ def dot_attention(g, call):
             scores = g.reduce("ReduceSum", g.node("Tanh", [total], base), [3], False, base)
             weight = _number(layer.concat_score_weight)
             scores = g.node("Mul", [scores, g.scalar(weight)], base)
-    masks = args.get("mask") or [None, None]
+    masks = args.get("mask") or [call.implicit_mask(query), call.implicit_mask(value)]
     mask = None
     if len(masks) > 1 and masks[1] is not None:
         mask = g.node("Unsqueeze", [as_bool(g, masks[1], base), g.ints([1])], base)

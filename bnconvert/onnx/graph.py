@@ -249,6 +249,20 @@ class Call:
     base: str
     masks: list = dataclasses.field(default_factory=list)
 
+    def implicit_mask(self, value):
+        """The Keras mask the input `value` carries: a `Value`, or None without one.
+
+        Raises:
+            Uncovered: The mask is not computed in the graph (tf-keras keeps
+                masks outside it), so the layer cannot honour it.
+        """
+        masks = self.masks or [None] * len(self.inputs)
+        mask = masks[self.inputs.index(value)] if value in self.inputs else None
+        if mask is not None and not isinstance(mask, Value):
+            raise Uncovered([(self.base, type(self.layer).__name__,
+                              "an input mask not computed in the graph")])
+        return mask
+
     def out(self, name, perm=None, index=0):
         """The `Value` of output `index`, emitted as `name` in layout `perm`."""
         shape = tuple(self.shapes[index])

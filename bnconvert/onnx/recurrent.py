@@ -189,7 +189,8 @@ def _inputs(call):
     x = args["sequences"] if "sequences" in args else args["inputs"]
     if isinstance(x, (list, tuple)):  # tf-keras packs the initial states with the input
         x, initial = x[0], list(x[1:]) + initial
-    return x, args.get("mask"), initial
+    mask = args.get("mask")
+    return x, call.implicit_mask(x) if mask is None else mask, initial
 
 
 def recurrent(g, call):

@@ -49,8 +49,10 @@ def global_pooling(op_type):
 
     def emit(g, call):
         layer = call.layer
-        if call.kwargs.get("mask") is not None and op_type == "GlobalAveragePool":
-            return [_masked_average(g, call)]
+        mask = call.kwargs.get("mask")
+        mask = call.implicit_mask(call.inputs[0]) if mask is None else mask
+        if mask is not None and op_type == "GlobalAveragePool":
+            return [_masked_average(g, call, mask)]
         x = layout_for(g, call.inputs[0], layer.data_format)
         name = g.node(op_type, [x.name], call.base)
         if getattr(layer, "keepdims", False):
@@ -85,13 +87,13 @@ def adaptive_pooling(op_type):
     return emit
 
 
-def _masked_average(g, call):
+def _masked_average(g, call, mask):
     """GlobalAveragePooling1D with `mask=`: the mean over the unmasked steps only.
 
     Keras 3 counts a step where the mask is non-zero; tf-keras weighs each
     step by the mask's value.
     """
-    x, mask = g.keras(call.inputs[0]), g.keras(call.kwargs["mask"])
+    x, mask = g.keras(call.inputs[0]), g.keras(mask)
     channels_last = call.layer.data_format == "channels_last"
     weight = mask.name if _tf_keras(call.layer) else g.node("Cast", [mask.name], call.base,
                                                              to=BOOL)
@@ -263,8 +265,10 @@ def activation_layer(g, call):
         function, params = "elu", {"alpha": config.get("alpha", 1.0)}
     else:  # Softmax
         function, params = "softmax", {"axis": config.get("axis", -1)}
-        if call.kwargs.get("mask") is not None:
-            return [_masked_softmax(g, call, params["axis"])]
+        mask = call.kwargs.get("mask")
+        mask = call.implicit_mask(call.inputs[0]) if mask is None else mask
+        if mask is not None:
+            return [_masked_softmax(g, call, params["axis"], mask)]
     return [activations.apply(g, call.inputs[0], function, call.base, **params)]
 
 
@@ -272,13 +276,13 @@ def _tf_keras(layer):
     return type(layer).__module__.startswith("tf_keras.")
 
 
-def _masked_softmax(g, call, axis):
+def _masked_softmax(g, call, axis, mask):
     """Softmax with `mask=`: masked inputs count as -1e9, masked outputs are 0.
 
     A float mask keeps what is above 0.5, as Keras 3 does; tf-keras adds
     `(1 - mask) * -1e9` to the inputs and leaves the outputs alone.
     """
-    x, mask = call.inputs[0], call.kwargs["mask"]
+    x = call.inputs[0]
     mask = g.layout(mask, x.perm) if mask.rank == x.rank else g.keras(mask)
     x = x if mask.perm == x.perm else g.keras(x)
     if isinstance(axis, (list, tuple)) and len(axis) > 1:

@@ -18,7 +18,8 @@ def time_distributed(g, call):
     """TimeDistributed: the inner layer on `[batch * time, ...]`."""
     x = g.keras(call.inputs[0])
     rest, out_rest = x.shape[2:], call.shapes[0][2:]
-    if None in rest or None in out_rest or call.kwargs.get("mask") is not None:
+    if None in rest or None in out_rest or call.kwargs.get("mask") is not None or \
+            call.implicit_mask(call.inputs[0]) is not None:
         _refuse(call, "inner dimensions of unknown size, or a mask")
     merged = g.node("Reshape", [x.name, g.ints([-1] + list(rest))], call.base)
     inner = g.trace(call.layer.layer, Value(merged, (None,) + tuple(rest),
