@@ -159,6 +159,10 @@ for fn in (_gelu_lambda, hard_sigmoid_torch, custom_swish, gelu, ops.gelu):
     case(f"activation_function_{prefix}{fn.__name__}",
          seq(S2, lambda K: K.layers.Conv2D(4, 3, padding="same"),
              lambda K, fn=fn: K.layers.Activation(fn)), shapes=SP)
+case("activation_function_both_flavours",
+     seq(S2, lambda K: K.layers.Conv2D(4, 3, padding="same"),
+         lambda K: K.layers.Activation(lambda t: K.activations.sigmoid(t) * t)),
+     shapes=SP, flavours=BOTH)
 case("conv_activation_function",
      seq(S2, lambda K: K.layers.Conv2D(4, 3, padding="same", activation=custom_swish)),
      shapes=SP)

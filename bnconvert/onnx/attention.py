@@ -25,7 +25,10 @@ _LARGE_NEGATIVE = -1e9
 
 def arguments(call):
     """The call's arguments by name (`Value`s for tensors), defaults left out."""
-    bound = inspect.signature(call.layer.call).bind_partial(*call.args, **call.kwargs)
+    try:
+        bound = inspect.signature(call.layer.call).bind_partial(*call.args, **call.kwargs)
+    except TypeError as e:  # a call recorded with arguments its signature does not take
+        _refuse(call, f"its recorded arguments ({e})")
     return dict(bound.arguments)
 
 
