@@ -618,3 +618,22 @@ def test_tf_keras_implicit_mask_is_refused_not_dropped(make):
     model = K.Model(x, make(K)(K.layers.Masking(0.0)(x)))
     with pytest.raises(Uncovered, match="mask not computed in the graph"):
         emit_and_run(model, [np.zeros((1, 6, 4), "float32")], 17)
+
+
+def test_transformer_block_exports_natively_with_the_check(tmp_path):
+    """Attention, LayerNorm, a GELU given as a function, an LSTM: native, checked, no fallback."""
+    from bnconvert import export_onnx
+
+    x = keras.Input((None, 8))
+    y = keras.layers.Dense(16)(x)
+    y = keras.layers.LayerNormalization()(y + keras.layers.MultiHeadAttention(2, 8)(y, y))
+    y = keras.layers.Dense(16, activation=lambda t: keras.activations.gelu(t))(y)
+    y = keras.layers.LSTM(6, return_sequences=True)(y)
+    model = keras.Model(x, keras.layers.GlobalAveragePooling1D()(y))
+    randomize(model)
+    result = export_onnx(model, tmp_path / "m.onnx")
+    assert result.exporter == "native" and result.checked
+    arrays = inputs_for(model, Case("block", None, shapes=((11, 8),)))
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: arrays[0]})
+    assert_matches(got, verify.run(model, arrays), 1e-3)
