@@ -79,6 +79,8 @@ def inputs_for(model, c, seed=1):
         elif kind == "fraction":  # a float mask in [0, 1], some steps 0
             arrays.append(np.where(rng.uniform(size=shape) > 0.3, rng.uniform(size=shape),
                                    0.0).astype("float32"))
+        elif kind == "zeros":  # constant images: AutoContrast's 0 / 0
+            arrays.append(np.zeros(shape, "float32"))
         elif kind == "right_padded":  # zeros after a random length per row
             x = rng.normal(-2.0, 8.0, size=shape).astype("float32")
             for row, length in enumerate(rng.integers(1, shape[1] + 1, size=shape[0])):
@@ -480,6 +482,11 @@ case("resizing_area", seq((12, 10, 3), lambda K: K.layers.Resizing(6, 5, interpo
      flavours=BOTH)
 case("resizing_area_channels_first", seq((3, 12, 10), lambda K: K.layers.Resizing(
     4, 5, interpolation="area", data_format="channels_first")))
+case("auto_contrast", seq((6, 5, 3), lambda K: K.layers.AutoContrast()))
+case("auto_contrast_unit_range", seq((6, 5, 3), lambda K: K.layers.AutoContrast((0, 1))))
+case("auto_contrast_flat_channel", seq((6, 5, 3), lambda K: K.layers.Conv2D(3, 1),
+                                       lambda K: K.layers.AutoContrast((-1, 1))),
+     kinds=("zeros",))
 case("center_crop", seq((12, 10, 3), lambda K: K.layers.CenterCrop(7, 4)), flavours=BOTH)
 case("center_crop_channels_first", seq((3, 12, 10), lambda K: K.layers.CenterCrop(
     7, 4, data_format="channels_first")))

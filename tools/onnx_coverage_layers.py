@@ -58,7 +58,6 @@ REFUSED = {
     "IntegerLookup": "a vocabulary table lookup: not written",
     "CategoryEncoding": "integer-to-count encoding: not written",
     "Discretization": "bucketizing to integer outputs: not written (graph outputs are float)",
-    "AutoContrast": "per-image value-range stretch: not written",
     "Equalization": "histogram equalization: no ONNX op (and Keras returns its input tensor)",
     "ContrastLimitedAdaptiveHistogramEqualization": "histogram equalization: no ONNX op",
     "Wrapper": "an abstract base class",

@@ -148,8 +148,36 @@ def random_crop(g, call):
     return [x]
 
 
+def _rescale(g, name, source, target, base):
+    """Keras's `_transform_value_range`: `(x - a) / (b - a) * (d - c) + c`."""
+    if tuple(source) == tuple(target):
+        return name
+    (a, b), (c, d) = (tuple(float(v) for v in r) for r in (source, target))
+    unit = g.node("Div", [g.node("Sub", [name, g.scalar(a)], base), g.scalar(b - a)], base)
+    return g.node("Add", [g.node("Mul", [unit, g.scalar(d - c)], base), g.scalar(c)], base)
+
+
+def auto_contrast(g, call):
+    """AutoContrast: each image's channels stretched to the value range (NaN kept as input)."""
+    x = call.inputs[0]
+    value_range = tuple(call.layer.value_range)
+    base = call.base
+    v = _rescale(g, x.name, value_range, (0, 255), base)
+    axes = [x.physical(1), x.physical(2)]  # Keras reduces axes 1 and 2 in any data format
+    low = g.reduce("ReduceMin", v, axes, True, base)
+    high = g.reduce("ReduceMax", v, axes, True, base)
+    scale = g.node("Div", [g.scalar(255.0), g.node("Sub", [high, low], base)], base)
+    offset = g.node("Mul", [g.node("Neg", [low], base), scale], base)
+    stretched = g.node("Add", [g.node("Mul", [v, scale], base), offset], base)
+    clipped = g.node("Clip", [stretched, g.scalar(0.0), g.scalar(255.0)], base)
+    result = _rescale(g, clipped, (0, 255), value_range, base)
+    name = g.node("Where", [g.node("IsNaN", [result], base), x.name, result], base)
+    return [call.out(name, x.perm)]
+
+
 EMITTERS = {
     **{name: identity for name in AUGMENTATION},
+    "AutoContrast": auto_contrast,
     "RandomCrop": random_crop,
     "Resizing": resizing,
     "CenterCrop": center_crop,
