@@ -351,6 +351,12 @@ case("reversible_embedding_untied_capped", _reversible(tie_weights=False, logit_
 for mode, n in (("one_hot", 1), ("multi_hot", 5), ("count", 5)):
     case(f"category_encoding_{mode}", seq((n,), lambda K, m=mode: K.layers.CategoryEncoding(
         10, output_mode=m)), kinds=("index",))
+BINS = [-10.0, -2.0, 0.0, 0.5, 7.0]
+case("discretization_int_into_embedding", seq((5,), lambda K: K.layers.Discretization(BINS),
+                                              lambda K: K.layers.Embedding(6, 3)))
+for mode, n in (("one_hot", 1), ("multi_hot", 5), ("count", 5)):
+    case(f"discretization_{mode}", seq((n,), lambda K, m=mode: K.layers.Discretization(
+        BINS, output_mode=m)))
 case("dense_int8", _quantized("Dense"))
 case("embedding_int8", _quantized("Embedding"), kinds=("index",))
 
@@ -601,11 +607,13 @@ def test_every_emitter_of_these_modules_has_a_case():
         if c.flavours[0] == "keras":
             model = c.build(keras)
             built |= {type(layer).__name__ for layer in model._flatten_layers(include_self=False)}
+    from bnconvert.onnx import encoding
     from bnconvert.onnx import images
     from bnconvert.onnx import norm
     from bnconvert.onnx import wrappers
 
     wanted = (set(attention.EMITTERS) | set(recurrent.EMITTERS) | set(images.EMITTERS)
+              | set(encoding.EMITTERS)
               | set(norm.EMITTERS) | set(wrappers.EMITTERS) | {"Masking"}
               | {f"Adaptive{k}Pooling{n}D" for k in ("Average", "Max") for n in (1, 2, 3)})
     assert not wanted - built, sorted(wanted - built)

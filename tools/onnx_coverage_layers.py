@@ -56,8 +56,6 @@ REFUSED = {
     "GRUCell": "one step of a recurrence: exported inside RNN/GRU, not alone",
     "SimpleRNNCell": "one step of a recurrence: exported inside RNN/SimpleRNN, not alone",
     "IntegerLookup": "a vocabulary table lookup: not written",
-    "CategoryEncoding": "integer-to-count encoding: not written",
-    "Discretization": "bucketizing to integer outputs: not written (graph outputs are float)",
     "Equalization": "histogram equalization: no ONNX op (and Keras returns its input tensor)",
     "ContrastLimitedAdaptiveHistogramEqualization": "histogram equalization: no ONNX op",
     "Wrapper": "an abstract base class",
@@ -73,14 +71,25 @@ def layer_names():
 
 
 def _classes(model):
+    """Class names of the layers a model's export goes through.
+
+    The model's own layers (nested models and Pipelines opened), the layers
+    wrappers and RNNs hold, and `Layer` for a subclass that is traced. The
+    sublayers of a layer exported whole (RandAugment's own augmentations,
+    identities at inference) are not counted: they are not exported.
+    """
     found = set()
-    for layer in model._flatten_layers(include_self=False):
+    for layer in getattr(model, "layers", []):
         found.add(type(layer).__name__)
-        if type(layer).__module__.startswith("keras.") is False:
+        if not type(layer).__module__.startswith("keras."):
             found.add(TRACED_BASE)
-        inner = getattr(layer, "layer", None)  # wrappers
-        if isinstance(inner, keras.layers.Layer):
-            found.add(type(inner).__name__)
+        if isinstance(layer, keras.Model) or type(layer).__name__ == "Pipeline":
+            found |= _classes(layer)
+        for attr in ("layer", "forward_layer", "backward_layer", "cell"):
+            inner = getattr(layer, attr, None)
+            if isinstance(inner, keras.layers.Layer):
+                found.add(type(inner).__name__)
+                found |= {type(c).__name__ for c in getattr(inner, "cells", [])}
     return found
 
 

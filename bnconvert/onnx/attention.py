@@ -283,23 +283,6 @@ def reversible_embedding(g, call):
     return [call.out(logits)]
 
 
-def category_encoding(g, call):
-    """CategoryEncoding of `[batch, n]` indices: one-hot (n = 1), multi-hot or counts."""
-    layer = call.layer
-    x = g.keras(call.inputs[0])
-    mode = layer.output_mode
-    if x.rank != 2 or (mode == "one_hot" and x.shape[1] != 1) or \
-            mode not in ("one_hot", "multi_hot", "count") or call.kwargs.get("count_weights") \
-            is not None or getattr(layer, "sparse", False):
-        _refuse(call, f"output_mode={mode!r} on this input (or count_weights, sparse)")
-    indices = g.node("Cast", [x.name], call.base, to=7)  # INT64
-    hot = g.node("OneHot", [indices, g.ints([int(layer.num_tokens)]),
-                            g.constant(np.array([0.0, 1.0], np.float32), "values")],
-                 call.base, axis=-1)
-    op_type = "ReduceSum" if mode == "count" else "ReduceMax"
-    return [call.out(g.reduce(op_type, hot, [1], False, call.base))]
-
-
 EMITTERS = {
     "MultiHeadAttention": multi_head_attention,
     "GroupedQueryAttention": multi_head_attention,
@@ -308,5 +291,4 @@ EMITTERS = {
     "EinsumDense": einsum_dense_layer,
     "Embedding": embedding,
     "ReversibleEmbedding": reversible_embedding,
-    "CategoryEncoding": category_encoding,
 }

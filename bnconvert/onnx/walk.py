@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from bnconvert import keras_internals as internals
 from bnconvert.onnx import attention
+from bnconvert.onnx import encoding
 from bnconvert.onnx import images
 from bnconvert.onnx import layers
 from bnconvert.onnx import norm
@@ -31,7 +32,7 @@ from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 
 LAYERS = {**layers.EMITTERS, **shape.EMITTERS, **attention.EMITTERS, **recurrent.EMITTERS,
-          **images.EMITTERS, **norm.EMITTERS, **wrappers.EMITTERS}
+          **images.EMITTERS, **norm.EMITTERS, **wrappers.EMITTERS, **encoding.EMITTERS}
 DEFAULT_OPSET = 17
 OPSETS = range(13, 22)
 # Layers of these packages are mapped by class name; any other class
