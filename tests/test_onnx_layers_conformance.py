@@ -210,6 +210,8 @@ case("gap1d_mask", _masked(lambda K: K.layers.GlobalAveragePooling1D()),
      kinds=("normal", "mask"), flavours=BOTH)
 case("gap1d_mask_keepdims", _masked(lambda K: K.layers.GlobalAveragePooling1D(keepdims=True)),
      kinds=("normal", "mask"), flavours=BOTH)
+case("gap1d_mask_channels_first", _masked(lambda K: K.layers.GlobalAveragePooling1D(
+    data_format="channels_first"), (4,)), kinds=("normal", "mask"), flavours=BOTH)
 case("gap1d_fractional_mask", _masked(lambda K: K.layers.GlobalAveragePooling1D()),
      kinds=("normal", "fraction"), flavours=BOTH)
 

@@ -21,6 +21,8 @@ steps (the order Keras flips them back to).
 
 import numpy as np
 
+from bnconvert.onnx.activations import name_of
+from bnconvert.onnx.attention import arguments
 from bnconvert.onnx.graph import BOOL
 from bnconvert.onnx.graph import FLOAT
 from bnconvert.onnx.graph import Uncovered
@@ -61,8 +63,6 @@ def _refuse(layer, base, why):
 
 def _activation(g, layer, function, base):
     """`(ONNX name, alpha, beta)` of a Keras activation inside a recurrent cell."""
-    from bnconvert.onnx.activations import name_of
-
     name = name_of(function)
     if name == "hard_sigmoid":
         alpha, beta = g.hard_sigmoid
@@ -181,8 +181,6 @@ def _guard(g, name, bad, rank, base):
 
 
 def _inputs(call):
-    from bnconvert.onnx.attention import arguments
-
     args = arguments(call)
     initial = args.get("initial_state") or []
     initial = list(initial) if isinstance(initial, (list, tuple)) else [initial]

@@ -168,9 +168,7 @@ class _Walker:
         if kind == "TFOpLambda":
             return ops.emit_tf_function(self.g, call)
         if kind in LAYERS and type(layer).__module__.startswith(_KNOWN_PACKAGES):
-            out = LAYERS[kind](self.g, call)  # None: open the layer by tracing
-            if out is not None:
-                return out
+            return LAYERS[kind](self.g, call)
         if kind == "InputLayer":
             return call.inputs
         return self.trace(layer, tensors, args, kwargs, env, base + "/")
@@ -212,8 +210,10 @@ class _Walker:
         x = keras.Input(batch_shape=value.shape)
         name = getattr(function, "__name__", "function")
         sub = self._record(lambda: keras.Model(x, function(x)), name, "function", base + "/")
-        (out,) = self._walk_traced(sub, {id(x): value}, base + "/")
-        return out
+        outs = self._walk_traced(sub, {id(x): value}, base + "/")
+        if len(outs) != 1:
+            raise Uncovered([(base, "function", f"{name} returns {len(outs)} tensors")])
+        return outs[0]
 
     @staticmethod
     def _record(build, name, kind, prefix):
