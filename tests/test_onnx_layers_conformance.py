@@ -654,3 +654,15 @@ def test_transformer_block_exports_natively_with_the_check(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: arrays[0]})
     assert_matches(got, verify.run(model, arrays), 1e-3)
+
+
+@pytest.mark.parametrize("kind, mode", [("Dense", "int4"), ("Dense", "float8"),
+                                        ("Embedding", "int4")])  # Keras has no float8 Embedding
+def test_other_quantization_modes_are_refused_by_name(kind, mode):
+    """Only int8 is computed exactly; every other mode is refused, naming the mode."""
+    from bnconvert.onnx.graph import Uncovered
+
+    model = _quantized(kind, mode)(keras)
+    arrays = inputs_for(model, Case(kind, None, kinds=("index",) if kind == "Embedding" else ()))
+    with pytest.raises(Uncovered, match=f"quantization mode '{mode}'"):
+        emit_and_run(model, arrays, 17)
