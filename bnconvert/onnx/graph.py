@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 FLOAT = onnx.TensorProto.FLOAT
+BOOL = onnx.TensorProto.BOOL
 
 
 class Uncovered(Exception):
@@ -110,6 +111,8 @@ class Graph:
         self._scalars = {}
         # `(alpha, beta)` of the hard sigmoid (`Flavour.hard_sigmoid`).
         self.hard_sigmoid = (1.0 / 6.0, 0.5)
+        # `trace(function, value, base)`: a Python function applied to a `Value`, traced.
+        self.trace = None
 
     def unique(self, base):
         """A tensor or node name not used yet, derived from `base`."""
@@ -241,6 +244,9 @@ class Call:
         base: A name prefix for the nodes emitted.
         dtypes: The Keras dtype names of the outputs (None: all float32).
         input_dtypes: The Keras dtype names of `inputs` (None: all float32).
+        masks: The Keras masks the call's input tensors carry (flat, like
+            `inputs`): a `Value`, None, or `"unknown"` for a mask not in
+            the graph. Layers that read masks themselves (attention) use it.
     """
 
     layer: object
@@ -251,6 +257,21 @@ class Call:
     base: str
     dtypes: list = None
     input_dtypes: list = None
+    masks: list = dataclasses.field(default_factory=list)
+
+    def implicit_mask(self, value):
+        """The Keras mask the input `value` carries: a `Value`, or None without one.
+
+        Raises:
+            Uncovered: The mask is not computed in the graph (tf-keras keeps
+                masks outside it), so the layer cannot honour it.
+        """
+        masks = self.masks or [None] * len(self.inputs)
+        mask = masks[self.inputs.index(value)] if value in self.inputs else None
+        if mask is not None and not isinstance(mask, Value):
+            raise Uncovered([(self.base, type(self.layer).__name__,
+                              "an input mask not computed in the graph")])
+        return mask
 
     def out(self, name, perm=None, index=0):
         """The `Value` of output `index`, emitted as `name` in layout `perm`."""

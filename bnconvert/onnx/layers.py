@@ -14,6 +14,7 @@ pads; otherwise `auto_pad="SAME_UPPER"`, which is the same rule.
 import numpy as np
 
 from bnconvert.onnx import activations
+from bnconvert.onnx import quantized
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import as_tuple
 from bnconvert.onnx.graph import channels_first
@@ -210,6 +211,12 @@ def dense(g, call):
     """Dense: `Gemm` on a matrix, `MatMul` + `Add` on higher ranks."""
     layer = call.layer
     x = call.inputs[0]
+    if quantized.mode_of(layer) is not None:
+        x = g.keras(x)
+        name = quantized.dense_int8(g, x, layer, call.base)
+        bias = _bias(g, layer, call.base)
+        name = g.node("Add", [name, bias[0]], call.base) if bias else name
+        return _finish(g, call, name, x.perm, layer.activation)
     if x.rank > 2 and x.perm == channels_first(x.rank):
         # On channels-first data a Dense is a 1x1 convolution: no layout change.
         w = weights(layer.kernel).T.reshape(-1, x.shape[-1], *[1] * (x.rank - 2))
@@ -241,8 +248,14 @@ def batch_norm(g, call):
     layer = call.layer
     x = call.inputs[0]
     axes = keras_axes(layer.axis, x.rank)
-    if len(axes) != 1 or getattr(layer, "adjustment", None) is not None:
-        raise Uncovered([(layer.name, type(layer).__name__, "several axes or an adjustment")])
+    if getattr(layer, "adjustment", None) is not None:
+        raise Uncovered([(layer.name, type(layer).__name__, "an adjustment")])
+    if len(axes) != 1:  # statistics per element of several axes: a scale and shift
+        mean, variance = weights(layer.moving_mean), weights(layer.moving_variance)
+        gamma, beta = _gamma_beta(layer, mean.shape)
+        scale = gamma / np.sqrt(variance + layer.epsilon)
+        shape = [x.shape[a] if a in axes else 1 for a in range(x.rank)]
+        return [_scale_shift(g, call, x, shape, scale, beta - mean * scale)]
     (axis,) = axes
     if x.physical(axis) != 1 and x.rank > 2:
         x = g.channels_first(x) if axis == x.rank - 1 else g.keras(x)
@@ -256,13 +269,13 @@ def batch_norm(g, call):
         return [call.out(name, x.perm)]
     scale = gamma / np.sqrt(variance + layer.epsilon)
     shift = beta - mean * scale
-    return [_scale_shift(g, call, x, axis, scale, shift)]
-
-
-def _scale_shift(g, call, x, axis, scale, shift):
-    """`x * scale + shift` with per-channel constants along Keras `axis`."""
     shape = [1] * x.rank
     shape[axis] = -1
+    return [_scale_shift(g, call, x, shape, scale, shift)]
+
+
+def _scale_shift(g, call, x, shape, scale, shift):
+    """`x * scale + shift` with constants of the Keras broadcast `shape`."""
     scale = g.broadcast_constant(np.reshape(scale, shape), x, f"{call.base}/scale")
     shift = g.broadcast_constant(np.reshape(shift, shape), x, f"{call.base}/shift")
     name = g.node("Add", [g.node("Mul", [x.name, scale], call.base), shift], call.base)

@@ -38,7 +38,7 @@ from bnconvert.onnx import nn
 from bnconvert.onnx import numpy_extra
 from bnconvert.onnx import reductions
 from bnconvert.onnx import reshaping
-from bnconvert.onnx import shape as structure
+from bnconvert.onnx import preprocessing
 from bnconvert.onnx.graph import Uncovered
 
 _ACTIVATIONS = {
@@ -86,7 +86,7 @@ def _resize(g, call, p):
         width=width, data_format=p.get("data_format") or "channels_last",
         crop_to_aspect_ratio=p.get("crop_to_aspect_ratio", False),
         pad_to_aspect_ratio=p.get("pad_to_aspect_ratio", False))
-    return structure.resizing(g, dataclasses.replace(call, layer=layer, inputs=[p["images"]]))
+    return preprocessing.resizing(g, dataclasses.replace(call, layer=layer, inputs=[p["images"]]))
 
 
 EMITTERS = {

@@ -9,6 +9,8 @@ layout (Flatten, Reshape, Permute) get their input in the Keras layout.
 import numpy as np
 
 from bnconvert.onnx import activations
+from bnconvert.onnx.graph import BOOL
+from bnconvert.onnx.graph import FLOAT
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import as_tuple
 from bnconvert.onnx.graph import channels_first
@@ -47,6 +49,10 @@ def global_pooling(op_type):
 
     def emit(g, call):
         layer = call.layer
+        mask = call.kwargs.get("mask")
+        mask = call.implicit_mask(call.inputs[0]) if mask is None else mask
+        if mask is not None and op_type == "GlobalAveragePool":
+            return [_masked_average(g, call, mask)]
         x = layout_for(g, call.inputs[0], layer.data_format)
         name = g.node(op_type, [x.name], call.base)
         if getattr(layer, "keepdims", False):
@@ -54,6 +60,51 @@ def global_pooling(op_type):
         return [call.out(g.node("Flatten", [name], call.base, axis=1))]
 
     return emit
+
+
+def adaptive_pooling(op_type):
+    """AdaptiveAverage/MaxPooling1D/2D/3D: bin `i` of an axis of size `L` into `n` is
+    `[floor(i L / n), ceil((i + 1) L / n))`; both reductions are separable by axis."""
+
+    def emit(g, call):
+        layer = call.layer
+        x = layout_for(g, call.inputs[0], layer.data_format)
+        n = x.rank - 2
+        name = x.name
+        for axis, size, out in zip(range(2, x.rank), [x.shape[a] for a in x.perm[2:]],
+                                   as_tuple(layer.output_size, n)):
+            if size is None:
+                raise Uncovered([(call.base, type(layer).__name__, "an unknown spatial size")])
+            bins = []
+            for i in range(out):
+                start, end = (i * size) // out, -(-((i + 1) * size) // out)
+                part = g.node("Slice", [name, g.ints([start]), g.ints([end]), g.ints([axis])],
+                              call.base)
+                bins.append(g.reduce(op_type, part, [axis], True, call.base))
+            name = g.node("Concat", bins, call.base, axis=axis) if len(bins) > 1 else bins[0]
+        return [call.out(name, x.perm)]
+
+    return emit
+
+
+def _masked_average(g, call, mask):
+    """GlobalAveragePooling1D with `mask=`: the mean over the unmasked steps only.
+
+    Keras 3 counts a step where the mask is non-zero; tf-keras weighs each
+    step by the mask's value.
+    """
+    x, mask = g.keras(call.inputs[0]), g.keras(mask)
+    channels_last = call.layer.data_format == "channels_last"
+    weight = mask.name if _tf_keras(call.layer) else g.node("Cast", [mask.name], call.base,
+                                                             to=BOOL)
+    weight = g.node("Cast", [weight], call.base, to=FLOAT)
+    weight = g.node("Unsqueeze", [weight, g.ints([2 if channels_last else 1])], call.base)
+    steps = 1 if channels_last else 2
+    keep = bool(getattr(call.layer, "keepdims", False))
+    total = g.reduce("ReduceSum", g.node("Mul", [x.name, weight], call.base), [steps], keep,
+                     call.base)
+    count = g.reduce("ReduceSum", weight, [steps], keep, call.base)
+    return call.out(g.node("Div", [total, count], call.base))
 
 
 def _window_pairs(layer, attr, n):
@@ -107,28 +158,6 @@ def upsampling(g, call):
     return [call.out(name, x.perm)]
 
 
-def resizing(g, call):
-    """Resizing to a fixed size (nearest or bilinear, no cropping or padding)."""
-    layer = call.layer
-    mode = layer.interpolation
-    if mode not in ("nearest", "bilinear") or getattr(layer, "crop_to_aspect_ratio", False) \
-            or getattr(layer, "pad_to_aspect_ratio", False):
-        raise Uncovered([(layer.name, "Resizing", f"interpolation={mode!r} or aspect-ratio "
-                                                  "cropping/padding")])
-    x = layout_for(g, call.inputs[0], getattr(layer, "data_format", "channels_last"))
-    # sizes = [N, C] of the input + the fixed [height, width].
-    leading = g.node("Slice", [g.node("Shape", [x.name], call.base), g.ints([0]),
-                               g.ints([2])], call.base)
-    sizes = g.node("Concat", [leading, g.ints([layer.height, layer.width])], call.base, axis=0)
-    # TensorFlow's resize uses half-pixel centres; its nearest neighbour is
-    # floor((i + 0.5) / scale), which is ONNX's rounding with ties up.
-    attrs = dict(mode="nearest", nearest_mode="round_prefer_ceil") if mode == "nearest" \
-        else dict(mode="linear")
-    name = g.node("Resize", [x.name, "", "", sizes], call.base,
-                  coordinate_transformation_mode="half_pixel", **attrs)
-    return [call.out(name, x.perm)]
-
-
 def _same_layout(g, values):
     """The values in one layout: the first one's (all must have one rank)."""
     if len({v.rank for v in values}) > 1:
@@ -168,8 +197,16 @@ def identity(g, call):
 
 
 def flatten(g, call):
-    """Flatten, in the Keras layout (channels-last memory order)."""
-    x = g.keras(call.inputs[0])
+    """Flatten, in the Keras layout (channels-last memory order).
+
+    With `data_format="channels_first"` Keras first moves axis 1 last (to
+    channels-last order), so the data are flattened in that layout.
+    """
+    x = call.inputs[0]
+    if getattr(call.layer, "data_format", "channels_last") == "channels_first" and x.rank > 2:
+        x = g.layout(x, (0,) + tuple(range(2, x.rank)) + (1,))
+    else:
+        x = g.keras(x)
     return [call.out(g.node("Flatten", [x.name], call.base, axis=1))]
 
 
@@ -217,8 +254,7 @@ def activation_layer(g, call):
     config = layer.get_config()
     params = {}
     if kind == "Activation":
-        function = config["activation"]
-        function = function if isinstance(function, str) else layer.activation
+        function = layer.activation
     elif kind == "ReLU":
         function = "relu"
         params = {k: config.get(k) for k in ("max_value", "negative_slope", "threshold")}
@@ -229,7 +265,53 @@ def activation_layer(g, call):
         function, params = "elu", {"alpha": config.get("alpha", 1.0)}
     else:  # Softmax
         function, params = "softmax", {"axis": config.get("axis", -1)}
+        mask = call.kwargs.get("mask")
+        mask = call.implicit_mask(call.inputs[0]) if mask is None else mask
+        if mask is not None:
+            return [_masked_softmax(g, call, params["axis"], mask)]
     return [activations.apply(g, call.inputs[0], function, call.base, **params)]
+
+
+def _tf_keras(layer):
+    return type(layer).__module__.startswith("tf_keras.")
+
+
+def _masked_softmax(g, call, axis, mask):
+    """Softmax with `mask=`: masked inputs count as -1e9, masked outputs are 0.
+
+    A float mask keeps what is above 0.5, as Keras 3 does; tf-keras adds
+    `(1 - mask) * -1e9` to the inputs and leaves the outputs alone.
+    """
+    x = call.inputs[0]
+    mask = g.layout(mask, x.perm) if mask.rank == x.rank else g.keras(mask)
+    x = x if mask.perm == x.perm else g.keras(x)
+    if isinstance(axis, (list, tuple)) and len(axis) > 1:
+        raise Uncovered([(call.base, "Softmax", "a masked softmax over several axes")])
+    if _tf_keras(call.layer):
+        weight = g.node("Cast", [mask.name], call.base, to=FLOAT)
+        adder = g.node("Mul", [g.node("Sub", [g.scalar(1.0), weight], call.base),
+                               g.scalar(-1e9)], call.base)
+        shifted = g.node("Add", [x.name, adder], call.base)
+        return activations.apply(g, call.out(shifted, x.perm), "softmax", call.base, axis=axis)
+    keep = g.node("Greater", [g.node("Cast", [mask.name], call.base, to=FLOAT),
+                              g.scalar(0.5)], call.base)
+    masked = g.node("Where", [keep, x.name, g.scalar(-1e9)], call.base)
+    inner = activations.apply(g, call.out(masked, x.perm), "softmax", call.base, axis=axis)
+    return call.out(g.node("Where", [keep, inner.name, g.scalar(0.0)], call.base), x.perm)
+
+
+def masking(g, call):
+    """Masking: steps whose features all equal `mask_value` become zeros.
+
+    The mask itself reaches the layers that use it through the graph
+    (Keras 3 records its computation as ops).
+    """
+    x = call.inputs[0]
+    value = g.scalar(float(call.layer.mask_value))
+    differs = g.node("Not", [g.node("Equal", [x.name, value], call.base)], call.base)
+    keep = g.reduce("ReduceMax", g.node("Cast", [differs], call.base, to=FLOAT),
+                    [x.physical(-1)], True, call.base)
+    return [call.out(g.node("Mul", [x.name, keep], call.base), x.perm)]
 
 
 def rescaling(g, call):
@@ -262,6 +344,8 @@ EMITTERS = {
     **{f"AveragePooling{n}D": pooling("AveragePool") for n in (1, 2, 3)},
     **{f"GlobalAveragePooling{n}D": global_pooling("GlobalAveragePool") for n in (1, 2, 3)},
     **{f"GlobalMaxPooling{n}D": global_pooling("GlobalMaxPool") for n in (1, 2, 3)},
+    **{f"AdaptiveAveragePooling{n}D": adaptive_pooling("ReduceMean") for n in (1, 2, 3)},
+    **{f"AdaptiveMaxPooling{n}D": adaptive_pooling("ReduceMax") for n in (1, 2, 3)},
     **{f"ZeroPadding{n}D": zero_padding for n in (1, 2, 3)},
     **{f"Cropping{n}D": cropping for n in (1, 2, 3)},
     **{f"UpSampling{n}D": upsampling for n in (1, 2, 3)},
@@ -272,5 +356,6 @@ EMITTERS = {
     "Flatten": flatten, "Reshape": reshape, "Permute": permute,
     "Activation": activation_layer, "ReLU": activation_layer, "LeakyReLU": activation_layer,
     "ELU": activation_layer, "Softmax": activation_layer,
-    "Rescaling": rescaling, "Normalization": normalization, "Resizing": resizing,
+    "Masking": masking,
+    "Rescaling": rescaling, "Normalization": normalization,
 }

@@ -17,16 +17,23 @@ caller can fall back to tf2onnx and say why.
 import tensorflow as tf
 
 from bnconvert import keras_internals as internals
+from bnconvert.onnx import attention
+from bnconvert.onnx import encoding
+from bnconvert.onnx import preprocessing
 from bnconvert.onnx import layers
+from bnconvert.onnx import norm
 from bnconvert.onnx import ops
+from bnconvert.onnx import recurrent
 from bnconvert.onnx import shape
+from bnconvert.onnx import wrappers
 from bnconvert.onnx.graph import Call
 from bnconvert.onnx.graph import Graph
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import dtype_name
 
-LAYERS = {**layers.EMITTERS, **shape.EMITTERS}
+LAYERS = {**layers.EMITTERS, **shape.EMITTERS, **attention.EMITTERS, **recurrent.EMITTERS,
+          **preprocessing.EMITTERS, **norm.EMITTERS, **wrappers.EMITTERS, **encoding.EMITTERS}
 DEFAULT_OPSET = 17
 OPSETS = range(13, 22)
 # Layers of these packages are mapped by class name; any other class
@@ -55,6 +62,7 @@ def emit(model, flavour, input_names, output_names, opset=None):
     g = Graph(opset or DEFAULT_OPSET)
     g.hard_sigmoid = flavour.hard_sigmoid
     walker = _Walker(g, flavour)
+    g.trace = walker.trace_function
     env = {}
     inputs = []
     for name in output_names:
@@ -95,6 +103,14 @@ def _fuse_output_transposes(g, output_names):
             continue
         source.output[0] = node.output[0]
         g.nodes.remove(node)
+
+
+def _mask(tensor, env):
+    """The `Value` of `tensor`'s Keras mask, None, or "unknown" (not produced in the graph)."""
+    mask = getattr(tensor, "_keras_mask", None)
+    if mask is None:
+        return None
+    return env.get(id(mask), "unknown")
 
 
 class _Walker:
@@ -139,7 +155,8 @@ class _Walker:
                     tf.nest.map_structure(sub, tuple(args)),
                     tf.nest.map_structure(sub, dict(kwargs)),
                     [tuple(t.shape) for t in outputs], base,
-                    [dtype_name(t) for t in outputs], [dtype_name(t) for t in tensors])
+                    [dtype_name(t) for t in outputs], [dtype_name(t) for t in tensors],
+                    masks=[_mask(t, env) for t in tensors])
         if not isinstance(layer, self.flavour.Layer):
             return ops.emit_op(self.g, call)
         dtype = getattr(layer, "compute_dtype", "float32")
@@ -178,18 +195,39 @@ class _Walker:
                 return fresh[id(x)]
             return x
 
-        name = getattr(layer, "name", "model")
-        try:
+        def record():
             call_args = tf.nest.map_structure(symbolic, tuple(args))
             call_kwargs = tf.nest.map_structure(symbolic, dict(kwargs))
             result = layer.call(*call_args, **call_kwargs)
             inputs = [fresh[id(t)] for t in tensors if id(t) in fresh]
-            sub = keras.Model(inputs, tf.nest.flatten(result))
+            return keras.Model(inputs, tf.nest.flatten(result))
+
+        sub = self._record(record, getattr(layer, "name", "model"), type(layer).__name__, prefix)
+        inner = {id(fresh[i]): values[i] for i in fresh}
+        return self._walk_traced(sub, inner, prefix)
+
+    def trace_function(self, function, value, base):
+        """`function(value)` for a Python function (an activation), traced like a layer."""
+        keras = self.flavour.keras
+        x = keras.Input(batch_shape=value.shape)
+        name = getattr(function, "__name__", "function")
+        sub = self._record(lambda: keras.Model(x, function(x)), name, "function", base + "/")
+        outs = self._walk_traced(sub, {id(x): value}, base + "/")
+        if len(outs) != 1:
+            raise Uncovered([(base, "function", f"{name} returns {len(outs)} tensors")])
+        return outs[0]
+
+    @staticmethod
+    def _record(build, name, kind, prefix):
+        """`build()`, the traced sub-model; `Uncovered` if it does not run symbolically."""
+        try:
+            return build()
         except Exception as e:  # noqa: BLE001 - user code raises anything
             reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-            raise Uncovered([(prefix.rstrip("/") or name, type(layer).__name__,
+            raise Uncovered([(prefix.rstrip("/") or name, kind,
                               f"its call does not run on symbolic tensors ({reason})")])
-        inner = {id(fresh[i]): values[i] for i in fresh}
+
+    def _walk_traced(self, sub, inner, prefix):
         self.walk(sub, inner, prefix)
         out = [inner.get(id(t)) for t in sub.outputs]
         if any(v is None for v in out):
