@@ -118,6 +118,7 @@ class _Walker:
         self.g = g
         self.flavour = flavour
         self.uncovered = []
+        self.dtypes = {}  # id(tensor) -> the dtype it has in the graph
 
     def walk(self, model, env, prefix):
         """Emits every node of a Functional (or Sequential) model."""
@@ -151,11 +152,18 @@ class _Walker:
         def sub(x):
             return env[id(x)] if id(x) in env else x
 
+        in_dtypes = [self.dtypes.get(id(t)) or dtype_name(t) for t in tensors]
+        out_dtypes = [dtype_name(t) for t in outputs]
+        floats = [d for d in in_dtypes if d in ("float16", "bfloat16", "float32", "float64")]
+        if floats and "float64" not in floats and not isinstance(layer, self.flavour.Layer):
+            # Keras's symbolic inference promotes `x / np.sqrt(2.0)` to
+            # float64; the TensorFlow backend computes it in the tensor's dtype.
+            out_dtypes = [floats[0] if d == "float64" else d for d in out_dtypes]
+        self.dtypes.update((id(t), d) for t, d in zip(outputs, out_dtypes))
         call = Call(layer, [env[id(t)] for t in tensors],
                     tf.nest.map_structure(sub, tuple(args)),
                     tf.nest.map_structure(sub, dict(kwargs)),
-                    [tuple(t.shape) for t in outputs], base,
-                    [dtype_name(t) for t in outputs], [dtype_name(t) for t in tensors],
+                    [tuple(t.shape) for t in outputs], base, out_dtypes, in_dtypes,
                     masks=[_mask(t, env) for t in tensors])
         if not isinstance(layer, self.flavour.Layer):
             return ops.emit_op(self.g, call)
