@@ -381,15 +381,19 @@ def inspect_command(as_json, **options):
               show_default=True, help="native: Keras layers straight to ONNX; tf2onnx: "
               "through the TensorFlow graph; auto: native, else tf2onnx (said why).")
 @click.option("--opset", type=int, default=None, help="ONNX opset. Default: the exporter's (native: 17).")
+@click.option("--precision", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="Float type of the ONNX graph (float16: native "
+              "exporter; inputs and outputs stay float32 unless the model's own are float16).")
 @click.option("--no-check", is_flag=True, help="Do not run the ONNX model in onnxruntime.")
 @click.option(
-    "--tolerance", type=float, default=1e-4, show_default=True, callback=_tolerance,
+    "--tolerance", type=float, default=None, callback=_tolerance,
     help="rtol of the onnxruntime-vs-Keras check: each element may differ by "
-    "ATOL * max(1, rms of its output) + TOLERANCE * |Keras value|.",
+    "ATOL * max(1, rms of its output) + TOLERANCE * |Keras value|. Default: 1e-4, "
+    "or 8 epsilons of float16/bfloat16 for a mixed-precision model or float16 graph.",
 )
 @click.option(
-    "--atol", type=float, default=1e-5, show_default=True, callback=_tolerance,
-    help="atol of that check.",
+    "--atol", type=float, default=None, callback=_tolerance,
+    help="atol of that check. Default: 1e-5, or as --tolerance for lower precisions.",
 )
 @_writes
 @_common
@@ -409,7 +413,7 @@ def to_inference(no_fold, no_check, **options):
         click.echo(
             f"onnxruntime check: max |diff| = {onnx.max_abs_diff:.3g}, relative "
             f"{onnx.max_rel_diff:.3g} (per element: {onnx.atol:g} * max(1, rms) + "
-            f"{onnx.tolerance:g} * |Keras|), opset {onnx.opset}"
+            f"{onnx.tolerance:g} * |Keras|), {onnx.compared}, opset {onnx.opset}"
         )
     else:
         click.echo(f"onnxruntime check skipped (--no-check), opset {onnx.opset}")

@@ -143,9 +143,14 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
     kept in the result for checking the files written later.
     """
     folding = job.report.direction == "inference" and fold
-    tolerance = verify_lib.default_tolerance(folding) if tolerance is None else tolerance
     report = job.report
+    # A fold in float16/bfloat16 compute is held to that dtype's rounding.
+    report.compute_dtype = verify_lib.compute_dtype(job.model)
+    rtol, atol = verify_lib.relative_tolerance(report.compute_dtype)
+    if tolerance is None:
+        tolerance = rtol if folding else verify_lib.ABSOLUTE_TOLERANCE
     report.tolerance = tolerance
+    report.atol = atol if folding else None
     report.tolerance_kind = "relative" if folding else "absolute"
     sample = expected = None
     if verify:
@@ -166,7 +171,7 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
         if expected is not None:
             actual = verify_lib.run(work, sample)
             report.max_abs_diff, report.max_rel_diff = verify_lib.compare(
-                expected, actual, tolerance=tolerance, relative=folding,
+                expected, actual, tolerance=tolerance, relative=folding, atol=atol,
             )
             report.verified = True
     return Conversion(

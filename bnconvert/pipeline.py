@@ -43,9 +43,11 @@ class Options:
         custom_objects: `--custom-objects` modules or `.py` files.
         dry_run, force, unsafe: The flags of the same names.
         fold: `False` with `--no-fold`.
-        opset, check, tolerance, atol, exporter: ONNX export settings
-            (`check` is `False` with `--no-check`; `tolerance` is the
-            check's `rtol`; `exporter` is `auto`, `native` or `tf2onnx`).
+        opset, check, tolerance, atol, exporter, precision: ONNX export
+            settings (`check` is `False` with `--no-check`; `tolerance` is
+            the check's `rtol`, None for the compute dtype's default;
+            `exporter` is `auto`, `native` or `tf2onnx`; `precision` is
+            `float32` or `float16`).
         target: `inspect --to`.
         sync_group_size: `to-sync --sync-group-size`.
     """
@@ -63,9 +65,10 @@ class Options:
     fold: bool = True
     opset: int | None = None
     check: bool = True
-    tolerance: float = 1e-4
-    atol: float = 1e-5
+    tolerance: float | None = None
+    atol: float | None = None
     exporter: str = "auto"
+    precision: str = "float32"
     target: str = "sync"
     sync_group_size: int | None = None
 
@@ -140,6 +143,7 @@ def run(options, progress=None, cancelled=None):
         from bnconvert.onnx import export as onnx_export
 
         onnx_export.check_opset(options.opset, options.exporter)
+        onnx_export.check_precision(options.precision, options.exporter)
 
     from bnconvert import convert
     from bnconvert import model_io
@@ -237,6 +241,7 @@ def _write_onnx(staged, model, out, options, progress, reference):
         onnx = onnx_export.export_onnx(
             model, tmp, opset=options.opset, tolerance=options.tolerance,
             atol=options.atol, check=options.check, exporter=options.exporter,
+            precision=options.precision,
             reference=reference if None not in reference else None,
         )
     return dataclasses.replace(onnx, path=str(out))

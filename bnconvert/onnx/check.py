@@ -12,6 +12,7 @@ import numpy as np
 
 from bnconvert import verify
 from bnconvert.errors import ConversionError
+from bnconvert.errors import first_line
 from bnconvert.errors import VerificationError
 
 
@@ -62,8 +63,12 @@ def _load_array(value):
 
 
 def compare(model, onnx_model, input_names, output_names, batches, tolerance, atol,
-             known=None):
-    """Runs each batch in Keras and onnxruntime; returns the worst `(abs, rel)` figures."""
+             known=None, exporter="native"):
+    """Runs each batch in Keras and onnxruntime; returns the worst `(abs, rel)` figures.
+
+    onnxruntime failing to load or to run the graph is a `ConversionError`
+    naming `exporter`, the one that wrote it.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -72,16 +77,23 @@ def compare(model, onnx_model, input_names, output_names, batches, tolerance, at
         session = ort.InferenceSession(
             onnx_model, sess_options=options, providers=["CPUExecutionProvider"]
         )
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own kinds
         raise ConversionError(
-            f"onnxruntime cannot load the exported graph of model '{model.name}': {first}"
+            f"onnxruntime cannot load the graph {exporter} wrote for model "
+            f"'{model.name}': {first_line(e, 300)}"
         ) from e
     worst = (0.0, 0.0)
     for i, batch in enumerate(batches):
+        try:
+            got = session.run(output_names, dict(zip(input_names, batch)))
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own kinds
+            raise ConversionError(
+                f"onnxruntime fails running the graph {exporter} wrote for model "
+                f"'{model.name}': {first_line(e, 300)}"
+            ) from e
         figures = verify.compare(
             known if i == 0 and known is not None else verify.run(model, batch),
-            session.run(output_names, dict(zip(input_names, batch))),
+            got,
             tolerance=tolerance, relative=True, atol=atol,
             what=f"The ONNX model of '{model.name}' (onnxruntime)",
         )
