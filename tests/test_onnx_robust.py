@@ -145,8 +145,14 @@ def test_invalid_graph_falls_back(tmp_path, monkeypatch):
 
     monkeypatch.setitem(onnx_walk.LAYERS, "Flatten", undefined_input)
     model = _flatten_dense()
-    with pytest.raises(ConversionError, match="wrote an invalid graph"):
+    with pytest.raises(ConversionError, match="onnxruntime cannot load the graph native wrote"):
         export_onnx(model, tmp_path / "m.onnx", exporter="native")
+    # Unchecked, the ONNX checker stands in for onnxruntime.
+    with pytest.raises(ConversionError, match="wrote an invalid graph"):
+        export_onnx(model, tmp_path / "m.onnx", exporter="native", check=False)
+    assert not list(tmp_path.iterdir())
+    result = export_onnx(model, tmp_path / "m.onnx", check=False)
+    assert result.exporter == "tf2onnx" and "invalid graph" in result.exporter_note
     assert export_onnx(model, tmp_path / "m.onnx").exporter == "tf2onnx"
 
 

@@ -1,7 +1,7 @@
 """The two exporters' attempts, each checked, and the fallback between them.
 
-`native` runs the native walk (`bnconvert.onnx.walk`), the ONNX checker and
-the onnxruntime gate; any failure on the way, an emitter's exception
+`native` runs the native walk (`bnconvert.onnx.walk`) and the onnxruntime
+gate (or, unchecked, the ONNX checker); any failure on the way, an emitter's exception
 included, becomes `NativeFailed` with a one-line reason, so that `auto` can
 fall back and say why. `with_tf2onnx` runs tf2onnx and the gate; when it
 fails after native did, its one-line error gives both reasons:
@@ -54,11 +54,14 @@ class NativeFailed(Exception):
         self.error = error
 
 
-def native(model, input_names, output_names, opset, checked, precision):
-    """The native export, serialized and checked: `_Written` fields.
+def native(model, input_names, output_names, opset, checked, precision, validate):
+    """The native export, serialized and checked: `(data, diffs, exporter, note, seconds, opset)`.
 
-    Every failure becomes `_NativeFailed`, with a one-line reason for the
-    fallback and the error `exporter="native"` raises.
+    Every failure becomes `NativeFailed`, with a one-line reason for the
+    fallback and the error `exporter="native"` raises. `validate` runs the
+    ONNX checker, for exports that onnxruntime does not load (no check):
+    onnxruntime validates what it loads, and the checker would add a third
+    of a second to ResNet50's export.
     """
     from bnconvert import flavour as flavour_lib
     from bnconvert.onnx import walk
@@ -85,7 +88,8 @@ def native(model, input_names, output_names, opset, checked, precision):
         raise failed(f"failed while writing the graph ({_error_line(e)})") from None
     seconds = time.perf_counter() - start
     try:
-        onnx.checker.check_model(data)
+        if validate:
+            onnx.checker.check_model(data)
     except Exception as e:  # noqa: BLE001 - the checker raises several kinds
         raise failed(f"wrote an invalid graph ({_error_line(e)})") from None
     try:

@@ -194,7 +194,8 @@ def export_onnx(model, path, *, opset=None, tolerance=None, atol=None, inputs=No
     why = ""
     if exporter == NATIVE or (exporter == AUTO and opset in (None, *NATIVE_OPSETS)):
         try:
-            written = attempts.native(model, input_names, output_names, opset, checked, precision)
+            written = attempts.native(model, input_names, output_names, opset, checked,
+                                      precision, validate=not check)
         except attempts.NativeFailed as e:
             if exporter == NATIVE:
                 raise e.error from None
