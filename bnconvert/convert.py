@@ -74,8 +74,10 @@ def convert_model(
         verify: If `True`, run both models on one generated batch with
             `training=False` and compare the outputs.
         tolerance: Largest accepted difference of the outputs: absolute
-            (default 1e-6) for a swap, relative to the largest output
-            (default 1e-5) when BN layers are folded.
+            (default 1e-6) for a swap; when BN layers are folded, the `rtol`
+            of the per-element check (`bnconvert.verify`; default 1e-4, or 8
+            epsilons of float16/bfloat16 for a mixed-precision model, whose
+            `atol` is the same).
         fold: With `to="inference"`, fold BN into its producer layer.
         safe_mode: Passed to Keras when `model` is a path: refuse to load
             Python code (`Lambda` layers) stored in the file.
