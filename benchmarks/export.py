@@ -31,6 +31,7 @@ Usage: python benchmarks/export.py [--size 224] [--runs 30] [--repeats 3] [--rou
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -135,6 +136,7 @@ def latency_table(size, runs, rounds, tmp):
                      [_nodes_after_optimization(p) for p in paths]))
         del model, folded
         keras.backend.clear_session()
+        gc.collect()  # five models' graphs at once would take 5 GB
     return rows
 
 

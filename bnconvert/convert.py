@@ -123,6 +123,7 @@ class Conversion:
         expected: The original model's outputs on `sample`, or `None`.
         tolerance: The tolerance the outputs are held to.
         relative: Whether that tolerance is relative (BN was folded).
+        atol: The absolute term of a relative check (from the compute dtype).
         rewritten: The layer objects the conversion rewrote in place.
         actual: The converted model's outputs on `sample`, or `None`.
     """
@@ -135,6 +136,7 @@ class Conversion:
     relative: bool = False
     rewritten: list = dataclasses.field(default_factory=list)
     actual: list = None
+    atol: float = verify_lib.ATOL
 
 
 def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=False):
@@ -178,7 +180,7 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
             report.verified = True
     return Conversion(
         work, report, sample, expected, tolerance, folding, list(job.converter.rewritten),
-        actual,
+        actual, atol,
     )
 
 

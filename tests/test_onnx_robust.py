@@ -280,3 +280,18 @@ def test_float16_precision_is_native_only(tmp_path):
     with pytest.raises(ConversionError, match="precision"):
         export_onnx(_flatten_dense(), tmp_path / "m.onnx", exporter="tf2onnx",
                     precision="float16")
+
+
+def test_mixed_precision_model_through_the_cli_with_keras_out(tmp_path):
+    """Fold check, file check of --keras-out and gate, all at float16's rounding."""
+    model = _mixed_cnn("mixed_float16")
+    model.save(tmp_path / "m.keras")
+    out = CliRunner().invoke(cli.main, [
+        "to-inference", str(tmp_path / "m.keras"), "-o", str(tmp_path / "m.onnx"),
+        "--keras-out", str(tmp_path / "folded.keras")])
+    assert out.exit_code == 0, out.output
+    assert "float16 compute" in out.output
+    assert "Keras in float16 against a float32 graph" in out.output
+    x = _batch(model)
+    twin = _keras(_float32_twin(model), x)
+    _assert_close(_run(tmp_path / "m.onnx", x), twin, rtol=1e-4, atol=1e-4)
