@@ -295,3 +295,24 @@ def test_mixed_precision_model_through_the_cli_with_keras_out(tmp_path):
     x = _batch(model)
     twin = _keras(_float32_twin(model), x)
     _assert_close(_run(tmp_path / "m.onnx", x), twin, rtol=1e-4, atol=1e-4)
+
+
+def test_tf_keras_mixed_float16_model_exports_natively(tmp_path):
+    import tf_keras
+
+    tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inputs = tf_keras.Input((16, 16, 3), name="image")
+        y = tf_keras.layers.Conv2D(8, 3, name="conv")(inputs)
+        y = tf_keras.layers.BatchNormalization(name="bn")(y)
+        y = tf_keras.layers.GlobalAveragePooling2D()(tf_keras.layers.ReLU()(y))
+        model = tf_keras.Model(inputs, tf_keras.layers.Dense(4, name="logits")(y))
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+    folded, report = convert_model(model, to="inference", return_report=True)
+    assert report.folded == 1 and report.compute_dtype == "float16"
+    result = export_onnx(folded, tmp_path / "m.onnx")
+    assert result.exporter == "native" and result.compute_dtype == "float16"
+    x = _batch(model)
+    want = [np.asarray(model(x[0], training=False), np.float64)]
+    _assert_close(_run(tmp_path / "m.onnx", x), want, rtol=8 * 2.0**-10, atol=8 * 2.0**-10)
