@@ -182,7 +182,7 @@ def export_onnx(model, path, *, opset=None, tolerance=None, atol=None, inputs=No
                     if not check:
                         return (None, None)
                     return ort_check.compare(model, data, input_names, output_names,
-                                              batches, tolerance, atol, known, name)
+                                              batches, tolerance, atol, known, exporter=name)
                 finally:
                     writer.finish()
         except OSError as e:

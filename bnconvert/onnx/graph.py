@@ -251,6 +251,28 @@ class Graph:
                     attr.t.CopyFrom(onnx.numpy_helper.from_array(
                         onnx.numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
 
+    def divisions_to_products(self):
+        """Turns each `Div` by a float constant into a `Mul` by its reciprocal.
+
+        onnxruntime divides more slowly than it multiplies (an image
+        `Normalization` before the stem costs 3% of EfficientNetV2B0's run);
+        the product differs from the quotient by at most one rounding.
+        """
+        arrays = dict(self.initializers)
+        for node in self.nodes:
+            if node.op_type != "Div" or node.input[1] not in arrays:
+                continue
+            divisor = arrays[node.input[1]]
+            if divisor.dtype.kind != "f":
+                continue
+            with np.errstate(divide="ignore", over="ignore"):
+                reciprocal = (1.0 / divisor.astype(np.float64)).astype(divisor.dtype)
+            if not np.all(np.isfinite(reciprocal)):
+                continue
+            node.op_type = "Mul"
+            node.input[1] = self.constant(reciprocal, f"{node.input[1]}/reciprocal",
+                                          divisor.dtype)
+
     def model(self, name, inputs, outputs, producer):
         """The `onnx.ModelProto`.
 

@@ -103,6 +103,7 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
             g.node("Cast", [value.name], name, output_names=[name], to=elem)
         outputs.append((name, tuple(tensor.shape), elem))
     _fuse_output_transposes(g, output_names)
+    g.divisions_to_products()
     return g.model(model.name, inputs, outputs, "bnconvert")
 
 
