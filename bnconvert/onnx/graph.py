@@ -259,6 +259,7 @@ class Graph:
         the product differs from the quotient by at most one rounding.
         """
         arrays = dict(self.initializers)
+        replaced = set()
         for node in self.nodes:
             if node.op_type != "Div" or node.input[1] not in arrays:
                 continue
@@ -270,8 +271,11 @@ class Graph:
             if not np.all(np.isfinite(reciprocal)):
                 continue
             node.op_type = "Mul"
+            replaced.add(node.input[1])
             node.input[1] = self.constant(reciprocal, f"{node.input[1]}/reciprocal",
                                           divisor.dtype)
+        unused = replaced - {name for node in self.nodes for name in node.input}
+        self.initializers = [(n, a) for n, a in self.initializers if n not in unused]
 
     def model(self, name, inputs, outputs, producer):
         """The `onnx.ModelProto`.
