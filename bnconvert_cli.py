@@ -394,16 +394,15 @@ def inspect_command(as_json, **options):
               show_default=True, help="native: Keras layers straight to ONNX; tf2onnx: "
               "through the TensorFlow graph; auto: native, else tf2onnx (said why).")
 @click.option("--opset", type=int, default=None, help="ONNX opset. Default: the exporter's (native: 17).")
+@click.option("--precision", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="Float type of the ONNX graph (float16: native only).")
 @click.option("--no-check", is_flag=True, help="Do not run the ONNX model in onnxruntime.")
-@click.option(
-    "--tolerance", type=float, default=1e-4, show_default=True, callback=_tolerance,
-    help="rtol of the onnxruntime-vs-Keras check: each element may differ by "
-    "ATOL * max(1, rms of its output) + TOLERANCE * |Keras value|.",
-)
-@click.option(
-    "--atol", type=float, default=1e-5, show_default=True, callback=_tolerance,
-    help="atol of that check.",
-)
+@click.option("--tolerance", type=float, default=None, callback=_tolerance, help="rtol of the "
+              "onnxruntime-vs-Keras check: each element may differ by ATOL * max(1, rms of its "
+              "output) + TOLERANCE * |Keras value|. Default: 1e-4; 8 epsilons of float16/bfloat16 "
+              "for mixed precision or a float16 graph.")
+@click.option("--atol", type=float, default=None, callback=_tolerance,
+              help="atol of that check. Default: 1e-5; as --tolerance for lower precisions.")
 @_writes
 @_common
 def to_inference(no_fold, no_check, **options):

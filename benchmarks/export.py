@@ -18,12 +18,20 @@ Prints, side by side and measured in this one run:
   original model, the three sessions taking turns run by run;
 - time per layer of the native exporter on Dense/BatchNormalization chains
   of 100, 500 and 2,000 layers (graph written and serialized, no check),
-  which should not grow with the depth.
+  which should not grow with the depth;
+- latency per model (issue 17): onnxruntime median latency of the native
+  export against our tf2onnx export of the same folded model, for
+  MobileNetV3Large (also minimalistic), EfficientNetV2B0, NASNetMobile and
+  ResNet50, the two sessions taking turns; `--rounds` rounds, each with
+  fresh sessions, and the median of the per-round ratios; with the node
+  count of each graph after onnxruntime's own optimizations (what runs).
 
-Usage: python benchmarks/export.py [--size 224] [--runs 30] [--repeats 3]
+Usage: python benchmarks/export.py [--size 224] [--runs 30] [--repeats 3] [--rounds 3]
+       [--latency-only]
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -48,8 +56,23 @@ from convert import synthetic_chain  # noqa: E402  (benchmarks/convert.py)
 sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
 
 
+A = keras.applications
+LATENCY_MODELS = {
+    "MobileNetV3Large": lambda s: A.MobileNetV3Large(weights=None, input_shape=(s, s, 3)),
+    "MobileNetV3Large minimalistic": lambda s: A.MobileNetV3Large(
+        weights=None, input_shape=(s, s, 3), minimalistic=True),
+    "EfficientNetV2B0": lambda s: A.EfficientNetV2B0(weights=None, input_shape=(s, s, 3)),
+    "NASNetMobile": lambda s: A.NASNetMobile(weights=None, input_shape=(s, s, 3)),
+    "ResNet50": lambda s: A.ResNet50(weights=None, input_shape=(s, s, 3)),
+}
+
+
 def resnet50(size):
-    model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3))
+    return randomized_bn(LATENCY_MODELS["ResNet50"](size))
+
+
+def randomized_bn(model):
+    """`model` with BN statistics, gamma and beta drawn at random (seed 0)."""
     rng = np.random.default_rng(0)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -65,9 +88,7 @@ def latencies_ms(paths, x, runs):
     """Median onnxruntime latency of each file, the sessions taking turns."""
     sessions = []
     for path in paths:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # the machine is shared; one core each
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = _session(path)
         feed = {session.get_inputs()[0].name: x}
         for _ in range(3):
             session.run(None, feed)
@@ -79,6 +100,54 @@ def latencies_ms(paths, x, runs):
             session.run(None, feed)
             out.append(time.perf_counter() - start)
     return [1000 * statistics.median(t) for t in times]
+
+
+def _session(path, optimized=None):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # the machine is shared; one core each
+    if optimized:
+        options.optimized_model_filepath = optimized
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _nodes_after_optimization(path):
+    """Nodes of the graph onnxruntime runs (after its fusions), as saved by it."""
+    import onnx
+
+    _session(path, path + ".ort.onnx")
+    return len(onnx.load(path + ".ort.onnx", load_external_data=False).graph.node)
+
+
+def latency_table(size, runs, rounds, tmp):
+    """Native / tf2onnx latency per model: `(name, native ms, tf2onnx ms, ratios, nodes)`."""
+    rows = []
+    for name, build in LATENCY_MODELS.items():
+        keras.utils.set_random_seed(0)
+        model = randomized_bn(build(size))
+        folded = convert_model(model, to="inference")
+        paths = [os.path.join(tmp, f"{name.replace(' ', '_')}_{e}.onnx") for e in ("n", "t")]
+        for path, exporter in zip(paths, ("native", "tf2onnx")):
+            bnconvert.export_onnx(folded, path, exporter=exporter)
+        x = np.random.default_rng(1).normal(size=(1, size, size, 3)).astype("float32")
+        figures = [latencies_ms(paths, x, runs) for _ in range(rounds)]
+        ratios = [n / t for n, t in figures]
+        rows.append((name, statistics.median(f[0] for f in figures),
+                     statistics.median(f[1] for f in figures), ratios,
+                     [_nodes_after_optimization(p) for p in paths]))
+        del model, folded
+        keras.backend.clear_session()
+        gc.collect()  # five models' graphs at once would take 5 GB
+    return rows
+
+
+def print_latency_table(rows, size, runs, rounds):
+    print(f"Latency {size}x{size}, batch 1, onnxruntime 1 thread: native / our tf2onnx export "
+          f"of the same folded model, medians of {runs} alternating runs, {rounds} rounds; "
+          "target <= 1.0")
+    print(f"{'':32}{'native':>9}{'tf2onnx':>9}{'ratio':>7}  per round        nodes run (n/t)")
+    for name, native_ms, tf2onnx_ms, ratios, nodes in rows:
+        print(f"{name:32}{native_ms:9.2f}{tf2onnx_ms:9.2f}{statistics.median(ratios):7.2f}  "
+              f"{', '.join(f'{r:.2f}' for r in ratios):16} {nodes[0]}/{nodes[1]}")
 
 
 def child(kind, size, path):
@@ -137,6 +206,8 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--latency-only", action="store_true")
     parser.add_argument("--child", choices=["anchor", "cli", "api"])
     parser.add_argument("--path")
     args = parser.parse_args()
@@ -144,6 +215,9 @@ def main():
         return child(args.child, args.size, args.path)
 
     tmp = tempfile.mkdtemp(prefix="bnconvert-bench-")
+    if args.latency_only:
+        rows = latency_table(args.size, args.runs, args.rounds, tmp)
+        return print_latency_table(rows, args.size, args.runs, args.rounds)
     anchor_path = os.path.join(tmp, "keras_export.onnx")
     native_path = os.path.join(tmp, "native.onnx")
     tf2onnx_path = os.path.join(tmp, "tf2onnx.onnx")
@@ -196,6 +270,8 @@ def main():
           f"{args.repeats}); target: ms/layer flat")
     for n, per_layer in rows:
         print(f"  {n:5d} layers: {per_layer:7.3f} ms/layer  ratio {per_layer / first:5.2f}")
+    print_latency_table(latency_table(args.size, args.runs, args.rounds, tmp), args.size,
+                        args.runs, args.rounds)
 
 
 if __name__ == "__main__":

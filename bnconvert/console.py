@@ -47,7 +47,7 @@ def to_inference_lines(result, max_rows):
         lines.append(
             f"onnxruntime check: max |diff| = {onnx.max_abs_diff:.3g}, relative "
             f"{onnx.max_rel_diff:.3g} (per element: {onnx.atol:g} * max(1, rms) + "
-            f"{onnx.tolerance:g} * |Keras|), opset {onnx.opset}"
+            f"{onnx.tolerance:g} * |Keras|), {onnx.compared}, opset {onnx.opset}"
         )
     else:
         lines.append(f"onnxruntime check skipped (--no-check), opset {onnx.opset}")

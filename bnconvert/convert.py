@@ -79,8 +79,10 @@ def convert_model(
         verify: If `True`, run both models on one generated batch (or
             `check_inputs`) with `training=False` and compare the outputs.
         tolerance: Largest accepted difference of the outputs: absolute
-            (default 1e-6) for a swap, relative to the largest output
-            (default 1e-5) when BN layers are folded.
+            (default 1e-6) for a swap; when BN layers are folded, the `rtol`
+            of the per-element check (`bnconvert.verify`; default 1e-4, or 8
+            epsilons of float16/bfloat16 for a mixed-precision model, whose
+            `atol` is the same).
         fold: With `to="inference"`, fold BN into its producer layer.
         safe_mode: Passed to Keras when `model` is a path: refuse to load
             Python code (`Lambda` layers) stored in the file.
@@ -139,6 +141,7 @@ class Conversion:
         expected: The original model's outputs on `sample`, or `None`.
         tolerance: The tolerance the outputs are held to.
         relative: Whether that tolerance is relative (BN was folded).
+        atol: The absolute term of a relative check (from the compute dtype).
         rewritten: The layer objects the conversion rewrote in place.
         actual: The converted model's outputs on `sample`, or `None`.
         allow_nonfinite: Whether non-finite outputs were accepted.
@@ -153,6 +156,7 @@ class Conversion:
     rewritten: list = dataclasses.field(default_factory=list)
     actual: list = None
     allow_nonfinite: bool = False
+    atol: float = verify_lib.ATOL
 
 
 def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=False,
@@ -164,9 +168,14 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
     kept in the result for checking the files written later.
     """
     folding = job.report.direction == "inference" and fold
-    tolerance = verify_lib.default_tolerance(folding) if tolerance is None else tolerance
     report = job.report
+    # A fold in float16/bfloat16 compute is held to that dtype's rounding.
+    report.compute_dtype = verify_lib.compute_dtype(job.model)
+    rtol, atol = verify_lib.relative_tolerance(report.compute_dtype)
+    if tolerance is None:
+        tolerance = rtol if folding else verify_lib.ABSOLUTE_TOLERANCE
     report.tolerance = tolerance
+    report.atol = atol if folding else None
     report.tolerance_kind = "relative" if folding else "absolute"
     sample = expected = None
     if verify and check_inputs is not None:
@@ -190,7 +199,7 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
         if expected is not None:
             actual = verify_lib.run(work, sample)
             report.max_abs_diff, report.max_rel_diff = verify_lib.compare(
-                expected, actual, tolerance=tolerance, relative=folding,
+                expected, actual, tolerance=tolerance, relative=folding, atol=atol,
                 allow_nonfinite=allow_nonfinite,
             )
             report.verified = True
@@ -201,7 +210,7 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
                 )
     return Conversion(
         work, report, sample, expected, tolerance, folding, list(job.converter.rewritten),
-        actual, allow_nonfinite,
+        actual, allow_nonfinite, atol,
     )
 
 

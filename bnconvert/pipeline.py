@@ -44,9 +44,11 @@ class Options:
         allow_asset_paths: `--allow-asset-paths`: accept a model config
             naming files to read (see `bnconvert.config_checks`).
         fold: `False` with `--no-fold`.
-        opset, check, tolerance, atol, exporter: ONNX export settings
-            (`check` is `False` with `--no-check`; `tolerance` is the
-            check's `rtol`; `exporter` is `auto`, `native` or `tf2onnx`).
+        opset, check, tolerance, atol, exporter, precision: ONNX export
+            settings (`check` is `False` with `--no-check`; `tolerance` is
+            the check's `rtol`, None for the compute dtype's default;
+            `exporter` is `auto`, `native` or `tf2onnx`; `precision` is
+            `float32` or `float16`).
         target: `inspect --to`.
         sync_group_size: `to-sync --sync-group-size`.
         allow_nonfinite: `--allow-nonfinite`: accept NaN/Inf outputs that
@@ -67,9 +69,10 @@ class Options:
     fold: bool = True
     opset: int | None = None
     check: bool = True
-    tolerance: float = 1e-4
-    atol: float = 1e-5
+    tolerance: float | None = None
+    atol: float | None = None
     exporter: str = "auto"
+    precision: str = "float32"
     target: str = "sync"
     sync_group_size: int | None = None
     allow_nonfinite: bool = False
@@ -235,8 +238,10 @@ def _check_arguments(options):
         from bnconvert.onnx import export as onnx_export
 
         onnx_export.check_opset(options.opset, options.exporter)
-        verify.check_tolerance("tolerance", options.tolerance)
-        verify.check_tolerance("atol", options.atol)
+        onnx_export.check_precision(options.precision, options.exporter)
+        # None: the compute dtype's default.
+        verify.check_tolerance("tolerance", options.tolerance, optional=True)
+        verify.check_tolerance("atol", options.atol, optional=True)
     if options.sync_group_size is not None:
         from bnconvert import convert
 
@@ -270,6 +275,7 @@ def _write_onnx(staged, model, out, options, progress, reference):
             onnx = onnx_export.export_onnx(
                 model, tmp, opset=options.opset, tolerance=options.tolerance,
                 atol=options.atol, check=options.check, exporter=options.exporter,
+                precision=options.precision,
                 reference=reference if None not in reference else None,
                 allow_nonfinite=options.allow_nonfinite,
             )

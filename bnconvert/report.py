@@ -69,6 +69,10 @@ class ConversionReport:
         tolerance_kind: `"absolute"`, or `"relative"` when BN was folded: then
             `tolerance` is the `rtol` of the per-element check of
             `bnconvert.verify.compare`.
+        atol: Its absolute term (None for an absolute check).
+        compute_dtype: The least precise float dtype the model computes in
+            (`"float16"`/`"bfloat16"` for mixed precision): the checks take
+            their default tolerance from its rounding.
         verification_note: Why verification did not run, or what was fed.
         rule_sources: The rule files in force.
         file_checks: One dict per model file written, loaded back and
@@ -84,6 +88,8 @@ class ConversionReport:
     max_rel_diff: float | None = None
     tolerance: float | None = None
     tolerance_kind: str = "absolute"
+    atol: float | None = None
+    compute_dtype: str = "float32"
     verification_note: str = ""
     rule_sources: tuple = ()
     file_checks: list = dataclasses.field(default_factory=list)
@@ -133,6 +139,8 @@ class ConversionReport:
                 "max_rel_diff": self.max_rel_diff,
                 "tolerance": self.tolerance,
                 "tolerance_kind": self.tolerance_kind,
+                "atol": self.atol,
+                "compute_dtype": self.compute_dtype,
                 "note": self.verification_note,
             },
             "rule_sources": list(self.rule_sources),
@@ -182,8 +190,9 @@ class ConversionReport:
                 f"verified: max |diff| = {self.max_abs_diff:.3g}, "
                 f"relative {self.max_rel_diff:.3g} "
                 + (f"(absolute tolerance {self.tolerance:g})" if self.tolerance_kind == "absolute"
-                   else f"(per element: {verify.ATOL:g} * max(1, rms) + "
+                   else f"(per element: {self.atol or verify.ATOL:g} * max(1, rms) + "
                    f"{self.tolerance:g} * |original|)")
+                + (f", {self.compute_dtype} compute" if self.compute_dtype != "float32" else "")
             )
         elif self.verification_note:
             lines.append(f"not verified: {self.verification_note}")

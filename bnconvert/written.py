@@ -81,7 +81,7 @@ def check_file(path, fmt, flavour, model, conversion, *, name, custom_objects=No
     if conversion.expected is not None:
         figures["max_abs_diff"], figures["max_rel_diff"] = verify.compare(
             conversion.expected, verify.run(reloaded, conversion.sample),
-            tolerance=conversion.tolerance, relative=conversion.relative,
+            tolerance=conversion.tolerance, relative=conversion.relative, atol=conversion.atol,
             what=f"The written file {name}", allow_nonfinite=conversion.allow_nonfinite,
         )
     return figures

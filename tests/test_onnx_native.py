@@ -363,8 +363,9 @@ case("rescaling_at_input",
      body(S2, lambda K, x: _head(K, K.layers.Rescaling(2.0, offset=-1.0)(x), "conv"), head="none"),
      ["Mul", "Add"])
 _MEAN, _VAR = [0.1, -0.2, 0.3, 0.0, 0.5, -1.0], [1.0, 2.0, 0.5, 0.25, 4.0, 1.5]
+# A division by a constant is written as a product (Graph.divisions_to_products).
 case("normalization", body(S2, lambda K, y: K.layers.Normalization(mean=_MEAN, variance=_VAR)(y)),
-     ["Sub", "Div"])
+     ["Sub", "Mul"])
 case("normalization_invert",
      body(S2, lambda K, y: K.layers.Normalization(mean=_MEAN, variance=_VAR, invert=True)(y)),
      ["Mul", "Add"])
@@ -377,7 +378,8 @@ def _away_from_zero(f, y):
 
 
 for _fn, _op in (("add", "Add"), ("subtract", "Sub"), ("multiply", "Mul"), ("divide", "Div")):
-    case(f"ops_{_fn}_scalar", body(S2, lambda K, y, f=_fn: getattr(ops, f)(y, 1.5)), [_op])
+    case(f"ops_{_fn}_scalar", body(S2, lambda K, y, f=_fn: getattr(ops, f)(y, 1.5)),
+         ["Mul" if _op == "Div" else _op])
     case(f"ops_{_fn}_vector", body(S2, lambda K, y, f=_fn: getattr(ops, f)(
         _C + 2.0, _away_from_zero(f, y))), [_op])
     case(f"ops_{_fn}_tensor_broadcast",
@@ -386,7 +388,7 @@ for _fn, _op in (("add", "Add"), ("subtract", "Sub"), ("multiply", "Mul"), ("div
     case(f"ops_{_fn}_tensor_broadcast_right",
          body(S2, lambda K, y, f=_fn: getattr(ops, f)(
              y, _away_from_zero(f, ops.mean(y, axis=[1, 2], keepdims=True)))), [_op])
-case("ops_python_operators", body(S2, lambda K, y: (y * 2.0 - 1.0) / 3.0 + y), ["Mul", "Div"])
+case("ops_python_operators", body(S2, lambda K, y: (y * 2.0 - 1.0) / 3.0 + y), ["Mul", "Add"])
 case("ops_maximum_minimum", body(S2, lambda K, y: ops.minimum(ops.maximum(y, -0.5), 0.7)),
      ["Max", "Min"])
 case("ops_power", body(S2, lambda K, y: ops.power(ops.abs(y) + 0.1, 1.5)), ["Pow"])

@@ -355,3 +355,153 @@ def sample_inputs(model, name, batch=2, size=64):
         shape = [batch] + [size if d is None else d for d in tensor.shape[1:]]
         arrays.append(rng.uniform(0.0, 1.0, shape).astype("float32"))
     return arrays
+
+
+# --- issue 17: models people train now (exported to ONNX only) -------------
+
+def _segformer():
+    encoder = H.MiTBackbone(
+        layerwise_depths=[1, 1], num_layers=2, layerwise_num_heads=[1, 2],
+        layerwise_sr_ratios=[4, 2], max_drop_path_rate=0.0, layerwise_patch_sizes=[7, 3],
+        layerwise_strides=[4, 2], hidden_dims=[16, 32], image_shape=(64, 64, 3),
+    )
+    return H.SegFormerBackbone(image_encoder=encoder, projection_filters=16)
+
+
+def _mobilenetv5():
+    # The batch-norm variant (the default is RMS norm), with one attention stage.
+    return H.MobileNetV5Backbone(
+        stackwise_block_types=[["er"], ["uir", "mqa"]],
+        stackwise_num_blocks=[1, 2],
+        stackwise_num_filters=[[16], [24, 24]],
+        stackwise_strides=[[2], [2, 1]],
+        stackwise_act_layers=[["relu"], ["gelu", "gelu"]],
+        stackwise_exp_ratios=[[2.0], [2.0, 2.0]],
+        stackwise_se_ratios=[[0.0], [0.0, 0.0]],
+        stackwise_dw_kernel_sizes=[[0], [3, 0]],
+        stackwise_dw_start_kernel_sizes=[[0], [3, 0]],
+        stackwise_dw_end_kernel_sizes=[[0], [0, 0]],
+        stackwise_exp_kernel_sizes=[[3], [0, 0]],
+        stackwise_pw_kernel_sizes=[[1], [0, 0]],
+        stackwise_num_heads=[[0], [0, 2]],
+        stackwise_key_dims=[[0], [0, 8]],
+        stackwise_value_dims=[[0], [0, 8]],
+        stackwise_kv_strides=[[0], [0, 2]],
+        stackwise_use_cpe=[[False], [False, False]],
+        stem_size=8, num_features=64, use_msfa=False, norm_layer="batch_norm",
+        image_shape=(64, 64, 3),
+    )
+
+
+def _dfine():
+    hgnetv2 = H.HGNetV2Backbone(
+        stem_channels=[3, 8, 8],
+        stackwise_stage_filters=[[8, 8, 16, 1, 2, 3], [16, 8, 32, 1, 2, 3],
+                                 [32, 16, 48, 1, 2, 3]],
+        apply_downsample=[False, True, True], use_lightweight_conv_block=[False, False, True],
+        depths=[1, 1, 1], hidden_sizes=[16, 32, 48], embedding_size=8,
+        use_learnable_affine_block=False, hidden_act="relu", image_shape=(64, 64, 3),
+        out_features=["stage2", "stage3"],
+    )
+    return H.DFineBackbone(
+        backbone=hgnetv2, decoder_in_channels=[16, 16], encoder_hidden_dim=16,
+        num_denoising=0, num_labels=4, hidden_dim=16, learn_initial_query=False,
+        num_queries=8, anchor_image_size=(64, 64), feat_strides=[8, 16],
+        num_feature_levels=2, encoder_in_channels=[32, 48], encode_proj_layers=[1],
+        num_attention_heads=2, encoder_ffn_dim=32, num_encoder_layers=1,
+        hidden_expansion=0.5, depth_multiplier=0.5, eval_idx=-1, num_decoder_layers=1,
+        decoder_attention_heads=2, decoder_ffn_dim=32, decoder_n_points=[2, 2],
+        lqe_hidden_dim=8, num_lqe_layers=2, out_features=["stage2", "stage3"],
+        image_shape=(64, 64, 3), seed=0,
+    )
+
+
+def _yolov8():
+    import keras_cv
+
+    backbone = keras_cv.models.YOLOV8Backbone(
+        stackwise_channels=[8, 16, 24, 32], stackwise_depth=[1, 1, 1, 1],
+        include_rescaling=False, input_shape=(64, 64, 3),
+    )
+    return keras_cv.models.YOLOV8Detector(
+        backbone=backbone, num_classes=3, bounding_box_format="xywh", fpn_depth=1
+    )
+
+
+def _cspdarknet():
+    import keras_cv
+
+    return keras_cv.models.CSPDarkNetBackbone(
+        stackwise_channels=[8, 16, 24, 32], stackwise_depth=[1, 1, 1, 1],
+        include_rescaling=False, input_shape=(64, 64, 3),
+    )
+
+
+def _mobilenetv3_cv():
+    import keras_cv
+
+    return keras_cv.models.MobileNetV3Backbone(
+        stackwise_expansion=[1, 4, 6], stackwise_filters=[8, 16, 16],
+        stackwise_kernel_size=[3, 3, 5], stackwise_stride=[2, 2, 1],
+        stackwise_se_ratio=[0.25, None, 0.25], stackwise_activation=["relu", "relu", "hard_swish"],
+        include_rescaling=False, input_shape=(64, 64, 3),
+    )
+
+
+def _mixed(policy, factory, **kwargs):
+    """A keras.applications model built under a mixed-precision policy."""
+    def build():
+        old = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(policy)
+        try:
+            return factory(weights=None, input_shape=(32, 32, 3), classes=10,
+                           classifier_activation=None, **kwargs)
+        finally:
+            keras.config.set_dtype_policy(old)
+
+    return build
+
+
+# Exported natively and matched (tests/test_onnx_zoo.py). The kecam model
+# is tf-keras and needs `keras_cv_attention_models` imported before
+# TensorFlow: it is built in a fresh process (`build_kecam`).
+ONNX_WILD = {
+    "hub_segformer": _segformer,
+    "hub_mobilenetv5_bn": _mobilenetv5,
+    "hub_dfine": _dfine,
+    "cv_yolov8_detector": _yolov8,
+    "cv_cspdarknet": _cspdarknet,
+    "cv_mobilenetv3": _mobilenetv3_cv,
+    "mixed_float16_MobileNetV3Small": _mixed("mixed_float16", A.MobileNetV3Small,
+                                             minimalistic=False),
+    "mixed_bfloat16_ResNet50": _mixed("mixed_bfloat16", A.ResNet50),
+}
+KECAM = "kecam_fasternet_gelu"
+
+
+def build_wild(name):
+    """The model `name` of ONNX_WILD, seeded and with BN statistics randomized."""
+    keras.utils.set_random_seed(seed_of(name) % 2**31)
+    model = ONNX_WILD[name]()
+    randomize_batchnorm(model, seed_of(name))
+    return model
+
+
+def build_kecam(path):
+    """Saves kecam FasterNetT0 (exact GELU, `tf.split`) as .h5 at `path`.
+
+    Only in a fresh process that imported `keras_cv_attention_models` before
+    this module (kecam switches TensorFlow to tf-keras).
+    """
+    import keras_cv_attention_models  # noqa: F401 - sets TF_USE_LEGACY_KERAS
+    from keras_cv_attention_models import fasternet
+
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(seed_of(KECAM) % 2**31)
+    model = fasternet.FasterNetT0(
+        input_shape=(32, 32, 3), num_classes=10, pretrained=None, num_blocks=[1, 1, 1, 1],
+        embed_dim=16, output_conv_filter=64, classifier_activation=None,
+    )
+    randomize_batchnorm(model, seed_of(KECAM))
+    model.save(path)

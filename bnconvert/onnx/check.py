@@ -9,6 +9,7 @@ batch (`bnconvert.verify.sample_inputs`) and on any batches the user gave
 from bnconvert import check_inputs
 from bnconvert import verify
 from bnconvert.errors import ConversionError
+from bnconvert.errors import first_line
 from bnconvert.errors import VerificationError
 
 
@@ -20,16 +21,22 @@ def user_batches(model, input_names, inputs):
 
 
 def check_arguments(tolerance, atol):
-    """`(tolerance, atol)` as floats, both finite and >= 0 (`ConversionError` if not)."""
-    return verify.check_tolerance("tolerance", tolerance), verify.check_tolerance("atol", atol)
+    """`(tolerance, atol)` as floats, both finite and >= 0 (`ConversionError` if not).
+
+    `None` (the compute dtype's default, filled in later) stays `None`.
+    """
+    return (verify.check_tolerance("tolerance", tolerance, optional=True),
+            verify.check_tolerance("atol", atol, optional=True))
 
 
 def compare(model, onnx_model, input_names, output_names, batches, tolerance, atol,
-            known=None, allow_nonfinite=False):
+            known=None, allow_nonfinite=False, exporter="native"):
     """Runs each batch in Keras and onnxruntime; returns the worst `(abs, rel)` figures.
 
     A `None` batch (none could be generated: string inputs) is left out; with
     no batch left the check refuses rather than pass having run nothing.
+    onnxruntime failing to load or to run the graph is a `ConversionError`
+    naming `exporter`, the one that wrote it.
     """
     import onnxruntime as ort
 
@@ -49,16 +56,23 @@ def compare(model, onnx_model, input_names, output_names, batches, tolerance, at
         session = ort.InferenceSession(
             onnx_model, sess_options=options, providers=["CPUExecutionProvider"]
         )
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own kinds
         raise ConversionError(
-            f"onnxruntime cannot load the exported graph of model '{model.name}': {first}"
+            f"onnxruntime cannot load the graph {exporter} wrote for model "
+            f"'{model.name}': {first_line(e, 300)}"
         ) from e
     worst = (0.0, 0.0)
     for i, batch in enumerate(batches):
+        try:
+            got = session.run(output_names, dict(zip(input_names, batch)))
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own kinds
+            raise ConversionError(
+                f"onnxruntime fails running the graph {exporter} wrote for model "
+                f"'{model.name}': {first_line(e, 300)}"
+            ) from e
         figures = verify.compare(
             known if i == 0 and known is not None else verify.run(model, batch),
-            session.run(output_names, dict(zip(input_names, batch))),
+            got,
             tolerance=tolerance, relative=True, atol=atol,
             what=f"The ONNX model of '{model.name}' (onnxruntime)",
             allow_nonfinite=allow_nonfinite,

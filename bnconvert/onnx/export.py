@@ -8,9 +8,10 @@ Two exporters write the graph:
   TensorFlow graph; slower, but it covers whatever TensorFlow can run.
 
 `auto` (the default) takes the native exporter and falls back to tf2onnx
-when the model holds a layer the native one does not cover, or when its
-graph does not pass the check; the result says which path was taken and
-why. Whichever writes it, the serialized model is run in onnxruntime
+on any failure of it: a layer it does not cover, an error while writing,
+an invalid graph, onnxruntime refusing to load or run it, or the check;
+the result says which path was taken and why, and when tf2onnx fails too
+the error gives both reasons in one line. Whichever writes it, the serialized model is run in onnxruntime
 against the Keras model from memory (the gate), and written (to a
 temporary name, renamed into place) only when the outputs agree. Inputs
 carry the Keras input layer names and outputs the names of the Keras
@@ -18,26 +19,24 @@ layers that produce them, in the Keras order, with a dynamic batch
 dimension.
 """
 
-import contextlib
 import dataclasses
-import io
-import logging
 import os
-import threading
-import time
-
 
 from bnconvert import keras_internals as internals
-from bnconvert.onnx import check as ort_check
 from bnconvert import paths
 from bnconvert import verify
 from bnconvert.errors import ConversionError
-from bnconvert.errors import first_line
 from bnconvert.errors import OutputError
-from bnconvert.errors import VerificationError
+from bnconvert.onnx import attempts
+from bnconvert.onnx import check as ort_check
+from bnconvert.onnx.attempts import FLOAT16  # noqa: F401 - re-exported for callers
+from bnconvert.onnx.attempts import FLOAT32
+from bnconvert.onnx.attempts import NATIVE
+from bnconvert.onnx.attempts import TF2ONNX
 
-AUTO, NATIVE, TF2ONNX = "auto", "native", "tf2onnx"
+AUTO = "auto"
 EXPORTERS = (AUTO, NATIVE, TF2ONNX)
+PRECISIONS = (FLOAT32, FLOAT16)
 NATIVE_OPSETS = range(13, 22)
 
 
@@ -58,6 +57,11 @@ class OnnxExportResult:
         tolerance: The `rtol` of the per-element check.
         batches: Number of input batches the check ran on.
         atol: Its absolute term.
+        precision: The float type the graph computes in: `"float32"` or
+            `"float16"` (tf2onnx writes a mixed-precision model as traced:
+            `"as traced"`).
+        compute_dtype: The least precise dtype the Keras model computes in;
+            with `precision`, it sets the check's default tolerance.
         exporter: The exporter that wrote the file: `"native"` or `"tf2onnx"`.
         exporter_note: Why that one, and how it ran (for tf2onnx: its fast
             path, or a retry with its error recovery on, and what that cost).
@@ -77,17 +81,26 @@ class OnnxExportResult:
     exporter: str = NATIVE
     exporter_note: str = ""
     seconds: float = 0.0
+    precision: str = "float32"
+    compute_dtype: str = "float32"
+
+    @property
+    def compared(self):
+        """How the check compared, in words (for the report)."""
+        graph = "traced" if self.precision == "as traced" else self.precision
+        return f"Keras in {self.compute_dtype} against a {graph} graph"
 
     def to_dict(self):
         """The result as a JSON-ready dict."""
         out = dataclasses.asdict(self)
         out["input_names"] = list(self.input_names)
         out["output_names"] = list(self.output_names)
+        out["compared"] = self.compared
         return out
 
 
-def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
-                atol=verify.ATOL, inputs=None, check=True, exporter=AUTO, reference=None,
+def export_onnx(model, path, *, opset=None, tolerance=None, atol=None, inputs=None,
+                check=True, exporter=AUTO, reference=None, precision=FLOAT32,
                 allow_nonfinite=False):
     """Write `model` as ONNX and check it against Keras in onnxruntime.
 
@@ -103,8 +116,11 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
         model: A built `keras.Model` (Keras 3 or tf-keras).
         path: Where to write the `.onnx` file; its directory must exist.
         opset: ONNX opset; None picks the exporter's default (native: 17).
-        tolerance: `rtol` of the per-element check (see above).
-        atol: Its absolute term.
+        tolerance: `rtol` of the per-element check (see above); None
+            takes it from the compute dtype (`verify.relative_tolerance`):
+            1e-4 for float32, 8 epsilons of float16 or bfloat16 for a
+            mixed-precision model or a float16 graph.
+        atol: Its absolute term; None likewise (float32: 1e-5).
         inputs: Extra check inputs: an array, a list of arrays (one per
             model input), a dict input-name -> array, a `.npy` path, or a
             list of `.npy` paths (one per model input).
@@ -113,6 +129,11 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
         reference: Optional `(arrays, outputs)`: `model`'s outputs on the
             generated check batch (`verify.sample_inputs`), when the caller
             has already computed them; saves running the model again.
+        precision: `"float32"` (also for a mixed-precision model, whose
+            variables are float32) or `"float16"`: the float type the graph
+            computes in. Float inputs and outputs stay float32 unless the
+            Keras model's own are float16. float16 is written by the native
+            exporter only.
         allow_nonfinite: Accept NaN/Inf Keras outputs that onnxruntime
             reproduces (with a warning) instead of failing the check.
 
@@ -124,7 +145,8 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
             writable.
         ConversionError: The exporter cannot produce the graph (for
             example an unsupported opset, or with `exporter="native"` a
-            layer it does not cover, named).
+            layer it does not cover, named), or onnxruntime cannot load or
+            run it. With `auto`, the message gives both exporters' reasons.
         VerificationError: onnxruntime disagrees with Keras beyond
             `tolerance`, or `inputs` do not fit the model.
     """
@@ -137,9 +159,15 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
         )
     opset = check_opset(opset, exporter)
     tolerance, atol = ort_check.check_arguments(tolerance, atol)
+    check_precision(precision, exporter)
     model = _graph_view(model)
     input_names = _input_names(model)
-    output_names = _output_names(model)
+    output_names = _output_names(model, input_names)
+    _refuse_strings(model, input_names)
+    compute = verify.compute_dtype(model)
+    rtol, default_atol = verify.relative_tolerance(verify.lowest_precision(compute, precision))
+    tolerance = rtol if tolerance is None else tolerance
+    atol = default_atol if atol is None else atol
     extra = ort_check.user_batches(model, input_names, inputs)
     if reference is not None:
         sample, known = reference
@@ -147,18 +175,19 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
         sample, known = verify.sample_inputs(model)[0], None
     batches = [sample] + extra
 
-    def checked(data):
+    def checked(data, name):
         """Checks `data` while writing it aside; it becomes `path` only if it passes."""
         try:
             with paths.atomic_file(path) as tmp:
                 # The 100 MB write of a ResNet50 overlaps onnxruntime's check
                 # (file I/O releases the GIL); a failed check removes it.
-                writer = _Writer(tmp, data)
+                writer = attempts.Writer(tmp, data)
                 try:
                     if not check:
                         return (None, None)
                     return ort_check.compare(model, data, input_names, output_names,
-                                              batches, tolerance, atol, known, allow_nonfinite)
+                                              batches, tolerance, atol, known,
+                                              allow_nonfinite, exporter=name)
                 finally:
                     writer.finish()
         except OSError as e:
@@ -170,15 +199,17 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
     why = ""
     if exporter == NATIVE or (exporter == AUTO and opset in (None, *NATIVE_OPSETS)):
         try:
-            written = _native(model, input_names, output_names, opset, checked)
-        except _NativeFailed as e:
+            written = attempts.native(model, input_names, output_names, opset, checked,
+                                      precision, validate=not check)
+        except attempts.NativeFailed as e:
             if exporter == NATIVE:
                 raise e.error from None
             why = f"the native exporter {e.reason}"
     elif exporter == AUTO:
         why = f"opset {opset} is outside the native exporter's range"
     if written is None:
-        written = _with_tf2onnx(model, input_names, output_names, opset, checked, why)
+        written = attempts.with_tf2onnx(model, input_names, output_names, opset, checked, why,
+                                precision)
     data, diffs, name, note, seconds, proto_opset = written
     return OnnxExportResult(
         path=path,
@@ -194,92 +225,9 @@ def export_onnx(model, path, *, opset=None, tolerance=verify.RELATIVE_TOLERANCE,
         exporter=name,
         exporter_note=note,
         seconds=seconds,
+        precision=precision if name == NATIVE or compute == FLOAT32 else "as traced",
+        compute_dtype=compute,
     )
-
-
-class _Writer:
-    """Writes bytes to a file in a thread; `finish` waits and re-raises its error."""
-
-    def __init__(self, path, data):
-        self.error = None
-        self.thread = threading.Thread(target=self._write, args=(path, data), daemon=True)
-        self.thread.start()
-
-    def _write(self, path, data):
-        try:
-            path.write_bytes(data)
-        except OSError as e:
-            self.error = e
-
-    def finish(self):
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-class _NativeFailed(Exception):
-    def __init__(self, reason, error):
-        super().__init__(reason)
-        self.reason = reason
-        self.error = error
-
-
-def _native(model, input_names, output_names, opset, checked):
-    """The native export, serialized and checked: `_Written` fields."""
-    from bnconvert import flavour as flavour_lib
-    from bnconvert.onnx import walk
-    from bnconvert.onnx.graph import Uncovered
-    from bnconvert.onnx.graph import describe
-
-    start = time.perf_counter()
-    try:
-        with quiet_tensorflow():
-            proto = walk.emit(
-                model, flavour_lib.flavour_of(model), input_names, output_names, opset
-            )
-    except Uncovered as e:
-        raise _NativeFailed(f"does not cover {describe(e.layers)}", ConversionError(
-            f"The native ONNX exporter does not cover these layers of model "
-            f"'{model.name}': {describe(e.layers)}; use the tf2onnx (or auto) exporter."
-        )) from None
-    data = proto.SerializeToString()
-    seconds = time.perf_counter() - start
-    try:
-        diffs = checked(data)
-    except (ConversionError, VerificationError) as e:
-        raise _NativeFailed(f"wrote a graph that failed the check ({first_line(e, 160)})", e) from None
-    return data, diffs, NATIVE, "", seconds, _proto_opset(proto)
-
-
-def _with_tf2onnx(model, input_names, output_names, opset, checked, why):
-    from bnconvert.onnx import tf2onnx
-
-    start = time.perf_counter()
-    with quiet_tensorflow():
-        proto, how = tf2onnx.convert(model, input_names, output_names, opset)
-    data = proto.SerializeToString()
-    seconds = time.perf_counter() - start
-    diffs = checked(data)
-    note = f"{why}; {how}" if why else how
-    return data, diffs, TF2ONNX, note, seconds, _proto_opset(proto)
-
-
-@contextlib.contextmanager
-def quiet_tensorflow():
-    """Keeps exporter chatter (tf2onnx progress, TensorFlow retracing notices) off stderr.
-
-    The user's stderr carries bnconvert's own lines only.
-    """
-    loggers = [logging.getLogger(name) for name in ("tf2onnx", "tensorflow")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL + 1)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def supported_opsets(exporter=AUTO):
@@ -297,6 +245,26 @@ def supported_opsets(exporter=AUTO):
         return tf2onnx_range
     low = min(tf2onnx_range.start, NATIVE_OPSETS.start)
     return range(low, max(tf2onnx_range.stop, NATIVE_OPSETS.stop))
+
+
+def check_precision(precision, exporter=AUTO):
+    """Returns `precision` if `exporter` can write it; raises `ConversionError` if not."""
+    if precision not in PRECISIONS or (precision != FLOAT32 and exporter == TF2ONNX):
+        raise ConversionError(
+            f"Unknown ONNX precision; use one of {', '.join(PRECISIONS)} (float16 with "
+            f"the native or auto exporter). Received: precision={precision!r}, "
+            f"exporter={exporter!r}"
+        )
+    return precision
+
+
+def _refuse_strings(model, input_names):
+    for tensor, name in zip(model.inputs, input_names):
+        if "string" in str(getattr(tensor.dtype, "name", tensor.dtype)):
+            raise ConversionError(
+                f"Input '{name}' of model '{model.name}' holds strings, which the ONNX "
+                "export does not cover; export the model from its first numeric layer."
+            )
 
 
 def check_exporter(exporter):
@@ -360,20 +328,17 @@ def _input_names(model):
     return [internals.producing_layer(t).name for t in model.inputs]
 
 
-def _output_names(model):
+def _output_names(model, input_names=()):
+    """Keras output layer names, made distinct from each other and from the inputs'.
+
+    A model whose output is one of its inputs names the output `<input>_1`.
+    """
     names = []
     for tensor in model.outputs:
         name = internals.producing_layer(tensor).name
         base, i = name, 1
-        while name in names:
+        while name in names or name in input_names:
             name = f"{base}_{i}"
             i += 1
         names.append(name)
     return names
-
-
-def _proto_opset(proto):
-    for entry in proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    return None

@@ -54,7 +54,7 @@ def convert(model, input_names, output_names, opset):
         return tuple(keras.tree.flatten(model(args, training=False)))
 
     fn = tf.function(serve, input_signature=specs, autograph=False)
-    # Callers silence TensorFlow and tf2onnx (export.quiet_tensorflow).
+    # Callers silence TensorFlow and tf2onnx (attempts.quiet_tensorflow).
     # Freezing here, rather than in `from_function`, also turns the
     # eager tensors a layer keeps outside variables (Normalization's
     # mean and variance) into constants; `from_function` would make

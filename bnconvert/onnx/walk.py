@@ -26,11 +26,15 @@ from bnconvert.onnx import ops
 from bnconvert.onnx import recurrent
 from bnconvert.onnx import shape
 from bnconvert.onnx import wrappers
+from bnconvert.onnx.graph import FLOAT
+from bnconvert.onnx.graph import FLOAT16
 from bnconvert.onnx.graph import Call
 from bnconvert.onnx.graph import Graph
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import dtype_name
+from bnconvert.onnx.graph import is_float
+from bnconvert.onnx.graph import tensor_type
 
 LAYERS = {**layers.EMITTERS, **shape.EMITTERS, **attention.EMITTERS, **recurrent.EMITTERS,
           **preprocessing.EMITTERS, **norm.EMITTERS, **wrappers.EMITTERS, **encoding.EMITTERS}
@@ -41,7 +45,7 @@ OPSETS = range(13, 22)
 _KNOWN_PACKAGES = ("keras.", "tf_keras.", "bnconvert.")
 
 
-def emit(model, flavour, input_names, output_names, opset=None):
+def emit(model, flavour, input_names, output_names, opset=None, precision="float32"):
     """The ONNX model of a Keras model, emitted natively.
 
     Args:
@@ -51,10 +55,15 @@ def emit(model, flavour, input_names, output_names, opset=None):
         input_names: ONNX names of the model's inputs, in order.
         output_names: ONNX names of its outputs, in order.
         opset: The ONNX opset (`DEFAULT_OPSET` if None).
+        precision: `"float32"` or `"float16"`: the float type the graph
+            computes in. A mixed-precision model's float32 variables are
+            written as they are (float32) or rounded (float16).
 
     Returns:
         An `onnx.ModelProto`: inputs and outputs in the Keras layout with a
-        dynamic batch dimension.
+        dynamic batch dimension. Inputs carry their Keras dtypes; integer
+        and boolean outputs too, float outputs are float32 (float16 when
+        both the graph and the Keras output are).
 
     Raises:
         Uncovered: Some layers have no mapping; all of them are listed.
@@ -69,8 +78,14 @@ def emit(model, flavour, input_names, output_names, opset=None):
         g.reserve(name)
     for tensor, name in zip(model.inputs, input_names):
         g.reserve(name)
-        env[id(tensor)] = Value(name, tuple(tensor.shape), tuple(range(len(tensor.shape))))
-        inputs.append((name, tuple(tensor.shape)))
+        elem = tensor_type(tensor.dtype, name)
+        value = name
+        # Float inputs join the graph's float type (the lowering below
+        # turns these casts to float16).
+        if is_float(tensor.dtype) and (elem != FLOAT or precision != "float32"):
+            value = g.node("Cast", [name], f"{name}/cast", to=FLOAT)
+        env[id(tensor)] = Value(value, tuple(tensor.shape), tuple(range(len(tensor.shape))))
+        inputs.append((name, tuple(tensor.shape), elem))
     if flavour.is_graph_model(model):
         walker.walk(model, env, "")
     else:
@@ -81,12 +96,23 @@ def emit(model, flavour, input_names, output_names, opset=None):
         env.update(zip((id(t) for t in model.outputs), outs))
     if walker.uncovered:
         raise Uncovered(walker.uncovered)
+    inner = FLOAT
+    if precision == "float16":
+        g.to_float16()
+        inner = FLOAT16
     outputs = []
     for tensor, name in zip(model.outputs, output_names):
         value = g.keras(env[id(tensor)])
-        g.node("Identity", [value.name], name, output_names=[name])
-        outputs.append((name, tuple(tensor.shape)))
+        elem = tensor_type(tensor.dtype, name)
+        if is_float(tensor.dtype):
+            elem = FLOAT16 if elem == FLOAT16 == inner else FLOAT
+        if elem == inner:
+            g.node("Identity", [value.name], name, output_names=[name])
+        else:
+            g.node("Cast", [value.name], name, output_names=[name], to=elem)
+        outputs.append((name, tuple(tensor.shape), elem))
     _fuse_output_transposes(g, output_names)
+    g.divisions_to_products()
     return g.model(model.name, inputs, outputs, "bnconvert")
 
 
@@ -167,8 +193,10 @@ class _Walker:
                     masks=[_mask(t, env) for t in tensors])
         if not isinstance(layer, self.flavour.Layer):
             return ops.emit_op(self.g, call)
+        # A mixed-precision layer (float16/bfloat16 compute) keeps float32
+        # variables: the graph is written in float32 (`precision` may lower it).
         dtype = getattr(layer, "compute_dtype", "float32")
-        if dtype not in (None, "float32"):
+        if dtype not in (None, "float32", "float16", "bfloat16"):
             raise Uncovered([(base, type(layer).__name__, f"compute dtype {dtype}")])
         kind = type(layer).__name__
         if self.flavour.is_graph_model(layer):
