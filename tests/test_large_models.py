@@ -1,0 +1,171 @@
+"""Large models (issue 18) and the `.keras` container checks they go through (issue 16.2, 16.13).
+
+The archive check must read a file's bytes at most about once, however
+many datasets its weights hold: h5py on a zip member stream re-read the
+member from its start on every backward seek, so checking a 480 MB
+EfficientNetV2L took 241 s. The tests count the bytes the process reads
+(`rchar` in /proc/self/io), never a time. A zip must not inflate like a bomb
+through many small members, nor hold two members of one name.
+"""
+
+import os
+import pathlib
+import warnings
+import zipfile
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from bnconvert import formats
+from bnconvert import input_checks
+from bnconvert import model_io
+from bnconvert.errors import ModelLoadError
+
+_PROC_IO = pathlib.Path("/proc/self/io")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A small Keras 3 model file, and its members (name -> bytes)."""
+    d = tmp_path_factory.mktemp("large_models")
+    inputs = keras.Input((4,), name="x")
+    y = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(3, name="d")(inputs))
+    keras.Model(inputs, y, name="small").save(d / "small.keras")
+    with zipfile.ZipFile(d / "small.keras") as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    return d / "small.keras", members
+
+
+def _write_zip(path, members, compression=zipfile.ZIP_STORED):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about duplicate names
+        with zipfile.ZipFile(path, "w", compression, compresslevel=1) as z:
+            for name, data in members:
+                z.writestr(name, data)
+    return path
+
+
+def _many_datasets(path, count=400, floats=1024):
+    """An H5 file of `count` datasets, each `floats` float32 values of data."""
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        for i in range(count):
+            f.create_dataset(f"layers/l{i:04d}/vars/0", data=rng.standard_normal(floats, "f4"))
+    return path.read_bytes()
+
+
+def _bytes_read():
+    # rchar: bytes this process read through read(2) and friends.
+    for line in _PROC_IO.read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.skipif(not _PROC_IO.exists(), reason="needs Linux /proc/self/io")
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_archive_check_reads_the_weights_about_once(tmp_path, small, compression):
+    _, members = small
+    weights = _many_datasets(tmp_path / "w.h5")
+    archive = _write_zip(
+        tmp_path / "many.keras",
+        [("config.json", members["config.json"]), ("model.weights.h5", weights)],
+        compression,
+    )
+    size = archive.stat().st_size
+    before = _bytes_read()
+    with zipfile.ZipFile(archive) as z:
+        input_checks.check_archive(archive, z)
+    read = _bytes_read() - before
+    # A re-read per backward seek costs hundreds of times the file here.
+    assert read <= 2 * size + (1 << 20), (read, size)
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_archive_check_sees_an_external_link_in_either_storage(tmp_path, small, compression):
+    _, members = small
+    inner = tmp_path / "w.h5"
+    inner.write_bytes(members["model.weights.h5"])
+    with h5py.File(inner, "r+") as f:
+        f["leak"] = h5py.ExternalLink(str(tmp_path / "secret.h5"), "/k")
+    archive = _write_zip(
+        tmp_path / "linked.keras",
+        [(n, inner.read_bytes() if n == "model.weights.h5" else data)
+         for n, data in members.items()],
+        compression,
+    )
+    with pytest.raises(ModelLoadError, match="external link"):
+        formats.resolve(archive)
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_member_file_gives_the_member_bytes_at_any_seek(tmp_path, small, compression):
+    _, members = small
+    archive = _write_zip(tmp_path / "m.keras", list(members.items()), compression)
+    want = members["model.weights.h5"]
+    with zipfile.ZipFile(archive) as z:
+        info = z.getinfo("model.weights.h5")
+        with input_checks._member_file(archive, z, info) as f:
+            assert f.read() == want
+            for at in (len(want) - 7, 3, 0, len(want) // 2):
+                f.seek(at)
+                assert f.read(11) == want[at:at + 11]
+            f.seek(-5, os.SEEK_END)
+            assert f.read() == want[-5:]
+            assert f.read(4) == b""
+
+
+def test_well_formed_file_still_loads(small):
+    path, _ = small
+    model = model_io.load_model(path)
+    assert [layer.name for layer in model.layers] == ["x", "d", "bn"]
+
+
+# ---------------------------------------------------------------- 16.2: aggregate bomb
+
+def test_many_small_members_inflating_together_are_refused(tmp_path, small):
+    _, members = small
+    zeros = bytes(20 << 20)  # each member stays below the per-member floor
+    archive = _write_zip(
+        tmp_path / "bombs.keras",
+        [*members.items(), *((f"assets/pad{i}.bin", zeros) for i in range(5))],
+        zipfile.ZIP_DEFLATED,
+    )
+    assert archive.stat().st_size < 1 << 20
+    with pytest.raises(ModelLoadError, match="compressed members would together inflate"):
+        formats.resolve(archive)
+
+
+def test_compressed_members_within_the_ratio_pass(tmp_path, small):
+    _, members = small
+    noise = np.random.default_rng(1).integers(0, 4, 80 << 20, np.uint8).tobytes()
+    archive = _write_zip(
+        tmp_path / "assets.keras", [*members.items(), ("assets/vocab.bin", noise)],
+        zipfile.ZIP_DEFLATED,
+    )
+    assert formats.resolve(archive).format == formats.KERAS
+
+
+def test_too_many_members_are_refused(tmp_path, small):
+    _, members = small
+    archive = _write_zip(
+        tmp_path / "crowd.keras",
+        [*members.items(), *((f"assets/{i}", b"") for i in range(10_000))],
+    )
+    with pytest.raises(ModelLoadError, match="10003 zip members"):
+        formats.resolve(archive)
+
+
+# ---------------------------------------------------------------- 16.13: duplicate names
+
+@pytest.mark.parametrize("name", ["config.json", "model.weights.h5", "assets/a.txt"])
+def test_duplicate_member_names_are_refused(tmp_path, small, name):
+    _, members = small
+    entries = [*members.items(), ("assets/a.txt", b"a")]
+    entries.append((name, dict(entries)[name]))
+    archive = _write_zip(tmp_path / "twice.keras", entries)
+    with pytest.raises(ModelLoadError, match=f"two zip members named '{name}'") as raised:
+        formats.resolve(archive)
+    assert "\n" not in str(raised.value)
