@@ -16,6 +16,7 @@ from types import MappingProxyType
 from bnconvert import flavour as flavour_lib
 from bnconvert import fold as fold_lib
 from bnconvert import rules as rules_lib
+from bnconvert import timing
 from bnconvert import verify as verify_lib
 from bnconvert import walk
 from bnconvert.converter import Converter
@@ -135,13 +136,22 @@ class Conversion:
     actual: list = None
 
 
-def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=False):
+def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=False,
+                   steps=None, check=True):
     """Converts `job.model` (in place, or a fresh copy of it) and verifies the outputs.
 
     The original outputs are computed before anything changes, so that an
     in-place conversion is verified against the model as it was; they are
     kept in the result for checking the files written later.
+
+    Args:
+        steps: Optional `bnconvert.timing.Steps` timing each step.
+        check: With `verify`, also run the converted model and hold it to
+            the original outputs. `False` when the caller checks the file
+            written from it instead (`bnconvert.written`): the same
+            comparison, one forward pass fewer.
     """
+    steps = steps or timing.Steps()
     folding = job.report.direction == "inference" and fold
     tolerance = verify_lib.default_tolerance(folding) if tolerance is None else tolerance
     report = job.report
@@ -149,26 +159,34 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
     report.tolerance_kind = "relative" if folding else "absolute"
     sample = expected = None
     if verify:
-        sample, report.verification_note = verify_lib.sample_inputs(job.model)
-        if sample is not None:
-            expected = verify_lib.run(job.model, sample)
+        with steps.step("verify", "computing the original outputs"):
+            sample, report.verification_note = verify_lib.sample_inputs(job.model)
+            if sample is not None:
+                expected = verify_lib.run(job.model, sample)
     else:
         report.verification_note = "verification was turned off"
     with _quiet_keras():
-        work = job.model if in_place else _copy(job)
-        job.converter.convert_in_place(work)
+        work = job.model
+        if not in_place:
+            with steps.step("copy", "copying the model"):
+                work = _copy(job)
+        with steps.step("convert", "converting"):
+            job.converter.convert_in_place(work)
         if folding:
-            fold_lib.fold_model(
-                work, job.ruleset.fold_rules, report, flavour=job.flavour,
-                rewritten=job.converter.rewritten,
-            )
+            with steps.step("fold", "folding"):
+                fold_lib.fold_model(
+                    work, job.ruleset.fold_rules, report, flavour=job.flavour,
+                    rewritten=job.converter.rewritten,
+                )
         actual = None
-        if expected is not None:
-            actual = verify_lib.run(work, sample)
-            report.max_abs_diff, report.max_rel_diff = verify_lib.compare(
-                expected, actual, tolerance=tolerance, relative=folding,
-            )
+        if expected is not None and check:
+            with steps.step("verify", "checking the converted outputs"):
+                actual = verify_lib.run(work, sample)
+                report.max_abs_diff, report.max_rel_diff = verify_lib.compare(
+                    expected, actual, tolerance=tolerance, relative=folding,
+                )
             report.verified = True
+    report.timings = steps.ordered()
     return Conversion(
         work, report, sample, expected, tolerance, folding, list(job.converter.rewritten),
         actual,
@@ -248,16 +266,22 @@ def prepare(model, to, *, rules=None, custom_objects=None, safe_mode=True,
         )
     if isinstance(rules, (str, os.PathLike)):
         rules = [rules]
-    flavour = flavour_lib.flavour_of(model)
+    source = found = None
+    if isinstance(model, (str, os.PathLike)):
+        from bnconvert import formats
+
+        # Checked once here; loading below trusts this check.
+        source, found = os.fspath(model), formats.resolve(model)
+        flavour = flavour_lib.get(found.flavour)
+    else:
+        flavour = flavour_lib.flavour_of(model)
     ruleset = rules_lib.load_rules(rules, custom_objects=custom_objects, flavour=flavour)
     if sync_group_size is not None:
         ruleset = _with_group_size(ruleset, flavour, sync_group_size)
-    source = None
-    if isinstance(model, (str, os.PathLike)):
+    if found is not None:
         from bnconvert import model_io
 
-        source = os.fspath(model)
-        model = model_io.load_model(model, custom_objects=custom_objects, safe_mode=safe_mode)
+        model = model_io.load_found(found, custom_objects=custom_objects, safe_mode=safe_mode)
     if not isinstance(model, flavour.Model):
         raise ConversionError(
             "Expected a keras.Model, a tf_keras.Model or the path of a saved model. "

@@ -51,7 +51,16 @@ def load_model(path, *, custom_objects=None, safe_mode=True):
         ModelLoadError: The path is missing or not a model, is corrupt,
             needs custom objects, or holds code that safe mode refuses.
     """
-    found = formats.resolve(path)
+    return load_found(formats.resolve(path), custom_objects=custom_objects, safe_mode=safe_mode)
+
+
+def load_found(found, *, custom_objects=None, safe_mode=True):
+    """`load_model` for an input `formats.resolve` has already checked.
+
+    Args:
+        found: The `formats.ModelFile` (its checks passed).
+        custom_objects, safe_mode: As for `load_model`.
+    """
     flavour = flavour_lib.get(found.flavour)
     try:
         model = flavour.load(found.path, found.format, custom_objects, safe_mode)

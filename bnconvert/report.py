@@ -71,6 +71,8 @@ class ConversionReport:
         rule_sources: The rule files in force.
         file_checks: One dict per model file written, loaded back and
             checked (`bnconvert.written.check_file`).
+        timings: Seconds spent in each step of the run, by step name
+            (`bnconvert.timing.STEPS`), in run order.
     """
 
     direction: str
@@ -84,6 +86,7 @@ class ConversionReport:
     verification_note: str = ""
     rule_sources: tuple = ()
     file_checks: list = dataclasses.field(default_factory=list)
+    timings: dict = dataclasses.field(default_factory=dict)
 
     def add(self, event):
         """Appends one `LayerEvent`."""
@@ -133,6 +136,7 @@ class ConversionReport:
             },
             "rule_sources": list(self.rule_sources),
             "file_checks": list(self.file_checks),
+            "timings": dict(self.timings),
             "events": [dataclasses.asdict(e) for e in self.events],
         }
 

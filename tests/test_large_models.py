@@ -8,6 +8,8 @@ EfficientNetV2L took 241 s. The tests count the bytes the process reads
 through many small members, nor hold two members of one name.
 """
 
+import contextlib
+import json
 import os
 import pathlib
 import warnings
@@ -18,10 +20,14 @@ import keras
 import numpy as np
 import pytest
 
+import bnconvert
 from bnconvert import formats
 from bnconvert import input_checks
 from bnconvert import model_io
+from bnconvert import pipeline
+from bnconvert import verify
 from bnconvert.errors import ModelLoadError
+from file_checks import run_cli
 
 _PROC_IO = pathlib.Path("/proc/self/io")
 
@@ -169,3 +175,71 @@ def test_duplicate_member_names_are_refused(tmp_path, small, name):
     with pytest.raises(ModelLoadError, match=f"two zip members named '{name}'") as raised:
         formats.resolve(archive)
     assert "\n" not in str(raised.value)
+
+
+# ---------------------------------------------------------------- the cost of each step
+
+def _counting(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_to_sync_report_times_every_step_and_does_no_work_twice(tmp_path, small, monkeypatch):
+    path, _ = small
+    checks = _counting(monkeypatch, input_checks, "check_archive")
+    passes = _counting(monkeypatch, verify, "run")
+    result = run_cli("to-sync", path, "-o", tmp_path / "s.keras", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert list(data["timings"]) == [
+        "input_checks", "rules", "load", "convert", "verify", "save", "file_check",
+    ]
+    assert all(seconds >= 0 for seconds in data["timings"].values())
+    assert len(checks) == 1  # the input, once; never the file we wrote
+    assert len(passes) == 2  # the original, and the written file loaded back
+    verification = data["verification"]
+    assert verification["verified"] and verification["max_abs_diff"] == 0.0
+    assert verification["max_abs_diff"] == data["file_checks"][0]["max_abs_diff"]
+
+
+def test_to_inference_report_times_fold_export_and_check(tmp_path, small):
+    path, _ = small
+    result = run_cli("to-inference", path, "-o", tmp_path / "m.onnx", "--report",
+                     tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    timings = json.loads((tmp_path / "r.json").read_text())["timings"]
+    assert {"load", "convert", "fold", "verify", "export", "onnxruntime_check"} <= set(timings)
+
+
+def test_progress_shows_every_timed_step(tmp_path, small):
+    path, _ = small
+    shown = []
+
+    class Recorder:
+        @contextlib.contextmanager
+        def step(self, label):
+            shown.append(label)
+            yield
+
+    result = pipeline.run(
+        pipeline.Options(command="to-sync", model=str(path), output=str(tmp_path / "p.keras")),
+        Recorder(),
+    )
+    # One line per timed step, some steps (verify) more than once.
+    assert len(shown) >= len(result.report.timings) == 7
+    assert shown[-1].startswith(f"loading {tmp_path / 'p.keras'} back")
+
+
+def test_convert_model_from_a_path_checks_the_file_once(small, monkeypatch):
+    path, _ = small
+    checks = _counting(monkeypatch, input_checks, "check_archive")
+    model = bnconvert.convert_model(str(path))
+    assert len(checks) == 1
+    assert type(model.get_layer("bn")).__name__ == "SyncBatchNormalization"
