@@ -19,6 +19,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import bnconvert
 from bnconvert import formats
@@ -243,3 +244,41 @@ def test_convert_model_from_a_path_checks_the_file_once(small, monkeypatch):
     model = bnconvert.convert_model(str(path))
     assert len(checks) == 1
     assert type(model.get_layer("bn")).__name__ == "SyncBatchNormalization"
+
+
+# ---------------------------------------------------------------- forward passes of large models
+
+def _chain():
+    inputs = keras.Input((6, 6, 3), name="img")
+    x = keras.layers.Conv2D(5, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    inner = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, name="d")], name="inner")
+    y = inner(keras.layers.GlobalAveragePooling2D(name="pool")(x))
+    return keras.Model(inputs, y, name="chain")
+
+
+def test_eager_bytes_counts_every_tensor_of_the_graph():
+    model = _chain()
+    arrays = [np.zeros((2, 6, 6, 3), "float32")]
+    # conv and bn: 2*6*6*5 floats each; pool: 2*5; inner model: its dense 2*4,
+    # and its output once more in the outer graph.
+    want = 4 * (2 * (2 * 6 * 6 * 5) + 2 * 5 + 2 * 4 + 2 * 4)
+    assert verify.eager_bytes(model, arrays) == want
+
+
+def test_large_models_run_as_a_graph_with_the_eager_outputs(monkeypatch):
+    model = _chain()
+    arrays, _ = verify.sample_inputs(model)
+    eager = model(arrays[0], training=False).numpy()
+    calls = _counting(monkeypatch, tf, "function")
+
+    def traced():  # Keras makes tf.functions of its own
+        return [c for c in calls if c and getattr(c[0], "__module__", "") == verify.__name__]
+
+    monkeypatch.setattr(verify, "EAGER_LIMIT", 0)
+    (graph,) = verify.run(model, arrays)
+    assert len(traced()) == 1
+    np.testing.assert_allclose(graph, eager, rtol=1e-6, atol=1e-6)
+    _, report = bnconvert.convert_model(model, return_report=True)
+    assert report.verified and report.max_abs_diff <= 1e-6
+    assert len(traced()) == 3  # then the original and the converted model
