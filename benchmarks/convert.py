@@ -152,11 +152,12 @@ def main(argv=None):
     parser.add_argument("--no-resnet", action="store_true")
     parser.add_argument("--ladder", metavar="RUNGS",
                         help="whole processes on B0,S,M,L,chain (see benchmarks/ladder.py)")
+    parser.add_argument("--commands", default="to-sync,inspect", help="ladder commands")
     args = parser.parse_args(argv)
     if args.ladder:
         import ladder
 
-        rows = ladder.run_ladder(args.ladder.split(","), ["to-sync", "inspect"], args.repeats)
+        rows = ladder.run_ladder(args.ladder.split(","), args.commands.split(","), args.repeats)
         ladder.print_rows(rows, "to-sync <= 2.0x time and <= 1.5x RSS of load + save; "
                           "inspect <= 1.2x load; ms/layer B0 -> L <= 1.5x")
         return 0
