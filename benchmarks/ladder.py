@@ -167,7 +167,7 @@ def print_rows(rows, targets):
         # Work per layer: the report's timed steps, without process start-up.
         work = sum(r["steps"].values()) if r["steps"] else r["ours_s"] or 0.0
         per_layer = 1000 * work / r["layers"]
-        base = first.setdefault(r["command"], per_layer)
+        base = first.setdefault(r["command"], per_layer) or float("nan")
         anchor_s = f"{r['anchor_s']:9.1f}" if r["anchor_s"] else f"{'failed':>9}"
         anchor_mb = f"{r['anchor_mb']:10.0f}" if r["anchor_mb"] else f"{'-':>10}"
         print(f"{r['rung']:<7}{r['command']:<14}{r['layers']:>7}{r['size_mb']:>6.0f}"
