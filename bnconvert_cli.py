@@ -208,13 +208,7 @@ def _run(**fields):
         _Interrupts.working = False
 
 
-# Keras loads and clones a Functional graph recursively, a few frames per
-# layer: a 2,000-layer model needs more than Python's default 1,000.
-RECURSION_LIMIT = 20_000
-
-
 def _run_pipeline(fields):
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     progress = Progress()
     if fields.get("custom_objects"):
         with progress.step("importing custom objects"), _native_stderr_silenced():

@@ -12,8 +12,6 @@ import contextlib
 import json
 import os
 import pathlib
-import subprocess
-import sys
 import warnings
 import zipfile
 
@@ -284,28 +282,3 @@ def test_large_models_run_as_a_graph_with_the_eager_outputs(monkeypatch):
     _, report = bnconvert.convert_model(model, return_report=True)
     assert report.verified and report.max_abs_diff <= 1e-6
     assert len(traced()) == 3  # then the original and the converted model
-
-
-@pytest.mark.slow
-def test_to_sync_of_a_2000_layer_chain(tmp_path):
-    """Keras loads a Functional graph recursively: deeper than Python's default limit."""
-    source = tmp_path / "chain.keras"
-    script = (
-        "import sys; sys.setrecursionlimit(20000); import keras\n"
-        "x = inputs = keras.Input((4,))\n"
-        "for i in range(1000):\n"
-        "    x = keras.layers.BatchNormalization(name=f'bn_{i}')(keras.layers.Dense(4, name=f'd_{i}')(x))\n"
-        f"keras.Model(inputs, x).save({str(source)!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=600,
-                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    limit = sys.getrecursionlimit()
-    try:
-        result = run_cli("to-sync", source, "-o", tmp_path / "out.keras", "--report",
-                         tmp_path / "r.json")
-    finally:
-        sys.setrecursionlimit(limit)
-    assert result.exit_code == 0, result.output
-    data = json.loads((tmp_path / "r.json").read_text())
-    assert data["counts"]["applied"] == 1000
-    assert data["file_checks"][0]["layers"] == 2001 and data["verification"]["max_abs_diff"] == 0.0
