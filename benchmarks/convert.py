@@ -12,11 +12,16 @@
    verification): time per layer, and its ratio to the 100-layer model's.
    Target: linear, i.e. ratios near 1.
 
+3. With `--ladder B0,S,M,L,chain`: issue 18's ladder of whole processes
+   (`benchmarks/ladder.py`): `to-sync` against Keras load + save and
+   `inspect` against Keras load, time and peak RSS, medians.
+
 Each figure is the best of `--repeats` runs (the least disturbed by other
 processes); the ResNet50 table also gives the medians. Run from the
 repository root:
 
     python benchmarks/convert.py [--repeats 3] [--sizes 100,500,2000] [--no-resnet]
+    python benchmarks/convert.py --ladder B0,S,M,L,chain [--repeats 3]
 """
 
 import argparse
@@ -145,7 +150,17 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", default="100,500,2000")
     parser.add_argument("--no-resnet", action="store_true")
+    parser.add_argument("--ladder", metavar="RUNGS",
+                        help="whole processes on B0,S,M,L,chain (see benchmarks/ladder.py)")
+    parser.add_argument("--commands", default="to-sync,inspect", help="ladder commands")
     args = parser.parse_args(argv)
+    if args.ladder:
+        import ladder
+
+        rows = ladder.run_ladder(args.ladder.split(","), args.commands.split(","), args.repeats)
+        ladder.print_rows(rows, "to-sync <= 2.0x time and <= 1.5x RSS of load + save; "
+                          "inspect <= 1.2x load; ms/layer B0 -> L <= 1.5x")
+        return 0
     sizes = [int(s) for s in args.sizes.split(",")]
 
     print(f"bnconvert {bnconvert.__version__}, keras {keras.__version__}, "

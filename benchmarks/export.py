@@ -26,8 +26,13 @@ Prints, side by side and measured in this one run:
   fresh sessions, and the median of the per-round ratios; with the node
   count of each graph after onnxruntime's own optimizations (what runs).
 
+With `--ladder B0,S,M,L,chain`, issue 18's ladder instead: whole
+`to-inference` processes against Keras load + `model.export(format="onnx")`
+(`benchmarks/ladder.py`), time and peak RSS.
+
 Usage: python benchmarks/export.py [--size 224] [--runs 30] [--repeats 3] [--rounds 3]
        [--latency-only]
+       python benchmarks/export.py --ladder L [--repeats 1] [--export-timeout 1200]
 """
 
 import argparse
@@ -210,9 +215,20 @@ def main():
     parser.add_argument("--latency-only", action="store_true")
     parser.add_argument("--child", choices=["anchor", "cli", "api"])
     parser.add_argument("--path")
+    parser.add_argument("--ladder", metavar="RUNGS",
+                        help="to-inference in whole processes on B0,S,M,L,chain (benchmarks/ladder.py)")
+    parser.add_argument("--export-timeout", type=float, default=1200,
+                        help="seconds Keras's own export may take per run on the ladder")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.size, args.path)
+    if args.ladder:
+        import ladder
+
+        rows = ladder.run_ladder(args.ladder.split(","), ["to-inference"], args.repeats,
+                                 anchor_timeout=args.export_timeout)
+        ladder.print_rows(rows, "to-inference of EfficientNetV2L completes (time, RSS)")
+        return 0
 
     tmp = tempfile.mkdtemp(prefix="bnconvert-bench-")
     if args.latency_only:

@@ -18,6 +18,7 @@ from bnconvert import flavour as flavour_lib
 from bnconvert import fold as fold_lib
 from bnconvert import layer_args
 from bnconvert import rules as rules_lib
+from bnconvert import timing
 from bnconvert import verify as verify_lib
 from bnconvert import walk
 from bnconvert.converter import Converter
@@ -56,9 +57,11 @@ def convert_model(
 ):
     """Returns a copy of `model` with its normalization layers rewritten.
 
-    The copy is made by Keras's own save and load, so it keeps the model's
-    class and config (keras-hub backbones and tasks), raw `keras.ops` nodes
-    and custom layers; only the matched layers are rewritten in it.
+    The copy is what Keras's own save and load would rebuild (its config
+    round trip, without the file: the faster of the ways measured, see the
+    README), so it keeps the model's class and config (keras-hub backbones
+    and tasks), raw `keras.ops` nodes and custom layers; only the matched
+    layers are rewritten in it.
 
     With `to="sync"`, every `keras.layers.BatchNormalization` (exact class,
     synchronized or not) becomes `bnconvert.SyncBatchNormalization`. With
@@ -160,13 +163,21 @@ class Conversion:
 
 
 def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=False,
-                   check_inputs=None, allow_nonfinite=False):
+                   check_inputs=None, allow_nonfinite=False, steps=None, check=True):
     """Converts `job.model` (in place, or a fresh copy of it) and verifies the outputs.
 
     The original outputs are computed before anything changes, so that an
     in-place conversion is verified against the model as it was; they are
     kept in the result for checking the files written later.
+
+    Args:
+        steps: Optional `bnconvert.timing.Steps` timing each step.
+        check: With `verify`, also run the converted model and hold it to
+            the original outputs. `False` when the caller checks the file
+            written from it instead (`bnconvert.written`): the same
+            comparison, one forward pass fewer.
     """
+    steps = steps or timing.Steps()
     folding = job.report.direction == "inference" and fold
     report = job.report
     # A fold in float16/bfloat16 compute is held to that dtype's rounding.
@@ -186,28 +197,34 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
     else:
         report.verification_note = "verification was turned off"
     if sample is not None:
-        expected = verify_lib.run(job.model, sample)
+        with steps.step("verify", "computing the original outputs"):
+            expected = verify_lib.run(job.model, sample)
     with _quiet_keras():
-        work = job.model if in_place else _copy(job)
-        job.converter.convert_in_place(work)
+        work = job.model
+        if not in_place:
+            with steps.step("copy", "copying the model"):
+                work = _copy(job)
+        with steps.step("convert", "converting"):
+            job.converter.convert_in_place(work)
         if folding:
-            fold_lib.fold_model(
-                work, job.ruleset.fold_rules, report, flavour=job.flavour,
-                rewritten=job.converter.rewritten,
-            )
-        actual = None
-        if expected is not None:
-            actual = verify_lib.run(work, sample)
-            report.max_abs_diff, report.max_rel_diff = verify_lib.compare(
-                expected, actual, tolerance=tolerance, relative=folding, atol=atol,
-                allow_nonfinite=allow_nonfinite,
-            )
-            report.verified = True
-            nonfinite = verify_lib.nonfinite_note(expected)
-            if nonfinite:
-                report.warnings.append(
-                    f"non-finite outputs accepted (allow_nonfinite): {nonfinite}"
+            with steps.step("fold", "folding"):
+                fold_lib.fold_model(
+                    work, job.ruleset.fold_rules, report, flavour=job.flavour,
+                    rewritten=job.converter.rewritten,
                 )
+        actual = None
+        if expected is not None and check:
+            with steps.step("verify", "checking the converted outputs"):
+                actual = verify_lib.run(work, sample)
+                report.max_abs_diff, report.max_rel_diff = verify_lib.compare(
+                    expected, actual, tolerance=tolerance, relative=folding, atol=atol,
+                    allow_nonfinite=allow_nonfinite,
+                )
+            report.verified = True
+        nonfinite = verify_lib.nonfinite_note(expected) if expected is not None else None
+        if nonfinite:
+            report.warnings.append(f"non-finite outputs accepted (allow_nonfinite): {nonfinite}")
+    report.timings = steps.ordered()
     return Conversion(
         work, report, sample, expected, tolerance, folding, list(job.converter.rewritten),
         actual, allow_nonfinite, atol,
@@ -292,17 +309,23 @@ def prepare(model, to, *, rules=None, custom_objects=None, safe_mode=True,
         )
     if isinstance(rules, (str, os.PathLike)):
         rules = [rules]
-    flavour = flavour_lib.flavour_of(model)
+    source = found = None
+    if isinstance(model, (str, os.PathLike)):
+        from bnconvert import formats
+
+        # Checked once here; loading below trusts this check.
+        source, found = os.fspath(model), formats.resolve(model)
+        flavour = flavour_lib.get(found.flavour)
+    else:
+        flavour = flavour_lib.flavour_of(model)
     ruleset = rules_lib.load_rules(rules, custom_objects=custom_objects, flavour=flavour)
     if sync_group_size is not None:
         ruleset = _with_group_size(ruleset, flavour, check_group_size(sync_group_size))
-    source = None
-    if isinstance(model, (str, os.PathLike)):
+    if found is not None:
         from bnconvert import model_io
 
-        source = os.fspath(model)
-        model = model_io.load_model(
-            model, custom_objects=custom_objects, safe_mode=safe_mode,
+        model = model_io.load_found(
+            found, custom_objects=custom_objects, safe_mode=safe_mode,
             allow_asset_paths=allow_asset_paths,
         )
     if not isinstance(model, flavour.Model):

@@ -63,7 +63,17 @@ def load_model(path, *, custom_objects=None, safe_mode=True, allow_asset_paths=F
             needs custom objects, holds code that safe mode refuses, names
             files, or declares more weights than it stores.
     """
-    found = formats.resolve(path)
+    return load_found(formats.resolve(path), custom_objects=custom_objects, safe_mode=safe_mode,
+                      allow_asset_paths=allow_asset_paths)
+
+
+def load_found(found, *, custom_objects=None, safe_mode=True, allow_asset_paths=False):
+    """`load_model` for an input `formats.resolve` has already checked.
+
+    Args:
+        found: The `formats.ModelFile` (its checks passed).
+        custom_objects, safe_mode, allow_asset_paths: As for `load_model`.
+    """
     flavour = flavour_lib.get(found.flavour)
     try:
         config_checks.check_model_config(found, allow_asset_paths=allow_asset_paths)

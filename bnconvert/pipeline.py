@@ -14,7 +14,6 @@ Both flavours take exactly this path; the model's `Flavour` carries what
 differs.
 """
 
-import contextlib
 import dataclasses
 import json
 
@@ -23,6 +22,7 @@ import pathlib
 from bnconvert import formats
 from bnconvert import outputs
 from bnconvert import paths
+from bnconvert import timing
 from bnconvert.errors import OutputError
 
 SYNC_TAIL = ".sync"
@@ -99,12 +99,6 @@ class Result:
     rows: list = None
 
 
-class _NoProgress:
-    @contextlib.contextmanager
-    def step(self, label):
-        yield
-
-
 def run(options, progress=None, cancelled=None, placed=None):
     """Runs one command.
 
@@ -127,10 +121,11 @@ def run(options, progress=None, cancelled=None, placed=None):
             outputs, as one line.
         KeyboardInterrupt: `cancelled()` became true; nothing was written.
     """
-    progress = progress or _NoProgress()
+    steps = timing.Steps(progress)
     cancelled = cancelled or (lambda: False)
     _check_arguments(options)
-    found = formats.resolve(options.model)
+    with steps.step("input_checks", f"checking {options.model}"):
+        found = formats.resolve(options.model)
     protected = _inputs(options, found)
     plan = _check_outputs(options, found, protected)
     for directory in plan.directories():
@@ -140,39 +135,43 @@ def run(options, progress=None, cancelled=None, placed=None):
 
     objects = None
     if options.custom_objects:
-        with progress.step("importing custom objects"):
+        with steps.step("custom_objects", "importing custom objects"):
             objects = custom_objects_lib.import_custom_objects(options.custom_objects)
     from bnconvert import flavour as flavour_lib
     from bnconvert import rules as rules_lib
 
     flavour = flavour_lib.get(found.flavour)
     rules = list(options.rules) or None
-    rules_lib.load_rules(rules, custom_objects=objects, flavour=flavour)
+    with steps.step("rules", "reading the rules"):
+        rules_lib.load_rules(rules, custom_objects=objects, flavour=flavour)
     from bnconvert import convert
     from bnconvert import model_io
 
-    with progress.step(f"loading {options.model} ({flavour.label})"):
-        model = model_io.load_model(
-            options.model, custom_objects=objects, safe_mode=not options.unsafe,
+    with steps.step("load", f"loading {options.model} ({flavour.label})"):
+        model = model_io.load_found(
+            found, custom_objects=objects, safe_mode=not options.unsafe,
             allow_asset_paths=options.allow_asset_paths,
         )
     _stop_if(cancelled)
     if options.command == "inspect":
-        return _inspect(options, model, flavour, rules, objects, progress)
+        return _inspect(options, model, flavour, rules, objects, steps)
 
     direction = "sync" if options.command == "to-sync" else "inference"
-    label = "converting and verifying" if direction == "sync" else (
-        "unsyncing" + (" and folding" if options.fold else "")
-    )
-    with progress.step(label):
+    with steps.step("rules", "applying the rules"):
         job = convert.prepare(
             model, direction, rules=rules, custom_objects=objects,
             safe_mode=not options.unsafe, sync_group_size=options.sync_group_size,
         )
-        # The model was loaded here for this run only: it is rewritten itself.
-        conversion = convert.run_conversion(
-            job, fold=options.fold, in_place=True, allow_nonfinite=options.allow_nonfinite
-        )
+    # The model was loaded here for this run only: it is rewritten itself.
+    # A written model file is checked against the original outputs
+    # (`written`), which makes checking the model in memory first a second
+    # forward pass of the same comparison; ONNX export needs the converted
+    # model's outputs as its reference.
+    conversion = convert.run_conversion(
+        job, fold=options.fold, in_place=True, steps=steps,
+        check=direction == "inference" or plan.output is None,
+        allow_nonfinite=options.allow_nonfinite,
+    )
     converted, report = conversion.model, conversion.report
     _stop_if(cancelled)
     report.source = str(options.model)
@@ -182,10 +181,17 @@ def run(options, progress=None, cancelled=None, placed=None):
 
         _stop_if(cancelled)  # a save that swallowed Ctrl-C left nothing to check
 
-        report.file_checks.append(written.check_file(
+        figures = written.check_file(
             tmp, fmt, flavour, converted, conversion, name=name,
             custom_objects=objects, safe_mode=not options.unsafe,
-        ))
+        )
+        report.file_checks.append(figures)
+        if conversion.expected is not None and not report.verified:
+            # Checked on the written file only (see run_conversion's `check`).
+            report.max_abs_diff = figures["max_abs_diff"]
+            report.max_rel_diff = figures["max_rel_diff"]
+            report.verification_note += ", on the written file"
+            report.verified = True
 
     result = Result(report=report, report_path=options.report_path)
     # Every output is written aside first and all are placed together at
@@ -193,19 +199,21 @@ def run(options, progress=None, cancelled=None, placed=None):
     with outputs.Outputs(force=options.force) as staged:
         if direction == "sync":
             if plan.output is not None:
-                _write_model(staged, converted, plan.output, plan.output_format, progress, check)
+                _write_model(staged, converted, plan.output, plan.output_format, steps, check)
                 result.output = plan.output
+            report.timings = steps.ordered()
             data = report.to_dict()
         else:
             result.onnx = _write_onnx(
-                staged, converted, plan.output, options, progress,
+                staged, converted, plan.output, options, steps,
                 (conversion.sample, conversion.actual),
             )
             result.output = plan.output
             _stop_if(cancelled)
             if plan.keras_out is not None:
-                _write_model(staged, converted, plan.keras_out, plan.keras_format, progress, check)
+                _write_model(staged, converted, plan.keras_out, plan.keras_format, steps, check)
                 result.keras_out = plan.keras_out
+            report.timings = steps.ordered()
             data = report.to_dict()
             data["onnx"] = result.onnx.to_dict()
         if options.report_path:
@@ -254,23 +262,24 @@ def _stop_if(cancelled):
         raise KeyboardInterrupt
 
 
-def _write_model(staged, model, out, fmt, progress, check):
+def _write_model(staged, model, out, fmt, steps, check):
     from bnconvert import model_io
 
     tmp = staged.stage(out, _kind(fmt))
-    with progress.step(f"saving {out}"):
+    with steps.step("save", f"saving {out}"):
         model_io.write_model(model, tmp, fmt, out)
-    with progress.step(f"loading {out} back to check it"):
+    with steps.step("file_check", f"loading {out} back to check it"):
         check(tmp, fmt, out)
 
 
-def _write_onnx(staged, model, out, options, progress, reference):
+def _write_onnx(staged, model, out, options, steps, reference):
     from bnconvert.onnx import export as onnx_export
 
     # export_onnx writes its file atomically itself: give it a free name.
     tmp = staged.stage(out, create=False)
     step = "exporting to ONNX" + (" and checking" if options.check else "")
-    with progress.step(step):
+    before = steps.seconds.get("export", 0.0)
+    with steps.step("export", step):
         try:
             onnx = onnx_export.export_onnx(
                 model, tmp, opset=options.opset, tolerance=options.tolerance,
@@ -282,6 +291,12 @@ def _write_onnx(staged, model, out, options, progress, reference):
         except OutputError as e:
             # export_onnx names the path it was given: here a temporary one.
             raise outputs.write_error(out, e, tmp) from None
+    if options.check:
+        # export_onnx times building the graph; the rest of the step (the
+        # file written while onnxruntime runs it) counts as the check.
+        checking = max(0.0, steps.seconds["export"] - before - onnx.seconds)
+        steps.seconds["export"] -= checking
+        steps.add("onnxruntime_check", checking)
     return dataclasses.replace(onnx, path=str(out))
 
 
@@ -357,7 +372,7 @@ def _kind(fmt):
     return paths.DIRECTORY if fmt == formats.SAVEDMODEL else paths.FILE
 
 
-def _inspect(options, model, flavour, rules, objects, progress):
+def _inspect(options, model, flavour, rules, objects, steps):
     """What a conversion would do, the model's layers as they are now.
 
     For `--to inference` the conversion runs for real on the model loaded for
@@ -373,11 +388,12 @@ def _inspect(options, model, flavour, rules, objects, progress):
         safe_mode=not options.unsafe,
     )
     rows = report_lib.inspect_rows(model, flavour, walk.named_classes(job.ruleset.rules))
-    with progress.step("applying rules (dry run)"):
-        if options.target == "inference":
-            convert.run_conversion(job, verify=False, in_place=True)
-            job.report.verification_note = "inspection only: nothing was written"
-        else:
+    if options.target == "inference":
+        convert.run_conversion(job, verify=False, in_place=True, steps=steps)
+        job.report.verification_note = "inspection only: nothing was written"
+    else:
+        with steps.step("convert", "applying rules (dry run)"):
             job.converter.inspect(model)
-            job.report.verification_note = "inspection only: nothing was converted"
+        job.report.verification_note = "inspection only: nothing was converted"
+    job.report.timings = steps.ordered()
     return Result(report=job.report, rows=report_lib.add_events(rows, job.report))

@@ -78,6 +78,8 @@ class ConversionReport:
         file_checks: One dict per model file written, loaded back and
             checked (`bnconvert.written.check_file`).
         warnings: What was accepted only on request (non-finite outputs).
+        timings: Seconds spent in each step of the run, by step name
+            (`bnconvert.timing.STEPS`), in run order.
     """
 
     direction: str
@@ -94,6 +96,7 @@ class ConversionReport:
     rule_sources: tuple = ()
     file_checks: list = dataclasses.field(default_factory=list)
     warnings: list = dataclasses.field(default_factory=list)
+    timings: dict = dataclasses.field(default_factory=dict)
 
     def add(self, event):
         """Appends one `LayerEvent`."""
@@ -146,6 +149,7 @@ class ConversionReport:
             "rule_sources": list(self.rule_sources),
             "file_checks": list(self.file_checks),
             "warnings": list(self.warnings),
+            "timings": dict(self.timings),
             "events": [dataclasses.asdict(e) for e in self.events],
         }
 
