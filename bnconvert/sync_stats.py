@@ -99,10 +99,11 @@ import collections
 
 import tensorflow as tf
 
+# `centered` is `x - shift` when already computed (normalizing reuses it).
 GlobalMoments = collections.namedtuple(
     "GlobalMoments",
-    ["shift", "correction", "mean", "variance", "count", "groups"],
-    defaults=[None],
+    ["shift", "correction", "mean", "variance", "count", "groups", "centered"],
+    defaults=[None, None],
 )
 # Every group's statistics, `[groups, C]` each (every replica sees them all).
 GroupMoments = collections.namedtuple("GroupMoments", ["mean", "variance", "count"])
@@ -220,7 +221,7 @@ def _count(x, axes, mask):
         n = tf.size(x, out_type=tf.int64) // channels
     else:
         n = tf.reduce_prod(tf.gather(tf.shape(x, out_type=tf.int64), axes))
-    return tf.stop_gradient(tf.broadcast_to(tf.cast(n, x.dtype), shape))
+    return tf.broadcast_to(tf.cast(n, x.dtype), shape)
 
 
 def local_moments(x, axes, mask=None):
@@ -237,6 +238,11 @@ def local_moments(x, axes, mask=None):
         the number of values, the shift, the mean of `x - shift` and the sum
         of squared deviations from the mean.
     """
+    return _local_moments(x, axes, mask)[1:]
+
+
+def _local_moments(x, axes, mask):
+    """`(x - shift,) + local_moments(x, axes, mask)`."""
     shift = _first_along(x, axes)
     d = x - shift
     if mask is not None:
@@ -247,7 +253,7 @@ def local_moments(x, axes, mask=None):
     m2 = tf.reduce_sum(
         w(tf.math.squared_difference(d, tf.stop_gradient(mean))), axes, keepdims=True
     )
-    return count, shift, mean, m2
+    return d, count, shift, mean, m2
 
 
 def _reciprocal(count):
@@ -332,12 +338,15 @@ def global_moments(x, axes, ctx, mask=None, group_size=None, reference=None,
         memory.remember(moments.groups)
     if groups == 1:
         # One group: its statistics are the batch statistics.
-        moments = moments._replace(groups=None)
-    return moments
+        return moments._replace(groups=None)
+    # Every group's float64 statistics, in the input's type.
+    return moments._replace(
+        groups=GroupMoments(*(tf.cast(t, x.dtype) for t in moments.groups))
+    )
 
 
 def _table_moments(x, axes, ctx, mask, k):
-    count, shift, mu, m2 = local_moments(x, axes, mask)
+    centered, count, shift, mu, m2 = _local_moments(x, axes, mask)
     stat_shape = _stat_shape(x, axes)
     replicas = ctx.num_replicas_in_sync
     rid = replica_index(ctx)
@@ -349,15 +358,18 @@ def _table_moments(x, axes, ctx, mask, k):
     )
     # Counts and shifts do not depend on `x`: no gradient to build there.
     counts, shifts = tf.stop_gradient(counts), tf.stop_gradient(shifts)
-    # Every replica sees the same rows, so every one picks the same
-    # reference per group: the shift of the replica holding most values.
-    pick = tf.one_hot(tf.argmax(counts, axis=1), k, axis=1, dtype=x.dtype)
-    reference = tf.reduce_sum(shifts * pick, axis=1, keepdims=True)
-    offsets = (shifts - reference) + mus
+    # Every replica sees the same rows, so every one takes the same
+    # reference per group: the count-weighted mean of the shifts, which lies
+    # among them (0 for an empty group).
     total = tf.reduce_sum(counts, axis=1, keepdims=True)
     inverse = _reciprocal(total)
+    reference = tf.reduce_sum(counts * shifts, axis=1, keepdims=True) * inverse
+    offsets = (shifts - reference) + mus
     delta = tf.reduce_sum(counts * offsets, axis=1, keepdims=True) * inverse
-    m2 = tf.reduce_sum(m2s + counts * tf.square(offsets - delta), axis=1, keepdims=True)
+    # No gradient through delta here: d(m2)/d(delta) = -2 sum(n (o - delta)) = 0.
+    m2 = tf.reduce_sum(
+        m2s + counts * tf.square(offsets - tf.stop_gradient(delta)), axis=1, keepdims=True
+    )
     variances = m2 * inverse
     ref, dlt, variance, n = _group_stats(
         [reference, delta, variances, total], rid // k, stat_shape
@@ -372,11 +384,12 @@ def _table_moments(x, axes, ctx, mask, k):
         variance=variance,
         count=n,
         groups=groups,
+        centered=centered,
     )
 
 
 def _centered_moments(x, axes, ctx, mask, k, reference):
-    count, shift, mu, m2 = local_moments(x, axes, mask)
+    centered, count, shift, mu, m2 = _local_moments(x, axes, mask)
     stat_shape = _stat_shape(x, axes)
     channels = _channels(stat_shape)
     groups = ctx.num_replicas_in_sync // k
@@ -392,13 +405,15 @@ def _centered_moments(x, axes, ctx, mask, k, reference):
     )
     # Counts and shifts do not depend on `x`: no gradient to build there.
     n, s = tf.stop_gradient(n), tf.stop_gradient(s)
-    local_shift = s - r_all[group]
+    # One group: r_all is its row, no slice to build.
+    local_shift = s - (r_all if groups == 1 else r_all[group])
     d = local_shift + mu
     s1 = n * d
     s2 = m2 + n * tf.square(d)
     # One count for all channels without a mask: the payload is 2C + 1.
     width = 1 if mask is None else channels
-    payload = tf.concat([n if mask is not None else n[:, :1], s1, s2], axis=1)
+    sums = tf.reshape(tf.stack([s1, s2], axis=1), [1, -1])
+    payload = tf.concat([n if mask is not None else n[:, :1], sums], axis=1)
     reduced = all_reduce(ctx, _place(payload, group, groups))
     # [groups, C] each; every replica holds every group's values.
     counts, s1_all, s2_all = tf.split(reduced, [width, channels, channels], axis=1)
@@ -418,5 +433,7 @@ def _centered_moments(x, axes, ctx, mask, k, reference):
         mean=mean,
         variance=variance,
         count=count,
-        groups=GroupMoments(*(tf.cast(t, x.dtype) for t in (means, variances, counts))),
+        # float64; `global_moments` casts them where they are kept.
+        groups=GroupMoments(means, variances, counts),
+        centered=centered,
     )
