@@ -75,9 +75,16 @@ Row table (R <= `TABLE_MAX_REPLICAS`, or no float64)
 ----------------------------------------------------
 Replica `i` fills row `i` of an otherwise-zero `[R, 4C]` table with
 `[n_i, s_i, mu_i, M2_i]`; one all-reduce SUM gives every row to every
-replica, and Chan's parallel formula combines the rows around the shift of
-the replica with most values, in the input's type. No state, no float64;
-its payload grows with R.
+replica, and Chan's parallel formula combines the rows around the
+count-weighted mean of the shifts (it lies among them, so `s_i - ref` stays
+exact for clustered data; empty rows weigh nothing), in the input's type.
+No state, no float64; its payload grows with R.
+
+Graph size: tracing and the first call cost in proportion to the ops each
+layer adds, per replica. Hence a static replica index, no `tf.cond`, one
+scatter to place a row, one stack/unstack per set of statistics, and no
+gradient through counts, shifts or references (they do not depend on `x`);
+`tests/test_layer_graph_size.py` pins the ops per layer call.
 
 Replica groups
 --------------
@@ -96,6 +103,7 @@ those of single-device BN on the concatenated batch of the group.
 """
 
 import collections
+import math
 
 import tensorflow as tf
 
@@ -179,13 +187,8 @@ def all_reduce(ctx, value):
 
 
 def replica_index(ctx):
-    """This replica's index in its sync group: a Python int where known.
-
-    `MirroredStrategy` and `MultiWorkerMirroredStrategy` fix it when the
-    replica function is traced (a constant); others (TPUs) give a tensor.
-    A Python int keeps the placement and the group pick static, with no
-    ops to compute them.
-    """
+    """This replica's index: a Python int where the strategy fixes it at
+    trace time (mirrored strategies), else (TPUs) a tensor."""
     rid = ctx.replica_id_in_sync_group
     static = tf.get_static_value(rid)
     return rid if static is None else int(static)
@@ -257,11 +260,8 @@ def _local_moments(x, axes, mask):
 
 
 def _reciprocal(count):
-    """`1 / count`, 0 where `count` is 0; no gradient (counts have none).
-
-    Dividing by a count is a multiplication by this: the gradient of a
-    product is two ops, that of a `divide_no_nan` nine.
-    """
+    """`1 / count` (0 for 0), without gradient: a product's gradient is 2 ops,
+    a `divide_no_nan`'s 9."""
     return tf.stop_gradient(tf.math.divide_no_nan(tf.ones_like(count), count))
 
 
@@ -273,26 +273,17 @@ def _place(row, index, rows):
     return tf.scatter_nd(indices, row, [rows, width])
 
 
-def _channels(stat_shape):
-    if isinstance(stat_shape, list):
-        n = 1
-        for d in stat_shape:
-            n *= d
-        return n
-    return tf.reduce_prod(stat_shape)
+def _channels(shape):
+    return math.prod(shape) if isinstance(shape, list) else tf.reduce_prod(shape)
 
 
 def _group_stats(stats, group, stat_shape, dtype=None):
-    """Row `group` of each of `stats` (`[groups, ...]`), in `stat_shape`.
-
-    One stack, one slice (none for a single group), one reshape and one
-    unstack, whatever the number of statistics; their gradients are as few.
-    """
+    """Row `group` of each of `stats` (`[groups, ...]`), in `stat_shape`:
+    one stack, slice (none for one group), reshape and unstack for all."""
     stacked = tf.stack(stats, axis=1)
     if stacked.shape[0] != 1:
         stacked = stacked[group]
-    if dtype is not None:
-        stacked = tf.cast(stacked, dtype)
+    stacked = tf.cast(stacked, dtype or stacked.dtype)
     shape = [len(stats)] + stat_shape if isinstance(stat_shape, list) else (
         tf.concat([[len(stats)], stat_shape], 0))
     return tf.unstack(tf.reshape(stacked, shape))
