@@ -17,8 +17,8 @@ several rounds and the medians compared, so machine noise hits both sides.
 Targets: ours / keras-sync <= 0.95 at 2 and 4 replicas, ours / single <= 1.05
 without a strategy.
 
-P2t (time to the first step, `--only p2t`, not run by default: about N
-minutes): tracing and first call of that step for a deeper net, ours against
+P2t (time to the first step, `--only p2t`, not run by default: hours on 2
+cores at the defaults; `--depth 12 --rounds 2` took 25 minutes): tracing and first call of that step for a deeper net, ours against
 Keras's synchronized BN and plain BN, in Keras 3 and tf-keras, at 2, 4 and 8
 replicas (`benchmarks/sync_bn_trace.py`). Target: ours / sync <= 1.2.
 
