@@ -17,6 +17,11 @@ several rounds and the medians compared, so machine noise hits both sides.
 Targets: ours / keras-sync <= 0.95 at 2 and 4 replicas, ours / single <= 1.05
 without a strategy.
 
+P2t (time to the first step, `--only p2t`, not run by default: hours on 2
+cores at the defaults; `--depth 12 --rounds 2` took 25 minutes): tracing and first call of that step for a deeper net, ours against
+Keras's synchronized BN and plain BN, in Keras 3 and tf-keras, at 2, 4 and 8
+replicas (`benchmarks/sync_bn_trace.py`). Target: ours / sync <= 1.2.
+
 P5 (scale): all-reduces, values and bytes per layer call, counted at run
 time by wrapping `tf.distribute.ReplicaContext.all_reduce`, and training-step
 time at 2, 4, 8 and 16 replicas for each of our two exchanges forced
@@ -25,7 +30,8 @@ N runs, medians of the ratios); and the payload per training step of
 ResNet50's BN layers at R = 64, 256, 1024.
 
 Usage:
-    python benchmarks/sync_bn.py [--quick] [--only p1,p2,p5] [--repeat N]
+    python benchmarks/sync_bn.py [--quick] [--only p1,p2,p2t,p5] [--repeat N]
+                                 [--depth N] [--rounds N] [--replicas 2,4,8]
 """
 
 import argparse
@@ -163,26 +169,36 @@ def p1(replicas=4):
 # ---------------------------------------------------------------- P2 ------
 
 
-def conv_net(make_bn, depth, channels, size):
-    inputs = keras.Input((size, size, channels))
+def conv_net(make_bn, depth, channels, size, k=keras):
+    """`depth` Conv-BN-ReLU blocks, pooling and a Dense head (`k`: keras or tf_keras)."""
+    inputs = k.Input((size, size, channels))
     h = inputs
     for i in range(depth):
-        h = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False,
-                                name=f"conv{i}")(h)
+        h = k.layers.Conv2D(channels, 3, padding="same", use_bias=False,
+                            name=f"conv{i}")(h)
         h = make_bn(name=f"bn{i}")(h)
-        h = keras.layers.ReLU()(h)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    outputs = keras.layers.Dense(10)(h)
-    return keras.Model(inputs, outputs)
+        h = k.layers.ReLU()(h)
+    h = k.layers.GlobalAveragePooling2D()(h)
+    outputs = k.layers.Dense(10)(h)
+    return k.Model(inputs, outputs)
 
 
-def make_step(make_bn, replicas, x, y, depth):
-    """Returns a zero-argument callable running one compiled training step."""
+def _apply(optimizer, grads, variables):
+    if hasattr(optimizer, "apply"):  # Keras 3
+        return optimizer.apply(grads, variables)
+    return optimizer.apply_gradients(zip(grads, variables))
+
+
+def make_step(make_bn, replicas, x, y, depth, k=keras):
+    """Returns a zero-argument `tf.function` running one training step.
+
+    `k` is the Keras of the model: `keras` or `tf_keras`.
+    """
     keras.utils.set_random_seed(0)
     channels, size = x.shape[-1], x.shape[1]
     if replicas is None:
-        model = conv_net(make_bn, depth, channels, size)
-        optimizer = keras.optimizers.SGD(0.01)
+        model = conv_net(make_bn, depth, channels, size, k)
+        optimizer = k.optimizers.SGD(0.01)
         xs, ys = tf.constant(x), tf.constant(y)
 
         @tf.function
@@ -190,15 +206,15 @@ def make_step(make_bn, replicas, x, y, depth):
             with tf.GradientTape() as tape:
                 loss = tf.reduce_mean(tf.square(model(xs, training=True) - ys))
             grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply(grads, model.trainable_variables)
+            _apply(optimizer, grads, model.trainable_variables)
             return loss
 
         return step
 
     strat = strategy(replicas)
     with strat.scope():
-        model = conv_net(make_bn, depth, channels, size)
-        optimizer = keras.optimizers.SGD(0.01)
+        model = conv_net(make_bn, depth, channels, size, k)
+        optimizer = k.optimizers.SGD(0.01)
     xs = per_replica(strat, np.split(x, replicas))
     ys = per_replica(strat, np.split(y, replicas))
 
@@ -206,7 +222,7 @@ def make_step(make_bn, replicas, x, y, depth):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(model(xr, training=True) - yr)) / replicas
         grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply(grads, model.trainable_variables)
+        _apply(optimizer, grads, model.trainable_variables)
         return loss
 
     @tf.function
@@ -275,6 +291,12 @@ def main():
                         help="comma-separated figures to run (default: p1,p2,p5)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="P5 step times: runs of the whole comparison (medians)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="p2t: Conv-BN blocks of the net (default 60)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="p2t: rounds per replica count (default 3; medians)")
+    parser.add_argument("--replicas", default="2,4,8",
+                        help="p2t: comma-separated replica counts (default 2,4,8)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     print(f"bnconvert {bnconvert.__version__}, TensorFlow {tf.__version__}, "
@@ -285,6 +307,11 @@ def main():
         p1()
     if "p2" in only:
         p2(args.quick)
+    if "p2t" in only:
+        import sync_bn_trace
+
+        sync_bn_trace.p2_trace(sys.modules[__name__], args.quick, args.depth, args.rounds,
+                               [int(r) for r in args.replicas.split(",")])
     if "p5" in only:
         import sync_bn_scale
 

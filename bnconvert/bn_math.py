@@ -92,7 +92,8 @@ def renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, clipp
 def normalize(x, moments, gamma, beta, epsilon):
     """`gamma * (x - mean) / sqrt(var + epsilon) + beta` from `moments`.
 
-    `moments.shift` may be `None` (then `correction` is `-mean`).
+    `moments.shift` may be `None` (then `correction` is `-mean`);
+    `moments.centered`, where set, is `x - moments.shift`.
     """
     multiplier = tf.math.rsqrt(moments.variance + epsilon)
     if gamma is not None:
@@ -100,7 +101,9 @@ def normalize(x, moments, gamma, beta, epsilon):
     offset = moments.correction * multiplier
     if beta is not None:
         offset = offset + beta
-    shifted = x if moments.shift is None else x - moments.shift
+    shifted = moments.centered
+    if shifted is None:
+        shifted = x if moments.shift is None else x - moments.shift
     return shifted * multiplier + offset
 
 

@@ -75,9 +75,16 @@ Row table (R <= `TABLE_MAX_REPLICAS`, or no float64)
 ----------------------------------------------------
 Replica `i` fills row `i` of an otherwise-zero `[R, 4C]` table with
 `[n_i, s_i, mu_i, M2_i]`; one all-reduce SUM gives every row to every
-replica, and Chan's parallel formula combines the rows around the shift of
-the replica with most values, in the input's type. No state, no float64;
-its payload grows with R.
+replica, and Chan's parallel formula combines the rows around the
+count-weighted mean of the shifts (it lies among them, so `s_i - ref` stays
+exact for clustered data; empty rows weigh nothing), in the input's type.
+No state, no float64; its payload grows with R.
+
+Graph size: tracing and the first call cost in proportion to the ops each
+layer adds, per replica. Hence a static replica index, no `tf.cond`, one
+scatter to place a row, one stack/unstack per set of statistics, and no
+gradient through counts, shifts or references (they do not depend on `x`);
+`tests/test_layer_graph_size.py` pins the ops per layer call.
 
 Replica groups
 --------------
@@ -96,13 +103,15 @@ those of single-device BN on the concatenated batch of the group.
 """
 
 import collections
+import math
 
 import tensorflow as tf
 
+# `centered` is `x - shift` when already computed (normalizing reuses it).
 GlobalMoments = collections.namedtuple(
     "GlobalMoments",
-    ["shift", "correction", "mean", "variance", "count", "groups"],
-    defaults=[None],
+    ["shift", "correction", "mean", "variance", "count", "groups", "centered"],
+    defaults=[None, None],
 )
 # Every group's statistics, `[groups, C]` each (every replica sees them all).
 GroupMoments = collections.namedtuple("GroupMoments", ["mean", "variance", "count"])
@@ -177,19 +186,21 @@ def all_reduce(ctx, value):
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
+def replica_index(ctx):
+    """This replica's index: a Python int where the strategy fixes it at
+    trace time (mirrored strategies), else (TPUs) a tensor."""
+    rid = ctx.replica_id_in_sync_group
+    static = tf.get_static_value(rid)
+    return rid if static is None else int(static)
+
+
 def _first_along(x, axes):
     """The first element along each of `axes` (keepdims); zeros if empty."""
-    begin = [0] * x.shape.rank
-    size = [1 if a in axes else -1 for a in range(x.shape.rank)]
-    empty = tf.equal(tf.size(x), 0)
-    # A zero-example replica has nothing to slice; its shift is irrelevant
-    # because its count is 0, but it must still be finite.
-    safe = tf.cond(
-        empty,
-        lambda: tf.zeros_like(tf.reduce_sum(x, axis=axes, keepdims=True)),
-        lambda: tf.slice(x, begin, size),
-    )
-    return tf.stop_gradient(safe)
+    # `x[:1]` clamps: on a zero-example replica the slice is empty and its
+    # sum is 0 (finite; irrelevant, its count is 0). Otherwise the sum of
+    # one value is that value, exactly. No `tf.cond` to build.
+    first = x[tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.shape.rank))]
+    return tf.stop_gradient(tf.reduce_sum(first, axes, keepdims=True))
 
 
 def _stat_shape(x, axes):
@@ -204,10 +215,16 @@ def _stat_shape(x, axes):
 
 def _count(x, axes, mask):
     """Values per channel (keepdims); `mask` is None or a broadcast 0/1 mask."""
-    if mask is None:
-        n = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
-        return tf.fill(_stat_shape(x, axes), n)
-    return tf.reduce_sum(mask, axes, keepdims=True)
+    if mask is not None:
+        return tf.reduce_sum(mask, axes, keepdims=True)
+    shape = _stat_shape(x, axes)
+    channels = _channels(shape) if isinstance(shape, list) else 0
+    if channels:
+        # One integer division of the size: exact, and two ops.
+        n = tf.size(x, out_type=tf.int64) // channels
+    else:
+        n = tf.reduce_prod(tf.gather(tf.shape(x, out_type=tf.int64), axes))
+    return tf.broadcast_to(tf.cast(n, x.dtype), shape)
 
 
 def local_moments(x, axes, mask=None):
@@ -224,31 +241,52 @@ def local_moments(x, axes, mask=None):
         the number of values, the shift, the mean of `x - shift` and the sum
         of squared deviations from the mean.
     """
+    return _local_moments(x, axes, mask)[1:]
+
+
+def _local_moments(x, axes, mask):
+    """`(x - shift,) + local_moments(x, axes, mask)`."""
     shift = _first_along(x, axes)
     d = x - shift
     if mask is not None:
         mask = tf.broadcast_to(mask, tf.shape(x))
     count = _count(x, axes, mask)
     w = (lambda t: t) if mask is None else (lambda t: t * mask)
-    mean = tf.math.divide_no_nan(tf.reduce_sum(w(d), axes, keepdims=True), count)
+    mean = tf.reduce_sum(w(d), axes, keepdims=True) * _reciprocal(count)
     m2 = tf.reduce_sum(
         w(tf.math.squared_difference(d, tf.stop_gradient(mean))), axes, keepdims=True
     )
-    return count, shift, mean, m2
+    return d, count, shift, mean, m2
+
+
+def _reciprocal(count):
+    """`1 / count` (0 for 0), without gradient: a product's gradient is 2 ops,
+    a `divide_no_nan`'s 9."""
+    return tf.stop_gradient(tf.math.divide_no_nan(tf.ones_like(count), count))
 
 
 def _place(row, index, rows):
-    """`row` as row `index` of an otherwise-zero `[rows, len(row)]` buffer."""
-    return tf.pad(row[tf.newaxis], [[index, rows - 1 - index], [0, 0]])
+    """`row` (`[1, P]`) as row `index` of an otherwise-zero `[rows, P]` buffer."""
+    # A scatter: its gradient is one gather (a pad's takes nine ops).
+    indices = [[index]] if isinstance(index, int) else tf.reshape(index, [1, 1])
+    width = row.shape[1] if row.shape[1] is not None else tf.shape(row)[1]
+    return tf.scatter_nd(indices, row, [rows, width])
 
 
-def _channels(stat_shape):
-    if isinstance(stat_shape, list):
-        n = 1
-        for d in stat_shape:
-            n *= d
-        return n
-    return tf.reduce_prod(stat_shape)
+def _channels(shape):
+    return math.prod(shape) if isinstance(shape, list) else tf.reduce_prod(shape)
+
+
+def _group_stats(stats, group, stat_shape, dtype=None):
+    """Row `group` of each of `stats` (`[groups, ...]`), in `stat_shape`:
+    one stack, slice (none for one group), reshape and unstack for all."""
+    stacked = tf.stack(stats, axis=1)
+    if stacked.shape[0] != 1:
+        stacked = stacked[group]
+    stacked = tf.cast(stacked, dtype or stacked.dtype)
+    shape = [len(stats)] + stat_shape if isinstance(stat_shape, list) else (
+        tf.concat([[len(stats)], stat_shape], 0))
+    return tf.unstack(tf.reshape(stacked, shape))
 
 
 def global_moments(x, axes, ctx, mask=None, group_size=None, reference=None,
@@ -291,85 +329,102 @@ def global_moments(x, axes, ctx, mask=None, group_size=None, reference=None,
         memory.remember(moments.groups)
     if groups == 1:
         # One group: its statistics are the batch statistics.
-        moments = moments._replace(groups=None)
-    return moments
+        return moments._replace(groups=None)
+    # Every group's float64 statistics, in the input's type.
+    return moments._replace(
+        groups=GroupMoments(*(tf.cast(t, x.dtype) for t in moments.groups))
+    )
 
 
 def _table_moments(x, axes, ctx, mask, k):
-    count, shift, mu, m2 = local_moments(x, axes, mask)
-    stat_shape = tf.shape(shift)
-    row = tf.concat([tf.reshape(t, [-1]) for t in (count, shift, mu, m2)], axis=0)
+    centered, count, shift, mu, m2 = _local_moments(x, axes, mask)
+    stat_shape = _stat_shape(x, axes)
     replicas = ctx.num_replicas_in_sync
-    rid = ctx.replica_id_in_sync_group
+    rid = replica_index(ctx)
+    row = tf.reshape(tf.stack([count, shift, mu, m2]), [1, -1])
     table = all_reduce(ctx, _place(row, rid, replicas))
     # [groups, k, C] each: group g holds rows [g * k, (g + 1) * k).
-    counts, shifts, mus, m2s = tf.split(
-        tf.reshape(table, [replicas // k, k, -1]), 4, axis=2
+    counts, shifts, mus, m2s = tf.unstack(
+        tf.reshape(table, [replicas // k, k, 4, -1]), axis=2
     )
-    # Every replica sees the same rows, so every one picks the same
-    # reference per group: the shift of the replica holding most values.
-    pick = tf.one_hot(tf.argmax(counts, axis=1), k, axis=1, dtype=x.dtype)
-    reference = tf.reduce_sum(shifts * pick, axis=1, keepdims=True)
+    # Counts and shifts do not depend on `x`: no gradient to build there.
+    counts, shifts = tf.stop_gradient(counts), tf.stop_gradient(shifts)
+    # Every replica sees the same rows, so every one takes the same
+    # reference per group: the count-weighted mean of the shifts, which lies
+    # among them (0 for an empty group).
+    total = tf.reduce_sum(counts, axis=1, keepdims=True)
+    inverse = _reciprocal(total)
+    reference = tf.reduce_sum(counts * shifts, axis=1, keepdims=True) * inverse
     offsets = (shifts - reference) + mus
-    total = tf.reduce_sum(counts, axis=1)
-    delta = tf.math.divide_no_nan(tf.reduce_sum(counts * offsets, axis=1), total)
-    m2 = tf.reduce_sum(m2s, axis=1) + tf.reduce_sum(
-        counts * tf.square(offsets - delta[:, tf.newaxis]), axis=1
+    delta = tf.reduce_sum(counts * offsets, axis=1, keepdims=True) * inverse
+    # No gradient through delta here: d(m2)/d(delta) = -2 sum(n (o - delta)) = 0.
+    m2 = tf.reduce_sum(
+        m2s + counts * tf.square(offsets - tf.stop_gradient(delta)), axis=1, keepdims=True
     )
-    variances = tf.math.divide_no_nan(m2, total)
-    reference = reference[:, 0]
-    group = rid // k
-    shape = lambda t: tf.reshape(t, stat_shape)
+    variances = m2 * inverse
+    ref, dlt, variance, n = _group_stats(
+        [reference, delta, variances, total], rid // k, stat_shape
+    )
     groups = None
     if k < replicas:
-        groups = GroupMoments(reference + delta, variances, total)
+        groups = GroupMoments(*(t[:, 0] for t in (reference + delta, variances, total)))
     return GlobalMoments(
         shift=shift,
-        correction=(shift - shape(reference[group])) - shape(delta[group]),
-        mean=shape(reference[group] + delta[group]),
-        variance=shape(variances[group]),
-        count=shape(total[group]),
+        correction=(shift - ref) - dlt,
+        mean=ref + dlt,
+        variance=variance,
+        count=n,
         groups=groups,
+        centered=centered,
     )
 
 
 def _centered_moments(x, axes, ctx, mask, k, reference):
-    count, shift, mu, m2 = local_moments(x, axes, mask)
-    stat_shape = tf.shape(shift)
-    channels = _channels(_stat_shape(x, axes))
+    centered, count, shift, mu, m2 = _local_moments(x, axes, mask)
+    stat_shape = _stat_shape(x, axes)
+    channels = _channels(stat_shape)
     groups = ctx.num_replicas_in_sync // k
-    group = ctx.replica_id_in_sync_group // k
-    wide = lambda t: tf.cast(tf.reshape(t, [-1]), tf.float64)
+    group = replica_index(ctx) // k
     if reference is None:
         reference = tf.zeros([channels], tf.float64)
     r_all = tf.cast(tf.reshape(reference, [-1, channels]), tf.float64)
     r_all = tf.stop_gradient(tf.broadcast_to(r_all, [groups, channels]))
     # O(C) float64 from here on: this replica's mean relative to r, and its
     # sums around r (Chan's per-replica term n * d^2 added to its M2).
-    n = wide(count)
-    local_shift = wide(shift) - r_all[group]
-    d = local_shift + wide(mu)
+    n, s, mu, m2 = tf.unstack(
+        tf.cast(tf.reshape(tf.stack([count, shift, mu, m2]), [4, 1, -1]), tf.float64)
+    )
+    # Counts and shifts do not depend on `x`: no gradient to build there.
+    n, s = tf.stop_gradient(n), tf.stop_gradient(s)
+    # One group: r_all is its row, no slice to build.
+    local_shift = s - (r_all if groups == 1 else r_all[group])
+    d = local_shift + mu
     s1 = n * d
-    s2 = wide(m2) + n * tf.square(d)
-    if mask is None:
-        # One count for all channels: the payload is 2C + 1.
-        payload, width = tf.concat([n[:1], s1, s2], 0), 1
-    else:
-        payload, width = tf.concat([n, s1, s2], 0), channels
+    s2 = m2 + n * tf.square(d)
+    # One count for all channels without a mask: the payload is 2C + 1.
+    width = 1 if mask is None else channels
+    sums = tf.reshape(tf.stack([s1, s2], axis=1), [1, -1])
+    payload = tf.concat([n if mask is not None else n[:, :1], sums], axis=1)
     reduced = all_reduce(ctx, _place(payload, group, groups))
     # [groups, C] each; every replica holds every group's values.
-    counts = tf.broadcast_to(reduced[:, :width], [groups, channels])
-    offsets = tf.math.divide_no_nan(reduced[:, width:width + channels], counts)
-    second = tf.math.divide_no_nan(reduced[:, width + channels:], counts)
+    counts, s1_all, s2_all = tf.split(reduced, [width, channels, channels], axis=1)
+    counts = tf.stop_gradient(tf.broadcast_to(counts, [groups, channels]))
+    inverse = _reciprocal(counts)
+    offsets = s1_all * inverse
+    second = s2_all * inverse
     # Rounding can take the difference a hair below zero.
     variances = tf.nn.relu(second - tf.square(offsets))
-    narrow = lambda t: tf.reshape(tf.cast(t, x.dtype), stat_shape)
     means = r_all + offsets
+    correction, mean, variance, count = _group_stats(
+        [local_shift - offsets, means, variances, counts], group, stat_shape, x.dtype
+    )
     return GlobalMoments(
         shift=shift,
-        correction=narrow(local_shift - offsets[group]),
-        mean=narrow(means[group]),
-        variance=narrow(variances[group]),
-        count=narrow(counts[group]),
-        groups=GroupMoments(*(tf.cast(t, x.dtype) for t in (means, variances, counts))),
+        correction=correction,
+        mean=mean,
+        variance=variance,
+        count=count,
+        # float64; `global_moments` casts them where they are kept.
+        groups=GroupMoments(means, variances, counts),
+        centered=centered,
     )
