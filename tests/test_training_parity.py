@@ -32,8 +32,7 @@ def _skewed(n, replicas):
     return [1] + [per] * (replicas - 2) + [n - 1 - per * (replicas - 2)]
 
 
-@pytest.mark.parametrize("replicas", [2, 4])
-@pytest.mark.parametrize("path", ["fit", "loop"])
+@pytest.mark.parametrize("path, replicas", [("fit", 2), ("loop", 4)])
 def test_steps_match_single_device_bn(mirrored, replicas, path):
     # One epoch: three full global batches of 32, then 31.
     batches = dp.digits_batches(dp.STEPS_PER_EPOCH)
