@@ -17,11 +17,14 @@ per-replica batches 1, 2, 4 and 8, with each normalization:
   usual batch-independent alternative.
 
 Each run starts from weights drawn from its seed (the same for every
-normalization), sees the same shuffled batches, and trains `EPOCHS` epochs
+normalization), sees the same shuffled batches, and trains (budget below)
 with SGD (momentum 0.9, learning rate 0.01 per 8 examples of global batch).
-"Convergence" here means a fixed budget of 4 epochs: single-device BN at a
-global batch of 8 reaches 0.975 held-out accuracy after 4 epochs and 0.986
-after 6, so the remaining gain is about one point (measured, seed 0).
+"Convergence" here means a fixed budget: 2 epochs, and at least
+`MIN_STEPS` steps at large batches (4 epochs at per-replica batch 4, 8 at
+8). Single-device BN at a global batch of 8 reaches 0.96 held-out accuracy
+after 2 epochs, 0.975 after 4 and 0.986 after 6 (seed 0): the budget is
+sized for this shared 2-core machine, within about two points of the
+plateau.
 The figure is the held-out accuracy in inference mode (moving statistics),
 mean and spread (min..max) over 3 seeds, and the median wall time of a
 training step (epochs after the first, which holds the tracing).
@@ -42,6 +45,7 @@ Usage:
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -64,10 +68,15 @@ import numpy as np  # noqa: E402
 import bnconvert  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EPOCHS = 4
+EPOCHS = 2
+MIN_STEPS = 170
 PER_REPLICA_BATCHES = (1, 2, 4, 8)
 MOMENTUM = 0.9  # of the moving statistics: few epochs, so follow quickly
 NORMS = ("single", "plain", "ours", "keras-sync", "group")
+# Variants run per normalization (default both). Plain BN and GroupNorm take
+# two-pass moments of their own examples, the path the offset does not
+# reach; they are left out of it to keep the run within the time budget.
+OFFSET_NORMS = {"plain": ("digits",), "group": ("digits",)}
 OFFSET, OFFSET_SCALE = 1000.0, 0.1
 
 _NORM_LAYERS = {  # (name, channels) -> layer
@@ -186,43 +195,70 @@ class _no_scope:
         return False
 
 
-def measure(norms, batches, seeds, epochs, data):
+def epochs_for(batch, n_train, epochs):
+    """`epochs`, or more at large batches so every run takes MIN_STEPS steps."""
+    per_epoch = n_train // (batch * REPLICAS)
+    return max(epochs, -(-MIN_STEPS // per_epoch))
+
+
+def measure(norms, batches, seeds, epochs, data, log_path):
+    """Seed by seed over every configuration, each result appended to
+    `log_path` (JSON lines) as it comes, so a run cut short still plots."""
     x, x_test, y, y_test = data
-    variants = {"plain": (x, x_test), "offset": (shifted(x), shifted(x_test))}
+    variants = {"digits": (x, x_test), "offset": (shifted(x), shifted(x_test))}
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:REPLICAS]
     strategy = tf.distribute.MirroredStrategy(devices)
-    results = {}
-    for batch in batches:
-        for norm in norms:
-            trainer = Trainer(norm, batch * REPLICAS, strategy)
-            for variant, (xv, xv_test) in variants.items():
-                accs, times = [], []
-                for seed in range(seeds):
-                    acc, step = trainer.run(seed, xv, y, xv_test, y_test, epochs)
-                    accs.append(acc)
-                    times.append(step)
-                results[variant, norm, batch] = (accs, statistics.median(times))
-                print(f"  {variant:<7}{norm:<11}{batch:>5}  acc {np.mean(accs):.3f} "
-                      f"[{min(accs):.3f}..{max(accs):.3f}]  "
-                      f"step {1e3 * statistics.median(times):6.1f} ms", flush=True)
-    return results
+    trainers = {}
+    for seed in range(seeds):
+        for batch in batches:
+            for norm in norms:
+                if (norm, batch) not in trainers:
+                    trainers[norm, batch] = Trainer(norm, batch * REPLICAS, strategy)
+                for variant in OFFSET_NORMS.get(norm, ("digits", "offset")):
+                    xv, xv_test = variants[variant]
+                    n_epochs = epochs_for(batch, len(x), epochs)
+                    acc, step = trainers[norm, batch].run(seed, xv, y, xv_test,
+                                                          y_test, n_epochs)
+                    row = dict(variant=variant, norm=norm, batch=batch, seed=seed,
+                               epochs=n_epochs, accuracy=acc, step_s=step)
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"  seed {seed} {variant:<7}{norm:<11}{batch:>3}  "
+                          f"{n_epochs} epochs  acc {acc:.3f}  "
+                          f"step {1e3 * step:6.1f} ms", flush=True)
+
+
+def load(log_path):
+    """{(variant, norm, batch): (accuracies over seeds, median step time)}."""
+    rows = {}
+    with open(log_path) as f:
+        for line in f:
+            r = json.loads(line)
+            rows.setdefault((r["variant"], r["norm"], r["batch"]), []).append(r)
+    return {key: ([r["accuracy"] for r in rs],
+                  statistics.median(r["step_s"] for r in rs))
+            for key, rs in rows.items()}
 
 
 def table(results, norms, batches):
-    anchor = {b: results["plain", "single", b][1] for b in batches if
-              ("plain", "single", b) in results}
-    for variant in ("plain", "offset"):
-        print(f"\n{variant} inputs: held-out accuracy, mean +- half range over seeds; "
-              "step time / single-device step time")
-        print(f"  {'norm':<11}" + "".join(f"{'batch ' + str(b):>24}" for b in batches))
+    anchor = {b: results["digits", "single", b][1] for b in batches if
+              ("digits", "single", b) in results}
+    for variant in ("digits", "offset"):
+        print(f"\n{variant} inputs: held-out accuracy, mean +- half range over seeds "
+              "(n seeds); step time / single-device step time")
+        print(f"  {'norm':<11}" + "".join(f"{'batch ' + str(b):>28}" for b in batches))
         for norm in norms:
             cells = []
             for b in batches:
+                if (variant, norm, b) not in results:
+                    cells.append("-")
+                    continue
                 accs, step = results[variant, norm, b]
                 spread = (max(accs) - min(accs)) / 2
                 ratio = step / anchor[b] if b in anchor else float("nan")
-                cells.append(f"{np.mean(accs):.3f}+-{spread:.3f} x{ratio:5.2f}")
-            print(f"  {norm:<11}" + "".join(f"{c:>24}" for c in cells))
+                cells.append(f"{np.mean(accs):.3f}+-{spread:.3f} ({len(accs)}) "
+                             f"x{ratio:5.1f}")
+            print(f"  {norm:<11}" + "".join(f"{c:>28}" for c in cells))
     print("  (anchor, single-device step in ms: "
           + ", ".join(f"b{b}={1e3 * t:.1f}" for b, t in anchor.items()) + ")")
 
@@ -239,22 +275,26 @@ def plot(results, norms, batches, path):
               "keras-sync": ("tab:orange", ":", "Keras BN(synchronized=True)"),
               "group": ("tab:green", "-.", "GroupNormalization(4)")}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    titles = {"plain": "digits, inputs in [0, 1]",
+    titles = {"digits": "digits, inputs in [0, 1]",
               "offset": f"offset inputs: {OFFSET:g} + {OFFSET_SCALE:g} * pixel"}
-    for ax, variant in zip(axes, ("plain", "offset")):
+    for ax, variant in zip(axes, ("digits", "offset")):
         for norm in norms:
-            accs = np.array([results[variant, norm, b][0] for b in batches])
+            done = [b for b in batches if (variant, norm, b) in results]
+            if not done:
+                continue
+            accs = [np.array(results[variant, norm, b][0]) for b in done]
+            mean = np.array([a.mean() for a in accs])
+            low = mean - np.array([a.min() for a in accs])
+            high = np.array([a.max() for a in accs]) - mean
             color, line, label = styles[norm]
-            mean = accs.mean(1)
-            ax.errorbar(batches, mean, yerr=[mean - accs.min(1), accs.max(1) - mean],
-                        color=color, linestyle=line, marker="o", capsize=3,
-                        label=label)
+            ax.errorbar(done, mean, yerr=[low, high], color=color, linestyle=line,
+                        marker="o", capsize=3, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel(f"per-replica batch ({REPLICAS} replicas)")
         ax.set_title(titles[variant])
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out accuracy (3 seeds: mean, min..max)")
+    axes[0].set_ylabel("held-out accuracy (mean, min..max over seeds)")
     axes[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -268,13 +308,23 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(HERE, "training.png"))
+    parser.add_argument("--log", default=None,
+                        help="JSON-lines results (default: beside --out)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only print the table and plot from --log")
     args = parser.parse_args(argv)
+    log_path = args.log or os.path.splitext(args.out)[0] + ".jsonl"
     batches, seeds, epochs = PER_REPLICA_BATCHES, args.seeds, args.epochs
     if args.quick:
-        batches, seeds, epochs = (1, 8), 1, 2
-    print(f"digits, {REPLICAS} replicas, {epochs} epochs, {seeds} seed(s)", flush=True)
+        batches, seeds, epochs = (1, 8), 1, 1
     started = time.perf_counter()
-    results = measure(NORMS, batches, seeds, epochs, digits())
+    if not args.replot:
+        if os.path.exists(log_path):
+            os.remove(log_path)
+        print(f"digits, {REPLICAS} replicas, >= {epochs} epochs and >= {MIN_STEPS} "
+              f"steps, {seeds} seed(s)", flush=True)
+        measure(NORMS, batches, seeds, epochs, digits(), log_path)
+    results = load(log_path)
     table(results, NORMS, batches)
     plot(results, NORMS, batches, args.out)
     print(f"total {time.perf_counter() - started:.0f} s")

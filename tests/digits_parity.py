@@ -214,14 +214,20 @@ def _ragged_batches(dataset, sizes):
     return out
 
 
-def loop_steps(flavour, strategy, batches, before, split=None, norm=None):
-    """The layer under `strategy` in a custom loop, each step from `before`."""
+def loop_steps(flavour, strategy, batches, before=None, split=None, norm=None,
+               dtype="float32"):
+    """The layer under `strategy` in a custom loop: weights after each step.
+
+    Each step starts from `before[step]`; with `before=None` the steps
+    follow each other as one trajectory from the seed's weights.
+    """
     with strategy.scope():
-        model = build_model(flavour, norm or sync_bn_class(flavour))
+        model = build_model(flavour, norm or sync_bn_class(flavour), dtype=dtype)
     step = custom_loop_step(flavour, model, strategy, split)
     after = []
-    for (x, y), weights in zip(batches, before):
-        model.set_weights(weights)
+    for i, (x, y) in enumerate(batches):
+        if before is not None:
+            model.set_weights(before[i])
         step(x, y)
         after.append(model.get_weights())
     return after
