@@ -287,8 +287,13 @@ def plot(results, norms, batches, path):
             low = mean - np.array([a.min() for a in accs])
             high = np.array([a.max() for a in accs]) - mean
             color, line, label = styles[norm]
+            # The reference as large open squares: ours lies on top of it.
+            marker = dict(marker="s", markersize=10, markerfacecolor="none") \
+                if norm == "single" else dict(marker="o")
             ax.errorbar(done, mean, yerr=[low, high], color=color, linestyle=line,
-                        marker="o", capsize=3, label=label)
+                        capsize=3, label=label, **marker)
+        ax.axhline(0.1, color="grey", linewidth=0.8, linestyle=":")
+        ax.text(batches[0], 0.11, "chance", color="grey", fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel(f"per-replica batch ({REPLICAS} replicas)")
