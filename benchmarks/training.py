@@ -49,6 +49,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -195,13 +196,13 @@ class _no_scope:
         return False
 
 
-def epochs_for(batch, n_train, epochs):
-    """`epochs`, or more at large batches so every run takes MIN_STEPS steps."""
+def epochs_for(batch, n_train, epochs, min_steps=MIN_STEPS):
+    """`epochs`, or more at large batches so every run takes `min_steps` steps."""
     per_epoch = n_train // (batch * REPLICAS)
-    return max(epochs, -(-MIN_STEPS // per_epoch))
+    return max(epochs, -(-min_steps // per_epoch))
 
 
-def measure(norms, batches, seeds, epochs, data, log_path):
+def measure(norms, batches, seeds, epochs, data, log_path, min_steps=MIN_STEPS):
     """Seed by seed over every configuration, each result appended to
     `log_path` (JSON lines) as it comes, so a run cut short still plots."""
     x, x_test, y, y_test = data
@@ -216,7 +217,7 @@ def measure(norms, batches, seeds, epochs, data, log_path):
                     trainers[norm, batch] = Trainer(norm, batch * REPLICAS, strategy)
                 for variant in OFFSET_NORMS.get(norm, ("digits", "offset")):
                     xv, xv_test = variants[variant]
-                    n_epochs = epochs_for(batch, len(x), epochs)
+                    n_epochs = epochs_for(batch, len(x), epochs, min_steps)
                     acc, step = trainers[norm, batch].run(seed, xv, y, xv_test,
                                                           y_test, n_epochs)
                     row = dict(variant=variant, norm=norm, batch=batch, seed=seed,
@@ -312,26 +313,31 @@ def main(argv=None):
                         help="smoke run: batches 1 and 8, one seed, one epoch")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(HERE, "training.png"))
+    parser.add_argument("--out", default=None,
+                        help="PNG (default: benchmarks/training.png; with --quick, "
+                             "a temporary file, so the committed results stay)")
     parser.add_argument("--log", default=None,
                         help="JSON-lines results (default: beside --out)")
     parser.add_argument("--replot", action="store_true",
                         help="only print the table and plot from --log")
     args = parser.parse_args(argv)
-    log_path = args.log or os.path.splitext(args.out)[0] + ".jsonl"
     batches, seeds, epochs = PER_REPLICA_BATCHES, args.seeds, args.epochs
+    min_steps, out = MIN_STEPS, os.path.join(HERE, "training.png")
     if args.quick:
-        batches, seeds, epochs = (1, 8), 1, 1
+        batches, seeds, epochs, min_steps = (1, 8), 1, 1, 10
+        out = os.path.join(tempfile.gettempdir(), "bnconvert_training_quick.png")
+    out = args.out or out
+    log_path = args.log or os.path.splitext(out)[0] + ".jsonl"
     started = time.perf_counter()
     if not args.replot:
         if os.path.exists(log_path):
             os.remove(log_path)
         print(f"digits, {REPLICAS} replicas, >= {epochs} epochs and >= {MIN_STEPS} "
               f"steps, {seeds} seed(s)", flush=True)
-        measure(NORMS, batches, seeds, epochs, digits(), log_path)
+        measure(NORMS, batches, seeds, epochs, digits(), log_path, min_steps)
     results = load(log_path)
     table(results, NORMS, batches)
-    plot(results, NORMS, batches, args.out)
+    plot(results, NORMS, batches, out)
     print(f"total {time.perf_counter() - started:.0f} s")
     return 0
 
