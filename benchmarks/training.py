@@ -332,7 +332,7 @@ def main(argv=None):
     if not args.replot:
         if os.path.exists(log_path):
             os.remove(log_path)
-        print(f"digits, {REPLICAS} replicas, >= {epochs} epochs and >= {MIN_STEPS} "
+        print(f"digits, {REPLICAS} replicas, >= {epochs} epochs and >= {min_steps} "
               f"steps, {seeds} seed(s)", flush=True)
         measure(NORMS, batches, seeds, epochs, digits(), log_path, min_steps)
     results = load(log_path)
