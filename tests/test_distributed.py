@@ -12,18 +12,16 @@ so single-device training on the same batches is the exact reference whatever
 the split.
 """
 
-import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
 
 import bnconvert
+from mw_cluster import run_workers
 from _mw_worker import (
     InputTargetModel, build_model, compile_model, make_data, weights_dict,
 )
@@ -110,64 +108,17 @@ def test_fit_with_uneven_last_batch_matches_single_device_bn(mirrored):
     _assert_same_training(before, ours, ref, rtol=2e-5)
 
 
-def _free_ports(n):
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["table", "centered"])
 def test_multi_worker_fit_matches_single_device_bn(tmp_path, method):
     steps, global_batch = 3, 8
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs, outs = [], []
-    for index in range(2):
-        out = tmp_path / f"worker{index}.npz"
-        env = dict(os.environ)
-        env.update(
-            TF_CONFIG=json.dumps({"cluster": cluster,
-                                  "task": {"type": "worker", "index": index}}),
-            TF_CPP_MIN_LOG_LEVEL="2",
-            KERAS_BACKEND="tensorflow",
-            CUDA_VISIBLE_DEVICES="-1",
-        )
-        procs.append(subprocess.Popen(
-            [sys.executable, WORKER, str(out), str(steps), str(global_batch), method],
-            env=env, cwd=str(tmp_path),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
-        outs.append(out)
-    failures = []
-    deadline = time.monotonic() + WORKER_TIMEOUT
-    try:
-        for index, proc in enumerate(procs):
-            try:
-                _, err = proc.communicate(
-                    timeout=max(1.0, deadline - time.monotonic())
-                )
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
-                failures.append(f"worker {index} timed out after "
-                                f"{WORKER_TIMEOUT}s:\n{err[-4000:]}")
-                continue
-            if proc.returncode != 0:
-                failures.append(f"worker {index} exited with {proc.returncode}:\n"
-                                f"{err[-4000:]}")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+    failures = run_workers(
+        WORKER,
+        lambda index: [str(tmp_path / f"worker{index}.npz"), str(steps),
+                       str(global_batch), method],
+        cwd=tmp_path, timeout=WORKER_TIMEOUT,
+    )
+    outs = [tmp_path / f"worker{index}.npz" for index in range(2)]
     assert not failures, "\n".join(failures)
 
     results = [dict(np.load(out)) for out in outs]

@@ -389,10 +389,12 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
                 [update(self.moving_mean, mean, self.momentum)[0]],
                 [update(self.moving_variance, variance, self.momentum)[0]],
             ]
-        if not tf.compat.v1.executing_eagerly_outside_functions():
-            # TF1-style graph: assignments run only when fetched, and
-            # tf-keras's `fit` fetches `layer.updates` (two, as for
-            # tf-keras's BatchNormalization). Under TF2 they run anyway.
+        if not tf.executing_eagerly():
+            # TF1-style graphs (tf.Graph, and `tf.compat.v1.wrap_function`,
+            # where tf-keras gives the layer its v1 base): assignments run
+            # only when fetched, and tf-keras's `fit` fetches `layer.updates`
+            # (two, as for tf-keras's BatchNormalization). A v2 layer's
+            # `add_update` ignores ops: in `tf.function` they run anyway.
             for ops in updates:
                 self.add_update(tf.group(*ops) if len(ops) > 1 else ops[0])
 
