@@ -48,6 +48,13 @@ def _w(shape, seed=3):
     return np.random.default_rng(seed).normal(size=shape).astype(F)
 
 
+class _BatchReshape(keras.layers.Layer):
+    """reshape to `(ops.shape(x)[0], -1, 3)` inside a call: traced, the batch is None."""
+
+    def call(self, x):
+        return ops.reshape(x, (ops.shape(x)[0], -1, 3))
+
+
 KERAS = {
     # elementwise
     "abs": lambda y: ops.abs(y), "absolute": lambda y: ops.absolute(y),
@@ -151,7 +158,8 @@ KERAS = {
         y, 4, axis=-1)[3], "unstack": lambda y: ops.unstack(y, axis=3)[2],
     "pad": lambda y: ops.pad(y, [[0, 0], [1, 2], [0, 1], [0, 0]], constant_values=-2.0),
     "pad:reflect": lambda y: ops.pad(y, [[0, 0], [1, 2], [2, 1], [0, 0]], mode="reflect"),
-    "reshape": lambda y: ops.reshape(y, (-1, 6)), "transpose": lambda y: ops.transpose(
+    "reshape": lambda y: ops.reshape(y, (-1, 6)),
+    "reshape:traced_batch": lambda y: _BatchReshape()(y), "transpose": lambda y: ops.transpose(
         y, (0, 3, 1, 2)), "swapaxes": lambda y: ops.swapaxes(y, 1, 3),
     "moveaxis": lambda y: ops.moveaxis(y, 3, 1), "ravel": lambda y: ops.ravel(y),
     "expand_dims": lambda y: ops.expand_dims(y, 2), "squeeze": lambda y: ops.squeeze(
@@ -332,6 +340,8 @@ def _tf_cases():
         "var": lambda y: tf.math.reduce_variance(y, 2), "std": lambda y: tf.math.reduce_std(y, -1),
         "split": lambda y: tf.split(y, [2, 4], -1)[1] * 2.0,
         "split:sections": lambda y: tf.split(y, 3, axis=3)[2],
+        "split:minus_one": lambda y: tf.split(y, [2, -1, 1], -1)[1] * 2.0,
+        "split:minus_one_last": lambda y: tf.split(y, [2, -1], -1)[1] * 2.0,
         "get_item": lambda y: y[:, 1:, ::-1, :3],
         "matmul": lambda y: tf.matmul(y, y, transpose_b=True) / 100.0,
         "einsum": lambda y: tf.einsum("bhwc,bhwd->bcd", y, y) / 100.0,

@@ -170,8 +170,13 @@ def _sizes_to_points(p):
     if isinstance(sections, int) or np.ndim(math.constant(sections)) == 0:
         return dict(p, indices_or_sections=int(math.constant(sections)))
     sizes = [int(s) for s in math.constant(sections).reshape(-1)]
-    if -1 in sizes:
-        raise Uncovered([(None, "split", "a size of -1")])
+    if -1 in sizes[:-1]:
+        # The -1 part is what the others leave of the axis.
+        x = p["x"]
+        total = x.shape[int(p.get("axis") or 0) % x.rank] if hasattr(x, "shape") else None
+        if total is None or sizes.count(-1) > 1:
+            raise Uncovered([(None, "split", "a size of -1 on an axis of unknown size")])
+        sizes[sizes.index(-1)] = total - sum(sizes) - 1
     return dict(p, indices_or_sections=list(np.cumsum(sizes)[:-1]))
 
 
