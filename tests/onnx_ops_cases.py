@@ -91,7 +91,11 @@ KERAS = {
     "sparse_plus": lambda y: ops.sparse_plus(_small(y)),
     "sparse_sigmoid": lambda y: ops.sparse_sigmoid(_small(y)),
     "deg2rad": lambda y: ops.deg2rad(y), "rad2deg": lambda y: ops.rad2deg(y),
-    "relu": lambda y: ops.relu(y), "relu6": lambda y: ops.relu6(_small(y)),
+    "relu": lambda y: ops.relu(y),
+    # keras.activations.relu with arguments records a `ReLU` op (keras-cv's hard sigmoid).
+    "relu:activation_max": lambda y: keras.activations.relu(y, max_value=60.0),
+    "relu:activation_all": lambda y: keras.activations.relu(
+        y, negative_slope=0.1, max_value=50.0, threshold=5.0), "relu6": lambda y: ops.relu6(_small(y)),
     "sigmoid": lambda y: ops.sigmoid(_small(y)), "tanh": lambda y: ops.tanh(_small(y)),
     "silu": lambda y: ops.silu(_small(y)), "swish": lambda y: ops.swish(_small(y)),
     "hard_silu": lambda y: ops.hard_silu(_small(y)), "hard_swish": lambda y: ops.hard_swish(

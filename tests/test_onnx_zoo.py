@@ -61,7 +61,6 @@ WILD = list(zoo_models.ONNX_WILD) + [zoo_models.KECAM]
 NATIVE_LACKS = {
     "hub_dfine": "ops.where, top_k, stop_gradient, map; DFineHybridEncoder, DFineDecoder, "
                  "DFineAnchorGenerator and DFineSpatialShapesExtractor do not trace",
-    "cv_mobilenetv3": "ReLU called inside a custom layer's call; an Activation of None",
 }
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -52,8 +52,8 @@ _ACTIVATIONS = {
 
 def _activation(name):
     def emit(g, call, p):
-        params = {k: p[k] for k in ("axis", "negative_slope", "alpha", "approximate")
-                  if p.get(k) is not None}
+        params = {k: p[k] for k in ("axis", "negative_slope", "alpha", "approximate",
+                                    "max_value", "threshold") if p.get(k) is not None}
         if p.get("beta", 1.0) != 1.0:
             raise Uncovered([(call.base, name, "beta != 1")])
         return [activations.apply(g, p["x"], name, call.base, **params)]
@@ -103,7 +103,9 @@ _CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_
                 "LayerNorm": "layer_normalization", "RMSNorm": "rms_normalization",
                 "RGBToGrayscale": "rgb_to_grayscale", "AllClose": "allclose",
                 "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin",
-                "ExtractPatches3D": "extract_patches_3d"}
+                "ExtractPatches3D": "extract_patches_3d",
+                # keras.activations.relu with arguments records a ReLU op.
+                "ReLU": "relu"}
 
 
 def function_name(op):
