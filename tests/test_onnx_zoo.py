@@ -59,8 +59,11 @@ LOW_PRECISION = {"float16": 8 * 2.0**-10, "bfloat16": 8 * 2.0**-7}
 WILD = list(zoo_models.ONNX_WILD) + [zoo_models.KECAM]
 # Model -> what the native exporter lacks for it today (issue 17, item 2).
 NATIVE_LACKS = {
-    "hub_dfine": "ops.where, top_k, stop_gradient, map; DFineHybridEncoder, DFineDecoder, "
-                 "DFineAnchorGenerator and DFineSpatialShapesExtractor do not trace",
+    "hub_dfine": "ops.map (3, in DFineInitialQueryAndReferenceGenerator); DFineHybridEncoder "
+                 "and DFineDecoder do not run on symbolic tensors (DFineEncoder's and "
+                 "DFineMLPPredictionHead's compute_output_spec refuse `training`); "
+                 "DFineAnchorGenerator and DFineSpatialShapesExtractor return constant "
+                 "(non-Keras) tensors",
 }
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
