@@ -48,6 +48,13 @@ def _w(shape, seed=3):
     return np.random.default_rng(seed).normal(size=shape).astype(F)
 
 
+class _BatchReshape(keras.layers.Layer):
+    """reshape to `(ops.shape(x)[0], -1, 3)` inside a call: traced, the batch is None."""
+
+    def call(self, x):
+        return ops.reshape(x, (ops.shape(x)[0], -1, 3))
+
+
 KERAS = {
     # elementwise
     "abs": lambda y: ops.abs(y), "absolute": lambda y: ops.absolute(y),
@@ -84,7 +91,11 @@ KERAS = {
     "sparse_plus": lambda y: ops.sparse_plus(_small(y)),
     "sparse_sigmoid": lambda y: ops.sparse_sigmoid(_small(y)),
     "deg2rad": lambda y: ops.deg2rad(y), "rad2deg": lambda y: ops.rad2deg(y),
-    "relu": lambda y: ops.relu(y), "relu6": lambda y: ops.relu6(_small(y)),
+    "relu": lambda y: ops.relu(y),
+    # keras.activations.relu with arguments records a `ReLU` op (keras-cv's hard sigmoid).
+    "relu:activation_max": lambda y: keras.activations.relu(y, max_value=60.0),
+    "relu:activation_all": lambda y: keras.activations.relu(
+        y, negative_slope=0.1, max_value=50.0, threshold=5.0), "relu6": lambda y: ops.relu6(_small(y)),
     "sigmoid": lambda y: ops.sigmoid(_small(y)), "tanh": lambda y: ops.tanh(_small(y)),
     "silu": lambda y: ops.silu(_small(y)), "swish": lambda y: ops.swish(_small(y)),
     "hard_silu": lambda y: ops.hard_silu(_small(y)), "hard_swish": lambda y: ops.hard_swish(
@@ -151,7 +162,8 @@ KERAS = {
         y, 4, axis=-1)[3], "unstack": lambda y: ops.unstack(y, axis=3)[2],
     "pad": lambda y: ops.pad(y, [[0, 0], [1, 2], [0, 1], [0, 0]], constant_values=-2.0),
     "pad:reflect": lambda y: ops.pad(y, [[0, 0], [1, 2], [2, 1], [0, 0]], mode="reflect"),
-    "reshape": lambda y: ops.reshape(y, (-1, 6)), "transpose": lambda y: ops.transpose(
+    "reshape": lambda y: ops.reshape(y, (-1, 6)),
+    "reshape:traced_batch": lambda y: _BatchReshape()(y), "transpose": lambda y: ops.transpose(
         y, (0, 3, 1, 2)), "swapaxes": lambda y: ops.swapaxes(y, 1, 3),
     "moveaxis": lambda y: ops.moveaxis(y, 3, 1), "ravel": lambda y: ops.ravel(y),
     "expand_dims": lambda y: ops.expand_dims(y, 2), "squeeze": lambda y: ops.squeeze(
@@ -332,6 +344,8 @@ def _tf_cases():
         "var": lambda y: tf.math.reduce_variance(y, 2), "std": lambda y: tf.math.reduce_std(y, -1),
         "split": lambda y: tf.split(y, [2, 4], -1)[1] * 2.0,
         "split:sections": lambda y: tf.split(y, 3, axis=3)[2],
+        "split:minus_one": lambda y: tf.split(y, [2, -1, 1], -1)[1] * 2.0,
+        "split:minus_one_last": lambda y: tf.split(y, [2, -1], -1)[1] * 2.0,
         "get_item": lambda y: y[:, 1:, ::-1, :3],
         "matmul": lambda y: tf.matmul(y, y, transpose_b=True) / 100.0,
         "einsum": lambda y: tf.einsum("bhwc,bhwd->bcd", y, y) / 100.0,

@@ -59,15 +59,11 @@ LOW_PRECISION = {"float16": 8 * 2.0**-10, "bfloat16": 8 * 2.0**-7}
 WILD = list(zoo_models.ONNX_WILD) + [zoo_models.KECAM]
 # Model -> what the native exporter lacks for it today (issue 17, item 2).
 NATIVE_LACKS = {
-    "hub_segformer": "keras.ops.matmul",
-    "hub_mobilenetv5_bn": "an Activation holding a lambda (exact GELU); ops.expand_dims, "
-                          "ops.matmul",
-    "hub_dfine": "ops.where, top_k, stop_gradient, map; DFineHybridEncoder, DFineDecoder, "
-                 "DFineAnchorGenerator and DFineSpatialShapesExtractor do not trace",
-    "cv_yolov8_detector": "GetItem (slicing), ops.repeat",
-    "cv_cspdarknet": "GetItem (slicing)",
-    "cv_mobilenetv3": "ReLU called inside a custom layer's call; an Activation of None",
-    zoo_models.KECAM: "tf-keras tf.split (TFOpLambda)",
+    "hub_dfine": "ops.map (3, in DFineInitialQueryAndReferenceGenerator); DFineHybridEncoder "
+                 "and DFineDecoder do not run on symbolic tensors (DFineEncoder's and "
+                 "DFineMLPPredictionHead's compute_output_spec refuse `training`); "
+                 "DFineAnchorGenerator and DFineSpatialShapesExtractor return constant "
+                 "(non-Keras) tensors",
 }
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

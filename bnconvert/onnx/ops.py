@@ -52,8 +52,8 @@ _ACTIVATIONS = {
 
 def _activation(name):
     def emit(g, call, p):
-        params = {k: p[k] for k in ("axis", "negative_slope", "alpha", "approximate")
-                  if p.get(k) is not None}
+        params = {k: p[k] for k in ("axis", "negative_slope", "alpha", "approximate",
+                                    "max_value", "threshold") if p.get(k) is not None}
         if p.get("beta", 1.0) != 1.0:
             raise Uncovered([(call.base, name, "beta != 1")])
         return [activations.apply(g, p["x"], name, call.base, **params)]
@@ -103,7 +103,9 @@ _CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_
                 "LayerNorm": "layer_normalization", "RMSNorm": "rms_normalization",
                 "RGBToGrayscale": "rgb_to_grayscale", "AllClose": "allclose",
                 "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin",
-                "ExtractPatches3D": "extract_patches_3d"}
+                "ExtractPatches3D": "extract_patches_3d",
+                # keras.activations.relu with arguments records a ReLU op.
+                "ReLU": "relu"}
 
 
 def function_name(op):
@@ -170,8 +172,13 @@ def _sizes_to_points(p):
     if isinstance(sections, int) or np.ndim(math.constant(sections)) == 0:
         return dict(p, indices_or_sections=int(math.constant(sections)))
     sizes = [int(s) for s in math.constant(sections).reshape(-1)]
-    if -1 in sizes:
-        raise Uncovered([(None, "split", "a size of -1")])
+    if -1 in sizes[:-1]:
+        # The -1 part is what the others leave of the axis.
+        x = p["x"]
+        total = x.shape[int(p.get("axis") or 0) % x.rank] if hasattr(x, "shape") else None
+        if total is None or sizes.count(-1) > 1:
+            raise Uncovered([(None, "split", "a size of -1 on an axis of unknown size")])
+        sizes[sizes.index(-1)] = total - sum(sizes) - 1
     return dict(p, indices_or_sections=list(np.cumsum(sizes)[:-1]))
 
 

@@ -101,6 +101,11 @@ def reshape(g, call, p):
     if not keeps_batch:
         x = g.keras(x)
         shape = [-1 if d is None else int(d) for d in shape]
+        if shape.count(-1) > 1 and shape[0] == -1 and x.shape[0] is None:
+            # `ops.shape(x)[0]` is unknown when traced: the batch, copied (0) from x.
+            shape[0] = 0
+        if shape.count(-1) > 1:
+            raise Uncovered([(call.base, "Reshape", "more than one unknown size")])
         return [call.out(g.node("Reshape", [x.name, g.ints(shape)], call.base))]
     name, perm = structure.reshape_to(g, x, call.shapes[0], call.base)
     return [call.out(name, perm)]
