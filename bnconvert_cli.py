@@ -276,12 +276,12 @@ def _common(f):
 
 
 def _writes(f):
-    """--report, --force and --allow-nonfinite, for the commands that write."""
-    f = click.option(
-        "--allow-nonfinite", is_flag=True,
-        help="Accept a model whose outputs hold NaN or Inf (the check then only "
-        "requires the same NaN/Inf), with a warning. Default: refuse it.",
-    )(f)
+    """--report, --force, --allow-nonfinite and --check-input, for the commands that write."""
+    f = click.option("--check-input", "check_inputs", multiple=True, metavar="FILE.npy",
+                     type=click.Path(dir_okay=False), help="Verify on this batch, not a generated "
+                     "one: one .npy per model input, in order (string inputs need it).")(f)
+    f = click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf outputs (the check "
+                     "then requires the same NaN/Inf), with a warning. Default: refuse.")(f)
     f = click.option("--force", is_flag=True, help="Overwrite existing output files.")(f)
     return click.option(
         "--report", "report_path", type=click.Path(dir_okay=False), default=None,

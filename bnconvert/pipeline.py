@@ -53,6 +53,8 @@ class Options:
         sync_group_size: `to-sync --sync-group-size`.
         allow_nonfinite: `--allow-nonfinite`: accept NaN/Inf outputs that
             the converted model reproduces, with a warning.
+        check_inputs: `--check-input` `.npy` files, one per model input:
+            the batch to verify on instead of a generated one.
     """
 
     command: str
@@ -76,6 +78,7 @@ class Options:
     target: str = "sync"
     sync_group_size: int | None = None
     allow_nonfinite: bool = False
+    check_inputs: tuple = ()
 
 
 @dataclasses.dataclass
@@ -170,7 +173,7 @@ def run(options, progress=None, cancelled=None, placed=None):
     conversion = convert.run_conversion(
         job, fold=options.fold, in_place=True, steps=steps,
         check=direction == "inference" or plan.output is None,
-        allow_nonfinite=options.allow_nonfinite,
+        allow_nonfinite=options.allow_nonfinite, check_inputs=list(options.check_inputs) or None,
     )
     converted, report = conversion.model, conversion.report
     _stop_if(cancelled)
@@ -316,7 +319,7 @@ class _Plan:
 
 def _inputs(options, found):
     """Every path this run reads: none of them may be written."""
-    given = [options.model, found.path, *options.rules]
+    given = [options.model, found.path, *options.rules, *options.check_inputs]
     given += [m for m in options.custom_objects if m.endswith(".py")]
     return tuple(given)
 

@@ -139,7 +139,8 @@ def sample_inputs(model, batch=SAMPLE_BATCH):
             kind = "string" if is_string(dtype) else str(dtype)
             return None, (
                 f"no check batch can be generated for input {i} of dtype {kind}; pass "
-                "your own (check_inputs= of convert_model, inputs= of export_onnx)"
+                "your own (--check-input FILE.npy, check_inputs= of convert_model, inputs= of "
+                "export_onnx)"
             )
     # standard_normal draws float64 before the cast: 8 bytes an element.
     check_size(sum(math.prod(s) * 8 for s in shapes), f"The check batch of model '{model.name}'",

@@ -180,6 +180,41 @@ def test_4_string_model_checked_on_given_inputs():
         bnconvert.convert_model(model, check_inputs=np.ones((2, 1)))
 
 
+def test_4_string_model_checked_on_a_cli_check_input(work, tmp_path):
+    words = np.array([["green"], ["red"], ["unknown"]])
+    np.save(tmp_path / "words.npy", words)
+    result = run_cli("to-sync", work / "strings.keras", "-o", work / "s2.keras",
+                     "--check-input", tmp_path / "words.npy")
+    assert result.exit_code == 0, result.output
+    assert "not verified" not in result.stdout and "verified: max |diff| = 0" in result.stdout
+    reloaded = keras.saving.load_model(work / "s2.keras")
+    original = keras.saving.load_model(work / "strings.keras")
+    np.testing.assert_array_equal(reloaded(words, training=False), original(words, training=False))
+    # The check input is an input: no output may replace it.
+    clash = run_cli("to-sync", work / "strings.keras", "-o", tmp_path / "words.npy", "--force",
+                    "--check-input", tmp_path / "words.npy")
+    assert clash.exit_code != 0 and np.load(tmp_path / "words.npy").shape == (3, 1)
+
+
+def test_4_cli_check_input_feeds_the_onnx_check_too(tmp_path):
+    model = _dense_bn("m")
+    model.save(tmp_path / "m.keras")
+    x = np.random.default_rng(4).normal(size=(5, 4)).astype("float32") * 50
+    np.save(tmp_path / "x.npy", x)
+    result = run_cli("to-inference", tmp_path / "m.keras", "-o", tmp_path / "m.onnx",
+                     "--check-input", tmp_path / "x.npy")
+    assert result.exit_code == 0, result.output
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(got, np.asarray(model(x, training=False)), rtol=1e-4, atol=1e-4)
+    bad = run_cli("to-sync", tmp_path / "m.keras", "-o", tmp_path / "s.keras",
+                  "--check-input", tmp_path / "missing.npy")
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
+    assert not (tmp_path / "s.keras").exists()
+
+
 def test_4_onnx_check_without_any_batch_refuses():
     from bnconvert.onnx import check as ort_check
 
