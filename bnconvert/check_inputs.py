@@ -98,17 +98,23 @@ def _checked_input(name, array, shape, dtype):
         raise VerificationError(
             f"{where} has no rows: nothing would be checked. Received: shape={array.shape}"
         )
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise VerificationError(
-            f"{where} holds {int(np.sum(~np.isfinite(array)))} NaN/Inf value(s); "
-            "a check on non-finite inputs proves nothing. Give finite values."
-        )
     if verify.is_string(dtype):
         return array.astype(object)
     try:
-        return array.astype(dtype)
+        with np.errstate(all="ignore"):
+            cast = array.astype(dtype)
     except (TypeError, ValueError, OverflowError) as e:
         raise VerificationError(f"{where} cannot be cast to {dtype}: {e}") from None
+    # Checked on both sides of the cast: 1e300 is finite in float64 and Inf
+    # in float32, and NaN would become an arbitrary integer.
+    for values in (array, cast):
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise VerificationError(
+                f"{where} holds {int(np.sum(~np.isfinite(values)))} NaN/Inf value(s) as "
+                f"{values.dtype}; a check on non-finite inputs proves nothing. Give finite "
+                f"values in the model's range. Received: dtype={array.dtype}"
+            )
+    return cast
 
 
 def _load_array(value):
@@ -151,7 +157,10 @@ def _load_array(value):
                 f"Check input {path} holds Python objects, which are never unpickled; "
                 f"save a numeric array. Received: dtype={dtype}"
             )
-        verify.check_size(math.prod(shape) * dtype.itemsize, f"Check input {path}", [shape])
+        # A string element costs a Python object once cast (8 bytes of pointer
+        # at least), even when the file declares zero-width strings ('<U0').
+        per_element = max(dtype.itemsize, 1) + (8 if dtype.kind in "US" else 0)
+        verify.check_size(math.prod(shape) * per_element, f"Check input {path}", [shape])
         f.seek(0)
         try:
             return np.load(f, allow_pickle=False)

@@ -49,11 +49,34 @@ def check_model_config(found, *, allow_asset_paths=False):
             than the file stores.
     """
     config, stored = _read_config(found)
-    items = list(_items(config))
     if not allow_asset_paths:
-        _check_asset_paths(found.path, items)
-    entries = [item[2] for item in items if weight_bounds.is_serialized(item[2])]
-    weight_bounds.check(found.path, entries, stored)
+        _check_asset_paths(found.path, _items(config))
+    weight_bounds.check(found.path, [
+        [item[2] for item in _items(view) if weight_bounds.is_serialized(item[2])]
+        for view in _model_views(config)
+    ], stored)
+
+
+def _model_views(documents):
+    """Each config document, with a SavedModel root's two views of its model apart.
+
+    A tf-keras SavedModel's root metadata holds the model's config twice
+    (`config` and `model_config`); its layers' own nodes repeat them again.
+    `weight_bounds.check` counts the largest view.
+    """
+    for document in documents:
+        if isinstance(document, dict) and isinstance(document.get("model_config"), dict):
+            yield {k: v for k, v in document.items() if k != "model_config"}
+            yield document["model_config"]
+        else:
+            yield document
+
+
+def _allocated(path):
+    """The bytes a file really holds: a sparse file's holes and a zip directory's claims count not."""
+    st = os.stat(path)
+    # Filesystems that report no blocks at all get the apparent size.
+    return min(st.st_size, st.st_blocks * 512) if st.st_blocks else st.st_size
 
 
 def _too_large(model_file, what, size):
@@ -83,10 +106,13 @@ def _read_config(found):
                 for info in archive.infolist()
                 if info.filename not in ("config.json", "metadata.json")
             )
+            # The directory's sizes are claims: no more than the archive
+            # itself holds, at that ratio, counts.
+            stored = min(stored, _WEIGHTS_RATIO * _allocated(path))
             texts = [archive.read("config.json")]
         what = "config.json"
     elif found.format == formats.H5:
-        texts, stored, what = [_h5_model_config(path)], path.stat().st_size, "model_config"
+        texts, stored, what = [_h5_model_config(path)], _allocated(path), "model_config"
     else:
         texts, stored, what = _saved_model_metadata(path)
     try:
@@ -132,7 +158,7 @@ def _saved_model_metadata(directory):
         raise _unreadable(directory, "keras_metadata.pb", e) from e
     variables = directory / "variables"
     stored = sum(
-        p.stat().st_size for p in variables.iterdir() if p.is_file()
+        _allocated(p) for p in variables.iterdir() if p.is_file()
     ) if variables.is_dir() else 0
     return texts, stored, "keras_metadata.pb"
 

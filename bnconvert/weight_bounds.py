@@ -256,40 +256,51 @@ def declared_limit():
 
 
 def declared_per_layer(entries):
-    """`{layer key: weights}` for the layers among `entries` whose weights are counted.
+    """`{(class, name, index): weights}` for the counted layers among `entries`.
 
-    One layer can be serialized twice (a SavedModel records each layer's
-    node and the model's config holding it): layers are keyed by class and
-    name, and two layers sharing both count once (still a lower bound).
+    `entries` are the serialized objects of one config document. Every
+    serialized layer counts, also when nested models reuse a name (names are
+    unique only within one model).
     """
     last_dims = graph_last_dims(entries)
     per_layer = {}
-    for entry in entries:
+    for i, entry in enumerate(entries):
         n = declared_weights(entry, last_dims.get(id(entry)))
         if n:
             name = entry["config"].get("name")
-            key = (entry["class_name"], name if isinstance(name, str) else
-                   json.dumps(entry["config"], sort_keys=True, default=str))
-            per_layer[key] = max(per_layer.get(key, 0), n)
+            per_layer[(entry["class_name"], name if isinstance(name, str) else "?", i)] = n
     return per_layer
 
 
-def check(model_file, entries, stored):
+def declared(documents):
+    """The counted layers of the config document that declares the most.
+
+    A SavedModel records each layer's own node besides the model's config,
+    which holds them all again: documents repeat each other's layers, so
+    the largest one is the lower bound (a single-document config is itself;
+    `config_checks` passes each view of a model as its own document).
+    """
+    return max((declared_per_layer(d) for d in documents),
+               key=lambda per_layer: sum(per_layer.values()), default={})
+
+
+def check(model_file, documents, stored):
     """Refuses a config whose layers declare far more weights than the file stores.
 
     Args:
         model_file: The model's path, for messages.
-        entries: Every serialized object in the config (layers among them).
-        stored: The bytes the file stores for weights.
+        documents: For each config document, every serialized object in it
+            (layers among them).
+        stored: The bytes the file really stores for weights.
 
     Raises:
         ModelLoadError: See the module docstring.
     """
-    per_layer = declared_per_layer(entries)
+    per_layer = declared(documents)
     total = sum(per_layer.values())
     if 4 * total <= 8 * stored + declared_limit():
         return
-    (cls, name), largest = max(per_layer.items(), key=lambda item: item[1])
+    (cls, name, _), largest = max(per_layer.items(), key=lambda item: item[1])
     raise ModelLoadError(
         f"{model_file} is refused: its config declares {_amount(total)} weights "
         f"({human_size(4 * total)} as float32; layer {name!r} ({cls}) alone "

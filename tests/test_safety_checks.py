@@ -499,3 +499,22 @@ def test_12_placed_is_reported_after_the_commit_only(work):
     with pytest.raises(BnconvertError):
         pipeline.run(options, placed=lambda: seen.append("again"))  # exists, no --force
     assert seen == [True]
+
+
+def test_10_check_input_size_counts_zero_width_strings(tmp_path, monkeypatch):
+    # A 128-byte file declaring 3e7 zero-width strings: 3e7 Python objects once cast.
+    path = tmp_path / "u0.npy"
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<U0", "fortran_order": False, "shape": (30_000_000, 1)})
+    monkeypatch.setenv("BNCONVERT_MAX_CHECK_MB", "1")
+    with pytest.raises(VerificationError, match="over the 1 MB limit"):
+        check_inputs._load_array(str(path))
+
+
+def test_10_check_input_finite_after_the_cast():
+    model = _dense_bn("m")
+    with pytest.raises(VerificationError, match="NaN/Inf value\\(s\\) as float32"):
+        check_inputs.user_inputs(model, np.array([[1e300, 1.0, 0.0, 2.0]]))
+    (ok,) = check_inputs.user_inputs(model, np.array([[1e30, 1.0, 0.0, 2.0]]))
+    assert ok.dtype == np.float32 and np.isfinite(ok).all()

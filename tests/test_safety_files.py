@@ -302,9 +302,9 @@ def test_5_real_models_pass_without_slack(tmp_path, monkeypatch):
     tk.save(tmp_path / "tksm")
     seen = []
 
-    def check(model_file, entries, stored):
-        seen.append((sum(weight_bounds.declared_per_layer(entries).values()), stored))
-        return real_check(model_file, entries, stored)
+    def check(model_file, documents, stored):
+        seen.append((sum(weight_bounds.declared(documents).values()), stored))
+        return real_check(model_file, documents, stored)
 
     real_check = weight_bounds.check
     monkeypatch.setattr(weight_bounds, "check", check)
@@ -408,3 +408,86 @@ def test_15_missing_custom_activation_is_named(tmp_path):
     x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
     reloaded = tf_keras.models.load_model(out, custom_objects={"doubled": doubled})
     np.testing.assert_allclose(reloaded(x).numpy(), model(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------- 5: the stored size is what the file really holds
+
+def _declare_big_dense(config, units):
+    if isinstance(config, dict):
+        if config.get("class_name") == "Dense":
+            config["config"]["units"] = units
+            config["build_config"] = {"input_shape": [None, units]}
+        for value in config.values():
+            _declare_big_dense(value, units)
+    elif isinstance(config, list):
+        for value in config:
+            _declare_big_dense(value, units)
+
+
+def _crafted_keras(tmp_path, model, units, pad_claims=0):
+    """`model` saved, its Dense layers declaring `units` x `units`; padding members claiming 4 GB."""
+    import struct
+
+    model.save(tmp_path / "src.keras")
+    with zipfile.ZipFile(tmp_path / "src.keras") as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    config = json.loads(members["config.json"])
+    _declare_big_dense(config, units)
+    members["config.json"] = json.dumps(config).encode()
+    out = tmp_path / "crafted.keras"
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        for i in range(pad_claims):
+            archive.writestr(f"assets/pad{i}", b"x")
+    data = bytearray(out.read_bytes())
+    pos = data.find(b"PK\x01\x02")
+    while pos >= 0:  # the central directory: sizes are only claims
+        length = struct.unpack_from("<H", data, pos + 28)[0]
+        if bytes(data[pos + 46:pos + 46 + length]).startswith(b"assets/pad"):
+            struct.pack_into("<LL", data, pos + 20, 0xFFFFFFF0, 0xFFFFFFF0)
+        pos = data.find(b"PK\x01\x02", pos + 46)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_5_zip_directory_claims_do_not_count_as_stored_weights(tmp_path):
+    inputs = keras.Input((8,), name="in")
+    model = keras.Model(inputs, keras.layers.Dense(4, name="d")(inputs))
+    # 1e10 declared weights (37 GB); 12 members claim 4 GB each but hold a byte.
+    crafted = _crafted_keras(tmp_path, model, 100_000, pad_claims=12)
+    assert crafted.stat().st_size < 64 << 10
+    with pytest.raises(ModelLoadError, match="declares 1e\\+10 weights"):
+        config_checks.check_model_config(formats.resolve(crafted))
+
+
+def test_5_nested_models_reusing_a_layer_name_each_count(tmp_path):
+    inputs = keras.Input((16,), name="in")
+    x = inputs
+    for i in range(40):
+        x = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, name="d")],
+                             name=f"s{i}")(x)
+    # 40 Dense layers all named "d", each declaring 16000 x 16000: 1e10 weights.
+    crafted = _crafted_keras(tmp_path, keras.Model(inputs, x), 16_000)
+    with pytest.raises(ModelLoadError, match="declares 1.02e\\+10 weights"):
+        config_checks.check_model_config(formats.resolve(crafted))
+
+
+def test_5_a_sparse_h5_does_not_count_its_holes(tmp_path):
+    inputs = keras.Input((8,), name="in")
+    keras.Model(inputs, keras.layers.Dense(4, name="d")(inputs)).save(tmp_path / "m.h5")
+    with h5py.File(tmp_path / "m.h5", "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        _declare_big_dense(config, 100_000)
+        f.attrs["model_config"] = json.dumps(config)
+        # 8 GB declared, never written: a hole on disk.
+        plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        plist.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        space = h5py.h5s.create_simple((2 << 30,))
+        h5py.h5d.create(f.id, b"hole", h5py.h5t.NATIVE_FLOAT, space, plist)
+    st = (tmp_path / "m.h5").stat()
+    if st.st_blocks * 512 >= st.st_size:
+        pytest.skip("this filesystem stores no sparse files")
+    with pytest.raises(ModelLoadError, match="declares 1e\\+10 weights"):
+        config_checks.check_model_config(formats.resolve(tmp_path / "m.h5"))
