@@ -18,6 +18,7 @@ from bnconvert import flavour as flavour_lib
 from bnconvert import fold as fold_lib
 from bnconvert import layer_args
 from bnconvert import rules as rules_lib
+from bnconvert import stability
 from bnconvert import timing
 from bnconvert import verify as verify_lib
 from bnconvert import walk
@@ -215,9 +216,8 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
         actual = None
         if expected is not None and check:
             with steps.step("verify", "checking the converted outputs"):
-                actual = verify_lib.run(work, sample)
-                report.max_abs_diff, report.max_rel_diff = verify_lib.compare(
-                    expected, actual, tolerance=tolerance, relative=folding, atol=atol,
+                actual, (report.max_abs_diff, report.max_rel_diff) = stability.run_and_compare(
+                    work, sample, expected, tolerance=tolerance, relative=folding, atol=atol,
                     allow_nonfinite=allow_nonfinite,
                 )
             report.verified = True

@@ -288,7 +288,8 @@ def compare(expected, actual, *, tolerance, relative, what="The converted model"
     Raises:
         VerificationError: Different output count or shapes, a non-finite
             reference (unless allowed), a non-finite output where the
-            reference differs, or a difference beyond the tolerance.
+            reference differs, or a difference beyond the tolerance (then a
+            `BeyondTolerance`, carrying the worst figures).
     """
     if len(expected) != len(actual):
         raise VerificationError(
@@ -347,13 +348,22 @@ def compare(expected, actual, *, tolerance, relative, what="The converted model"
             f"{atol:g} * max(1, rms) + {tolerance:g} * |reference| per element"
             if relative else f"{tolerance:g} absolute"
         )
-        raise VerificationError(
+        raise BeyondTolerance(
             f"{what}'s outputs differ from the reference's by up to {worst_abs:.3g} "
             f"({worst_rel:.3g} relative to the largest output), beyond {rule}, on the "
             "check batch; nothing was written. Check the rules, or raise the "
-            "tolerance if the difference is expected."
+            "tolerance if the difference is expected.",
+            worst_abs, worst_rel,
         )
     return worst_abs, worst_rel
+
+
+class BeyondTolerance(VerificationError):
+    """`compare` found differences beyond the tolerance (`max_abs`, `max_rel`: the worst)."""
+
+    def __init__(self, message, max_abs=None, max_rel=None):
+        super().__init__(message)
+        self.max_abs, self.max_rel = max_abs, max_rel
 
 
 def nonfinite_note(outputs):

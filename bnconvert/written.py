@@ -17,7 +17,7 @@ load back as converted is refused, naming the layer; no file is left.
 
 from bnconvert import formats
 from bnconvert import persist
-from bnconvert import verify
+from bnconvert import stability
 from bnconvert import walk
 from bnconvert.errors import BnconvertError
 from bnconvert.errors import VerificationError
@@ -79,8 +79,8 @@ def check_file(path, fmt, flavour, model, conversion, *, name, custom_objects=No
     figures = {"path": str(name), "layers": len(want), "recorded": recorded,
                "max_abs_diff": None, "max_rel_diff": None}
     if conversion.expected is not None:
-        figures["max_abs_diff"], figures["max_rel_diff"] = verify.compare(
-            conversion.expected, verify.run(reloaded, conversion.sample),
+        _, (figures["max_abs_diff"], figures["max_rel_diff"]) = stability.run_and_compare(
+            reloaded, conversion.sample, conversion.expected,
             tolerance=conversion.tolerance, relative=conversion.relative, atol=conversion.atol,
             what=f"The written file {name}", allow_nonfinite=conversion.allow_nonfinite,
         )

@@ -7,6 +7,7 @@ batch (`bnconvert.verify.sample_inputs`) and on any batches the user gave
 """
 
 from bnconvert import check_inputs
+from bnconvert import stability
 from bnconvert import verify
 from bnconvert.errors import ConversionError
 from bnconvert.errors import first_line
@@ -62,20 +63,22 @@ def compare(model, onnx_model, input_names, output_names, batches, tolerance, at
             f"'{model.name}': {first_line(e, 300)}"
         ) from e
     worst = (0.0, 0.0)
-    for i, batch in enumerate(batches):
+
+    def run(arrays):
         try:
-            got = session.run(output_names, dict(zip(input_names, batch)))
+            return session.run(output_names, dict(zip(input_names, arrays)))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own kinds
             raise ConversionError(
                 f"onnxruntime fails running the graph {exporter} wrote for model "
                 f"'{model.name}': {first_line(e, 300)}"
             ) from e
-        figures = verify.compare(
-            known if i == 0 and known is not None else verify.run(model, batch),
-            got,
+
+    for i, batch in enumerate(batches):
+        _, figures = stability.compare_run(
+            run, batch, known if i == 0 and known is not None else verify.run(model, batch),
             tolerance=tolerance, relative=True, atol=atol,
             what=f"The ONNX model of '{model.name}' (onnxruntime)",
-            allow_nonfinite=allow_nonfinite,
+            allow_nonfinite=allow_nonfinite, advice=stability.ONNX_ADVICE,
         )
         worst = (max(worst[0], figures[0]), max(worst[1], figures[1]))
     return worst
