@@ -80,6 +80,12 @@ def load_found(found, *, custom_objects=None, safe_mode=True, allow_asset_paths=
         model = flavour.load(found.path, found.format, custom_objects, safe_mode)
     except BnconvertError:
         raise
+    except RecursionError:
+        raise ModelLoadError(
+            f"Cannot load {found.path}: the model is too deep for Keras's loader, which "
+            "recurses once per layer (a chain of a few thousand layers exceeds Python's "
+            "recursion limit). Split the model, or load it yourself with a raised limit."
+        ) from None
     except Exception as e:  # Keras raises many types for a bad file.
         raise _load_error(found.path, e, flavour, custom_objects) from e
     if not isinstance(model, flavour.Model):

@@ -471,3 +471,21 @@ def test_unresolvable_loss_is_left_out(tmp_path):
         loaded.predict(_x(), verbose=0), model.predict(_x(), verbose=0),
         rtol=0, atol=1e-6,
     )
+
+
+def test_a_model_too_deep_for_keras_loader_is_one_clear_error(tmp_path, monkeypatch):
+    # 2,000 chained layers exceed Python's recursion limit in Keras's loader
+    # (measured here); reported as such, not as a corrupt file.
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Dense(4)(inputs)).save(tmp_path / "m.keras")
+    from bnconvert import flavour as flavour_lib
+
+    flavour = flavour_lib.get(formats.resolve(tmp_path / "m.keras").flavour)
+
+    def deep(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(type(flavour), "load", staticmethod(deep))
+    with pytest.raises(ModelLoadError, match="too deep for Keras's loader") as info:
+        model_io.load_model(tmp_path / "m.keras")
+    assert "corrupt" not in str(info.value)
