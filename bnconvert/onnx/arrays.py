@@ -18,6 +18,7 @@ from bnconvert.onnx.math import constant
 from bnconvert.onnx.math import dtype_of
 from bnconvert.onnx.math import onnx_dtype
 from bnconvert.onnx.math import out_dtype
+from bnconvert.onnx.reductions import quantile_axis
 
 
 def _static(call, value, what):
@@ -187,15 +188,7 @@ def _quantile(scale):
     def emit(g, call, p):
         x = g.keras(p["x"])
         q = constant(p.get("q", 0.5)) / scale
-        axis = p.get("axis")
-        if axis is None or np.ndim(q) or isinstance(axis, (list, tuple)) and len(axis) > 1 \
-                or p.get("method", "linear") != "linear":
-            raise Uncovered([(call.base, "Quantile", "several q or axes, axis=None, or a "
-                                                     "method other than linear")])
-        axis = int(axis[0] if isinstance(axis, (list, tuple)) else axis) % x.rank
-        n = x.shape[axis]
-        if n is None:
-            raise Uncovered([(call.base, "Quantile", "an axis of unknown size")])
+        axis, n = quantile_axis(call, p, x, "Quantile", several_q=bool(np.ndim(q)))
         ordered, _ = g.node("TopK", [x.name, g.ints([n], "k")], call.base, outputs=2, axis=axis,
                             largest=0, sorted=1)
         position = float(q) * (n - 1)

@@ -300,15 +300,7 @@ def _nan_quantile(scale):
     def emit(g, call, p):
         x = g.keras(p["x"])
         q = float(np.asarray(p["q"])) / scale
-        axis = p.get("axis")
-        if axis is None or isinstance(axis, (list, tuple)) and len(axis) > 1 \
-                or p.get("method", "linear") != "linear":
-            raise Uncovered([(call.base, "NanQuantile", "axis=None, several axes or a method "
-                                                        "other than linear")])
-        axis = int(axis[0] if isinstance(axis, (list, tuple)) else axis) % x.rank
-        n = x.shape[axis]
-        if n is None:
-            raise Uncovered([(call.base, "NanQuantile", "an axis of unknown size")])
+        axis, n = reductions.quantile_axis(call, p, x, "NanQuantile")
         nan = g.node("IsNaN", [x.name], call.base)
         filled = g.node("Where", [nan, g.scalar(np.inf), x.name], call.base)
         ordered, _ = g.node("TopK", [filled, g.ints([n], "k")], call.base, outputs=2, axis=axis,

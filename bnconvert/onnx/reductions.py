@@ -36,6 +36,23 @@ def _axes(p, x):
     return keras_axes(axis, x.rank)
 
 
+def quantile_axis(call, p, x, op_type, several_q=False):
+    """The one axis (non-negative) and its static size a linear quantile sorts along.
+
+    Quantiles of several `q`, over several axes or the flattened tensor, or
+    by a method other than linear, are refused by name.
+    """
+    axis = p.get("axis")
+    if axis is None or several_q or isinstance(axis, (list, tuple)) and len(axis) > 1 \
+            or p.get("method", "linear") != "linear":
+        raise Uncovered([(call.base, op_type, "several q or axes, axis=None, or a method "
+                                              "other than linear")])
+    axis = int(axis[0] if isinstance(axis, (list, tuple)) else axis) % x.rank
+    if x.shape[axis] is None:
+        raise Uncovered([(call.base, op_type, "an axis of unknown size")])
+    return axis, x.shape[axis]
+
+
 def _reduce_to(g, x, op_type, axes, keepdims, base):
     """`op_type` over Keras `axes` of `x`: the output name."""
     return g.reduce(op_type, x.name, [x.physical(a) for a in axes], keepdims, base)
