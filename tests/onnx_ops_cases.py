@@ -326,6 +326,11 @@ STATIC = {"roll", "tril", "triu", "slice", "unstack", "broadcast_to", "repeat", 
           "meshgrid", "meshgrid:ij", "segment_sum", "segment_max", "segment_min", "segment_prod",
           "scatter", "scatter_update:add", "unravel_index", "pad_images:target", "unfold",
           "crop_images", "fold", "corrcoef", "nanpercentile"}
+# Cases kept in their own modules, one per family of ops.
+import onnx_ops_cases_spectral as _spectral  # noqa: E402
+
+KERAS.update(_spectral.KERAS)
+STATIC |= _spectral.STATIC
 # Keras's TensorFlow rot90 is wrong for k >= 2 on a non-square plane (it
 # reshapes where it should transpose); the emitter follows NumPy, and the
 # k=2 case uses a square plane.

@@ -59,6 +59,8 @@ def randomize(model, seed=0):
         if "float" not in str(v.dtype) or "seed" in v.name:
             continue
         shape = tuple(v.shape)
+        if None in shape:  # tf-keras's idf weights: sized by the vocabulary when called
+            continue
         scale = 1.0 / np.sqrt(np.prod(shape[:-1])) if len(shape) >= 2 else 0.3
         if v.name.split("/")[-1].startswith("moving_variance"):
             v.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
@@ -359,6 +361,27 @@ case("discretization_int_into_embedding", seq((5,), lambda K: K.layers.Discretiz
 for mode, n in (("one_hot", 1), ("multi_hot", 5), ("count", 5)):
     case(f"discretization_{mode}", seq((n,), lambda K, m=mode: K.layers.Discretization(
         BINS, output_mode=m)))
+VOCAB = [7, 3, 9, 0, 5]  # inputs are 0..9: half in the vocabulary, 4 is the mask token
+for id, kw in (("int", {}), ("mask", {"mask_token": 4}), ("oov3", {"num_oov_indices": 3}),
+               ("multi_hot", {"output_mode": "multi_hot"}),
+               ("count_mask", {"output_mode": "count", "mask_token": 4}),
+               ("one_hot_padded", {"output_mode": "one_hot", "pad_to_max_tokens": True,
+                                   "max_tokens": 12}),
+               ("tf_idf", {"output_mode": "tf_idf", "idf_weights": [0.5, 1.0, 2.0, 3.0, 4.0]}),
+               ("invert", {"invert": True, "mask_token": 4})):
+    n = 1 if id.startswith("one_hot") else 5
+    case(f"integer_lookup_{id}", seq((n,), lambda K, kw=kw: K.layers.IntegerLookup(
+        vocabulary=VOCAB, **kw)), kinds=("index",), flavours=BOTH)
+for id, kw in (("db", {}), ("power", {"power_to_db": False, "mag_exp": 1.0}),
+               ("hamming_short", {"window": "hamming", "sequence_length": 24, "top_db": 20.0,
+                                  "ref_power": 2.0})):
+    case(f"mel_spectrogram_{id}", seq((200,), lambda K, kw=kw: K.layers.MelSpectrogram(
+        fft_length=32, sequence_stride=8, num_mel_bins=10, sampling_rate=8000, **kw)))
+for id, kw in (("log", {"mode": "log"}), ("magnitude", {"mode": "magnitude", "expand_dims": True}),
+               ("real_hamming", {"mode": "real", "window": "hamming", "frame_step": 5}),
+               ("psd", {"mode": "psd", "scaling": None, "padding": "same"})):
+    case(f"stft_spectrogram_{id}", seq((120, 1), lambda K, kw=kw: K.layers.STFTSpectrogram(
+        frame_length=16, fft_length=32, **{"frame_step": 8, **kw})))
 case("dense_int8", _quantized("Dense"))
 case("embedding_int8", _quantized("Embedding"), kinds=("index",))
 

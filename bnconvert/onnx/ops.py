@@ -38,6 +38,7 @@ from bnconvert.onnx import nn
 from bnconvert.onnx import numpy_extra
 from bnconvert.onnx import reductions
 from bnconvert.onnx import reshaping
+from bnconvert.onnx import spectral
 from bnconvert.onnx import preprocessing
 from bnconvert.onnx.graph import Uncovered
 
@@ -92,7 +93,7 @@ def _resize(g, call, p):
 EMITTERS = {
     **math.EMITTERS, **reductions.EMITTERS, **indexing.EMITTERS, **reshaping.EMITTERS,
     **nn.EMITTERS, **numpy_extra.EMITTERS, **losses.EMITTERS, **arrays.EMITTERS,
-    **integers.EMITTERS, **images.EMITTERS,
+    **integers.EMITTERS, **images.EMITTERS, **spectral.EMITTERS,
     **{k: _activation(v) for k, v in _ACTIVATIONS.items()},
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
@@ -103,7 +104,9 @@ _CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_
                 "LayerNorm": "layer_normalization", "RMSNorm": "rms_normalization",
                 "RGBToGrayscale": "rgb_to_grayscale", "AllClose": "allclose",
                 "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin",
-                "ExtractPatches3D": "extract_patches_3d",
+                "ExtractPatches3D": "extract_patches_3d", "FFT": "fft", "FFT2": "fft2",
+                "IFFT2": "ifft2", "RFFT": "rfft", "IRFFT": "irfft", "STFT": "stft",
+                "ISTFT": "istft",
                 # keras.activations.relu with arguments records a ReLU op.
                 "ReLU": "relu"}
 

@@ -25,6 +25,7 @@ from bnconvert.onnx import norm
 from bnconvert.onnx import ops
 from bnconvert.onnx import recurrent
 from bnconvert.onnx import shape
+from bnconvert.onnx import spectral
 from bnconvert.onnx import wrappers
 from bnconvert.onnx.graph import FLOAT
 from bnconvert.onnx.graph import FLOAT16
@@ -37,7 +38,8 @@ from bnconvert.onnx.graph import is_float
 from bnconvert.onnx.graph import tensor_type
 
 LAYERS = {**layers.EMITTERS, **shape.EMITTERS, **attention.EMITTERS, **recurrent.EMITTERS,
-          **preprocessing.EMITTERS, **norm.EMITTERS, **wrappers.EMITTERS, **encoding.EMITTERS}
+          **preprocessing.EMITTERS, **norm.EMITTERS, **wrappers.EMITTERS, **encoding.EMITTERS,
+          **spectral.LAYER_EMITTERS}
 DEFAULT_OPSET = 17
 OPSETS = range(13, 22)
 # Layers of these packages are mapped by class name; any other class
@@ -195,8 +197,10 @@ class _Walker:
             return ops.emit_op(self.g, call)
         # A mixed-precision layer (float16/bfloat16 compute) keeps float32
         # variables: the graph is written in float32 (`precision` may lower it).
+        # Integer lookups compute in their vocabulary's dtype; their emitters cast.
         dtype = getattr(layer, "compute_dtype", "float32")
-        if dtype not in (None, "float32", "float16", "bfloat16"):
+        if dtype not in (None, "float32", "float16", "bfloat16") \
+                and type(layer).__name__ not in encoding.INTEGER_LAYERS:
             raise Uncovered([(base, type(layer).__name__, f"compute dtype {dtype}")])
         kind = type(layer).__name__
         if self.flavour.is_graph_model(layer):
