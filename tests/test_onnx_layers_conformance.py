@@ -382,6 +382,17 @@ for id, kw in (("log", {"mode": "log"}), ("magnitude", {"mode": "magnitude", "ex
                ("psd", {"mode": "psd", "scaling": None, "padding": "same"})):
     case(f"stft_spectrogram_{id}", seq((120, 1), lambda K, kw=kw: K.layers.STFTSpectrogram(
         frame_length=16, fft_length=32, **{"frame_step": 8, **kw})))
+for id, shape, make in (
+        ("1d", (4, 9, 3), lambda K: K.layers.ConvLSTM1D(4, 3, padding="same")),
+        ("2d_sequences", (3, 6, 5, 2), lambda K: K.layers.ConvLSTM2D(
+            3, (3, 2), return_sequences=True, strides=(2, 1))),
+        ("2d_backwards_states", (3, 5, 5, 2), lambda K: K.layers.ConvLSTM2D(
+            3, 3, padding="same", go_backwards=True, return_state=True,
+            return_sequences=True, recurrent_activation="hard_sigmoid")),
+        ("2d_channels_first_dilated", (3, 2, 7, 6), lambda K: K.layers.ConvLSTM2D(
+            2, 3, data_format="channels_first", dilation_rate=2, return_sequences=True)),
+        ("3d", (2, 4, 4, 3, 1), lambda K: K.layers.ConvLSTM3D(2, 2, padding="same"))):
+    case(f"conv_lstm_{id}", seq(shape, make), flavours=BOTH)
 case("dense_int8", _quantized("Dense"))
 case("embedding_int8", _quantized("Embedding"), kinds=("index",))
 
@@ -637,7 +648,10 @@ def test_every_emitter_of_these_modules_has_a_case():
     from bnconvert.onnx import norm
     from bnconvert.onnx import wrappers
 
+    from bnconvert.onnx import conv_recurrent
+
     wanted = (set(attention.EMITTERS) | set(recurrent.EMITTERS) | set(preprocessing.EMITTERS)
+              | set(conv_recurrent.EMITTERS)
               | set(encoding.EMITTERS)
               | set(norm.EMITTERS) | set(wrappers.EMITTERS) | {"Masking"}
               | {f"Adaptive{k}Pooling{n}D" for k in ("Average", "Max") for n in (1, 2, 3)})
@@ -689,3 +703,13 @@ def test_other_quantization_modes_are_refused_by_name(kind, mode):
     arrays = inputs_for(model, Case(kind, None, kinds=("index",) if kind == "Embedding" else ()))
     with pytest.raises(Uncovered, match=f"quantization mode '{mode}'"):
         emit_and_run(model, arrays, 17)
+
+
+def test_conv_lstm_with_a_mask_is_refused_by_name():
+    """ONNX's unrolled ConvLSTM has no per-row step select: a masked input is refused."""
+    from bnconvert.onnx.graph import Uncovered
+
+    x = keras.Input((3, 4, 4, 2))
+    y = keras.layers.ConvLSTM2D(2, 3, padding="same")(keras.layers.Masking()(x))
+    with pytest.raises(Uncovered, match="ConvLSTM2D: a mask"):
+        emit_and_run(keras.Model(x, y), [np.ones((2, 3, 4, 4, 2), "float32")], 17)

@@ -47,9 +47,6 @@ NO_ONNX_MEANING = {
 }
 REFUSED = {
     **NO_ONNX_MEANING,
-    "ConvLSTM1D": "a convolutional LSTM: no ONNX op; a Loop graph is not written",
-    "ConvLSTM2D": "a convolutional LSTM: no ONNX op; a Loop graph is not written",
-    "ConvLSTM3D": "a convolutional LSTM: no ONNX op; a Loop graph is not written",
     "LSTMCell": "one step of a recurrence: exported inside RNN/LSTM, not alone",
     "GRUCell": "one step of a recurrence: exported inside RNN/GRU, not alone",
     "SimpleRNNCell": "one step of a recurrence: exported inside RNN/SimpleRNN, not alone",

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from bnconvert import keras_internals as internals
 from bnconvert.onnx import attention
+from bnconvert.onnx import conv_recurrent
 from bnconvert.onnx import encoding
 from bnconvert.onnx import preprocessing
 from bnconvert.onnx import layers
@@ -39,7 +40,7 @@ from bnconvert.onnx.graph import tensor_type
 
 LAYERS = {**layers.EMITTERS, **shape.EMITTERS, **attention.EMITTERS, **recurrent.EMITTERS,
           **preprocessing.EMITTERS, **norm.EMITTERS, **wrappers.EMITTERS, **encoding.EMITTERS,
-          **spectral.LAYER_EMITTERS}
+          **spectral.LAYER_EMITTERS, **conv_recurrent.EMITTERS}
 DEFAULT_OPSET = 17
 OPSETS = range(13, 22)
 # Layers of these packages are mapped by class name; any other class
