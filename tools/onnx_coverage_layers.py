@@ -50,8 +50,10 @@ REFUSED = {
     "LSTMCell": "one step of a recurrence: exported inside RNN/LSTM, not alone",
     "GRUCell": "one step of a recurrence: exported inside RNN/GRU, not alone",
     "SimpleRNNCell": "one step of a recurrence: exported inside RNN/SimpleRNN, not alone",
-    "Equalization": "histogram equalization: no ONNX op (and Keras returns its input tensor)",
-    "ContrastLimitedAdaptiveHistogramEqualization": "histogram equalization: no ONNX op",
+    "Equalization": "identity at inference, but Keras 3.15's symbolic call returns its input "
+                    "tensor, so no Functional graph can hold it (a cycle)",
+    "ContrastLimitedAdaptiveHistogramEqualization": "tile-wise histogram equalization (applied "
+                                                    "at inference too): not written",
     "Wrapper": "an abstract base class",
 }
 # Subclassed layers are opened by tracing; a custom layer case stands for `Layer`.
