@@ -1,4 +1,4 @@
-"""`keras.ops` Fourier-transform cases of the conformance matrix (see onnx_ops_cases).
+"""`keras.ops` Fourier-transform and complex-part cases of the conformance matrix (see onnx_ops_cases).
 
 The (real, imag) pairs come from the test's 4-D tensor `y` of large values;
 the short-time transforms see it flattened into one long signal per example.
@@ -34,6 +34,10 @@ KERAS = {
     "istft": lambda y: ops.istft(_spectrum(y), 16, 4, 16),
     "istft:length": lambda y: ops.istft(_spectrum(y), 16, 4, 16, length=150),
     "istft:uncentered": lambda y: ops.istft(_spectrum(y), 16, 4, 16, center=False),
+    # The complex-number functions on real tensors.
+    "real": lambda y: ops.real(y), "conj": lambda y: ops.conj(y) * 2.0,
+    "conjugate": lambda y: ops.conjugate(-y), "imag": lambda y: ops.imag(y) + 1.0,
+    "angle": lambda y: ops.angle(y), "isreal": lambda y: ops.cast(ops.isreal(y), "float32"),
 }
 STATIC = {"fft2", "ifft2", "stft", "stft:hamming_uncentered", "stft:no_window", "istft", "istft:length",
           "istft:uncentered"}

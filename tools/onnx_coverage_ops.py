@@ -42,9 +42,9 @@ NO_ONNX_MEANING = {
                      "shape", "size"], _INSPECT),
     **dict.fromkeys(["associative_scan", "cond", "custom_gradient", "fori_loop", "jvp", "map",
                      "scan", "switch", "vectorize", "vectorized_map", "while_loop"], _CALLABLE),
-    # fft, rfft, stft and the rest take and return (real, imag) pairs: counted.
-    **dict.fromkeys(["angle", "conj", "conjugate", "imag", "isreal", "polar", "real",
-                     "view_as_complex", "view_as_real"], _COMPLEX),
+    # fft, rfft, stft and the rest take and return (real, imag) pairs, and real, imag,
+    # conj, angle and isreal have a meaning on real tensors: those are counted.
+    **dict.fromkeys(["polar", "view_as_complex", "view_as_real"], _COMPLEX),
     "image.elastic_transform": _RANDOM,
 }
 _DATA_SHAPE = "output shape depends on the values (ONNX could, the emitters need static shapes)"

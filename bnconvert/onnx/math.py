@@ -333,6 +333,8 @@ _UNARY = {
     "arctan": "Atan", "sinh": "Sinh", "cosh": "Cosh", "arcsinh": "Asinh", "arccosh": "Acosh",
     "arctanh": "Atanh", "isnan": "IsNaN", "isinf": "IsInf",
     "copy": "Identity",
+    # On real tensors (the only ones an ONNX graph here holds), as TensorFlow computes them.
+    "real": "Identity", "conj": "Identity", "conjugate": "Identity",
 }
 _COMPOSED = {
     "square": lambda g, x, b, p: g.node("Mul", [x.name, x.name], b),
@@ -359,6 +361,13 @@ _COMPOSED = {
         g.node("Where", [g.node("GreaterOrEqual", [x.name, g.scalar(1.0)], b), x.name,
                          _chain(("Add", 1.0), ("Pow", 2.0), ("Mul", 0.25))(g, x, b, p)], b)], b),
     "sparse_sigmoid": _chain(("Add", 1.0), ("Mul", 0.5), ("Clip", 0.0, 1.0)),
+    # tf.math.imag / angle of real values: 0, and pi below zero (NaN and -0 give 0).
+    "imag": lambda g, x, b, p: g.node("Where", [g.node("IsNaN", [x.name], b), g.scalar(0.0),
+                                                g.scalar(0.0)], b),
+    "angle": lambda g, x, b, p: g.node("Where", [g.node("Less", [x.name, g.scalar(0.0)], b),
+                                                 g.scalar(math.pi), g.scalar(0.0)], b),
+    "isreal": lambda g, x, b, p: g.node("Or", [g.node("IsNaN", [x.name], b), g.node(
+        "Not", [g.node("IsNaN", [x.name], b)], b)], b),
 }
 
 EMITTERS = {
