@@ -11,6 +11,7 @@ Used by tests/test_onnx_ops_conformance.py and tools/onnx_coverage_ops.py.
 
 import keras
 import numpy as np
+import onnx_ops_cases_image as _image
 
 ops = keras.ops
 F = "float32"
@@ -326,6 +327,9 @@ STATIC = {"roll", "tril", "triu", "slice", "unstack", "broadcast_to", "repeat", 
           "meshgrid", "meshgrid:ij", "segment_sum", "segment_max", "segment_min", "segment_prod",
           "scatter", "scatter_update:add", "unravel_index", "pad_images:target", "unfold",
           "crop_images", "fold", "corrcoef", "nanpercentile"}
+KERAS.update(_image.KERAS)
+STATIC |= _image.STATIC
+MIN_OPSET.update(_image.MIN_OPSET)
 # Keras's TensorFlow rot90 is wrong for k >= 2 on a non-square plane (it
 # reshapes where it should transpose); the emitter follows NumPy, and the
 # k=2 case uses a square plane.
@@ -370,4 +374,4 @@ def _tf_cases():
 
 def tf_cases():
     """The tf-keras `TFOpLambda` cases (built lazily: importing tf is slow)."""
-    return _tf_cases()
+    return {**_tf_cases(), **_image.TF}

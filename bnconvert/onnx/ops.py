@@ -39,6 +39,7 @@ from bnconvert.onnx import numpy_extra
 from bnconvert.onnx import reductions
 from bnconvert.onnx import reshaping
 from bnconvert.onnx import preprocessing
+from bnconvert.onnx import colour, einops, filters, image_warp
 from bnconvert.onnx.graph import Uncovered
 
 _ACTIVATIONS = {
@@ -93,6 +94,7 @@ EMITTERS = {
     **math.EMITTERS, **reductions.EMITTERS, **indexing.EMITTERS, **reshaping.EMITTERS,
     **nn.EMITTERS, **numpy_extra.EMITTERS, **losses.EMITTERS, **arrays.EMITTERS,
     **integers.EMITTERS, **images.EMITTERS,
+    **colour.EMITTERS, **einops.EMITTERS, **filters.EMITTERS, **image_warp.EMITTERS,
     **{k: _activation(v) for k, v in _ACTIVATIONS.items()},
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
@@ -104,6 +106,7 @@ _CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_
                 "RGBToGrayscale": "rgb_to_grayscale", "AllClose": "allclose",
                 "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin",
                 "ExtractPatches3D": "extract_patches_3d",
+                "RGBToHSV": "rgb_to_hsv", "HSVToRGB": "hsv_to_rgb", "SSIM": "ssim",
                 # keras.activations.relu with arguments records a ReLU op.
                 "ReLU": "relu"}
 
@@ -282,6 +285,7 @@ TF_FUNCTIONS = {
     "zeros_like": _tf("zeros_like", input="x"),
     "ones_like": _tf("ones_like", input="x"),
     "image.resize": _tf("resize", method="interpolation"),
+    "image.rgb_to_hsv": _tf("rgb_to_hsv"), "image.hsv_to_rgb": _tf("hsv_to_rgb"),
 }
 
 

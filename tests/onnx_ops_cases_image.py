@@ -1,0 +1,72 @@
+"""Conformance cases of the image-warp, colour, filter and einops emitters.
+
+Merged into `onnx_ops_cases` (`KERAS`, `STATIC`, `TF`, `MIN_OPSET`); the
+same conventions hold: `fn(y)` for a 4-D `y` of large values of both signs,
+float32 outputs, `STATIC` for ops that need a known spatial size (7x5).
+Warps use transforms whose sample points fall inside, on and outside the
+image border, so each fill mode's edge handling is exercised.
+"""
+
+import keras
+import numpy as np
+
+ops = keras.ops
+F = "float32"
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def _rgb(y):
+    """Colours in [0, 1] with some channels equal (hue ties) and some grey pixels."""
+    y = ops.round(ops.sigmoid(y[..., :3] / 80.0) * 8.0) / 8.0
+    return ops.concatenate([y[:, :, :2], ops.repeat(y[:, :, 2:3, :1], 3, axis=-1)], axis=2)
+
+
+def _chw(y):
+    return ops.transpose(y, (0, 3, 1, 2))
+
+
+_KERNEL = np.array([0.5, -1.0, 2.0, 0.25], F)
+
+KERAS = {
+    "rgb_to_hsv": lambda y: ops.image.rgb_to_hsv(_rgb(y)),
+    "rgb_to_hsv:raw": lambda y: ops.image.rgb_to_hsv(y[..., 1:4]),
+    "rgb_to_hsv:channels_first": lambda y: ops.image.rgb_to_hsv(
+        _chw(_rgb(y)), data_format="channels_first"),
+    "hsv_to_rgb": lambda y: ops.image.hsv_to_rgb(ops.sigmoid(y[..., 3:] / 50.0) * 1.2 - 0.1),
+    "hsv_to_rgb:channels_first": lambda y: ops.image.hsv_to_rgb(
+        _chw(y[..., :3] / 100.0), data_format="channels_first"),
+    "correlate": lambda y: ops.correlate(ops.reshape(y[0], (-1,)), _KERNEL),
+    "correlate:same": lambda y: ops.correlate(ops.reshape(y[1], (-1,)), _KERNEL, mode="same"),
+    "correlate:full": lambda y: ops.correlate(y[2, 3, 1] / 10.0, y[0, 0, 2] / 10.0, mode="full"),
+    "correlate:same_even": lambda y: ops.correlate(y[0, 1, 1, :4], y[1, 2, 3], mode="same"),
+    "ssim": lambda y: ops.image.ssim(y, ops.flip(y, 1) * 0.5 + 3.0, max_val=255.0,
+                                     filter_size=3),
+    "ssim:channels_first": lambda y: ops.image.ssim(
+        _chw(y), _chw(ops.flip(y, 2)), filter_size=5, filter_sigma=0.8, k1=0.02,
+        data_format="channels_first"),
+    "scale_and_translate": lambda y: ops.image.scale_and_translate(
+        y, (None, 9, 4, 6), [1.3, 0.7], [0.5, -0.25], (1, 2), "bilinear"),
+    "scale_and_translate:cubic": lambda y: ops.image.scale_and_translate(
+        y, (None, 5, 11, 6), [0.6, 2.1], [-0.4, 1.0], (1, 2), "bicubic", antialias=False),
+    "scale_and_translate:lanczos3": lambda y: ops.image.scale_and_translate(
+        y, (None, 12, 3, 6), np.array([1.7, 0.5]), np.array([0.0, 0.3]), (1, 2), "lanczos3"),
+    "scale_and_translate:lanczos5_channels_first": lambda y: ops.image.scale_and_translate(
+        _chw(y), (None, 6, 4, 8), [0.9, 1.6], [0.2, -1.0], (2, 3), "lanczos5"),
+    "rearrange": lambda y: ops.rearrange(y[0, :6], "(h h1) w c -> h (w c h1)", h1=2),
+    "rearrange:permute": lambda y: ops.rearrange(y[0], "h w c -> c h w"),
+    "rearrange:merge": lambda y: ops.rearrange(y[1, :6], "h (w) (c1 c) -> (c w) h c1", c1=2, c=3),
+}
+STATIC = {"correlate", "correlate:same", "correlate:full", "correlate:same_even", "rearrange",
+          "rearrange:permute", "rearrange:merge", "scale_and_translate",
+          "scale_and_translate:cubic", "scale_and_translate:lanczos3",
+          "scale_and_translate:lanczos5_channels_first"}
+MIN_OPSET = {}
+TF = {
+    "rgb_to_hsv": lambda y: _tf().image.rgb_to_hsv(y[..., :3]),
+    "hsv_to_rgb": lambda y: _tf().image.hsv_to_rgb(images=y[..., 3:] / 100.0),
+}
