@@ -32,6 +32,25 @@ def _chw(y):
 
 _KERNEL = np.array([0.5, -1.0, 2.0, 0.25], F)
 
+_IDENTITY = np.array([1, 0, 0, 0, 1, 0, 0, 0], F)
+# Rotation with scale and shift: corners map outside the 7x5 image.
+_ROTATE = np.array([0.9, -0.3, 1.2, 0.25, 1.1, -1.5, 0.0, 0.0], F)
+_STRETCH = np.array([1.3, 0.2, -2.7, -0.1, 1.6, -3.1, 0.0, 0.0], F)
+_PROJECTIVE = np.array([1.1, 0.3, -4.0, -0.2, 0.9, 2.5, 0.02, -0.03], F)
+# Several image widths away: reflect and wrap fold coordinates more than once.
+_FAR = np.array([2.7, 0.4, -9.3, 0.3, 3.1, -8.2, 0.0, 0.0], F)
+_START = np.array([[0.0, 0.0], [4.0, 0.0], [4.0, 6.0], [0.0, 6.0]], F)
+_END = np.array([[0.5, 0.3], [4.2, -0.4], [3.6, 6.5], [-0.3, 5.8]], F)
+_COORDINATES = np.stack([np.linspace(-3.3, 9.7, 12), np.linspace(6.6, -2.4, 12)]).reshape(
+    2, 3, 4).astype(F)
+_COORDINATES[:, 0, :2] = [[2.5, -0.5], [1.5, 3.5]]  # halves: round to even (tf.round)
+# Keras's mirror reads index `size` for coordinates in [size - 1, size + 1), which
+# TensorFlow refuses: those are kept out.
+_MIRRORED = np.array([[-5.5, -2.25, 0.3, 2.7, 8.1, 9.2, 12.4], [-3.5, -0.2, 1.1, 3.4, 6.3, 7.5,
+                                                                   8.6]], F)
+_COORDINATES_3D = np.stack([np.linspace(-1.2, 7.1, 10), np.linspace(5.6, -1.1, 10),
+                            np.linspace(0.4, 6.3, 10)]).astype(F)
+
 KERAS = {
     "rgb_to_hsv": lambda y: ops.image.rgb_to_hsv(_rgb(y)),
     "rgb_to_hsv:raw": lambda y: ops.image.rgb_to_hsv(y[..., 1:4]),
@@ -60,8 +79,42 @@ KERAS = {
     "rearrange": lambda y: ops.rearrange(y[0, :6], "(h h1) w c -> h (w c h1)", h1=2),
     "rearrange:permute": lambda y: ops.rearrange(y[0], "h w c -> c h w"),
     "rearrange:merge": lambda y: ops.rearrange(y[1, :6], "h (w) (c1 c) -> (c w) h c1", c1=2, c=3),
+    "affine_transform": lambda y: ops.image.affine_transform(y, _ROTATE),
+    "affine_transform:nearest_reflect": lambda y: ops.image.affine_transform(
+        y, _STRETCH, interpolation="nearest", fill_mode="reflect"),
+    "affine_transform:wrap_projective": lambda y: ops.image.affine_transform(
+        y, _PROJECTIVE, fill_mode="wrap"),
+    "affine_transform:nearest_fill": lambda y: ops.image.affine_transform(
+        _chw(y), _STRETCH[None], interpolation="nearest", fill_mode="nearest",
+        data_format="channels_first"),
+    "affine_transform:reflect_far": lambda y: ops.image.affine_transform(
+        y, _FAR, fill_mode="reflect"),
+    "affine_transform:wrap_far_nearest": lambda y: ops.image.affine_transform(
+        y, _FAR, interpolation="nearest", fill_mode="wrap"),
+    "affine_transform:per_image": lambda y: ops.image.affine_transform(
+        y, ops.pad(ops.mean(y, axis=(1, 2)) / 500.0, [[0, 0], [0, 2]]) + _IDENTITY,
+        fill_value=-7.5),
+    "perspective_transform": lambda y: ops.image.perspective_transform(y, _START, _END),
+    "perspective_transform:nearest": lambda y: ops.image.perspective_transform(
+        _chw(y), _START, _END, interpolation="nearest", fill_value=3.0,
+        data_format="channels_first"),
+    "map_coordinates": lambda y: ops.image.map_coordinates(
+        y[0, :, :, 0], _COORDINATES, 1, fill_value=2.5),
+    "map_coordinates:nearest_order0": lambda y: ops.image.map_coordinates(
+        y[1, :, :, 2], _COORDINATES, 0, fill_mode="nearest"),
+    "map_coordinates:reflect": lambda y: ops.image.map_coordinates(
+        y[0, :, :, 3], _COORDINATES, 1, fill_mode="reflect"),
+    "map_coordinates:mirror": lambda y: ops.image.map_coordinates(
+        y[2, :, :, 1], _MIRRORED, 1, fill_mode="mirror"),
+    "map_coordinates:wrap_order0": lambda y: ops.image.map_coordinates(
+        y[0, :, :, 4], _COORDINATES, 0, fill_mode="wrap"),
+    "map_coordinates:graph_coordinates": lambda y: ops.image.map_coordinates(
+        y[0, :, :, 1], ops.stack([y[0, 0, :, 0], y[1, 0, :, 0]]) / 50.0, 1, fill_mode="wrap"),
+    "map_coordinates:3d": lambda y: ops.image.map_coordinates(
+        y[0], _COORDINATES_3D, 1, fill_value=-1.0),
 }
-STATIC = {"correlate", "correlate:same", "correlate:full", "correlate:same_even", "rearrange",
+STATIC = {*(k for k in KERAS if k.startswith(("affine", "perspective", "map_coord"))),
+          "correlate", "correlate:same", "correlate:full", "correlate:same_even", "rearrange",
           "rearrange:permute", "rearrange:merge", "scale_and_translate",
           "scale_and_translate:cubic", "scale_and_translate:lanczos3",
           "scale_and_translate:lanczos5_channels_first"}
