@@ -122,4 +122,8 @@ MIN_OPSET = {}
 TF = {
     "rgb_to_hsv": lambda y: _tf().image.rgb_to_hsv(y[..., :3]),
     "hsv_to_rgb": lambda y: _tf().image.hsv_to_rgb(images=y[..., 3:] / 100.0),
+    "ssim": lambda y: _tf().image.ssim(y, _tf().reverse(y, [1]) * 0.5 + 3.0, 255.0,
+                                       filter_size=3),
+    "ssim:keyword": lambda y: _tf().image.ssim(img1=y / 100.0, img2=y[:, :, ::-1] / 80.0,
+                                               max_val=2.0, filter_size=2, filter_sigma=0.7),
 }

@@ -144,8 +144,8 @@ def _projective_sample(g, call, p, transform, fill_mode, what):
 def affine_transform(g, call, p):
     mode = p.get("fill_mode", "constant")
     if mode not in ("constant", "nearest", "wrap", "reflect"):
-        # Keras's TensorFlow backend refuses "mirror" itself.
-        raise Uncovered([(call.base, "AffineTransform", f"fill_mode={mode!r}")])
+        raise Uncovered([(call.base, "AffineTransform", f"fill_mode={mode!r} (Keras's "
+                                                        "TensorFlow backend has none)")])
     transform = p["transform"]
     if isinstance(transform, Value):
         name = cast(g, g.keras(transform), dtype_of(call, transform), "float32", call.base).name
