@@ -199,6 +199,15 @@ def _fixed_index(op, index, size, mode):
     return index, None
 
 
+def _chain(op, op_type, names):
+    """`names[0] op names[1] op ...` left to right, Nones left out (None for none)."""
+    out = None
+    for name in names:
+        if name is not None:
+            out = name if out is None else op(op_type, out, name)
+    return out
+
+
 def map_coordinates(g, call, p):
     x, coordinates = g.keras(p["inputs"]), p["coordinates"]
     order, mode = int(p["order"]), p.get("fill_mode", "constant")
@@ -238,24 +247,16 @@ def map_coordinates(g, call, p):
     total = None
     for corner in np.ndindex(*[len(a) for a in per_axis]):
         items = [per_axis[axis][k] for axis, k in enumerate(corner)]
-        index = None
-        for (i, _, _), stride in zip(items, strides):
-            term = i if stride == 1 else op("Mul", i, op.i(int(stride)))
-            index = term if index is None else op("Add", index, term)
+        index = _chain(op, "Add", [i if stride == 1 else op("Mul", i, op.i(int(stride)))
+                                   for (i, _, _), stride in zip(items, strides)])
         value = op("Gather", flat, index, axis=0)
-        valids = [v for _, v, _ in items if v is not None]
-        if valids:
-            valid = valids[0]
-            for v in valids[1:]:
-                valid = op("And", valid, v)
+        valid = _chain(op, "And", [v for _, v, _ in items])
+        if valid is not None:
             value = op("Where", valid, value, fill)
-        weights = [w for _, _, w in items if w is not None]
-        if weights:
-            w = weights[0]
-            for v in weights[1:]:
-                w = op("Mul", w, v)
-            value = op("Mul", w, value)
-        total = value if total is None else op("Add", total, value)
+        weight = _chain(op, "Mul", [w for _, _, w in items])
+        if weight is not None:
+            value = op("Mul", weight, value)
+        total = _chain(op, "Add", [total, value])
     return [call.out(total)]
 
 
