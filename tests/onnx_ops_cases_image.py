@@ -56,6 +56,9 @@ KERAS = {
     "rgb_to_hsv:raw": lambda y: ops.image.rgb_to_hsv(y[..., 1:4]),
     "rgb_to_hsv:channels_first": lambda y: ops.image.rgb_to_hsv(
         _chw(_rgb(y)), data_format="channels_first"),
+    "rgb_to_hsv:unbatched_channels_first": lambda y: ops.image.rgb_to_hsv(
+        ops.transpose(_rgb(y)[1], (2, 0, 1)), data_format="channels_first"),
+    "hsv_to_rgb:unbatched": lambda y: ops.image.hsv_to_rgb(y[2, :, :, 2:5] / 100.0),
     "hsv_to_rgb": lambda y: ops.image.hsv_to_rgb(ops.sigmoid(y[..., 3:] / 50.0) * 1.2 - 0.1),
     "hsv_to_rgb:channels_first": lambda y: ops.image.hsv_to_rgb(
         _chw(y[..., :3] / 100.0), data_format="channels_first"),
@@ -94,6 +97,10 @@ KERAS = {
     "affine_transform:per_image": lambda y: ops.image.affine_transform(
         y, ops.pad(ops.mean(y, axis=(1, 2)) / 500.0, [[0, 0], [0, 2]]) + _IDENTITY,
         fill_value=-7.5),
+    "affine_transform:unbatched_channels_first": lambda y: ops.image.affine_transform(
+        _chw(y)[1], _ROTATE, fill_mode="reflect", data_format="channels_first"),
+    "perspective_transform:unbatched": lambda y: ops.image.perspective_transform(
+        y[2], _START[None], _END[None], interpolation="nearest"),
     "perspective_transform": lambda y: ops.image.perspective_transform(y, _START, _END),
     "perspective_transform:nearest": lambda y: ops.image.perspective_transform(
         _chw(y), _START, _END, interpolation="nearest", fill_value=3.0,

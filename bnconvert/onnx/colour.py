@@ -12,9 +12,12 @@ from bnconvert.onnx.graph import Uncovered
 def _channels(g, call, p, what):
     """`(x, physical channel axis, [c0, c1, c2])` of the op's images."""
     x = p["images"]
-    axis = -1 if (p.get("data_format") or "channels_last") == "channels_last" else 1
-    if x.rank not in (3, 4) or x.shape[axis] != 3:
-        raise Uncovered([(call.base, what, "images not of rank 3 or 4 with 3 channels")])
+    if x.rank not in (3, 4):
+        raise Uncovered([(call.base, what, "images not of rank 3 or 4")])
+    # channels_first: (C, H, W) unbatched, (N, C, H, W) batched.
+    axis = -1 if (p.get("data_format") or "channels_last") == "channels_last" else x.rank - 3
+    if x.shape[axis] != 3:
+        raise Uncovered([(call.base, what, "images without 3 channels")])
     physical = x.physical(axis)
     parts = g.node("Split", [x.name, g.ints([1, 1, 1], "split")], call.base, outputs=3,
                    axis=physical)

@@ -86,13 +86,17 @@ def _projective_sample(g, call, p, transform, fill_mode, what):
     if interpolation not in ("nearest", "bilinear"):
         raise Uncovered([(call.base, what, f"interpolation={interpolation!r}")])
     channels_last = (p.get("data_format") or "channels_last") == "channels_last"
-    perm = (0, 1, 2, 3) if channels_last else (0, 2, 3, 1)
-    if x.rank != 4 or None in [x.shape[a] for a in perm[1:3]]:
-        raise Uncovered([(call.base, what, "images not batched with a static height and width")])
-    height, width = (x.shape[a] for a in perm[1:3])
+    # Sampled as (N, H*W, C): the Keras axes held physically as (N,) H, W, C.
+    perm = {(4, True): (0, 1, 2, 3), (4, False): (0, 2, 3, 1), (3, True): (0, 1, 2),
+            (3, False): (1, 2, 0)}.get((x.rank, channels_last))
+    if perm is None or None in [x.shape[a] for a in perm[-3:-1]]:
+        raise Uncovered([(call.base, what, "images not of rank 3 or 4 with a static height "
+                                           "and width")])
+    height, width = (x.shape[a] for a in perm[-3:-1])
+    batch = [0] if x.rank == 4 else []
     op = _Ops(g, call.base)
     x = g.layout(x, perm)
-    flat = op("Reshape", x.name, g.ints([0, height * width, -1]))
+    flat = op("Reshape", x.name, g.ints((batch or [1]) + [height * width, -1]))
     rows, columns = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     out_x = g.constant(columns.reshape(1, -1), f"{call.base}/x")
     out_y = g.constant(rows.reshape(1, -1), f"{call.base}/y")
@@ -105,8 +109,8 @@ def _projective_sample(g, call, p, transform, fill_mode, what):
     in_x = _fill_mode_coordinate(op, op("Div", line(0, 1, a[2]), projection), width, fill_mode)
     in_y = _fill_mode_coordinate(op, op("Div", line(3, 4, a[5]), projection), height, fill_mode)
     fill = op.f(float(p.get("fill_value", 0.0)))
-    batch = op("Concat", op("Slice", op("Shape", flat), g.ints([0]), g.ints([1])),
-               g.ints([height * width]), axis=0)
+    images = op("Concat", op("Slice", op("Shape", flat), g.ints([0]), g.ints([1])),
+                g.ints([height * width]), axis=0)
 
     def read(row, column):
         """Pixels at float (row, column), the fill value outside the image."""
@@ -117,7 +121,7 @@ def _projective_sample(g, call, p, transform, fill_mode, what):
         index = [op("Cast", op("Min", op("Max", v, op.f(0.0)), op.f(float(size - 1))), to=7)
                  for v, size in ((row, height), (column, width))]
         index = op("Add", op("Mul", index[0], op.i(width)), index[1])
-        index = op("Unsqueeze", op("Expand", index, batch), g.ints([2], "axes"))
+        index = op("Unsqueeze", op("Expand", index, images), g.ints([2], "axes"))
         pixels = op("GatherND", flat, index, batch_dims=1)
         return op("Where", op("Unsqueeze", valid, g.ints([2], "axes")), pixels, fill)
 
@@ -137,7 +141,7 @@ def _projective_sample(g, call, p, transform, fill_mode, what):
         out = op("Add", op("Mul", weight(op("Sub", y1, in_y)), along_x(y0)),
                  op("Mul", weight(op("Sub", in_y, y0)), along_x(y1)))
     out = op("Where", weight(op("Equal", projection, op.f(0.0))), fill, out)
-    name = op("Reshape", out, g.ints([0, height, width, -1]))
+    name = op("Reshape", out, g.ints(batch + [height, width, -1]))
     return [call.out(name, perm)]
 
 
