@@ -99,6 +99,15 @@ KERAS = {
         fill_value=-7.5),
     "affine_transform:unbatched_channels_first": lambda y: ops.image.affine_transform(
         _chw(y)[1], _ROTATE, fill_mode="reflect", data_format="channels_first"),
+    # A single row: TensorFlow maps every coordinate on it to row 0.
+    "affine_transform:one_row_wrap": lambda y: ops.image.affine_transform(
+        y[:, :1], _FAR, fill_mode="wrap"),
+    "affine_transform:one_row_reflect": lambda y: ops.image.affine_transform(
+        y[:, 2:3], _STRETCH, interpolation="nearest", fill_mode="reflect"),
+    # Unbatched (H, W, C) whose height is the model's batch: known only when run.
+    "affine_transform:unbatched_dynamic": lambda y: ops.image.affine_transform(
+        ops.reshape(y[:, 1:4], (-1, 15, 6)), _PROJECTIVE, interpolation="nearest",
+        fill_mode="wrap"),
     "perspective_transform:unbatched": lambda y: ops.image.perspective_transform(
         y[2], _START[None], _END[None], interpolation="nearest"),
     "perspective_transform": lambda y: ops.image.perspective_transform(y, _START, _END),
@@ -120,7 +129,9 @@ KERAS = {
     "map_coordinates:3d": lambda y: ops.image.map_coordinates(
         y[0], _COORDINATES_3D, 1, fill_value=-1.0),
 }
-STATIC = {*(k for k in KERAS if k.startswith(("affine", "perspective", "map_coord"))),
+# The warps run on images of any size: two of them on the static 7x5 one too.
+STATIC = {*(k for k in KERAS if k.startswith("map_coord")), "affine_transform",
+          "perspective_transform",
           "correlate", "correlate:same", "correlate:full", "correlate:same_even", "rearrange",
           "rearrange:permute", "rearrange:merge", "scale_and_translate",
           "scale_and_translate:cubic", "scale_and_translate:lanczos3",

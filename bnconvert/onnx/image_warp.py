@@ -18,8 +18,9 @@ opset 16 and treats borders its own way, so the warps sample with `Gather`
   indices and weights (order 0 or 1), fixed up by the fill mode, then one
   gather per corner.
 
-Images and sizes must be static in their spatial axes; the transform may be
-a constant or a tensor of the graph.
+The projective warps read the image size from the tensor when run (any size,
+batched or not) and take the transform as a constant or a tensor of the graph;
+`map_coordinates` needs its input's whole shape when exporting.
 """
 
 import numpy as np
@@ -56,23 +57,28 @@ def _round_half_away(op, v):
 
 
 def _fill_mode_coordinate(op, c, size, mode):
-    """TensorFlow's `MapCoordinate` for one axis of length `size` (float ops)."""
-    last = op.f(float(size - 1))
-    if mode in ("reflect", "wrap") and size > 1:
+    """TensorFlow's `MapCoordinate` for one axis; `size` is its float length (a tensor).
+
+    Sizes are tensors, not constants, so that images of any size share one graph
+    (and a `Div` by a size stays a division, as TensorFlow computes it).
+    """
+    last = op("Sub", size, op.f(1.0))
+    if mode in ("reflect", "wrap"):
         below, above = op("Less", c, op.f(0.0)), op("Greater", c, last)
         if mode == "reflect":
-            period = op.f(float(2 * size))
+            period = op("Add", size, size)
             low = op("Add", op("Mul", period, op("Floor", op("Div", op("Neg", c), period))), c)
-            low = op("Where", op("Less", low, op.f(float(-size))), op("Add", low, period),
+            low = op("Where", op("Less", low, op("Neg", size)), op("Add", low, period),
                      op("Sub", op("Neg", low), op.f(1.0)))
             high = op("Sub", c, op("Mul", period, op("Floor", op("Div", c, period))))
-            high = op("Where", op("GreaterOrEqual", high, op.f(float(size))),
+            high = op("Where", op("GreaterOrEqual", high, size),
                       op("Sub", op("Sub", period, high), op.f(1.0)), high)
         else:
-            span, length = op.f(float(size - 1)), op.f(float(size))
-            low = op("Add", c, op("Mul", length, op("Add", op("Floor", op("Div", op("Neg", c),
-                                                                          span)), op.f(1.0))))
-            high = op("Sub", c, op("Mul", length, op("Floor", op("Div", c, span))))
+            low = op("Add", c, op("Mul", size, op("Add", op("Floor", op("Div", op("Neg", c),
+                                                                        last)), op.f(1.0))))
+            high = op("Sub", c, op("Mul", size, op("Floor", op("Div", c, last))))
+        # On a length-1 axis (TensorFlow's 0) wrap divides by 0: the infinities
+        # clamp to 0 below.
         c = op("Where", below, low, op("Where", above, high, c))
     if mode == "constant":
         return c
@@ -89,41 +95,44 @@ def _projective_sample(g, call, p, transform, fill_mode, what):
     # Sampled as (N, H*W, C): the Keras axes held physically as (N,) H, W, C.
     perm = {(4, True): (0, 1, 2, 3), (4, False): (0, 2, 3, 1), (3, True): (0, 1, 2),
             (3, False): (1, 2, 0)}.get((x.rank, channels_last))
-    if perm is None or None in [x.shape[a] for a in perm[-3:-1]]:
-        raise Uncovered([(call.base, what, "images not of rank 3 or 4 with a static height "
-                                           "and width")])
-    height, width = (x.shape[a] for a in perm[-3:-1])
-    batch = [0] if x.rank == 4 else []
+    if perm is None:
+        raise Uncovered([(call.base, what, "images not of rank 3 or 4")])
     op = _Ops(g, call.base)
     x = g.layout(x, perm)
-    flat = op("Reshape", x.name, g.ints((batch or [1]) + [height * width, -1]))
-    rows, columns = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    out_x = g.constant(columns.reshape(1, -1), f"{call.base}/x")
-    out_y = g.constant(rows.reshape(1, -1), f"{call.base}/y")
+    shape = op("Shape", x.name)
+    height, width = (op("Slice", shape, g.ints([i]), g.ints([i + 1])) for i in (-3, -2))
+    pixels = op("Mul", height, width)
+    flat = op("Reshape", x.name, op("Concat", g.ints([0 if x.rank == 4 else 1, -1]),
+                                    op("Slice", shape, g.ints([-1]), g.ints([x.rank])), axis=0))
+    # Output pixel i is at row i // W, column i % W.
+    scalar = g.ints([0], "axes")
+    index = op("Range", op("Squeeze", g.ints([0]), scalar), op("Squeeze", pixels, scalar),
+               op("Squeeze", g.ints([1]), scalar))
+    out_x, out_y = (op("Unsqueeze", op("Cast", v, to=1), scalar)
+                    for v in (op("Mod", index, width), op("Div", index, width)))
+    h, w = op("Cast", height, to=1), op("Cast", width, to=1)
     a = op("Split", transform, g.ints([1] * 8, "split"), axis=1, outputs=8)
 
     def line(i, j, k):
         return op("Add", op("Add", op("Mul", a[i], out_x), op("Mul", a[j], out_y)), k)
 
     projection = line(6, 7, op.f(1.0))
-    in_x = _fill_mode_coordinate(op, op("Div", line(0, 1, a[2]), projection), width, fill_mode)
-    in_y = _fill_mode_coordinate(op, op("Div", line(3, 4, a[5]), projection), height, fill_mode)
+    in_x = _fill_mode_coordinate(op, op("Div", line(0, 1, a[2]), projection), w, fill_mode)
+    in_y = _fill_mode_coordinate(op, op("Div", line(3, 4, a[5]), projection), h, fill_mode)
     fill = op.f(float(p.get("fill_value", 0.0)))
-    images = op("Concat", op("Slice", op("Shape", flat), g.ints([0]), g.ints([1])),
-                g.ints([height * width]), axis=0)
+    images = op("Concat", op("Slice", op("Shape", flat), g.ints([0]), g.ints([1])), pixels,
+                axis=0)
 
     def read(row, column):
         """Pixels at float (row, column), the fill value outside the image."""
-        valid = op("And", op("And", op("GreaterOrEqual", row, op.f(0.0)),
-                             op("Less", row, op.f(float(height)))),
-                   op("And", op("GreaterOrEqual", column, op.f(0.0)),
-                      op("Less", column, op.f(float(width)))))
-        index = [op("Cast", op("Min", op("Max", v, op.f(0.0)), op.f(float(size - 1))), to=7)
-                 for v, size in ((row, height), (column, width))]
-        index = op("Add", op("Mul", index[0], op.i(width)), index[1])
+        valid = op("And", op("And", op("GreaterOrEqual", row, op.f(0.0)), op("Less", row, h)),
+                   op("And", op("GreaterOrEqual", column, op.f(0.0)), op("Less", column, w)))
+        index = [op("Cast", op("Min", op("Max", v, op.f(0.0)), op("Sub", size, op.f(1.0))),
+                    to=7) for v, size in ((row, h), (column, w))]
+        index = op("Add", op("Mul", index[0], width), index[1])
         index = op("Unsqueeze", op("Expand", index, images), g.ints([2], "axes"))
-        pixels = op("GatherND", flat, index, batch_dims=1)
-        return op("Where", op("Unsqueeze", valid, g.ints([2], "axes")), pixels, fill)
+        values = op("GatherND", flat, index, batch_dims=1)
+        return op("Where", op("Unsqueeze", valid, g.ints([2], "axes")), values, fill)
 
     def weight(v):
         return op("Unsqueeze", v, g.ints([2], "axes"))
@@ -141,8 +150,7 @@ def _projective_sample(g, call, p, transform, fill_mode, what):
         out = op("Add", op("Mul", weight(op("Sub", y1, in_y)), along_x(y0)),
                  op("Mul", weight(op("Sub", in_y, y0)), along_x(y1)))
     out = op("Where", weight(op("Equal", projection, op.f(0.0))), fill, out)
-    name = op("Reshape", out, g.ints(batch + [height, width, -1]))
-    return [call.out(name, perm)]
+    return [call.out(op("Reshape", out, shape), perm)]
 
 
 def affine_transform(g, call, p):
