@@ -71,6 +71,7 @@ KERAS = {
     "ssim:channels_first": lambda y: ops.image.ssim(
         _chw(y), _chw(ops.flip(y, 2)), filter_size=5, filter_sigma=0.8, k1=0.02,
         data_format="channels_first"),
+    "ssim:unbatched": lambda y: ops.image.ssim(y[0], y[1], max_val=100.0, filter_size=3) + 0 * y,
     "scale_and_translate": lambda y: ops.image.scale_and_translate(
         y, (None, 9, 4, 6), [1.3, 0.7], [0.5, -0.25], (1, 2), "bilinear"),
     "scale_and_translate:cubic": lambda y: ops.image.scale_and_translate(

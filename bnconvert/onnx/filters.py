@@ -66,8 +66,14 @@ def gaussian_kernel(size, sigma):
 def ssim(g, call, p):
     data_format = p.get("data_format") or "channels_last"
     images = [p["image1"], p["image2"]]
-    if not all(isinstance(v, Value) and v.rank == 4 for v in images):
-        raise Uncovered([(call.base, "SSIM", "images not both batched tensors of the graph")])
+    if not all(isinstance(v, Value) and v.rank in (3, 4) for v in images) or \
+            len({v.rank for v in images}) > 1:
+        raise Uncovered([(call.base, "SSIM", "images not both tensors of the graph of rank 3 "
+                                             "or 4")])
+    unbatched = images[0].rank == 3
+    if unbatched:
+        images = [Value(g.node("Unsqueeze", [g.keras(v).name, g.ints([0], "axes")], call.base),
+                        (1,) + v.shape, tuple(range(4))) for v in images]
     images = [layout_for(g, v, data_format) for v in images]
     channels = images[0].shape[images[0].perm[1]]
     size = int(p.get("filter_size", 11))
@@ -100,7 +106,9 @@ def ssim(g, call, p):
                      op("Add", op("Add", var1, var2), c2))
     per_channel = g.reduce("ReduceMean", op("Div", numerator, denominator), [2, 3], False,
                            call.base)
-    return [call.out(g.reduce("ReduceMean", per_channel, [1], False, call.base))]
+    # Unbatched: the batch of one added above goes too (its mean is itself).
+    axes = [0, 1] if unbatched else [1]
+    return [call.out(g.reduce("ReduceMean", per_channel, axes, False, call.base))]
 
 
 def _triangle(x):
