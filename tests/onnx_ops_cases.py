@@ -327,12 +327,12 @@ STATIC = {"roll", "tril", "triu", "slice", "unstack", "broadcast_to", "repeat", 
           "meshgrid", "meshgrid:ij", "segment_sum", "segment_max", "segment_min", "segment_prod",
           "scatter", "scatter_update:add", "unravel_index", "pad_images:target", "unfold",
           "crop_images", "fold", "corrcoef", "nanpercentile"}
-KERAS.update(_image.KERAS)
-STATIC |= _image.STATIC
-MIN_OPSET.update(_image.MIN_OPSET)
 # Keras's TensorFlow rot90 is wrong for k >= 2 on a non-square plane (it
 # reshapes where it should transpose); the emitter follows NumPy, and the
 # k=2 case uses a square plane.
+KERAS.update(_image.KERAS)
+STATIC |= _image.STATIC
+MIN_OPSET.update(_image.MIN_OPSET)
 
 
 def _tf_cases():

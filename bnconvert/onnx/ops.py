@@ -29,6 +29,7 @@ import numpy as np
 
 from bnconvert.onnx import activations
 from bnconvert.onnx import arrays
+from bnconvert.onnx import colour, einops, filters, image_warp
 from bnconvert.onnx import images
 from bnconvert.onnx import indexing
 from bnconvert.onnx import integers
@@ -39,7 +40,6 @@ from bnconvert.onnx import numpy_extra
 from bnconvert.onnx import reductions
 from bnconvert.onnx import reshaping
 from bnconvert.onnx import preprocessing
-from bnconvert.onnx import colour, einops, filters, image_warp
 from bnconvert.onnx.graph import Uncovered
 
 _ACTIVATIONS = {
@@ -94,19 +94,19 @@ EMITTERS = {
     **math.EMITTERS, **reductions.EMITTERS, **indexing.EMITTERS, **reshaping.EMITTERS,
     **nn.EMITTERS, **numpy_extra.EMITTERS, **losses.EMITTERS, **arrays.EMITTERS,
     **integers.EMITTERS, **images.EMITTERS,
-    **colour.EMITTERS, **einops.EMITTERS, **filters.EMITTERS, **image_warp.EMITTERS,
     **{k: _activation(v) for k, v in _ACTIVATIONS.items()},
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
+    **colour.EMITTERS, **einops.EMITTERS, **filters.EMITTERS, **image_warp.EMITTERS,
 }
 
 # Keras 3 op classes whose names are not their function's in snake case.
 _CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_normalization",
                 "LayerNorm": "layer_normalization", "RMSNorm": "rms_normalization",
+                "RGBToHSV": "rgb_to_hsv", "HSVToRGB": "hsv_to_rgb", "SSIM": "ssim",
                 "RGBToGrayscale": "rgb_to_grayscale", "AllClose": "allclose",
                 "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin",
                 "ExtractPatches3D": "extract_patches_3d",
-                "RGBToHSV": "rgb_to_hsv", "HSVToRGB": "hsv_to_rgb", "SSIM": "ssim",
                 # keras.activations.relu with arguments records a ReLU op.
                 "ReLU": "relu"}
 
