@@ -330,6 +330,7 @@ STATIC = {"roll", "tril", "triu", "slice", "unstack", "broadcast_to", "repeat", 
 # Keras's TensorFlow rot90 is wrong for k >= 2 on a non-square plane (it
 # reshapes where it should transpose); the emitter follows NumPy, and the
 # k=2 case uses a square plane.
+# Image-warp, colour, filter and einops cases: onnx_ops_cases_image.py.
 KERAS.update(_image.KERAS)
 STATIC |= _image.STATIC
 MIN_OPSET.update(_image.MIN_OPSET)
