@@ -11,6 +11,7 @@ Used by tests/test_onnx_ops_conformance.py and tools/onnx_coverage_ops.py.
 
 import keras
 import numpy as np
+import onnx_ops_cases_image as _image
 
 ops = keras.ops
 F = "float32"
@@ -334,6 +335,10 @@ STATIC |= _spectral.STATIC
 # Keras's TensorFlow rot90 is wrong for k >= 2 on a non-square plane (it
 # reshapes where it should transpose); the emitter follows NumPy, and the
 # k=2 case uses a square plane.
+# Image-warp, colour, filter and einops cases: onnx_ops_cases_image.py.
+KERAS.update(_image.KERAS)
+STATIC |= _image.STATIC
+MIN_OPSET.update(_image.MIN_OPSET)
 
 
 def _tf_cases():
@@ -375,4 +380,4 @@ def _tf_cases():
 
 def tf_cases():
     """The tf-keras `TFOpLambda` cases (built lazily: importing tf is slow)."""
-    return _tf_cases()
+    return {**_tf_cases(), **_image.TF}

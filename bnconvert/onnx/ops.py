@@ -29,6 +29,7 @@ import numpy as np
 
 from bnconvert.onnx import activations
 from bnconvert.onnx import arrays
+from bnconvert.onnx import colour, einops, filters, image_warp
 from bnconvert.onnx import images
 from bnconvert.onnx import indexing
 from bnconvert.onnx import integers
@@ -97,11 +98,13 @@ EMITTERS = {
     **{k: _activation(v) for k, v in _ACTIVATIONS.items()},
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
+    **colour.EMITTERS, **einops.EMITTERS, **filters.EMITTERS, **image_warp.EMITTERS,
 }
 
 # Keras 3 op classes whose names are not their function's in snake case.
 _CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_normalization",
                 "LayerNorm": "layer_normalization", "RMSNorm": "rms_normalization",
+                "RGBToHSV": "rgb_to_hsv", "HSVToRGB": "hsv_to_rgb", "SSIM": "ssim",
                 "RGBToGrayscale": "rgb_to_grayscale", "AllClose": "allclose",
                 "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin",
                 "ExtractPatches3D": "extract_patches_3d", "FFT": "fft", "FFT2": "fft2",
@@ -285,6 +288,8 @@ TF_FUNCTIONS = {
     "zeros_like": _tf("zeros_like", input="x"),
     "ones_like": _tf("ones_like", input="x"),
     "image.resize": _tf("resize", method="interpolation"),
+    "image.rgb_to_hsv": _tf("rgb_to_hsv"), "image.hsv_to_rgb": _tf("hsv_to_rgb"),
+    "image.ssim": _tf("ssim", _checked(return_index_map=False), img1="image1", img2="image2"),
 }
 
 
