@@ -5,9 +5,10 @@ Emitters are `emit(g, call, p)` as in `math`.
 - `searchsorted(sequence, values, side)` with a 1-D sequence of known
   length `n` (a constant or a tensor of the graph): the insertion index of
   a value is how many entries lie below it (`side="left"`: `entry < v`) or
-  not above it (`"right"`: `entry <= v`), a comparison against all `n`
-  entries summed over them. It equals the binary search for a sorted
-  sequence, as Keras requires; values keep their layout.
+  not above it (`"right"`: `not v < entry`, so that a NaN value goes last
+  as in TensorFlow), a comparison against all `n` entries summed over them.
+  It equals the binary search for a sorted sequence, as Keras requires;
+  values keep their layout.
 - `argpartition(x, kth, axis)` is what Keras's TensorFlow backend computes,
   which is deterministic: on `x` cast to int32 with the axis moved last,
   the `kth + 1` smallest entries' indices (`TopK` of `-x`), then the
@@ -50,7 +51,10 @@ def searchsorted(g, call, p):
         entries = g.constant(array, f"{call.base}/sequence", np.dtype(dtype))
     v = cast(g, values, dtype_of(call, values), dtype, call.base)
     column = g.node("Unsqueeze", [v.name, g.ints([v.rank], "axes")], call.base)
-    below = g.node("Less" if side == "left" else "LessOrEqual", [entries, column], call.base)
+    if side == "left":
+        below = g.node("Less", [entries, column], call.base)
+    else:
+        below = g.node("Not", [g.node("Less", [column, entries], call.base)], call.base)
     counts = g.node("Cast", [below], call.base, to=onnx_dtype("int64"))
     index = g.reduce("ReduceSum", counts, [v.rank], False, call.base)
     result = g.node("Cast", [index], call.base, to=onnx_dtype(out_dtype(call)))

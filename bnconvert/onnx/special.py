@@ -30,6 +30,7 @@ from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.math import aligned
 from bnconvert.onnx.math import cast
 from bnconvert.onnx.math import dtype_of
+from bnconvert.onnx.math import onnx_dtype
 from bnconvert.onnx.math import out_dtype
 
 # Chebyshev coefficients printed by tools/fit_special.py (see there for the intervals).
@@ -130,12 +131,14 @@ def nextafter(g, call, p):
     def flushed(v):
         return o("Where", o("Less", o("Abs", v), _FLOAT32_TINY), o("Mul", v, 0.0), v)
 
+    # A zero result (x1 is zero after flushing) takes x2's sign; 1 / x2 has it
+    # also for -0. It is set by a product: onnxruntime's `Where` drops -0.
+    negative = o("Less", o("Reciprocal", b), 0.0)
     a, b = flushed(a), flushed(b)
-    toward = o("Mul", o("Sign", o("Sub", b, a)), 0.0)
-    y = o("Where", o("Equal", a, 0.0), toward, a)
-    y = o("Where", o("Equal", a, b), b, y)
-    nan = o("Or", o("IsNaN", a), o("IsNaN", b))
-    return [call.out(o("Where", nan, float("nan"), y), ref.perm)]
+    y = o("Where", o("Equal", a, b), b, a)
+    y = o("Where", o("Or", o("IsNaN", a), o("IsNaN", b)), float("nan"), y)
+    flip = o("Cast", o("And", o("Equal", y, 0.0), negative), to=onnx_dtype("float32"))
+    return [call.out(o("Mul", y, o("Sub", 1.0, o("Mul", flip, 2.0))), ref.perm)]
 
 
 def _integers(call, name):
