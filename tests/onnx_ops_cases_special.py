@@ -102,4 +102,6 @@ def tf_cases():
         "erfinv": lambda y: tf.math.erfinv(tf.round(y) / 256.0),
         "i0": lambda y: tf.math.bessel_i0(y / 40.0),
         "nextafter": lambda y: tf.math.nextafter(tf.round(y / 40.0), y),
+        "searchsorted": lambda y: tf.cast(tf.searchsorted(
+            tf.constant([-50.0, 0.0, 3.0, 80.0]), tf.reshape(y, [-1]), side="right"), tf.float32),
     }

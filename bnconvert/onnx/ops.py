@@ -253,6 +253,7 @@ TF_FUNCTIONS = {
     "math.argmin": _tf("argmin", _axis_zero, input="x"),
     "math.cumsum": _tf("cumsum"),
     "math.erfinv": _tf("erfinv"), "math.bessel_i0": _tf("i0"), "math.nextafter": _tf("nextafter"),
+    "searchsorted": _tf("searchsorted"),
     "math.count_nonzero": _tf("count_nonzero", input="x"),
     "norm": _tf("norm", lambda p: dict(p, ord=None if p["ord"] == "euclidean" else p["ord"]),
                 tensor="x"),
