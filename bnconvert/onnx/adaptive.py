@@ -5,7 +5,9 @@ of these ops is wrong (a 2-D adaptive pool's output has rank 5;
 `ConvTranspose.call` hands the backend its arguments in the wrong order),
 so a Functional graph holds them only inside a layer's `call`, which the
 exporter traces. The emitters therefore trust the op's attributes, not its
-recorded output shape where that is wrong.
+recorded output shape where that is wrong. A bare op is refused where later
+ops of the graph were built on its wrong shape; as a model output its values
+are exported right (the ONNX output declares the shape Keras declares).
 
 Adaptive pooling is written as Keras's TensorFlow backend computes it, one
 spatial axis at a time: with `small = ceil(in / out)`, pools of windows
@@ -20,6 +22,7 @@ import math as pymath
 
 import numpy as np
 
+from bnconvert import keras_internals as internals
 from bnconvert.onnx import layers
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
@@ -64,6 +67,10 @@ def _adaptive(op_type):
         shape = list(x.shape)
         for a, out in zip(x.perm[2:], sizes):
             shape[a] = int(out)
+        if tuple(shape) != tuple(call.shapes[0]) and internals.is_consumed(call.layer):
+            raise Uncovered([(call.base, op_type, f"Keras recorded shape {call.shapes[0]} "
+                              f"(not {tuple(shape)}) and built later ops on it; call it inside "
+                              "a layer's call")])
         return [Value(name, tuple(shape), x.perm)]
     return emit
 
