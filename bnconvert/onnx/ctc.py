@@ -14,8 +14,9 @@ per-sample lengths, the loss is `-log p(labels | logits)` as TensorFlow's
   sample's output length;
 - the loss `-logsumexp(alpha[2 len], alpha[2 len - 1])`.
 
-`-inf` is a large negative number, so that sums of impossible paths stay
-finite and exact zeros of probability never make a NaN.
+Impossible states are `-inf` (also in a float16 graph); the log-sum-exp
+subtracts 0 rather than a maximum of `-inf`, so they never make a NaN, and
+a label no path can produce has an infinite loss.
 """
 
 import numpy as np
@@ -25,7 +26,7 @@ from bnconvert.onnx.graph import Value
 from bnconvert.onnx.math import onnx_dtype
 from bnconvert.onnx.math import out_dtype
 
-NEG = -1e30
+NEG = float("-inf")
 INT64 = onnx_dtype("int64")
 
 
@@ -50,6 +51,10 @@ def _shift(g, name, by, size, base):
 
 def _logsumexp(g, names, base):
     top = g.node("Max", names, base)
+    # All -inf: subtract 0 instead, so that the sum is 0 and its log -inf, not NaN.
+    # (Below float16's range rather than IsInf, which onnxruntime lacks for float16.)
+    top = g.node("Where", [g.node("Less", [top, g.scalar(-65000.0)], base), g.scalar(0.0), top],
+                 base)
     total = g.node("Sum", [g.node("Exp", [g.node("Sub", [n, top], base)], base) for n in names],
                    base)
     return g.node("Add", [top, g.node("Log", [total], base)], base)
