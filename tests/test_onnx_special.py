@@ -45,6 +45,22 @@ def _same_bits(got, want):
     assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32)), (got, want)
 
 
+def test_the_series_are_what_tools_fit_special_prints():
+    import importlib.util
+    import pathlib
+
+    from bnconvert.onnx import special
+
+    path = pathlib.Path(__file__).parents[1] / "tools" / "fit_special.py"
+    spec = importlib.util.spec_from_file_location("fit_special", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for name, (f, degree) in tool.FITS.items():
+        coefficients, error = tool.fit(f, degree)
+        assert error < 1e-8, name  # well below float32's rounding
+        np.testing.assert_allclose(getattr(special, name), coefficients, rtol=1e-9, atol=1e-15)
+
+
 def test_erfinv_next_to_plus_minus_one_and_special_values():
     ulp = F32(2.0 ** -24)
     near = np.concatenate([1 - ulp * np.arange(1, 4000, 7, dtype=F32),

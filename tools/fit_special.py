@@ -13,17 +13,21 @@ variable) to well below float32's rounding, from scipy's float64 values:
 - `I0E_LARGE`: sqrt(x) exp(-x) I0(x) for x >= 8, of t = 16 / x - 1.
 """
 
-import math
+import os
+import sys
 
 import numpy as np
 from numpy.polynomial import chebyshev
 from scipy import special
 
-C_MAX = 0.5 - math.exp(-2.0)
-U_LO, U_HI = 1.0 / math.sqrt(2.0 * 26.0 * math.log(2.0)), 0.5
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bnconvert.onnx.special import C_MAX, U_HI, U_LO  # noqa: E402
 
 
-def _fit(f, degree):
+def fit(f, degree):
+    """`(coefficients, max relative error on [-1, 1])` of `f`'s Chebyshev interpolant."""
     coefficients = chebyshev.chebinterpolate(f, degree)
     t = np.linspace(-0.9999, 1.0, 20001)
     error = np.max(np.abs(chebyshev.chebval(t, coefficients) / f(t) - 1.0))
@@ -53,6 +57,6 @@ FITS = {
 
 if __name__ == "__main__":
     for name, (f, degree) in FITS.items():
-        coefficients, error = _fit(f, degree)
+        coefficients, error = fit(f, degree)
         print(f"# max relative error {error:.1e}")
         print(f"{name} = ({', '.join(repr(float(c)) for c in coefficients)})")
