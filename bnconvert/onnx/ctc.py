@@ -12,11 +12,12 @@ per-sample lengths, the loss is `-log p(labels | logits)` as TensorFlow's
   `alpha_t[s] = logsumexp(alpha[s], alpha[s-1], alpha[s-2] if z[s] is a
   label other than z[s-2]) + e_t[s]`, left unchanged once `t` reaches the
   sample's output length;
-- the loss `-logsumexp(alpha[2 len], alpha[2 len - 1])`.
+- the loss `-logsumexp(alpha[2 len], alpha[2 len - 1])` -- and, as in
+  TensorFlow, the other states' `alpha` weighted by 1e-307, which decides
+  the (large, finite) loss of a label no path can produce.
 
 Impossible states are `-inf` (also in a float16 graph); the log-sum-exp
-subtracts 0 rather than a maximum of `-inf`, so they never make a NaN, and
-a label no path can produce has an infinite loss.
+subtracts 0 rather than a maximum of `-inf`, so they never make a NaN.
 """
 
 import numpy as np
@@ -27,6 +28,7 @@ from bnconvert.onnx.math import onnx_dtype
 from bnconvert.onnx.math import out_dtype
 
 NEG = float("-inf")
+LOG_FLOOR = float(np.float32(np.log(1e-307)))
 INT64 = onnx_dtype("int64")
 
 
@@ -113,14 +115,21 @@ def ctc_loss(g, call, p):
     label_lengths = _int64(g, _tensor(g, call, p["target_length"], "target_length"), base)
     end = g.node("Unsqueeze", [g.node("Mul", [label_lengths, g.scalar(2, np.int64)], base),
                                g.ints([1], "axes")], base)
-    last = g.node("GatherElements", [alpha, end], base, axis=1)
-    previous = g.node("GatherElements", [alpha, g.node("Max", [
-        g.node("Sub", [end, g.scalar(1, np.int64)], base), g.scalar(0, np.int64)], base)],
-        base, axis=1)
-    previous = g.node("Where", [g.node("Greater", [end, g.scalar(0, np.int64)], base), previous,
-                                g.scalar(NEG)], base)
-    loss = g.node("Neg", [_logsumexp(g, [last, previous], base)], base)
-    return [call.out(g.node("Squeeze", [loss, g.ints([1], "axes")], base))]
+    # Final states weigh 1, the others TensorFlow's floor 1e-307 (no effect
+    # unless no path reaches a final state).
+    states = g.constant(np.arange(size, dtype=np.int64), f"{base}/states", np.int64)
+    gap = g.node("Sub", [end, states], base)
+    final = g.node("And", [g.node("GreaterOrEqual", [gap, g.scalar(0, np.int64)], base),
+                           g.node("LessOrEqual", [gap, g.node("Min", [end, g.scalar(
+                               1, np.int64)], base)], base)], base)
+    weighted = g.node("Add", [alpha, g.node("Where", [final, g.scalar(0.0), g.scalar(LOG_FLOOR)],
+                                            base)], base)
+    top = g.reduce("ReduceMax", weighted, [1], True, base)
+    total = g.reduce("ReduceSum", g.node("Exp", [g.node("Sub", [weighted, top], base)], base),
+                     [1], False, base)
+    top = g.node("Squeeze", [top, g.ints([1], "axes")], base)
+    loss = g.node("Neg", [g.node("Add", [top, g.node("Log", [total], base)], base)], base)
+    return [call.out(loss)]
 
 
 EMITTERS = {"ctc_loss": ctc_loss}
