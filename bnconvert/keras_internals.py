@@ -207,6 +207,11 @@ def producing_layer(tensor):
     return tensor._keras_history[0]
 
 
+def is_consumed(operation):
+    """Whether another op or layer of a graph takes one of `operation`'s outputs."""
+    return bool(operation._outbound_nodes)
+
+
 # -- TensorFlow ------------------------------------------------------------
 
 

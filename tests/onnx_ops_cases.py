@@ -380,4 +380,11 @@ def _tf_cases():
 
 def tf_cases():
     """The tf-keras `TFOpLambda` cases (built lazily: importing tf is slow)."""
-    return {**_tf_cases(), **_image.TF}
+    return {**_tf_cases(), **_image.TF, **special.tf_cases()}
+
+
+import onnx_ops_cases_special as special  # noqa: E402 - it reads the helpers above
+
+KERAS.update(special.KERAS)
+STATIC |= special.STATIC
+MIN_OPSET.update(special.MIN_OPSET)

@@ -127,6 +127,18 @@ def test_graph_nodes_and_producers(build):
            "Node.arguments, call_args, outputs", check)
 
 
+def test_is_consumed():
+    def check():
+        x = keras.Input((3, 4))
+        y = keras.ops.abs(x)
+        z = keras.ops.exp(y)
+        keras.Model(x, z)
+        assert internals.is_consumed(internals.producing_layer(y))
+        assert not internals.is_consumed(internals.producing_layer(z))
+
+    pinned("Operation._outbound_nodes", check)
+
+
 def test_graph_nodes_of_tf_functions_list_every_tensor_argument():
     def check():
         import tensorflow as tf

@@ -50,20 +50,12 @@ NO_ONNX_MEANING = {
 _DATA_SHAPE = "output shape depends on the values (ONNX could, the emitters need static shapes)"
 _NO_OP = "no ONNX op and no exact composition of ONNX ops written"
 _LINALG = "matrix decomposition / solver: no ONNX op"
-_KERAS_SHAPE = ("Keras 3.15's symbolic output is wrong (adaptive pools: rank 5 for 2-D "
-                "channels_last; conv_transpose: fails when called), so no Functional graph "
-                "holds a usable one")
 UNCOVERED_REASONS = {
     **dict.fromkeys(["nonzero", "unique", "bincount", "histogram", "ctc_decode"], _DATA_SHAPE),
-    "searchsorted": "Keras cannot build it on a symbolic tensor with a constant sequence "
-                    "(its symbolic call fails), so no graph was tested; not written",
-    "argpartition": "NumPy leaves the order within each part unspecified: no one answer",
     "logdet": "TensorFlow's logdet is Cholesky-based (NaN off positive-definite matrices); "
               "a Det-based graph would answer where Keras does not",
-    **dict.fromkeys(["erfinv", "i0", "nextafter", "gcd", "lcm", "cumprod", "nancumprod",
-                     "logaddexp2", "ldexp", "frexp", "sparsemax"], _NO_OP),
-    **dict.fromkeys(["adaptive_average_pool", "adaptive_max_pool", "conv_transpose"],
-                    _KERAS_SHAPE),
+    **dict.fromkeys(["cumprod", "nancumprod", "logaddexp2", "ldexp", "frexp", "sparsemax"],
+                    _NO_OP),
     "view": "reinterprets the bits as another dtype: no ONNX op",
     **dict.fromkeys(["cholesky", "cholesky_inverse", "eig", "eigh", "qr", "svd", "lu_factor",
                      "lstsq", "solve", "solve_triangular", "inv", "pinv", "matrix_rank"],

@@ -28,8 +28,10 @@ import types
 import numpy as np
 
 from bnconvert.onnx import activations
+from bnconvert.onnx import adaptive
 from bnconvert.onnx import arrays
 from bnconvert.onnx import colour, einops, filters, image_warp
+from bnconvert.onnx import ctc
 from bnconvert.onnx import images
 from bnconvert.onnx import indexing
 from bnconvert.onnx import integers
@@ -37,10 +39,12 @@ from bnconvert.onnx import losses
 from bnconvert.onnx import math
 from bnconvert.onnx import nn
 from bnconvert.onnx import numpy_extra
+from bnconvert.onnx import ordering
 from bnconvert.onnx import reductions
 from bnconvert.onnx import reshaping
 from bnconvert.onnx import spectral
 from bnconvert.onnx import preprocessing
+from bnconvert.onnx import special
 from bnconvert.onnx.graph import Uncovered
 
 _ACTIVATIONS = {
@@ -94,7 +98,8 @@ def _resize(g, call, p):
 EMITTERS = {
     **math.EMITTERS, **reductions.EMITTERS, **indexing.EMITTERS, **reshaping.EMITTERS,
     **nn.EMITTERS, **numpy_extra.EMITTERS, **losses.EMITTERS, **arrays.EMITTERS,
-    **integers.EMITTERS, **images.EMITTERS, **spectral.EMITTERS,
+    **integers.EMITTERS, **images.EMITTERS, **spectral.EMITTERS, **special.EMITTERS,
+    **ordering.EMITTERS, **ctc.EMITTERS, **adaptive.EMITTERS,
     **{k: _activation(v) for k, v in _ACTIVATIONS.items()},
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
@@ -110,6 +115,7 @@ _CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_
                 "ExtractPatches3D": "extract_patches_3d", "FFT": "fft", "FFT2": "fft2",
                 "IFFT2": "ifft2", "RFFT": "rfft", "IRFFT": "irfft", "STFT": "stft",
                 "ISTFT": "istft",
+                "SearchSorted": "searchsorted", "CTCLoss": "ctc_loss",
                 # keras.activations.relu with arguments records a ReLU op.
                 "ReLU": "relu"}
 
@@ -252,6 +258,8 @@ TF_FUNCTIONS = {
     "math.argmax": _tf("argmax", _axis_zero, input="x"),
     "math.argmin": _tf("argmin", _axis_zero, input="x"),
     "math.cumsum": _tf("cumsum"),
+    "math.erfinv": _tf("erfinv"), "math.bessel_i0": _tf("i0"), "math.nextafter": _tf("nextafter"),
+    "searchsorted": _tf("searchsorted"),
     "math.count_nonzero": _tf("count_nonzero", input="x"),
     "norm": _tf("norm", lambda p: dict(p, ord=None if p["ord"] == "euclidean" else p["ord"]),
                 tensor="x"),
