@@ -11,6 +11,7 @@ Used by tests/test_onnx_ops_conformance.py and tools/onnx_coverage_ops.py.
 
 import keras
 import numpy as np
+import onnx_ops_cases_linalg as linalg_cases
 
 ops = keras.ops
 F = "float32"
@@ -370,4 +371,8 @@ def _tf_cases():
 
 def tf_cases():
     """The tf-keras `TFOpLambda` cases (built lazily: importing tf is slow)."""
-    return _tf_cases()
+    return {**_tf_cases(), **linalg_cases.tf_cases()}
+
+
+KERAS.update(linalg_cases.KERAS)
+STATIC |= linalg_cases.STATIC

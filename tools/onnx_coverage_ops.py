@@ -58,16 +58,12 @@ UNCOVERED_REASONS = {
     "searchsorted": "Keras cannot build it on a symbolic tensor with a constant sequence "
                     "(its symbolic call fails), so no graph was tested; not written",
     "argpartition": "NumPy leaves the order within each part unspecified: no one answer",
-    "logdet": "TensorFlow's logdet is Cholesky-based (NaN off positive-definite matrices); "
-              "a Det-based graph would answer where Keras does not",
     **dict.fromkeys(["erfinv", "i0", "nextafter", "gcd", "lcm", "cumprod", "nancumprod",
                      "logaddexp2", "ldexp", "frexp", "sparsemax"], _NO_OP),
     **dict.fromkeys(["adaptive_average_pool", "adaptive_max_pool", "conv_transpose"],
                     _KERAS_SHAPE),
     "view": "reinterprets the bits as another dtype: no ONNX op",
-    **dict.fromkeys(["cholesky", "cholesky_inverse", "eig", "eigh", "qr", "svd", "lu_factor",
-                     "lstsq", "solve", "solve_triangular", "inv", "pinv", "matrix_rank"],
-                    _LINALG),
+    **dict.fromkeys(["eig", "eigh", "svd", "lstsq", "pinv", "matrix_rank"], _LINALG),
 }
 
 

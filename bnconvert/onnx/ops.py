@@ -32,6 +32,7 @@ from bnconvert.onnx import arrays
 from bnconvert.onnx import images
 from bnconvert.onnx import indexing
 from bnconvert.onnx import integers
+from bnconvert.onnx import linalg
 from bnconvert.onnx import losses
 from bnconvert.onnx import math
 from bnconvert.onnx import nn
@@ -97,6 +98,7 @@ EMITTERS = {
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
 }
+EMITTERS.update(linalg.EMITTERS)
 
 # Keras 3 op classes whose names are not their function's in snake case.
 _CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_normalization",
@@ -283,6 +285,13 @@ TF_FUNCTIONS = {
     "ones_like": _tf("ones_like", input="x"),
     "image.resize": _tf("resize", method="interpolation"),
 }
+TF_FUNCTIONS.update({
+    "linalg.inv": _tf("inv", _checked(adjoint=False), input="x"),
+    "linalg.cholesky": _tf("cholesky", input="x"),
+    "linalg.solve": _tf("solve", _checked(adjoint=False), matrix="a", rhs="b"),
+    "linalg.triangular_solve": _tf("solve_triangular", _checked(adjoint=False), matrix="a",
+                                   rhs="b"),
+})
 
 
 def tf_params(call):
