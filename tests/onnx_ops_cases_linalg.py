@@ -60,6 +60,15 @@ KERAS = {
     "qr": lambda y: list(ops.qr(_general(y))),
     "qr:complete_tall": lambda y: list(ops.qr(y[:, 0, :5, :3] / 100.0, mode="complete")),
     "qr:wide": lambda y: list(ops.qr(y[:, 0, :3, :5] / 100.0)),
+    "svd": lambda y: ops.svd(_general(y), compute_uv=False),
+    "svd:wide": lambda y: ops.svd(y[:, 0, :3, :5] / 100.0, compute_uv=False),
+    "matrix_rank": lambda y: _f(ops.matrix_rank(ops.concatenate(
+        [_general(y), _general(y) * np.array([1, 1, 0, 1, 0], F)], axis=0))),
+    "pinv": lambda y: ops.pinv(ops.concatenate(
+        [_general(y), _general(y) * np.array([1, 1, 0, 1, 0], F)], axis=0)),
+    "pinv:wide": lambda y: ops.pinv(y[:, 0, :3, :5] / 100.0),
+    "lstsq": lambda y: ops.lstsq(y[0, 0, :5, :3] / 100.0, y[0, 1, :5, :2] / 100.0),
+    "lstsq:wide_vector": lambda y: ops.lstsq(y[1, 0, :3, :4] / 100.0, y[1, 1, :3, 0] / 100.0),
 }
 STATIC = set(KERAS)
 

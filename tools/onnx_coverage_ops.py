@@ -42,14 +42,13 @@ NO_ONNX_MEANING = {
                      "shape", "size"], _INSPECT),
     **dict.fromkeys(["associative_scan", "cond", "custom_gradient", "fori_loop", "jvp", "map",
                      "scan", "switch", "vectorize", "vectorized_map", "while_loop"], _CALLABLE),
-    **dict.fromkeys(["angle", "conj", "conjugate", "fft", "fft2", "ifft2", "imag", "irfft",
+    **dict.fromkeys(["angle", "conj", "conjugate", "eig", "fft", "fft2", "ifft2", "imag", "irfft",
                      "isreal", "istft", "polar", "real", "rfft", "stft", "view_as_complex",
                      "view_as_real"], _COMPLEX),
     "image.elastic_transform": _RANDOM,
 }
 _DATA_SHAPE = "output shape depends on the values (ONNX could, the emitters need static shapes)"
 _NO_OP = "no ONNX op and no exact composition of ONNX ops written"
-_LINALG = "matrix decomposition / solver: no ONNX op"
 _KERAS_SHAPE = ("Keras 3.15's symbolic output is wrong (adaptive pools: rank 5 for 2-D "
                 "channels_last; conv_transpose: fails when called), so no Functional graph "
                 "holds a usable one")
@@ -63,7 +62,8 @@ UNCOVERED_REASONS = {
     **dict.fromkeys(["adaptive_average_pool", "adaptive_max_pool", "conv_transpose"],
                     _KERAS_SHAPE),
     "view": "reinterprets the bits as another dtype: no ONNX op",
-    **dict.fromkeys(["eig", "eigh", "svd", "lstsq", "pinv", "matrix_rank"], _LINALG),
+    "eigh": "TensorFlow's eigenvector signs come out of Eigen's tridiagonal QR iterations, with "
+            "no convention a graph can reproduce (Jacobi gives the eigenvalues, not those signs)",
 }
 
 

@@ -10,8 +10,9 @@ The algorithms are TensorFlow's (Eigen's on CPU), so the answers agree to
 float32 rounding, and where TensorFlow has a convention we follow it:
 
 - `cholesky` reads the lower triangle only; a pivot that is not positive
-  (Eigen's test) makes the whole factor NaN, and `logdet`, which
-  TensorFlow computes from the Cholesky factor, NaN too;
+  (Eigen's test) makes the whole factor NaN (where Keras raises from its
+  `check_numerics`), and `logdet`, which TensorFlow computes from the
+  Cholesky factor, NaN (as TensorFlow's, not the log of `det`);
 - `solve_triangular` reads only the triangle it is told;
 - `lu_factor`, `solve` and `inv` use partial pivoting that picks the first
   largest magnitude (ArgMax), skip the division for an all-zero column as
@@ -40,10 +41,10 @@ MAX_SIZE = 32
 class Matrices:
     """Node helpers for batched matrices `(..., m, n)` of one float dtype."""
 
-    def __init__(self, g, call, what):
+    def __init__(self, g, call, what, dtype=None):
         self.g, self.base, self.what = g, call.base, what
         self.call = call
-        self.dtype = np.dtype(out_dtype(call))
+        self.dtype = np.dtype(dtype or out_dtype(call))
 
     def tensor(self, v):
         """A Value or constant as `(name, shape)` in the Keras layout and the compute dtype."""
@@ -62,7 +63,7 @@ class Matrices:
             raise Uncovered([(self.base, self.what, "a matrix whose size is unknown at export")])
         if max(shape[-2:]) > MAX_SIZE:
             raise Uncovered([(self.base, self.what, f"{shape[-2]}x{shape[-1]} matrices (the "
-                                                    f"unrolled graph is written up to {MAX_SIZE})")])
+                              f"unrolled graph is written up to {MAX_SIZE})")])
         return name, shape
 
     def node(self, op_type, *inputs, **attrs):
@@ -227,7 +228,7 @@ def householder_qr(M, a, m, n, rank):
     return q, M.keep(M.mask(m, n, lambda i, j: j >= i), r)
 
 
-def _vector_rhs(M, a_rank, b):
+def vector_rhs(M, a_rank, b):
     """Keras solves for a vector `b` (one rank below `a`) as a one-column matrix."""
     name, shape = M.tensor(b)
     if len(shape) == a_rank - 1:
@@ -235,7 +236,7 @@ def _vector_rhs(M, a_rank, b):
     return name, False
 
 
-def _vector_out(M, x, vector):
+def vector_out(M, x, vector):
     return M.node("Squeeze", x, M.g.ints([-1], "axes")) if vector else x
 
 
@@ -258,7 +259,7 @@ def logdet(g, call, p):
 
 
 def cholesky_inverse(g, call, p):
-    """`(L L^T)^-1` from the factor `L` (or `(U^T U)^-1` from `U`), as Keras's TensorFlow backend."""
+    """`(L L^T)^-1` from the factor `L` (or `(U^T U)^-1` from `U`), as Keras's TF backend."""
     M = Matrices(g, call, "CholeskyInverse")
     a, n, rank = M.square(p["x"])
     upper = bool(p.get("upper"))
@@ -271,16 +272,16 @@ def cholesky_inverse(g, call, p):
 def solve_triangular(g, call, p):
     M = Matrices(g, call, "SolveTriangular")
     a, n, rank = M.square(p["a"])
-    b, vector = _vector_rhs(M, rank, p["b"])
+    b, vector = vector_rhs(M, rank, p["b"])
     x = substitute(M, a, b, n, lower=bool(p.get("lower")))
-    return [M.output(_vector_out(M, x, vector))]
+    return [M.output(vector_out(M, x, vector))]
 
 
 def solve(g, call, p):
     M = Matrices(g, call, "Solve")
     a, n, rank = M.square(p["a"])
-    b, vector = _vector_rhs(M, rank, p["b"])
-    return [M.output(_vector_out(M, lu_solve(M, a, n, b), vector))]
+    b, vector = vector_rhs(M, rank, p["b"])
+    return [M.output(vector_out(M, lu_solve(M, a, n, b), vector))]
 
 
 def inv(g, call, p):

@@ -33,6 +33,7 @@ from bnconvert.onnx import images
 from bnconvert.onnx import indexing
 from bnconvert.onnx import integers
 from bnconvert.onnx import linalg
+from bnconvert.onnx import linalg_svd
 from bnconvert.onnx import losses
 from bnconvert.onnx import math
 from bnconvert.onnx import nn
@@ -98,13 +99,13 @@ EMITTERS = {
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
 }
-EMITTERS.update(linalg.EMITTERS)
+EMITTERS.update({**linalg.EMITTERS, **linalg_svd.EMITTERS})
 
 # Keras 3 op classes whose names are not their function's in snake case.
 _CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_normalization",
                 "LayerNorm": "layer_normalization", "RMSNorm": "rms_normalization",
                 "RGBToGrayscale": "rgb_to_grayscale", "AllClose": "allclose",
-                "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin",
+                "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin", "SVD": "svd",
                 "ExtractPatches3D": "extract_patches_3d",
                 # keras.activations.relu with arguments records a ReLU op.
                 "ReLU": "relu"}
