@@ -2,13 +2,14 @@
 
 Matrices are cut from the case input `y` (`(batch, 7, 5, 6)`, values of a
 few hundred of both signs) and scaled to order one: `_general` is a plain
-5x5 matrix (partial pivoting has real work to do), `_spd` a
-well-conditioned symmetric positive-definite one, `_dominant` a full
-matrix with a boosted diagonal for the triangular solvers (which must read
-only their own triangle). `logdet:not_positive_definite` checks that the
-NaN TensorFlow gives off positive-definite matrices is reproduced. The
-`TF` forms reshape to a static matrix size, since tf-keras cases run on a
-dynamic image size.
+matrix (partial pivoting has real work to do; 4x4 for the Jacobi-based
+ops, whose graphs are larger), `_spd` a well-conditioned symmetric
+positive-definite one, `_dominant` a full matrix with a boosted diagonal
+for the triangular solvers (which must read only their own triangle).
+`logdet` also gets matrices that are not positive-definite (TensorFlow's
+NaN must be reproduced), `matrix_rank` and `pinv` rank-deficient ones
+(zeroed columns). The `TF` forms reshape to a static matrix size, since
+tf-keras cases run on a dynamic image size.
 """
 
 import keras
@@ -39,36 +40,35 @@ def _rhs(y, k=3):
     return y[:, 2, :5, :k] / 100.0
 
 
+# Variants of one op share a case (a model with several outputs): each case
+# costs an onnxruntime session per opset and layout.
 KERAS = {
-    "cholesky": lambda y: ops.cholesky(_spd(y)),
-    "cholesky:upper": lambda y: ops.cholesky(_spd(y), upper=True),
-    "cholesky_inverse": lambda y: ops.cholesky_inverse(_dominant(y)),
-    "cholesky_inverse:upper": lambda y: ops.cholesky_inverse(_dominant(y), upper=True),
-    "logdet": lambda y: ops.logdet(_spd(y)),
-    "logdet:not_positive_definite": lambda y: ops.logdet(ops.concatenate(
+    "cholesky": lambda y: [ops.cholesky(_spd(y)), ops.cholesky(_spd(y), upper=True)],
+    "cholesky_inverse": lambda y: [ops.cholesky_inverse(_dominant(y)),
+                                   ops.cholesky_inverse(_dominant(y), upper=True)],
+    "logdet": lambda y: ops.logdet(ops.concatenate(
         [_spd(y), _spd(y) - 6.0 * np.eye(5, dtype=F), _general(y)], axis=0)),
-    "solve_triangular": lambda y: ops.solve_triangular(_dominant(y), _rhs(y)),
-    "solve_triangular:lower_vector": lambda y: ops.solve_triangular(
-        _dominant(y), _rhs(y)[..., 0], lower=True),
-    "solve": lambda y: ops.solve(_general(y), _rhs(y)),
-    "solve:vector": lambda y: ops.solve(_dominant(y), _rhs(y)[..., 1]),
-    "inv": lambda y: ops.inv(_general(y)),
-    "inv:batched": lambda y: ops.inv(y[:, :3, :4, :4] / 100.0 + 2.0 * np.eye(4, dtype=F)),
+    "solve_triangular": lambda y: [
+        ops.solve_triangular(_dominant(y), _rhs(y)),
+        ops.solve_triangular(_dominant(y), _rhs(y)[..., 0], lower=True)],
+    "solve": lambda y: [ops.solve(_general(y), _rhs(y)),
+                        ops.solve(_dominant(y), _rhs(y)[..., 1])],
+    "inv": lambda y: [ops.inv(_general(y)),
+                      ops.inv(y[:, :3, :4, :4] / 100.0 + 2.0 * np.eye(4, dtype=F))],
     # Keras's TensorFlow lu_factor takes one matrix (invert_permutation is 1-D only).
     "lu_factor": lambda y: [ops.lu_factor(y[0, 0, :5, :5] / 100.0)[0],
                             _f(ops.lu_factor(y[1, 0, :5, :5] / 100.0)[1])],
-    "qr": lambda y: list(ops.qr(_general(y))),
-    "qr:complete_tall": lambda y: list(ops.qr(y[:, 0, :5, :3] / 100.0, mode="complete")),
-    "qr:wide": lambda y: list(ops.qr(y[:, 0, :3, :5] / 100.0)),
-    "svd": lambda y: ops.svd(_general(y), compute_uv=False),
-    "svd:wide": lambda y: ops.svd(y[:, 0, :3, :5] / 100.0, compute_uv=False),
+    "qr": lambda y: [*ops.qr(_general(y)), *ops.qr(y[:, 0, :5, :3] / 100.0, mode="complete"),
+                     *ops.qr(y[:, 0, :3, :5] / 100.0)],
+    "svd": lambda y: [ops.svd(_general(y, 4), compute_uv=False),
+                      ops.svd(y[:, 0, :3, :5] / 100.0, compute_uv=False)],
     "matrix_rank": lambda y: _f(ops.matrix_rank(ops.concatenate(
-        [_general(y), _general(y) * np.array([1, 1, 0, 1, 0], F)], axis=0))),
-    "pinv": lambda y: ops.pinv(ops.concatenate(
-        [_general(y), _general(y) * np.array([1, 1, 0, 1, 0], F)], axis=0)),
-    "pinv:wide": lambda y: ops.pinv(y[:, 0, :3, :5] / 100.0),
-    "lstsq": lambda y: ops.lstsq(y[0, 0, :5, :3] / 100.0, y[0, 1, :5, :2] / 100.0),
-    "lstsq:wide_vector": lambda y: ops.lstsq(y[1, 0, :3, :4] / 100.0, y[1, 1, :3, 0] / 100.0),
+        [_general(y, 4), _general(y, 4) * np.array([1, 0, 1, 0], F)], axis=0))),
+    "pinv": lambda y: [ops.pinv(ops.concatenate(
+        [_general(y, 4), _general(y, 4) * np.array([1, 1, 0, 1], F)], axis=0)),
+        ops.pinv(y[:, 0, :3, :4] / 100.0)],
+    "lstsq": lambda y: [ops.lstsq(y[0, 0, :5, :3] / 100.0, y[0, 1, :5, :2] / 100.0),
+                        ops.lstsq(y[1, 0, :3, :4] / 100.0, y[1, 1, :3, 0] / 100.0)],
 }
 STATIC = set(KERAS)
 
