@@ -4,7 +4,7 @@ Keras 3 records `keras.ops` calls on symbolic tensors as graph nodes of
 their own (an `Add` op, a `Mean` op, ...); tf-keras records TensorFlow
 functions as `TFOpLambda` layers. Both are mapped onto the same emitters
 (`math`, `reductions`, `indexing`, `reshaping`, `nn`, `numpy_extra`, `arrays`,
-`losses`, `integers`), keyed by the name of the
+`losses`, `integers`, `linalg`, `linalg_svd`), keyed by the name of the
 `keras.ops` function, with one argument dict `p` under that function's
 parameter names:
 
