@@ -161,45 +161,48 @@ def matrix_rank(g, call, p):
     M = Matrices(g, call, "MatrixRank", dtype_of(call, x) if isinstance(x, Value) else None)
     a, shape = _matrix(M, p["x"])
     s = singular_values(M, a, shape)
-    tol = p.get("tol")
-    if isinstance(tol, Value):
-        raise Uncovered([(call.base, "MatrixRank", "a tensor tol")])
+    tol = _number(M, p, "tol")
     if tol is None:
         factor = float(np.finfo(M.dtype).eps) * max(shape[-2:])
         tol = M.node("Mul", M.scalar(factor), g.reduce("ReduceMax", s, [-1], True, M.base))
     else:
-        tol = M.scalar(float(tol))
+        tol = M.scalar(tol)
     above = M.node("Cast", M.node("Greater", s, tol), to=onnx_dtype("int64"))
     rank = g.reduce("ReduceSum", above, [-2, -1], False, M.base)
     return [M.output(M.node("Cast", rank, to=onnx_dtype(out_dtype(call))))]
+
+
+def _number(M, p, key):
+    """A cut-off argument as a Python float (None when unset); a tensor is refused."""
+    value = p.get(key)
+    if isinstance(value, Value):
+        raise Uncovered([(M.base, M.what, f"a tensor {key}")])
+    return None if value is None else float(value)
+
+
+def _above(M, op_type, rcond):
+    """`kept(s, s_max)` for `pseudo_inverse`: `s <op_type> rcond * s_max`."""
+    cut = M.scalar(rcond)
+    return lambda s, top: M.node(op_type, s, M.node("Mul", cut, top))
 
 
 def pinv(g, call, p):
     """TensorFlow's: singular values up to `rcond * s_max` dropped (default `10 max(m, n) eps`)."""
     M = Matrices(g, call, "Pinv")
     a, shape = _matrix(M, p["x"])
-    rcond = p.get("rcond")
-    if isinstance(rcond, Value):
-        raise Uncovered([(call.base, "Pinv", "a tensor rcond")])
+    rcond = _number(M, p, "rcond")
     if rcond is None:
         rcond = 10.0 * max(shape[-2:]) * float(np.finfo(M.dtype).eps)
-    cut = M.scalar(float(rcond))
-    return [M.output(pseudo_inverse(M, a, shape, lambda s, top: M.node(
-        "Greater", s, M.node("Mul", cut, top))))]
+    return [M.output(pseudo_inverse(M, a, shape, _above(M, "Greater", rcond)))]
 
 
 def lstsq(g, call, p):
     """Keras's: singular values below `rcond * s_max` (default `eps * max(m, n)`) dropped."""
     M = Matrices(g, call, "Lstsq")
     a, shape = _matrix(M, p["a"])
-    rcond = p.get("rcond")
-    if isinstance(rcond, Value):
-        raise Uncovered([(call.base, "Lstsq", "a tensor rcond")])
-    eps = float(np.finfo(M.dtype).eps)
-    rcond = eps * max(shape) if rcond is None else (eps if rcond < 0 else float(rcond))
-    cut = M.scalar(rcond)
-    inverse = pseudo_inverse(M, a, shape, lambda s, top: M.node(
-        "GreaterOrEqual", s, M.node("Mul", cut, top)))
+    rcond, eps = _number(M, p, "rcond"), float(np.finfo(M.dtype).eps)
+    rcond = eps * max(shape) if rcond is None else (eps if rcond < 0 else rcond)
+    inverse = pseudo_inverse(M, a, shape, _above(M, "GreaterOrEqual", rcond))
     b, vector = vector_rhs(M, len(shape), p["b"])
     return [M.output(vector_out(M, M.node("MatMul", inverse, b), vector))]
 
