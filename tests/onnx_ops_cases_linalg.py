@@ -89,6 +89,11 @@ def tf_cases():
         "linalg.cholesky": lambda y: tf.linalg.cholesky(
             tf.matmul(_square(y), _square(y), transpose_b=True) + 5.0 * eye),
         "linalg.solve": lambda y: tf.linalg.solve(_square(y), tf.reverse(_square(y), [1])),
+        "linalg.qr": lambda y: list(tf.linalg.qr(_square(y))) + list(tf.linalg.qr(
+            tf.reshape(y[:, 0, :5, :3], (-1, 5, 3)), full_matrices=True)),
+        "linalg.det": lambda y: tf.linalg.det(_square(y)),
+        "linalg.logdet": lambda y: tf.linalg.logdet(
+            tf.matmul(_square(y), _square(y), transpose_b=True) + 5.0 * eye),
         "linalg.triangular_solve": lambda y: tf.linalg.triangular_solve(
             _square(y) + 4.0 * eye, tf.reverse(_square(y), [2])),
     }

@@ -286,7 +286,21 @@ TF_FUNCTIONS = {
     "ones_like": _tf("ones_like", input="x"),
     "image.resize": _tf("resize", method="interpolation"),
 }
+
+
+def _diag_part(p):
+    if not isinstance(p.get("k", 0), int):
+        raise Uncovered([(None, "TFOpLambda", "tf.linalg.diag_part of a band (k a pair)")])
+    return dict(p, offset=p.get("k", 0), axis1=-2, axis2=-1)
+
+
 TF_FUNCTIONS.update({
+    "linalg.qr": _tf("qr", lambda p: dict(p, mode="complete" if p.get("full_matrices")
+                                          else "reduced"), input="x"),
+    "linalg.det": _tf("det", input="x"),
+    # tf.linalg.logdet records its parts: cholesky, diag_part, real, log, reduce_sum.
+    "linalg.diag_part": _tf("diagonal", _diag_part, input="x"),
+    "math.real": _tf("copy", input="x"),
     "linalg.inv": _tf("inv", _checked(adjoint=False), input="x"),
     "linalg.cholesky": _tf("cholesky", input="x"),
     "linalg.solve": _tf("solve", _checked(adjoint=False), matrix="a", rhs="b"),
