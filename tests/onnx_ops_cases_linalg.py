@@ -92,6 +92,9 @@ def tf_cases():
         "linalg.qr": lambda y: list(tf.linalg.qr(_square(y))) + list(tf.linalg.qr(
             tf.reshape(y[:, 0, :5, :3], (-1, 5, 3)), full_matrices=True)),
         "linalg.det": lambda y: tf.linalg.det(_square(y)),
+        "linalg.lu": lambda y: [tf.linalg.lu(_square(y))[0],
+                                tf.cast(tf.linalg.lu(_square(y))[1], tf.float32)],
+        "linalg.svd": lambda y: tf.linalg.svd(_square(y, 3), compute_uv=False),
         "linalg.logdet": lambda y: tf.linalg.logdet(
             tf.matmul(_square(y), _square(y), transpose_b=True) + 5.0 * eye),
         "linalg.triangular_solve": lambda y: tf.linalg.triangular_solve(

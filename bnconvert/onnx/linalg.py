@@ -291,19 +291,24 @@ def inv(g, call, p):
 
 
 def lu_factor(g, call, p):
-    """`(lu, pivots)`: Keras's pivots are the inverse of TensorFlow's row permutation."""
+    """`(lu, pivots)`: Keras's pivots are the inverse of TensorFlow's row permutation.
+
+    `p["rows"]` (set for `tf.linalg.lu`) gives TensorFlow's permutation as it is.
+    """
     M = Matrices(g, call, "LuFactor")
     a, n, rank = M.square(p["x"])
-    if rank > 2:
+    if rank > 2 and not p.get("rows"):
         raise Uncovered([(call.base, "LuFactor", "a batch of matrices (Keras's TensorFlow "
                                                  "lu_factor fails on one)")])
     lu, perm = lu_factor_graph(M, a, n)
-    rows = M.const(np.arange(n).reshape(n, 1), np.int64)
-    hits = M.node("Equal", perm, M.const(np.arange(n).reshape(1, n), np.int64))
-    inverse = M.g.reduce("ReduceSum", M.where(hits, rows, M.g.scalar(0, np.int64)), [-2], False,
-                         M.base)
-    pivots = M.node("Cast", inverse, to=onnx_dtype(out_dtype(call, 1)))
-    return [M.output(lu), M.output(pivots, 1)]
+    if p.get("rows"):
+        pivots = M.g.reduce("ReduceSum", perm, [-1], False, M.base)
+    else:
+        rows = M.const(np.arange(n).reshape(n, 1), np.int64)
+        hits = M.node("Equal", perm, M.const(np.arange(n).reshape(1, n), np.int64))
+        pivots = M.g.reduce("ReduceSum", M.where(hits, rows, M.g.scalar(0, np.int64)), [-2],
+                            False, M.base)
+    return [M.output(lu), M.output(M.node("Cast", pivots, to=onnx_dtype(out_dtype(call, 1))), 1)]
 
 
 def qr(g, call, p):

@@ -298,6 +298,8 @@ TF_FUNCTIONS.update({
     "linalg.qr": _tf("qr", lambda p: dict(p, mode="complete" if p.get("full_matrices")
                                           else "reduced"), input="x"),
     "linalg.det": _tf("det", input="x"),
+    "linalg.lu": _tf("lu_factor", lambda p: dict(p, rows=True), input="x"),
+    "linalg.svd": _tf("svd", tensor="x"),
     # tf.linalg.logdet records its parts: cholesky, diag_part, real, log, reduce_sum.
     "linalg.diag_part": _tf("diagonal", _diag_part, input="x"),
     "math.real": _tf("copy", input="x"),
