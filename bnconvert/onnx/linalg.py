@@ -148,7 +148,7 @@ def cholesky_factor(M, a, n):
 
 def substitute(M, a, b, n, lower, unit=False):
     """`x` with `a @ x = b`, reading one triangle of `a` (`b` is `(..., n, k)`)."""
-    rows, done = {}, None
+    done = None
     for i in (range(n) if lower else range(n - 1, -1, -1)):
         rhs = M.take(b, -2, i, i + 1)
         if done is not None:
@@ -157,7 +157,6 @@ def substitute(M, a, b, n, lower, unit=False):
             rhs = M.node("Sub", rhs, M.node("MatMul", coefficients, done))
         if not unit:
             rhs = M.node("Div", rhs, M.entry(a, i, i))
-        rows[i] = rhs
         done = rhs if done is None else M.concat([done, rhs] if lower else [rhs, done], -2)
     return done
 
