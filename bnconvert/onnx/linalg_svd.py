@@ -18,7 +18,7 @@ the largest at n = 16 from 6 sweeps on, against 3e-2 with 4). Then `A V = W`, wi
 `svd` with `compute_uv=True` is refused: the signs of the singular vectors
 (and the basis of a null space) are whatever Eigen's divide-and-conquer
 produces, with no convention a graph can follow. A graph costs about 30
-nodes a round: ~1,700 at n = 8, ~4,100 at n = 16 (`MAX_SIZE`).
+nodes a round: ~1,400 at n = 8, 3,600 (svd) to 4,500 (pinv) at n = 16 (`MAX_SIZE`).
 """
 
 import math as pymath
@@ -36,7 +36,7 @@ from bnconvert.onnx.math import out_dtype
 
 
 # Largest matrix side: a Jacobi graph at n = 32 has ~10,000 nodes and takes
-# onnxruntime 30-50 s to load on 2 cores (n = 16: ~4,000 nodes, 6-12 s).
+# onnxruntime 30-50 s to load on 2 cores (n = 16: 3,600-4,500 nodes, 4-6 s).
 MAX_SIZE = 16
 
 
