@@ -7,8 +7,8 @@ order), `n - 1` rounds make a sweep over every pair, and the sweep count
 is fixed from `n` (`sweeps`), chosen so that float32 random and
 ill-conditioned matrices up to the size limit converge to rounding
 (measured against LAPACK on 200 matrices: singular values within 2e-6 of
-the largest at n = 16 from 6 sweeps on, against 3e-2 with 4). Then `A V = W`, with `V` orthogonal and
-`W`'s columns `s_i u_i`, so:
+the largest at n = 16 from 6 sweeps on, against 3e-2 with 4; 7 are run).
+Then `A V = W`, with `V` orthogonal and `W`'s columns `s_i u_i`, so:
 
 - `svd(compute_uv=False)`: the column norms, sorted descending;
 - `matrix_rank`, `pinv`, `lstsq`: TensorFlow's and Keras's cut-offs on the
@@ -18,7 +18,8 @@ the largest at n = 16 from 6 sweeps on, against 3e-2 with 4). Then `A V = W`, wi
 `svd` with `compute_uv=True` is refused: the signs of the singular vectors
 (and the basis of a null space) are whatever Eigen's divide-and-conquer
 produces, with no convention a graph can follow. A graph costs about 30
-nodes a round: ~1,400 at n = 8, 3,600 (svd) to 4,500 (pinv) at n = 16 (`MAX_SIZE`).
+nodes a round: ~1,400 at n = 8, 3,600 (svd) to 4,500 (pinv) at n = 16
+(`MAX_SIZE`).
 """
 
 import math as pymath
