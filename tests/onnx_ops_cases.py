@@ -12,6 +12,7 @@ Used by tests/test_onnx_ops_conformance.py and tools/onnx_coverage_ops.py.
 import keras
 import numpy as np
 import onnx_ops_cases_image as _image
+import onnx_ops_cases_linalg as linalg_cases
 
 ops = keras.ops
 F = "float32"
@@ -380,7 +381,7 @@ def _tf_cases():
 
 def tf_cases():
     """The tf-keras `TFOpLambda` cases (built lazily: importing tf is slow)."""
-    return {**_tf_cases(), **_image.TF, **special.tf_cases()}
+    return {**_tf_cases(), **_image.TF, **special.tf_cases(), **linalg_cases.tf_cases()}
 
 
 import onnx_ops_cases_special as special  # noqa: E402 - it reads the helpers above
@@ -388,3 +389,5 @@ import onnx_ops_cases_special as special  # noqa: E402 - it reads the helpers ab
 KERAS.update(special.KERAS)
 STATIC |= special.STATIC
 MIN_OPSET.update(special.MIN_OPSET)
+KERAS.update(linalg_cases.KERAS)
+STATIC |= linalg_cases.STATIC

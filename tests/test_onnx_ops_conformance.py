@@ -66,7 +66,9 @@ def check(model, x, min_opset=13):
         got = session.run(None, {"input": x})
         for g, w in zip(got, want):
             assert g.shape == w.shape, (opset, g.shape, w.shape)
-            finite = w[np.isfinite(w)]
+            # The scale leaves out float32's extremes (segment_min's fill for an empty
+            # segment): their squares overflowed to an infinite tolerance.
+            finite = w[np.isfinite(w) & (np.abs(w) < 1e30)].astype(np.float64)
             scale = max(1.0, float(np.sqrt(np.mean(finite ** 2)))) if finite.size else 1.0
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * scale,
                                        err_msg=f"opset {opset}")

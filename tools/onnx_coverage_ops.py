@@ -43,23 +43,17 @@ NO_ONNX_MEANING = {
     **dict.fromkeys(["associative_scan", "cond", "custom_gradient", "fori_loop", "jvp", "map",
                      "scan", "switch", "vectorize", "vectorized_map", "while_loop"], _CALLABLE),
     # fft, rfft, stft and the rest take and return (real, imag) pairs, and real, imag,
-    # conj, angle and isreal have a meaning on real tensors: those are counted.
-    **dict.fromkeys(["polar", "view_as_complex", "view_as_real"], _COMPLEX),
+    # conj, angle and isreal have a meaning on real tensors: those are counted. eig
+    # returns complex64 even for a real matrix.
+    **dict.fromkeys(["eig", "polar", "view_as_complex", "view_as_real"], _COMPLEX),
     "image.elastic_transform": _RANDOM,
 }
 _DATA_SHAPE = "output shape depends on the values (ONNX could, the emitters need static shapes)"
-_NO_OP = "no ONNX op and no exact composition of ONNX ops written"
-_LINALG = "matrix decomposition / solver: no ONNX op"
 UNCOVERED_REASONS = {
     **dict.fromkeys(["nonzero", "unique", "bincount", "histogram", "ctc_decode"], _DATA_SHAPE),
-    "logdet": "TensorFlow's logdet is Cholesky-based (NaN off positive-definite matrices); "
-              "a Det-based graph would answer where Keras does not",
-    **dict.fromkeys(["cumprod", "nancumprod", "logaddexp2", "ldexp", "frexp", "sparsemax"],
-                    _NO_OP),
     "view": "reinterprets the bits as another dtype: no ONNX op",
-    **dict.fromkeys(["cholesky", "cholesky_inverse", "eig", "eigh", "qr", "svd", "lu_factor",
-                     "lstsq", "solve", "solve_triangular", "inv", "pinv", "matrix_rank"],
-                    _LINALG),
+    "eigh": "TensorFlow's eigenvector signs come out of Eigen's tridiagonal QR iterations, with "
+            "no convention a graph can reproduce (Jacobi gives the eigenvalues, not those signs)",
 }
 
 

@@ -4,7 +4,7 @@ Keras 3 records `keras.ops` calls on symbolic tensors as graph nodes of
 their own (an `Add` op, a `Mean` op, ...); tf-keras records TensorFlow
 functions as `TFOpLambda` layers. Both are mapped onto the same emitters
 (`math`, `reductions`, `indexing`, `reshaping`, `nn`, `numpy_extra`, `arrays`,
-`losses`, `integers`), keyed by the name of the
+`losses`, `integers`, `linalg`, `linalg_svd`), keyed by the name of the
 `keras.ops` function, with one argument dict `p` under that function's
 parameter names:
 
@@ -35,6 +35,8 @@ from bnconvert.onnx import ctc
 from bnconvert.onnx import images
 from bnconvert.onnx import indexing
 from bnconvert.onnx import integers
+from bnconvert.onnx import linalg
+from bnconvert.onnx import linalg_svd
 from bnconvert.onnx import losses
 from bnconvert.onnx import math
 from bnconvert.onnx import nn
@@ -105,13 +107,14 @@ EMITTERS = {
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
     **colour.EMITTERS, **einops.EMITTERS, **filters.EMITTERS, **image_warp.EMITTERS,
 }
+EMITTERS.update({**linalg.EMITTERS, **linalg_svd.EMITTERS})
 
 # Keras 3 op classes whose names are not their function's in snake case.
 _CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_normalization",
                 "LayerNorm": "layer_normalization", "RMSNorm": "rms_normalization",
                 "RGBToHSV": "rgb_to_hsv", "HSVToRGB": "hsv_to_rgb", "SSIM": "ssim",
                 "RGBToGrayscale": "rgb_to_grayscale", "AllClose": "allclose",
-                "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin",
+                "PSNR": "psnr", "CDist": "cdist", "IsIn": "isin", "SVD": "svd",
                 "ExtractPatches3D": "extract_patches_3d", "FFT": "fft", "FFT2": "fft2",
                 "IFFT2": "ifft2", "RFFT": "rfft", "IRFFT": "irfft", "STFT": "stft",
                 "ISTFT": "istft",
@@ -299,6 +302,29 @@ TF_FUNCTIONS = {
     "image.rgb_to_hsv": _tf("rgb_to_hsv"), "image.hsv_to_rgb": _tf("hsv_to_rgb"),
     "image.ssim": _tf("ssim", _checked(return_index_map=False), img1="image1", img2="image2"),
 }
+
+
+def _diag_part(p):
+    if not isinstance(p.get("k", 0), int):
+        raise Uncovered([(None, "TFOpLambda", "tf.linalg.diag_part of a band (k a pair)")])
+    return dict(p, offset=p.get("k", 0), axis1=-2, axis2=-1)
+
+
+TF_FUNCTIONS.update({
+    "linalg.qr": _tf("qr", lambda p: dict(p, mode="complete" if p.get("full_matrices")
+                                          else "reduced"), input="x"),
+    "linalg.det": _tf("det", input="x"),
+    "linalg.lu": _tf("lu_factor", lambda p: dict(p, rows=True), input="x"),
+    "linalg.svd": _tf("svd", tensor="x"),
+    # tf.linalg.logdet records its parts: cholesky, diag_part, real, log, reduce_sum.
+    "linalg.diag_part": _tf("diagonal", _diag_part, input="x"),
+    "math.real": _tf("copy", input="x"),
+    "linalg.inv": _tf("inv", _checked(adjoint=False), input="x"),
+    "linalg.cholesky": _tf("cholesky", input="x"),
+    "linalg.solve": _tf("solve", _checked(adjoint=False), matrix="a", rhs="b"),
+    "linalg.triangular_solve": _tf("solve_triangular", _checked(adjoint=False), matrix="a",
+                                   rhs="b"),
+})
 
 
 def tf_params(call):
