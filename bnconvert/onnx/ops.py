@@ -32,6 +32,7 @@ from bnconvert.onnx import arrays
 from bnconvert.onnx import images
 from bnconvert.onnx import indexing
 from bnconvert.onnx import integers
+from bnconvert.onnx import loops
 from bnconvert.onnx import losses
 from bnconvert.onnx import math
 from bnconvert.onnx import nn
@@ -92,10 +93,11 @@ def _resize(g, call, p):
 EMITTERS = {
     **math.EMITTERS, **reductions.EMITTERS, **indexing.EMITTERS, **reshaping.EMITTERS,
     **nn.EMITTERS, **numpy_extra.EMITTERS, **losses.EMITTERS, **arrays.EMITTERS,
-    **integers.EMITTERS, **images.EMITTERS,
+    **integers.EMITTERS, **images.EMITTERS, **loops.EMITTERS,
     **{k: _activation(v) for k, v in _ACTIVATIONS.items()},
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
+    "convert_to_tensor": math.EMITTERS["cast"],
 }
 
 # Keras 3 op classes whose names are not their function's in snake case.
