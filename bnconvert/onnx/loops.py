@@ -45,13 +45,17 @@ def _info(name, dtype):
     return helper.make_tensor_value_info(name, tensor_type(math.graph_dtype(dtype), name), None)
 
 
+def scalar(g, value, base, elem=INT64):
+    """A 0-d integer tensor (`Graph.constant` writes at least one dimension)."""
+    return g.node("Constant", [], base, value=helper.make_tensor(base, elem, [], [int(value)]))
+
+
 def trip_count(g, x, base):
     """The length of `x`'s leading axis as an int64 scalar."""
     if x.shape[0] is not None:
-        return g.constant(np.array(x.shape[0], np.int64), f"{base}/steps", np.int64)
+        return scalar(g, x.shape[0], f"{base}/steps")
     shape = g.node("Shape", [x.name], base)
-    return g.node("Gather", [shape, g.constant(np.array(0, np.int64), f"{base}/zero", np.int64)],
-                  base, axis=0)
+    return g.node("Gather", [shape, scalar(g, 0, f"{base}/zero")], base, axis=0)
 
 
 def loop(g, base, what, steps, carried, sliced, body, reverse=False):
@@ -75,8 +79,7 @@ def loop(g, base, what, steps, carried, sliced, body, reverse=False):
     with g.subgraph() as nodes:
         index = iteration
         if reverse:
-            last = g.node("Sub", [steps, g.constant(np.array(1, np.int64), f"{base}/one",
-                                                    np.int64)], base)
+            last = g.node("Sub", [steps, scalar(g, 1, f"{base}/one")], base)
             index = g.node("Sub", [last, iteration], base)
         slices = [Value(g.node("Gather", [x.name, index], base, axis=0), x.shape[1:],
                         identity(x.rank - 1)) for x in sources]
@@ -136,7 +139,7 @@ def _scan(g, call, p):
     carried = [(v, _dtype(call, v)) for v in _tensors(call, init, "Scan")]
     sliced = [(v, _dtype(call, v)) for v in (_tensors(call, xs, "Scan") if xs is not None else [])]
     if p.get("length") is not None:
-        steps = g.constant(np.array(int(p["length"]), np.int64), f"{call.base}/steps", np.int64)
+        steps = scalar(g, p["length"], f"{call.base}/steps")
     elif sliced:
         steps = trip_count(g, g.keras(sliced[0][0]), call.base)
     else:
@@ -164,11 +167,11 @@ def _fori_loop(g, call, p):
     lower, upper = int(math.constant(lower)), int(math.constant(upper))
     value = p["init_val"]
     carried = [(v, _dtype(call, v)) for v in _tensors(call, value, "ForiLoop")]
-    steps = g.constant(np.array(max(upper - lower, 0), np.int64), f"{call.base}/steps", np.int64)
+    steps = scalar(g, max(upper - lower, 0), f"{call.base}/steps")
 
     def body(index, carries, slices):
         i = g.node("Add", [g.node("Cast", [index], call.base, to=onnx.TensorProto.INT32),
-                           g.constant(np.array(lower, np.int32), f"{call.base}/lower", np.int32)],
+                           scalar(g, lower, f"{call.base}/lower", onnx.TensorProto.INT32)],
                    call.base)
 
         def step(i, *args):
