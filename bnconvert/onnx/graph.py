@@ -313,7 +313,6 @@ class Graph:
         the product differs from the quotient by at most one rounding.
         """
         arrays = dict(self.initializers)
-        replaced = set()
         for node in self.all_nodes():
             if node.op_type != "Div" or node.input[1] not in arrays:
                 continue
@@ -325,11 +324,13 @@ class Graph:
             if not np.all(np.isfinite(reciprocal)):
                 continue
             node.op_type = "Mul"
-            replaced.add(node.input[1])
             node.input[1] = self.constant(reciprocal, f"{node.input[1]}/reciprocal",
                                           divisor.dtype)
-        unused = replaced - {name for node in self.all_nodes() for name in node.input}
-        self.initializers = [(n, a) for n, a in self.initializers if n not in unused]
+
+    def drop_unused(self):
+        """Drops the initializers no node reads (replaced divisors, ignored layer outputs)."""
+        used = {name for node in self.all_nodes() for name in node.input}
+        self.initializers = [(n, a) for n, a in self.initializers if n in used]
 
     def model(self, name, inputs, outputs, producer):
         """The `onnx.ModelProto`.

@@ -22,6 +22,7 @@ import contextlib
 import inspect
 
 import numpy as np
+import onnx.numpy_helper
 
 from bnconvert import keras_internals as internals
 from bnconvert import walk as model_walk
@@ -88,10 +89,26 @@ def split_outputs(keras, result):
     import tensorflow as tf
 
     flat = [t for t in tf.nest.flatten(result) if t is not None]
-    return [t for t in flat if keras.backend.is_keras_tensor(t)], flat
+    return [t for t in flat if is_symbolic(keras, t)], flat
+
+
+def is_symbolic(keras, value):
+    """Whether `value` is a symbolic Keras tensor (tf-keras raises on arrays and numbers)."""
+    try:
+        return bool(keras.backend.is_keras_tensor(value))
+    except (ValueError, TypeError):
+        return False
 
 
 def as_array(tensor):
     """A concrete output as the array of an initializer (float64 as float32)."""
     array = np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor)
     return array.astype(np.float32) if array.dtype == np.float64 else array
+
+
+def constant(g, array, base):
+    """A concrete output in the graph: an initializer, or a `Constant` node for a scalar."""
+    if array.ndim:
+        return g.constant(array, base, array.dtype)
+    # `Graph.constant` writes at least one dimension.
+    return g.node("Constant", [], base, value=onnx.numpy_helper.from_array(array, base))

@@ -117,6 +117,7 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
         outputs.append((name, tuple(tensor.shape), elem))
     _fuse_output_transposes(g, output_names)
     g.divisions_to_products()
+    g.drop_unused()
     return g.model(model.name, inputs, outputs, "bnconvert")
 
 
@@ -356,13 +357,13 @@ class _Walker:
             self.walk(sub.model, inner, prefix)
         out = []
         for t in sub.flat:
-            if self.flavour.keras.backend.is_keras_tensor(t):
+            if tracing.is_symbolic(self.flavour.keras, t):
                 out.append(inner.get(id(t)))
                 continue
             array = tracing.as_array(t)
             if array.dtype == object:
                 raise Uncovered([(prefix.rstrip("/"), "output", f"a {type(t).__name__}")])
-            out.append(self.g.value(self.g.constant(array, f"{prefix}constant", array.dtype),
+            out.append(self.g.value(tracing.constant(self.g, array, f"{prefix}constant"),
                                     array.shape))
         if any(v is None for v in out):
             self._missing(prefix)
