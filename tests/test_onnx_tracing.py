@@ -193,3 +193,19 @@ def test_loop_body_that_cannot_be_exported_is_named(tmp_path):
         assert re.search("native.*" + why + ".*tf2onnx", str(e)), str(e)
     else:
         assert result.exporter == "tf2onnx" and re.search(why, result.exporter_note)
+
+
+@pytest.mark.parametrize("name", ["scan", "batch_arithmetic"])
+def test_loop_bodies_are_lowered_to_float16(name, tmp_path):
+    keras.utils.set_random_seed(7)
+    model = CASES[name][0]()
+    x = np.random.default_rng(8).uniform(-3, 3, (4,) + tuple(model.inputs[0].shape[1:]))
+    x = x.astype("float32")
+    expected = keras.tree.flatten(model(x))
+    export_onnx(model, tmp_path / "m.onnx", exporter="native", precision="float16")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    bodies = [a.g for n in graph.node if n.op_type == "Loop" for a in n.attribute]
+    assert bodies and all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+                          for b in bodies for o in b.output[1:])
+    for g, e in zip(_run(tmp_path / "m.onnx", [x]), expected):
+        np.testing.assert_allclose(g, np.asarray(e), rtol=8 * 2.0**-10, atol=8 * 2.0**-10)

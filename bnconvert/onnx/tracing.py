@@ -27,9 +27,9 @@ import onnx.numpy_helper
 from bnconvert import keras_internals as internals
 from bnconvert import walk as model_walk
 
-# Layers of these packages keep their own output specs: a refusal there is
-# a real one.
-_OWN_SPECS = ("keras.", "tf_keras.", "bnconvert.")
+# Layers of these packages are mapped by class name, and keep their own
+# output specs (a refusal there is a real one); any other class is traced.
+KNOWN_PACKAGES = ("keras.", "tf_keras.", "bnconvert.")
 
 
 @contextlib.contextmanager
@@ -44,7 +44,7 @@ def lenient(model, flavour):
         for _, layer in model_walk.iter_layers(model, flavour):
             spec = getattr(type(layer), "compute_output_spec", base)
             if (spec is base or "compute_output_spec" in vars(layer)
-                    or type(layer).__module__.startswith(_OWN_SPECS)):
+                    or type(layer).__module__.startswith(KNOWN_PACKAGES)):
                 continue
             internals.shadow_method(layer, "compute_output_spec", _falling_back(layer, base))
             shadowed.append(layer)

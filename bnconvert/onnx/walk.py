@@ -6,8 +6,11 @@ every layer or op becomes ONNX nodes through the emitter tables of
 `ops` (raw ops). Nested models are walked in place. A layer the
 tables do not know (a custom layer, a Lambda, a keras-hub block) is opened
 by calling its `call` on fresh symbolic inputs, which records its sublayers
-and `keras.ops` calls as a small graph, walked the same way; a layer whose
-code cannot run symbolically stays uncovered.
+and `keras.ops` calls as a small graph, walked the same way (`tracing` lets
+more layers run symbolically; tensors the call computes from shapes alone
+become initializers). A layer that needs its batch size as a number is
+traced at batch 1 and run per batch element in an ONNX `Loop` (`loops`); a
+layer whose code cannot run symbolically even so stays uncovered.
 
 Nothing is emitted for an uncovered model: every uncovered layer is
 collected and reported together (`graph.Uncovered`), so that the
@@ -42,9 +45,6 @@ LAYERS = {**layers.EMITTERS, **shape.EMITTERS, **attention.EMITTERS, **recurrent
           **preprocessing.EMITTERS, **norm.EMITTERS, **wrappers.EMITTERS, **encoding.EMITTERS}
 DEFAULT_OPSET = 17
 OPSETS = range(13, 22)
-# Layers of these packages are mapped by class name; any other class
-# (including subclasses of Keras layers) is opened by tracing its call.
-_KNOWN_PACKAGES = ("keras.", "tf_keras.", "bnconvert.")
 
 
 def emit(model, flavour, input_names, output_names, opset=None, precision="float32"):
@@ -210,7 +210,7 @@ class _Walker:
             return [inner.get(id(t)) or self._missing(base) for t in layer.outputs]
         if kind in ("TFOpLambda", "SlicingOpLambda"):
             return ops.emit_tf_function(self.g, call)
-        if kind in LAYERS and type(layer).__module__.startswith(_KNOWN_PACKAGES):
+        if kind in LAYERS and type(layer).__module__.startswith(tracing.KNOWN_PACKAGES):
             return LAYERS[kind](self.g, call)
         if kind == "InputLayer":
             return call.inputs
