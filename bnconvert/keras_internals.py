@@ -13,6 +13,7 @@ is raised and the caller refuses to load the model, rather than loading it
 without the check.
 """
 
+import contextlib
 import dataclasses
 import inspect
 
@@ -91,6 +92,55 @@ def shadow_method(obj, name, function):
 
 def unshadow_method(obj, name):
     object.__delattr__(obj, name)
+
+
+@contextlib.contextmanager
+def backend_calls_through_ops():
+    """Keras utilities that call backend functions directly dispatch through `keras.ops` meanwhile.
+
+    `keras.utils.bounding_boxes` and the preprocessing layers call the
+    backend's own functions through a `DynamicBackend`
+    (`keras.src.utils.backend_utils`), which raise on symbolic tensors; the
+    same functions of `keras.ops` record them as graph nodes, and on concrete
+    tensors compute the same thing.
+
+    Raises:
+        InternalsError: `DynamicBackend` is gone.
+    """
+    try:
+        from keras.src.utils.backend_utils import DynamicBackend
+    except ImportError as e:  # pragma: no cover - pinned by a test
+        raise _missing("keras.src.utils.backend_utils.DynamicBackend", e) from e
+    import keras
+
+    namespaces = {"numpy": keras.ops, "nn": keras.ops, "math": keras.ops, "core": keras.ops,
+                  "image": keras.ops.image, "linalg": keras.ops.linalg}
+    original = DynamicBackend.__getattr__
+
+    def through_ops(self, name):
+        own = original(self, name)
+        if inspect.ismodule(own) and name in namespaces:
+            return _OpsFirst(namespaces[name], own)
+        if callable(own) and hasattr(keras.ops, name):
+            return getattr(keras.ops, name)
+        return own
+
+    DynamicBackend.__getattr__ = through_ops
+    try:
+        yield
+    finally:
+        DynamicBackend.__getattr__ = original
+
+
+class _OpsFirst:
+    """A backend module whose functions `keras.ops` has are taken from `keras.ops`."""
+
+    def __init__(self, ops, own):
+        self._ops = ops
+        self._own = own
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name, None) or getattr(self._own, name)
 
 
 # -- rewriting a layer in place, both flavours -----------------------------

@@ -155,6 +155,16 @@ KERAS = {
     "one_hot": lambda y: ops.one_hot(ops.argmax(y, axis=-1), 6),
     "top_k": lambda y: ops.top_k(y, 2)[0] + _f(ops.top_k(y, 2)[1]),
     "sort": lambda y: ops.sort(y), "argsort": lambda y: _f(ops.argsort(y, axis=-1)),
+    # loops over tensors (onnx/loops.py): each an ONNX Loop, the function traced once
+    "map": lambda y: ops.map(lambda e: ops.sum(e * e, axis=-1) / 100.0, y),
+    "map:tuple": lambda y: ops.map(lambda e: e[0] * ops.max(e[1]), (y[:, 0], ops.abs(y))),
+    "vectorized_map": lambda y: ops.vectorized_map(lambda e: ops.softmax(e / 50.0, axis=-1), y),
+    "scan": lambda y: ops.scan(lambda c, x: (c * 0.5 + x, c - x), ops.zeros_like(y[0]), y)[1],
+    "scan:reverse": lambda y: ops.scan(lambda c, x: (ops.maximum(c, x), c), ops.zeros_like(y[0]),
+                                       y, reverse=True)[1],
+    "fori_loop": lambda y: ops.fori_loop(1, 4, lambda i, v: v * 0.5 + _f(i), y),
+    "convert_to_tensor": lambda y: ops.convert_to_tensor(y) + 1.0,
+    "convert_to_tensor:int": lambda y: _f(ops.convert_to_tensor(y, "int32")),
     "zeros_like": lambda y: ops.zeros_like(y) + y, "ones_like": lambda y: ops.ones_like(y),
     "full_like": lambda y: ops.full_like(y, -3.5),
     # shapes and products

@@ -105,6 +105,25 @@ def test_shadow_method_is_untracked_and_removable():
     pinned("object.__setattr__ on a Keras layer", check)
 
 
+def test_backend_calls_through_ops_run_keras_box_utilities_symbolically():
+    def convert(boxes):
+        return keras.utils.bounding_boxes.convert_format(boxes, source="xyxy",
+                                                          target="center_xywh")
+
+    def check():
+        x = keras.Input((3, 4))
+        with pytest.raises(ValueError, match="KerasTensor"):
+            convert(x)  # the backend's own functions refuse symbolic tensors
+        with internals.backend_calls_through_ops():
+            model = keras.Model(x, convert(x))
+        boxes = np.array([[[0.0, 0.0, 2.0, 4.0], [1.0, 1.0, 3.0, 2.0], [0, 0, 0, 0]]], "float32")
+        expected = np.asarray(convert(boxes))  # restored: concrete tensors as before
+        np.testing.assert_allclose(np.asarray(model(boxes)), expected)
+        np.testing.assert_allclose(expected[0, :2], [[1, 2, 2, 4], [2, 1.5, 2, 1]])
+
+    pinned("keras.src.utils.backend_utils.DynamicBackend", check)
+
+
 @pytest.mark.parametrize("build", [_k3_functional, _tk_functional], ids=["keras3", "tf_keras"])
 def test_graph_nodes_and_producers(build):
     def check():

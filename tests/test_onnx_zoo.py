@@ -58,13 +58,7 @@ ATOL, RTOL = 1e-5, 1e-4
 LOW_PRECISION = {"float16": 8 * 2.0**-10, "bfloat16": 8 * 2.0**-7}
 WILD = list(zoo_models.ONNX_WILD) + [zoo_models.KECAM]
 # Model -> what the native exporter lacks for it today (issue 17, item 2).
-NATIVE_LACKS = {
-    "hub_dfine": "ops.map (3, in DFineInitialQueryAndReferenceGenerator); DFineHybridEncoder "
-                 "and DFineDecoder do not run on symbolic tensors (DFineEncoder's and "
-                 "DFineMLPPredictionHead's compute_output_spec refuse `training`); "
-                 "DFineAnchorGenerator and DFineSpatialShapesExtractor return constant "
-                 "(non-Keras) tensors",
-}
+NATIVE_LACKS = {}
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -146,9 +140,8 @@ def test_mixed_float16_resnet50_goes_through_to_inference(tmp_path):
 
 
 def _flat(outputs):
-    if isinstance(outputs, dict):
-        return [outputs[k] for k in sorted(outputs)]
-    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    """Keras outputs in the order of the model's flat outputs (dict keys sorted, nests opened)."""
+    return zoo_models.keras.tree.flatten(outputs)
 
 
 def _assert_close(got, expected, what, rtol=RTOL, atol=ATOL):

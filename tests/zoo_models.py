@@ -403,7 +403,7 @@ def _dfine():
         use_learnable_affine_block=False, hidden_act="relu", image_shape=(64, 64, 3),
         out_features=["stage2", "stage3"],
     )
-    return H.DFineBackbone(
+    model = H.DFineBackbone(
         backbone=hgnetv2, decoder_in_channels=[16, 16], encoder_hidden_dim=16,
         num_denoising=0, num_labels=4, hidden_dim=16, learn_initial_query=False,
         num_queries=8, anchor_image_size=(64, 64), feat_strides=[8, 16],
@@ -414,6 +414,17 @@ def _dfine():
         lqe_hidden_dim=8, num_lqe_layers=2, out_features=["stage2", "stage3"],
         image_shape=(64, 64, 3), seed=0,
     )
+    # D-FINE picks its queries by top-k over the encoder's class scores. With
+    # its initial kernels (std 0.01) and randomized BN shifts, the features are
+    # nearly the same at every position: the scores tie to 1e-6 and any two
+    # correct engines pick different queries. Kernels at the fan-in scale
+    # (seeded) separate the scores by ~1e-3, far above float32 rounding.
+    rng = np.random.default_rng(396)
+    for v in model.weights:
+        if v.path.endswith("kernel") and len(v.shape) >= 2:
+            fan_in = int(np.prod(v.shape[:-1]))
+            v.assign(rng.normal(0.0, fan_in ** -0.5, v.shape).astype("float32"))
+    return model
 
 
 def _yolov8():

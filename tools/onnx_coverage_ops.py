@@ -40,8 +40,10 @@ NO_ONNX_MEANING = {
                      "logspace", "ones", "tri", "zeros"], _CONSTANT),
     **dict.fromkeys(["convert_to_numpy", "convert_to_tensor", "dtype", "is_tensor", "ndim",
                      "shape", "size"], _INSPECT),
-    **dict.fromkeys(["associative_scan", "cond", "custom_gradient", "fori_loop", "jvp", "map",
-                     "scan", "switch", "vectorize", "vectorized_map", "while_loop"], _CALLABLE),
+    # map, vectorized_map, scan and fori_loop are exported (an ONNX Loop around the traced
+    # function): those are counted.
+    **dict.fromkeys(["associative_scan", "cond", "custom_gradient", "jvp", "switch",
+                     "vectorize", "while_loop"], _CALLABLE),
     # fft, rfft, stft and the rest take and return (real, imag) pairs, and real, imag,
     # conj, angle and isreal have a meaning on real tensors: those are counted. eig
     # returns complex64 even for a real matrix.

@@ -14,6 +14,7 @@ The graph writes weights as initializers once (`Graph.constant`) and names
 every node and tensor uniquely after the Keras layer it comes from.
 """
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -180,6 +181,46 @@ class Graph:
         ))
         return names[0] if outputs == 1 else names
 
+    @contextlib.contextmanager
+    def subgraph(self):
+        """Within: nodes go to a new list (the body of a `Loop`), yielded.
+
+        Layout changes cached inside stay inside (a body's tensors are not
+        visible after it); the body may use every tensor emitted before.
+        """
+        nodes, layouts = self.nodes, self._layouts
+        self.nodes, self._layouts = [], dict(layouts)
+        try:
+            yield self.nodes
+        finally:
+            self.nodes, self._layouts = nodes, layouts
+
+    def checkpoint(self):
+        """A mark of what is emitted so far, for `rollback`."""
+        return len(self.nodes), len(self.initializers), dict(self._layouts), dict(self._scalars)
+
+    def rollback(self, mark):
+        """Forgets the nodes and initializers emitted since `checkpoint` returned `mark`."""
+        nodes, initializers, layouts, scalars = mark
+        del self.nodes[nodes:]
+        del self.initializers[initializers:]
+        self._layouts, self._scalars = layouts, scalars
+
+    def all_nodes(self):
+        """Every node, those of subgraphs (loop bodies) included."""
+        def nested(nodes):
+            for node in nodes:
+                yield node
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.GRAPH:
+                        yield from nested(attr.g.node)
+        return nested(self.nodes)
+
+    def subgraphs(self):
+        """The subgraphs (loop bodies) of the graph, nested ones included."""
+        return [attr.g for node in self.all_nodes() for attr in node.attribute
+                if attr.type == onnx.AttributeProto.GRAPH]
+
     def value(self, name, shape, perm=None):
         """A `Value` for an emitted tensor."""
         shape = tuple(shape)
@@ -236,7 +277,7 @@ class Graph:
         in float32 whatever the data (`Resize` scales and roi).
         """
         keep = {}
-        for node in self.nodes:
+        for node in self.all_nodes():
             for i in _FLOAT32_INPUTS.get(node.op_type, ()):
                 if i < len(node.input) and node.input[i]:
                     keep[node.input[i]] = None
@@ -249,7 +290,11 @@ class Graph:
                 array = array.astype(np.float16)
             lowered.append((name, array))
         self.initializers = lowered
-        for node in self.nodes:
+        for body in self.subgraphs():
+            for info in list(body.input) + list(body.output):
+                if info.type.tensor_type.elem_type == FLOAT:
+                    info.type.tensor_type.elem_type = FLOAT16
+        for node in self.all_nodes():
             for i in _FLOAT32_INPUTS.get(node.op_type, ()):
                 if i < len(node.input) and keep.get(node.input[i]):
                     node.input[i] = keep[node.input[i]]
@@ -268,8 +313,7 @@ class Graph:
         the product differs from the quotient by at most one rounding.
         """
         arrays = dict(self.initializers)
-        replaced = set()
-        for node in self.nodes:
+        for node in self.all_nodes():
             if node.op_type != "Div" or node.input[1] not in arrays:
                 continue
             divisor = arrays[node.input[1]]
@@ -280,11 +324,13 @@ class Graph:
             if not np.all(np.isfinite(reciprocal)):
                 continue
             node.op_type = "Mul"
-            replaced.add(node.input[1])
             node.input[1] = self.constant(reciprocal, f"{node.input[1]}/reciprocal",
                                           divisor.dtype)
-        unused = replaced - {name for node in self.nodes for name in node.input}
-        self.initializers = [(n, a) for n, a in self.initializers if n not in unused]
+
+    def drop_unused(self):
+        """Drops the initializers no node reads (replaced divisors, ignored layer outputs)."""
+        used = {name for node in self.all_nodes() for name in node.input}
+        self.initializers = [(n, a) for n, a in self.initializers if n in used]
 
     def model(self, name, inputs, outputs, producer):
         """The `onnx.ModelProto`.

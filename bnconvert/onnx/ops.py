@@ -37,6 +37,7 @@ from bnconvert.onnx import indexing
 from bnconvert.onnx import integers
 from bnconvert.onnx import linalg
 from bnconvert.onnx import linalg_svd
+from bnconvert.onnx import loops
 from bnconvert.onnx import losses
 from bnconvert.onnx import math
 from bnconvert.onnx import nn
@@ -101,10 +102,11 @@ EMITTERS = {
     **math.EMITTERS, **reductions.EMITTERS, **indexing.EMITTERS, **reshaping.EMITTERS,
     **nn.EMITTERS, **numpy_extra.EMITTERS, **losses.EMITTERS, **arrays.EMITTERS,
     **integers.EMITTERS, **images.EMITTERS, **spectral.EMITTERS, **special.EMITTERS,
-    **ordering.EMITTERS, **ctc.EMITTERS, **adaptive.EMITTERS,
+    **ordering.EMITTERS, **ctc.EMITTERS, **adaptive.EMITTERS, **loops.EMITTERS,
     **{k: _activation(v) for k, v in _ACTIVATIONS.items()},
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
+    "convert_to_tensor": math.EMITTERS["cast"],
     **colour.EMITTERS, **einops.EMITTERS, **filters.EMITTERS, **image_warp.EMITTERS,
 }
 EMITTERS.update({**linalg.EMITTERS, **linalg_svd.EMITTERS})

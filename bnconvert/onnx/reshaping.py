@@ -104,6 +104,10 @@ def reshape(g, call, p):
         if shape.count(-1) > 1 and shape[0] == -1 and x.shape[0] is None:
             # `ops.shape(x)[0]` is unknown when traced: the batch, copied (0) from x.
             shape[0] = 0
+            known = [int(d) for d in shape[1:] if d != -1]
+            if None not in x.shape[1:] and np.prod(x.shape[1:]) % np.prod(known):
+                # x's first axis cannot be that batch (its other sizes do not fit).
+                raise Uncovered([(call.base, "Reshape", "an unknown size that is not x's first")])
         if shape.count(-1) > 1:
             raise Uncovered([(call.base, "Reshape", "more than one unknown size")])
         return [call.out(g.node("Reshape", [x.name, g.ints(shape)], call.base))]

@@ -6,8 +6,11 @@ every layer or op becomes ONNX nodes through the emitter tables of
 `ops` (raw ops). Nested models are walked in place. A layer the
 tables do not know (a custom layer, a Lambda, a keras-hub block) is opened
 by calling its `call` on fresh symbolic inputs, which records its sublayers
-and `keras.ops` calls as a small graph, walked the same way; a layer whose
-code cannot run symbolically stays uncovered.
+and `keras.ops` calls as a small graph, walked the same way (`tracing` lets
+more layers run symbolically; tensors the call computes from shapes alone
+become initializers). A layer that needs its batch size as a number is
+traced at batch 1 and run per batch element in an ONNX `Loop` (`loops`); a
+layer whose code cannot run symbolically even so stays uncovered.
 
 Nothing is emitted for an uncovered model: every uncovered layer is
 collected and reported together (`graph.Uncovered`), so that the
@@ -22,11 +25,13 @@ from bnconvert.onnx import conv_recurrent
 from bnconvert.onnx import encoding
 from bnconvert.onnx import preprocessing
 from bnconvert.onnx import layers
+from bnconvert.onnx import loops
 from bnconvert.onnx import norm
 from bnconvert.onnx import ops
 from bnconvert.onnx import recurrent
 from bnconvert.onnx import shape
 from bnconvert.onnx import spectral
+from bnconvert.onnx import tracing
 from bnconvert.onnx import wrappers
 from bnconvert.onnx.graph import FLOAT
 from bnconvert.onnx.graph import FLOAT16
@@ -43,9 +48,6 @@ LAYERS = {**layers.EMITTERS, **shape.EMITTERS, **attention.EMITTERS, **recurrent
           **spectral.LAYER_EMITTERS, **conv_recurrent.EMITTERS}
 DEFAULT_OPSET = 17
 OPSETS = range(13, 22)
-# Layers of these packages are mapped by class name; any other class
-# (including subclasses of Keras layers) is opened by tracing its call.
-_KNOWN_PACKAGES = ("keras.", "tf_keras.", "bnconvert.")
 
 
 def emit(model, flavour, input_names, output_names, opset=None, precision="float32"):
@@ -75,6 +77,7 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
     g.hard_sigmoid = flavour.hard_sigmoid
     walker = _Walker(g, flavour)
     g.trace = walker.trace_function
+    g.trace_callable = walker.trace_callable
     env = {}
     inputs = []
     for name in output_names:
@@ -89,14 +92,15 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
             value = g.node("Cast", [name], f"{name}/cast", to=FLOAT)
         env[id(tensor)] = Value(value, tuple(tensor.shape), tuple(range(len(tensor.shape))))
         inputs.append((name, tuple(tensor.shape), elem))
-    if flavour.is_graph_model(model):
-        walker.walk(model, env, "")
-    else:
-        # A subclassed model with symbolic inputs: opened like a custom layer.
-        tensors = list(model.inputs)
-        args = (tensors[0] if len(tensors) == 1 else tensors,)
-        outs = walker.trace(model, tensors, args, {}, env, "")
-        env.update(zip((id(t) for t in model.outputs), outs))
+    with tracing.lenient(model, flavour):
+        if flavour.is_graph_model(model):
+            walker.walk(model, env, "")
+        else:
+            # A subclassed model with symbolic inputs: opened like a custom layer.
+            tensors = list(model.inputs)
+            args = (tensors[0] if len(tensors) == 1 else tensors,)
+            outs = walker.trace(model, tensors, args, {}, env, "")
+            env.update(zip((id(t) for t in model.outputs), outs))
     if walker.uncovered:
         raise Uncovered(walker.uncovered)
     inner = FLOAT
@@ -116,6 +120,7 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
         outputs.append((name, tuple(tensor.shape), elem))
     _fuse_output_transposes(g, output_names)
     g.divisions_to_products()
+    g.drop_unused()
     return g.model(model.name, inputs, outputs, "bnconvert")
 
 
@@ -123,7 +128,7 @@ def _fuse_output_transposes(g, output_names):
     """Write a final Transpose straight to the output name (no Identity after it)."""
     producers = {n.output[0]: n for n in g.nodes}
     uses = {}
-    for n in g.nodes:
+    for n in g.all_nodes():
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
     for node in [n for n in g.nodes if n.op_type == "Identity" and n.output[0] in output_names]:
@@ -210,7 +215,7 @@ class _Walker:
             return [inner.get(id(t)) or self._missing(base) for t in layer.outputs]
         if kind in ("TFOpLambda", "SlicingOpLambda"):
             return ops.emit_tf_function(self.g, call)
-        if kind in LAYERS and type(layer).__module__.startswith(_KNOWN_PACKAGES):
+        if kind in LAYERS and type(layer).__module__.startswith(tracing.KNOWN_PACKAGES):
             return LAYERS[kind](self.g, call)
         if kind == "InputLayer":
             return call.inputs
@@ -223,8 +228,37 @@ class _Walker:
         """Opens a layer by calling its `call` on fresh symbolic inputs.
 
         `args` and `kwargs` are the call's own, holding `tensors` (emitted
-        already, in `env`); each becomes a fresh `keras.Input`.
+        already, in `env`); each becomes a fresh `keras.Input`. Outputs it
+        computes from shapes alone (concrete tensors) become initializers.
+        A layer whose call needs its batch size as a number (Python
+        arithmetic on it) is traced at batch 1 and run once per batch
+        element (`_per_sample`).
         """
+        batched = any(len(t.shape) and t.shape[0] is None for t in tensors)
+        mark, seen = self.g.checkpoint(), len(self.uncovered)
+        try:
+            outs = self._trace(layer, tensors, args, kwargs, env, prefix)[0]
+            if not batched or len(self.uncovered) == seen:
+                return outs
+            reason = Uncovered(self.uncovered[seen:])
+        except Uncovered as refused:
+            if not batched:
+                raise
+            reason = refused
+        self.g.rollback(mark)
+        del self.uncovered[seen:]
+        try:
+            outs = self._per_sample(layer, tensors, args, kwargs, env, prefix)
+            if len(self.uncovered) == seen:
+                return outs
+        except Uncovered:
+            pass
+        self.g.rollback(mark)
+        del self.uncovered[seen:]
+        raise reason
+
+    def _trace(self, layer, tensors, args, kwargs, env, prefix, batch=None):
+        """`(outputs, dtypes, shapes)` of `layer`'s call traced (at batch size `batch` if given)."""
         keras = self.flavour.keras
         values = {id(t): env[id(t)] for t in tensors}
         fresh = {}
@@ -232,31 +266,86 @@ class _Walker:
         def symbolic(x):
             if id(x) in values:
                 if id(x) not in fresh:
-                    fresh[id(x)] = keras.Input(batch_shape=tuple(x.shape), dtype=x.dtype)
+                    shape = tuple(x.shape)
+                    if batch is not None and len(shape) and shape[0] is None:
+                        shape = (batch,) + shape[1:]
+                    fresh[id(x)] = keras.Input(batch_shape=shape, dtype=x.dtype)
                 return fresh[id(x)]
             return x
 
         def record():
             call_args = tf.nest.map_structure(symbolic, tuple(args))
-            call_kwargs = tf.nest.map_structure(symbolic, dict(kwargs))
+            call_kwargs = tf.nest.map_structure(symbolic, tracing.accepted_kwargs(layer, kwargs))
             result = layer.call(*call_args, **call_kwargs)
-            inputs = [fresh[id(t)] for t in tensors if id(t) in fresh]
-            return keras.Model(inputs, tf.nest.flatten(result))
+            return self._sub_model([fresh[id(t)] for t in tensors if id(t) in fresh], result)
 
         sub = self._record(record, getattr(layer, "name", "model"), type(layer).__name__, prefix)
         inner = {id(fresh[i]): values[i] for i in fresh}
-        return self._walk_traced(sub, inner, prefix)
+        outs = self._walk_traced(sub, inner, prefix)
+        return outs, [dtype_name(t) for t in sub.flat], [tuple(t.shape) for t in sub.flat]
+
+    def _per_sample(self, layer, tensors, args, kwargs, env, prefix):
+        """`layer` traced at batch 1 and run once per element of the batch, in an ONNX `Loop`.
+
+        Inputs with a dynamic batch axis are sliced per step, the others
+        passed whole; the outputs of the steps are stacked. The gate checks
+        on a batch of several that the layer treats its elements apart.
+        """
+        g, base, what = self.g, prefix.rstrip("/"), type(layer).__name__
+        batched = [t for t in tensors if len(t.shape) and t.shape[0] is None]
+        sliced = [(env[id(t)], self.dtypes.get(id(t)) or dtype_name(t)) for t in batched]
+        shapes = []
+
+        def body(index, carries, slices):
+            inner = dict(env)
+            for t, s in zip(batched, slices):
+                inner[id(t)] = g.value(g.node("Unsqueeze", [s.name, g.ints([0], "axes")], base),
+                                       (1,) + s.shape)
+            outs, dtypes, traced = self._trace(layer, tensors, args, kwargs, inner, prefix, 1)
+            if any(not shape or shape[0] != 1 for shape in traced):
+                raise Uncovered([(base, what, "an output without the batch axis")])
+            shapes.extend(shape[1:] for shape in traced)
+            return [], [g.value(g.node("Squeeze", [g.keras(o).name, g.ints([0], "axes")], base),
+                                o.shape[1:]) for o in outs], dtypes
+
+        steps = loops.trip_count(g, g.keras(sliced[0][0]), base)
+        _, stacked = loops.loop(g, base, what, steps, [], sliced, body)
+        return [g.value(name, (None,) + tuple(shape)) for name, shape in zip(stacked, shapes)]
 
     def trace_function(self, function, value, base):
         """`function(value)` for a Python function (an activation), traced like a layer."""
-        keras = self.flavour.keras
-        x = keras.Input(batch_shape=value.shape)
         name = getattr(function, "__name__", "function")
-        sub = self._record(lambda: keras.Model(x, function(x)), name, "function", base + "/")
-        outs = self._walk_traced(sub, {id(x): value}, base + "/")
+        outs, _ = self.trace_callable(function, [(value.shape, "float32")], [value], base)
         if len(outs) != 1:
             raise Uncovered([(base, "function", f"{name} returns {len(outs)} tensors")])
         return outs[0]
+
+    def trace_callable(self, function, specs, values, base):
+        """`function(*values)` for a Python function of tensors, traced like a layer.
+
+        Args:
+            function: Called once on symbolic tensors of `specs`.
+            specs: `(shape, dtype)` of each argument.
+            values: The `Value` each argument is in the graph.
+            base: A name prefix for the nodes emitted.
+
+        Returns:
+            `(outputs, dtypes)`: the `Value`s of the function's flattened
+            result and their Keras dtype names.
+        """
+        keras = self.flavour.keras
+        xs = [keras.Input(batch_shape=tuple(shape), dtype=dtype) for shape, dtype in specs]
+        name = getattr(function, "__name__", "function")
+        sub = self._record(lambda: self._sub_model(xs, function(*xs)), name, "function",
+                           base + "/")
+        outs = self._walk_traced(sub, dict(zip((id(x) for x in xs), values)), base + "/")
+        return outs, [dtype_name(t) for t in sub.flat]
+
+    def _sub_model(self, inputs, result):
+        """The traced model of `result`, with the call's concrete outputs kept apart."""
+        symbolic, flat = tracing.split_outputs(self.flavour.keras, result)
+        model = self.flavour.keras.Model(inputs, symbolic) if symbolic else None
+        return _Traced(model, flat)
 
     @staticmethod
     def _record(build, name, kind, prefix):
@@ -269,8 +358,26 @@ class _Walker:
                               f"its call does not run on symbolic tensors ({reason})")])
 
     def _walk_traced(self, sub, inner, prefix):
-        self.walk(sub, inner, prefix)
-        out = [inner.get(id(t)) for t in sub.outputs]
+        if sub.model is not None:
+            self.walk(sub.model, inner, prefix)
+        out = []
+        for t in sub.flat:
+            if tracing.is_symbolic(self.flavour.keras, t):
+                out.append(inner.get(id(t)))
+                continue
+            array = tracing.as_array(t)
+            if array.dtype == object:
+                raise Uncovered([(prefix.rstrip("/"), "output", f"a {type(t).__name__}")])
+            out.append(self.g.value(tracing.constant(self.g, array, f"{prefix}constant"),
+                                    array.shape))
         if any(v is None for v in out):
             self._missing(prefix)
         return out
+
+
+class _Traced:
+    """A traced call: the model of its symbolic outputs (None without any), all outputs flat."""
+
+    def __init__(self, model, flat):
+        self.model = model
+        self.flat = flat

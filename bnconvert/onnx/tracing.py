@@ -1,0 +1,114 @@
+"""What lets the walk open layers that do not run on symbolic tensors as written.
+
+The walk opens an unknown layer by calling its `call` on symbolic tensors
+(`walk._Walker.trace`). Third-party layers often run fine on concrete
+tensors yet not symbolically, for reasons that have nothing to do with
+what they compute:
+
+- a layer's own `compute_output_spec` refuses arguments Keras passes it
+  (`training`), so its parent's call fails when it calls it. While the
+  model is exported, such an override falls back to Keras's generic
+  `Layer.compute_output_spec`, which runs the layer's `call` on
+  placeholders of the same shapes;
+- Keras utilities that call backend functions directly (bounding-box
+  format conversion) are routed through `keras.ops`
+  (`keras_internals.backend_calls_through_ops`);
+- a layer returns tensors computed from shapes only (anchors, spatial
+  shapes): concrete tensors, not symbolic ones. `split_outputs` keeps them
+  apart; the walk writes them as initializers.
+"""
+
+import contextlib
+import inspect
+
+import numpy as np
+import onnx.numpy_helper
+
+from bnconvert import keras_internals as internals
+from bnconvert import walk as model_walk
+
+# Layers of these packages are mapped by class name, and keep their own
+# output specs (a refusal there is a real one); any other class is traced.
+KNOWN_PACKAGES = ("keras.", "tf_keras.", "bnconvert.")
+
+
+@contextlib.contextmanager
+def lenient(model, flavour):
+    """Within: `model`'s layers run symbolically where only their spec or a utility refused."""
+    base = getattr(flavour.keras.layers.Layer, "compute_output_spec", None)
+    if base is None:  # tf-keras: no symbolic specs to fall back from
+        yield
+        return
+    shadowed = []
+    try:
+        for _, layer in model_walk.iter_layers(model, flavour):
+            spec = getattr(type(layer), "compute_output_spec", base)
+            if (spec is base or "compute_output_spec" in vars(layer)
+                    or type(layer).__module__.startswith(KNOWN_PACKAGES)):
+                continue
+            internals.shadow_method(layer, "compute_output_spec", _falling_back(layer, base))
+            shadowed.append(layer)
+        with internals.backend_calls_through_ops():
+            yield
+    finally:
+        for layer in shadowed:
+            internals.unshadow_method(layer, "compute_output_spec")
+
+
+def _falling_back(layer, base):
+    own = type(layer).compute_output_spec
+
+    def compute_output_spec(*args, **kwargs):
+        try:
+            return own(layer, *args, **kwargs)
+        except Exception:  # noqa: BLE001 - any refusal: Keras's own spec decides
+            return base(layer, *args, **kwargs)
+
+    return compute_output_spec
+
+
+def accepted_kwargs(layer, kwargs):
+    """`kwargs` without Keras's implicit arguments (`training`, `mask`) its `call` does not take.
+
+    Keras passes them to `call` only where its signature has them; a graph
+    node may record them for any layer.
+    """
+    parameters = inspect.signature(layer.call).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in parameters or k not in ("training", "mask")}
+
+
+def split_outputs(keras, result):
+    """`(symbolic, flat)`: the symbolic tensors of a call's result, and all its outputs.
+
+    `flat` holds every output in order, symbolic tensors and concrete
+    ones (computed from static shapes, not from the inputs); None entries
+    are dropped, as Keras drops them from a node's outputs.
+    """
+    import tensorflow as tf
+
+    flat = [t for t in tf.nest.flatten(result) if t is not None]
+    return [t for t in flat if is_symbolic(keras, t)], flat
+
+
+def is_symbolic(keras, value):
+    """Whether `value` is a symbolic Keras tensor (tf-keras raises on arrays and numbers)."""
+    try:
+        return bool(keras.backend.is_keras_tensor(value))
+    except (ValueError, TypeError):
+        return False
+
+
+def as_array(tensor):
+    """A concrete output as the array of an initializer (float64 as float32)."""
+    array = np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor)
+    return array.astype(np.float32) if array.dtype == np.float64 else array
+
+
+def constant(g, array, base):
+    """A concrete output in the graph: an initializer, or a `Constant` node for a scalar."""
+    if array.ndim:
+        return g.constant(array, base, array.dtype)
+    # `Graph.constant` writes at least one dimension.
+    return g.node("Constant", [], base, value=onnx.numpy_helper.from_array(array, base))
