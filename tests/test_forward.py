@@ -150,7 +150,7 @@ def test_what_it_does_not_walk_runs_whole_and_as_a_graph_above_the_limit(monkeyp
             self.dense = keras.layers.Dense(2)
 
     subclassed = Own()
-    subclassed.build((None, 4))
+    subclassed(np.ones((1, 4), "float32"))
     seq = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     for model in (subclassed, seq):
         assert not forward.walkable(model)
