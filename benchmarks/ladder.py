@@ -1,8 +1,9 @@
 """Issue 18's ladder: whole `bnconvert` processes against Keras doing the least, side by side.
 
 Each rung is a model file: EfficientNetV2 B0, S, M and L from
-keras.applications (`weights=None`; L is a 480 MB file) and a chain of
-2,000 Dense/BatchNormalization layers. For each rung, in one run and in
+keras.applications (`weights=None`, each BN's moving statistics then set
+to those of its input on a calibration batch, as a trained model's are;
+L is a 480 MB file) and a chain of 2,000 Dense/BatchNormalization layers. For each rung, in one run and in
 fresh processes (TensorFlow starts on both sides), the sides alternate
 (which goes first flips every round) and their medians are compared:
 
@@ -46,8 +47,31 @@ _MAKE = _PRELUDE + (
     "    model = keras.Model(inputs, x, name='chain')\n"
     "else:\n"
     "    model = getattr(keras.applications, 'EfficientNetV2' + rung)(weights=None)\n"
+    "    calibrate(model)\n"
     "model.save(path); print('LAYERS', len(model.layers))"
 )
+# A trained model's moving statistics match its activations; random weights
+# with moving statistics 0 and 1 make EfficientNetV2L chaotic (see
+# bnconvert/stability.py). One training-mode pass with momentum 0 sets each
+# BN's moving mean and variance to those of its input on a calibration
+# batch (standard normal like the check batch, another seed), dropout off;
+# in graph mode, which does not hold every tensor of the pass.
+_CALIBRATE = (
+    "def calibrate(model, batch=4):\n"
+    "    import numpy as np, tensorflow as tf\n"
+    "    layers = [l for l in model._flatten_layers() if l is not model]\n"
+    "    bns = [l for l in layers if isinstance(l, keras.layers.BatchNormalization)]\n"
+    "    drops = [l for l in layers if isinstance(l, keras.layers.Dropout)]\n"
+    "    saved = [(l, l.momentum) for l in bns] + [(l, l.rate) for l in drops]\n"
+    "    for l in bns: l.momentum = 0.0\n"
+    "    for l in drops: l.rate = 0.0\n"
+    "    shape = (batch,) + tuple(model.inputs[0].shape[1:])\n"
+    "    x = np.random.default_rng(99).standard_normal(shape).astype('float32')\n"
+    "    tf.function(lambda v: model(v, training=True), autograph=False)(x)\n"
+    "    for l, value in saved:\n"
+    "        setattr(l, 'momentum' if l in bns else 'rate', value)\n"
+)
+_MAKE = _MAKE.replace("rung, path = sys.argv[1:]\n", "\n" + _CALIBRATE + "rung, path = sys.argv[1:]\n")
 _LOAD_SAVE = _PRELUDE + "keras.saving.load_model(sys.argv[1]).save(sys.argv[2])"
 _LOAD = _PRELUDE + "keras.saving.load_model(sys.argv[1])"
 _LOAD_EXPORT = _PRELUDE + (

@@ -43,18 +43,28 @@ def check_model_config(found, *, allow_asset_paths=False):
         found: The `formats.ModelFile` about to be loaded.
         allow_asset_paths: Whether config values naming files are accepted.
 
+    Returns:
+        The number of layers the config counts (nested models' layers
+        included; of a SavedModel's views of its model, the largest), which
+        bounds how deep Keras's loader recurses (`bnconvert.deep_load`).
+
     Raises:
         ModelLoadError: The config is above the size limit or unreadable,
             names a file (unless allowed), or declares far more weights
             than the file stores.
     """
     config, stored = _read_config(found)
+    # One walk of the config serves every check (a 1,000-layer model's
+    # config holds some 180,000 values); its views cover every document.
+    views = [list(_items(view)) for view in _model_views(config)]
     if not allow_asset_paths:
-        _check_asset_paths(found.path, _items(config))
-    weight_bounds.check(found.path, [
-        [item[2] for item in _items(view) if weight_bounds.is_serialized(item[2])]
-        for view in _model_views(config)
-    ], stored)
+        _check_asset_paths(found.path, (item for items in views for item in items))
+    serialized = [[item for item in items if weight_bounds.is_serialized(item[2])]
+                  for items in views]
+    weight_bounds.check(found.path, [[item[2] for item in items] for items in serialized], stored)
+    # Layers: the items of every `layers` list, at any depth.
+    return max((sum(1 for _, key, _, in_list in items if in_list and key == "layers")
+                for items in serialized), default=0)
 
 
 def _model_views(documents):

@@ -80,6 +80,40 @@ def has_symbolic_inputs(model):
     return bool(getattr(model, "inputs", None))
 
 
+def call_context_args(operation):
+    """The call-context arguments (`training`, ...) a Keras 3 layer's call takes.
+
+    A Functional model's call passes its own `training` to exactly these
+    layers (`_call_context_args`); operations have none.
+    """
+    return getattr(operation, "_call_context_args", ())
+
+
+@contextlib.contextmanager
+def inference_call_context(model):
+    """The call context a Keras 3 `model(x, training=False)` opens for its layers.
+
+    Layers called in it see `training=False` from their caller, as inside
+    the model's own call, even those not given the argument explicitly
+    (a custom layer's sublayers). The context is Keras's global
+    `current_call_ctx` (a `CallContext` whose entry layer is `model`).
+    """
+    try:
+        from keras.src.backend.common import global_state
+        from keras.src.layers.layer import CallContext
+    except ImportError as e:  # pragma: no cover - pinned by a test
+        raise _missing("Keras's layer CallContext", e) from e
+    if global_state.get_global_attribute("current_call_ctx") is not None:
+        raise RuntimeError("inference_call_context must not be opened inside a layer call")
+    context = CallContext(entry_layer=model)
+    context.set_value("training", False)
+    global_state.set_global_attribute("current_call_ctx", context)
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("current_call_ctx", None)
+
+
 def shadow_method(obj, name, function):
     """Sets an instance attribute past Keras's attribute tracking.
 

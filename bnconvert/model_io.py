@@ -14,6 +14,7 @@ import zipfile
 import zlib
 
 from bnconvert import config_checks
+from bnconvert import deep_load
 from bnconvert import flavour as flavour_lib
 from bnconvert import formats
 from bnconvert import outputs
@@ -76,15 +77,18 @@ def load_found(found, *, custom_objects=None, safe_mode=True, allow_asset_paths=
     """
     flavour = flavour_lib.get(found.flavour)
     try:
-        config_checks.check_model_config(found, allow_asset_paths=allow_asset_paths)
-        model = flavour.load(found.path, found.format, custom_objects, safe_mode)
+        layers = config_checks.check_model_config(found, allow_asset_paths=allow_asset_paths)
+        model = deep_load.call(
+            lambda: flavour.load(found.path, found.format, custom_objects, safe_mode),
+            layers, found.path,
+        )
     except BnconvertError:
         raise
     except RecursionError:
         raise ModelLoadError(
             f"Cannot load {found.path}: the model is too deep for Keras's loader, which "
-            "recurses once per layer (a chain of a few thousand layers exceeds Python's "
-            "recursion limit). Split the model, or load it yourself with a raised limit."
+            "recursed further than its config's layer count allows for. Split the model, "
+            "or load it yourself with a raised recursion limit."
         ) from None
     except Exception as e:  # Keras raises many types for a bad file.
         raise _load_error(found.path, e, flavour, custom_objects) from e

@@ -55,6 +55,7 @@ import warnings
 import keras
 import numpy as np
 
+from bnconvert import forward
 from bnconvert import keras_internals as internals
 from bnconvert.errors import ConversionError
 from bnconvert.errors import VerificationError
@@ -68,10 +69,10 @@ ATOL = 1e-5
 EPSILON = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
 LOW_PRECISION_EPS = 8
 
-SAMPLE_BATCH = 2
-# A Keras 3 model whose eager forward pass would hold more runs as a graph.
-EAGER_LIMIT = 1 << 30
-UNKNOWN_DIM = 32
+SAMPLE_BATCH = forward.SAMPLE_BATCH
+UNKNOWN_DIM = forward.UNKNOWN_DIM
+# Every forward pass of a check (`bnconvert.forward`).
+run = forward.run
 SEED = 1234
 
 # The check arrays (generated or read from .npy) may take this much memory
@@ -201,68 +202,6 @@ def check_tolerance(name, value, *, optional=False):
             f"the check off). Received: {name}={value!r}"
         )
     return float(value)
-
-
-def run(model, arrays):
-    """`model`'s outputs (inference mode) on flat `arrays`, as a flat list of arrays.
-
-    A Keras 3 Functional model called eagerly keeps every intermediate
-    tensor until its call returns: 4.3 GB for EfficientNetV2L on two
-    480x480 images, three times the model. A model that would hold more
-    than `EAGER_LIMIT` bytes so runs as one TensorFlow graph, which frees
-    each tensor after its last use. Tracing costs about twice an eager pass
-    (EfficientNetV2S: 6.5 s against 3.0 s, holding 0.1 GB against 0.94 GB),
-    so smaller models stay eager.
-    """
-    inputs = _structured(model, arrays)
-    if eager_bytes(model, arrays) > EAGER_LIMIT:
-        import tensorflow as tf
-
-        outputs = tf.function(lambda x: model(x, training=False), autograph=False)(inputs)
-    else:
-        outputs = model(inputs, training=False)
-    return [np.asarray(o) for o in keras.tree.flatten(outputs)]
-
-
-def eager_bytes(model, arrays):
-    """The bytes a Keras 3 Functional model's eager call on `arrays` holds at once.
-
-    Every tensor of its graph (nested Functional models counted whole),
-    unknown dimensions sized as the check batch's; 0 for models that free
-    their tensors as they go (tf-keras) or have no graph (subclassed).
-    """
-    if not isinstance(model, keras.Model) or not internals.has_symbolic_inputs(model):
-        return 0
-    batch = int(arrays[0].shape[0]) if arrays and np.ndim(arrays[0]) else SAMPLE_BATCH
-    total = 0
-    for node in internals.graph_nodes(model):
-        if node.is_input:
-            continue
-        if isinstance(node.layer, keras.Model):
-            total += eager_bytes(node.layer, arrays)
-        for tensor in node.outputs:
-            shape = getattr(tensor, "shape", None)
-            if shape is None:
-                continue
-            dims = [(batch if i == 0 else UNKNOWN_DIM) if d is None else int(d)
-                    for i, d in enumerate(shape)]
-            total += int(np.prod(dims, dtype=np.int64)) * _itemsize(tensor)
-    return total
-
-
-def _itemsize(tensor):
-    try:
-        return np.dtype(keras.backend.standardize_dtype(tensor.dtype)).itemsize
-    except TypeError:
-        return 4
-
-
-def _structured(model, arrays):
-    """`arrays` in the structure of `model`'s inputs (a Sequential has no `input` until called)."""
-    try:
-        return keras.tree.pack_sequence_as(model.input, list(arrays))
-    except (AttributeError, ValueError, TypeError):
-        return arrays[0] if len(arrays) == 1 else list(arrays)
 
 
 def compare(expected, actual, *, tolerance, relative, what="The converted model", atol=ATOL,

@@ -15,6 +15,7 @@ re-creates), the layers the conversion rewrote are recorded in the file
 load back as converted is refused, naming the layer; no file is left.
 """
 
+from bnconvert import deep_load
 from bnconvert import formats
 from bnconvert import persist
 from bnconvert import stability
@@ -51,7 +52,10 @@ def check_file(path, fmt, flavour, model, conversion, *, name, custom_objects=No
     want = _classes(model, flavour)
     recordable = flavour.records_conversions and fmt == formats.KERAS
     try:
-        reloaded = _load(path, fmt, flavour, custom_objects, safe_mode, name)
+        # The file holds what `model` holds: its layer count bounds the load's depth.
+        reloaded = deep_load.call(
+            lambda: _load(path, fmt, flavour, custom_objects, safe_mode, name), len(want), name,
+        )
         wrong = _differences(want, _classes(reloaded, flavour))
     except VerificationError:
         if not recordable:
@@ -66,7 +70,10 @@ def check_file(path, fmt, flavour, model, conversion, *, name, custom_objects=No
         }
         recorded = sorted(positions.values())
         persist.record(path, model, list(positions))
-        reloaded = _load(path, fmt, flavour, custom_objects, safe_mode, name)
+        # The file holds what `model` holds: its layer count bounds the load's depth.
+        reloaded = deep_load.call(
+            lambda: _load(path, fmt, flavour, custom_objects, safe_mode, name), len(want), name,
+        )
         wrong = _differences(want, _classes(reloaded, flavour))
     if wrong:
         layer_path, cls, got = next(iter(wrong.values()))

@@ -93,6 +93,33 @@ def test_has_symbolic_inputs():
     pinned("Model._inputs_struct", check)
 
 
+def test_call_context_args_and_inference_call_context():
+    def check():
+        model = _k3_functional()
+        bn, dense = model.get_layer("bn"), model.get_layer("d")
+        assert "training" in internals.call_context_args(bn)
+        x = keras.Input((3,))
+        with_op = keras.Model(x, keras.ops.relu(x))
+        (op,) = [n.layer for n in internals.graph_nodes(with_op) if not n.is_input]
+        assert not isinstance(op, keras.layers.Layer)
+        assert "training" not in internals.call_context_args(op)
+        seen = []
+
+        class Probe(keras.layers.Layer):  # its call takes no `training`
+            def call(self, x):
+                seen.append(self._get_call_context().training)
+                return x
+
+        probe = Probe()
+        with internals.inference_call_context(model):
+            probe(np.zeros((1, 3), "float32"))
+            dense(np.zeros((1, 4), "float32"))
+        probe(np.zeros((1, 3), "float32"))
+        assert seen == [False, None]  # inside the context only
+
+    pinned("keras.src.layers.layer.CallContext / global_state current_call_ctx", check)
+
+
 def test_shadow_method_is_untracked_and_removable():
     def check():
         layer = keras.layers.Dense(2)

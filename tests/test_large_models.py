@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import pathlib
+import sys
 import warnings
 import zipfile
 
@@ -22,7 +23,9 @@ import pytest
 import tensorflow as tf
 
 import bnconvert
+from bnconvert import deep_load
 from bnconvert import formats
+from bnconvert import forward
 from bnconvert import input_checks
 from bnconvert import model_io
 from bnconvert import pipeline
@@ -263,22 +266,90 @@ def test_eager_bytes_counts_every_tensor_of_the_graph():
     # conv and bn: 2*6*6*5 floats each; pool: 2*5; inner model: its dense 2*4,
     # and its output once more in the outer graph.
     want = 4 * (2 * (2 * 6 * 6 * 5) + 2 * 5 + 2 * 4 + 2 * 4)
-    assert verify.eager_bytes(model, arrays) == want
+    assert forward.eager_bytes(model, arrays) == want
 
 
-def test_large_models_run_as_a_graph_with_the_eager_outputs(monkeypatch):
+def test_large_models_are_walked_eagerly_and_never_traced(monkeypatch):
     model = _chain()
     arrays, _ = verify.sample_inputs(model)
     eager = model(arrays[0], training=False).numpy()
     calls = _counting(monkeypatch, tf, "function")
 
     def traced():  # Keras makes tf.functions of its own
-        return [c for c in calls if c and getattr(c[0], "__module__", "") == verify.__name__]
+        return [c for c in calls if c and getattr(c[0], "__module__", "") == forward.__name__]
 
-    monkeypatch.setattr(verify, "EAGER_LIMIT", 0)
-    (graph,) = verify.run(model, arrays)
-    assert len(traced()) == 1
-    np.testing.assert_allclose(graph, eager, rtol=1e-6, atol=1e-6)
+    # However large, a Functional model is run node by node (bnconvert.forward).
+    monkeypatch.setattr(forward, "EAGER_LIMIT", 0)
+    (walked,) = verify.run(model, arrays)
+    np.testing.assert_array_equal(walked, eager)
     _, report = bnconvert.convert_model(model, return_report=True)
     assert report.verified and report.max_abs_diff <= 1e-6
-    assert len(traced()) == 3  # then the original and the converted model
+    assert not traced()
+
+
+# ---------------------------------------------------------------- models deeper than the recursion limit
+
+def _loads_in(monkeypatch):
+    """Records the thread each model load runs in."""
+    from bnconvert import flavour as flavour_lib
+
+    threads = []
+    flavour = flavour_lib.get("keras3")
+    real = type(flavour).load
+
+    def load(self, *args, **kwargs):
+        import threading
+
+        threads.append((threading.current_thread().name, sys.getrecursionlimit()))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(flavour), "load", load)
+    return threads
+
+
+def test_a_load_deeper_than_the_limit_runs_on_a_large_stack(small, monkeypatch):
+    path, _ = small
+    threads = _loads_in(monkeypatch)
+    limit = sys.getrecursionlimit()
+    model_io.load_model(path)
+    assert threads[-1] == ("MainThread", limit)  # fits: loaded as before
+    # As if each of its layers needed many frames: the worker thread, the
+    # limit raised as far as the config's layer count needs, then put back.
+    layers = len(keras.saving.load_model(path).layers)
+    monkeypatch.setattr(deep_load, "FRAMES_PER_LAYER", 1000)
+    model = model_io.load_model(path)
+    assert threads[-1] == ("bnconvert-deep-load", deep_load.frames_needed(layers))
+    assert sys.getrecursionlimit() == limit
+    assert [l.name for l in model.layers] == ["x", "d", "bn"]
+
+
+def test_a_config_counting_too_many_layers_is_refused_before_keras(small, monkeypatch):
+    path, _ = small
+    threads = _loads_in(monkeypatch)
+    monkeypatch.setattr(deep_load, "FRAMES_PER_LAYER", 1000)
+    monkeypatch.setattr(deep_load, "MAX_LAYERS", 2)
+    with pytest.raises(ModelLoadError, match=r"counts 3 layers, more than the 2") as info:
+        model_io.load_model(path)
+    assert "\n" not in str(info.value) and not threads
+
+
+@pytest.mark.slow
+def test_a_chain_of_1200_layers_loads_with_its_outputs(tmp_path):
+    # Keras's loader recurses once per layer: 1,201 layers exceed the
+    # default limit of 1,000. Building the model recurses the same way.
+    x = inputs = keras.Input((8,), name="x")
+    for i in range(600):
+        x = keras.layers.BatchNormalization(name=f"bn_{i}")(keras.layers.Dense(8, name=f"d_{i}")(x))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)
+    try:
+        model = keras.Model(inputs, x, name="chain")
+    finally:
+        sys.setrecursionlimit(limit)
+    model.save(tmp_path / "chain.keras")
+    with pytest.raises(RecursionError):
+        keras.saving.load_model(tmp_path / "chain.keras")
+    loaded = model_io.load_model(tmp_path / "chain.keras")
+    assert sys.getrecursionlimit() == limit and len(loaded.layers) == 1201
+    arrays, _ = verify.sample_inputs(model)
+    np.testing.assert_array_equal(verify.run(loaded, arrays)[0], verify.run(model, arrays)[0])
