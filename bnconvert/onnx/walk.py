@@ -23,6 +23,7 @@ from bnconvert.onnx import preprocessing
 from bnconvert.onnx import layers
 from bnconvert.onnx import norm
 from bnconvert.onnx import ops
+from bnconvert.onnx import peephole
 from bnconvert.onnx import recurrent
 from bnconvert.onnx import shape
 from bnconvert.onnx import wrappers
@@ -113,6 +114,9 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
         outputs.append((name, tuple(tensor.shape), elem))
     _fuse_output_transposes(g, output_names)
     g.divisions_to_products()
+    peephole.hoist_input_transposes(g, {i[0]: len(i[1]) for i in inputs}, output_names)
+    peephole.fold_affine_chains(g, output_names)
+    peephole.drop_unused(g, output_names)
     return g.model(model.name, inputs, outputs, "bnconvert")
 
 

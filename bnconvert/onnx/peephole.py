@@ -1,0 +1,191 @@
+"""Rewrites of the emitted graph that make onnxruntime run it faster.
+
+They run once the walk has emitted every node, on `Graph.nodes` and
+`Graph.initializers`, and keep what the graph computes (up to a rounding
+of the constants they merge):
+
+- `hoist_input_transposes`: elementwise ops with a constant between a graph
+  input and the `Transpose` a convolution asked for run after it instead.
+  On a channels-last image, a per-channel constant broadcasts over an
+  innermost axis of 3, which onnxruntime runs about six times slower than
+  the same op over `NCHW` planes (EfficientNetV2B0's input `Rescaling` and
+  `Normalization`: 1.1 ms of its 15 ms before, 0.2 ms after);
+- `fold_affine_chains`: a chain of `Mul`/`Add`/`Sub` by constants becomes
+  one `Add` and one `Mul` (`(x * s - m) * r` is `(x - m / s) * (s r)`);
+- `drop_unused`: nodes whose outputs nothing reads are removed.
+"""
+
+import numpy as np
+
+_ELEMENTWISE = ("Mul", "Add", "Sub", "Div")
+_AFFINE = ("Mul", "Add", "Sub")
+
+
+class _Index:
+    """Producers and use counts of the tensors of `g` (graph outputs count as uses)."""
+
+    def __init__(self, g, output_names):
+        self.arrays = dict(g.initializers)
+        self.producer = {out: node for node in g.nodes for out in node.output}
+        self.uses = {name: 1 for name in output_names}
+        self.consumers = {}
+        for node in g.nodes:
+            for name in node.input:
+                self.uses[name] = self.uses.get(name, 0) + 1
+                self.consumers.setdefault(name, []).append(node)
+
+    def split(self, node, ops):
+        """`(data input, constant index)` of a binary `node` with one float constant, or None."""
+        if node is None or node.op_type not in ops or len(node.input) != 2:
+            return None
+        constant = [i for i, name in enumerate(node.input) if name in self.arrays]
+        if len(constant) != 1 or self.arrays[node.input[constant[0]]].dtype.kind != "f":
+            return None
+        return node.input[1 - constant[0]], constant[0]
+
+
+def hoist_input_transposes(g, input_ranks, output_names):
+    """Moves each input's `Transpose` above the elementwise ops with constants before it.
+
+    Args:
+        g: The `Graph`.
+        input_ranks: `{graph input name: rank}`.
+        output_names: The graph's output names (they are never rewritten).
+    """
+    index = _Index(g, output_names)
+    for transpose in [n for n in g.nodes if n.op_type == "Transpose"]:
+        chain, name = [], transpose.input[0]
+        while index.uses.get(name) == 1 and index.split(index.producer.get(name), _ELEMENTWISE):
+            chain.append(index.producer[name])
+            name = index.split(chain[-1], _ELEMENTWISE)[0]
+        rank = input_ranks.get(name)
+        if not chain or rank is None or name in index.producer:
+            continue
+        perm = [list(a.ints) for a in transpose.attribute if a.name == "perm"][0]
+        if len(perm) != rank or any(index.arrays[n.input[index.split(n, _ELEMENTWISE)[1]]].ndim
+                                    > rank for n in chain):
+            continue
+        _move_above(g, index, transpose, chain[::-1], name, perm)
+
+
+def _move_above(g, index, transpose, chain, source, perm):
+    """`transpose` applied to `source` first, then `chain` (in order) on its layout."""
+    final = transpose.output[0]
+    transpose.input[0] = source
+    transpose.output[0] = g.unique(f"{source}/layout")
+    data = transpose.output[0]
+    for node in chain:
+        _, i = index.split(node, _ELEMENTWISE)
+        array = index.arrays[node.input[i]]
+        if array.ndim:
+            array = np.transpose(array.reshape((1,) * (len(perm) - array.ndim) + array.shape),
+                                 perm)
+        node.input[i] = g.constant(array, f"{node.input[i]}/layout", array.dtype)
+        node.input[1 - i] = data
+        data = node.output[0]
+    chain[-1].output[0] = final
+    # The transpose now runs first: nodes are kept in a topological order.
+    g.nodes = [n for n in g.nodes if n is not transpose]
+    g.nodes.insert(_position(g, chain[0]), transpose)
+
+
+def _position(g, node):
+    return next(i for i, n in enumerate(g.nodes) if n is node)
+
+
+def fold_affine_chains(g, output_names):
+    """Each chain of three (or two alike) `Mul`/`Add`/`Sub` by constants as an `Add` and a `Mul`."""
+    index = _Index(g, output_names)
+    for last in list(g.nodes):
+        if index.split(last, _AFFINE) is None or _continues(index, last):
+            continue
+        chain = [last]
+        while True:
+            data = index.split(chain[-1], _AFFINE)[0]
+            before = index.producer.get(data)
+            if index.uses.get(data) != 1 or index.split(before, _AFFINE) is None:
+                break
+            chain.append(before)
+        chain.reverse()
+        if len(chain) < 2 or (len(chain) == 2 and chain[0].op_type != chain[1].op_type):
+            continue  # a Mul and an Add: nothing to gain
+        shift, scale = _affine(index, chain)
+        if shift is not None:
+            _replace(g, chain, index.split(chain[0], _AFFINE)[0], shift, scale)
+
+
+def _continues(index, node):
+    """Whether `node`'s output feeds, alone, another link of a chain (it ends none)."""
+    out = node.output[0]
+    if index.uses.get(out) != 1 or len(index.consumers.get(out, ())) != 1:
+        return False
+    split = index.split(index.consumers[out][0], _AFFINE)
+    return split is not None and split[0] == out
+
+
+def _affine(index, chain):
+    """`(shift, scale)` with `chain(x) == (x + shift) * scale`, or `(None, None)`.
+
+    The shift comes first: moving a `Mul` behind an `Add` (`x a + b` as
+    `(x + b / a) a`) rounds as the chain did, while the other way
+    (`(x + b) a` as `x a + b a`) would cancel digits when `x` is close to
+    `-b`, as in a `Normalization` of data far from zero.
+    """
+    dtypes = set()
+    shift, scale = np.float64(0.0), np.float64(1.0)
+    for node in chain:
+        _, i = index.split(node, _AFFINE)
+        array = index.arrays[node.input[i]]
+        dtypes.add(array.dtype)
+        c = array.astype(np.float64)
+        if node.op_type == "Mul":
+            scale = scale * c
+            continue
+        if not np.all(scale != 0):
+            return None, None
+        if node.op_type == "Add" or i == 1:  # x + c, x - c
+            shift = shift + (c if node.op_type == "Add" else -c) / scale
+        else:  # c - x
+            shift, scale = shift - c / scale, -scale
+    if len(dtypes) != 1 or not (np.all(np.isfinite(shift)) and np.all(np.isfinite(scale))):
+        return None, None
+    (dtype,) = dtypes
+    return shift.astype(dtype), scale.astype(dtype)
+
+
+def _replace(g, chain, data, shift, scale):
+    """`chain` (its last output kept) as `Add(data, shift)` then `Mul(., scale)`.
+
+    A shift of zeros or a scale of ones is left out (one of the two stays).
+    """
+    final = chain[-1].output[0]
+    at = _position(g, chain[0])
+    gone = {id(node) for node in chain}
+    g.nodes = [n for n in g.nodes if id(n) not in gone]
+    base = chain[0].output[0]
+    kept = []
+    if np.any(shift != 0):
+        kept.append(("Add", g.constant(shift, f"{base}/shift", shift.dtype)))
+    if np.any(scale != 1) or not kept:
+        kept.append(("Mul", g.constant(scale, f"{base}/scale", scale.dtype)))
+    for node, (op_type, constant) in zip(chain, kept):
+        node.op_type = op_type
+        node.name = g.unique(f"{base}/{op_type}")
+        del node.input[:]
+        node.input.extend([data, constant])
+        data = node.output[0]
+    node.output[0] = final
+    g.nodes[at:at] = chain[:len(kept)]
+
+
+def drop_unused(g, output_names):
+    """Removes nodes (and initializers) whose outputs nothing reads."""
+    while True:
+        index = _Index(g, output_names)
+        dead = [n for n in g.nodes if not any(index.uses.get(o) for o in n.output)]
+        if not dead:
+            break
+        gone = {id(node) for node in dead}
+        g.nodes = [n for n in g.nodes if id(n) not in gone]
+    read = {name for node in g.nodes for name in node.input}
+    g.initializers = [(n, a) for n, a in g.initializers if n in read]
