@@ -12,6 +12,8 @@ import onnx
 import onnxruntime as ort
 
 from bnconvert import export_onnx
+from bnconvert.onnx import peephole
+from bnconvert.onnx.graph import Graph
 
 L = keras.layers
 
@@ -103,3 +105,24 @@ def test_rewrites_leave_shared_tensors_alone(tmp_path):
     data = np.random.default_rng(4).normal(0, 5, (3, 6, 6, 3)).astype("float32")
     for got, want in zip(_run(path, data), model(data)):
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_tensors_read_only_inside_a_subgraph_are_kept():
+    g = Graph(17)
+    scaled = g.node("Mul", ["x", g.constant(np.full(3, 3.0), "three")], "scaled")
+    shifted = g.node("Add", [scaled, g.scalar(1.0)], "shifted")
+    branches = {}
+    for name, op in (("then_branch", "Mul"), ("else_branch", "Sub")):
+        body = onnx.helper.make_node(op, [shifted, scaled], [f"{name}_out"])
+        branches[name] = onnx.helper.make_graph(
+            [body], name, [], [onnx.helper.make_tensor_value_info(f"{name}_out", 1, [3])])
+    g.node("If", ["flag"], "y", output_names=["y"], **branches)
+    peephole.fold_affine_chains(g, ["y"])
+    peephole.drop_unused(g, ["y"])
+    model = g.model("m", [("x", (3,)), ("flag", (), onnx.TensorProto.BOOL)], [("y", (3,))],
+                    "test")
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([1.5, -2.0, 4.0], np.float32)
+    for flag, want in ((True, (3 * x + 1) * (3 * x)), (False, 1.0)):
+        got = session.run(None, {"x": x, "flag": np.array(flag)})[0]
+        np.testing.assert_allclose(got, np.broadcast_to(want, (3,)), rtol=1e-6)

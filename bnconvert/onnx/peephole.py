@@ -21,6 +21,16 @@ _ELEMENTWISE = ("Mul", "Add", "Sub", "Div")
 _AFFINE = ("Mul", "Add", "Sub")
 
 
+def _inner_inputs(node):
+    """The tensors the subgraphs of `node` (a `Loop`, `Scan` or `If` body) read, at any depth."""
+    names = []
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in graph.node:
+                names += list(inner.input) + _inner_inputs(inner)
+    return names
+
+
 class _Index:
     """Producers and use counts of the tensors of `g` (graph outputs count as uses)."""
 
@@ -30,7 +40,7 @@ class _Index:
         self.uses = {name: 1 for name in output_names}
         self.consumers = {}
         for node in g.nodes:
-            for name in node.input:
+            for name in list(node.input) + _inner_inputs(node):
                 self.uses[name] = self.uses.get(name, 0) + 1
                 self.consumers.setdefault(name, []).append(node)
 
@@ -187,5 +197,5 @@ def drop_unused(g, output_names):
             break
         gone = {id(node) for node in dead}
         g.nodes = [n for n in g.nodes if id(n) not in gone]
-    read = {name for node in g.nodes for name in node.input}
+    read = {name for node in g.nodes for name in list(node.input) + _inner_inputs(node)}
     g.initializers = [(n, a) for n, a in g.initializers if n in read]
