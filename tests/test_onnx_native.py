@@ -413,8 +413,11 @@ case("ops_pad_constant",
      body(S2, lambda K, y: ops.pad(y, [[0, 0], [1, 0], [2, 1], [1, 1]], constant_values=0.5)),
      ["Pad"])
 case("ops_reshape", body(S2, lambda K, y: ops.reshape(y, (-1, 81, 6))), ["Reshape"])
+# Reshaped back to the pooled shape: the pooling's own output, no Reshape (`Graph.unflattened`).
 case("ops_reshape_batch_kept", body(S2, lambda K, y: K.layers.Dense(4)(
-    ops.reshape(K.layers.GlobalAveragePooling2D()(y), (-1, 1, 1, 6)))), ["Reshape"])
+    ops.reshape(K.layers.GlobalAveragePooling2D()(y), (-1, 1, 1, 6)))), ["GlobalAveragePool"])
+case("ops_reshape_batch_kept_moved", body(S2, lambda K, y: K.layers.Dense(4)(
+    ops.reshape(K.layers.GlobalAveragePooling2D()(y), (-1, 1, 6, 1)))), ["Reshape"])
 case("ops_transpose", body(S2, lambda K, y: ops.transpose(y, (0, 3, 1, 2))))
 case("ops_transpose_then_conv",
      body(S2, lambda K, y: K.layers.Conv2D(3, 3)(ops.transpose(y, (0, 2, 1, 3)))), ["Conv"])

@@ -41,7 +41,7 @@ def _randomized(model, seed=0):
     return model
 
 
-def test_input_preprocessing_runs_channels_first_as_one_add_and_mul(tmp_path):
+def test_input_preprocessing_runs_channels_first_as_one_add(tmp_path):
     mean, variance = np.array([0.4, 0.5, 0.6]), np.array([0.05, 0.07, 0.09])
     x = L.Input((None, None, 3))
     y = L.Rescaling(1 / 255)(x)
@@ -49,10 +49,11 @@ def test_input_preprocessing_runs_channels_first_as_one_add_and_mul(tmp_path):
     y = L.Conv2D(4, 3, strides=2, padding="same")(y)
     model = _randomized(keras.Model(x, y))
     path, proto = _export(model, tmp_path)
-    # The per-channel constants broadcast over NCHW planes, after the layout change.
-    assert _ops(proto)[:4] == ["Transpose", "Add", "Mul", "Conv"]
+    # The per-channel shift runs over NCHW planes, after the layout change; the
+    # scale went into the convolution's weights.
+    assert _ops(proto)[:3] == ["Transpose", "Add", "Conv"] and "Mul" not in _ops(proto)
     shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
-    assert [shapes[n.input[1]] for n in proto.graph.node[1:3]] == [(1, 3, 1, 1)] * 2
+    assert shapes[proto.graph.node[1].input[1]] == (1, 3, 1, 1)
     data = np.random.default_rng(1).uniform(-50, 300, (2, 10, 14, 3)).astype("float32")
     expected = np.asarray(model(data))
     np.testing.assert_allclose(_run(path, data)[0], expected, rtol=1e-4, atol=1e-4)
@@ -126,3 +127,19 @@ def test_tensors_read_only_inside_a_subgraph_are_kept():
     for flag, want in ((True, (3 * x + 1) * (3 * x)), (False, 1.0)):
         got = session.run(None, {"x": x, "flag": np.array(flag)})[0]
         np.testing.assert_allclose(got, np.broadcast_to(want, (3,)), rtol=1e-6)
+
+
+def test_a_scale_before_a_convolution_goes_into_its_weights(tmp_path):
+    # Scalar, per-channel, and into a depthwise (grouped) convolution, "same"-padded;
+    # both branches read one transpose of the input.
+    x = L.Input((None, None, 3))
+    a = L.Conv2D(4, 3, padding="same")(L.Rescaling(1 / 127.5, offset=-1.0)(x))
+    b = L.DepthwiseConv2D(3, padding="same", depth_multiplier=2)(
+        L.Rescaling([0.5, 2.0, -3.0])(x))
+    model = _randomized(keras.Model(x, [a, b]))
+    path, proto = _export(model, tmp_path)
+    assert sorted(_ops(proto)) == ["Add", "Conv", "Conv", "Transpose", "Transpose",
+                                   "Transpose"]  # the input's, and one per output
+    data = np.random.default_rng(5).uniform(0, 255, (2, 9, 6, 3)).astype("float32")
+    for got, want in zip(_run(path, data), model(data)):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
