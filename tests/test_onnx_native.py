@@ -359,9 +359,10 @@ case("rescaling_scalar",
 case("rescaling_per_channel",
      body(S2, lambda K, y: K.layers.Rescaling([0.5, 1, 2, -1, 3, 0.25],
                                               offset=[0, 1, 0, 1, 0, -1])(y)), ["Mul", "Add"])
+# Its scale goes into the convolution's weights (onnx.peephole), the shift stays.
 case("rescaling_at_input",
      body(S2, lambda K, x: _head(K, K.layers.Rescaling(2.0, offset=-1.0)(x), "conv"), head="none"),
-     ["Mul", "Add"])
+     ["Add", "Conv"])
 _MEAN, _VAR = [0.1, -0.2, 0.3, 0.0, 0.5, -1.0], [1.0, 2.0, 0.5, 0.25, 4.0, 1.5]
 # A division by a constant is written as a product (Graph.divisions_to_products).
 case("normalization", body(S2, lambda K, y: K.layers.Normalization(mean=_MEAN, variance=_VAR)(y)),
