@@ -118,8 +118,7 @@ def test_tensors_read_only_inside_a_subgraph_are_kept():
         branches[name] = onnx.helper.make_graph(
             [body], name, [], [onnx.helper.make_tensor_value_info(f"{name}_out", 1, [3])])
     g.node("If", ["flag"], "y", output_names=["y"], **branches)
-    peephole.fold_affine_chains(g, ["y"])
-    peephole.drop_unused(g, ["y"])
+    peephole.optimize(g, {"x": (3,), "flag": ()}, ["y"], {})
     model = g.model("m", [("x", (3,)), ("flag", (), onnx.TensorProto.BOOL)], [("y", (3,))],
                     "test")
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -143,3 +142,16 @@ def test_a_scale_before_a_convolution_goes_into_its_weights(tmp_path):
     data = np.random.default_rng(5).uniform(0, 255, (2, 9, 6, 3)).astype("float32")
     for got, want in zip(_run(path, data), model(data)):
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_a_scale_that_adds_channels_stays_out_of_the_weights(tmp_path):
+    # One channel broadcast to three by the product: the Conv reads three.
+    x = L.Input((7, 7, 1))
+    scale = np.array([0.5, 2.0, -3.0], "float32").reshape(1, 1, 1, 3)
+    y = L.Conv2D(2, 3, padding="same")(keras.ops.multiply(x, scale))
+    model = _randomized(keras.Model(x, y))
+    path, proto = _export(model, tmp_path)
+    assert "Mul" in _ops(proto)
+    data = np.random.default_rng(6).normal(0, 4, (2, 7, 7, 1)).astype("float32")
+    np.testing.assert_allclose(_run(path, data)[0], np.asarray(model(data)), rtol=1e-4,
+                               atol=1e-5)

@@ -56,14 +56,24 @@ class _Index:
         return node.input[1 - constant[0]], constant[0]
 
 
-def hoist_input_transposes(g, input_ranks, output_names):
-    """Moves each input's `Transpose` above the elementwise ops with constants before it.
+def optimize(g, input_shapes, output_names, shapes):
+    """Runs every rewrite on `g`.
 
     Args:
-        g: The `Graph`.
-        input_ranks: `{graph input name: rank}`.
+        g: The `Graph`, fully emitted.
+        input_shapes: `{graph input name: shape}`.
         output_names: The graph's output names (they are never rewritten).
+        shapes: `{tensor name: shape as stored}` (None for unknown sizes) of
+            the tensors whose shapes are known; the rewrites add to it.
     """
+    hoist_input_transposes(g, input_shapes, output_names, shapes)
+    fold_affine_chains(g, output_names, shapes)
+    drop_unused(g, output_names)
+
+
+def hoist_input_transposes(g, input_shapes, output_names, shapes):
+    """Moves each input's `Transpose` above the elementwise ops with constants before it."""
+    input_ranks = {name: len(shape) for name, shape in input_shapes.items()}
     index = _Index(g, output_names)
     # One transpose of an input per layout, however many chains start from it; a
     # graph input is there from the start, so its transposes can all run first.
@@ -87,6 +97,7 @@ def hoist_input_transposes(g, input_ranks, output_names):
         if (name, tuple(perm)) not in done:
             transpose.input[0] = name
             transpose.output[0] = done[name, tuple(perm)] = g.unique(f"{name}/layout")
+            shapes[transpose.output[0]] = tuple(input_shapes[name][a] for a in perm)
             g.nodes.insert(0, transpose)
         _rewire(g, index, chain[::-1], done[name, tuple(perm)], final, perm)
 
@@ -113,7 +124,7 @@ def _position(g, node):
     return next(i for i, n in enumerate(g.nodes) if n is node)
 
 
-def fold_affine_chains(g, output_names):
+def fold_affine_chains(g, output_names, shapes):
     """Chains of `Mul`/`Add`/`Sub` by constants as one `Add` and one `Mul`, the `Mul`
     folded into the weights of a convolution that reads the chain alone.
 
@@ -140,7 +151,7 @@ def fold_affine_chains(g, output_names):
         if shift is None:
             continue
         data = index.split(chain[0], _AFFINE)[0]
-        if conv is not None and _scale_weights(g, index, conv, scale):
+        if conv is not None and _scale_weights(g, index, conv, scale, shapes.get(data)):
             scale = np.ones((), scale.dtype)
             if not np.any(shift):  # the whole chain went into the weights
                 _drop(g, chain)
@@ -164,13 +175,16 @@ def _conv_reading(index, name):
     return conv
 
 
-def _scale_weights(g, index, conv, scale):
+def _scale_weights(g, index, conv, scale, shape):
     """Folds `x * scale` (per input channel) into `conv`'s weights; False if it cannot.
 
     Exact whatever the padding: a padded zero times the scale is still zero.
+    `shape` is the one of `x` (None if unknown): the scale must not broadcast
+    it to more channels or axes than it has.
     """
     weights = index.arrays[conv.input[1]]
-    if scale.ndim > weights.ndim or weights.dtype != scale.dtype:
+    if scale.ndim > weights.ndim or weights.dtype != scale.dtype or shape is None \
+            or len(shape) != weights.ndim:
         return False
     full = scale.reshape((1,) * (weights.ndim - scale.ndim) + scale.shape)
     if any(d != 1 for i, d in enumerate(full.shape) if i != 1):
@@ -178,7 +192,7 @@ def _scale_weights(g, index, conv, scale):
     per_channel = full.reshape(-1).astype(np.float64)
     out_channels, group_width = weights.shape[:2]
     groups = [int(a.i) for a in conv.attribute if a.name == "group"] or [1]
-    if per_channel.size not in (1, group_width * groups[0]):
+    if per_channel.size not in (1, group_width * groups[0]) or shape[1] != group_width * groups[0]:
         return False
     # Output channel o of group k reads input channels k * width ... (k + 1) * width - 1.
     group_of = np.arange(out_channels) // (out_channels // groups[0])

@@ -114,9 +114,9 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
         outputs.append((name, tuple(tensor.shape), elem))
     _fuse_output_transposes(g, output_names)
     g.divisions_to_products()
-    peephole.hoist_input_transposes(g, {i[0]: len(i[1]) for i in inputs}, output_names)
-    peephole.fold_affine_chains(g, output_names)
-    peephole.drop_unused(g, output_names)
+    shapes = {v.name: tuple(v.shape[a] for a in v.perm) for v in env.values()
+              if isinstance(v, Value)}
+    peephole.optimize(g, {i[0]: i[1] for i in inputs}, output_names, shapes)
     return g.model(model.name, inputs, outputs, "bnconvert")
 
 
