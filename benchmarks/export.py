@@ -22,9 +22,12 @@ Prints, side by side and measured in this one run:
 - latency per model (issue 17): onnxruntime median latency of the native
   export against our tf2onnx export of the same folded model, for
   MobileNetV3Large (also minimalistic), EfficientNetV2B0, NASNetMobile and
-  ResNet50, the two sessions taking turns; `--rounds` rounds, each with
-  fresh sessions, and the median of the per-round ratios; with the node
-  count of each graph after onnxruntime's own optimizations (what runs).
+  ResNet50, the two sessions taking turns (which goes first alternating);
+  `--rounds` rounds, each with fresh sessions, and the median of the
+  per-round ratios, of wall time and of the running thread's CPU time (on
+  a shared machine, the time the run waited for a core is left out); with
+  the node count of each graph after onnxruntime's own optimizations
+  (what runs).
 
 With `--ladder B0,S,M,L,chain`, issue 18's ladder instead: whole
 `to-inference` processes against Keras load + `model.export(format="onnx")`
@@ -89,8 +92,15 @@ def randomized_bn(model):
     return model
 
 
-def latencies_ms(paths, x, runs):
-    """Median onnxruntime latency of each file, the sessions taking turns."""
+def latencies_ms(paths, x, runs, cpu=False):
+    """Median onnxruntime latency of each file, the sessions taking turns.
+
+    Which session goes first rotates run by run, so that none always runs
+    right after another (its caches warm or cold from it). With `cpu`, the
+    medians of the calling thread's CPU time too (onnxruntime runs a
+    one-thread session on it): on a shared machine, time spent waiting for
+    a core is left out. Returns `[wall ms, ...]`, or `([wall], [cpu])`.
+    """
     sessions = []
     for path in paths:
         session = _session(path)
@@ -99,12 +109,17 @@ def latencies_ms(paths, x, runs):
             session.run(None, feed)
         sessions.append((session, feed))
     times = [[] for _ in paths]
-    for _ in range(runs):
-        for (session, feed), out in zip(sessions, times):
-            start = time.perf_counter()
+    cpu_times = [[] for _ in paths]
+    for run in range(runs):
+        turn = run % len(paths)
+        for i in list(range(turn, len(paths))) + list(range(turn)):
+            session, feed = sessions[i]
+            start, start_cpu = time.perf_counter(), time.thread_time()
             session.run(None, feed)
-            out.append(time.perf_counter() - start)
-    return [1000 * statistics.median(t) for t in times]
+            cpu_times[i].append(time.thread_time() - start_cpu)
+            times[i].append(time.perf_counter() - start)
+    wall = [1000 * statistics.median(t) for t in times]
+    return (wall, [1000 * statistics.median(t) for t in cpu_times]) if cpu else wall
 
 
 def _session(path, optimized=None):
@@ -124,7 +139,11 @@ def _nodes_after_optimization(path):
 
 
 def latency_table(size, runs, rounds, tmp):
-    """Native / tf2onnx latency per model: `(name, native ms, tf2onnx ms, ratios, nodes)`."""
+    """Native / tf2onnx latency per model.
+
+    Rows `(name, native ms, tf2onnx ms, wall ratios, CPU ratios, nodes)`:
+    medians over rounds of each side's median, and each round's ratio.
+    """
     rows = []
     for name, build in LATENCY_MODELS.items():
         keras.utils.set_random_seed(0)
@@ -134,10 +153,11 @@ def latency_table(size, runs, rounds, tmp):
         for path, exporter in zip(paths, ("native", "tf2onnx")):
             bnconvert.export_onnx(folded, path, exporter=exporter)
         x = np.random.default_rng(1).normal(size=(1, size, size, 3)).astype("float32")
-        figures = [latencies_ms(paths, x, runs) for _ in range(rounds)]
-        ratios = [n / t for n, t in figures]
-        rows.append((name, statistics.median(f[0] for f in figures),
-                     statistics.median(f[1] for f in figures), ratios,
+        figures = [_round(paths, x, runs, r) for r in range(rounds)]
+        ratios = [wall[0] / wall[1] for wall, _ in figures]
+        cpu_ratios = [cpu[0] / cpu[1] for _, cpu in figures]
+        rows.append((name, statistics.median(f[0][0] for f in figures),
+                     statistics.median(f[0][1] for f in figures), ratios, cpu_ratios,
                      [_nodes_after_optimization(p) for p in paths]))
         del model, folded
         keras.backend.clear_session()
@@ -145,14 +165,29 @@ def latency_table(size, runs, rounds, tmp):
     return rows
 
 
+def _round(paths, x, runs, number):
+    """`latencies_ms` of two files, the session created first alternating round by round.
+
+    With the native session always created first, models whose two graphs
+    run the same nodes (ResNet50, minimalistic) measured 1.01 to 1.02 in
+    this process (CPU time, every round); alternating, 1.00.
+    """
+    if number % 2 == 0:
+        return latencies_ms(paths, x, runs, cpu=True)
+    wall, cpu = latencies_ms(paths[::-1], x, runs, cpu=True)
+    return wall[::-1], cpu[::-1]
+
+
 def print_latency_table(rows, size, runs, rounds):
     print(f"Latency {size}x{size}, batch 1, onnxruntime 1 thread: native / our tf2onnx export "
-          f"of the same folded model, medians of {runs} alternating runs, {rounds} rounds; "
+          f"of the same folded model, medians of {runs} runs taking turns, {rounds} rounds; "
           "target <= 1.0")
-    print(f"{'':32}{'native':>9}{'tf2onnx':>9}{'ratio':>7}  per round        nodes run (n/t)")
-    for name, native_ms, tf2onnx_ms, ratios, nodes in rows:
-        print(f"{name:32}{native_ms:9.2f}{tf2onnx_ms:9.2f}{statistics.median(ratios):7.2f}  "
-              f"{', '.join(f'{r:.2f}' for r in ratios):16} {nodes[0]}/{nodes[1]}")
+    print(f"{'':32}{'native':>9}{'tf2onnx':>9}{'ratio':>7}{'cpu':>7}  range (wall; cpu)"
+          "        nodes run (n/t)")
+    for name, native_ms, tf2onnx_ms, ratios, cpu_ratios, nodes in rows:
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}; {min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}"
+        print(f"{name:32}{native_ms:9.2f}{tf2onnx_ms:9.2f}{statistics.median(ratios):7.2f}"
+              f"{statistics.median(cpu_ratios):7.2f}  {spread:24} {nodes[0]}/{nodes[1]}")
 
 
 def child(kind, size, path):

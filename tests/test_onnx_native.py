@@ -359,9 +359,10 @@ case("rescaling_scalar",
 case("rescaling_per_channel",
      body(S2, lambda K, y: K.layers.Rescaling([0.5, 1, 2, -1, 3, 0.25],
                                               offset=[0, 1, 0, 1, 0, -1])(y)), ["Mul", "Add"])
+# Its scale goes into the convolution's weights (onnx.peephole), the shift stays.
 case("rescaling_at_input",
      body(S2, lambda K, x: _head(K, K.layers.Rescaling(2.0, offset=-1.0)(x), "conv"), head="none"),
-     ["Mul", "Add"])
+     ["Add", "Conv"])
 _MEAN, _VAR = [0.1, -0.2, 0.3, 0.0, 0.5, -1.0], [1.0, 2.0, 0.5, 0.25, 4.0, 1.5]
 # A division by a constant is written as a product (Graph.divisions_to_products).
 case("normalization", body(S2, lambda K, y: K.layers.Normalization(mean=_MEAN, variance=_VAR)(y)),
@@ -413,8 +414,11 @@ case("ops_pad_constant",
      body(S2, lambda K, y: ops.pad(y, [[0, 0], [1, 0], [2, 1], [1, 1]], constant_values=0.5)),
      ["Pad"])
 case("ops_reshape", body(S2, lambda K, y: ops.reshape(y, (-1, 81, 6))), ["Reshape"])
+# Reshaped back to the pooled shape: the pooling's own output, no Reshape (`Graph.unflattened`).
 case("ops_reshape_batch_kept", body(S2, lambda K, y: K.layers.Dense(4)(
-    ops.reshape(K.layers.GlobalAveragePooling2D()(y), (-1, 1, 1, 6)))), ["Reshape"])
+    ops.reshape(K.layers.GlobalAveragePooling2D()(y), (-1, 1, 1, 6)))), ["GlobalAveragePool"])
+case("ops_reshape_batch_kept_moved", body(S2, lambda K, y: K.layers.Dense(4)(
+    ops.reshape(K.layers.GlobalAveragePooling2D()(y), (-1, 1, 6, 1)))), ["Reshape"])
 case("ops_transpose", body(S2, lambda K, y: ops.transpose(y, (0, 3, 1, 2))))
 case("ops_transpose_then_conv",
      body(S2, lambda K, y: K.layers.Conv2D(3, 3)(ops.transpose(y, (0, 2, 1, 3)))), ["Conv"])

@@ -136,6 +136,9 @@ class Graph:
         self.hard_sigmoid = (1.0 / 6.0, 0.5)
         # `trace(function, value, base)`: a Python function applied to a `Value`, traced.
         self.trace = None
+        # A flattened global pooling's name -> its `Value` before the flattening
+        # (`keepdims=True`), which a reshape back to that shape reuses.
+        self.unflattened = {}
 
     def unique(self, base):
         """A tensor or node name not used yet, derived from `base`."""

@@ -55,9 +55,13 @@ def global_pooling(op_type):
             return [_masked_average(g, call, mask)]
         x = layout_for(g, call.inputs[0], layer.data_format)
         name = g.node(op_type, [x.name], call.base)
+        kept = g.value(name, [1 if a in x.perm[2:] else d for a, d in enumerate(x.shape)],
+                       x.perm)
         if getattr(layer, "keepdims", False):
             return [call.out(name, x.perm)]
-        return [call.out(g.node("Flatten", [name], call.base, axis=1))]
+        flat = call.out(g.node("Flatten", [name], call.base, axis=1))
+        g.unflattened[flat.name] = kept
+        return [flat]
 
     return emit
 
@@ -223,6 +227,10 @@ def reshape_to(g, x, target, base):
     move, as in a squeeze-and-excite `[N, C] -> [N, 1, 1, C]`), the result is
     written channels first directly; otherwise in the Keras layout.
     """
+    pooled = g.unflattened.get(x.name)
+    if pooled is not None and tuple(pooled.shape[1:]) == tuple(target[1:]):
+        # A squeeze-and-excite's pooling reshaped back: its output before the Flatten.
+        return pooled.name, pooled.perm
     first = channels_first(len(target))
     if moves_only_ones(x.perm, x.shape) and len(target) > 2 and moves_only_ones(first, target) \
             and all(d is not None for d in target[1:]):

@@ -28,6 +28,7 @@ from bnconvert.onnx import layers
 from bnconvert.onnx import loops
 from bnconvert.onnx import norm
 from bnconvert.onnx import ops
+from bnconvert.onnx import peephole
 from bnconvert.onnx import recurrent
 from bnconvert.onnx import shape
 from bnconvert.onnx import spectral
@@ -120,6 +121,9 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
         outputs.append((name, tuple(tensor.shape), elem))
     _fuse_output_transposes(g, output_names)
     g.divisions_to_products()
+    shapes = {v.name: tuple(v.shape[a] for a in v.perm) for v in env.values()
+              if isinstance(v, Value)}
+    peephole.optimize(g, {i[0]: i[1] for i in inputs}, output_names, shapes)
     g.drop_unused()
     return g.model(model.name, inputs, outputs, "bnconvert")
 

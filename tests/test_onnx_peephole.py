@@ -1,0 +1,157 @@
+"""The native exporter's graph rewrites for speed (`bnconvert.onnx.peephole`).
+
+Each model is exported natively, run in onnxruntime on a batch and a
+spatial size other than the export check's, and compared with the Keras
+model (or NumPy float64); the ONNX graph is checked for the shape the
+rewrite gives it (what onnxruntime then runs faster).
+"""
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from bnconvert import export_onnx
+from bnconvert.onnx import peephole
+from bnconvert.onnx.graph import Graph
+
+L = keras.layers
+
+
+def _export(model, tmp_path):
+    path = str(tmp_path / "m.onnx")
+    export_onnx(model, path, exporter="native")
+    return path, onnx.load(path)
+
+
+def _run(path, x):
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})
+
+
+def _ops(proto):
+    return [n.op_type for n in proto.graph.node]
+
+
+def _randomized(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.weights and not isinstance(layer, L.Normalization):
+            layer.set_weights([rng.normal(0, 0.3, w.shape) for w in layer.get_weights()])
+    return model
+
+
+def test_input_preprocessing_runs_channels_first_as_one_add(tmp_path):
+    mean, variance = np.array([0.4, 0.5, 0.6]), np.array([0.05, 0.07, 0.09])
+    x = L.Input((None, None, 3))
+    y = L.Rescaling(1 / 255)(x)
+    y = L.Normalization(mean=mean, variance=variance)(y)
+    y = L.Conv2D(4, 3, strides=2, padding="same")(y)
+    model = _randomized(keras.Model(x, y))
+    path, proto = _export(model, tmp_path)
+    # The per-channel shift runs over NCHW planes, after the layout change; the
+    # scale went into the convolution's weights.
+    assert _ops(proto)[:3] == ["Transpose", "Add", "Conv"] and "Mul" not in _ops(proto)
+    shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    assert shapes[proto.graph.node[1].input[1]] == (1, 3, 1, 1)
+    data = np.random.default_rng(1).uniform(-50, 300, (2, 10, 14, 3)).astype("float32")
+    expected = np.asarray(model(data))
+    np.testing.assert_allclose(_run(path, data)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_merged_shift_keeps_the_digits_of_data_far_from_zero(tmp_path):
+    # mean 1000, std 0.01: x * (1/std) - mean/std would cancel five digits.
+    mean, variance = np.array([1000.0, -2000.0]), np.array([1e-4, 4e-4])
+    x = L.Input((5, 5, 2))
+    y = L.Rescaling(1.0, offset=0.0)(x)
+    y = L.Normalization(mean=mean, variance=variance)(y)
+    y = L.MaxPooling2D(2)(y)
+    model = keras.Model(x, y)
+    path, proto = _export(model, tmp_path)
+    assert "Sub" not in _ops(proto) and "Div" not in _ops(proto)
+    rng = np.random.default_rng(2)
+    data = (mean + np.sqrt(variance) * rng.normal(size=(3, 5, 5, 2))).astype("float32")
+    normalized = (data.astype(np.float64) - mean) / np.sqrt(variance)
+    expected = normalized[:, :4, :4].reshape(3, 2, 2, 2, 2, 2).max(axis=(2, 4))
+    np.testing.assert_allclose(_run(path, data)[0], expected, rtol=0, atol=1e-3)
+
+
+def test_squeeze_excite_keeps_the_pooled_tensor(tmp_path):
+    x = L.Input((None, None, 6))
+    y = L.Conv2D(6, 3, padding="same", activation="swish")(x)
+    s = L.GlobalAveragePooling2D()(y)
+    s = L.Reshape((1, 1, 6))(s)
+    s = L.Conv2D(2, 1, activation="swish")(s)
+    s = L.Conv2D(6, 1, activation="sigmoid")(s)
+    model = _randomized(keras.Model(x, L.Multiply()([y, s])))
+    path, proto = _export(model, tmp_path)
+    assert "Flatten" not in _ops(proto) and "Reshape" not in _ops(proto)
+    data = np.random.default_rng(3).normal(0, 3, (2, 7, 9, 6)).astype("float32")
+    np.testing.assert_allclose(_run(path, data)[0], np.asarray(model(data)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_rewrites_leave_shared_tensors_alone(tmp_path):
+    # The rescaled input is an output too, and the pooled vector feeds a Dense:
+    # neither the transpose nor the flatten may move away from them.
+    x = L.Input((6, 6, 3))
+    r = L.Rescaling(0.5, offset=-1.0)(x)
+    y = L.Conv2D(4, 3)(L.Rescaling(2.0)(r))
+    p = L.GlobalAveragePooling2D()(y)
+    head = L.Dense(3)(p)
+    back = L.Conv2D(4, 1)(L.Reshape((1, 1, 4))(p))
+    model = _randomized(keras.Model(x, [r, head, back]))
+    path, proto = _export(model, tmp_path)
+    assert "Flatten" in _ops(proto)
+    data = np.random.default_rng(4).normal(0, 5, (3, 6, 6, 3)).astype("float32")
+    for got, want in zip(_run(path, data), model(data)):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_tensors_read_only_inside_a_subgraph_are_kept():
+    g = Graph(17)
+    scaled = g.node("Mul", ["x", g.constant(np.full(3, 3.0), "three")], "scaled")
+    shifted = g.node("Add", [scaled, g.scalar(1.0)], "shifted")
+    branches = {}
+    for name, op in (("then_branch", "Mul"), ("else_branch", "Sub")):
+        body = onnx.helper.make_node(op, [shifted, scaled], [f"{name}_out"])
+        branches[name] = onnx.helper.make_graph(
+            [body], name, [], [onnx.helper.make_tensor_value_info(f"{name}_out", 1, [3])])
+    g.node("If", ["flag"], "y", output_names=["y"], **branches)
+    peephole.optimize(g, {"x": (3,), "flag": ()}, ["y"], {})
+    model = g.model("m", [("x", (3,)), ("flag", (), onnx.TensorProto.BOOL)], [("y", (3,))],
+                    "test")
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([1.5, -2.0, 4.0], np.float32)
+    for flag, want in ((True, (3 * x + 1) * (3 * x)), (False, 1.0)):
+        got = session.run(None, {"x": x, "flag": np.array(flag)})[0]
+        np.testing.assert_allclose(got, np.broadcast_to(want, (3,)), rtol=1e-6)
+
+
+def test_a_scale_before_a_convolution_goes_into_its_weights(tmp_path):
+    # Scalar, per-channel, and into a depthwise (grouped) convolution, "same"-padded;
+    # both branches read one transpose of the input.
+    x = L.Input((None, None, 3))
+    a = L.Conv2D(4, 3, padding="same")(L.Rescaling(1 / 127.5, offset=-1.0)(x))
+    b = L.DepthwiseConv2D(3, padding="same", depth_multiplier=2)(
+        L.Rescaling([0.5, 2.0, -3.0])(x))
+    model = _randomized(keras.Model(x, [a, b]))
+    path, proto = _export(model, tmp_path)
+    assert sorted(_ops(proto)) == ["Add", "Conv", "Conv", "Transpose", "Transpose",
+                                   "Transpose"]  # the input's, and one per output
+    data = np.random.default_rng(5).uniform(0, 255, (2, 9, 6, 3)).astype("float32")
+    for got, want in zip(_run(path, data), model(data)):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_a_scale_that_adds_channels_stays_out_of_the_weights(tmp_path):
+    # One channel broadcast to three by the product: the Conv reads three.
+    x = L.Input((7, 7, 1))
+    scale = np.array([0.5, 2.0, -3.0], "float32").reshape(1, 1, 1, 3)
+    y = L.Conv2D(2, 3, padding="same")(keras.ops.multiply(x, scale))
+    model = _randomized(keras.Model(x, y))
+    path, proto = _export(model, tmp_path)
+    assert "Mul" in _ops(proto)
+    data = np.random.default_rng(6).normal(0, 4, (2, 7, 7, 1)).astype("float32")
+    np.testing.assert_allclose(_run(path, data)[0], np.asarray(model(data)), rtol=1e-4,
+                               atol=1e-5)
