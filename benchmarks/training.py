@@ -42,6 +42,7 @@ variant in the second panel.
 
 Usage:
     python benchmarks/training.py [--quick] [--epochs N] [--seeds N] [--out PNG]
+                                  [--resume]
 """
 
 import argparse
@@ -202,9 +203,22 @@ def epochs_for(batch, n_train, epochs, min_steps=MIN_STEPS):
     return max(epochs, -(-min_steps // per_epoch))
 
 
+def done_runs(log_path):
+    """{(variant, norm, batch, seed)} already in `log_path`, if it exists."""
+    if not os.path.exists(log_path):
+        return set()
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {(r["variant"], r["norm"], r["batch"], r["seed"]) for r in rows}
+
+
 def measure(norms, batches, seeds, epochs, data, log_path, min_steps=MIN_STEPS):
     """Seed by seed over every configuration, each result appended to
-    `log_path` (JSON lines) as it comes, so a run cut short still plots."""
+    `log_path` (JSON lines) as it comes, so a run cut short still plots.
+    Runs already in `log_path` are skipped: each run resets weights,
+    optimizer state and the shuffle from its seed, so a resumed run measures
+    what an uninterrupted one would."""
+    done = done_runs(log_path)
     x, x_test, y, y_test = data
     variants = {"digits": (x, x_test), "offset": (shifted(x), shifted(x_test))}
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:REPLICAS]
@@ -213,9 +227,13 @@ def measure(norms, batches, seeds, epochs, data, log_path, min_steps=MIN_STEPS):
     for seed in range(seeds):
         for batch in batches:
             for norm in norms:
+                todo = [v for v in OFFSET_NORMS.get(norm, ("digits", "offset"))
+                        if (v, norm, batch, seed) not in done]
+                if not todo:
+                    continue
                 if (norm, batch) not in trainers:
                     trainers[norm, batch] = Trainer(norm, batch * REPLICAS, strategy)
-                for variant in OFFSET_NORMS.get(norm, ("digits", "offset")):
+                for variant in todo:
                     xv, xv_test = variants[variant]
                     n_epochs = epochs_for(batch, len(x), epochs, min_steps)
                     acc, step = trainers[norm, batch].run(seed, xv, y, xv_test,
@@ -318,6 +336,9 @@ def main(argv=None):
                              "a temporary file, so the committed results stay)")
     parser.add_argument("--log", default=None,
                         help="JSON-lines results (default: beside --out)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep --log and run only the (variant, norm, batch, "
+                             "seed) it lacks")
     parser.add_argument("--replot", action="store_true",
                         help="only print the table and plot from --log")
     args = parser.parse_args(argv)
@@ -330,7 +351,7 @@ def main(argv=None):
     log_path = args.log or os.path.splitext(out)[0] + ".jsonl"
     started = time.perf_counter()
     if not args.replot:
-        if os.path.exists(log_path):
+        if os.path.exists(log_path) and not args.resume:
             os.remove(log_path)
         print(f"digits, {REPLICAS} replicas, >= {epochs} epochs and >= {min_steps} "
               f"steps, {seeds} seed(s)", flush=True)

@@ -62,11 +62,16 @@ def test_plain_bn_under_the_strategy_fails_the_comparison(mirrored):
     assert dp.worst_step_error(after, ref_after) > 1e-3
 
 
-# The custom loop at every R; `fit` and the tf-keras twin at one R each, to
-# keep the slow total to minutes on 2 cores (R = 16 through `fit` passes too,
-# but alone takes about 5 minutes on a loaded machine).
-MATRIX = [("keras3", "loop", r) for r in (2, 4, 8, 16)] + [
-    ("keras3", "fit", 4), ("tf_keras", "loop", 8), ("tf_keras", "fit", 2),
+# Keras 3 through the custom loop and `fit` at every R (2 and 4: the table,
+# 8 and 16: the centered sums); the tf-keras twin once per exchange and path,
+# to keep the slow total to minutes on 2 cores. Keras 3's `fit` at R = 16
+# takes 30 s on a quiet machine, up to 2 minutes at load 10, most of it
+# TensorFlow releasing the 16-device input iterator when `fit` returns (at
+# load 10 about 2 s per step consumed, measured without our layer);
+# tf-keras's `fit` at 16 took 2 minutes, so the twin runs once per exchange
+# and path.
+MATRIX = [("keras3", path, r) for path in ("loop", "fit") for r in (2, 4, 8, 16)] + [
+    ("tf_keras", "loop", 8), ("tf_keras", "fit", 2),
 ]
 
 
