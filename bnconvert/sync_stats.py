@@ -319,12 +319,30 @@ def global_moments(x, axes, ctx, mask=None, group_size=None, reference=None,
         mask = tf.broadcast_to(tf.cast(mask, x.dtype), tf.shape(x))
     if method is None:
         method = method_for(replicas, ctx.strategy)
-    if method == "table":
-        return _table_moments(x, axes, ctx, mask, k)
     groups = replicas // k
-    if memory is not None and reference is not None:
+    if method == "centered" and memory is not None and reference is not None:
         reference = memory.reference(reference, groups)
-    moments = _centered_moments(x, axes, ctx, mask, k, reference)
+    forward = {}
+
+    @tf.custom_gradient
+    def exchange(x):
+        if method == "table":
+            m = _table_moments(x, axes, ctx, mask, k)
+        else:
+            m = _centered_moments(x, axes, ctx, mask, k, reference)
+        forward["moments"] = m
+
+        def grad(d_centered, d_correction, d_variance):
+            return _exchange_gradient(
+                ctx, k, m, mask, d_centered, d_correction, d_variance)
+
+        return (m.centered, m.correction, m.variance), grad
+
+    centered, correction, variance = exchange(x)
+    moments = forward["moments"]._replace(
+        centered=centered, correction=correction, variance=variance)
+    if method == "table":
+        return moments
     if memory is not None:
         memory.remember(moments.groups)
     if groups == 1:
@@ -334,6 +352,43 @@ def global_moments(x, axes, ctx, mask=None, group_size=None, reference=None,
     return moments._replace(
         groups=GroupMoments(*(tf.cast(t, x.dtype) for t in moments.groups))
     )
+
+
+def _exchange_gradient(ctx, k, m, mask, d_centered, d_correction, d_variance):
+    """The gradient of `(centered, correction, variance)` with respect to `x`.
+
+    Every value `x_j` of the group's batch enters the group's mean with
+    weight `1 / N` and its variance with `2 (x_j - mean) / N`; `correction`
+    is `-mean` plus terms without gradient. So, with `Gc` and `Gv` the sums
+    over the group's replicas of the upstream gradients of `correction` and
+    `variance` (one all-reduce of `2C` values):
+
+        dx = d_centered + mask * (2 Gv (x - mean) - Gc) / N,
+
+    `x - mean` being `centered + correction`. Autodiff through the exchange
+    builds several times more ops (casts, slices, stacks and their
+    gradients), which tracing and graph optimization pay for per layer and
+    replica.
+    """
+    zeros = lambda d, like: tf.zeros_like(like) if d is None else d
+    d_correction = zeros(d_correction, m.correction)
+    d_variance = zeros(d_variance, m.variance)
+    stat_shape = _stat_shape(m.correction, [])
+    payload = tf.reshape(tf.stack([d_correction, d_variance]), [1, -1])
+    groups = ctx.num_replicas_in_sync // k
+    if groups == 1:
+        summed = all_reduce(ctx, payload)
+    else:
+        group = replica_index(ctx) // k
+        summed = all_reduce(ctx, _place(payload, group, groups))[group]
+    shape = [2] + stat_shape if isinstance(stat_shape, list) else (
+        tf.concat([[2], stat_shape], 0))
+    g_correction, g_variance = tf.unstack(tf.reshape(summed, shape))
+    dx = (2.0 * g_variance * (m.centered + m.correction) - g_correction) * _reciprocal(
+        m.count)
+    if mask is not None:
+        dx = dx * mask
+    return dx if d_centered is None else dx + d_centered
 
 
 def _table_moments(x, axes, ctx, mask, k):
