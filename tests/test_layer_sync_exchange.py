@@ -367,7 +367,7 @@ def test_masked_payload_carries_a_count_per_channel(monkeypatch, counter):
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 def test_masked_gradients_match_float64(monkeypatch, counter, flavour, method):
-    # The exchange's gradient is written out (`sync_stats._exchange_gradient`):
+    # The exchange's gradient is written out (`sync_exchange._exchange_gradient`):
     # masked-out values pass the upstream gradient straight through and
     # enter neither the mean's nor the variance's term. Uneven shards, one
     # of them empty; reference: the same derivative in float64 NumPy.
