@@ -112,6 +112,7 @@ large as the forward one); the forward pass needs no `stop_gradient` in it.
 import collections
 import math
 
+import numpy as np
 import tensorflow as tf
 
 # `centered` is `x - shift` when already computed (normalizing reuses it).
@@ -279,7 +280,12 @@ def _keep(t):
 
 def reciprocal(count, prune=_keep):
     """`1 / count` (0 for 0); with `prune=tf.stop_gradient`, without gradient
-    (a product's gradient is 2 ops, a `divide_no_nan`'s 9)."""
+    (a product's gradient is 2 ops, a `divide_no_nan`'s 9). A constant for
+    a constant count."""
+    static = tf.get_static_value(count)
+    if static is not None:
+        inverse = np.divide(1.0, static, out=np.zeros_like(static), where=static != 0)
+        return tf.constant(inverse, count.dtype)
     return prune(tf.math.divide_no_nan(tf.ones_like(count), count))
 
 
