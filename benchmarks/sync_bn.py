@@ -32,6 +32,7 @@ ResNet50's BN layers at R = 64, 256, 1024.
 Usage:
     python benchmarks/sync_bn.py [--quick] [--only p1,p2,p2t,p5] [--repeat N]
                                  [--depth N] [--rounds N] [--replicas 2,4,8]
+                                 [--kerases keras,tf_keras]
 """
 
 import argparse
@@ -295,6 +296,8 @@ def main():
                         help="p2t: Conv-BN blocks of the net (default 60)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="p2t: rounds per replica count (default 3; medians)")
+    parser.add_argument("--kerases", default="keras,tf_keras",
+                        help="p2t: comma-separated flavours (default keras,tf_keras)")
     parser.add_argument("--replicas", default="2,4,8",
                         help="p2t: comma-separated replica counts (default 2,4,8)")
     args = parser.parse_args()
@@ -311,7 +314,8 @@ def main():
         import sync_bn_trace
 
         sync_bn_trace.p2_trace(sys.modules[__name__], args.quick, args.depth, args.rounds,
-                               [int(r) for r in args.replicas.split(",")])
+                               [int(r) for r in args.replicas.split(",")],
+                               args.kerases.split(","))
     if "p5" in only:
         import sync_bn_scale
 

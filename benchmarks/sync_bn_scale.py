@@ -8,7 +8,8 @@ borrows the strategies, the conv net and the timing loop of that script
   `tf.distribute.ReplicaContext.all_reduce` (which `sync_stats.all_reduce`
   calls, and keras-sync too) is wrapped so that every call adds what it
   sends to counters, at run time. Forward alone, then forward + backward
-  (the gradient of an all-reduce SUM is an all-reduce of the same size).
+  (ours: one all-reduce of the 2C upstream sums; keras-sync: autodiff, the
+  gradient of an all-reduce SUM being an all-reduce of the same size).
 - Training-step time at 2, 4, 8, 16 replicas: each of our exchanges forced
   (`table`, `centered`) and keras-sync, measured alternately in the same
   run; ratios against keras-sync and centered / table. `--repeat N` runs
@@ -201,15 +202,18 @@ def p5(bench, quick, repeat=1):
           "step (forward + backward, all BN layers), from the measured bytes per call")
     print(f"    {'R':>6}{'table MB':>11}{'centered MB':>13}{'keras-sync MB':>15}")
     last = replica_counts[-1]
-    # Per layer and channel, as measured at C = 64: table 2 * R * 4 * 4
-    # bytes; centered 2 * 8 * 2 (+ 2 * 8 per layer for the count).
-    table_per_rc = measured[last, "table"][3] / (last * channels)
-    centered_fixed = 2 * 8  # the count, forward and backward
+    # Per layer and channel, as measured at C = 64: table R * 4 * 4 bytes
+    # forward, centered 8 * 2 (+ 8 per layer for the count); backward, both
+    # 2 * 4 (the upstream sums of the correction and the variance).
+    fb, bb = measured[last, "table"][2:]
+    table_per_rc = fb / (last * channels)
+    backward_per_c = (bb - fb) / channels
+    centered_fixed = 8  # the count, forward only
     centered_per_c = (measured[last, "centered"][3] - centered_fixed) / channels
     keras_per_c = measured[last, "keras-sync"][3] / channels
     for replicas in (64, 256, 1024):
         mb = lambda b: b / 1e6
-        table = table_per_rc * replicas * total_c
+        table = (table_per_rc * replicas + backward_per_c) * total_c
         centered = centered_per_c * total_c + centered_fixed * layers
         print(f"    {replicas:>6}{mb(table):>11.1f}{mb(centered):>13.3f}"
               f"{mb(keras_per_c * total_c):>15.3f}")

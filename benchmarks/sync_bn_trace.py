@@ -80,7 +80,8 @@ def measure(bench, k, replicas, depth, rounds, x, y):
             for n, v in times.items()}
 
 
-def p2_trace(bench, quick=False, depth=None, rounds=None, replicas=REPLICAS):
+def p2_trace(bench, quick=False, depth=None, rounds=None, replicas=REPLICAS,
+             kerases=("keras", "tf_keras")):
     import keras
     import numpy as np
     import tf_keras
@@ -99,7 +100,7 @@ def p2_trace(bench, quick=False, depth=None, rounds=None, replicas=REPLICAS):
     pair = lambda t: f"{t[0]:.1f} / {t[1]:.1f}"
     ratio = lambda a, b: f"{a[0] / b[0]:.2f} / {a[1] / b[1]:.2f}"
     ratios = {}
-    for k in (keras, tf_keras):
+    for k in [{"keras": keras, "tf_keras": tf_keras}[name] for name in kerases]:
         for r in replicas:
             med = measure(bench, k, r, depth, rounds, x, y)
             total = {n: (v[0][0] + v[1][0], v[0][1] + v[1][1]) for n, v in med.items()}

@@ -16,6 +16,7 @@ and `x - mean` is formed as `(x - shift) + correction` (see
 
 import tensorflow as tf
 
+from bnconvert import sync_exchange
 from bnconvert import sync_stats
 
 
@@ -38,7 +39,7 @@ def batch_moments(x, reduction_axes, weights=None, *, group_size=None,
     """
     ctx = sync_stats.replica_context()
     if ctx is not None:
-        return sync_stats.global_moments(
+        return sync_exchange.global_moments(
             x, reduction_axes, ctx, weights, group_size=group_size,
             reference=fallback_reference, memory=memory,
         )
@@ -137,9 +138,10 @@ def moving_targets(moments, unbiased=False):
 class MeanMemory:
     """Per-replica memory of every group's last mean: the references `r`.
 
-    A sync-on-read variable of `groups * C` values, so that each replica
-    reads and writes its own copy without any traffic (every replica writes
-    the same values, having seen every group's statistics). It is
+    A sync-on-read float64 variable of `[groups, C]` values (the centered
+    sums' own type and layout: no cast or reshape to build), so that each
+    replica reads and writes its own copy without any traffic (every replica
+    writes the same values, having seen every group's statistics). It is
     deliberately not a layer weight: it is not saved, and a reloaded layer
     starts again from its moving mean. Created only under a strategy with
     several replicas, in cross-replica context; otherwise `reference()`
@@ -154,31 +156,28 @@ class MeanMemory:
         if replicas > 1 and replicas % k == 0 and tf.distribute.in_cross_replica_context():
             with tf.init_scope():
                 self.variable = tf.Variable(
-                    tf.fill([replicas // k * channels], float("nan")),
+                    tf.fill([replicas // k, channels], tf.constant(float("nan"), tf.float64)),
                     trainable=False,
                     synchronization=tf.VariableSynchronization.ON_READ,
                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
                     name="sync_bn_reference",
                 )
 
-    def _usable(self, size):
-        return self.variable is not None and self.variable.shape[0] == size
+    def _usable(self, shape):
+        return self.variable is not None and self.variable.shape == shape
 
     def reference(self, fallback, groups):
-        """`[groups, C]`: the remembered means; `fallback` where there is none."""
+        """`[groups, C]` float64: the remembered means; `fallback` (any float
+        type) where there is none."""
         fallback = tf.reshape(fallback, [1, -1])
-        channels = fallback.shape[1]
-        if not self._usable(groups * channels):
+        if not self._usable([groups, fallback.shape[1]]):
             return fallback
-        value = tf.cast(tf.convert_to_tensor(self.variable), fallback.dtype)
-        value = tf.reshape(value, [groups, channels])
-        return tf.where(tf.math.is_nan(value), fallback, value)
+        value = tf.convert_to_tensor(self.variable)
+        return tf.where(tf.math.is_nan(value), tf.cast(fallback, value.dtype), value)
 
     def remember(self, g):
-        """Keeps each group's mean (`GroupMoments`) where it held values."""
-        if g is None or not self._usable(g.mean.shape.num_elements() or -1):
+        """Keeps each group's mean (`GroupMoments`, float64) where it held values."""
+        if g is None or not self._usable(g.mean.shape):
             return
         old = tf.convert_to_tensor(self.variable)
-        mean = tf.cast(tf.reshape(g.mean, [-1]), old.dtype)
-        has = tf.reshape(g.count > 0, [-1])
-        self.variable.assign(tf.where(has, mean, old))
+        self.variable.assign(tf.where(g.count > 0, tf.cast(g.mean, old.dtype), old))

@@ -82,9 +82,9 @@ No state, no float64; its payload grows with R.
 
 Graph size: tracing and the first call cost in proportion to the ops each
 layer adds, per replica. Hence a static replica index, no `tf.cond`, one
-scatter to place a row, one stack/unstack per set of statistics, and no
-gradient through counts, shifts or references (they do not depend on `x`);
-`tests/test_layer_graph_size.py` pins the ops per layer call.
+scatter to place a row, one stack/unstack per set of statistics, a constant
+count where the shape is static, and a gradient written out rather than
+derived (below); `tests/test_layer_graph_size.py` pins the ops per layer call.
 
 Replica groups
 --------------
@@ -97,14 +97,22 @@ with its own group's; the moving statistics blend in the average over groups
 stay identical. The centered payload is `R / k` rows, which grows with R for
 a fixed `k`: `tf.distribute` exposes no collective over a replica subset.
 
-Gradients flow through the float64 casts (a cast's gradient is a cast) and
-the all-reduce (whose gradient is again an all-reduce SUM), so they equal
-those of single-device BN on the concatenated batch of the group.
+Gradient
+--------
+Both exchanges carry the same written-out gradient (`bnconvert.sync_exchange`):
+each value of the group's batch enters the mean with weight `1 / N` and the
+variance with `2 (x - mean) / N`, so one more all-reduce SUM, of the `2C`
+upstream gradients of the correction and the variance (float32), gives every
+replica what single-device BN on the group's concatenated batch computes.
+Autodiff through the exchange built about a quarter more ops per layer call
+(casts, stacks, slices and their gradients, and a gradient all-reduce as
+large as the forward one); the forward pass needs no `stop_gradient` in it.
 """
 
 import collections
 import math
 
+import numpy as np
 import tensorflow as tf
 
 # `centered` is `x - shift` when already computed (normalizing reuses it).
@@ -194,16 +202,16 @@ def replica_index(ctx):
     return rid if static is None else int(static)
 
 
-def _first_along(x, axes):
+def _first_along(x, axes, prune):
     """The first element along each of `axes` (keepdims); zeros if empty."""
     # `x[:1]` clamps: on a zero-example replica the slice is empty and its
     # sum is 0 (finite; irrelevant, its count is 0). Otherwise the sum of
     # one value is that value, exactly. No `tf.cond` to build.
     first = x[tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.shape.rank))]
-    return tf.stop_gradient(tf.reduce_sum(first, axes, keepdims=True))
+    return prune(tf.reduce_sum(first, axes, keepdims=True))
 
 
-def _stat_shape(x, axes):
+def stat_shape(x, axes):
     """The `keepdims=True` shape of a reduction over `axes` (static if known)."""
     rank = x.shape.rank
     static = [1 if a in axes else x.shape[a] for a in range(rank)]
@@ -217,8 +225,11 @@ def _count(x, axes, mask):
     """Values per channel (keepdims); `mask` is None or a broadcast 0/1 mask."""
     if mask is not None:
         return tf.reduce_sum(mask, axes, keepdims=True)
-    shape = _stat_shape(x, axes)
-    channels = _channels(shape) if isinstance(shape, list) else 0
+    shape = stat_shape(x, axes)
+    if x.shape.is_fully_defined():
+        # A static batch (a fixed input, or `drop_remainder`): one constant.
+        return tf.constant(x.shape.num_elements() // channel_count(shape), x.dtype, shape)
+    channels = channel_count(shape) if isinstance(shape, list) else 0
     if channels:
         # One integer division of the size: exact, and two ops.
         n = tf.size(x, out_type=tf.int64) // channels
@@ -241,190 +252,42 @@ def local_moments(x, axes, mask=None):
         the number of values, the shift, the mean of `x - shift` and the sum
         of squared deviations from the mean.
     """
-    return _local_moments(x, axes, mask)[1:]
+    return shifted_moments(x, axes, mask)[1:]
 
 
-def _local_moments(x, axes, mask):
-    """`(x - shift,) + local_moments(x, axes, mask)`."""
-    shift = _first_along(x, axes)
+def shifted_moments(x, axes, mask, prune=True):
+    """`(x - shift,) + local_moments(x, axes, mask)`.
+
+    `prune=True` stops the gradient where none is needed (fewer ops for
+    autodiff to build); the exchanges, whose gradient is written out
+    (`bnconvert.sync_exchange`), pass False.
+    """
+    prune = tf.stop_gradient if prune else _keep
+    shift = _first_along(x, axes, prune)
     d = x - shift
     if mask is not None:
         mask = tf.broadcast_to(mask, tf.shape(x))
     count = _count(x, axes, mask)
     w = (lambda t: t) if mask is None else (lambda t: t * mask)
-    mean = tf.reduce_sum(w(d), axes, keepdims=True) * _reciprocal(count)
-    m2 = tf.reduce_sum(
-        w(tf.math.squared_difference(d, tf.stop_gradient(mean))), axes, keepdims=True
-    )
+    mean = tf.reduce_sum(w(d), axes, keepdims=True) * reciprocal(count, prune)
+    m2 = tf.reduce_sum(w(tf.math.squared_difference(d, prune(mean))), axes, keepdims=True)
     return d, count, shift, mean, m2
 
 
-def _reciprocal(count):
-    """`1 / count` (0 for 0), without gradient: a product's gradient is 2 ops,
-    a `divide_no_nan`'s 9."""
-    return tf.stop_gradient(tf.math.divide_no_nan(tf.ones_like(count), count))
+def _keep(t):
+    return t
 
 
-def _place(row, index, rows):
-    """`row` (`[1, P]`) as row `index` of an otherwise-zero `[rows, P]` buffer."""
-    # A scatter: its gradient is one gather (a pad's takes nine ops).
-    indices = [[index]] if isinstance(index, int) else tf.reshape(index, [1, 1])
-    width = row.shape[1] if row.shape[1] is not None else tf.shape(row)[1]
-    return tf.scatter_nd(indices, row, [rows, width])
+def reciprocal(count, prune=_keep):
+    """`1 / count` (0 for 0); with `prune=tf.stop_gradient`, without gradient
+    (a product's gradient is 2 ops, a `divide_no_nan`'s 9). A constant for
+    a constant count."""
+    static = tf.get_static_value(count)
+    if static is not None:
+        inverse = np.divide(1.0, static, out=np.zeros_like(static), where=static != 0)
+        return tf.constant(inverse, count.dtype)
+    return prune(tf.math.divide_no_nan(tf.ones_like(count), count))
 
 
-def _channels(shape):
+def channel_count(shape):
     return math.prod(shape) if isinstance(shape, list) else tf.reduce_prod(shape)
-
-
-def _group_stats(stats, group, stat_shape, dtype=None):
-    """Row `group` of each of `stats` (`[groups, ...]`), in `stat_shape`:
-    one stack, slice (none for one group), reshape and unstack for all."""
-    stacked = tf.stack(stats, axis=1)
-    if stacked.shape[0] != 1:
-        stacked = stacked[group]
-    stacked = tf.cast(stacked, dtype or stacked.dtype)
-    shape = [len(stats)] + stat_shape if isinstance(stat_shape, list) else (
-        tf.concat([[len(stats)], stat_shape], 0))
-    return tf.unstack(tf.reshape(stacked, shape))
-
-
-def global_moments(x, axes, ctx, mask=None, group_size=None, reference=None,
-                   method=None, memory=None):
-    """Count-weighted moments of the global (or group) batch, in one all-reduce.
-
-    Args:
-        x: float tensor (this replica's slice of the batch).
-        axes: list of reduction axes (non-negative); the others are channels.
-        ctx: a `tf.distribute.ReplicaContext` with more than one replica.
-        mask: optional 0/1 tensor broadcastable to `x`.
-        group_size: replicas per group; `None` or 0 for all of them.
-        reference: `[groups, C]` (or `[C]`, shared) tensor that every
-            replica holds identically: where each group's centered sums are
-            taken. `None` means 0.
-        method: `"table"`, `"centered"` or `None` (`method_for`).
-        memory: optional `MeanMemory`; the centered sums read their
-            reference from it (`reference` where it holds none) and write
-            every group's new mean to it.
-
-    Returns:
-        A `GlobalMoments` whose fields have `keepdims=True` shape, for this
-        replica's group. Normalize with `x - mean == (x - shift) +
-        correction`; `count` counts the group's values; `groups` holds every
-        group's mean, variance and count, `[groups, C]`.
-    """
-    replicas = ctx.num_replicas_in_sync
-    k = group_size_for(replicas, group_size)
-    if mask is not None:
-        mask = tf.broadcast_to(tf.cast(mask, x.dtype), tf.shape(x))
-    if method is None:
-        method = method_for(replicas, ctx.strategy)
-    if method == "table":
-        return _table_moments(x, axes, ctx, mask, k)
-    groups = replicas // k
-    if memory is not None and reference is not None:
-        reference = memory.reference(reference, groups)
-    moments = _centered_moments(x, axes, ctx, mask, k, reference)
-    if memory is not None:
-        memory.remember(moments.groups)
-    if groups == 1:
-        # One group: its statistics are the batch statistics.
-        return moments._replace(groups=None)
-    # Every group's float64 statistics, in the input's type.
-    return moments._replace(
-        groups=GroupMoments(*(tf.cast(t, x.dtype) for t in moments.groups))
-    )
-
-
-def _table_moments(x, axes, ctx, mask, k):
-    centered, count, shift, mu, m2 = _local_moments(x, axes, mask)
-    stat_shape = _stat_shape(x, axes)
-    replicas = ctx.num_replicas_in_sync
-    rid = replica_index(ctx)
-    row = tf.reshape(tf.stack([count, shift, mu, m2]), [1, -1])
-    table = all_reduce(ctx, _place(row, rid, replicas))
-    # [groups, k, C] each: group g holds rows [g * k, (g + 1) * k).
-    counts, shifts, mus, m2s = tf.unstack(
-        tf.reshape(table, [replicas // k, k, 4, -1]), axis=2
-    )
-    # Counts and shifts do not depend on `x`: no gradient to build there.
-    counts, shifts = tf.stop_gradient(counts), tf.stop_gradient(shifts)
-    # Every replica sees the same rows, so every one takes the same
-    # reference per group: the count-weighted mean of the shifts, which lies
-    # among them (0 for an empty group).
-    total = tf.reduce_sum(counts, axis=1, keepdims=True)
-    inverse = _reciprocal(total)
-    reference = tf.reduce_sum(counts * shifts, axis=1, keepdims=True) * inverse
-    offsets = (shifts - reference) + mus
-    delta = tf.reduce_sum(counts * offsets, axis=1, keepdims=True) * inverse
-    # No gradient through delta here: d(m2)/d(delta) = -2 sum(n (o - delta)) = 0.
-    m2 = tf.reduce_sum(
-        m2s + counts * tf.square(offsets - tf.stop_gradient(delta)), axis=1, keepdims=True
-    )
-    variances = m2 * inverse
-    ref, dlt, variance, n = _group_stats(
-        [reference, delta, variances, total], rid // k, stat_shape
-    )
-    groups = None
-    if k < replicas:
-        groups = GroupMoments(*(t[:, 0] for t in (reference + delta, variances, total)))
-    return GlobalMoments(
-        shift=shift,
-        correction=(shift - ref) - dlt,
-        mean=ref + dlt,
-        variance=variance,
-        count=n,
-        groups=groups,
-        centered=centered,
-    )
-
-
-def _centered_moments(x, axes, ctx, mask, k, reference):
-    centered, count, shift, mu, m2 = _local_moments(x, axes, mask)
-    stat_shape = _stat_shape(x, axes)
-    channels = _channels(stat_shape)
-    groups = ctx.num_replicas_in_sync // k
-    group = replica_index(ctx) // k
-    if reference is None:
-        reference = tf.zeros([channels], tf.float64)
-    r_all = tf.cast(tf.reshape(reference, [-1, channels]), tf.float64)
-    r_all = tf.stop_gradient(tf.broadcast_to(r_all, [groups, channels]))
-    # O(C) float64 from here on: this replica's mean relative to r, and its
-    # sums around r (Chan's per-replica term n * d^2 added to its M2).
-    n, s, mu, m2 = tf.unstack(
-        tf.cast(tf.reshape(tf.stack([count, shift, mu, m2]), [4, 1, -1]), tf.float64)
-    )
-    # Counts and shifts do not depend on `x`: no gradient to build there.
-    n, s = tf.stop_gradient(n), tf.stop_gradient(s)
-    # One group: r_all is its row, no slice to build.
-    local_shift = s - (r_all if groups == 1 else r_all[group])
-    d = local_shift + mu
-    s1 = n * d
-    s2 = m2 + n * tf.square(d)
-    # One count for all channels without a mask: the payload is 2C + 1.
-    width = 1 if mask is None else channels
-    sums = tf.reshape(tf.stack([s1, s2], axis=1), [1, -1])
-    payload = tf.concat([n if mask is not None else n[:, :1], sums], axis=1)
-    reduced = all_reduce(ctx, _place(payload, group, groups))
-    # [groups, C] each; every replica holds every group's values.
-    counts, s1_all, s2_all = tf.split(reduced, [width, channels, channels], axis=1)
-    counts = tf.stop_gradient(tf.broadcast_to(counts, [groups, channels]))
-    inverse = _reciprocal(counts)
-    offsets = s1_all * inverse
-    second = s2_all * inverse
-    # Rounding can take the difference a hair below zero.
-    variances = tf.nn.relu(second - tf.square(offsets))
-    means = r_all + offsets
-    correction, mean, variance, count = _group_stats(
-        [local_shift - offsets, means, variances, counts], group, stat_shape, x.dtype
-    )
-    return GlobalMoments(
-        shift=shift,
-        correction=correction,
-        mean=mean,
-        variance=variance,
-        count=count,
-        # float64; `global_moments` casts them where they are kept.
-        groups=GroupMoments(means, variances, counts),
-        centered=centered,
-    )

@@ -8,7 +8,8 @@ layer call, forward and backward, collective included; divided by the
 replica count it is the cost per replica. Pinned against Keras's own
 synchronized BN, counted the same way in the same run, and against an
 absolute bound (the exchange used to add ~390 ops per replica, with a
-`tf.cond`, pad / concat / split and argmax / one_hot).
+`tf.cond`, pad / concat / split and argmax / one_hot; then ~250 with autodiff
+through the exchange, before its gradient was written out).
 """
 
 import keras
@@ -59,11 +60,12 @@ FLAVOURS = {
     "tf_keras": (bnconvert.compat.SyncBatchNormalization,
                  lambda: tf_keras.layers.BatchNormalization(synchronized=True)),
 }
-# Upper bounds per replica (R = 2). Measured: keras3 225 table / 267 centered,
-# tf_keras 230 / 272; Keras's synchronized BN 190, tf-keras's 226.
-# Before the exchange was trimmed: 393 / 385 and 398 / 390.
-BOUNDS = {("keras3", "table"): 240, ("keras3", "centered"): 285,
-          ("tf_keras", "table"): 245, ("tf_keras", "centered"): 290}
+# Upper bounds per replica (R = 2). Measured: keras3 174 table / 192 centered,
+# tf_keras 179 / 197; Keras's synchronized BN 190, tf-keras's 226. Before the
+# exchange's gradient was written out: 225 / 267 and 230 / 272; before the
+# exchange was trimmed: 393 / 385 and 398 / 390.
+BOUNDS = {("keras3", "table"): 185, ("keras3", "centered"): 203,
+          ("tf_keras", "table"): 190, ("tf_keras", "centered"): 208}
 
 
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
@@ -74,4 +76,4 @@ def test_ops_per_layer_call_are_bounded(monkeypatch, flavour, method, replicas):
     mine = ops_per_layer(ours, replicas)
     anchor = ops_per_layer(theirs, replicas)
     assert mine <= BOUNDS[(flavour, method)], (mine, anchor)
-    assert mine <= 1.5 * anchor, (mine, anchor)
+    assert mine <= 1.1 * anchor, (mine, anchor)

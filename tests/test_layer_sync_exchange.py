@@ -116,11 +116,15 @@ def test_both_exchanges_match_float64(monkeypatch, counter, flavour, method, siz
     assert_close(layer.moving_variance.numpy(),
                  0.9 * w["moving_variance"] + 0.1 * batch_var, 1e-5, "moving_variance")
 
+    # One collective forward, one backward: the upstream gradients of the
+    # correction and the variance, 2C float32 values, on both exchanges.
     calls, values, sent = counter.per_replica(4)
+    back = (1, 2 * CHANNELS, 4 * 2 * CHANNELS)
     if method == "table":
-        assert (calls, values, sent) == (1, 4 * 4 * CHANNELS, 4 * 4 * 4 * CHANNELS)
+        forward = (1, 4 * 4 * CHANNELS, 4 * 4 * 4 * CHANNELS)
     else:
-        assert (calls, values, sent) == (1, 2 * CHANNELS + 1, 8 * (2 * CHANNELS + 1))
+        forward = (1, 2 * CHANNELS + 1, 8 * (2 * CHANNELS + 1))
+    assert (calls, values, sent) == tuple(f + b for f, b in zip(forward, back))
 
 
 def offset_step(strategy, layer, x, sizes):
@@ -299,12 +303,14 @@ def test_replica_groups_match_float64_per_group(monkeypatch, counter, flavour, m
         copies = [np.asarray(v) for v in getattr(var_, "values", [var_])]
         for c in copies[1:]:
             np.testing.assert_array_equal(c, copies[0], err_msg=name)
+    # Forward, then backward: each group's upstream gradient sums, 2C values.
     calls, values, _ = counter.per_replica(4)
     groups = 4 // group_size
+    back = groups * 2 * CHANNELS
     if method == "table":
-        assert (calls, values) == (1, 4 * 4 * CHANNELS)
+        assert (calls, values) == (2, 4 * 4 * CHANNELS + back)
     else:
-        assert (calls, values) == (1, groups * (2 * CHANNELS + 1))
+        assert (calls, values) == (2, groups * (2 * CHANNELS + 1) + back)
 
 
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
@@ -356,3 +362,47 @@ def test_masked_payload_carries_a_count_per_channel(monkeypatch, counter):
     expected = (x - mean) / np.sqrt(var + EPSILON) * layer.gamma.numpy() + layer.beta.numpy()
     assert_close(y, expected, 1e-5, "masked y")
     assert counter.per_replica(4) == (1, 3 * CHANNELS, 8 * 3 * CHANNELS)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_masked_gradients_match_float64(monkeypatch, counter, flavour, method):
+    # The exchange's gradient is written out (`sync_exchange._exchange_gradient`):
+    # masked-out values pass the upstream gradient straight through and
+    # enter neither the mean's nor the variance's term. Uneven shards, one
+    # of them empty; reference: the same derivative in float64 NumPy.
+    use_method(monkeypatch, method)
+    strategy = mirrored_strategy(4)
+    layer = build(FLAVOURS[flavour], strategy)
+    rng = np.random.default_rng(zlib.crc32(repr(("masked", flavour, method)).encode()))
+    w = set_weights(layer, rng, np.zeros(CHANNELS))
+    sizes = [5, 0, 4, 3]
+    x = make_data(rng, sizes, 20.0)
+    dy = rng.normal(size=x.shape).astype("float32")
+    mask = rng.random(x.shape[:-1]) > 0.3
+
+    def step(v, m, g):
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            y = layer(v, training=True, mask=m)
+            loss = tf.reduce_sum(y * g)
+        return tape.gradient(loss, v)
+
+    dist = lambda a: strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(split(a, sizes)[ctx.replica_id_in_sync_group]))
+    dx = tf.function(lambda *a: strategy.run(step, args=a))(dist(x), dist(mask), dist(dy))
+    dx = np.concatenate([np.asarray(t, np.float64) for t in
+                         strategy.experimental_local_results(dx)])
+
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    m = mask[..., None].astype(np.float64)
+    n = m.sum(axis=(0, 1, 2))
+    mean = (x64 * m).sum(axis=(0, 1, 2)) / n
+    var = (m * (x64 - mean) ** 2).sum(axis=(0, 1, 2)) / n
+    inv = 1.0 / np.sqrt(var + EPSILON)
+    g = w["gamma"]
+    d_mean = -(g * inv * dy64).sum(axis=(0, 1, 2))
+    d_var = -0.5 * (dy64 * g * (x64 - mean)).sum(axis=(0, 1, 2)) * inv ** 3
+    expected = g * inv * dy64 + m * (d_mean + 2.0 * (x64 - mean) * d_var) / n
+    assert_close(dx, expected, 1e-5, "masked dx")
+    assert counter.per_replica(4)[0] == 2

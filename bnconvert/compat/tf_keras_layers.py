@@ -250,6 +250,12 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
             channels *= int(input_shape[a])
         self._memory = bn_math.MeanMemory(channels, self.sync_group_size)
 
+    # tf-keras runs a subclassed layer's `call` through AutoGraph, which
+    # would wrap every TensorFlow call of the exchange at each trace, once
+    # per replica; the code branches on Python values only (a tensor
+    # `training` takes the explicit `tf.cond` below), so it runs as written,
+    # as tf-keras's own layers do.
+    @tf.autograph.experimental.do_not_convert
     def call(self, inputs, training=None, mask=None):
         inputs = tf.cast(inputs, self.compute_dtype)
         if training is None:
