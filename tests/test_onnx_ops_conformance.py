@@ -26,7 +26,9 @@ from bnconvert.onnx.graph import Uncovered
 
 OPSETS = (13, 17, 21)
 BATCH = 3
-HEADS = ("keras", "nchw")
+# The channels-first head doubles the matrix: it runs with the slow tests (in CI too), the
+# Keras-layout head in the quick tier.
+HEADS = ("keras", pytest.param("nchw", marks=pytest.mark.slow))
 
 
 def _data(shape, seed=0):
