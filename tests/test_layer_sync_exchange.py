@@ -151,7 +151,10 @@ OFFSET_SIZES = {
 
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 @pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize("replicas,split_name", sorted(OFFSET_SIZES))
+@pytest.mark.parametrize("replicas,split_name", [
+    # 8 replicas cost about 3 s each: they run with the slow tests (CI included).
+    pytest.param(r, s, marks=pytest.mark.slow) if r == 8 else (r, s)
+    for r, s in sorted(OFFSET_SIZES)])
 def test_offset_data_from_scratch_every_step(monkeypatch, counter, flavour, method,
                                              replicas, split_name):
     # Mean 1000, std 0.01, moving statistics at their initializers (mean 0,

@@ -151,7 +151,8 @@ def _fresh_reload(path, x_path, tmp_path):
     return info, np.load(tmp_path / "y.npy")
 
 
-@pytest.mark.parametrize("name", ["convbn", "net", "backbone"])
+@pytest.mark.parametrize("name", ["convbn", pytest.param("net", marks=pytest.mark.slow),
+                                  pytest.param("backbone", marks=pytest.mark.slow)])
 def test_to_sync_file_reloads_synchronized_in_a_fresh_process(wild, name):
     tmp_path, module = wild
     model = _randomize(_models(module)[name])
