@@ -282,5 +282,4 @@ def drop_unused(g, output_names):
             break
         gone = {id(node) for node in dead}
         g.nodes = [n for n in g.nodes if id(n) not in gone]
-    read = {name for node in g.nodes for name in list(node.input) + _inner_inputs(node)}
-    g.initializers = [(n, a) for n, a in g.initializers if n in read]
+    g.drop_unused()

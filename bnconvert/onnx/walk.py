@@ -123,8 +123,8 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
     g.divisions_to_products()
     shapes = {v.name: tuple(v.shape[a] for a in v.perm) for v in env.values()
               if isinstance(v, Value)}
+    # Its last step drops the nodes and initializers nothing reads.
     peephole.optimize(g, {i[0]: i[1] for i in inputs}, output_names, shapes)
-    g.drop_unused()
     return g.model(model.name, inputs, outputs, "bnconvert")
 
 
