@@ -99,6 +99,12 @@ def _fit_last(g, call, name, have, want, rank):
     return name
 
 
+def _half_spectrum(g, call, real, imag, have, bins):
+    """`[real, imag]` side by side on the last axis, each fitted from `have` to `bins` bins."""
+    parts = [_fit_last(g, call, v.name, have, bins, real.rank) for v in (real, imag)]
+    return g.node("Concat", parts, call.base, axis=-1)
+
+
 def _rfft(g, call, p):
     x = g.keras(p["x"])
     have = _length(call, "RFFT", x)
@@ -138,8 +144,7 @@ def _irfft(g, call, p):
     if n < 1:
         _refuse(call, "IRFFT", "an output length below 1")
     bins = n // 2 + 1
-    parts = [_fit_last(g, call, v.name, have, bins, real.rank) for v in (real, imag)]
-    both = g.node("Concat", parts, call.base, axis=-1)
+    both = _half_spectrum(g, call, real, imag, have, bins)
     return [call.out(_matmul(g, call, both, _inverse_real_dft(n, bins), "irdft"))]
 
 
@@ -274,8 +279,7 @@ def _istft(g, call, p):
         _refuse(call, "ISTFT", "a tensor of rank < 2")
     frames, have = _length(call, "ISTFT", real, -2), _length(call, "ISTFT", real)
     bins = n // 2 + 1
-    parts = [_fit_last(g, call, v.name, have, bins, real.rank) for v in (real, imag)]
-    both = g.node("Concat", parts, call.base, axis=-1)  # [..., F, 2 bins]
+    both = _half_spectrum(g, call, real, imag, have, bins)  # [..., F, 2 bins]
     both = g.node("Reshape", [both, g.ints([-1, frames, 2 * bins])], call.base)
     both = g.node("Transpose", [both], call.base, perm=[0, 2, 1])  # [B, 2 bins, F]
     kernel = _inverse_real_dft(n, bins)  # [2 bins, n]
