@@ -101,16 +101,32 @@ class Keras3Flavour(flavour.Flavour):
         return preset
 
     def load(self, path, fmt, custom_objects=None, safe_mode=True):
-        model = keras.saving.load_model(
-            str(path), custom_objects=custom_objects, compile=False,
-            safe_mode=safe_mode,
-        )
+        with _deferred_initializers():
+            model = keras.saving.load_model(
+                str(path), custom_objects=custom_objects, compile=False,
+                safe_mode=safe_mode,
+            )
         if isinstance(model, keras.Model) and fmt == formats.KERAS:
             _compile_as_saved(model, path, custom_objects)
         return model
 
     def save(self, model, path, fmt):
         model.save(str(path))
+
+
+def _deferred_initializers():
+    """Weights the load then reads from the file are not drawn from their initializers first.
+
+    Only Keras's `Initializer` objects are deferred: their value depends on
+    nothing but shape, dtype and their own seed. Without the private hook (an
+    upgrade moved it) a load costs more time, nothing else.
+    """
+    try:
+        return internals.keras3_deferred_initializers(
+            lambda initializer: isinstance(initializer, keras.initializers.Initializer)
+        )
+    except internals.InternalsError:
+        return contextlib.nullcontext()
 
 
 def _compile_as_saved(model, model_file, custom_objects):

@@ -1,4 +1,4 @@
-"""Pins every private Keras, tf-keras and TensorFlow access (bnconvert/keras_internals.py).
+"""Pins every private Keras, tf-keras and TensorFlow access (the bnconvert/keras_internals package).
 
 Each test exercises one accessor against the installed versions; when an
 upgrade moves a private name, the failing test says which one. The safety
@@ -29,7 +29,7 @@ def pinned(name, check):
         pytest.fail(
             f"Private Keras/TF access '{name}' no longer works with Keras "
             f"{keras.__version__} / tf-keras {tf_keras.__version__} / TF "
-            f"{tf.__version__}: {type(e).__name__}: {e}. Update bnconvert/keras_internals.py."
+            f"{tf.__version__}: {type(e).__name__}: {e}. Update bnconvert/keras_internals/."
         )
 
 
@@ -295,3 +295,14 @@ def test_tf_keras_saved_metadata(tmp_path):
             internals.tf_keras_saved_metadata(b"\xff" * 16)
 
     pinned("tf_keras.protobuf.saved_metadata_pb2.SavedMetadata", check)
+
+
+def test_keras3_deferred_initializers():
+    def check():
+        with internals.keras3_deferred_initializers(lambda init: True):
+            layer = keras.layers.Dense(2, kernel_initializer=keras.initializers.Ones())
+            layer.build((None, 3))
+            assert np.isnan(layer.kernel.numpy()).all()  # the draw was deferred
+        np.testing.assert_array_equal(layer.kernel.numpy(), np.ones((3, 2)))
+
+    pinned("keras.src.backend.tensorflow.core.Variable._initialize_with_initializer", check)
