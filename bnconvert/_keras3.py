@@ -67,10 +67,11 @@ class Keras3Flavour(flavour.Flavour):
                 config = persist.wrap_config(config, model, positions)
             # The model is already in this process: re-creating it from its
             # own config runs no code from an untrusted file.
-            copy = keras.saving.deserialize_keras_object(
-                config, custom_objects=classes, safe_mode=False
-            )
-            copy.set_weights(model.get_weights())
+            with _deferred_initializers():
+                copy = keras.saving.deserialize_keras_object(
+                    config, custom_objects=classes, safe_mode=False
+                )
+                copy.set_weights(model.get_weights())
         return copy
 
     def identity_like(self, layer):
