@@ -74,8 +74,12 @@ _CALIBRATE = (
 _MAKE = _MAKE.replace("rung, path = sys.argv[1:]\n", "\n" + _CALIBRATE + "rung, path = sys.argv[1:]\n")
 _LOAD_SAVE = _PRELUDE + "keras.saving.load_model(sys.argv[1]).save(sys.argv[2])"
 _LOAD = _PRELUDE + "keras.saving.load_model(sys.argv[1])"
+# Keras's export refuses a model that was never called ("The model provided
+# has never called"): a loaded model is called once, on one zero sample.
 _LOAD_EXPORT = _PRELUDE + (
-    "keras.saving.load_model(sys.argv[1]).export(sys.argv[2], format='onnx', verbose=False)"
+    "import numpy as np; model = keras.saving.load_model(sys.argv[1]); "
+    "model(np.zeros((1,) + tuple(model.inputs[0].shape[1:]), 'float32')); "
+    "model.export(sys.argv[2], format='onnx', verbose=False)"
 )
 
 
