@@ -288,12 +288,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         if not (training and self.trainable):
             return tf.cast(self._inference(x), self.compute_dtype)
 
-        weights = None
-        if mask is not None:
-            weights = tf.cast(mask, compute_dtype)
-            while weights.shape.rank < x.shape.rank:
-                weights = weights[..., tf.newaxis]
-
+        weights = bn_math.mask_weights(mask, x)
         if weights is None and sync_stats.replica_context() is None:
             # Nothing to synchronize: Keras BN's own computation, so that
             # training matches it closely and costs the same.
@@ -310,8 +305,8 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
 
         gamma = self._param(self.gamma, compute_dtype)
         beta = self._param(self.beta, compute_dtype)
-        gamma, beta = self._training_transform(
-            tf.shape(inputs), moments.mean, moments.variance, gamma, beta
+        gamma, beta = bn_math.training_scale_offset(
+            self, self._param, tf.shape(inputs), moments.mean, moments.variance, gamma, beta
         )
         if moments.count is None:
             self._update_moving_statistics(moments.mean, moments.variance)
@@ -337,28 +332,6 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             x, reshape(mean), reshape(variance), reshape(beta), reshape(gamma),
             self.epsilon,
         )
-
-    def _training_transform(self, input_shape, mean, variance, gamma, beta):
-        """Folds the adjustment and renorm corrections into gamma and beta.
-
-        Composes `((x_hat * r + d) * adj_scale + adj_bias) * gamma + beta`
-        into `x_hat * gamma' + beta'`, the order tf-keras uses.
-        """
-        if self.adjustment is not None:
-            adj_scale, adj_bias = self.adjustment(input_shape)
-            gamma, beta = bn_math.compose(
-                tf.cast(adj_scale, mean.dtype), tf.cast(adj_bias, mean.dtype),
-                gamma, beta,
-            )
-        if self.renorm:
-            r, d = bn_math.renorm_correction(
-                mean, variance,
-                self._param(self.renorm_mean, mean.dtype),
-                self._param(self.renorm_stddev, mean.dtype),
-                self.epsilon, self.renorm_clipping,
-            )
-            gamma, beta = bn_math.compose(r, d, gamma, beta)
-        return gamma, beta
 
     def _update_moving_statistics(self, mean, variance, populated=None):
         """Blends the batch statistics into the moving ones.

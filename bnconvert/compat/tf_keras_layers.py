@@ -329,31 +329,16 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         # Statistics of 16-bit inputs overflow: they are taken in float32.
         dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
         x = tf.cast(inputs, dtype)
-        weights = None
-        if mask is not None:
-            weights = tf.cast(mask, dtype)
-            while weights.shape.rank < x.shape.rank:
-                weights = weights[..., tf.newaxis]
-
+        weights = bn_math.mask_weights(mask, x)
         moments = bn_math.batch_moments(
             x, self._reduction_axes, weights, group_size=self.sync_group_size,
             memory=self._memory, fallback_reference=self.moving_mean,
         )
         mean, variance = moments.mean, moments.variance
         gamma, beta = self._param(self.gamma, dtype), self._param(self.beta, dtype)
-        if self.adjustment is not None:
-            adj_scale, adj_bias = self.adjustment(tf.shape(inputs))
-            gamma, beta = bn_math.compose(
-                tf.cast(adj_scale, dtype), tf.cast(adj_bias, dtype), gamma, beta
-            )
-        if self.renorm:
-            r, d = bn_math.renorm_correction(
-                mean, variance,
-                self._param(self.renorm_mean, dtype),
-                self._param(self.renorm_stddev, dtype),
-                self.epsilon, self.renorm_clipping,
-            )
-            gamma, beta = bn_math.compose(r, d, gamma, beta)
+        gamma, beta = bn_math.training_scale_offset(
+            self, self._param, tf.shape(inputs), mean, variance, gamma, beta
+        )
         outputs = bn_math.normalize(x, moments, gamma, beta, self.epsilon)
         # See the module docstring: tf-keras's fused kernel folds in the
         # unbiased variance (and 0 for a single value); renorm never fuses.
