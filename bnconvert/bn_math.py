@@ -2,8 +2,8 @@
 
 The Keras 3 layer (`bnconvert.layers`) and the tf-keras one
 (`bnconvert.compat.tf_keras_layers`) differ in how they build weights,
-serialize and update moving statistics; what a training step computes is the
-same, and lives here, in plain TensorFlow:
+serialize and update moving statistics (`bnconvert.moving_stats`); what a
+training step computes is the same, and lives here, in plain TensorFlow:
 
     x_hat = (x - mean) / sqrt(var + epsilon)
     y     = ((x_hat * r + d) * adj_scale + adj_bias) * gamma + beta

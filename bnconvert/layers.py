@@ -11,6 +11,7 @@ from keras import regularizers
 
 from bnconvert import bn_math
 from bnconvert import layer_args
+from bnconvert import moving_stats
 from bnconvert import sync_stats
 
 @keras.saving.register_keras_serializable(package="bnconvert")
@@ -309,9 +310,9 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             self, self._param, tf.shape(inputs), moments.mean, moments.variance, gamma, beta
         )
         if moments.count is None:
-            self._update_moving_statistics(moments.mean, moments.variance)
+            moving_stats.keras3_update(self, moments.mean, moments.variance)
         else:
-            self._update_moving_statistics(*bn_math.moving_targets(moments))
+            moving_stats.keras3_update(self, *bn_math.moving_targets(moments))
         outputs = bn_math.normalize(x, moments, gamma, beta, self.epsilon)
         return tf.cast(outputs, self.compute_dtype)
 
@@ -331,46 +332,6 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         return tf.nn.batch_normalization(
             x, reshape(mean), reshape(variance), reshape(beta), reshape(gamma),
             self.epsilon,
-        )
-
-    def _update_moving_statistics(self, mean, variance, populated=None):
-        """Blends the batch statistics into the moving ones.
-
-        `populated` (per channel, or `None` for all) is False where the
-        global batch held no value: a step in which every replica is empty
-        has no statistics, and must not pull the moving ones towards 0.
-        """
-        mean = tf.reshape(mean, self.moving_mean.shape)
-        variance = tf.reshape(variance, self.moving_variance.shape)
-        if populated is not None:
-            populated = tf.reshape(populated, self.moving_mean.shape)
-
-        def blend(var, value, momentum):
-            old = tf.cast(var, value.dtype)
-            new = old * momentum + value * (1.0 - momentum)
-            if populated is not None:
-                new = tf.where(populated, new, old)
-            var.assign(tf.cast(new, var.dtype))
-            return new
-
-        if not self.renorm:
-            blend(self.moving_mean, mean, self.momentum)
-            blend(self.moving_variance, variance, self.momentum)
-            return
-        stddev = tf.sqrt(variance + self.epsilon)
-        blend(self.renorm_mean, mean, self.renorm_momentum)
-        blend(self.renorm_stddev, stddev, self.renorm_momentum)
-        blend(self.moving_mean, mean, self.momentum)
-        moving_stddev = blend(self.moving_stddev, stddev, self.momentum)
-        # Clamped at zero: rounding can push stddev^2 - epsilon below it.
-        moving_variance = tf.nn.relu(moving_stddev * moving_stddev - self.epsilon)
-        if populated is not None:
-            moving_variance = tf.where(
-                populated, moving_variance,
-                tf.cast(self.moving_variance, moving_variance.dtype),
-            )
-        self.moving_variance.assign(
-            tf.cast(moving_variance, self.moving_variance.dtype)
         )
 
     def get_config(self):

@@ -36,6 +36,7 @@ import tf_keras
 
 from bnconvert import bn_math
 from bnconvert import layer_args
+from bnconvert import moving_stats
 from bnconvert import sync_stats
 
 _FUSED_DATA_FORMATS = {
@@ -349,37 +350,7 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         return tf.cast(outputs, inputs.dtype), target_mean, target_variance, populated
 
     def _update_moving_statistics(self, mean, variance, populated):
-        shape = self.moving_mean.shape
-        # An empty global batch has no statistics: keep the old values.
-        has_data = tf.reshape(populated, shape)
-
-        def update(var, value, momentum):
-            old = tf.convert_to_tensor(var)
-            value = tf.cast(tf.reshape(value, shape), old.dtype)
-            # tf-keras's form, `old - (old - value) * (1 - momentum)`.
-            new = old - (old - value) * tf.cast(1.0 - momentum, old.dtype)
-            new = tf.where(has_data, new, old)
-            return var.assign(new), new
-
-        if self.renorm:
-            stddev = tf.sqrt(variance + self.epsilon)
-            mean_ops = [
-                update(self.renorm_mean, mean, self.renorm_momentum)[0],
-                update(self.renorm_stddev, stddev, self.renorm_momentum)[0],
-                update(self.moving_mean, mean, self.momentum)[0],
-            ]
-            stddev_op, moving_stddev = update(self.moving_stddev, stddev, self.momentum)
-            # Clamped at zero: rounding can push stddev^2 - epsilon below it.
-            new_variance = tf.where(
-                has_data, tf.nn.relu(moving_stddev * moving_stddev - self.epsilon),
-                tf.convert_to_tensor(self.moving_variance),
-            )
-            updates = [mean_ops, [stddev_op, self.moving_variance.assign(new_variance)]]
-        else:
-            updates = [
-                [update(self.moving_mean, mean, self.momentum)[0]],
-                [update(self.moving_variance, variance, self.momentum)[0]],
-            ]
+        updates = moving_stats.tf_keras_updates(self, mean, variance, populated)
         if not tf.executing_eagerly():
             # TF1-style graphs (tf.Graph, and `tf.compat.v1.wrap_function`,
             # where tf-keras gives the layer its v1 base): assignments run
