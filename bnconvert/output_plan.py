@@ -85,6 +85,6 @@ def _check_report(options, protected):
 
 
 def _kind(fmt):
-    # `model_io.output_kind`, whose module is imported only after the
-    # `--custom-objects` modules.
+    # As `model_io.output_kind`; the pipeline imports model_io only when it
+    # loads the model, after the `--custom-objects` modules.
     return paths.DIRECTORY if fmt == formats.SAVEDMODEL else paths.FILE
