@@ -36,9 +36,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import bnconvert_cli as cli  # noqa: E402
+import bnconvert_cli_startup  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-cli.start_tensorflow()  # quiet device start-up, as the CLI does
+bnconvert_cli_startup.start_tensorflow()  # quiet device start-up, as the CLI does
 
 import bnconvert  # noqa: E402
 import keras  # noqa: E402

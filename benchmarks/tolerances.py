@@ -21,9 +21,9 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import bnconvert_cli  # noqa: E402
+import bnconvert_cli_startup  # noqa: E402
 
-bnconvert_cli.start_tensorflow()
+bnconvert_cli_startup.start_tensorflow()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -2,8 +2,8 @@
 
 The Keras 3 layer (`bnconvert.layers`) and the tf-keras one
 (`bnconvert.compat.tf_keras_layers`) differ in how they build weights,
-serialize and update moving statistics; what a training step computes is the
-same, and lives here, in plain TensorFlow:
+serialize and update moving statistics (`bnconvert.moving_stats`); what a
+training step computes is the same, and lives here, in plain TensorFlow:
 
     x_hat = (x - mean) / sqrt(var + epsilon)
     y     = ((x_hat * r + d) * adj_scale + adj_bias) * gamma + beta
@@ -53,6 +53,16 @@ def batch_moments(x, reduction_axes, weights=None, *, group_size=None,
     )
 
 
+def mask_weights(mask, x):
+    """The 0/1 weights of `mask` in the dtype and rank of `x` (`None` without a mask)."""
+    if mask is None:
+        return None
+    weights = tf.cast(mask, x.dtype)
+    while weights.shape.rank < x.shape.rank:
+        weights = weights[..., tf.newaxis]
+    return weights
+
+
 def compose(scale, bias, gamma, beta):
     """`(gamma', beta')` with `(v * scale + bias) * gamma + beta == v * gamma' + beta'`.
 
@@ -88,6 +98,42 @@ def renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, clipp
     if clipping.get("dmax") is not None:
         d = tf.clip_by_value(d, -clipping["dmax"], clipping["dmax"])
     return tf.stop_gradient(r), tf.stop_gradient(d)
+
+
+def training_scale_offset(layer, param, input_shape, mean, variance, gamma, beta):
+    """Folds a layer's adjustment and renorm corrections into gamma and beta.
+
+    Composes `((x_hat * r + d) * adj_scale + adj_bias) * gamma + beta`
+    into `x_hat * gamma' + beta'`, the order tf-keras uses.
+
+    Args:
+        layer: either flavour's `SyncBatchNormalization` (its `adjustment`,
+            `renorm`, `renorm_mean`, `renorm_stddev`, `epsilon` and
+            `renorm_clipping` are read).
+        param: `(weight, dtype) -> tensor`: a weight in the broadcast shape
+            of `mean`.
+        input_shape: the dynamic shape of the layer's input, which
+            `adjustment` is called with.
+        mean, variance: batch moments.
+        gamma, beta: the layer's, in the broadcast shape of `mean`, or `None`.
+
+    Returns:
+        `(gamma', beta')`.
+    """
+    if layer.adjustment is not None:
+        adj_scale, adj_bias = layer.adjustment(input_shape)
+        gamma, beta = compose(
+            tf.cast(adj_scale, mean.dtype), tf.cast(adj_bias, mean.dtype), gamma, beta
+        )
+    if layer.renorm:
+        r, d = renorm_correction(
+            mean, variance,
+            param(layer.renorm_mean, mean.dtype),
+            param(layer.renorm_stddev, mean.dtype),
+            layer.epsilon, layer.renorm_clipping,
+        )
+        gamma, beta = compose(r, d, gamma, beta)
+    return gamma, beta
 
 
 def normalize(x, moments, gamma, beta, epsilon):

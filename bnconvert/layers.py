@@ -11,6 +11,7 @@ from keras import regularizers
 
 from bnconvert import bn_math
 from bnconvert import layer_args
+from bnconvert import moving_stats
 from bnconvert import sync_stats
 
 @keras.saving.register_keras_serializable(package="bnconvert")
@@ -288,12 +289,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         if not (training and self.trainable):
             return tf.cast(self._inference(x), self.compute_dtype)
 
-        weights = None
-        if mask is not None:
-            weights = tf.cast(mask, compute_dtype)
-            while weights.shape.rank < x.shape.rank:
-                weights = weights[..., tf.newaxis]
-
+        weights = bn_math.mask_weights(mask, x)
         if weights is None and sync_stats.replica_context() is None:
             # Nothing to synchronize: Keras BN's own computation, so that
             # training matches it closely and costs the same.
@@ -310,13 +306,13 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
 
         gamma = self._param(self.gamma, compute_dtype)
         beta = self._param(self.beta, compute_dtype)
-        gamma, beta = self._training_transform(
-            tf.shape(inputs), moments.mean, moments.variance, gamma, beta
+        gamma, beta = bn_math.training_scale_offset(
+            self, self._param, tf.shape(inputs), moments.mean, moments.variance, gamma, beta
         )
         if moments.count is None:
-            self._update_moving_statistics(moments.mean, moments.variance)
+            moving_stats.keras3_update(self, moments.mean, moments.variance)
         else:
-            self._update_moving_statistics(*bn_math.moving_targets(moments))
+            moving_stats.keras3_update(self, *bn_math.moving_targets(moments))
         outputs = bn_math.normalize(x, moments, gamma, beta, self.epsilon)
         return tf.cast(outputs, self.compute_dtype)
 
@@ -336,68 +332,6 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         return tf.nn.batch_normalization(
             x, reshape(mean), reshape(variance), reshape(beta), reshape(gamma),
             self.epsilon,
-        )
-
-    def _training_transform(self, input_shape, mean, variance, gamma, beta):
-        """Folds the adjustment and renorm corrections into gamma and beta.
-
-        Composes `((x_hat * r + d) * adj_scale + adj_bias) * gamma + beta`
-        into `x_hat * gamma' + beta'`, the order tf-keras uses.
-        """
-        if self.adjustment is not None:
-            adj_scale, adj_bias = self.adjustment(input_shape)
-            gamma, beta = bn_math.compose(
-                tf.cast(adj_scale, mean.dtype), tf.cast(adj_bias, mean.dtype),
-                gamma, beta,
-            )
-        if self.renorm:
-            r, d = bn_math.renorm_correction(
-                mean, variance,
-                self._param(self.renorm_mean, mean.dtype),
-                self._param(self.renorm_stddev, mean.dtype),
-                self.epsilon, self.renorm_clipping,
-            )
-            gamma, beta = bn_math.compose(r, d, gamma, beta)
-        return gamma, beta
-
-    def _update_moving_statistics(self, mean, variance, populated=None):
-        """Blends the batch statistics into the moving ones.
-
-        `populated` (per channel, or `None` for all) is False where the
-        global batch held no value: a step in which every replica is empty
-        has no statistics, and must not pull the moving ones towards 0.
-        """
-        mean = tf.reshape(mean, self.moving_mean.shape)
-        variance = tf.reshape(variance, self.moving_variance.shape)
-        if populated is not None:
-            populated = tf.reshape(populated, self.moving_mean.shape)
-
-        def blend(var, value, momentum):
-            old = tf.cast(var, value.dtype)
-            new = old * momentum + value * (1.0 - momentum)
-            if populated is not None:
-                new = tf.where(populated, new, old)
-            var.assign(tf.cast(new, var.dtype))
-            return new
-
-        if not self.renorm:
-            blend(self.moving_mean, mean, self.momentum)
-            blend(self.moving_variance, variance, self.momentum)
-            return
-        stddev = tf.sqrt(variance + self.epsilon)
-        blend(self.renorm_mean, mean, self.renorm_momentum)
-        blend(self.renorm_stddev, stddev, self.renorm_momentum)
-        blend(self.moving_mean, mean, self.momentum)
-        moving_stddev = blend(self.moving_stddev, stddev, self.momentum)
-        # Clamped at zero: rounding can push stddev^2 - epsilon below it.
-        moving_variance = tf.nn.relu(moving_stddev * moving_stddev - self.epsilon)
-        if populated is not None:
-            moving_variance = tf.where(
-                populated, moving_variance,
-                tf.cast(self.moving_variance, moving_variance.dtype),
-            )
-        self.moving_variance.assign(
-            tf.cast(moving_variance, self.moving_variance.dtype)
         )
 
     def get_config(self):

@@ -3,7 +3,7 @@
 `run(options)` does everything a `bnconvert` command does except printing:
 
 1. Recognise the input (`bnconvert.formats`) and check every output place
-   (`bnconvert.paths`) so that a mistake costs nothing.
+   (`bnconvert.output_plan`) so that a mistake costs nothing.
 2. Import the `--custom-objects` modules.
 3. Read the rule files (a mistake in one is reported before the model,
    which can take long, is loaded), then load the model.
@@ -17,15 +17,11 @@ differs.
 import dataclasses
 import json
 
-import pathlib
-
 from bnconvert import formats
+from bnconvert import output_plan
 from bnconvert import outputs
-from bnconvert import paths
 from bnconvert import timing
 from bnconvert.errors import OutputError
-
-SYNC_TAIL = ".sync"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +125,8 @@ def run(options, progress=None, cancelled=None, placed=None):
     _check_arguments(options)
     with steps.step("input_checks", f"checking {options.model}"):
         found = formats.resolve(options.model)
-    protected = _inputs(options, found)
-    plan = _check_outputs(options, found, protected)
+    protected = output_plan.read_paths(options, found)
+    plan = output_plan.plan(options, found, protected)
     for directory in plan.directories():
         outputs.remove_stale(directory)
 
@@ -259,7 +255,6 @@ def _check_arguments(options):
         convert.check_group_size(options.sync_group_size)
 
 
-
 def _stop_if(cancelled):
     if cancelled():
         raise KeyboardInterrupt
@@ -268,7 +263,7 @@ def _stop_if(cancelled):
 def _write_model(staged, model, out, fmt, steps, check):
     from bnconvert import model_io
 
-    tmp = staged.stage(out, _kind(fmt))
+    tmp = staged.stage(out, model_io.output_kind(fmt))
     with steps.step("save", f"saving {out}"):
         model_io.write_model(model, tmp, fmt, out)
     with steps.step("file_check", f"loading {out} back to check it"):
@@ -301,78 +296,6 @@ def _write_onnx(staged, model, out, options, steps, reference):
         steps.seconds["export"] -= checking
         steps.add("onnxruntime_check", checking)
     return dataclasses.replace(onnx, path=str(out))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    output: object = None
-    output_format: str | None = None
-    keras_out: object = None
-    keras_format: str | None = None
-    report: object = None
-
-    def directories(self):
-        """The directories outputs go to (where stale temporaries may lie)."""
-        given = (self.output, self.keras_out, self.report)
-        return sorted({pathlib.Path(p).parent for p in given if p is not None})
-
-
-def _inputs(options, found):
-    """Every path this run reads: none of them may be written."""
-    given = [options.model, found.path, *options.rules, *options.check_inputs]
-    given += [m for m in options.custom_objects if m.endswith(".py")]
-    return tuple(given)
-
-
-def _check_outputs(options, found, protected):
-    """Checks every output place before any work; returns where each goes."""
-    force = options.force
-    if options.command == "inspect":
-        return _Plan()
-    if options.command == "to-sync":
-        out = fmt = None
-        if not options.dry_run:
-            out = options.output or formats.default_output(options.model, found, SYNC_TAIL)
-            fmt = formats.output_format(found.flavour, out)
-            if not options.output and found.format == formats.SAVEDMODEL:
-                fmt = formats.SAVEDMODEL
-            out = paths.check_output(
-                out, force=force, inputs=protected, kind=_kind(fmt),
-                suffixes=formats.OUTPUT_FORMATS[found.flavour][fmt] or None,
-            )
-        paths.check_distinct(("--output", out), ("--report", options.report_path))
-        report = _check_report(options, protected + (out,))
-        return _Plan(output=out, output_format=fmt, report=report)
-    out = paths.check_output(
-        options.output or paths.beside(options.model, ".onnx"), force=force,
-        inputs=protected, suffixes=(".onnx",),
-    )
-    keras_out = keras_fmt = None
-    paths.check_distinct(
-        ("--output", out), ("--keras-out", options.keras_out),
-        ("--report", options.report_path),
-    )
-    if options.keras_out:
-        keras_fmt = formats.output_format(found.flavour, options.keras_out, "--keras-out")
-        keras_out = paths.check_output(
-            options.keras_out, force=force, inputs=protected + (out,),
-            kind=_kind(keras_fmt), option="--keras-out",
-            suffixes=formats.OUTPUT_FORMATS[found.flavour][keras_fmt] or None,
-        )
-    report = _check_report(options, protected + (out, keras_out))
-    return _Plan(output=out, keras_out=keras_out, keras_format=keras_fmt, report=report)
-
-
-def _check_report(options, protected):
-    if options.report_path:
-        return paths.check_output(
-            options.report_path, force=options.force, inputs=protected, option="--report"
-        )
-    return None
-
-
-def _kind(fmt):
-    return paths.DIRECTORY if fmt == formats.SAVEDMODEL else paths.FILE
 
 
 def _inspect(options, model, flavour, rules, objects, steps):

@@ -1,7 +1,8 @@
 """Rule files: which layers are rewritten, into what, and how.
 
 Rules are TOML files (read with the standard library's `tomllib`) validated
-into frozen dataclasses. The schema is described in `rules/README.md`; in
+field by field (`bnconvert.rule_fields`) into frozen dataclasses
+(`bnconvert.rule_types`). The schema is described in `rules/README.md`; in
 short, a file holds `[[rule]]` tables (one layer rewrite each: the classes it
 matches, optional conditions on their config, the target class, a config key
 mapping and a weight mapping) and `[[fold]]` tables (which producer layers a
@@ -26,6 +27,7 @@ from types import MappingProxyType
 
 from bnconvert import flavour as flavour_lib
 from bnconvert import layer_args
+from bnconvert import rule_fields
 from bnconvert.errors import RuleError
 # The data types live in their own module; they are part of this one's API.
 from bnconvert.rule_types import ConfigMapping
@@ -196,103 +198,31 @@ def _parse_file(path, custom_objects, flavour):
             f"Rule file {path} is not UTF-8 text (byte {e.start}); TOML files "
             "are UTF-8, save it as such."
         ) from e
-    ctx = _Context(path)
-    _check_keys(ctx, data, _TOP_KEYS, (), "the top level")
+    ctx = rule_fields.Context(path)
+    rule_fields.check_keys(ctx, data, _TOP_KEYS, (), "the top level")
     if "version" in data and data["version"] != 1:
         ctx.fail(None, "version", "only version 1 is supported", data["version"])
     rules, disabled, folds = [], [], []
     seen = set()
-    for entry in _table_list(ctx, data, "rule"):
-        name = _rule_name(ctx, entry, "rule")
+    for entry in rule_fields.table_list(ctx, data, "rule"):
+        name = rule_fields.rule_name(ctx, entry, "rule")
         if name in seen:
             ctx.fail(name, "name", "is used by two rules in this file", name)
         seen.add(name)
-        if not _optional(ctx, name, entry, "enabled", bool, True):
+        if not rule_fields.optional(ctx, name, entry, "enabled", bool, True):
             disabled.append(name)
             continue
         rule = _parse_rule(ctx, name, entry, custom_objects, flavour)
         if rule is not None:
             rules.append(rule)
     seen = set()
-    for entry in _table_list(ctx, data, "fold"):
-        name = _rule_name(ctx, entry, "fold")
+    for entry in rule_fields.table_list(ctx, data, "fold"):
+        name = rule_fields.rule_name(ctx, entry, "fold")
         if name in seen:
             ctx.fail(name, "name", "is used by two fold rules in this file", name)
         seen.add(name)
         folds.append(_parse_fold(ctx, name, entry, custom_objects, flavour))
     return rules, folds, disabled
-
-
-class _Context:
-    """Builds one-line errors that name the file, the rule and the key."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def fail(self, rule, key, what, value):
-        where = f"rule '{rule}'" if rule else "top level"
-        raise RuleError(
-            f"Rule file {self.path}, {where}, key '{key}': {what}. "
-            f"Received: {key}={value!r}"
-        )
-
-
-def _table_list(ctx, data, key):
-    entries = data.get(key, [])
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        ctx.fail(None, key, f"must be an array of tables ([[{key}]])", entries)
-    return entries
-
-
-def _rule_name(ctx, entry, kind):
-    name = entry.get("name")
-    if not isinstance(name, str) or not name.strip():
-        ctx.fail(None, "name", f"every [[{kind}]] needs a non-empty string name", name)
-    return name
-
-
-def _check_keys(ctx, table, allowed, required, rule):
-    for key in table:
-        if key not in allowed:
-            ctx.fail(rule, key, f"unknown key; allowed keys are {sorted(allowed)}",
-                     table[key])
-    for key in required:
-        if key not in table:
-            ctx.fail(rule, key, "is required", None)
-
-
-def _optional(ctx, rule, table, key, kind, default):
-    if key not in table:
-        return default
-    value = table[key]
-    if not isinstance(value, kind):
-        ctx.fail(rule, key, f"must be of type {kind.__name__}", value)
-    return value
-
-
-def _string(ctx, rule, table, key):
-    value = table[key]
-    if not isinstance(value, str) or not value:
-        ctx.fail(rule, key, "must be a non-empty string", value)
-    return value
-
-
-def _string_list(ctx, rule, table, key, allow_empty=False):
-    value = table.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        ctx.fail(rule, key, "must be an array of non-empty strings", value)
-    if not value and not allow_empty:
-        ctx.fail(rule, key, "must name at least one class", value)
-    return tuple(value)
-
-
-def _string_table(ctx, rule, table, key):
-    value = table.get(key, {})
-    if not isinstance(value, dict) or not all(
-        isinstance(v, str) and v for v in value.values()
-    ):
-        ctx.fail(rule, key, "must be a table of string values", value)
-    return MappingProxyType(dict(value))
 
 
 def _foreign(name, flavour):
@@ -329,18 +259,18 @@ def _classes(ctx, rule, key, names, custom_objects, flavour):
 
 
 def _parse_rule(ctx, name, entry, custom_objects, flavour):
-    _check_keys(ctx, entry, _RULE_KEYS, _RULE_REQUIRED, name)
+    rule_fields.check_keys(ctx, entry, _RULE_KEYS, _RULE_REQUIRED, name)
     direction = entry["direction"]
     if direction not in DIRECTIONS:
         ctx.fail(name, "direction", f"must be one of {list(DIRECTIONS)}", direction)
-    match = _string_list(ctx, name, entry, "match")
-    target = _string(ctx, name, entry, "target")
-    when = _optional(ctx, name, entry, "when", dict, {})
-    config = _optional(ctx, name, entry, "config", dict, {})
-    _check_keys(ctx, config, _CONFIG_KEYS, (), name)
+    match = rule_fields.string_list(ctx, name, entry, "match")
+    target = rule_fields.string(ctx, name, entry, "target")
+    when = rule_fields.optional(ctx, name, entry, "when", dict, {})
+    config = rule_fields.optional(ctx, name, entry, "config", dict, {})
+    rule_fields.check_keys(ctx, config, _CONFIG_KEYS, (), name)
     mapping = ConfigMapping(
-        drop=_string_list(ctx, name, config, "drop", allow_empty=True),
-        rename=_string_table(ctx, name, config, "rename"),
+        drop=rule_fields.string_list(ctx, name, config, "drop", allow_empty=True),
+        rename=rule_fields.string_table(ctx, name, config, "rename"),
         set=MappingProxyType(_plain_values(ctx, name, config)),
     )
     match_classes = _classes(ctx, name, "match", match, custom_objects, flavour)
@@ -370,25 +300,19 @@ def _parse_rule(ctx, name, entry, custom_objects, flavour):
         target_class=target_class,
         when=MappingProxyType(dict(when)),
         config=mapping,
-        weights=_string_table(ctx, name, entry, "weights"),
-        description=_optional(ctx, name, entry, "description", str, ""),
+        weights=rule_fields.string_table(ctx, name, entry, "weights"),
+        description=rule_fields.optional(ctx, name, entry, "description", str, ""),
         source=ctx.path,
     )
-
-
-def _plain(value):
-    if isinstance(value, list):
-        return all(_plain(v) for v in value)
-    return isinstance(value, (str, int, float, bool))
 
 
 def _plain_values(ctx, rule, config):
     """The `set` table. A table value would reach `from_config` as a serialized
     object (`{module = ..., class_name = ...}`), whose module tf-keras imports:
     only plain data is allowed, so that a rule file cannot load code."""
-    values = _optional(ctx, rule, config, "set", dict, {})
+    values = rule_fields.optional(ctx, rule, config, "set", dict, {})
     for key, value in values.items():
-        if not _plain(value):
+        if not rule_fields.is_plain(value):
             ctx.fail(rule, f"set.{key}", "must be a string, number, boolean or array "
                      "of them; serialized objects (tables) are not allowed", value)
     if "sync_group_size" in values:
@@ -402,9 +326,9 @@ def _plain_values(ctx, rule, config):
 
 
 def _parse_fold(ctx, name, entry, custom_objects, flavour):
-    _check_keys(ctx, entry, _FOLD_KEYS, _FOLD_REQUIRED, name)
-    _optional(ctx, name, entry, "description", str, "")
-    into = _string_list(ctx, name, entry, "into")
+    rule_fields.check_keys(ctx, entry, _FOLD_KEYS, _FOLD_REQUIRED, name)
+    rule_fields.optional(ctx, name, entry, "description", str, "")
+    into = rule_fields.string_list(ctx, name, entry, "into")
     layout = entry["layout"]
     if layout not in FOLD_LAYOUTS:
         ctx.fail(name, "layout", f"must be one of {list(FOLD_LAYOUTS)}", layout)

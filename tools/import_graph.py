@@ -26,7 +26,9 @@ def module_name(path):
 
 def modules():
     found = {module_name(p): p for p in (ROOT / PACKAGE).rglob("*.py")}
-    found["bnconvert_cli"] = ROOT / "bnconvert_cli.py"
+    # The command line and its start-up, beside the package.
+    for name in ("bnconvert_cli", "bnconvert_cli_startup"):
+        found[name] = ROOT / f"{name}.py"
     return found
 
 

@@ -36,6 +36,7 @@ import tf_keras
 
 from bnconvert import bn_math
 from bnconvert import layer_args
+from bnconvert import moving_stats
 from bnconvert import sync_stats
 
 _FUSED_DATA_FORMATS = {
@@ -329,31 +330,16 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         # Statistics of 16-bit inputs overflow: they are taken in float32.
         dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
         x = tf.cast(inputs, dtype)
-        weights = None
-        if mask is not None:
-            weights = tf.cast(mask, dtype)
-            while weights.shape.rank < x.shape.rank:
-                weights = weights[..., tf.newaxis]
-
+        weights = bn_math.mask_weights(mask, x)
         moments = bn_math.batch_moments(
             x, self._reduction_axes, weights, group_size=self.sync_group_size,
             memory=self._memory, fallback_reference=self.moving_mean,
         )
         mean, variance = moments.mean, moments.variance
         gamma, beta = self._param(self.gamma, dtype), self._param(self.beta, dtype)
-        if self.adjustment is not None:
-            adj_scale, adj_bias = self.adjustment(tf.shape(inputs))
-            gamma, beta = bn_math.compose(
-                tf.cast(adj_scale, dtype), tf.cast(adj_bias, dtype), gamma, beta
-            )
-        if self.renorm:
-            r, d = bn_math.renorm_correction(
-                mean, variance,
-                self._param(self.renorm_mean, dtype),
-                self._param(self.renorm_stddev, dtype),
-                self.epsilon, self.renorm_clipping,
-            )
-            gamma, beta = bn_math.compose(r, d, gamma, beta)
+        gamma, beta = bn_math.training_scale_offset(
+            self, self._param, tf.shape(inputs), mean, variance, gamma, beta
+        )
         outputs = bn_math.normalize(x, moments, gamma, beta, self.epsilon)
         # See the module docstring: tf-keras's fused kernel folds in the
         # unbiased variance (and 0 for a single value); renorm never fuses.
@@ -364,37 +350,7 @@ class SyncBatchNormalization(tf_keras.layers.BatchNormalization):
         return tf.cast(outputs, inputs.dtype), target_mean, target_variance, populated
 
     def _update_moving_statistics(self, mean, variance, populated):
-        shape = self.moving_mean.shape
-        # An empty global batch has no statistics: keep the old values.
-        has_data = tf.reshape(populated, shape)
-
-        def update(var, value, momentum):
-            old = tf.convert_to_tensor(var)
-            value = tf.cast(tf.reshape(value, shape), old.dtype)
-            # tf-keras's form, `old - (old - value) * (1 - momentum)`.
-            new = old - (old - value) * tf.cast(1.0 - momentum, old.dtype)
-            new = tf.where(has_data, new, old)
-            return var.assign(new), new
-
-        if self.renorm:
-            stddev = tf.sqrt(variance + self.epsilon)
-            mean_ops = [
-                update(self.renorm_mean, mean, self.renorm_momentum)[0],
-                update(self.renorm_stddev, stddev, self.renorm_momentum)[0],
-                update(self.moving_mean, mean, self.momentum)[0],
-            ]
-            stddev_op, moving_stddev = update(self.moving_stddev, stddev, self.momentum)
-            # Clamped at zero: rounding can push stddev^2 - epsilon below it.
-            new_variance = tf.where(
-                has_data, tf.nn.relu(moving_stddev * moving_stddev - self.epsilon),
-                tf.convert_to_tensor(self.moving_variance),
-            )
-            updates = [mean_ops, [stddev_op, self.moving_variance.assign(new_variance)]]
-        else:
-            updates = [
-                [update(self.moving_mean, mean, self.momentum)[0]],
-                [update(self.moving_variance, variance, self.momentum)[0]],
-            ]
+        updates = moving_stats.tf_keras_updates(self, mean, variance, populated)
         if not tf.executing_eagerly():
             # TF1-style graphs (tf.Graph, and `tf.compat.v1.wrap_function`,
             # where tf-keras gives the layer its v1 base): assignments run
