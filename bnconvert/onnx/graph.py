@@ -19,7 +19,6 @@ import dataclasses
 
 import numpy as np
 import onnx
-import onnx.numpy_helper
 from onnx import helper
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -27,7 +26,7 @@ BOOL = onnx.TensorProto.BOOL
 FLOAT16 = onnx.TensorProto.FLOAT16
 _FLOATS = {"float16", "bfloat16", "float32", "float64"}
 # Inputs of these ops are float32 whatever the graph's precision.
-_FLOAT32_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
+FLOAT32_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
 
 
 class Uncovered(Exception):
@@ -271,64 +270,6 @@ class Graph:
             return self.node(op_type, [value_name, self.ints(axes, "axes")], base,
                              keepdims=int(keepdims))
         return self.node(op_type, [value_name], base, axes=axes, keepdims=int(keepdims))
-
-    def to_float16(self):
-        """Lowers the nodes emitted so far from float32 to float16.
-
-        Float initializers and constants become float16 and every
-        `Cast` to float32 a `Cast` to float16, except the inputs ONNX wants
-        in float32 whatever the data (`Resize` scales and roi).
-        """
-        keep = {}
-        for node in self.all_nodes():
-            for i in _FLOAT32_INPUTS.get(node.op_type, ()):
-                if i < len(node.input) and node.input[i]:
-                    keep[node.input[i]] = None
-        lowered = []
-        for name, array in self.initializers:
-            if array.dtype == np.float32:
-                if name in keep:
-                    keep[name] = self.unique(f"{name}/float32")
-                    lowered.append((keep[name], array))
-                array = array.astype(np.float16)
-            lowered.append((name, array))
-        self.initializers = lowered
-        for body in self.subgraphs():
-            for info in list(body.input) + list(body.output):
-                if info.type.tensor_type.elem_type == FLOAT:
-                    info.type.tensor_type.elem_type = FLOAT16
-        for node in self.all_nodes():
-            for i in _FLOAT32_INPUTS.get(node.op_type, ()):
-                if i < len(node.input) and keep.get(node.input[i]):
-                    node.input[i] = keep[node.input[i]]
-            for attr in node.attribute:
-                if node.op_type == "Cast" and attr.name == "to" and attr.i == FLOAT:
-                    attr.i = FLOAT16
-                elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == FLOAT:
-                    attr.t.CopyFrom(onnx.numpy_helper.from_array(
-                        onnx.numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
-
-    def divisions_to_products(self):
-        """Turns each `Div` by a float constant into a `Mul` by its reciprocal.
-
-        onnxruntime divides more slowly than it multiplies (an image
-        `Normalization` before the stem costs 3% of EfficientNetV2B0's run);
-        the product differs from the quotient by at most one rounding.
-        """
-        arrays = dict(self.initializers)
-        for node in self.all_nodes():
-            if node.op_type != "Div" or node.input[1] not in arrays:
-                continue
-            divisor = arrays[node.input[1]]
-            if divisor.dtype.kind != "f":
-                continue
-            with np.errstate(divide="ignore", over="ignore"):
-                reciprocal = (1.0 / divisor.astype(np.float64)).astype(divisor.dtype)
-            if not np.all(np.isfinite(reciprocal)):
-                continue
-            node.op_type = "Mul"
-            node.input[1] = self.constant(reciprocal, f"{node.input[1]}/reciprocal",
-                                          divisor.dtype)
 
     def drop_unused(self):
         """Drops the initializers no node reads (replaced divisors, ignored layer outputs)."""

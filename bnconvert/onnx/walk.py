@@ -23,6 +23,7 @@ from bnconvert import keras_internals as internals
 from bnconvert.onnx import attention
 from bnconvert.onnx import conv_recurrent
 from bnconvert.onnx import encoding
+from bnconvert.onnx import graph_passes
 from bnconvert.onnx import preprocessing
 from bnconvert.onnx import layers
 from bnconvert.onnx import loops
@@ -106,7 +107,7 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
         raise Uncovered(walker.uncovered)
     inner = FLOAT
     if precision == "float16":
-        g.to_float16()
+        graph_passes.to_float16(g)
         inner = FLOAT16
     outputs = []
     for tensor, name in zip(model.outputs, output_names):
@@ -120,7 +121,7 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
             g.node("Cast", [value.name], name, output_names=[name], to=elem)
         outputs.append((name, tuple(tensor.shape), elem))
     _fuse_output_transposes(g, output_names)
-    g.divisions_to_products()
+    graph_passes.divisions_to_products(g)
     shapes = {v.name: tuple(v.shape[a] for a in v.perm) for v in env.values()
               if isinstance(v, Value)}
     # Its last step drops the nodes and initializers nothing reads.
