@@ -23,25 +23,33 @@ Prints, side by side and measured in this one run:
   export against our tf2onnx export of the same folded model, for
   MobileNetV3Large (also minimalistic), EfficientNetV2B0, NASNetMobile and
   ResNet50, the two sessions taking turns (which goes first alternating);
-  `--rounds` rounds, each with fresh sessions, and the median of the
-  per-round ratios, of wall time and of the running thread's CPU time (on
-  a shared machine, the time the run waited for a core is left out); with
-  the node count of each graph after onnxruntime's own optimizations
-  (what runs).
+  `--rounds` rounds (rounded up to an even number), each with fresh
+  sessions, the native session created first in every other round. In
+  this process (TensorFlow loaded), the session created first runs 1 to
+  2 % slower, even two sessions of one file; so each pair of rounds, one
+  of each order, gives one ratio, the geometric mean of its two rounds'
+  ratios, and the table shows the median and the range of these pair
+  ratios, of wall time and of the running thread's CPU time (on a shared
+  machine, the time the run waited for a core is left out); with the node
+  count of each graph after onnxruntime's own optimizations (what runs).
+  `--control` measures the native file against a copy of itself the same
+  way (what the estimator gives for identical graphs).
 
 With `--ladder B0,S,M,L,chain`, issue 18's ladder instead: whole
 `to-inference` processes against Keras load + `model.export(format="onnx")`
 (`benchmarks/ladder.py`), time and peak RSS.
 
-Usage: python benchmarks/export.py [--size 224] [--runs 30] [--repeats 3] [--rounds 3]
-       [--latency-only]
+Usage: python benchmarks/export.py [--size 224] [--runs 30] [--repeats 3] [--rounds 4]
+       [--latency-only] [--models NAME,...] [--control]
        python benchmarks/export.py --ladder L [--repeats 1] [--export-timeout 1200]
 """
 
 import argparse
 import gc
 import json
+import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -138,14 +146,18 @@ def _nodes_after_optimization(path):
     return len(onnx.load(path + ".ort.onnx", load_external_data=False).graph.node)
 
 
-def latency_table(size, runs, rounds, tmp):
+def latency_table(size, runs, rounds, tmp, models=None, control=False):
     """Native / tf2onnx latency per model.
 
-    Rows `(name, native ms, tf2onnx ms, wall ratios, CPU ratios, nodes)`:
-    medians over rounds of each side's median, and each round's ratio.
+    Rows `(name, native ms, tf2onnx ms, wall ratios, CPU ratios, nodes,
+    control)`: medians over rounds of each side's median, one ratio per
+    pair of rounds (`_pair_ratios`), and with `control` the wall and CPU
+    pair ratios of the native file against a copy of itself.
     """
     rows = []
     for name, build in LATENCY_MODELS.items():
+        if models and name not in models:
+            continue
         keras.utils.set_random_seed(0)
         model = randomized_bn(build(size))
         folded = convert_model(model, to="inference")
@@ -153,24 +165,42 @@ def latency_table(size, runs, rounds, tmp):
         for path, exporter in zip(paths, ("native", "tf2onnx")):
             bnconvert.export_onnx(folded, path, exporter=exporter)
         x = np.random.default_rng(1).normal(size=(1, size, size, 3)).astype("float32")
-        figures = [_round(paths, x, runs, r) for r in range(rounds)]
-        ratios = [wall[0] / wall[1] for wall, _ in figures]
-        cpu_ratios = [cpu[0] / cpu[1] for _, cpu in figures]
+        figures = [_round(paths, x, runs, r) for r in range(rounds + rounds % 2)]
+        same = None
+        if control:
+            copy = paths[0][:-len(".onnx")] + "_copy.onnx"
+            shutil.copyfile(paths[0], copy)
+            same = _pair_ratios([_round([paths[0], copy], x, runs, r)
+                                 for r in range(rounds + rounds % 2)])
         rows.append((name, statistics.median(f[0][0] for f in figures),
-                     statistics.median(f[0][1] for f in figures), ratios, cpu_ratios,
-                     [_nodes_after_optimization(p) for p in paths]))
+                     statistics.median(f[0][1] for f in figures), *_pair_ratios(figures),
+                     [_nodes_after_optimization(p) for p in paths], same))
         del model, folded
         keras.backend.clear_session()
         gc.collect()  # five models' graphs at once would take 5 GB
     return rows
 
 
+def _pair_ratios(figures):
+    """`(wall, cpu)`: per pair of rounds, the geometric mean of its two rounds' ratios.
+
+    Rounds alternate which session is created first; a slowdown of the one
+    created first multiplies one round's ratio and divides the other's.
+    """
+    pairs = []
+    for kind in (0, 1):
+        ratios = [f[kind][0] / f[kind][1] for f in figures]
+        pairs.append([math.sqrt(a * b) for a, b in zip(ratios[::2], ratios[1::2])])
+    return pairs
+
+
 def _round(paths, x, runs, number):
     """`latencies_ms` of two files, the session created first alternating round by round.
 
-    With the native session always created first, models whose two graphs
-    run the same nodes (ResNet50, minimalistic) measured 1.01 to 1.02 in
-    this process (CPU time, every round); alternating, 1.00.
+    In this process, the session created first ran 1 to 2 % slower in six
+    rounds of six, two sessions of one file (NASNetMobile 1.011 to 1.025,
+    minimalistic 0.99 to 1.02); in a fresh process without TensorFlow, no
+    such bias. `_pair_ratios` cancels it.
     """
     if number % 2 == 0:
         return latencies_ms(paths, x, runs, cpu=True)
@@ -179,15 +209,24 @@ def _round(paths, x, runs, number):
 
 
 def print_latency_table(rows, size, runs, rounds):
+    rounds += rounds % 2
     print(f"Latency {size}x{size}, batch 1, onnxruntime 1 thread: native / our tf2onnx export "
-          f"of the same folded model, medians of {runs} runs taking turns, {rounds} rounds; "
-          "target <= 1.0")
-    print(f"{'':32}{'native':>9}{'tf2onnx':>9}{'ratio':>7}{'cpu':>7}  range (wall; cpu)"
-          "        nodes run (n/t)")
-    for name, native_ms, tf2onnx_ms, ratios, cpu_ratios, nodes in rows:
-        spread = f"{min(ratios):.2f}-{max(ratios):.2f}; {min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}"
-        print(f"{name:32}{native_ms:9.2f}{tf2onnx_ms:9.2f}{statistics.median(ratios):7.2f}"
-              f"{statistics.median(cpu_ratios):7.2f}  {spread:24} {nodes[0]}/{nodes[1]}")
+          f"of the same folded model, medians of {runs} runs taking turns, {rounds} rounds "
+          f"(which session is created first alternating; one ratio per pair of rounds: the "
+          "geometric mean of the two); target <= 1.0")
+    print(f"{'':32}{'native':>9}{'tf2onnx':>9}{'ratio':>7}{'cpu':>7}  pairs' range (wall; cpu)"
+          "  nodes run (n/t)")
+    for name, native_ms, tf2onnx_ms, ratios, cpu_ratios, nodes, same in rows:
+        print(f"{name:32}{native_ms:9.2f}{tf2onnx_ms:9.2f}{statistics.median(ratios):7.3f}"
+              f"{statistics.median(cpu_ratios):7.3f}  {_spread(ratios, cpu_ratios):24} "
+              f"{nodes[0]}/{nodes[1]}")
+        if same:
+            print(f"{'  control: native / its copy':50}{statistics.median(same[0]):7.3f}"
+                  f"{statistics.median(same[1]):7.3f}  {_spread(*same)}")
+
+
+def _spread(wall, cpu):
+    return f"{min(wall):.3f}-{max(wall):.3f}; {min(cpu):.3f}-{max(cpu):.3f}"
 
 
 def child(kind, size, path):
@@ -246,8 +285,11 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--latency-only", action="store_true")
+    parser.add_argument("--models", help="comma-separated names of the latency table's models")
+    parser.add_argument("--control", action="store_true",
+                        help="also measure each native file against a copy of itself")
     parser.add_argument("--child", choices=["anchor", "cli", "api"])
     parser.add_argument("--path")
     parser.add_argument("--ladder", metavar="RUNGS",
@@ -267,7 +309,8 @@ def main():
 
     tmp = tempfile.mkdtemp(prefix="bnconvert-bench-")
     if args.latency_only:
-        rows = latency_table(args.size, args.runs, args.rounds, tmp)
+        models = args.models.split(",") if args.models else None
+        rows = latency_table(args.size, args.runs, args.rounds, tmp, models, args.control)
         return print_latency_table(rows, args.size, args.runs, args.rounds)
     anchor_path = os.path.join(tmp, "keras_export.onnx")
     native_path = os.path.join(tmp, "native.onnx")

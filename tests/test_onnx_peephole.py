@@ -7,6 +7,7 @@ rewrite gives it (what onnxruntime then runs faster).
 """
 
 import keras
+import pytest
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -155,3 +156,42 @@ def test_a_scale_that_adds_channels_stays_out_of_the_weights(tmp_path):
     data = np.random.default_rng(6).normal(0, 4, (2, 7, 7, 1)).astype("float32")
     np.testing.assert_allclose(_run(path, data)[0], np.asarray(model(data)), rtol=1e-4,
                                atol=1e-5)
+
+
+def _pad_crop_model(case):
+    """`(model, Slice expected)`: padding, then cropping and 1x1 pools that subsample."""
+    if case == "shift_then_stride":  # NASNet's reduction cells, on odd and even sizes
+        x = L.Input((11, 12, 5))
+        y = L.ZeroPadding2D(((0, 1), (0, 1)))(x)
+        y = L.Cropping2D(((1, 0), (1, 0)))(y)
+        y = L.Conv2D(4, 1)(L.AveragePooling2D(1, strides=2)(y))
+        return keras.Model(x, y), True
+    if case == "pad_and_crop":  # one Pad: +1 and -1 rows, -2 and +3 columns
+        x = L.Input((7, 9, 3))
+        y = L.ZeroPadding2D(((2, 1), (0, 3)))(x)
+        y = L.Cropping2D(((1, 2), (2, 0)))(y)
+        return keras.Model(x, L.Conv2D(2, 3)(y)), False
+    x = L.Input((10, 8, 4))  # a max over one pixel, every third row and column
+    y = L.MaxPooling2D(1, strides=3)(L.ZeroPadding2D(((2, 1), (1, 1)))(x))
+    return keras.Model(x, L.Conv2D(3, 1)(y)), True
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+@pytest.mark.parametrize("case", ["shift_then_stride", "pad_and_crop", "pad_then_stride"])
+def test_cropping_after_padding_pads_only_what_is_left(tmp_path, case, opset):
+    model, sliced = _pad_crop_model(case)
+    model = _randomized(model)
+    path = str(tmp_path / "m.onnx")
+    export_onnx(model, path, exporter="native", opset=opset)
+    proto = onnx.load(path)
+    ops = _ops(proto)
+    # The Pad reads the input's layout change and feeds no Slice or pool any more.
+    producer = {out: n.op_type for n in proto.graph.node for out in n.output}
+    pad = [n for n in proto.graph.node if n.op_type == "Pad"]
+    assert len(pad) == 1 and "AveragePool" not in ops and "MaxPool" not in ops
+    assert producer[pad[0].input[0]] == ("Slice" if sliced else "Transpose")
+    assert ops.count("Slice") == int(sliced)
+    data = np.random.default_rng(7).normal(-20, 40, (3,) + model.input_shape[1:])
+    data = data.astype("float32")
+    np.testing.assert_allclose(_run(path, data)[0], np.asarray(model(data)), rtol=1e-5,
+                               atol=1e-4)

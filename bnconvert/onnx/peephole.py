@@ -14,46 +14,19 @@ of the constants they merge):
   one `Add` and one `Mul` (`(x * s - m) * r` is `(x - m / s) * (s r)`), and
   that `Mul` goes into the weights of a convolution reading the chain (an
   input's `Rescaling` before the stem: one pass over the image less);
+- `crops.crop_before_padding`: a `Pad` then `Slice`s (NASNet's padding and
+  cropping) as a `Slice` before a smaller `Pad`;
 - `drop_unused`: nodes whose outputs nothing reads are removed.
 """
 
 import numpy as np
 
+from bnconvert.onnx.crops import crop_before_padding
+from bnconvert.onnx.node_index import Index
+from bnconvert.onnx.node_index import drop
+
 _ELEMENTWISE = ("Mul", "Add", "Sub", "Div")
 _AFFINE = ("Mul", "Add", "Sub")
-
-
-def _inner_inputs(node):
-    """The tensors the subgraphs of `node` (a `Loop`, `Scan` or `If` body) read, at any depth."""
-    names = []
-    for attr in node.attribute:
-        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            for inner in graph.node:
-                names += list(inner.input) + _inner_inputs(inner)
-    return names
-
-
-class _Index:
-    """Producers and use counts of the tensors of `g` (graph outputs count as uses)."""
-
-    def __init__(self, g, output_names):
-        self.arrays = dict(g.initializers)
-        self.producer = {out: node for node in g.nodes for out in node.output}
-        self.uses = {name: 1 for name in output_names}
-        self.consumers = {}
-        for node in g.nodes:
-            for name in list(node.input) + _inner_inputs(node):
-                self.uses[name] = self.uses.get(name, 0) + 1
-                self.consumers.setdefault(name, []).append(node)
-
-    def split(self, node, ops):
-        """`(data input, constant index)` of a binary `node` with one float constant, or None."""
-        if node is None or node.op_type not in ops or len(node.input) != 2:
-            return None
-        constant = [i for i, name in enumerate(node.input) if name in self.arrays]
-        if len(constant) != 1 or self.arrays[node.input[constant[0]]].dtype.kind != "f":
-            return None
-        return node.input[1 - constant[0]], constant[0]
 
 
 def optimize(g, input_shapes, output_names, shapes):
@@ -68,13 +41,14 @@ def optimize(g, input_shapes, output_names, shapes):
     """
     hoist_input_transposes(g, input_shapes, output_names, shapes)
     fold_affine_chains(g, output_names, shapes)
+    crop_before_padding(g, output_names, shapes)
     drop_unused(g, output_names)
 
 
 def hoist_input_transposes(g, input_shapes, output_names, shapes):
     """Moves each input's `Transpose` above the elementwise ops with constants before it."""
     input_ranks = {name: len(shape) for name, shape in input_shapes.items()}
-    index = _Index(g, output_names)
+    index = Index(g, output_names)
     # One transpose of an input per layout, however many chains start from it; a
     # graph input is there from the start, so its transposes can all run first.
     first = [n for n in g.nodes if n.op_type == "Transpose" and n.input[0] in input_ranks]
@@ -93,7 +67,7 @@ def hoist_input_transposes(g, input_shapes, output_names, shapes):
                                     > rank for n in chain):
             continue
         final = transpose.output[0]
-        _drop(g, [transpose])
+        drop(g, [transpose])
         if (name, tuple(perm)) not in done:
             transpose.input[0] = name
             transpose.output[0] = done[name, tuple(perm)] = g.unique(f"{name}/layout")
@@ -120,10 +94,6 @@ def _rewire(g, index, chain, data, final, perm):
     chain[-1].output[0] = final
 
 
-def _position(g, node):
-    return next(i for i, n in enumerate(g.nodes) if n is node)
-
-
 def fold_affine_chains(g, output_names, shapes):
     """Chains of `Mul`/`Add`/`Sub` by constants as one `Add` and one `Mul`, the `Mul`
     folded into the weights of a convolution that reads the chain alone.
@@ -131,7 +101,7 @@ def fold_affine_chains(g, output_names, shapes):
     A chain of a `Mul` and an `Add` before anything else is left as it is
     (nothing to gain).
     """
-    index = _Index(g, output_names)
+    index = Index(g, output_names)
     for last in list(g.nodes):
         if index.split(last, _AFFINE) is None or _continues(index, last):
             continue
@@ -154,7 +124,7 @@ def fold_affine_chains(g, output_names, shapes):
         if conv is not None and _scale_weights(g, index, conv, scale, shapes.get(data)):
             scale = np.ones((), scale.dtype)
             if not np.any(shift):  # the whole chain went into the weights
-                _drop(g, chain)
+                drop(g, chain)
                 conv.input[0] = data
                 continue
         elif len(chain) == 1:
@@ -248,7 +218,7 @@ def _replace(g, chain, data, shift, scale):
     A shift of zeros or a scale of ones is left out (one of the two stays).
     """
     final = chain[-1].output[0]
-    at = _drop(g, chain)
+    at = drop(g, chain)
     base = chain[0].output[0]
     kept = []
     if np.any(shift != 0):
@@ -265,18 +235,10 @@ def _replace(g, chain, data, shift, scale):
     g.nodes[at:at] = chain[:len(kept)]
 
 
-def _drop(g, nodes):
-    """Removes `nodes` from `g`; returns where the first one was."""
-    at = _position(g, nodes[0])
-    gone = {id(node) for node in nodes}
-    g.nodes = [n for n in g.nodes if id(n) not in gone]
-    return at
-
-
 def drop_unused(g, output_names):
     """Removes nodes (and initializers) whose outputs nothing reads."""
     while True:
-        index = _Index(g, output_names)
+        index = Index(g, output_names)
         dead = [n for n in g.nodes if not any(index.uses.get(o) for o in n.output)]
         if not dead:
             break
