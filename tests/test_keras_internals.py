@@ -151,6 +151,26 @@ def test_backend_calls_through_ops_run_keras_box_utilities_symbolically():
     pinned("keras.src.utils.backend_utils.DynamicBackend", check)
 
 
+def test_none_outputs_dropped_lets_a_layer_return_none_symbolically():
+    class Pair(keras.layers.Layer):
+        def call(self, x):
+            return x * 2.0, None
+
+    def check():
+        x = keras.Input((3,))
+        with pytest.raises(ValueError, match="must be tensors"):
+            Pair()(x)  # Keras refuses None among a symbolic call's outputs
+        with internals.none_outputs_dropped():
+            y, none = Pair()(x)
+        assert none is None
+        model = keras.Model(x, y)
+        np.testing.assert_allclose(np.asarray(model(np.ones((1, 3), "float32"))), [[2, 2, 2]])
+        with pytest.raises(ValueError, match="must be tensors"):
+            Pair()(x)  # restored
+
+    pinned("keras.src.ops.node.Node", check)
+
+
 @pytest.mark.parametrize("build", [_k3_functional, _tk_functional], ids=["keras3", "tf_keras"])
 def test_graph_nodes_and_producers(build):
     def check():

@@ -35,6 +35,7 @@ from bnconvert.keras_internals.keras3 import (  # noqa: F401
     shadow_method,
     unshadow_method,
     backend_calls_through_ops,
+    none_outputs_dropped,
     keras3_deferred_initializers,
 )
 from bnconvert.keras_internals.tf_and_tf_keras import (  # noqa: F401

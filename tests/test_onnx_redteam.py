@@ -1,0 +1,110 @@
+"""Models nobody here wrote, exported natively (issue 17, red-team pass).
+
+Each test is a model that failed on an attacker's pass over keras-hub,
+keras.applications, keras-cv and hand-written `keras.ops` models, reduced to
+what broke, plus (slow) the model it was found on, built from its
+constructor with a tiny config. Every export is run in onnxruntime and
+compared with the Keras model's own outputs on a batch of 3 with values of
+either sign up to 3 (the exporter's check uses a batch of 2).
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import pytest  # noqa: E402
+
+from bnconvert import export_onnx  # noqa: E402
+
+L = keras.layers
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def _feeds(model, seed=3, batch=3, high=None):
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for t in model.inputs:
+        shape = (batch,) + tuple(8 if d is None else d for d in t.shape[1:])
+        dtype = str(getattr(t.dtype, "name", t.dtype))
+        if "int" in dtype:
+            feeds.append(rng.integers(0, (high or {}).get(t.name, 2), shape).astype(dtype))
+        else:
+            feeds.append(rng.uniform(-3, 3, shape).astype(dtype))
+    return feeds
+
+
+def _keras(model, feeds):
+    if isinstance(getattr(model, "_inputs_struct", None), dict):
+        feed = {t.name: f for t, f in zip(model.inputs, feeds)}
+    else:
+        feed = feeds[0] if len(feeds) == 1 else feeds
+    return [np.asarray(o, np.float64) for o in keras.tree.flatten(model(feed, training=False))]
+
+
+def _exported_matches(model, tmp_path, feeds=None, **kwargs):
+    """Exports `model` natively; asserts onnxruntime matches Keras on `feeds`."""
+    feeds = feeds if feeds is not None else _feeds(model)
+    path = tmp_path / "m.onnx"
+    result = export_onnx(model, path, exporter="native", **kwargs)
+    assert result.exporter == "native"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, dict(zip([i.name for i in session.get_inputs()], feeds)))
+    want = _keras(model, feeds)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        rms = float(np.sqrt(np.mean(np.square(w)))) if w.size else 0.0
+        np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=RTOL,
+                                   atol=ATOL * max(1.0, rms))
+    return result
+
+
+# --- a sublayer returning None among its outputs (keras-hub DeiT) ----------
+
+class _ScoredBlock(L.Layer):
+    """Returns `(outputs, None)` unless asked for scores, as keras-hub's DeiT blocks do."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = L.Dense(4)
+
+    def call(self, x, return_scores=False):
+        y = self.dense(x)
+        return y, (keras.ops.sum(y, -1) if return_scores else None)
+
+
+class _Encoder(L.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = [_ScoredBlock(), _ScoredBlock()]
+
+    def build(self, shape):
+        for block in self.blocks:
+            block.build(shape[:-1] + (4,) if block is not self.blocks[0] else shape)
+
+    def call(self, x):
+        for block in self.blocks:
+            x, _ = block(x)
+        return keras.ops.gelu(x)
+
+    def compute_output_shape(self, shape):
+        return shape[:-1] + (4,)
+
+
+def test_sublayer_returning_none_is_traced(tmp_path):
+    x = keras.Input((5, 4), name="x")
+    model = keras.Model(x, _Encoder(name="encoder")(x))
+    _exported_matches(model, tmp_path)
+
+
+@pytest.mark.slow
+def test_keras_hub_deit(tmp_path):
+    import keras_hub
+
+    keras.utils.set_random_seed(17)
+    model = keras_hub.models.DeiTBackbone(
+        image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+        intermediate_dim=32)
+    _exported_matches(model, tmp_path)
