@@ -108,3 +108,38 @@ def test_keras_hub_deit(tmp_path):
         image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
         intermediate_dim=32)
     _exported_matches(model, tmp_path)
+
+
+# --- a model that refuses the generated check batch (keras-hub BERT, GPT-2) --
+
+class _Positions(L.Layer):
+    """Adds a learned position embedding of 12 rows, sliced to the sequence length."""
+
+    def build(self, shape):
+        self.table = self.add_weight(shape=(12, shape[-1]), initializer="random_normal")
+
+    def call(self, x):
+        return x + self.table[: keras.ops.shape(x)[1]]
+
+
+def _short_text_model():
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    y = _Positions(name="positions")(L.Embedding(20, 4, name="embed")(tokens))
+    return keras.Model(tokens, L.Dense(3, name="logits")(y), name="short_text")
+
+
+def test_model_refusing_the_generated_batch_is_a_verification_error(tmp_path):
+    from bnconvert import convert_model
+    from bnconvert.errors import VerificationError
+
+    model = _short_text_model()
+    # The generated batch has 32 steps; the table has 12 rows.
+    with pytest.raises(VerificationError, match=r"fails on the check batch of input shapes "
+                                                r"\(2, 32\).*pass inputs it accepts"):
+        convert_model(model, to="inference")
+    with pytest.raises(VerificationError, match="fails on the check batch"):
+        export_onnx(model, tmp_path / "m.onnx", exporter="tf2onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    tokens = np.random.default_rng(0).integers(0, 20, (2, 8)).astype("int32")
+    folded = convert_model(model, to="inference", check_inputs=[tokens])
+    np.testing.assert_allclose(np.asarray(folded(tokens)), np.asarray(model(tokens)), atol=1e-6)
