@@ -193,6 +193,19 @@ def test_graph_nodes_and_producers(build):
            "Node.arguments, call_args, outputs", check)
 
 
+def test_producing_node_finds_a_mask_outside_the_graph():
+    def check():
+        tokens = keras.Input((4,), dtype="int32")
+        embedded = keras.layers.Embedding(3, 2, mask_zero=True)(tokens)
+        mask = embedded._keras_mask  # made by compute_mask, not a node of the model
+        node = internals.producing_node(mask)
+        assert node is not None and not node.is_input
+        assert node.input_tensors == (tokens,) and node.outputs == (mask,)
+        assert internals.producing_node(tokens).is_input
+
+    pinned("KerasTensor._keras_history / _inbound_nodes (a mask's producer)", check)
+
+
 def test_is_consumed():
     def check():
         x = keras.Input((3, 4))

@@ -143,3 +143,25 @@ def test_model_refusing_the_generated_batch_is_a_verification_error(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 20, (2, 8)).astype("int32")
     folded = convert_model(model, to="inference", check_inputs=[tokens])
     np.testing.assert_allclose(np.asarray(folded(tokens)), np.asarray(model(tokens)), atol=1e-6)
+
+
+# --- masks made by a layer's compute_mask (Embedding(mask_zero=True)) ------
+
+def _masked_attention(kind, causal):
+    tokens = keras.Input((6,), dtype="int32", name="tokens")
+    e = L.Embedding(5, 8, mask_zero=True, name="embed")(tokens)
+    if kind == "mha":
+        y = L.MultiHeadAttention(2, 4, name="mha")(e, e, use_causal_mask=causal)
+    else:
+        y = L.Attention(name="attention")([e, e], use_causal_mask=causal)
+    return keras.Model(tokens, L.LayerNormalization(name="norm")(y + e), name=f"masked_{kind}")
+
+
+@pytest.mark.parametrize("kind", ["mha", "attention"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_embedding_mask_reaches_attention(kind, causal, tmp_path):
+    keras.utils.set_random_seed(5)
+    model = _masked_attention(kind, causal)
+    tokens = np.random.default_rng(1).integers(0, 5, (3, 6)).astype("int32")
+    tokens[0, 2] = tokens[1, 0] = tokens[2, 5] = 0  # masked steps at the start, middle, end
+    _exported_matches(model, tmp_path, [tokens], inputs=[tokens])

@@ -20,6 +20,7 @@ from bnconvert.keras_internals.graph import (  # noqa: F401
     GraphNode,
     graph_nodes,
     producer_of,
+    producing_node,
     producing_layer,
     is_consumed,
 )

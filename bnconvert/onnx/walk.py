@@ -143,14 +143,6 @@ def _fuse_output_transposes(g, output_names):
         g.nodes.remove(node)
 
 
-def _mask(tensor, env):
-    """The `Value` of `tensor`'s Keras mask, None, or "unknown" (not produced in the graph)."""
-    mask = getattr(tensor, "_keras_mask", None)
-    if mask is None:
-        return None
-    return env.get(id(mask), "unknown")
-
-
 class _Walker:
     def __init__(self, g, flavour):
         self.g = g
@@ -181,6 +173,37 @@ class _Walker:
         for tensor, value in zip(outputs, values):
             env[id(tensor)] = value
 
+    def _mask(self, tensor, env, base):
+        """The `Value` of `tensor`'s Keras mask, None, or "unknown" (not computable in the graph).
+
+        A mask made by a layer's `compute_mask` (Embedding's `mask_zero`) is
+        computed by ops outside the model's graph; they are emitted here,
+        once, when a layer reads the mask.
+        """
+        mask = getattr(tensor, "_keras_mask", None)
+        if mask is None:
+            return None
+        if id(mask) not in env:
+            mark, seen = self.g.checkpoint(), len(self.uncovered)
+            self._emit_producers(mask, env, f"{base}/mask/", depth=8)
+            if len(self.uncovered) > seen or not isinstance(env.get(id(mask)), Value):
+                self.g.rollback(mark)
+                del self.uncovered[seen:]
+                env.pop(id(mask), None)
+        return env.get(id(mask), "unknown")
+
+    def _emit_producers(self, tensor, env, prefix, depth):
+        node = internals.producing_node(tensor)
+        if node is None or node.is_input or node.layer is None or depth == 0:
+            return
+        for t in node.input_tensors:
+            if id(t) not in env and tracing.is_symbolic(self.flavour.keras, t):
+                self._emit_producers(t, env, prefix, depth - 1)
+        if all(id(t) in env for t in node.input_tensors if tracing.is_symbolic(
+                self.flavour.keras, t)):
+            self.node(node.layer, node.input_tensors, node.args, node.kwargs, node.outputs,
+                      env, prefix)
+
     def _placeholders(self, outputs, env, prefix, layer):
         for t in outputs:
             env[id(t)] = Value(f"?{prefix}{layer.name}", tuple(t.shape),
@@ -202,7 +225,7 @@ class _Walker:
                     tf.nest.map_structure(sub, tuple(args)),
                     tf.nest.map_structure(sub, dict(kwargs)),
                     [tuple(t.shape) for t in outputs], base, out_dtypes, in_dtypes,
-                    masks=[_mask(t, env) for t in tensors])
+                    masks=[self._mask(t, env, base) for t in tensors])
         if not isinstance(layer, self.flavour.Layer):
             return ops.emit_op(self.g, call)
         # A mixed-precision layer (float16/bfloat16 compute) keeps float32
