@@ -165,3 +165,37 @@ def test_embedding_mask_reaches_attention(kind, causal, tmp_path):
     tokens = np.random.default_rng(1).integers(0, 5, (3, 6)).astype("int32")
     tokens[0, 2] = tokens[1, 0] = tokens[2, 5] = 0  # masked steps at the start, middle, end
     _exported_matches(model, tmp_path, [tokens], inputs=[tokens])
+
+
+# --- recurrent layers under any mask (Embedding(mask_zero=True) + LSTM) ----
+
+def _masked_recurrent(kind):
+    tokens = keras.Input((7,), dtype="int32", name="tokens")
+    y = L.Embedding(6, 5, mask_zero=True, name="embed")(tokens)
+    if kind == "lstm_gru":
+        y = L.LSTM(6, return_sequences=True, name="lstm")(y)
+        outputs = [L.GRU(4, name="gru")(y), y]
+    elif kind == "bidirectional":
+        y = L.Bidirectional(L.LSTM(4, return_sequences=True), name="bi_seq")(y)
+        outputs = [L.Bidirectional(L.GRU(3, reset_after=False), merge_mode="sum",
+                                   name="bi_last")(y), y]
+    elif kind == "states":
+        outputs = list(L.LSTM(4, return_sequences=True, return_state=True, name="lstm")(y))
+        outputs.append(L.SimpleRNN(3, zero_output_for_mask=True, return_sequences=True,
+                                   name="rnn")(y))
+    else:  # stacked cells
+        cells = [L.LSTMCell(4), L.GRUCell(3)]
+        outputs = [L.RNN(cells, return_sequences=True, name="stacked")(y)]
+    return keras.Model(tokens, outputs, name=f"masked_{kind}")
+
+
+@pytest.mark.parametrize("kind", ["lstm_gru", "bidirectional", "states", "stacked"])
+def test_recurrent_layers_follow_any_mask(kind, tmp_path):
+    keras.utils.set_random_seed(11)
+    model = _masked_recurrent(kind)
+    tokens = np.random.default_rng(2).integers(1, 6, (4, 7)).astype("int32")
+    tokens[0, :2] = 0  # left padding
+    tokens[1, 3] = tokens[1, 5] = 0  # holes
+    tokens[2, 4:] = 0  # right padding
+    tokens[3, :] = 0  # nothing kept
+    _exported_matches(model, tmp_path, [tokens], inputs=[tokens])
