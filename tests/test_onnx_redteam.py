@@ -183,13 +183,18 @@ def _masked_recurrent(kind):
         outputs = list(L.LSTM(4, return_sequences=True, return_state=True, name="lstm")(y))
         outputs.append(L.SimpleRNN(3, zero_output_for_mask=True, return_sequences=True,
                                    name="rnn")(y))
+    elif kind == "backwards":
+        y = L.GRU(4, go_backwards=True, return_sequences=True, name="gru")(y)
+        outputs = [L.LSTM(3, go_backwards=True, return_sequences=True, return_state=True,
+                          name="lstm")(y)]
     else:  # stacked cells
         cells = [L.LSTMCell(4), L.GRUCell(3)]
         outputs = [L.RNN(cells, return_sequences=True, name="stacked")(y)]
     return keras.Model(tokens, outputs, name=f"masked_{kind}")
 
 
-@pytest.mark.parametrize("kind", ["lstm_gru", "bidirectional", "states", "stacked"])
+@pytest.mark.parametrize("kind", ["lstm_gru", "bidirectional", "states", "backwards",
+                                  "stacked"])
 def test_recurrent_layers_follow_any_mask(kind, tmp_path):
     keras.utils.set_random_seed(11)
     model = _masked_recurrent(kind)

@@ -229,8 +229,6 @@ def recurrent(g, call):
     layer = call.layer
     x, mask, initial = _inputs(call)
     _check_arguments(layer, call.base, mask is not None)
-    if mask is not None and layer.go_backwards:
-        _refuse(layer, call.base, "go_backwards with a mask")
     steps = _cells(layer)
     if len(steps) > 1 and initial:
         _refuse(layer, call.base, "initial_state with stacked cells")
