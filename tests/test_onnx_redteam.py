@@ -204,3 +204,32 @@ def test_recurrent_layers_follow_any_mask(kind, tmp_path):
     tokens[2, 4:] = 0  # right padding
     tokens[3, :] = 0  # nothing kept
     _exported_matches(model, tmp_path, [tokens], inputs=[tokens])
+
+
+# --- a Reshape((-1, n)) after a layer whose inferred shape is wrong (keras-cv RetinaNet)
+
+class _Halving(L.Layer):
+    """A stride-2 convolution whose `compute_output_shape` forgets the stride."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(8, 3, strides=2, padding="same")
+
+    def build(self, shape):
+        self.conv.build(shape)
+
+    def call(self, x):
+        return self.conv(x)
+
+    def compute_output_shape(self, shape):
+        return shape[:-1] + (8,)
+
+
+def test_reshape_with_unknown_size_is_resolved_at_run_time(tmp_path):
+    x = keras.Input((2, 2, 3), name="x")
+    y = L.Reshape((-1, 4), name="boxes")(_Halving(name="head")(x))
+    model = keras.Model(x, y)
+    assert tuple(model.output.shape) == (None, 8, 4)  # Keras infers 2x2; the call gives 1x1
+    feeds = _feeds(model)
+    assert _keras(model, feeds)[0].shape == (3, 2, 4)
+    _exported_matches(model, tmp_path, feeds)

@@ -242,7 +242,18 @@ def reshape_to(g, x, target, base):
 
 
 def reshape(g, call):
-    """Reshape: the target shape after an unchanged batch dimension."""
+    """Reshape: the target shape after an unchanged batch dimension.
+
+    A target with an unknown size (-1) is resolved at run time, as Keras
+    does: the size Keras inferred for it may be wrong (a custom layer
+    before it with a wrong `compute_output_shape`: keras-cv RetinaNet's
+    coarsest levels, 2x2 inferred, 1x1 computed).
+    """
+    target = tuple(getattr(call.layer, "target_shape", ()) or ())
+    if -1 in target:
+        x = g.keras(call.inputs[0])
+        shape = [0] + [int(d) for d in target]
+        return [call.out(g.node("Reshape", [x.name, g.ints(shape)], call.base))]
     name, perm = reshape_to(g, call.inputs[0], call.shapes[0], call.base)
     return [call.out(name, perm)]
 
