@@ -58,6 +58,7 @@ import numpy as np
 
 from bnconvert import forward
 from bnconvert import keras_internals as internals
+from bnconvert.errors import BnconvertError
 from bnconvert.errors import ConversionError
 from bnconvert.errors import VerificationError
 from bnconvert.errors import first_line
@@ -171,6 +172,8 @@ def reference(model, batch):
     """
     try:
         return run(model, batch)
+    except BnconvertError:
+        raise
     except Exception as e:  # noqa: BLE001 - the user's model raises anything
         shapes = ", ".join(str(tuple(np.shape(a))) for a in batch)
         raise VerificationError(
