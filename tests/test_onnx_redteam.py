@@ -233,3 +233,18 @@ def test_reshape_with_unknown_size_is_resolved_at_run_time(tmp_path):
     feeds = _feeds(model)
     assert _keras(model, feeds)[0].shape == (3, 2, 4)
     _exported_matches(model, tmp_path, feeds)
+
+
+def test_masked_sequence_through_pooling_softmax_and_time_distributed(tmp_path):
+    """A TimeDistributed layer whose inner layer takes no mask ignores it, as in Keras."""
+    keras.utils.set_random_seed(4)
+    tokens = keras.Input((7,), dtype="int32", name="tokens")
+    e = L.Embedding(4, 6, mask_zero=True, name="embed")(tokens)
+    pooled = L.GlobalAveragePooling1D(name="pool")(e)
+    weights = L.Softmax(name="softmax")(L.Dense(1, name="score")(e)[..., 0],
+                                         mask=keras.ops.not_equal(tokens, 0))
+    steps = L.TimeDistributed(L.Dense(2), name="per_step")(e)
+    model = keras.Model(tokens, [pooled, weights, steps])
+    x = np.random.default_rng(3).integers(0, 4, (3, 7)).astype("int32")
+    x[:, 0] = 0
+    _exported_matches(model, tmp_path, [x], inputs=[x])

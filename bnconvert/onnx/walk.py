@@ -184,17 +184,19 @@ class _Walker:
         if mask is None:
             return None
         if id(mask) not in env:
-            mark, seen = self.g.checkpoint(), len(self.uncovered)
+            mark, seen, known = self.g.checkpoint(), len(self.uncovered), set(env)
             self._emit_producers(mask, env, f"{base}/mask/", depth=8)
             if len(self.uncovered) > seen or not isinstance(env.get(id(mask)), Value):
                 self.g.rollback(mark)
                 del self.uncovered[seen:]
-                env.pop(id(mask), None)
+                for key in set(env) - known:
+                    del env[key]
         return env.get(id(mask), "unknown")
 
     def _emit_producers(self, tensor, env, prefix, depth):
         node = internals.producing_node(tensor)
-        if node is None or node.is_input or node.layer is None or depth == 0:
+        if node is None or node.is_input or node.layer is None or depth == 0 \
+                or any(id(t) in env for t in node.outputs):  # tf-keras: the layer's own node
             return
         for t in node.input_tensors:
             if id(t) not in env and tracing.is_symbolic(self.flavour.keras, t):
