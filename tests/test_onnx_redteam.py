@@ -248,3 +248,24 @@ def test_masked_sequence_through_pooling_softmax_and_time_distributed(tmp_path):
     x = np.random.default_rng(3).integers(0, 4, (3, 7)).astype("int32")
     x[:, 0] = 0
     _exported_matches(model, tmp_path, [x], inputs=[x])
+
+
+# --- tf-keras tf.shape (kecam ConvNeXtV2's global response normalization) --
+
+def test_tf_keras_tf_shape(tmp_path):
+    import tensorflow as tf
+    import tf_keras
+
+    x = tf_keras.Input((4, 5, 3), name="x")
+    scale = tf.cast(tf.shape(x)[1] * tf.shape(x)[2], x.dtype) ** 0.5
+    norm = tf.sqrt(tf.reduce_mean(tf.square(x), axis=[1, 2], keepdims=True)) * scale
+    y = x * norm + tf.cast(tf.compat.v1.shape(x)[-1], "float32")
+    model = tf_keras.Model(x, [y, tf.shape(x)])
+    feeds = _feeds(model)
+    path = tmp_path / "m.onnx"
+    assert export_onnx(model, path, exporter="native").exporter == "native"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: feeds[0]})
+    want = [np.asarray(o) for o in model(feeds[0], training=False)]
+    np.testing.assert_allclose(got[0], want[0], rtol=RTOL, atol=ATOL * 10)
+    assert got[1].dtype == np.int32 and got[1].tolist() == [3, 4, 5, 3]

@@ -298,6 +298,7 @@ TF_FUNCTIONS = {
     "math.top_k": _tf("top_k", input="x"),
     "sort": _tf("sort", _checked(direction="ASCENDING"), values="x"),
     "argsort": _tf("argsort", _checked(direction="ASCENDING"), values="x"),
+    "shape": _tf("tf_shape", input="x"), "compat.v1.shape": _tf("tf_shape", input="x"),
     "zeros_like": _tf("zeros_like", input="x"),
     "ones_like": _tf("ones_like", input="x"),
     "image.resize": _tf("resize", method="interpolation"),
