@@ -269,3 +269,20 @@ def test_tf_keras_tf_shape(tmp_path):
     want = [np.asarray(o) for o in model(feeds[0], training=False)]
     np.testing.assert_allclose(got[0], want[0], rtol=RTOL, atol=ATOL * 10)
     assert got[1].dtype == np.int32 and got[1].tolist() == [3, 4, 5, 3]
+
+
+def test_tf_keras_resize_to_a_shape_read_from_the_graph(tmp_path):
+    """kecam GhostNetV2: `tf.image.resize(x, tf.shape(skip)[1:-1])`."""
+    import tensorflow as tf
+    import tf_keras
+
+    x = tf_keras.Input((8, 8, 3), name="x")
+    small = tf_keras.layers.AveragePooling2D(2)(x)
+    up = tf.image.resize(small, tf.shape(x)[1:-1], method="bilinear")
+    model = tf_keras.Model(x, x * tf.nn.sigmoid(up))
+    feeds = _feeds(model)
+    path = tmp_path / "m.onnx"
+    assert export_onnx(model, path, exporter="native").exporter == "native"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: feeds[0]})
+    np.testing.assert_allclose(got, np.asarray(model(feeds[0])), rtol=RTOL, atol=ATOL)

@@ -49,6 +49,7 @@ from bnconvert.onnx import spectral
 from bnconvert.onnx import preprocessing
 from bnconvert.onnx import special
 from bnconvert.onnx.graph import Uncovered
+from bnconvert.onnx.graph import Value
 
 _ACTIVATIONS = {
     "relu": "relu", "relu6": "relu6", "sigmoid": "sigmoid", "tanh": "tanh", "silu": "silu",
@@ -89,7 +90,13 @@ def _resize(g, call, p):
     """`image.resize` through the Resizing layer's emitter."""
     if p.get("antialias") or p.get("preserve_aspect_ratio"):
         raise Uncovered([(call.base, "Resize", "antialias or preserve_aspect_ratio")])
-    height, width = (int(s) for s in p["size"])
+    size = p["size"]
+    if isinstance(size, Value):  # computed in the graph (`tf.shape(y)[1:3]`): the known result
+        channels_first = p.get("data_format") == "channels_first"
+        size = call.shapes[0][-2:] if channels_first else call.shapes[0][-3:-1]
+        if None in size:
+            raise Uncovered([(call.base, "Resize", "a size computed at run time")])
+    height, width = (int(s) for s in size)
     layer = types.SimpleNamespace(
         name=call.base, interpolation=p.get("interpolation", "bilinear"), height=height,
         width=width, data_format=p.get("data_format") or "channels_last",
