@@ -662,15 +662,16 @@ def test_every_emitter_of_these_modules_has_a_case():
     lambda K: lambda t: K.layers.Attention()([t, t]),
     lambda K: K.layers.Bidirectional(K.layers.GRU(3)),
 ], ids=["lstm", "gap1d", "attention", "bidirectional"])
-def test_tf_keras_implicit_mask_is_refused_not_dropped(make):
-    """tf-keras keeps Keras masks outside the graph: a layer reading one is refused by name."""
-    from bnconvert.onnx.graph import Uncovered
-
+def test_tf_keras_implicit_mask_is_followed(make):
+    """tf-keras keeps a mask's value only: it is recomputed from the Masking layer."""
     K = keras_module("tf_keras")
     x = K.Input((6, 4))
     model = K.Model(x, make(K)(K.layers.Masking(0.0)(x)))
-    with pytest.raises(Uncovered, match="mask not computed in the graph"):
-        emit_and_run(model, [np.zeros((1, 6, 4), "float32")], 17)
+    randomize(model)
+    data = np.random.default_rng(8).normal(size=(3, 6, 4)).astype("float32")
+    data[0, :2] = data[1, 3] = data[2, 4:] = 0.0
+    got, _ = emit_and_run(model, [data], 17)
+    assert_matches(got, verify.run(model, [data]), 1e-3)
 
 
 def test_transformer_block_exports_natively_with_the_check(tmp_path):

@@ -286,3 +286,32 @@ def test_tf_keras_resize_to_a_shape_read_from_the_graph(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: feeds[0]})
     np.testing.assert_allclose(got, np.asarray(model(feeds[0])), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("source", ["embedding", "masking"])
+def test_tf_keras_masks_reach_recurrent_layers_and_pooling(source, tmp_path):
+    """tf-keras keeps a mask's value only: it is recomputed from the layer that made it."""
+    import tf_keras
+
+    tl = tf_keras.layers
+    tf_keras.utils.set_random_seed(6)
+    if source == "embedding":
+        inputs = tf_keras.Input((6,), dtype="int32", name="tokens")
+        y = tl.Embedding(5, 4, mask_zero=True)(inputs)
+        x = np.random.default_rng(4).integers(0, 5, (3, 6)).astype("int32")
+        x[0, :2] = x[1, 3] = 0
+    else:
+        inputs = tf_keras.Input((6, 3), name="seq")
+        y = tl.Masking(0.0)(inputs)
+        x = np.random.default_rng(4).normal(size=(3, 6, 3)).astype("float32")
+        x[0, :2] = x[1, 3] = 0.0
+    y = tl.Dense(4)(y)  # passes the mask on
+    y = tl.LSTM(4, return_sequences=True)(y)
+    outputs = [tl.GRU(3)(y), tl.GlobalAveragePooling1D()(y)]
+    model = tf_keras.Model(inputs, outputs)
+    path = tmp_path / "m.onnx"
+    assert export_onnx(model, path, exporter="native", inputs=[x]).exporter == "native"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})
+    for g, w in zip(got, model(x)):
+        np.testing.assert_allclose(g, np.asarray(w), rtol=RTOL, atol=ATOL)

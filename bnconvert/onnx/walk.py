@@ -26,6 +26,7 @@ from bnconvert.onnx import encoding
 from bnconvert.onnx import preprocessing
 from bnconvert.onnx import layers
 from bnconvert.onnx import loops
+from bnconvert.onnx import masks
 from bnconvert.onnx import norm
 from bnconvert.onnx import ops
 from bnconvert.onnx import peephole
@@ -174,33 +175,18 @@ class _Walker:
             env[id(tensor)] = value
 
     def _mask(self, tensor, env, base):
-        """The `Value` of `tensor`'s Keras mask, None, or "unknown" (not computable in the graph).
+        """The `Value` of `tensor`'s Keras mask, None, or "unknown" (see `masks.carried`)."""
+        return masks.carried(self, tensor, env, base)
 
-        A mask made by a layer's `compute_mask` (Embedding's `mask_zero`) is
-        computed by ops outside the model's graph; they are emitted here,
-        once, when a layer reads the mask.
-        """
-        mask = getattr(tensor, "_keras_mask", None)
-        if mask is None:
-            return None
-        if id(mask) not in env:
-            mark, seen, known = self.g.checkpoint(), len(self.uncovered), set(env)
-            self._emit_producers(mask, env, f"{base}/mask/", depth=8)
-            if len(self.uncovered) > seen or not isinstance(env.get(id(mask)), Value):
-                self.g.rollback(mark)
-                del self.uncovered[seen:]
-                for key in set(env) - known:
-                    del env[key]
-        return env.get(id(mask), "unknown")
-
-    def _emit_producers(self, tensor, env, prefix, depth):
+    def emit_producers(self, tensor, env, prefix, depth):
+        """Emits the calls that computed `tensor` outside the model's graph (a Keras 3 mask)."""
         node = internals.producing_node(tensor)
         if node is None or node.is_input or node.layer is None or depth == 0 \
-                or any(id(t) in env for t in node.outputs):  # tf-keras: the layer's own node
+                or any(id(t) in env for t in node.outputs):
             return
         for t in node.input_tensors:
             if id(t) not in env and tracing.is_symbolic(self.flavour.keras, t):
-                self._emit_producers(t, env, prefix, depth - 1)
+                self.emit_producers(t, env, prefix, depth - 1)
         if all(id(t) in env for t in node.input_tensors if tracing.is_symbolic(
                 self.flavour.keras, t)):
             self.node(node.layer, node.input_tensors, node.args, node.kwargs, node.outputs,
