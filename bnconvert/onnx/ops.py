@@ -314,6 +314,13 @@ TF_FUNCTIONS = {
 }
 
 
+def _l2_normalize(p):
+    """tf.math.l2_normalize: `x * rsqrt(max(sum(x^2), eps))`, Keras's normalize at sqrt(eps)."""
+    if p.get("axis") is None or p.get("dim") is not None:
+        raise Uncovered([(None, "TFOpLambda", "tf.math.l2_normalize over every axis (axis=None)")])
+    return dict(p, order=2, epsilon=float(p.get("epsilon", 1e-12)) ** 0.5)
+
+
 def _diag_part(p):
     if not isinstance(p.get("k", 0), int):
         raise Uncovered([(None, "TFOpLambda", "tf.linalg.diag_part of a band (k a pair)")])
@@ -321,6 +328,7 @@ def _diag_part(p):
 
 
 TF_FUNCTIONS.update({
+    "math.l2_normalize": _tf("normalize", _l2_normalize),
     "linalg.qr": _tf("qr", lambda p: dict(p, mode="complete" if p.get("full_matrices")
                                           else "reduced"), input="x"),
     "linalg.det": _tf("det", input="x"),
