@@ -1,9 +1,9 @@
 """Models nobody here wrote, exported natively (issue 17, red-team pass).
 
 Each test is a model that failed on an attacker's pass over keras-hub,
-keras.applications, keras-cv and hand-written `keras.ops` models, reduced to
-what broke, plus (slow) the model it was found on, built from its
-constructor with a tiny config. Every export is run in onnxruntime and
+keras.applications, keras-cv, kecam (tf-keras) and hand-written `keras.ops`
+models, reduced to what broke (the model it was found on is named), plus
+(slow) keras-hub DeiT built from its constructor with a tiny config. Every export is run in onnxruntime and
 compared with the Keras model's own outputs on a batch of 3 with values of
 either sign up to 3 (the exporter's check uses a batch of 2).
 """
