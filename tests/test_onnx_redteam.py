@@ -315,3 +315,19 @@ def test_tf_keras_masks_reach_recurrent_layers_and_pooling(source, tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: x})
     for g, w in zip(got, model(x)):
         np.testing.assert_allclose(g, np.asarray(w), rtol=RTOL, atol=ATOL)
+
+
+def test_float16_graph_keeps_fully_masked_attention_rows_finite(tmp_path):
+    """A masked query's row is all masked: -1e9 in float16 was -inf, and the row NaN."""
+    keras.utils.set_random_seed(5)
+    model = _masked_attention("mha", False)
+    tokens = np.random.default_rng(1).integers(1, 5, (3, 6)).astype("int32")
+    tokens[0, :2] = tokens[2, 5] = 0
+    path = tmp_path / "m.onnx"
+    result = export_onnx(model, path, exporter="native", precision="float16", inputs=[tokens])
+    assert result.exporter == "native" and result.precision == "float16"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: tokens})
+    want = _keras(model, [tokens])[0]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=8 * 2.0**-10, atol=8 * 2.0**-10)

@@ -290,7 +290,7 @@ class Graph:
                 if name in keep:
                     keep[name] = self.unique(f"{name}/float32")
                     lowered.append((keep[name], array))
-                array = array.astype(np.float16)
+                array = _half(array)
             lowered.append((name, array))
         self.initializers = lowered
         for body in self.subgraphs():
@@ -306,7 +306,7 @@ class Graph:
                     attr.i = FLOAT16
                 elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == FLOAT:
                     attr.t.CopyFrom(onnx.numpy_helper.from_array(
-                        onnx.numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
+                        _half(onnx.numpy_helper.to_array(attr.t)), attr.t.name))
 
     def divisions_to_products(self):
         """Turns each `Div` by a float constant into a `Mul` by its reciprocal.
@@ -410,3 +410,16 @@ class Call:
         """The `Value` of output `index`, emitted as `name` in layout `perm`."""
         shape = tuple(self.shapes[index])
         return Value(name, shape, tuple(perm) if perm is not None else identity(len(shape)))
+
+
+# Finite float32 values beyond float16's range (the -1e9 of a masked softmax)
+# become 0.7 of its largest value, as Keras's own float16 masks do: as inf,
+# a fully masked row of a softmax would be NaN.
+_HALF_LARGE = 0.7 * float(np.finfo(np.float16).max)
+
+
+def _half(array):
+    """A float32 array as float16, overflowing finite values kept finite."""
+    array = np.asarray(array)
+    big = np.isfinite(array) & (np.abs(array) > float(np.finfo(np.float16).max))
+    return np.where(big, np.sign(array) * _HALF_LARGE, array).astype(np.float16)
