@@ -70,6 +70,9 @@ class _ScoredBlock(L.Layer):
         super().__init__(**kwargs)
         self.dense = L.Dense(4)
 
+    def build(self, shape):
+        self.dense.build(shape)
+
     def call(self, x, return_scores=False):
         y = self.dense(x)
         return y, (keras.ops.sum(y, -1) if return_scores else None)
