@@ -199,7 +199,7 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
         report.verification_note = "verification was turned off"
     if sample is not None:
         with steps.step("verify", "computing the original outputs"):
-            expected = verify_lib.run(job.model, sample)
+            expected = verify_lib.reference(job.model, sample)
     with _quiet_keras():
         work = job.model
         if not in_place:

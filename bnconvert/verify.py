@@ -50,6 +50,7 @@ own rounding.
 import math
 import numbers
 import os
+import re
 import warnings
 
 import keras
@@ -57,8 +58,10 @@ import numpy as np
 
 from bnconvert import forward
 from bnconvert import keras_internals as internals
+from bnconvert.errors import BnconvertError
 from bnconvert.errors import ConversionError
 from bnconvert.errors import VerificationError
+from bnconvert.errors import first_line
 
 ABSOLUTE_TOLERANCE = 1e-6
 RELATIVE_TOLERANCE = 1e-4
@@ -156,6 +159,38 @@ def sample_inputs(model, batch=SAMPLE_BATCH):
         else:
             arrays.append(rng.integers(0, 2, size=dims).astype(dtype))
     return arrays, "one generated batch, training=False"
+
+
+def reference(model, batch):
+    """The original `model`'s outputs on a check batch (`run`), refusing one it cannot run on.
+
+    A generated batch gives unknown sizes `UNKNOWN_DIM`; a model may not
+    accept them (a text model's position embedding shorter than that).
+
+    Raises:
+        VerificationError: The model raises on `batch`; the check cannot run.
+    """
+    try:
+        return run(model, batch)
+    except BnconvertError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's model raises anything
+        shapes = ", ".join(str(tuple(np.shape(a))) for a in batch)
+        raise VerificationError(
+            f"Model '{model.name}' fails on the check batch of input shapes {shapes}, so "
+            f"nothing can be checked: {type(e).__name__}: {_reason(e)}; pass inputs it "
+            "accepts (--check-input FILE.npy, check_inputs= of convert_model, inputs= of "
+            "export_onnx)."
+        ) from e
+
+
+def _reason(error):
+    """The line of a Keras error that says what went wrong (its first only says where)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", l).strip() for l in str(error).splitlines()]
+    lines = [l for l in lines if l]
+    if len(lines) > 1 and lines[0].startswith("Exception encountered"):
+        return first_line(lines[1])
+    return first_line(error)
 
 
 def max_check_bytes():

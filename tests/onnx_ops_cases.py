@@ -386,6 +386,12 @@ def _tf_cases():
         "reverse": lambda y: tf.reverse(y, [1]), "greater": lambda y: tf.cast(y > 3.0, tf.float32),
         "resize": lambda y: tf.image.resize(y, (9, 11)),
         "add_n": lambda y: tf.math.add_n([y, y * 2.0, -y]),
+        # kecam EdgeNeXt's attention normalizes with TensorFlow's epsilon (on the squared sum).
+        "normalize:tf_l2": lambda y: tf.math.l2_normalize(y * 1e-7, axis=-1, epsilon=1e-6),
+        "normalize:tf_l2_axes": lambda y: tf.math.l2_normalize(y, [1, 2]),
+        # kecam's global response normalization scales by sqrt(H * W) read from tf.shape.
+        "tf_shape": lambda y: y * tf.cast(tf.shape(y)[1] * tf.compat.v1.shape(y)[2],
+                                          y.dtype) ** 0.5,
     }
 
 

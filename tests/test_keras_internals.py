@@ -151,6 +151,26 @@ def test_backend_calls_through_ops_run_keras_box_utilities_symbolically():
     pinned("keras.src.utils.backend_utils.DynamicBackend", check)
 
 
+def test_none_outputs_dropped_lets_a_layer_return_none_symbolically():
+    class Pair(keras.layers.Layer):
+        def call(self, x):
+            return x * 2.0, None
+
+    def check():
+        x = keras.Input((3,))
+        with pytest.raises(ValueError, match="must be tensors"):
+            Pair()(x)  # Keras refuses None among a symbolic call's outputs
+        with internals.none_outputs_dropped():
+            y, none = Pair()(x)
+        assert none is None
+        model = keras.Model(x, y)
+        np.testing.assert_allclose(np.asarray(model(np.ones((1, 3), "float32"))), [[2, 2, 2]])
+        with pytest.raises(ValueError, match="must be tensors"):
+            Pair()(x)  # restored
+
+    pinned("keras.src.ops.node.Node", check)
+
+
 @pytest.mark.parametrize("build", [_k3_functional, _tk_functional], ids=["keras3", "tf_keras"])
 def test_graph_nodes_and_producers(build):
     def check():
@@ -171,6 +191,19 @@ def test_graph_nodes_and_producers(build):
 
     pinned("Functional._nodes_by_depth / KerasTensor._keras_history / _inbound_nodes / "
            "Node.arguments, call_args, outputs", check)
+
+
+def test_producing_node_finds_a_mask_outside_the_graph():
+    def check():
+        tokens = keras.Input((4,), dtype="int32")
+        embedded = keras.layers.Embedding(3, 2, mask_zero=True)(tokens)
+        mask = embedded._keras_mask  # made by compute_mask, not a node of the model
+        node = internals.producing_node(mask)
+        assert node is not None and not node.is_input
+        assert node.input_tensors == (tokens,) and node.outputs == (mask,)
+        assert internals.producing_node(tokens).is_input
+
+    pinned("KerasTensor._keras_history / _inbound_nodes (a mask's producer)", check)
 
 
 def test_is_consumed():

@@ -88,9 +88,8 @@ def inputs_for(model, c, seed=1):
             for row, length in enumerate(rng.integers(1, shape[1] + 1, size=shape[0])):
                 x[row, length:] = 0.0
             arrays.append(x)
-        elif kind == "prefix_mask":  # True on the first 1..steps steps of each row
-            lengths = rng.integers(1, shape[1] + 1, size=shape[0])
-            arrays.append((np.arange(shape[1])[None] < lengths[:, None]).astype("float32"))
+        elif kind == "any_mask":  # random steps of each row True (holes, left padding)
+            arrays.append(rng.integers(0, 2, size=shape).astype("float32"))
         elif kind == "index":
             arrays.append(rng.integers(0, 10, size=shape).astype("float32"))
         else:  # large and negative: centred at -2 with a spread of 8
@@ -441,7 +440,7 @@ case("bidirectional_gru_state", seq(SEQ, lambda K: K.layers.Bidirectional(
 
 
 def _masked_rnn(make):
-    """A recurrent layer given `mask=` (True on a prefix of each row's steps)."""
+    """A recurrent layer given `mask=` (any steps of each row True)."""
     def build(K):
         x, m = K.Input((6, 4)), K.Input((6,))
         return K.Model([x, m], make(K)(x, mask=m))
@@ -457,7 +456,7 @@ for name, make in (
         K.layers.SimpleRNN(5, return_sequences=True))),
     ("bidirectional_last", lambda K: K.layers.Bidirectional(K.layers.GRU(5))),
 ):
-    case(f"masked_{name}", _masked_rnn(make), kinds=("normal", "prefix_mask"), rtol=1e-3)
+    case(f"masked_{name}", _masked_rnn(make), kinds=("normal", "any_mask"), rtol=1e-3)
 
 case("masking", seq((6, 4), lambda K: K.layers.Masking(0.0)), kinds=("right_padded",))
 
@@ -622,15 +621,15 @@ def test_layer_conforms(c, flavour):
         assert_matches(got, want, c.rtol)
 
 
-def test_recurrent_mask_that_is_no_prefix_gives_nan_rows():
-    """A mask ONNX's `sequence_lens` cannot express fails loudly, per row, never silently."""
-    model = _masked_rnn(lambda K: K.layers.LSTM(5))(keras)
-    x = np.random.default_rng(0).normal(size=(2, 6, 4)).astype("float32")
-    mask = np.array([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1]], "float32")
+def test_recurrent_mask_that_is_no_prefix_matches_keras():
+    """Left padding, holes and a row with nothing kept: Keras skips the masked steps."""
+    model = _masked_rnn(lambda K: K.layers.LSTM(5, return_sequences=True))(keras)
+    x = np.random.default_rng(0).normal(size=(3, 6, 4)).astype("float32")
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 0, 1, 1, 0, 1], [0] * 6], "float32")
     (got,), _ = emit_and_run(model, [x, mask], 17)
     want = verify.run(model, [x, mask])[0]
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-3, atol=1e-4)
-    assert np.isnan(got[1]).all()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+    assert np.abs(want[2]).max() == 0  # nothing kept: zeros
 
 
 def test_every_emitter_of_these_modules_has_a_case():
@@ -663,15 +662,16 @@ def test_every_emitter_of_these_modules_has_a_case():
     lambda K: lambda t: K.layers.Attention()([t, t]),
     lambda K: K.layers.Bidirectional(K.layers.GRU(3)),
 ], ids=["lstm", "gap1d", "attention", "bidirectional"])
-def test_tf_keras_implicit_mask_is_refused_not_dropped(make):
-    """tf-keras keeps Keras masks outside the graph: a layer reading one is refused by name."""
-    from bnconvert.onnx.graph import Uncovered
-
+def test_tf_keras_implicit_mask_is_followed(make):
+    """tf-keras keeps a mask's value only: it is recomputed from the Masking layer."""
     K = keras_module("tf_keras")
     x = K.Input((6, 4))
     model = K.Model(x, make(K)(K.layers.Masking(0.0)(x)))
-    with pytest.raises(Uncovered, match="mask not computed in the graph"):
-        emit_and_run(model, [np.zeros((1, 6, 4), "float32")], 17)
+    randomize(model)
+    data = np.random.default_rng(8).normal(size=(3, 6, 4)).astype("float32")
+    data[0, :2] = data[1, 3] = data[2, 4:] = 0.0
+    got, _ = emit_and_run(model, [data], 17)
+    assert_matches(got, verify.run(model, [data]), 1e-3)
 
 
 def test_transformer_block_exports_natively_with_the_check(tmp_path):

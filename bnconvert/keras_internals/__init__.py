@@ -20,6 +20,7 @@ from bnconvert.keras_internals.graph import (  # noqa: F401
     GraphNode,
     graph_nodes,
     producer_of,
+    producing_node,
     producing_layer,
     is_consumed,
 )
@@ -35,6 +36,7 @@ from bnconvert.keras_internals.keras3 import (  # noqa: F401
     shadow_method,
     unshadow_method,
     backend_calls_through_ops,
+    none_outputs_dropped,
     keras3_deferred_initializers,
 )
 from bnconvert.keras_internals.tf_and_tf_keras import (  # noqa: F401

@@ -75,27 +75,38 @@ def graph_nodes(model):
     by_depth = getattr(model, "_nodes_by_depth", None)
     if by_depth is None:
         by_depth = model._functional._nodes_by_depth
-    nodes = []
-    for depth in sorted(by_depth, reverse=True):
-        for node in by_depth[depth]:
-            # Keras 3 names the called object `operation`, tf-keras `layer`.
-            layer = getattr(node, "operation", None)
-            if layer is None:
-                layer = getattr(node, "layer", None)
-            arguments = getattr(node, "arguments", None)
-            kwargs = arguments.kwargs if arguments is not None else getattr(
-                node, "call_kwargs", {}
-            )
-            args = arguments.args if arguments is not None else getattr(node, "call_args", ())
-            # tf-keras's `input_tensors` is the first argument only (a string
-            # for `tf.einsum`, a number for `0 * x`); `keras_inputs` is all of them.
-            tensors = node.input_tensors if node.is_input else getattr(
-                node, "keras_inputs", node.input_tensors)
-            nodes.append(GraphNode(
-                layer, bool(node.is_input), tuple(_flat(tensors)),
-                dict(kwargs or {}), tuple(args or ()), tuple(_flat(node.outputs)),
-            ))
-    return nodes
+    return [_graph_node(node) for depth in sorted(by_depth, reverse=True)
+            for node in by_depth[depth]]
+
+
+def producing_node(tensor):
+    """The `GraphNode` of the call that produced a symbolic tensor, or None without history.
+
+    A Keras mask (`_keras_mask`) is computed by ops its layer's
+    `compute_mask` called; their nodes are not in the model's graph unless
+    a layer takes the mask as an argument.
+    """
+    history = getattr(tensor, "_keras_history", None)
+    if history is None or history[0] is None:
+        return None
+    layer, node_index, _ = history
+    return _graph_node(layer._inbound_nodes[node_index])
+
+
+def _graph_node(node):
+    # Keras 3 names the called object `operation`, tf-keras `layer`.
+    layer = getattr(node, "operation", None)
+    if layer is None:
+        layer = getattr(node, "layer", None)
+    arguments = getattr(node, "arguments", None)
+    kwargs = arguments.kwargs if arguments is not None else getattr(node, "call_kwargs", {})
+    args = arguments.args if arguments is not None else getattr(node, "call_args", ())
+    # tf-keras's `input_tensors` is the first argument only (a string
+    # for `tf.einsum`, a number for `0 * x`); `keras_inputs` is all of them.
+    tensors = node.input_tensors if node.is_input else getattr(
+        node, "keras_inputs", node.input_tensors)
+    return GraphNode(layer, bool(node.is_input), tuple(_flat(tensors)), dict(kwargs or {}),
+                     tuple(args or ()), tuple(_flat(node.outputs)))
 
 
 def _flat(tensors):

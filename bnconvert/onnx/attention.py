@@ -166,15 +166,26 @@ def multi_head_attention(g, call):
 def _attention_mask(g, call, args, query, q_in, k_in):
     """The `[B, T, S]` bool mask of (grouped-query) multi-head attention, or None.
 
-    Keras fills `value_mask`/`key_mask` (and, for grouped-query attention,
-    `query_mask`) from the inputs' Keras masks; MultiHeadAttention reads the
-    query's Keras mask itself, whatever `query_mask` says.
+    Keras fills `query_mask`, `value_mask` and `key_mask` (for a key given)
+    from the inputs' Keras masks when the call does not pass them (an
+    Embedding's `mask_zero`); MultiHeadAttention reads the query's Keras
+    mask itself, whatever `query_mask` says.
     """
     base = call.base
+
+    def carried(value):  # the Keras mask an input tensor carries
+        return call.masks[call.inputs.index(value)] if call.masks and value in call.inputs \
+            else None
+
     query_mask = args.get("query_mask")
-    if type(call.layer).__name__ == "MultiHeadAttention":
-        query_mask = call.masks[call.inputs.index(query)] if call.masks else None
-    value_mask, key_mask = args.get("value_mask"), args.get("key_mask")
+    if type(call.layer).__name__ == "MultiHeadAttention" or query_mask is None:
+        query_mask = carried(query)
+    # Keras fills these at call time; the graph node does not record them.
+    value_mask = args.get("value_mask")
+    value_mask = carried(args["value"]) if value_mask is None else value_mask
+    key_mask = args.get("key_mask")
+    if key_mask is None and args.get("key") is not None:
+        key_mask = carried(args["key"])
     given = args.get("attention_mask")
     for m in (query_mask, value_mask, key_mask, given):
         if m is not None and not isinstance(m, Value):

@@ -75,7 +75,7 @@ def compare(model, onnx_model, input_names, output_names, batches, tolerance, at
 
     for i, batch in enumerate(batches):
         _, figures = stability.compare_run(
-            run, batch, known if i == 0 and known is not None else verify.run(model, batch),
+            run, batch, known if i == 0 and known is not None else verify.reference(model, batch),
             tolerance=tolerance, relative=True, atol=atol,
             what=f"The ONNX model of '{model.name}' (onnxruntime)",
             allow_nonfinite=allow_nonfinite, advice=stability.ONNX_ADVICE,

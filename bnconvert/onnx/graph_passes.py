@@ -31,7 +31,7 @@ def to_float16(graph):
             if name in keep:
                 keep[name] = graph.unique(f"{name}/float32")
                 lowered.append((keep[name], array))
-            array = array.astype(np.float16)
+            array = _half(array)
         lowered.append((name, array))
     graph.initializers = lowered
     for body in graph.subgraphs():
@@ -47,7 +47,7 @@ def to_float16(graph):
                 attr.i = FLOAT16
             elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == FLOAT:
                 attr.t.CopyFrom(onnx.numpy_helper.from_array(
-                    onnx.numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
+                    _half(onnx.numpy_helper.to_array(attr.t)), attr.t.name))
 
 def divisions_to_products(graph):
     """Turns each `Div` by a float constant into a `Mul` by its reciprocal.
@@ -70,3 +70,16 @@ def divisions_to_products(graph):
         node.op_type = "Mul"
         node.input[1] = graph.constant(reciprocal, f"{node.input[1]}/reciprocal",
                                       divisor.dtype)
+
+
+# Finite float32 values beyond float16's range (the -1e9 of a masked softmax)
+# become 0.7 of its largest value, as Keras's own float16 masks do: as inf,
+# a fully masked row of a softmax would be NaN.
+_HALF_LARGE = 0.7 * float(np.finfo(np.float16).max)
+
+
+def _half(array):
+    """A float32 array as float16, overflowing finite values kept finite."""
+    array = np.asarray(array)
+    big = np.isfinite(array) & (np.abs(array) > float(np.finfo(np.float16).max))
+    return np.where(big, np.sign(array) * _HALF_LARGE, array).astype(np.float16)

@@ -246,7 +246,16 @@ def _filled(preset):
     return emit
 
 
+def tf_shape(g, call, p):
+    """tf-keras `tf.shape(x)`: x's run-time shape in Keras's axis order, as `out_type`."""
+    x = g.keras(p["x"])
+    shape = g.node("Shape", [x.name], call.base)
+    return [call.out(cast(g, Value(shape, (x.rank,), (0,)), "int64", out_dtype(call),
+                          call.base).name)]
+
+
 EMITTERS = {
+    "tf_shape": tf_shape,
     "get_item": get_item, "slice": slice_, "take": take, "take_along_axis": take_along_axis,
     "flip": flip, "roll": roll, "tril": _triangle(True), "triu": _triangle(False),
     "one_hot": one_hot, "top_k": top_k, "sort": _sort(False), "argsort": _sort(True),

@@ -49,6 +49,7 @@ from bnconvert.onnx import spectral
 from bnconvert.onnx import preprocessing
 from bnconvert.onnx import special
 from bnconvert.onnx.graph import Uncovered
+from bnconvert.onnx.graph import Value
 
 _ACTIVATIONS = {
     "relu": "relu", "relu6": "relu6", "sigmoid": "sigmoid", "tanh": "tanh", "silu": "silu",
@@ -89,7 +90,13 @@ def _resize(g, call, p):
     """`image.resize` through the Resizing layer's emitter."""
     if p.get("antialias") or p.get("preserve_aspect_ratio"):
         raise Uncovered([(call.base, "Resize", "antialias or preserve_aspect_ratio")])
-    height, width = (int(s) for s in p["size"])
+    size = p["size"]
+    if isinstance(size, Value):  # computed in the graph (`tf.shape(y)[1:3]`): the known result
+        channels_first = p.get("data_format") == "channels_first"
+        size = call.shapes[0][-2:] if channels_first else call.shapes[0][-3:-1]
+        if None in size:
+            raise Uncovered([(call.base, "Resize", "a size computed at run time")])
+    height, width = (int(s) for s in size)
     layer = types.SimpleNamespace(
         name=call.base, interpolation=p.get("interpolation", "bilinear"), height=height,
         width=width, data_format=p.get("data_format") or "channels_last",
@@ -298,12 +305,20 @@ TF_FUNCTIONS = {
     "math.top_k": _tf("top_k", input="x"),
     "sort": _tf("sort", _checked(direction="ASCENDING"), values="x"),
     "argsort": _tf("argsort", _checked(direction="ASCENDING"), values="x"),
+    "shape": _tf("tf_shape", input="x"), "compat.v1.shape": _tf("tf_shape", input="x"),
     "zeros_like": _tf("zeros_like", input="x"),
     "ones_like": _tf("ones_like", input="x"),
     "image.resize": _tf("resize", method="interpolation"),
     "image.rgb_to_hsv": _tf("rgb_to_hsv"), "image.hsv_to_rgb": _tf("hsv_to_rgb"),
     "image.ssim": _tf("ssim", _checked(return_index_map=False), img1="image1", img2="image2"),
 }
+
+
+def _l2_normalize(p):
+    """tf.math.l2_normalize: `x * rsqrt(max(sum(x^2), eps))`, Keras's normalize at sqrt(eps)."""
+    if p.get("axis") is None or p.get("dim") is not None:
+        raise Uncovered([(None, "TFOpLambda", "tf.math.l2_normalize over every axis (axis=None)")])
+    return dict(p, order=2, epsilon=float(p.get("epsilon", 1e-12)) ** 0.5)
 
 
 def _diag_part(p):
@@ -313,6 +328,7 @@ def _diag_part(p):
 
 
 TF_FUNCTIONS.update({
+    "math.l2_normalize": _tf("normalize", _l2_normalize),
     "linalg.qr": _tf("qr", lambda p: dict(p, mode="complete" if p.get("full_matrices")
                                           else "reduced"), input="x"),
     "linalg.det": _tf("det", input="x"),

@@ -7,12 +7,13 @@ weights. GRU gates are `z, r, h` on both sides; Keras's `reset_after=True`
 (two bias rows) is ONNX's `linear_before_reset=1`. ONNX runs time first:
 the input is transposed to `[steps, batch, features]` and back.
 
-Masks become `sequence_lens` (the count of True steps per row), which is
-what Keras computes for masks that are True on a prefix of the steps (right
-padding). A row whose mask is anything else makes that row's outputs NaN at
-run time, rather than silently different numbers. Keras repeats the last
-valid output over masked steps unless `zero_output_for_mask`; ONNX writes
-zeros, so the last state is written there when Keras would repeat it.
+Keras skips a masked step: its states carry over. So each row's kept
+steps are moved first, in order (a `TopK` of distinct keys and a gather),
+the ONNX node runs over them with `sequence_lens` their count, and the
+outputs go back to their steps; a masked step repeats the output before it
+(in the order the layer ran), zeros before any kept step or with
+`zero_output_for_mask` (which Bidirectional sets when it returns sequences).
+Any mask is followed this way, left padding and holes included.
 
 Bidirectional runs its two layers as two ONNX nodes, the backward one in
 ONNX's `reverse` direction, which already aligns its outputs with the input
@@ -24,11 +25,11 @@ import numpy as np
 from bnconvert.onnx.activations import name_of
 from bnconvert.onnx.attention import arguments
 from bnconvert.onnx.graph import BOOL
-from bnconvert.onnx.graph import FLOAT
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.layers import weights
 
 INT32 = 6
+INT64 = 7
 _GATES = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1}
 _ONNX_OP = {"LSTM": "LSTM", "GRU": "GRU", "SimpleRNN": "RNN"}
 _ACTIVATIONS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu", "softsign": "Softsign",
@@ -125,30 +126,74 @@ def _check_arguments(layer, base, masked):
             _refuse(layer, base, f"cell {type(getattr(step, 'cell', None)).__name__}")
 
 
-def _sequence_lens(g, mask, base):
-    """`(sequence_lens, bad_rows)`: True steps per row, and rows whose mask is no prefix."""
-    mask = g.node("Cast", [g.keras(mask).name], base, to=BOOL)
-    counts = g.node("ReduceSum", [g.node("Cast", [mask], base, to=INT32), g.ints([1])], base,
-                    keepdims=0)
-    steps = g.node("Gather", [g.node("Shape", [mask], base), g.scalar(1, np.int64)], base, axis=0)
+def _compacted(g, x, mask, base):
+    """`(x, sequence_lens, seen)`: each row's True steps of `x` moved first, in order.
+
+    `x` is `[T, B, D]`, `mask` `[B, T]`. Keras skips a masked step (its
+    states carry over), so the layer over `x` equals ONNX's over the
+    compacted steps, `sequence_lens` long. `seen[b, t]` counts the True steps
+    up to `t` included: step `t`'s output is compacted step `seen - 1`.
+    """
+    keep = g.node("Cast", [g.node("Cast", [g.keras(mask).name], base, to=BOOL)], base, to=INT64)
+    steps = g.node("Gather", [g.node("Shape", [keep], base), g.scalar(1, np.int64)], base,
+                   axis=0)
     positions = g.node("Range", [g.scalar(0, np.int64), steps, g.scalar(1, np.int64)], base)
-    prefix = g.node("Less", [g.node("Unsqueeze", [positions, g.ints([0])], base),
-                             g.node("Unsqueeze", [g.node("Cast", [counts], base, to=7),
-                                                  g.ints([1])], base)], base)
-    mismatch = g.node("Cast", [g.node("Xor", [prefix, mask], base)], base, to=FLOAT)
-    bad = g.reduce("ReduceMax", mismatch, [1], False, base)
-    return counts, bad, prefix
+    # Kept steps sort first, each group in step order: the keys are distinct.
+    key = g.node("Add", [g.node("Mul", [g.node("Sub", [g.scalar(1, np.int64), keep], base),
+                                        steps], base),
+                         g.node("Unsqueeze", [positions, g.ints([0])], base)], base)
+    order = g.node("TopK", [key, steps], base,
+                   outputs=2, axis=1, largest=0, sorted=1)[1]
+    x = g.node("Transpose", [x], base, perm=[1, 0, 2])
+    x = g.node("GatherElements", [x, _along(g, order, x, base)], base, axis=1)
+    lens = g.node("Cast", [g.node("ReduceSum", [keep, g.ints([1])], base, keepdims=0)], base,
+                  to=INT32)
+    seen = g.node("CumSum", [keep, g.scalar(1, np.int64)], base)
+    return g.node("Transpose", [x], base, perm=[1, 0, 2]), lens, (keep, seen, steps)
+
+
+def _along(g, index, x, base):
+    """`[B, T]` indices expanded over the feature axis of `[B, T, D]` `x`."""
+    return g.node("Expand", [g.node("Unsqueeze", [index, g.ints([2])], base),
+                             g.node("Shape", [x], base)], base)
+
+
+def _uncompacted(g, y, compaction, reverse, zero_masked, base):
+    """`[B, T, U]` outputs of the compacted steps back at their steps, masked steps filled.
+
+    A masked step repeats the output of the step before it in the order the
+    layer ran (the next kept step for `reverse`), zeros before any kept step
+    or with `zero_masked` (`zero_output_for_mask`).
+    """
+    keep, seen, steps = compaction
+    one = g.scalar(1, np.int64)
+    source = g.node("Sub", [seen, one], base)
+    if reverse:  # a masked step takes the next kept step: compacted step `seen`
+        source = g.node("Add", [source, g.node("Sub", [one, keep], base)], base)
+    total = g.node("ReduceSum", [keep, g.ints([1])], base, keepdims=1)
+    filled = g.node("Less", [source, total], base) if reverse else \
+        g.node("Greater", [seen, g.scalar(0, np.int64)], base)
+    if zero_masked:
+        filled = g.node("Cast", [keep], base, to=BOOL)
+    last = g.node("Sub", [steps, one], base)
+    source = g.node("Min", [g.node("Max", [source, g.scalar(0, np.int64)], base), last], base)
+    y = g.node("GatherElements", [y, _along(g, source, y, base)], base, axis=1)
+    return g.node("Where", [g.node("Unsqueeze", [filled, g.ints([2])], base), y,
+                            g.scalar(0.0)], base)
 
 
 def run_direction(g, layer, x, base, mask=None, initial=(), reverse=False, aligned=False):
-    """One recurrent layer over `x` (`[T, B, D]` name); returns `(sequence, states, bad)`.
+    """One recurrent layer over `x` (`[T, B, D]` name); returns `(sequence, states)`.
 
     `sequence` is `[B, T, units]` in Keras's order (reversed steps for
     `go_backwards`, unless `aligned`), `states` the final `[B, units]` states.
+    A `mask` is followed by running the layer over each row's kept steps only.
     """
     kind = _kind(layer)
     (w, r, b), attrs = _node_weights(g, layer, kind, base)
-    lens, bad, valid = _sequence_lens(g, mask, base) if mask is not None else ("", None, None)
+    lens, compaction = "", None
+    if mask is not None:
+        x, lens, compaction = _compacted(g, x, mask, base)
     initial = [g.node("Unsqueeze", [g.keras(v).name, g.ints([0])], base) for v in initial]
     inputs = [x, w, r, b, lens] + initial
     while inputs and inputs[-1] == "":
@@ -159,25 +204,13 @@ def run_direction(g, layer, x, base, mask=None, initial=(), reverse=False, align
     y = g.node("Squeeze", [names[0], g.ints([1])], base)  # [T, B, U]
     y = g.node("Transpose", [y], base, perm=[1, 0, 2])
     states = [g.node("Squeeze", [n, g.ints([0])], base) for n in names[1:]]
-    if mask is not None and not getattr(layer, "zero_output_for_mask", False) and not aligned:
-        # Keras repeats the last valid output over masked steps.
-        last = g.node("Unsqueeze", [states[0], g.ints([1])], base)
-        keep = g.node("Unsqueeze", [valid, g.ints([2])], base)
-        y = g.node("Where", [keep, y, last], base)
+    if compaction is not None:
+        y = _uncompacted(g, y, compaction, reverse, getattr(layer, "zero_output_for_mask", False),
+                         base)
     if reverse and not aligned:
         y = g.node("Slice", [y, g.ints([-1]), g.ints([-(2 ** 62)]), g.ints([1]), g.ints([-1])],
                    base)
-    return y, states, bad
-
-
-def _guard(g, name, bad, rank, base):
-    """`name` with NaN in the rows whose mask is no prefix (`bad` > 0)."""
-    if bad is None:
-        return name
-    nan = g.node("Where", [g.node("Greater", [bad, g.scalar(0.0)], base), g.scalar(np.nan),
-                           g.scalar(0.0)], base)
-    nan = g.node("Unsqueeze", [nan, g.ints(list(range(1, rank)))], base) if rank > 1 else nan
-    return g.node("Add", [name, nan], base)
+    return y, states
 
 
 def _inputs(call):
@@ -196,8 +229,6 @@ def recurrent(g, call):
     layer = call.layer
     x, mask, initial = _inputs(call)
     _check_arguments(layer, call.base, mask is not None)
-    if mask is not None and layer.go_backwards:
-        _refuse(layer, call.base, "go_backwards with a mask")
     steps = _cells(layer)
     if len(steps) > 1 and initial:
         _refuse(layer, call.base, "initial_state with stacked cells")
@@ -206,14 +237,12 @@ def recurrent(g, call):
     for i, step in enumerate(steps):
         # Each stacked cell reads the one before it in the order that one ran.
         base = call.base if len(steps) == 1 else f"{call.base}/cell{i}"
-        y, step_states, bad = run_direction(g, step, time_first, base, mask, initial, reverse)
+        y, step_states = run_direction(g, step, time_first, base, mask, initial, reverse)
         states += step_states
         time_first = g.node("Transpose", [y], base, perm=[1, 0, 2])
         reverse = False
     out = y if layer.return_sequences else step_states[0]
-    results = [_guard(g, out, bad, 3 if layer.return_sequences else 2, call.base)]
-    if layer.return_state:
-        results += [_guard(g, s, bad, 2, call.base) for s in states]
+    results = [out] + (states if layer.return_state else [])
     return [call.out(n, index=i) for i, n in enumerate(results)]
 
 
@@ -227,13 +256,12 @@ def bidirectional(g, call):
     if initial:
         _refuse(layer, call.base, "initial_state")
     time_first = g.node("Transpose", [g.keras(x).name], call.base, perm=[1, 0, 2])
-    ys, states, bad = [], [], None
+    ys, states = [], []
     for inner, suffix in ((forward, "forward"), (backward, "backward")):
-        y, s, bad = run_direction(g, inner, time_first, f"{call.base}/{suffix}", mask,
+        y, s = run_direction(g, inner, time_first, f"{call.base}/{suffix}", mask,
                                   reverse=bool(inner.go_backwards), aligned=True)
         ys.append(y if layer.return_sequences else s[0])
         states.append(s)
-    rank = 3 if layer.return_sequences else 2
     mode = layer.merge_mode
     if mode == "concat":
         merged = [g.node("Concat", ys, call.base, axis=-1)]
@@ -247,9 +275,7 @@ def bidirectional(g, call):
         merged = list(ys)
     else:
         _refuse(layer, call.base, f"merge_mode={mode!r}")
-    results = [_guard(g, n, bad, rank, call.base) for n in merged]
-    if layer.return_state:
-        results += [_guard(g, n, bad, 2, call.base) for s in states for n in s]
+    results = merged + ([n for s in states for n in s] if layer.return_state else [])
     return [call.out(n, index=i) for i, n in enumerate(results)]
 
 

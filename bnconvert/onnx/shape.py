@@ -220,8 +220,11 @@ def moves_only_ones(perm, shape):
     return kept == [a for a in range(len(shape)) if shape[a] != 1]
 
 
-def reshape_to(g, x, target, base):
+def reshape_to(g, x, target, base, written=None):
     """`x` reshaped to the Keras shape `target` (batch first, kept).
+
+    `written`, if given, is the shape after the batch written in the Keras
+    layout (a Reshape layer's own target, -1 resolved at run time).
 
     When neither side's layout changes the memory order (only axes of size 1
     move, as in a squeeze-and-excite `[N, C] -> [N, 1, 1, C]`), the result is
@@ -237,13 +240,21 @@ def reshape_to(g, x, target, base):
         shape = [0] + [int(target[a]) for a in first[1:]]
         return g.node("Reshape", [x.name, g.ints(shape)], base), first
     x = g.keras(x)
-    shape = [0] + [-1 if d is None else int(d) for d in target[1:]]
+    shape = [0] + (written or [-1 if d is None else int(d) for d in target[1:]])
     return g.node("Reshape", [x.name, g.ints(shape)], base), None
 
 
 def reshape(g, call):
-    """Reshape: the target shape after an unchanged batch dimension."""
-    name, perm = reshape_to(g, call.inputs[0], call.shapes[0], call.base)
+    """Reshape: the target shape after an unchanged batch dimension.
+
+    A target with an unknown size (-1) is resolved at run time, as Keras
+    does: the size Keras inferred for it may be wrong (a custom layer
+    before it with a wrong `compute_output_shape`: keras-cv RetinaNet's
+    coarsest levels, 2x2 inferred, 1x1 computed).
+    """
+    target = tuple(getattr(call.layer, "target_shape", ()) or ())
+    written = [int(d) for d in target] if -1 in target else None
+    name, perm = reshape_to(g, call.inputs[0], call.shapes[0], call.base, written)
     return [call.out(name, perm)]
 
 

@@ -15,7 +15,10 @@ what they compute:
   (`keras_internals.backend_calls_through_ops`);
 - a layer returns tensors computed from shapes only (anchors, spatial
   shapes): concrete tensors, not symbolic ones. `split_outputs` keeps them
-  apart; the walk writes them as initializers.
+  apart; the walk writes them as initializers;
+- a sublayer returns None among its outputs (`(outputs, None)` when its
+  attention scores are not asked for), which Keras refuses in a symbolic
+  call (`keras_internals.none_outputs_dropped`).
 """
 
 import contextlib
@@ -48,7 +51,7 @@ def lenient(model, flavour):
                 continue
             internals.shadow_method(layer, "compute_output_spec", _falling_back(layer, base))
             shadowed.append(layer)
-        with internals.backend_calls_through_ops():
+        with internals.backend_calls_through_ops(), internals.none_outputs_dropped():
             yield
     finally:
         for layer in shadowed:

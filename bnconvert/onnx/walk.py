@@ -27,6 +27,7 @@ from bnconvert.onnx import graph_passes
 from bnconvert.onnx import preprocessing
 from bnconvert.onnx import layers
 from bnconvert.onnx import loops
+from bnconvert.onnx import masks
 from bnconvert.onnx import norm
 from bnconvert.onnx import ops
 from bnconvert.onnx import peephole
@@ -144,14 +145,6 @@ def _fuse_output_transposes(g, output_names):
         g.nodes.remove(node)
 
 
-def _mask(tensor, env):
-    """The `Value` of `tensor`'s Keras mask, None, or "unknown" (not produced in the graph)."""
-    mask = getattr(tensor, "_keras_mask", None)
-    if mask is None:
-        return None
-    return env.get(id(mask), "unknown")
-
-
 class _Walker:
     def __init__(self, g, flavour):
         self.g = g
@@ -182,6 +175,24 @@ class _Walker:
         for tensor, value in zip(outputs, values):
             env[id(tensor)] = value
 
+    def _mask(self, tensor, env, base):
+        """The `Value` of `tensor`'s Keras mask, None, or "unknown" (see `masks.carried`)."""
+        return masks.carried(self, tensor, env, base)
+
+    def emit_producers(self, tensor, env, prefix, depth):
+        """Emits the calls that computed `tensor` outside the model's graph (a Keras 3 mask)."""
+        node = internals.producing_node(tensor)
+        if node is None or node.is_input or node.layer is None or depth == 0 \
+                or any(id(t) in env for t in node.outputs):
+            return
+        for t in node.input_tensors:
+            if id(t) not in env and tracing.is_symbolic(self.flavour.keras, t):
+                self.emit_producers(t, env, prefix, depth - 1)
+        if all(id(t) in env for t in node.input_tensors if tracing.is_symbolic(
+                self.flavour.keras, t)):
+            self.node(node.layer, node.input_tensors, node.args, node.kwargs, node.outputs,
+                      env, prefix)
+
     def _placeholders(self, outputs, env, prefix, layer):
         for t in outputs:
             env[id(t)] = Value(f"?{prefix}{layer.name}", tuple(t.shape),
@@ -203,7 +214,7 @@ class _Walker:
                     tf.nest.map_structure(sub, tuple(args)),
                     tf.nest.map_structure(sub, dict(kwargs)),
                     [tuple(t.shape) for t in outputs], base, out_dtypes, in_dtypes,
-                    masks=[_mask(t, env) for t in tensors])
+                    masks=[self._mask(t, env, base) for t in tensors])
         if not isinstance(layer, self.flavour.Layer):
             return ops.emit_op(self.g, call)
         # A mixed-precision layer (float16/bfloat16 compute) keeps float32

@@ -5,6 +5,8 @@ the merged batch (traced like any layer, so every table serves it), and
 splits the axes again from the input's run-time shape.
 """
 
+import inspect
+
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import keras_axes
@@ -18,9 +20,13 @@ def time_distributed(g, call):
     """TimeDistributed: the inner layer on `[batch * time, ...]`."""
     x = g.keras(call.inputs[0])
     rest, out_rest = x.shape[2:], call.shapes[0][2:]
-    if None in rest or None in out_rest or call.kwargs.get("mask") is not None or \
-            call.implicit_mask(call.inputs[0]) is not None:
-        _refuse(call, "inner dimensions of unknown size, or a mask")
+    if None in rest or None in out_rest:
+        _refuse(call, "inner dimensions of unknown size")
+    # Keras hands the mask to the inner layer only if its call takes one.
+    takes_mask = "mask" in inspect.signature(call.layer.layer.call).parameters
+    if takes_mask and (call.kwargs.get("mask") is not None or
+                       call.implicit_mask(call.inputs[0]) is not None):
+        _refuse(call, "a mask for an inner layer that takes one")
     merged = g.node("Reshape", [x.name, g.ints([-1] + list(rest))], call.base)
     inner = g.trace(call.layer.layer, Value(merged, (None,) + tuple(rest),
                                             tuple(range(len(rest) + 1))), call.base)
