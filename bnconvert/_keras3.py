@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import warnings
 import zipfile
 
@@ -72,6 +73,7 @@ class Keras3Flavour(flavour.Flavour):
                     config, custom_objects=classes, safe_mode=False
                 )
                 copy.set_weights(model.get_weights())
+            _after_loading(copy, self)
         return copy
 
     def identity_like(self, layer):
@@ -115,17 +117,43 @@ class Keras3Flavour(flavour.Flavour):
         model.save(str(path))
 
 
+def _after_loading(model, flavour_):
+    """Runs what a layer does once Keras's load has set its variables.
+
+    `set_weights` sets the same values as a load but skips a layer's own
+    `load_own_variables`, where some layers derive state from them (an
+    adapted `Normalization` turns its mean and variance into the constants
+    its call uses). Each layer that overrides it reloads its own variables.
+    """
+    base = keras.layers.Layer.load_own_variables
+    for layer in [model, *(layer for _, layer in walk.iter_layers(model, flavour_))]:
+        if getattr(type(layer), "load_own_variables", base) is not base:
+            store = {}
+            layer.save_own_variables(store)
+            layer.load_own_variables(store)
+
+
+# Variables smaller than this are drawn as usual: the time is in the large
+# kernels, and a layer may read its small state while it builds (Keras's
+# Normalization turns its mean and variance into constants there, and
+# `set_weights` does not redo that), which must not see a placeholder.
+DEFERRED_MIN_SIZE = 1 << 16
+
+
 def _deferred_initializers():
     """Weights the load then reads from the file are not drawn from their initializers first.
 
-    Only Keras's `Initializer` objects are deferred: their value depends on
-    nothing but shape, dtype and their own seed. Without the private hook (an
+    Only Keras's `Initializer` objects are deferred (their value depends on
+    nothing but shape, dtype and their own seed), and only for variables of
+    `DEFERRED_MIN_SIZE` elements or more. Without the private hook (an
     upgrade moved it) a load costs more time, nothing else.
     """
+    def defer(initializer, shape):
+        return (isinstance(initializer, keras.initializers.Initializer)
+                and math.prod(shape) >= DEFERRED_MIN_SIZE)
+
     try:
-        return internals.keras3_deferred_initializers(
-            lambda initializer: isinstance(initializer, keras.initializers.Initializer)
-        )
+        return internals.keras3_deferred_initializers(defer)
     except internals.InternalsError:
         return contextlib.nullcontext()
 

@@ -16,6 +16,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from bnconvert import _keras3 as _k3  # noqa: E402
 from bnconvert import flavour  # noqa: E402
 from bnconvert import formats  # noqa: E402
 from bnconvert import keras_internals as internals  # noqa: E402
@@ -40,11 +41,11 @@ class HalfSaved(keras.layers.Layer):
         self.kept = self.add_weight(
             shape=(input_shape[-1], 3), initializer="glorot_uniform", name="kept")
         self.fresh = self.add_weight(
-            shape=(3,), initializer=keras.initializers.RandomNormal(seed=7), trainable=False,
+            shape=FRESH, initializer=keras.initializers.RandomNormal(seed=7), trainable=False,
             name="fresh")
 
     def call(self, x):
-        return x @ self.kept + self.fresh
+        return x @ self.kept + keras.ops.mean(self.fresh)
 
     def save_own_variables(self, store):
         store["0"] = self.kept.numpy()
@@ -53,9 +54,14 @@ class HalfSaved(keras.layers.Layer):
         self.kept.assign(store["0"])
 
 
+# Large enough to be deferred (`_keras3.DEFERRED_MIN_SIZE`).
+FRESH = (256, 256)
+
+
 def _model():
     inputs = keras.Input((8, 8, 3))
-    y = keras.layers.Conv2D(4, 3, kernel_initializer=CountingNormal(seed=1))(inputs)
+    y = keras.layers.Conv2D(128, 1)(inputs)
+    y = keras.layers.Conv2D(64, 3, kernel_initializer=CountingNormal(seed=1))(y)
     y = keras.layers.BatchNormalization()(y)
     y = keras.layers.Dropout(0.2)(y)
     y = keras.layers.GlobalAveragePooling2D()(y)
@@ -94,7 +100,7 @@ def test_load_equals_keras_load_bit_for_bit(saved):
     # The weight the file does not hold is its initializer's draw, not NaN.
     fresh = next(v for k, v in ours.items() if k.endswith("fresh"))
     np.testing.assert_array_equal(
-        fresh, keras.initializers.RandomNormal(seed=7)((3,)).numpy())
+        fresh, keras.initializers.RandomNormal(seed=7)(FRESH).numpy())
 
 
 def test_load_draws_no_weight_the_file_holds(saved):
@@ -116,7 +122,7 @@ def test_nan_weights_read_from_the_file_stay_nan(tmp_path):
 
 
 def test_a_variable_set_past_assign_is_kept():
-    with internals.keras3_deferred_initializers(lambda init: True):
+    with internals.keras3_deferred_initializers(lambda init, shape: True):
         layer = keras.layers.Dense(2)
         layer.build((None, 3))
         assert np.isnan(layer.kernel.numpy()).all()  # not drawn yet
@@ -133,11 +139,11 @@ def test_other_threads_and_nested_scopes_draw_as_usual():
         layer.build((None, 3))
         made["kernel"] = layer.kernel.numpy()
 
-    with internals.keras3_deferred_initializers(lambda init: True):
+    with internals.keras3_deferred_initializers(lambda init, shape: True):
         thread = threading.Thread(target=build)
         thread.start()
         thread.join()
-        with internals.keras3_deferred_initializers(lambda init: True):
+        with internals.keras3_deferred_initializers(lambda init, shape: True):
             inner = keras.layers.Dense(2, kernel_initializer=keras.initializers.Ones())
             inner.build((None, 3))
         # The inner scope did nothing of its own: the outer one still defers.
@@ -153,9 +159,25 @@ def test_other_threads_and_nested_scopes_draw_as_usual():
 def test_a_failed_load_leaves_variable_creation_as_it_was(tmp_path):
     (tmp_path / "bad.keras").write_bytes(b"not a zip")
     with pytest.raises(Exception):
-        with internals.keras3_deferred_initializers(lambda init: True):
+        with internals.keras3_deferred_initializers(lambda init, shape: True):
             keras.layers.Dense(2).build((None, 3))
             raise ValueError("the load failed")
     layer = keras.layers.Dense(2, kernel_initializer=keras.initializers.Ones())
     layer.build((None, 3))
     np.testing.assert_array_equal(layer.kernel.numpy(), np.ones((3, 2)))
+
+
+def test_small_state_a_layer_reads_while_it_builds_is_drawn_as_usual(tmp_path):
+    # Normalization turns its adapted mean and variance into constants in
+    # build; a placeholder there would become NaN outputs after set_weights.
+    data = np.random.default_rng(1).normal(3.0, 2.0, size=(64, 4)).astype("float32")
+    norm = keras.layers.Normalization()
+    norm.adapt(data)
+    model = keras.Sequential([keras.Input((4,)), norm, keras.layers.Dense(2)])
+    keras3 = flavour.get(flavour.KERAS3)
+    copy = keras3.fresh_copy(model, {})
+    np.testing.assert_allclose(copy(data).numpy(), model(data).numpy(), rtol=0, atol=0)
+    model.save(tmp_path / "norm.keras")
+    loaded = _load(tmp_path / "norm.keras")
+    np.testing.assert_allclose(loaded(data).numpy(), model(data).numpy(), rtol=0, atol=0)
+    assert _k3.DEFERRED_MIN_SIZE > 4

@@ -332,7 +332,7 @@ def test_tf_keras_saved_metadata(tmp_path):
 
 def test_keras3_deferred_initializers():
     def check():
-        with internals.keras3_deferred_initializers(lambda init: True):
+        with internals.keras3_deferred_initializers(lambda init, shape: True):
             layer = keras.layers.Dense(2, kernel_initializer=keras.initializers.Ones())
             layer.build((None, 3))
             assert np.isnan(layer.kernel.numpy()).all()  # the draw was deferred

@@ -191,8 +191,8 @@ def keras3_deferred_initializers(defer):
     """Keras 3 float variables made on this thread meanwhile skip their initializer.
 
     A load draws every weight from its initializer, then overwrites it from
-    the file (half of a 480 MB model's load). A variable whose initializer
-    `defer(initializer)` accepts starts as NaN; on leaving, one never
+    the file (half of a 480 MB model's load). A variable for which
+    `defer(initializer, shape)` is true starts as NaN; on leaving, one never
     `assign`ed and still all NaN gets its initializer's value (Keras's
     initializers fix their seed when made: the draw Keras would have made).
     One thread at a time defers; a nested or concurrent scope does nothing.
@@ -225,7 +225,8 @@ def _deferring(hooks, create, assign, defer):
 
     def deferred(variable, initializer):
         dtype = tf.as_dtype(variable._dtype)
-        if threading.get_ident() != thread or not dtype.is_floating or not defer(initializer):
+        if (threading.get_ident() != thread or not dtype.is_floating
+                or not defer(initializer, tuple(variable._shape))):
             return create(variable, initializer)
         nan, shape = tf.constant(float("nan"), dtype), variable._shape
         variable._initialize(lambda: tf.fill(shape, nan))
