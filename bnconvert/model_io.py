@@ -19,6 +19,7 @@ from bnconvert import flavour as flavour_lib
 from bnconvert import formats
 from bnconvert import outputs
 from bnconvert import paths
+from bnconvert.output_plan import output_kind
 from bnconvert.errors import BnconvertError
 from bnconvert.errors import ModelLoadError
 from bnconvert.errors import first_line
@@ -164,11 +165,6 @@ def _load_error(model_file, error, flavour, custom_objects=None):
         f"Cannot load {model_file} as a {flavour.label} model, it may be truncated "
         f"or corrupt: {type(error).__name__}: {first_line(error)}"
     )
-
-
-def output_kind(fmt):
-    """`paths.DIRECTORY` for SavedModel outputs, else `paths.FILE`."""
-    return paths.DIRECTORY if fmt == formats.SAVEDMODEL else paths.FILE
 
 
 def check_model_output(model_flavour, path, *, force=False, inputs=(), option="--output"):

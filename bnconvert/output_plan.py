@@ -50,7 +50,7 @@ def plan(options, found, protected):
             if not options.output and found.format == formats.SAVEDMODEL:
                 fmt = formats.SAVEDMODEL
             out = paths.check_output(
-                out, force=force, inputs=protected, kind=_kind(fmt),
+                out, force=force, inputs=protected, kind=output_kind(fmt),
                 suffixes=formats.OUTPUT_FORMATS[found.flavour][fmt] or None,
             )
         paths.check_distinct(("--output", out), ("--report", options.report_path))
@@ -69,7 +69,7 @@ def plan(options, found, protected):
         keras_fmt = formats.output_format(found.flavour, options.keras_out, "--keras-out")
         keras_out = paths.check_output(
             options.keras_out, force=force, inputs=protected + (out,),
-            kind=_kind(keras_fmt), option="--keras-out",
+            kind=output_kind(keras_fmt), option="--keras-out",
             suffixes=formats.OUTPUT_FORMATS[found.flavour][keras_fmt] or None,
         )
     report = _check_report(options, protected + (out, keras_out))
@@ -84,7 +84,6 @@ def _check_report(options, protected):
     return None
 
 
-def _kind(fmt):
-    # As `model_io.output_kind`; the pipeline imports model_io only when it
-    # loads the model, after the `--custom-objects` modules.
+def output_kind(fmt):
+    """`paths.DIRECTORY` for SavedModel outputs, else `paths.FILE`."""
     return paths.DIRECTORY if fmt == formats.SAVEDMODEL else paths.FILE

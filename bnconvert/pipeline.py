@@ -263,7 +263,7 @@ def _stop_if(cancelled):
 def _write_model(staged, model, out, fmt, steps, check):
     from bnconvert import model_io
 
-    tmp = staged.stage(out, model_io.output_kind(fmt))
+    tmp = staged.stage(out, output_plan.output_kind(fmt))
     with steps.step("save", f"saving {out}"):
         model_io.write_model(model, tmp, fmt, out)
     with steps.step("file_check", f"loading {out} back to check it"):

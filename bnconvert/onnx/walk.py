@@ -175,10 +175,6 @@ class _Walker:
         for tensor, value in zip(outputs, values):
             env[id(tensor)] = value
 
-    def _mask(self, tensor, env, base):
-        """The `Value` of `tensor`'s Keras mask, None, or "unknown" (see `masks.carried`)."""
-        return masks.carried(self, tensor, env, base)
-
     def emit_producers(self, tensor, env, prefix, depth):
         """Emits the calls that computed `tensor` outside the model's graph (a Keras 3 mask)."""
         node = internals.producing_node(tensor)
@@ -214,7 +210,7 @@ class _Walker:
                     tf.nest.map_structure(sub, tuple(args)),
                     tf.nest.map_structure(sub, dict(kwargs)),
                     [tuple(t.shape) for t in outputs], base, out_dtypes, in_dtypes,
-                    masks=[self._mask(t, env, base) for t in tensors])
+                    masks=[masks.carried(self, t, env, base) for t in tensors])
         if not isinstance(layer, self.flavour.Layer):
             return ops.emit_op(self.g, call)
         # A mixed-precision layer (float16/bfloat16 compute) keeps float32
