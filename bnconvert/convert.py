@@ -213,22 +213,41 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
                     work, job.ruleset.fold_rules, report, flavour=job.flavour,
                     rewritten=job.converter.rewritten,
                 )
-        actual = None
+        done = Conversion(
+            work, report, sample, expected, tolerance, folding, list(job.converter.rewritten),
+            None, allow_nonfinite, atol,
+        )
         if expected is not None and check:
             with steps.step("verify", "checking the converted outputs"):
-                actual, (report.max_abs_diff, report.max_rel_diff) = stability.run_and_compare(
-                    work, sample, expected, tolerance=tolerance, relative=folding, atol=atol,
-                    allow_nonfinite=allow_nonfinite,
-                )
-            report.verified = True
+                check_converted(done)
         nonfinite = verify_lib.nonfinite_note(expected) if expected is not None else None
         if nonfinite:
             report.warnings.append(f"non-finite outputs accepted (allow_nonfinite): {nonfinite}")
     report.timings = steps.ordered()
-    return Conversion(
-        work, report, sample, expected, tolerance, folding, list(job.converter.rewritten),
-        actual, allow_nonfinite, atol,
-    )
+    return done
+
+
+def check_converted(conversion):
+    """Runs the converted model on the check batch and holds it to the original outputs.
+
+    Sets `conversion.actual` and the report's figures. `run_conversion`
+    calls it unless the caller checks a file written from the model
+    instead; such a caller calls it when that check fails, to tell a wrong
+    conversion from a wrong file.
+
+    Raises:
+        VerificationError: The outputs differ beyond the tolerance (see
+            `bnconvert.stability.run_and_compare`).
+    """
+    report = conversion.report
+    with _quiet_keras():
+        conversion.actual, (report.max_abs_diff, report.max_rel_diff) = (
+            stability.run_and_compare(
+                conversion.model, conversion.sample, conversion.expected,
+                tolerance=conversion.tolerance, relative=conversion.relative,
+                atol=conversion.atol, allow_nonfinite=conversion.allow_nonfinite,
+            ))
+    report.verified = True
 
 
 def _copy(job):

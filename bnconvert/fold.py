@@ -47,6 +47,7 @@ import numpy as np
 
 from bnconvert import flavour as flavour_lib
 from bnconvert import keras_internals as internals
+from bnconvert import verify
 from bnconvert import walk as walk_lib
 from bnconvert.errors import ConversionError
 from bnconvert.report import LayerEvent
@@ -278,13 +279,13 @@ class _Folder:
                 # The producer already has a bias: new values, same layer
                 # (re-creating it costs a third of a ResNet50 fold).
                 for name, value in values.items():
-                    have[name].assign(value.astype(have[name].numpy().dtype))
+                    have[name].assign(value.astype(_dtype(have[name])))
             else:
                 config = dict(producer.get_config(), use_bias=True)
                 folded = self.flavour.from_config(type(producer), config)
                 self.flavour.build_like(producer, folded)
                 for var in folded.weights:
-                    var.assign(values[_short_name(var)].astype(var.numpy().dtype))
+                    var.assign(values[_short_name(var)].astype(_dtype(var)))
                 folded.trainable = producer.trainable
                 internals.become(producer, folded)
             internals.become(bn, self.flavour.identity_like(bn))
@@ -358,6 +359,11 @@ def _folded_weights(fold):
     bias = values.get("bias", np.zeros_like(mean))
     values["bias"] = (bias - mean) * s + beta
     return values
+
+
+def _dtype(variable):
+    # Its dtype, without reading its value (a copy of ResNet50's kernels).
+    return verify.numpy_dtype(variable.dtype)
 
 
 def _f64(variable):

@@ -164,11 +164,13 @@ def run(options, progress=None, cancelled=None, placed=None):
     # The model was loaded here for this run only: it is rewritten itself.
     # A written model file is checked against the original outputs
     # (`written`), which makes checking the model in memory first a second
-    # forward pass of the same comparison; ONNX export needs the converted
-    # model's outputs as its reference.
+    # forward pass of the same comparison. So does the onnxruntime gate,
+    # when it holds the graph to the original outputs at the fold check's
+    # tolerance or a stricter one (`_gate_checks_fold`).
+    gate_checks_fold = direction == "inference" and _gate_checks_fold(options, model)
     conversion = convert.run_conversion(
         job, fold=options.fold, in_place=True, steps=steps,
-        check=direction == "inference" or plan.output is None,
+        check=(direction == "inference" and not gate_checks_fold) or plan.output is None,
         allow_nonfinite=options.allow_nonfinite, check_inputs=list(options.check_inputs) or None,
     )
     converted, report = conversion.model, conversion.report
@@ -189,7 +191,8 @@ def run(options, progress=None, cancelled=None, placed=None):
             # Checked on the written file only (see run_conversion's `check`).
             report.max_abs_diff = figures["max_abs_diff"]
             report.max_rel_diff = figures["max_rel_diff"]
-            report.verification_note += ", on the written file"
+            report.verified_on = "the written file"
+            report.verification_note += f", on {report.verified_on}"
             report.verified = True
 
     result = Result(report=report, report_path=options.report_path)
@@ -203,10 +206,7 @@ def run(options, progress=None, cancelled=None, placed=None):
             report.timings = steps.ordered()
             data = report.to_dict()
         else:
-            result.onnx = _write_onnx(
-                staged, converted, plan.output, options, steps,
-                (conversion.sample, conversion.actual),
-            )
+            result.onnx = _write_onnx(staged, conversion, plan.output, options, steps)
             result.output = plan.output
             _stop_if(cancelled)
             if plan.keras_out is not None:
@@ -270,9 +270,32 @@ def _write_model(staged, model, out, fmt, steps, check):
         check(tmp, fmt, out)
 
 
-def _write_onnx(staged, model, out, options, steps, reference):
+def _gate_checks_fold(options, model):
+    """Whether the onnxruntime gate, held to the original outputs, checks the fold too.
+
+    It does when it runs at the fold check's own tolerance or a stricter
+    one: float32 graphs (a float16 graph is held to float16's rounding, too
+    loose for a fold) and no `--tolerance`/`--atol` above the defaults.
+    """
+    from bnconvert import verify
+
+    if not (options.check and options.fold and options.precision == "float32"):
+        return False
+    rtol, atol = verify.relative_tolerance(verify.compute_dtype(model))
+    return ((options.tolerance is None or options.tolerance <= rtol)
+            and (options.atol is None or options.atol <= atol))
+
+
+def _write_onnx(staged, conversion, out, options, steps):
+    from bnconvert import convert
+    from bnconvert.errors import BnconvertError
     from bnconvert.onnx import export as onnx_export
 
+    report = conversion.report
+    # Checked in memory: the gate compares with the folded model's outputs.
+    # If not, with the original's: the fold and the graph at once.
+    on_gate = conversion.actual is None and conversion.expected is not None
+    known = conversion.expected if on_gate else conversion.actual
     # export_onnx writes its file atomically itself: give it a free name.
     tmp = staged.stage(out, create=False)
     step = "exporting to ONNX" + (" and checking" if options.check else "")
@@ -280,15 +303,27 @@ def _write_onnx(staged, model, out, options, steps, reference):
     with steps.step("export", step):
         try:
             onnx = onnx_export.export_onnx(
-                model, tmp, opset=options.opset, tolerance=options.tolerance,
+                conversion.model, tmp, opset=options.opset, tolerance=options.tolerance,
                 atol=options.atol, check=options.check, exporter=options.exporter,
                 precision=options.precision,
-                reference=reference if None not in reference else None,
+                reference=(conversion.sample, known) if known is not None else None,
                 allow_nonfinite=options.allow_nonfinite,
             )
         except OutputError as e:
             # export_onnx names the path it was given: here a temporary one.
             raise outputs.write_error(out, e, tmp) from None
+        except BnconvertError:
+            if on_gate:
+                # Both graphs failed: a wrong fold fails its own check here
+                # and is named as such, as when it is checked first.
+                convert.check_converted(conversion)
+            raise
+    if on_gate and onnx.checked:
+        report.max_abs_diff, report.max_rel_diff = onnx.max_abs_diff, onnx.max_rel_diff
+        report.tolerance, report.atol = onnx.tolerance, onnx.atol
+        report.verified_on = "the ONNX file (onnxruntime)"
+        report.verification_note += f", on {report.verified_on}"
+        report.verified = True
     if options.check:
         # export_onnx times building the graph; the rest of the step (the
         # file written while onnxruntime runs it) counts as the check.

@@ -74,6 +74,8 @@ class ConversionReport:
             (`"float16"`/`"bfloat16"` for mixed precision): the checks take
             their default tolerance from its rounding.
         verification_note: Why verification did not run, or what was fed.
+        verified_on: Where the outputs were checked when not on the model in
+            memory: `"the written file"`, `"the ONNX file (onnxruntime)"`.
         rule_sources: The rule files in force.
         file_checks: One dict per model file written, loaded back and
             checked (`bnconvert.written.check_file`).
@@ -93,6 +95,7 @@ class ConversionReport:
     atol: float | None = None
     compute_dtype: str = "float32"
     verification_note: str = ""
+    verified_on: str = ""
     rule_sources: tuple = ()
     file_checks: list = dataclasses.field(default_factory=list)
     warnings: list = dataclasses.field(default_factory=list)
@@ -191,7 +194,8 @@ class ConversionReport:
         )
         if self.verified:
             lines.append(
-                f"verified: max |diff| = {self.max_abs_diff:.3g}, "
+                f"verified{' on ' + self.verified_on if self.verified_on else ''}: "
+                f"max |diff| = {self.max_abs_diff:.3g}, "
                 f"relative {self.max_rel_diff:.3g} "
                 + (f"(absolute tolerance {self.tolerance:g})" if self.tolerance_kind == "absolute"
                    else f"(per element: {self.atol or verify.ATOL:g} * max(1, rms) + "

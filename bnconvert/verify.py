@@ -93,7 +93,7 @@ def input_specs(model):
     model built from an input shape gives its build config's shape.
     """
     if internals.has_symbolic_inputs(model):
-        return [(tuple(t.shape), _numpy_dtype(t.dtype)) for t in model.inputs]
+        return [(tuple(t.shape), numpy_dtype(t.dtype)) for t in model.inputs]
     build = model.get_build_config() if getattr(model, "built", False) else None
     shape = (build or {}).get("input_shape")
     if isinstance(shape, (list, tuple)) and all(d is None or isinstance(d, int) for d in shape):
@@ -101,7 +101,8 @@ def input_specs(model):
     return None
 
 
-def _numpy_dtype(dtype):
+def numpy_dtype(dtype):
+    """The NumPy dtype of a Keras 3, tf-keras or TensorFlow `dtype` (string: `object`)."""
     # Keras 3 names its string dtype "string", which NumPy does not know.
     if str(getattr(dtype, "name", dtype)) == "string":
         return np.dtype(object)

@@ -135,3 +135,64 @@ def test_auto_falls_back_to_tf2onnx_and_says_why(uncovered_model_file, tmp_path)
     assert len(line) == 1 and "tf2onnx" in line[0]
     assert "native exporter does not cover 'rot' (Rot90" in line[0]
     assert (tmp_path / "m.onnx").exists()
+
+
+# -- the fold checked by the onnxruntime gate -----------------------------------
+
+
+def _full_report(path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+def test_default_gate_holds_the_graph_to_the_original_outputs(synced_model_file, tmp_path):
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    result = _run("to-inference", synced_model_file, "-o", out, "--report", report)
+    assert result.exit_code == 0, result.output
+    data = _full_report(report)
+    checked = data["verification"]
+    # No separate check of the folded model in memory: the gate's figures are the fold's.
+    assert checked["note"].endswith("on the ONNX file (onnxruntime)")
+    assert checked["verified"] and checked["max_abs_diff"] == data["onnx"]["max_abs_diff"]
+    assert "verified on the ONNX file (onnxruntime): max |diff|" in result.stdout
+    # Independently: the written graph against the original file reloaded, on a
+    # batch of another size and scale than the gate's.
+    import onnxruntime as ort
+
+    x = (np.random.default_rng(5).normal(size=(5, 10, 10, 3)) * 4 - 2).astype("float32")
+    want = keras.saving.load_model(synced_model_file).predict(x, verbose=0)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("extra", [
+    ["--precision", "float16"],  # float16's rounding: too loose for a fold
+    ["--tolerance", "1e-2"],  # looser than the fold check's own
+    ["--no-check"],  # no gate
+])
+def test_fold_is_checked_in_memory_where_the_gate_cannot_hold_it(synced_model_file, tmp_path,
+                                                                extra):
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    result = _run("to-inference", synced_model_file, "-o", out, "--report", report, *extra)
+    assert result.exit_code == 0, result.output
+    checked = _full_report(report)["verification"]
+    assert checked["verified"] and "ONNX file" not in checked["note"]
+    assert checked["max_rel_diff"] <= 1e-4
+
+
+def test_a_wrong_fold_is_named_when_the_gate_fails(synced_model_file, tmp_path, monkeypatch):
+    from bnconvert import fold
+
+    folded = fold._folded_weights
+
+    def off_by_two_percent(one):
+        return {name: value * 1.02 for name, value in folded(one).items()}
+
+    monkeypatch.setattr(fold, "_folded_weights", off_by_two_percent)
+    result = _run("to-inference", synced_model_file, "-o", tmp_path / "m.onnx")
+    # The fold's own refusal, not the exporters' "native: ...; tf2onnx: ...".
+    _assert_one_line_error(result, "The converted model")
+    assert "tf2onnx" not in result.stderr and "native" not in result.stderr
+    assert not list(tmp_path.iterdir())

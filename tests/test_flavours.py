@@ -486,7 +486,7 @@ def test_cli_to_sync_default_output(saved, tmp_path):
     assert result.exit_code == 0, result.output
     out = flavour.sync_output_name(path, fmt)
     assert f"Wrote {out}" in result.stdout
-    assert "2 layer(s) converted" in result.stdout and "verified: max |diff|" in result.stdout
+    assert "2 layer(s) converted" in result.stdout and "verified on the written file: max |diff|" in result.stdout
     assert "nested/inner/inner_bn" in result.stdout
     assert listing(tmp_path) == sorted([path.name, out.name])
     assert {k: v for k, v in digest(tmp_path).items() if k in before} == before

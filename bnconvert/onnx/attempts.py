@@ -77,11 +77,10 @@ def native(model, input_names, output_names, opset, checked, precision, validate
     start = time.perf_counter()
     try:
         with quiet_tensorflow():
-            proto = walk.emit(
+            data = walk.emit(
                 model, flavour_lib.flavour_of(model), input_names, output_names, opset,
-                precision,
+                precision, serialized=True,
             )
-        data = proto.SerializeToString()
     except Uncovered as e:
         raise failed(f"does not cover {describe(e.layers)}") from None
     except Exception as e:  # noqa: BLE001 - an emitter bug must not end the run
@@ -100,7 +99,7 @@ def native(model, input_names, output_names, opset, checked, precision, validate
         raise
     except ConversionError as e:  # onnxruntime cannot load or run it: e says which
         raise failed(f"wrote a graph onnxruntime rejects ({first_line(e, 200)})", e) from None
-    return data, diffs, NATIVE, "", seconds, proto_opset(proto)
+    return data, diffs, NATIVE, "", seconds, opset or walk.DEFAULT_OPSET
 
 
 def _error_line(error):

@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from bnconvert.onnx import wire
+
 FLOAT = onnx.TensorProto.FLOAT
 BOOL = onnx.TensorProto.BOOL
 FLOAT16 = onnx.TensorProto.FLOAT16
@@ -276,11 +278,12 @@ class Graph:
         used = {name for node in self.all_nodes() for name in node.input}
         self.initializers = [(n, a) for n, a in self.initializers if n in used]
 
-    def model(self, name, inputs, outputs, producer):
+    def model(self, name, inputs, outputs, producer, initializers=True):
         """The `onnx.ModelProto`.
 
         `inputs`/`outputs` are `(name, shape)` pairs, or `(name, shape,
-        element type)` triples for other types than float32.
+        element type)` triples for other types than float32. With
+        `initializers=False` the graph holds none (see `serialized`).
         """
         def info(name, shape, elem_type=FLOAT):
             dims = ["batch" if i == 0 and d is None else d for i, d in enumerate(shape)]
@@ -296,13 +299,18 @@ class Graph:
         )
         # Filled in place: `make_graph` and `make_model` copy what they are
         # given, which for ResNet50 is 100 MB twice.
-        for tensor_name, array in self.initializers:
+        for tensor_name, array in self.initializers if initializers else ():
             tensor = model.graph.initializer.add()
             tensor.name = tensor_name
             tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
             tensor.dims.extend(array.shape)
             tensor.raw_data = array.tobytes()
         return model
+
+    def serialized(self, name, inputs, outputs, producer):
+        """The bytes of `model(...)`, each initializer copied once (`wire`)."""
+        return wire.serialize(self.model(name, inputs, outputs, producer, initializers=False),
+                              self.initializers)
 
 
 @dataclasses.dataclass

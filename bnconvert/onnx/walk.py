@@ -53,7 +53,8 @@ DEFAULT_OPSET = 17
 OPSETS = range(13, 22)
 
 
-def emit(model, flavour, input_names, output_names, opset=None, precision="float32"):
+def emit(model, flavour, input_names, output_names, opset=None, precision="float32",
+         serialized=False):
     """The ONNX model of a Keras model, emitted natively.
 
     Args:
@@ -66,9 +67,11 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
         precision: `"float32"` or `"float16"`: the float type the graph
             computes in. A mixed-precision model's float32 variables are
             written as they are (float32) or rounded (float16).
+        serialized: Return the model's bytes (written faster than the
+            proto's own serialization, see `onnx.wire`).
 
     Returns:
-        An `onnx.ModelProto`: inputs and outputs in the Keras layout with a
+        An `onnx.ModelProto` (or its bytes): inputs and outputs in the Keras layout with a
         dynamic batch dimension. Inputs carry their Keras dtypes; integer
         and boolean outputs too, float outputs are float32 (float16 when
         both the graph and the Keras output are).
@@ -127,7 +130,8 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
               if isinstance(v, Value)}
     # Its last step drops the nodes and initializers nothing reads.
     peephole.optimize(g, {i[0]: i[1] for i in inputs}, output_names, shapes)
-    return g.model(model.name, inputs, outputs, "bnconvert")
+    make = g.serialized if serialized else g.model
+    return make(model.name, inputs, outputs, "bnconvert")
 
 
 def _fuse_output_transposes(g, output_names):
