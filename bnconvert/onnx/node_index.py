@@ -4,6 +4,14 @@ Shared by the rewrites of `peephole` and `crops`, which run on
 `Graph.nodes` and `Graph.initializers` once the walk is done.
 """
 
+from onnx import helper as onnx_helper
+
+
+def attribute(node, name, default):
+    """The value of `node`'s attribute `name` (lists as lists), or `default` if it has none."""
+    found = [a for a in node.attribute if a.name == name]
+    return onnx_helper.get_attribute_value(found[0]) if found else default
+
 
 def inner_inputs(node):
     """The tensors the subgraphs of `node` (a `Loop`, `Scan` or `If` body) read, at any depth."""

@@ -23,6 +23,7 @@ import numpy as np
 
 from bnconvert.onnx.crops import crop_before_padding
 from bnconvert.onnx.node_index import Index
+from bnconvert.onnx.node_index import attribute
 from bnconvert.onnx.node_index import drop
 
 _ELEMENTWISE = ("Mul", "Add", "Sub", "Div")
@@ -77,7 +78,7 @@ def hoist_input_transposes(g, input_shapes, output_names, shapes):
 
 
 def _perm(transpose):
-    return [list(a.ints) for a in transpose.attribute if a.name == "perm"][0]
+    return list(attribute(transpose, "perm", None))
 
 
 def _rewire(g, index, chain, data, final, perm):
@@ -161,11 +162,11 @@ def _scale_weights(g, index, conv, scale, shape):
         return False
     per_channel = full.reshape(-1).astype(np.float64)
     out_channels, group_width = weights.shape[:2]
-    groups = [int(a.i) for a in conv.attribute if a.name == "group"] or [1]
-    if per_channel.size not in (1, group_width * groups[0]) or shape[1] != group_width * groups[0]:
+    groups = int(attribute(conv, "group", 1))
+    if per_channel.size not in (1, group_width * groups) or shape[1] != group_width * groups:
         return False
     # Output channel o of group k reads input channels k * width ... (k + 1) * width - 1.
-    group_of = np.arange(out_channels) // (out_channels // groups[0])
+    group_of = np.arange(out_channels) // (out_channels // groups)
     channel = group_of[:, None] * group_width + np.arange(group_width)[None, :]
     factor = per_channel[channel % per_channel.size]
     scaled = weights.astype(np.float64) * factor.reshape(factor.shape + (1,) * (weights.ndim - 2))

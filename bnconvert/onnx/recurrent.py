@@ -127,12 +127,14 @@ def _check_arguments(layer, base, masked):
 
 
 def _compacted(g, x, mask, base):
-    """`(x, sequence_lens, seen)`: each row's True steps of `x` moved first, in order.
+    """`(x, sequence_lens, compaction)`: each row's True steps of `x` moved first, in order.
 
     `x` is `[T, B, D]`, `mask` `[B, T]`. Keras skips a masked step (its
     states carry over), so the layer over `x` equals ONNX's over the
-    compacted steps, `sequence_lens` long. `seen[b, t]` counts the True steps
-    up to `t` included: step `t`'s output is compacted step `seen - 1`.
+    compacted steps, `sequence_lens` long. `compaction` is `(keep, seen,
+    steps, total)` for `_uncompacted`: `seen[b, t]` counts the True steps up
+    to `t` included (step `t`'s output is compacted step `seen - 1`),
+    `total[b]` all of them.
     """
     keep = g.node("Cast", [g.node("Cast", [g.keras(mask).name], base, to=BOOL)], base, to=INT64)
     steps = g.node("Gather", [g.node("Shape", [keep], base), g.scalar(1, np.int64)], base,
@@ -146,10 +148,10 @@ def _compacted(g, x, mask, base):
                    outputs=2, axis=1, largest=0, sorted=1)[1]
     x = g.node("Transpose", [x], base, perm=[1, 0, 2])
     x = g.node("GatherElements", [x, _along(g, order, x, base)], base, axis=1)
-    lens = g.node("Cast", [g.node("ReduceSum", [keep, g.ints([1])], base, keepdims=0)], base,
-                  to=INT32)
+    total = g.node("ReduceSum", [keep, g.ints([1])], base, keepdims=1)
+    lens = g.node("Cast", [g.node("Squeeze", [total, g.ints([1])], base)], base, to=INT32)
     seen = g.node("CumSum", [keep, g.scalar(1, np.int64)], base)
-    return g.node("Transpose", [x], base, perm=[1, 0, 2]), lens, (keep, seen, steps)
+    return g.node("Transpose", [x], base, perm=[1, 0, 2]), lens, (keep, seen, steps, total)
 
 
 def _along(g, index, x, base):
@@ -165,12 +167,11 @@ def _uncompacted(g, y, compaction, reverse, zero_masked, base):
     layer ran (the next kept step for `reverse`), zeros before any kept step
     or with `zero_masked` (`zero_output_for_mask`).
     """
-    keep, seen, steps = compaction
+    keep, seen, steps, total = compaction
     one = g.scalar(1, np.int64)
     source = g.node("Sub", [seen, one], base)
     if reverse:  # a masked step takes the next kept step: compacted step `seen`
         source = g.node("Add", [source, g.node("Sub", [one, keep], base)], base)
-    total = g.node("ReduceSum", [keep, g.ints([1])], base, keepdims=1)
     filled = g.node("Less", [source, total], base) if reverse else \
         g.node("Greater", [seen, g.scalar(0, np.int64)], base)
     if zero_masked:
