@@ -195,3 +195,36 @@ def test_cropping_after_padding_pads_only_what_is_left(tmp_path, case, opset):
     data = data.astype("float32")
     np.testing.assert_allclose(_run(path, data)[0], np.asarray(model(data)), rtol=1e-5,
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18, 21])
+@pytest.mark.parametrize("size, pool", [(None, 3), (9, 3), (None, 1)])
+def test_zero_padding_before_max_pooling_stays_zero_padding(tmp_path, opset, size, pool):
+    # onnxruntime folds a zero Pad into a MaxPool's pads, which it treats as
+    # -inf: on all-negative windows it returned their maximum, not the 0 of
+    # Keras's padding (3.7 off), and for a 1-entry window it refused the
+    # graph (pads not smaller than the window).
+    x = L.Input((size, size, 3))
+    y = L.MaxPooling2D(pool, strides=1 if pool == 3 else 3)(L.ZeroPadding2D(1)(x))
+    model = keras.Model(x, y)
+    path = str(tmp_path / "m.onnx")
+    result = export_onnx(model, path, exporter="native", opset=opset, check=False)
+    assert result.exporter == "native"
+    data = np.random.default_rng(2).normal(-3, 1, (2, 9, 9, 3)).astype("float32")
+    np.testing.assert_array_equal(_run(path, data)[0], np.asarray(model(data)))
+
+
+def test_zero_padding_after_relu_is_left_to_onnxruntime_to_fold(tmp_path):
+    # After a ReLU the padding is never above a window's maximum: the fusion
+    # is exact there (ResNet50's stem), and saves a copy of the tensor.
+    x = L.Input((None, None, 3))
+    y = L.Conv2D(4, 3, activation="relu")(x)
+    y = L.MaxPooling2D(3, strides=2)(L.ZeroPadding2D(1)(y))
+    model = _randomized(keras.Model(x, y))
+    path, proto = _export(model, tmp_path)
+    assert "Reshape" not in _ops(proto)
+    pads = [n for n in proto.graph.node if n.op_type == "Pad"]
+    assert len(pads) == 1 and len(pads[0].input) <= 3
+    data = np.random.default_rng(3).normal(0, 2, (3, 11, 13, 3)).astype("float32")
+    np.testing.assert_allclose(_run(path, data)[0], np.asarray(model(data)), rtol=1e-5,
+                               atol=1e-5)

@@ -1,7 +1,8 @@
 """Whole-graph rewrites the native walk applies once every layer is emitted.
 
-Both work on a `Graph` in place: lowering a float32 graph to float16
-(`--precision float16`), and turning divisions by constants into products.
+Each works on a `Graph` in place: lowering a float32 graph to float16
+(`--precision float16`), turning divisions by constants into products,
+and keeping onnxruntime from folding a zero `Pad` into a `MaxPool`.
 """
 
 import numpy as np
@@ -11,6 +12,9 @@ import onnx.numpy_helper
 from bnconvert.onnx.graph import FLOAT
 from bnconvert.onnx.graph import FLOAT16
 from bnconvert.onnx.graph import FLOAT32_INPUTS
+from bnconvert.onnx.node_index import Index
+from bnconvert.onnx.node_index import attribute
+from bnconvert.onnx.node_index import position
 
 
 def to_float16(graph):
@@ -70,6 +74,56 @@ def divisions_to_products(graph):
         node.op_type = "Mul"
         node.input[1] = graph.constant(reciprocal, f"{node.input[1]}/reciprocal",
                                       divisor.dtype)
+
+
+# Ops whose outputs are never negative: a zero `Pad` after one of them pads
+# below or at every window's maximum, so a `MaxPool` ignoring it agrees.
+_NON_NEGATIVE = ("Relu", "Sigmoid", "HardSigmoid", "Softmax", "Abs", "Exp", "Softplus")
+
+
+def keep_pads_before_max_pools(g, output_names):
+    """Keeps onnxruntime from folding a constant `Pad` into the `MaxPool` after it.
+
+    onnxruntime's `PadFusion` moves a zero `Pad` into the pool's `pads`,
+    which a `MaxPool` ignores (as if they were -inf): where a window's own
+    values are all negative, the fused graph returns their maximum instead
+    of the padding's 0 (Keras's `ZeroPadding2D` before `MaxPooling2D`), by
+    3.7 on inputs around -3. The fusion is left where the padded values
+    are never negative (after a `Relu`, as in ResNet50), and blocked
+    elsewhere: onnxruntime does not fuse a `Pad` given `axes` (opset 18 and
+    later), nor one read through a `Reshape` to its own shape (a view).
+    """
+    index = Index(g, output_names)
+    for pad in [n for n in g.nodes if n.op_type == "Pad" and not n.domain]:
+        readers = index.consumers.get(pad.output[0], [])
+        if (attribute(pad, "mode", b"constant") != b"constant" or len(pad.input) > 3
+                or pad.output[0] in output_names or len(readers) != 1
+                or readers[0].op_type != "MaxPool" or _non_negative(index, pad.input[0])):
+            continue
+        pads = index.arrays.get(pad.input[1])
+        if pads is None:  # onnxruntime fuses constant pads only
+            continue
+        if g.opset >= 18:
+            pad.input.extend([""] * (3 - len(pad.input)))
+            pad.input.append(g.ints(list(range(pads.size // 2)), "axes"))
+            continue
+        at, count = position(g, pad) + 1, len(g.nodes)
+        shape = g.node("Shape", [pad.output[0]], pad.output[0])
+        view = g.node("Reshape", [pad.output[0], shape], pad.output[0])
+        readers[0].input[0] = view
+        new = g.nodes[count:]
+        del g.nodes[count:]
+        g.nodes[at:at] = new
+
+
+def _non_negative(index, name):
+    producer = index.producer.get(name)
+    if producer is None:
+        return False
+    if producer.op_type == "Clip" and len(producer.input) > 1:
+        low = index.arrays.get(producer.input[1])
+        return low is not None and bool(np.all(low >= 0))
+    return producer.op_type in _NON_NEGATIVE
 
 
 # Finite float32 values beyond float16's range (the -1e9 of a masked softmax)

@@ -21,6 +21,7 @@ of the constants they merge):
 
 import numpy as np
 
+from bnconvert.onnx import graph_passes
 from bnconvert.onnx.crops import crop_before_padding
 from bnconvert.onnx.node_index import Index
 from bnconvert.onnx.node_index import attribute
@@ -43,6 +44,7 @@ def optimize(g, input_shapes, output_names, shapes):
     hoist_input_transposes(g, input_shapes, output_names, shapes)
     fold_affine_chains(g, output_names, shapes)
     crop_before_padding(g, output_names, shapes)
+    graph_passes.keep_pads_before_max_pools(g, output_names)
     drop_unused(g, output_names)
 
 
