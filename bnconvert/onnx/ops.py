@@ -47,6 +47,7 @@ from bnconvert.onnx import reductions
 from bnconvert.onnx import reshaping
 from bnconvert.onnx import spectral
 from bnconvert.onnx import preprocessing
+from bnconvert.onnx import sizes
 from bnconvert.onnx import special
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
@@ -114,7 +115,7 @@ EMITTERS = {
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
     "convert_to_tensor": math.EMITTERS["cast"],
-    **colour.EMITTERS, **einops.EMITTERS, **filters.EMITTERS, **image_warp.EMITTERS,
+    **sizes.EMITTERS, **colour.EMITTERS, **einops.EMITTERS, **filters.EMITTERS, **image_warp.EMITTERS,
 }
 EMITTERS.update({**linalg.EMITTERS, **linalg_svd.EMITTERS})
 
