@@ -12,6 +12,7 @@ from bnconvert.onnx import activations
 from bnconvert.onnx.graph import BOOL
 from bnconvert.onnx.graph import FLOAT
 from bnconvert.onnx.graph import Uncovered
+from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import as_tuple
 from bnconvert.onnx.graph import channels_first
 from bnconvert.onnx.layers import conv_pads
@@ -50,6 +51,8 @@ def global_pooling(op_type):
     def emit(g, call):
         layer = call.layer
         mask = call.kwargs.get("mask")
+        if mask is None and len(call.args) > 1:  # `softmax(x, mask)`, keras-hub's attention
+            mask = call.args[1]
         mask = call.implicit_mask(call.inputs[0]) if mask is None else mask
         if mask is not None and op_type == "GlobalAveragePool":
             return [_masked_average(g, call, mask)]
@@ -285,7 +288,11 @@ def activation_layer(g, call):
     else:  # Softmax
         function, params = "softmax", {"axis": config.get("axis", -1)}
         mask = call.kwargs.get("mask")
+        if mask is None and len(call.args) > 1:  # `softmax(x, mask)`, keras-hub's attention
+            mask = call.args[1]
         mask = call.implicit_mask(call.inputs[0]) if mask is None else mask
+        if mask is not None and not isinstance(mask, Value):
+            raise Uncovered([(call.base, "Softmax", "a mask that is not a tensor of the graph")])
         if mask is not None:
             return [_masked_softmax(g, call, params["axis"], mask)]
     return [activations.apply(g, call.inputs[0], function, call.base, **params)]
