@@ -186,7 +186,9 @@ def _scalar(g, call, value, dtype):
     if isinstance(value, Value):
         if value.rank:
             raise Uncovered([(call.base, type(call.layer).__name__, "a size that is not a scalar")])
-        return cast(g, value, dtype_of(call, value), dtype, call.base).name
+        # Arithmetic on a size may leave it of shape [1] in the graph (numbers are 1-D there).
+        value = cast(g, value, dtype_of(call, value), dtype, call.base)
+        return g.node("Reshape", [value.name, g.ints(np.zeros(0, np.int64))], call.base)
     array = np.asarray(constant(value), dtype=dtype)
     if array.ndim:
         raise Uncovered([(call.base, type(call.layer).__name__, "a size that is not a scalar")])
@@ -201,8 +203,8 @@ def shape_tensor(g, call, entries):
             if numbers:
                 parts.append(g.ints(numbers))
                 numbers = []
-            scalar = _scalar(g, call, entry, "int64")
-            parts.append(g.node("Unsqueeze", [scalar, g.ints([0], "axes")], call.base))
+            scalar = cast(g, entry, dtype_of(call, entry), "int64", call.base).name
+            parts.append(g.node("Reshape", [scalar, g.ints([1])], call.base))
         else:
             numbers.append(int(constant(entry)))
     if numbers:

@@ -16,6 +16,11 @@ what they compute:
 - a layer returns tensors computed from shapes only (anchors, spatial
   shapes): concrete tensors, not symbolic ones. `split_outputs` keeps them
   apart; the walk writes them as initializers;
+- `x[None]` (a new axis, as NumPy reads it) is refused by Keras's symbolic
+  indexing, which takes `x[None, ...]`; the key is passed in that form.
+  `keras.ops.ndim` of a symbolic tensor gives a symbolic scalar, which
+  Python code cannot branch on; a symbolic tensor's rank is always known,
+  so it gives that number (`_indexing_and_ranks`);
 - a sublayer returns None among its outputs (`(outputs, None)` when its
   attention scores are not asked for), which Keras refuses in a symbolic
   call (`keras_internals.none_outputs_dropped`).
@@ -51,11 +56,29 @@ def lenient(model, flavour):
                 continue
             internals.shadow_method(layer, "compute_output_spec", _falling_back(layer, base))
             shadowed.append(layer)
-        with internals.backend_calls_through_ops(), internals.none_outputs_dropped():
+        with internals.backend_calls_through_ops(), internals.none_outputs_dropped(), \
+                _indexing_and_ranks(flavour.keras):
             yield
     finally:
         for layer in shadowed:
             internals.unshadow_method(layer, "compute_output_spec")
+
+
+@contextlib.contextmanager
+def _indexing_and_ranks(keras):
+    tensor, ndim = keras.KerasTensor, keras.ops.ndim
+    own = tensor.__getitem__
+
+    def getitem(self, key):
+        return own(self, (None, Ellipsis) if key is None else key)
+
+    tensor.__getitem__ = getitem
+    keras.ops.ndim = lambda x: len(x.shape) if is_symbolic(keras, x) else ndim(x)
+    try:
+        yield
+    finally:
+        tensor.__getitem__ = own
+        keras.ops.ndim = ndim
 
 
 def _falling_back(layer, base):

@@ -245,17 +245,20 @@ class _Walker:
         `args` and `kwargs` are the call's own, holding `tensors` (emitted
         already, in `env`); each becomes a fresh `keras.Input`. Outputs it
         computes from shapes alone (concrete tensors) become initializers.
-        A layer whose call needs its batch size as a number (Python
-        arithmetic on it) is traced at batch 1 and run once per batch
-        element (`_per_sample`).
+        A call that fails with unknown sizes as None is traced again with
+        them as graph values (`sizes.run_time_sizes`: a text model's
+        sequence length), so the graph stays dynamic; one that still needs
+        its batch size as a number is traced at batch 1 and run once per
+        batch element (`_per_sample`).
         """
         batched = any(len(t.shape) and t.shape[0] is None for t in tensors)
         unknown = any(None in tuple(t.shape) for t in tensors)
         mark, seen = self.g.checkpoint(), len(self.uncovered)
         reason = None
+        with_sizes = lambda: sizes.run_time_sizes(self.flavour.keras)  # noqa: E731
         attempts = [(self._trace, contextlib.nullcontext)]
         if unknown:
-            attempts.append((self._trace, lambda: sizes.run_time_sizes(self.flavour.keras)))
+            attempts.append((self._trace, with_sizes))
         if batched:
             attempts.append((self._per_sample, contextlib.nullcontext))
         for attempt, context in attempts:
@@ -269,7 +272,8 @@ class _Walker:
                 if len(attempts) == 1:
                     raise
                 refused = e
-            reason = reason or refused
+            # With sizes as values the call gets furthest: its refusal says what really stops it.
+            reason = refused if context is with_sizes else reason or refused
             self.g.rollback(mark)
             del self.uncovered[seen:]
         raise reason
