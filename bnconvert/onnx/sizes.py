@@ -73,12 +73,13 @@ def _replacements(keras, kinds, original):
                      for i, d in enumerate(dims))
 
     def slice_(inputs, start_indices, shape):
-        if not _sized(keras, start_indices, shape):
+        # A tensor of starts is Keras's own case; sizes are numbers in a sequence.
+        if is_symbolic(start_indices) or not _sized(keras, start_indices, shape):
             return original["slice"](inputs, start_indices, shape)
         return kinds.SizedSlice()(inputs, tuple(start_indices), tuple(shape))
 
     def broadcast_to(x, shape):
-        if not _sized(keras, shape):
+        if is_symbolic(shape) or not _sized(keras, shape):
             return original["broadcast_to"](x, shape)
         return kinds.SizedBroadcastTo()(x, tuple(shape))
 
@@ -96,13 +97,13 @@ def _replacements(keras, kinds, original):
 
     def filled(name, fill):
         def function(shape, dtype=None):
-            if not _sized(keras, shape):
+            if is_symbolic(shape) or not _sized(keras, shape):
                 return original[name](shape, dtype=dtype)
             return kinds.SizedFull(dtype=dtype or "float32", fill=fill)(tuple(shape))
         return function
 
     def full(shape, fill_value, dtype=None):
-        if not _sized(keras, shape) or _sized(keras, fill_value):
+        if is_symbolic(shape) or not _sized(keras, shape) or _sized(keras, fill_value):
             return original["full"](shape, fill_value, dtype=dtype)
         fill = float(np.asarray(fill_value))
         return kinds.SizedFull(dtype=dtype or "float32", fill=fill)(tuple(shape))
