@@ -29,6 +29,7 @@ from onnx import numpy_helper
 
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
+from bnconvert.onnx.math import as_value
 from bnconvert.onnx.math import cast
 from bnconvert.onnx.math import constant
 from bnconvert.onnx.math import dtype_of
@@ -215,17 +216,6 @@ def shape_tensor(g, call, entries):
     return g.node("Concat", parts, call.base, axis=0)
 
 
-def _tensor(g, call, x):
-    """`x` in the Keras layout; a concrete tensor (a layer's weights) becomes an initializer."""
-    if isinstance(x, Value):
-        return g.keras(x)
-    array = np.asarray(constant(x))
-    if array.dtype == np.float64:
-        array = array.astype(np.float32)
-    return Value(g.constant(array, f"{call.base}/constant", array.dtype), array.shape,
-                 tuple(range(array.ndim)))
-
-
 def _run_time_size(g, call, p):
     x = p["x"]
     shape = g.node("Shape", [x.name], call.base)
@@ -236,7 +226,7 @@ def _run_time_size(g, call, p):
 
 
 def _sized_slice(g, call, p):
-    x = _tensor(g, call, p["inputs"])
+    x = as_value(g, p["inputs"], call.base)
     starts, sizes = list(p["start_indices"]), list(p["shape"])
     if len(starts) != x.rank or len(sizes) != x.rank:
         raise Uncovered([(call.base, "Slice", "bounds of another rank than the tensor")])
@@ -248,12 +238,12 @@ def _sized_slice(g, call, p):
 
 
 def _sized_broadcast_to(g, call, p):
-    x = _tensor(g, call, p["x"])
+    x = as_value(g, p["x"], call.base)
     return [call.out(g.node("Expand", [x.name, shape_tensor(g, call, p["shape"])], call.base))]
 
 
 def _sized_reshape(g, call, p):
-    x = _tensor(g, call, p["x"])
+    x = as_value(g, p["x"], call.base)
     return [call.out(g.node("Reshape", [x.name, shape_tensor(g, call, p["newshape"])],
                             call.base))]
 
