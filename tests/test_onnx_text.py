@@ -64,6 +64,17 @@ class MaskedScores(keras.layers.Layer):
         return ops.matmul(weights, x) if ops.ndim(x) == 3 else x
 
 
+class ScaledLookup(keras.layers.Layer):
+    """T5's norm and embedding: a variable on the left of `*`, `ops.take` of a variable."""
+
+    def build(self, shape):
+        self.table = self.add_weight(shape=(100, 4), initializer="random_normal")
+        self.scale = self.add_weight(shape=(4,), initializer="random_normal")
+
+    def call(self, ids):
+        return self.scale * ops.take(self.table, ids, axis=0)
+
+
 def _session_matches(model, path, feeds_at):
     """onnxruntime matches Keras at each length of LENGTHS; the graph's length is dynamic.
 
@@ -100,6 +111,15 @@ def test_softmax_mask_passed_positionally_is_honoured(tmp_path):
     rng = np.random.default_rng(6)
     _session_matches(model, tmp_path / "m.onnx",
                      lambda n: [rng.uniform(-3, 3, (2, n, 4)).astype("float32")])
+
+
+def test_variables_as_operands_and_tables(tmp_path):
+    ids = keras.Input((None,), dtype="int32")
+    model = keras.Model(ids, ScaledLookup()(ids))
+    assert export_onnx(model, tmp_path / "m.onnx", exporter="native").exporter == "native"
+    rng = np.random.default_rng(7)
+    _session_matches(model, tmp_path / "m.onnx",
+                     lambda n: [rng.integers(0, 100, (2, n)).astype("int32")])
 
 
 def test_a_size_no_op_takes_is_refused_by_name(tmp_path):
