@@ -115,7 +115,7 @@ EMITTERS = {
     "glu": _glu, "add_n": _add_n, "resize": _resize,
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
     "convert_to_tensor": math.EMITTERS["cast"],
-    **sizes.EMITTERS, **colour.EMITTERS, **einops.EMITTERS, **filters.EMITTERS, **image_warp.EMITTERS,
+    **colour.EMITTERS, **einops.EMITTERS, **filters.EMITTERS, **image_warp.EMITTERS,
 }
 EMITTERS.update({**linalg.EMITTERS, **linalg_svd.EMITTERS})
 
@@ -159,10 +159,10 @@ def keras_params(op, call):
     return p
 
 
-def _run(g, call, name, p, what):
+def _run(g, call, name, p, what, table=None):
     """Runs one emitter; arguments it cannot handle make the op uncovered, not a crash."""
     try:
-        return EMITTERS[name](g, call, p)
+        return (table or EMITTERS)[name](g, call, p)
     except Uncovered:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
@@ -173,9 +173,11 @@ def _run(g, call, name, p, what):
 def emit_op(g, call):
     """A Keras 3 op node."""
     name = function_name(call.layer)
-    if name not in EMITTERS:
+    # The tracer's own ops (sizes as graph values) are not `keras.ops` functions.
+    table = sizes.EMITTERS if type(call.layer).__module__ == sizes.__name__ else EMITTERS
+    if name not in table:
         raise Uncovered([(call.base, type(call.layer).__name__, "op")])
-    return _run(g, call, name, keras_params(call.layer, call), type(call.layer).__name__)
+    return _run(g, call, name, keras_params(call.layer, call), type(call.layer).__name__, table)
 
 
 def _tf(name, adjust=None, **renames):
