@@ -100,14 +100,14 @@ def _replacements(keras, kinds, original):
         def function(shape, dtype=None):
             if is_symbolic(shape) or not _sized(keras, shape):
                 return original[name](shape, dtype=dtype)
-            return kinds.SizedFull(dtype=dtype or "float32", fill=fill)(tuple(shape))
+            return kinds.SizedFull(dtype=dtype or keras.backend.floatx(), fill=fill)(tuple(shape))
         return function
 
     def full(shape, fill_value, dtype=None):
         if is_symbolic(shape) or not _sized(keras, shape) or _sized(keras, fill_value):
             return original["full"](shape, fill_value, dtype=dtype)
         fill = float(np.asarray(fill_value))
-        return kinds.SizedFull(dtype=dtype or "float32", fill=fill)(tuple(shape))
+        return kinds.SizedFull(dtype=dtype or keras.backend.floatx(), fill=fill)(tuple(shape))
 
     return {"shape": shape, "slice": slice_, "broadcast_to": broadcast_to, "reshape": reshape,
             "arange": arange, "ones": filled("ones", 1.0), "zeros": filled("zeros", 0.0),
