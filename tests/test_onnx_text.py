@@ -94,10 +94,11 @@ def _session_matches(model, path, feeds_at):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(w).max()))
 
 
-def test_sizes_of_a_traced_layer_stay_dynamic(tmp_path):
+@pytest.mark.parametrize("opset", [13, 21])
+def test_sizes_of_a_traced_layer_stay_dynamic(opset, tmp_path):
     x = keras.Input((None, 4))
     model = keras.Model(x, PositionsAndCausalAttention()(x))
-    result = export_onnx(model, tmp_path / "m.onnx", exporter="native")
+    result = export_onnx(model, tmp_path / "m.onnx", exporter="native", opset=opset)
     assert result.exporter == "native"
     rng = np.random.default_rng(5)
     _session_matches(model, tmp_path / "m.onnx",

@@ -244,8 +244,10 @@ def _sized_broadcast_to(g, call, p):
 
 def _sized_reshape(g, call, p):
     x = as_value(g, p["x"], call.base)
+    # A run-time size of 0 (an empty sequence) means 0, not "copy x's", from opset 14 on.
+    zero = {"allowzero": 1} if g.opset >= 14 else {}
     return [call.out(g.node("Reshape", [x.name, shape_tensor(g, call, p["newshape"])],
-                            call.base))]
+                            call.base, **zero))]
 
 
 def _sized_arange(g, call, p):
