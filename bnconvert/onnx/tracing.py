@@ -21,7 +21,7 @@ what they compute:
   `keras.ops.ndim` of a symbolic tensor gives a symbolic scalar, which
   Python code cannot branch on; a symbolic tensor's rank is always known,
   so it gives that number (`_indexing_and_ranks`). A variable on the left
-  of an operator (`self.weight * x`, T5's and Qwen3's norms) computes with
+  of an operator (`self.weight * x`, T5's norm) computes with
   the backend, which refuses a symbolic right operand; there it records
   the `keras.ops` function instead (`_variables_as_operands`);
 - a sublayer returns None among its outputs (`(outputs, None)` when its
