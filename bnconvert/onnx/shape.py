@@ -51,9 +51,12 @@ def global_pooling(op_type):
     def emit(g, call):
         layer = call.layer
         mask = call.kwargs.get("mask")
-        if mask is None and len(call.args) > 1:  # `softmax(x, mask)`, keras-hub's attention
+        if mask is None and len(call.args) > 1:  # `pool(x, mask)` inside a traced call
             mask = call.args[1]
         mask = call.implicit_mask(call.inputs[0]) if mask is None else mask
+        if mask is not None and not isinstance(mask, Value):
+            raise Uncovered([(call.base, layer.__class__.__name__,
+                              "a mask that is not a tensor of the graph")])
         if mask is not None and op_type == "GlobalAveragePool":
             return [_masked_average(g, call, mask)]
         x = layout_for(g, call.inputs[0], layer.data_format)
