@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import keras_axes
+from bnconvert.onnx.math import as_value
 from bnconvert.onnx.math import cast
 from bnconvert.onnx.math import constant
 from bnconvert.onnx.math import dtype_of
@@ -116,7 +117,7 @@ def _indices(g, call, indices):
 
 def take(g, call, p):
     """`take(x, indices, axis)`: a `Gather` (negative indices count from the end)."""
-    x = g.keras(p["x"])
+    x = as_value(g, p["x"], call.base)  # a table may be a layer's variable
     axis = p.get("axis")
     if axis is None:
         x, axis = Value(g.node("Reshape", [x.name, g.ints([-1])], call.base), (None,), (0,)), 0

@@ -69,6 +69,17 @@ def constant(value):
     return np.asarray(value)
 
 
+def as_value(g, operand, base):
+    """`operand` in the Keras layout; a concrete one (a layer's variable) as an initializer."""
+    if isinstance(operand, Value):
+        return g.keras(operand)
+    array = constant(operand)
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    return Value(g.constant(array, f"{base}/constant", array.dtype), array.shape,
+                 tuple(range(array.ndim)))
+
+
 def common_dtype(call, operands):
     """The dtype comparisons and `where` compute in."""
     dtypes = [dtype_of(call, v) for v in operands if isinstance(v, Value)]

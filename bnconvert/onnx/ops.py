@@ -47,6 +47,7 @@ from bnconvert.onnx import reductions
 from bnconvert.onnx import reshaping
 from bnconvert.onnx import spectral
 from bnconvert.onnx import preprocessing
+from bnconvert.onnx import sizes
 from bnconvert.onnx import special
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
@@ -158,10 +159,10 @@ def keras_params(op, call):
     return p
 
 
-def _run(g, call, name, p, what):
+def _run(g, call, name, p, what, table=None):
     """Runs one emitter; arguments it cannot handle make the op uncovered, not a crash."""
     try:
-        return EMITTERS[name](g, call, p)
+        return (table or EMITTERS)[name](g, call, p)
     except Uncovered:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
@@ -172,9 +173,11 @@ def _run(g, call, name, p, what):
 def emit_op(g, call):
     """A Keras 3 op node."""
     name = function_name(call.layer)
-    if name not in EMITTERS:
+    # The tracer's own ops (sizes as graph values) are not `keras.ops` functions.
+    table = sizes.EMITTERS if type(call.layer).__module__ == sizes.__name__ else EMITTERS
+    if name not in table:
         raise Uncovered([(call.base, type(call.layer).__name__, "op")])
-    return _run(g, call, name, keras_params(call.layer, call), type(call.layer).__name__)
+    return _run(g, call, name, keras_params(call.layer, call), type(call.layer).__name__, table)
 
 
 def _tf(name, adjust=None, **renames):

@@ -16,6 +16,14 @@ what they compute:
 - a layer returns tensors computed from shapes only (anchors, spatial
   shapes): concrete tensors, not symbolic ones. `split_outputs` keeps them
   apart; the walk writes them as initializers;
+- `x[None]` (a new axis, as NumPy reads it) is refused by Keras's symbolic
+  indexing, which takes `x[None, ...]`; the key is passed in that form.
+  `keras.ops.ndim` of a symbolic tensor gives a symbolic scalar, which
+  Python code cannot branch on; a symbolic tensor's rank is always known,
+  so it gives that number (`_indexing_and_ranks`). A variable on the left
+  of an operator (`self.weight * x`, T5's norm) computes with
+  the backend, which refuses a symbolic right operand; there it records
+  the `keras.ops` function instead (`_variables_as_operands`);
 - a sublayer returns None among its outputs (`(outputs, None)` when its
   attention scores are not asked for), which Keras refuses in a symbolic
   call (`keras_internals.none_outputs_dropped`).
@@ -51,11 +59,56 @@ def lenient(model, flavour):
                 continue
             internals.shadow_method(layer, "compute_output_spec", _falling_back(layer, base))
             shadowed.append(layer)
-        with internals.backend_calls_through_ops(), internals.none_outputs_dropped():
+        with internals.backend_calls_through_ops(), internals.none_outputs_dropped(), \
+                _indexing_and_ranks(flavour.keras), _variables_as_operands(flavour.keras):
             yield
     finally:
         for layer in shadowed:
             internals.unshadow_method(layer, "compute_output_spec")
+
+
+@contextlib.contextmanager
+def _indexing_and_ranks(keras):
+    tensor, ndim = keras.KerasTensor, keras.ops.ndim
+    own = tensor.__getitem__
+
+    def getitem(self, key):
+        return own(self, (None, Ellipsis) if key is None else key)
+
+    tensor.__getitem__ = getitem
+    keras.ops.ndim = lambda x: len(x.shape) if is_symbolic(keras, x) else ndim(x)
+    try:
+        yield
+    finally:
+        tensor.__getitem__ = own
+        keras.ops.ndim = ndim
+
+
+_OPERATORS = {"add": "add", "sub": "subtract", "mul": "multiply", "truediv": "true_divide",
+              "matmul": "matmul", "pow": "power"}
+
+
+@contextlib.contextmanager
+def _variables_as_operands(keras):
+    variable, own = keras.Variable, {}
+    for short, function in _OPERATORS.items():
+        for name, reflected in ((f"__{short}__", False), (f"__r{short}__", True)):
+            own[name] = getattr(variable, name)
+            setattr(variable, name, _operator(keras, own[name], getattr(keras.ops, function),
+                                              reflected))
+    try:
+        yield
+    finally:
+        for name, method in own.items():
+            setattr(variable, name, method)
+
+
+def _operator(keras, own, function, reflected):
+    def method(self, other):
+        if not is_symbolic(keras, other):
+            return own(self, other)
+        return function(other, self.value) if reflected else function(self.value, other)
+    return method
 
 
 def _falling_back(layer, base):

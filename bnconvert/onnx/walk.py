@@ -17,6 +17,8 @@ collected and reported together (`graph.Uncovered`), so that the
 caller can fall back to tf2onnx and say why.
 """
 
+import contextlib
+
 import tensorflow as tf
 
 from bnconvert import keras_internals as internals
@@ -33,6 +35,7 @@ from bnconvert.onnx import ops
 from bnconvert.onnx import peephole
 from bnconvert.onnx import recurrent
 from bnconvert.onnx import shape
+from bnconvert.onnx import sizes
 from bnconvert.onnx import spectral
 from bnconvert.onnx import tracing
 from bnconvert.onnx import wrappers
@@ -246,31 +249,37 @@ class _Walker:
         `args` and `kwargs` are the call's own, holding `tensors` (emitted
         already, in `env`); each becomes a fresh `keras.Input`. Outputs it
         computes from shapes alone (concrete tensors) become initializers.
-        A layer whose call needs its batch size as a number (Python
-        arithmetic on it) is traced at batch 1 and run once per batch
-        element (`_per_sample`).
+        A call that fails with unknown sizes as None is traced again with
+        them as graph values (`sizes.run_time_sizes`: a text model's
+        sequence length), so the graph stays dynamic; one that still needs
+        its batch size as a number is traced at batch 1 and run once per
+        batch element (`_per_sample`).
         """
         batched = any(len(t.shape) and t.shape[0] is None for t in tensors)
+        unknown = any(None in tuple(t.shape) for t in tensors)
         mark, seen = self.g.checkpoint(), len(self.uncovered)
-        try:
-            outs = self._trace(layer, tensors, args, kwargs, env, prefix)[0]
-            if not batched or len(self.uncovered) == seen:
-                return outs
-            reason = Uncovered(self.uncovered[seen:])
-        except Uncovered as refused:
-            if not batched:
-                raise
-            reason = refused
-        self.g.rollback(mark)
-        del self.uncovered[seen:]
-        try:
-            outs = self._per_sample(layer, tensors, args, kwargs, env, prefix)
-            if len(self.uncovered) == seen:
-                return outs
-        except Uncovered:
-            pass
-        self.g.rollback(mark)
-        del self.uncovered[seen:]
+        reason = None
+        with_sizes = lambda: sizes.run_time_sizes(self.flavour.keras)  # noqa: E731
+        attempts = [(self._trace, contextlib.nullcontext)]
+        if unknown:
+            attempts.append((self._trace, with_sizes))
+        if batched:
+            attempts.append((self._per_sample, contextlib.nullcontext))
+        for attempt, context in attempts:
+            try:
+                with context():
+                    outs = attempt(layer, tensors, args, kwargs, env, prefix)
+                if len(self.uncovered) == seen or len(attempts) == 1:
+                    return outs[0] if attempt == self._trace else outs
+                refused = Uncovered(self.uncovered[seen:])
+            except Uncovered as e:
+                if len(attempts) == 1:
+                    raise
+                refused = e
+            # With sizes as values the call gets furthest: its refusal says what really stops it.
+            reason = refused if context is with_sizes else reason or refused
+            self.g.rollback(mark)
+            del self.uncovered[seen:]
         raise reason
 
     def _trace(self, layer, tensors, args, kwargs, env, prefix, batch=None):
