@@ -339,3 +339,22 @@ def test_keras3_deferred_initializers():
         np.testing.assert_array_equal(layer.kernel.numpy(), np.ones((3, 2)))
 
     pinned("keras.src.backend.tensorflow.core.Variable._initialize_with_initializer", check)
+
+
+def test_keras3_saving_skipsets():
+    def check():
+        from keras.src.saving import saving_lib
+
+        fresh = saving_lib.get_attr_skipset("Layer")
+        # Keras alone rebuilds the set on every call (the reason for the hook;
+        # once this fails, Keras caches it itself and the hook can go).
+        assert saving_lib.get_attr_skipset("Layer") is not fresh
+        with internals.keras3_saving_skipsets():
+            cached = saving_lib.get_attr_skipset("Layer")
+            assert cached == fresh and saving_lib.get_attr_skipset("Layer") is cached
+            assert saving_lib.get_attr_skipset("Functional") == (
+                fresh | {"operations", "_operations"}
+            )
+        assert saving_lib.get_attr_skipset("Layer") is not cached  # taken away again
+
+    pinned("keras.src.saving.saving_lib.get_attr_skipset", check)
