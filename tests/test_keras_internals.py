@@ -358,3 +358,17 @@ def test_keras3_saving_skipsets():
         assert saving_lib.get_attr_skipset("Layer") is not cached  # taken away again
 
     pinned("keras.src.saving.saving_lib.get_attr_skipset", check)
+
+
+def test_bnconvert_save_and_load_leave_keras_skipsets_alone(tmp_path):
+    from keras.src.saving import saving_lib
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="d")(inputs))
+    model.get_layer("d").kernel.assign(np.arange(6, dtype="float32").reshape(3, 2) / 7)
+    out = model_io.save_model(model, tmp_path / "m.keras")
+    loaded = model_io.load_model(out)
+    for got, want in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    # Keras's own save and load afterwards run as they would without bnconvert.
+    assert saving_lib.get_attr_skipset("Layer") is not saving_lib.get_attr_skipset("Layer")
