@@ -261,8 +261,10 @@ def keras3_saving_skipsets():
     skip set made from a fresh reference object per kind (`get_attr_skipset`
     builds a `Layer()` and lists its `dir()`). Keras caches the set under a
     global name it reads but never writes (`saving_attr_skiplist_*`, stored
-    as `saving_attr_skipset_*`), so it rebuilds one for every layer: about
-    1 ms each, a fifth of ResNet50's load. Meanwhile the set Keras's own
+    as `saving_attr_skipset_*`), so it rebuilds one for every layer and
+    operation (178 times per load or save of ResNet50; with this scope
+    bnconvert's load + save of it took 1.23 s CPU instead of 1.48, see the
+    README's P3 notes). Meanwhile the set Keras's own
     function computes is stored under the name it reads, on this thread
     (Keras's global state is per thread); on leaving, what this scope set
     is taken away again. Only time changes: the sets are Keras's own.
