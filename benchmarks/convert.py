@@ -61,6 +61,7 @@ def resnet50_file_to_file(repeats, workdir):
     source = workdir / "resnet50.keras"
     keras.applications.ResNet50(weights=None).save(source)
     anchor_out = workdir / "anchor.keras"
+    keras_out = workdir / "keras_own.keras"
     sync_out = workdir / "resnet50.sync.keras"
 
     phases = {}
@@ -73,6 +74,14 @@ def resnet50_file_to_file(repeats, workdir):
         phases.setdefault("load", []).append(t1 - t0)
         phases.setdefault("save", []).append(time.perf_counter() - t1)
 
+    def keras_load_and_save():
+        t0 = time.perf_counter()
+        model = keras.saving.load_model(source)
+        t1 = time.perf_counter()
+        model.save(keras_out)
+        phases.setdefault("keras_load", []).append(t1 - t0)
+        phases.setdefault("keras_save", []).append(time.perf_counter() - t1)
+
     def to_sync():
         result = CliRunner().invoke(
             cli.main, ["to-sync", str(source), "-o", str(sync_out), "--force"]
@@ -83,14 +92,22 @@ def resnet50_file_to_file(repeats, workdir):
     # One untimed round of each, so that neither pays Python's and Keras's
     # first-use costs (imports, op registration) alone.
     load_and_save()
+    keras_load_and_save()
     to_sync()
     phases.clear()
     # Interleaved, so that a burst of load from other processes on the
-    # machine hits both sides alike.
-    anchor_times, sync_times = [], []
+    # machine hits all sides alike.
+    # Process CPU seconds too: steadier than wall time on a shared machine
+    # (time spent waiting for a core is left out).
+    anchor_times, keras_times, sync_times = [], [], []
+    cpu = {"anchor": [], "keras_own": [], "to_sync": []}
     for _ in range(repeats):
-        anchor_times.append(best_of(1, load_and_save)[0])
-        sync_times.append(best_of(1, to_sync)[0])
+        for times, key, fn in ((anchor_times, "anchor", load_and_save),
+                               (keras_times, "keras_own", keras_load_and_save),
+                               (sync_times, "to_sync", to_sync)):
+            start = time.process_time()
+            times.append(best_of(1, fn)[0])
+            cpu[key].append(time.process_time() - start)
 
     model = model_io.load_model(source)
     convert_only, convert_only_all = best_of(
@@ -110,6 +127,19 @@ def resnet50_file_to_file(repeats, workdir):
         "save_median": statistics.median(phases["save"]),
         "anchor": min(anchor_times),
         "anchor_median": statistics.median(anchor_times),
+        "keras_own": min(keras_times),
+        "keras_own_median": statistics.median(keras_times),
+        "keras_load": min(phases["keras_load"]),
+        "keras_load_median": statistics.median(phases["keras_load"]),
+        "keras_save": min(phases["keras_save"]),
+        "keras_save_median": statistics.median(phases["keras_save"]),
+        "round_ratios": {
+            "wall / anchor": _median_ratio(sync_times, anchor_times),
+            "wall / Keras's own": _median_ratio(sync_times, keras_times),
+            "CPU / anchor": _median_ratio(cpu["to_sync"], cpu["anchor"]),
+            "CPU / Keras's own": _median_ratio(cpu["to_sync"], cpu["keras_own"]),
+        },
+        "cpu_medians": {key: statistics.median(v) for key, v in cpu.items()},
         "to_sync": min(sync_times),
         "to_sync_median": statistics.median(sync_times),
         "convert_only": convert_only,
@@ -117,6 +147,11 @@ def resnet50_file_to_file(repeats, workdir):
         "convert_verify": convert_verify,
         "convert_verify_median": statistics.median(convert_verify_all),
     }
+
+
+def _median_ratio(numerators, denominators):
+    """The median of the per-round ratios (rounds taken side by side)."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators))
 
 
 # Keras maps and clones a Functional graph recursively, one level per layer
@@ -178,6 +213,9 @@ def main(argv=None):
             ("anchor: load + save", "anchor"),
             ("  load", "load"),
             ("  save", "save"),
+            ("Keras's own load + save", "keras_own"),
+            ("  load", "keras_load"),
+            ("  save", "keras_save"),
             ("to-sync (load, convert, verify, save)", "to_sync"),
             ("  convert_model, verify=False", "convert_only"),
             ("  convert_model, verify=True", "convert_verify"),
@@ -188,6 +226,12 @@ def main(argv=None):
         print(f"  to-sync / anchor = {r['to_sync'] / anchor:.2f} (target <= 2.0; "
               f"medians {r['to_sync_median']:.2f} / {r['anchor_median']:.2f} = "
               f"{r['to_sync_median'] / r['anchor_median']:.2f})")
+        print(f"  to-sync / Keras's own load + save = {r['to_sync'] / r['keras_own']:.2f} "
+              f"(medians {r['to_sync_median'] / r['keras_own_median']:.2f})")
+        print("  process CPU s, medians: " + ", ".join(
+            f"{key} {value:.2f}" for key, value in r["cpu_medians"].items()))
+        print("  to-sync per round, median of ratios: " + ", ".join(
+            f"{key} {value:.2f}" for key, value in r["round_ratios"].items()))
 
     rows = scaling(sizes, args.repeats)
     base = rows[0]

@@ -104,7 +104,7 @@ class Keras3Flavour(flavour.Flavour):
         return preset
 
     def load(self, path, fmt, custom_objects=None, safe_mode=True):
-        with _deferred_initializers():
+        with _deferred_initializers(), _saving_skipsets():
             model = keras.saving.load_model(
                 str(path), custom_objects=custom_objects, compile=False,
                 safe_mode=safe_mode,
@@ -114,7 +114,8 @@ class Keras3Flavour(flavour.Flavour):
         return model
 
     def save(self, model, path, fmt):
-        model.save(str(path))
+        with _saving_skipsets():
+            model.save(str(path))
 
 
 def _after_loading(model, flavour_):
@@ -154,6 +155,18 @@ def _deferred_initializers():
 
     try:
         return internals.keras3_deferred_initializers(defer)
+    except internals.InternalsError:
+        return contextlib.nullcontext()
+
+
+def _saving_skipsets():
+    """Keras's save and load reuse each attribute skip set (see the internals function).
+
+    Without the private hook (an upgrade moved it) they cost more time,
+    nothing else.
+    """
+    try:
+        return internals.keras3_saving_skipsets()
     except internals.InternalsError:
         return contextlib.nullcontext()
 

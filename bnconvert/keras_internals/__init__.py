@@ -38,6 +38,7 @@ from bnconvert.keras_internals.keras3 import (  # noqa: F401
     backend_calls_through_ops,
     none_outputs_dropped,
     keras3_deferred_initializers,
+    keras3_saving_skipsets,
 )
 from bnconvert.keras_internals.tf_and_tf_keras import (  # noqa: F401
     freeze_concrete_function,
