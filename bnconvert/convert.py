@@ -193,13 +193,13 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
     if verify and check_inputs is not None:
         sample = check_inputs_lib.user_inputs(job.model, check_inputs)
         report.verification_note = "the given check inputs, training=False"
-    elif verify:
-        sample, report.verification_note = verify_lib.sample_inputs(job.model)
-    else:
-        report.verification_note = "verification was turned off"
-    if sample is not None:
         with steps.step("verify", "computing the original outputs"):
             expected = verify_lib.reference(job.model, sample)
+    elif verify:
+        with steps.step("verify", "computing the original outputs"):
+            sample, report.verification_note, expected = verify_lib.generated_check(job.model)
+    else:
+        report.verification_note = "verification was turned off"
     with _quiet_keras():
         work = job.model
         if not in_place:

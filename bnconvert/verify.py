@@ -74,6 +74,8 @@ LOW_PRECISION_EPS = 8
 
 SAMPLE_BATCH = forward.SAMPLE_BATCH
 UNKNOWN_DIM = forward.UNKNOWN_DIM
+# Unknown sizes of the second generated batch, for a model refusing the first.
+SHORT_DIM = 8
 # Every forward pass of a check (`bnconvert.forward`).
 run = forward.run
 SEED = 1234
@@ -113,12 +115,13 @@ def is_string(dtype):
     return dtype == np.dtype(object)
 
 
-def sample_inputs(model, batch=SAMPLE_BATCH):
+def sample_inputs(model, batch=SAMPLE_BATCH, unknown=UNKNOWN_DIM):
     """One seeded batch for `model`, as a flat list in `model.inputs` order.
 
     Args:
         model: A built model of either flavour.
         batch: Size given to an unknown batch dimension.
+        unknown: Size given to other unknown dimensions.
 
     Returns:
         `(arrays, note)`: the arrays, or `None` and the reason when no batch
@@ -135,7 +138,7 @@ def sample_inputs(model, batch=SAMPLE_BATCH):
             "shape); nothing to compare"
         )
     shapes = [
-        tuple((batch if i == 0 else UNKNOWN_DIM) if d is None else int(d)
+        tuple((batch if i == 0 else unknown) if d is None else int(d)
               for i, d in enumerate(shape))
         for shape, _ in specs
     ]
@@ -160,6 +163,39 @@ def sample_inputs(model, batch=SAMPLE_BATCH):
         else:
             arrays.append(rng.integers(0, 2, size=dims).astype(dtype))
     return arrays, "one generated batch, training=False"
+
+
+def generated_check(model):
+    """A generated check batch and the original `model`'s outputs on it.
+
+    Unknown sizes other than the batch's are `UNKNOWN_DIM`. A model that
+    fails on that batch is tried once more with them at `SHORT_DIM` (a text
+    model whose position table is shorter than 32 accepts 8).
+
+    Returns:
+        `(arrays, note, outputs)`; `(None, reason, None)` when no batch can
+        be made (see `sample_inputs`).
+
+    Raises:
+        VerificationError: The model fails on both batches (the first
+            failure is the one named).
+    """
+    arrays, note = sample_inputs(model)
+    if arrays is None:
+        return None, note, None
+    try:
+        return arrays, note, reference(model, arrays)
+    except VerificationError as first:
+        specs = input_specs(model)
+        if not any(d is None for shape, _ in specs for d in shape[1:]):
+            raise
+        short, _ = sample_inputs(model, unknown=SHORT_DIM)
+        try:
+            outputs = reference(model, short)
+        except VerificationError:
+            raise first from None
+    note = f"{note}, unknown sizes {SHORT_DIM} (the model fails on {UNKNOWN_DIM})"
+    return short, note, outputs
 
 
 def reference(model, batch):

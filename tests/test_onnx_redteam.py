@@ -116,34 +116,57 @@ def test_keras_hub_deit(tmp_path):
 # --- a model that refuses the generated check batch (keras-hub BERT, GPT-2) --
 
 class _Positions(L.Layer):
-    """Adds a learned position embedding of 12 rows, sliced to the sequence length."""
+    """Adds a learned position embedding of `rows` rows, sliced to the sequence length."""
+
+    def __init__(self, rows, **kwargs):
+        super().__init__(**kwargs)
+        self.rows = rows
 
     def build(self, shape):
-        self.table = self.add_weight(shape=(12, shape[-1]), initializer="random_normal")
+        self.table = self.add_weight(shape=(self.rows, shape[-1]), initializer="random_normal")
 
     def call(self, x):
         return x + self.table[: keras.ops.shape(x)[1]]
 
 
-def _short_text_model():
+def _short_text_model(rows):
     tokens = keras.Input((None,), dtype="int32", name="tokens")
-    y = _Positions(name="positions")(L.Embedding(20, 4, name="embed")(tokens))
+    y = _Positions(rows, name="positions")(L.Embedding(20, 4, name="embed")(tokens))
     return keras.Model(tokens, L.Dense(3, name="logits")(y), name="short_text")
 
 
-def test_model_refusing_the_generated_batch_is_a_verification_error(tmp_path):
+def test_model_refusing_the_generated_batch_is_checked_on_a_shorter_one(tmp_path):
+    from bnconvert import convert_model
+
+    # The generated batch has 32 steps; the table has 12 rows: 8 steps fit.
+    model = _short_text_model(12)
+    folded, report = convert_model(model, to="inference", return_report=True)
+    assert report.verified and "unknown sizes 8" in report.verification_note
+    tokens = np.random.default_rng(0).integers(0, 20, (3, 11)).astype("int32")
+    np.testing.assert_allclose(np.asarray(folded(tokens)), np.asarray(model(tokens)), atol=1e-6)
+    # The check runs at 8 steps. Native traces `table[:length]` with the
+    # length unknown (None): the whole table, a graph that onnxruntime cannot
+    # run at other lengths. The check catches it and auto takes tf2onnx.
+    result = export_onnx(model, tmp_path / "m.onnx")
+    assert result.checked and result.max_abs_diff < 1e-5 and result.exporter == "tf2onnx"
+    assert "native exporter wrote a graph onnxruntime rejects" in result.exporter_note
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"tokens": tokens})[0],
+                               np.asarray(model(tokens)), rtol=1e-5, atol=1e-6)
+
+
+def test_model_refusing_both_generated_batches_is_a_verification_error(tmp_path):
     from bnconvert import convert_model
     from bnconvert.errors import VerificationError
 
-    model = _short_text_model()
-    # The generated batch has 32 steps; the table has 12 rows.
+    model = _short_text_model(6)  # neither 32 nor 8 steps fit
     with pytest.raises(VerificationError, match=r"fails on the check batch of input shapes "
                                                 r"\(2, 32\).*pass inputs it accepts"):
         convert_model(model, to="inference")
     with pytest.raises(VerificationError, match="fails on the check batch"):
         export_onnx(model, tmp_path / "m.onnx", exporter="tf2onnx")
     assert not (tmp_path / "m.onnx").exists()
-    tokens = np.random.default_rng(0).integers(0, 20, (2, 8)).astype("int32")
+    tokens = np.random.default_rng(0).integers(0, 20, (2, 5)).astype("int32")
     folded = convert_model(model, to="inference", check_inputs=[tokens])
     np.testing.assert_allclose(np.asarray(folded(tokens)), np.asarray(model(tokens)), atol=1e-6)
 

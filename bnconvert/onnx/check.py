@@ -52,7 +52,9 @@ def compare(model, onnx_model, input_names, output_names, batches, tolerance, at
         )
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # Its failures reach the user in our one-line error; its own log lines
+    # would print over the CLI's output.
+    options.log_severity_level = 4
     try:
         session = ort.InferenceSession(
             onnx_model, sess_options=options, providers=["CPUExecutionProvider"]

@@ -171,8 +171,10 @@ def export_onnx(model, path, *, opset=None, tolerance=None, atol=None, inputs=No
     extra = ort_check.user_batches(model, input_names, inputs)
     if reference is not None:
         sample, known = reference
+    elif check:
+        sample, _, known = verify.generated_check(model)
     else:
-        sample, known = verify.sample_inputs(model)[0], None
+        sample = known = None
     batches = [sample] + extra
 
     def checked(data, name):
