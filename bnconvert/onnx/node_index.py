@@ -1,8 +1,16 @@
 """Who produces and who reads each tensor of a `Graph` being rewritten.
 
-Shared by the rewrites of `peephole` and `crops`, which run on
+Shared by the rewrites of `peephole`, `crops` and `stem`, which run on
 `Graph.nodes` and `Graph.initializers` once the walk is done.
 """
+
+from onnx import helper as onnx_helper
+
+
+def attribute(node, name, default):
+    """The value of `node`'s attribute `name`, or `default` if it has none."""
+    found = [a for a in node.attribute if a.name == name]
+    return onnx_helper.get_attribute_value(found[0]) if found else default
 
 
 def inner_inputs(node):
