@@ -225,3 +225,18 @@ def test_the_stem_convolution_reads_the_channels_last_image(tmp_path, case):
                                atol=1e-3)
     # An empty batch keeps its shape through the reshape.
     assert _run(path, data[:0])[0].shape == (0,) + model.output_shape[1:]
+
+
+@pytest.mark.parametrize("pool, bias", [("average", True), ("max", False)])
+def test_a_dense_after_global_pooling_runs_as_a_1x1_convolution(tmp_path, pool, bias):
+    x = L.Input((None, None, 5))
+    y = L.Conv2D(6, 3)(x)
+    pooled = (L.GlobalAveragePooling2D() if pool == "average" else L.GlobalMaxPooling2D())(y)
+    head = L.Dense(4, activation="relu", use_bias=bias)(pooled)
+    # The pooled vector is an output too: the rewrite reads the pool, not the Flatten.
+    model = _randomized(keras.Model(x, [L.Dense(3)(head), pooled]))
+    path, proto = _export(model, tmp_path)
+    assert _ops(proto).count("Gemm") == 1 and _ops(proto).count("Conv") == 2  # Dense(3) stays
+    data = np.random.default_rng(9).normal(-3, 10, (2, 8, 11, 5)).astype("float32")
+    for got, want in zip(_run(path, data), model(data)):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)

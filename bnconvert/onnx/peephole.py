@@ -18,6 +18,8 @@ of the constants they merge):
   cropping) as a `Slice` before a smaller `Pad`;
 - `stem.read_channels_last`: the first convolution of a channels-last image
   of a few channels reads it as one wide channel, with no `Transpose`;
+- `pooled_dense.dense_as_convolution`: a `Dense` on a globally pooled image
+  as a 1x1 convolution;
 - `drop_unused`: nodes whose outputs nothing reads are removed.
 """
 
@@ -26,6 +28,7 @@ import numpy as np
 from bnconvert.onnx.crops import crop_before_padding
 from bnconvert.onnx.node_index import Index
 from bnconvert.onnx.node_index import drop
+from bnconvert.onnx.pooled_dense import dense_as_convolution
 from bnconvert.onnx.stem import read_channels_last
 
 _ELEMENTWISE = ("Mul", "Add", "Sub", "Div")
@@ -46,6 +49,7 @@ def optimize(g, input_shapes, output_names, shapes):
     fold_affine_chains(g, output_names, shapes)
     crop_before_padding(g, output_names, shapes)
     read_channels_last(g, input_shapes, output_names, shapes)
+    dense_as_convolution(g, output_names, shapes)
     drop_unused(g, output_names)
 
 
