@@ -4,10 +4,12 @@ Builds both sessions as `benchmarks/export.py` does (one thread,
 ORT_ENABLE_ALL), saves the graphs onnxruntime runs after its own fusions,
 and matches their nodes one to one: same op type (domain included, so
 `com.microsoft.nchwc`'s `Conv` is not ONNX's), same attributes, same input
-and output shapes, same constant shapes. Nodes are matched in execution
-order, each to the first unmatched node of the other graph with the same
-signature; what is left is printed as only on one side, and matched pairs
-that ran in a different position are counted.
+and output shapes, same constant shapes. Nodes are matched in the order
+onnxruntime saved them (its topological order), each to the first
+unmatched node of the other graph with the same signature; matched pairs
+out of the other side's order are counted. Of the nodes left, those of
+one op type are paired in order and printed with what differs; the rest
+are printed as only on one side.
 
 Then both sessions are profiled (`enable_profiling`), the runs taking
 turns (which one goes first alternating, as in the benchmark), and each
@@ -209,8 +211,8 @@ def main():
           "the other side's execution order")
     near = near_misses(sides, only_a, only_b)
     for i, j, what in near:
-        print(f"  differs: A #{i} / B #{j} {sides[0][i][1][0]}: {what}  "
-              f"{_us(times, 0, sides, i, args.runs):.1f} / {_us(times, 1, sides, j, args.runs):.1f} µs")
+        a, b = _us(times, 0, sides, i, args.runs), _us(times, 1, sides, j, args.runs)
+        print(f"  differs: A #{i} / B #{j} {sides[0][i][1][0]}: {what}  {a:.1f} / {b:.1f} µs")
     paired = ({i for i, _, _ in near}, {j for _, j, _ in near})
     for label, side, only in (("A", 0, only_a), ("B", 1, only_b)):
         for i in only:

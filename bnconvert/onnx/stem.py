@@ -43,8 +43,9 @@ def read_channels_last(g, input_shapes, output_names, shapes):
     index = Index(g, output_names)
     for transpose in [n for n in g.nodes if n.op_type == "Transpose" and not n.domain]:
         shape = input_shapes.get(transpose.input[0])
-        if shape is None or len(shape) != 4 or attribute(transpose, "perm", None) != _CHANNELS_FIRST \
-                or any(d is None for d in shape[1:]) or shape[3] > MAX_CHANNELS:
+        if shape is None or len(shape) != 4 or any(d is None for d in shape[1:]) \
+                or shape[3] > MAX_CHANNELS \
+                or attribute(transpose, "perm", None) != _CHANNELS_FIRST:
             continue
         found = _chain(index, transpose.output[0])
         if found is not None:
