@@ -506,7 +506,8 @@ def _sequential(K):
     ])
 
 
-case("sequential", _sequential, ["Conv", "Gemm"])
+# The pooled Dense runs as a 1x1 Conv (`onnx/pooled_dense.py`).
+case("sequential", _sequential, ["Conv", "GlobalAveragePool"])
 
 
 # tf-keras (Keras 2) flavour: a representative subset.

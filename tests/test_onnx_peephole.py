@@ -228,3 +228,48 @@ def test_zero_padding_after_relu_is_left_to_onnxruntime_to_fold(tmp_path):
     data = np.random.default_rng(3).normal(0, 2, (3, 11, 13, 3)).astype("float32")
     np.testing.assert_allclose(_run(path, data)[0], np.asarray(model(data)), rtol=1e-5,
                                atol=1e-5)
+
+
+def _stem_model(case):
+    """`(model, rewritten)`: a convolution of the input image, after what it may pass."""
+    if case == "rescale_pad":  # MobileNet's rescaling, ResNet's padding, uneven everything
+        x = L.Input((11, 13, 3))
+        y = L.ZeroPadding2D(((1, 2), (3, 0)))(L.Rescaling(1 / 127.5, offset=-1.0)(x))
+        return keras.Model(x, L.Conv2D(5, (3, 4), strides=(2, 3), activation="relu")(y)), True
+    if case == "same_four_channels":
+        x = L.Input((9, 8, 4))
+        return keras.Model(x, L.Conv2D(6, 3, strides=2, padding="same")(x)), True
+    x = L.Input((9, 8, 3))  # dilated: left as it was
+    return keras.Model(x, L.Conv2D(2, 3, dilation_rate=2)(x)), False
+
+
+@pytest.mark.parametrize("case", ["rescale_pad", "same_four_channels", "dilated"])
+def test_the_stem_convolution_reads_the_channels_last_image(tmp_path, case):
+    model, rewritten = _stem_model(case)
+    model = _randomized(model)
+    path, proto = _export(model, tmp_path)
+    first = [n for n in proto.graph.node if n.op_type == "Conv"][0]
+    producer = {out: n.op_type for n in proto.graph.node for out in n.output}
+    assert producer[first.input[0]] == ("Reshape" if rewritten else "Transpose")
+    assert "Pad" not in _ops(proto)  # ZeroPadding2D went into the convolution's pads
+    data = np.random.default_rng(8).uniform(0, 255, (3,) + model.input_shape[1:])
+    data = data.astype("float32")
+    np.testing.assert_allclose(_run(path, data)[0], np.asarray(model(data)), rtol=1e-4,
+                               atol=1e-3)
+    # An empty batch keeps its shape through the reshape.
+    assert _run(path, data[:0])[0].shape == (0,) + model.output_shape[1:]
+
+
+@pytest.mark.parametrize("pool, bias", [("average", True), ("max", False)])
+def test_a_dense_after_global_pooling_runs_as_a_1x1_convolution(tmp_path, pool, bias):
+    x = L.Input((None, None, 5))
+    y = L.Conv2D(6, 3)(x)
+    pooled = (L.GlobalAveragePooling2D() if pool == "average" else L.GlobalMaxPooling2D())(y)
+    head = L.Dense(4, activation="relu", use_bias=bias)(pooled)
+    # The pooled vector is an output too: the rewrite reads the pool, not the Flatten.
+    model = _randomized(keras.Model(x, [L.Dense(3)(head), pooled]))
+    path, proto = _export(model, tmp_path)
+    assert _ops(proto).count("Gemm") == 1 and _ops(proto).count("Conv") == 2  # Dense(3) stays
+    data = np.random.default_rng(9).normal(-3, 10, (2, 8, 11, 5)).astype("float32")
+    for got, want in zip(_run(path, data), model(data)):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)

@@ -1,6 +1,6 @@
 """Who produces and who reads each tensor of a `Graph` being rewritten.
 
-Shared by the rewrites of `peephole` and `crops`, which run on
+Shared by the rewrites of `peephole`, `crops` and `stem`, which run on
 `Graph.nodes` and `Graph.initializers` once the walk is done.
 """
 

@@ -16,6 +16,10 @@ of the constants they merge):
   input's `Rescaling` before the stem: one pass over the image less);
 - `crops.crop_before_padding`: a `Pad` then `Slice`s (NASNet's padding and
   cropping) as a `Slice` before a smaller `Pad`;
+- `stem.read_channels_last`: the first convolution of a channels-last image
+  of a few channels reads it as one wide channel, with no `Transpose`;
+- `pooled_dense.dense_as_convolution`: a `Dense` on a globally pooled image
+  as a 1x1 convolution;
 - `drop_unused`: nodes whose outputs nothing reads are removed.
 """
 
@@ -26,6 +30,8 @@ from bnconvert.onnx.crops import crop_before_padding
 from bnconvert.onnx.node_index import Index
 from bnconvert.onnx.node_index import attribute
 from bnconvert.onnx.node_index import drop
+from bnconvert.onnx.pooled_dense import dense_as_convolution
+from bnconvert.onnx.stem import read_channels_last
 
 _ELEMENTWISE = ("Mul", "Add", "Sub", "Div")
 _AFFINE = ("Mul", "Add", "Sub")
@@ -44,6 +50,8 @@ def optimize(g, input_shapes, output_names, shapes):
     hoist_input_transposes(g, input_shapes, output_names, shapes)
     fold_affine_chains(g, output_names, shapes)
     crop_before_padding(g, output_names, shapes)
+    read_channels_last(g, input_shapes, output_names, shapes)
+    dense_as_convolution(g, output_names, shapes)
     graph_passes.keep_pads_before_max_pools(g, output_names)
     drop_unused(g, output_names)
 
