@@ -366,8 +366,8 @@ def main():
           f"{args.repeats}); target: ms/layer flat")
     for n, per_layer in rows:
         print(f"  {n:5d} layers: {per_layer:7.3f} ms/layer  ratio {per_layer / first:5.2f}")
-    print_latency_table(latency_table(args.size, args.runs, args.rounds, tmp), args.size,
-                        args.runs, args.rounds)
+    rows = latency_table(args.size, args.runs, args.rounds, tmp, control=args.control)
+    print_latency_table(rows, args.size, args.runs, args.rounds)
 
 
 if __name__ == "__main__":
