@@ -15,6 +15,7 @@ import numpy as np
 from bnconvert.onnx.node_index import Index
 from bnconvert.onnx.node_index import attribute
 from bnconvert.onnx.node_index import drop
+from bnconvert.onnx.node_index import placed_at
 
 
 def crop_before_padding(g, output_names, shapes):
@@ -116,28 +117,26 @@ def _emit_crop(g, pad, chain, plan):
     """Replaces `pad` and `chain` by the `Slice` and `Pad` of `plan`, where `pad` was."""
     at = drop(g, [pad] + chain)
     data, final, base = pad.input[0], chain[-1].output[0], chain[0].output[0]
-    value, count = list(pad.input[2:3]), len(g.nodes)
-    if all(step == 1 for _, _, step, _, _, _ in plan):
-        # An axis is never both padded and cropped at one end: one `Pad`, its
-        # pads negative where it crops.
-        pads = [before - start for start, _, _, before, _, _ in plan] + [
-            after - (size - stop if size is not None else 0)
-            for _, stop, _, _, after, size in plan]
-        g.node("Pad", [data, g.ints(pads, "pads")] + value, base, output_names=[final],
-               mode="constant")
-    else:
-        cut = [a for a, (start, stop, step, _, _, size) in enumerate(plan)
-               if (start, step) != (0, 1) or stop != size]
-        padded = any(p[3] or p[4] for p in plan)
-        middle = g.unique(f"{base}/cropped") if padded else final
-        g.node("Slice", [data] + [g.ints([plan[a][i] for a in cut], what) for i, what in
-                                  ((0, "starts"), (1, "ends"))] + [
-            g.ints(cut, "axes"), g.ints([plan[a][2] for a in cut], "steps")],
-            base, output_names=[middle])
-        if padded:
-            pads = [p[3] for p in plan] + [p[4] for p in plan]
-            g.node("Pad", [middle, g.ints(pads, "pads")] + value, base, output_names=[final],
+    value = list(pad.input[2:3])
+    with placed_at(g, at):
+        if all(step == 1 for _, _, step, _, _, _ in plan):
+            # An axis is never both padded and cropped at one end: one `Pad`, its
+            # pads negative where it crops.
+            pads = [before - start for start, _, _, before, _, _ in plan] + [
+                after - (size - stop if size is not None else 0)
+                for _, stop, _, _, after, size in plan]
+            g.node("Pad", [data, g.ints(pads, "pads")] + value, base, output_names=[final],
                    mode="constant")
-    new = g.nodes[count:]
-    del g.nodes[count:]
-    g.nodes[at:at] = new
+        else:
+            cut = [a for a, (start, stop, step, _, _, size) in enumerate(plan)
+                   if (start, step) != (0, 1) or stop != size]
+            padded = any(p[3] or p[4] for p in plan)
+            middle = g.unique(f"{base}/cropped") if padded else final
+            g.node("Slice", [data] + [g.ints([plan[a][i] for a in cut], what) for i, what in
+                                      ((0, "starts"), (1, "ends"))] + [
+                g.ints(cut, "axes"), g.ints([plan[a][2] for a in cut], "steps")],
+                base, output_names=[middle])
+            if padded:
+                pads = [p[3] for p in plan] + [p[4] for p in plan]
+                g.node("Pad", [middle, g.ints(pads, "pads")] + value, base, output_names=[final],
+                       mode="constant")

@@ -14,6 +14,7 @@ from bnconvert.onnx.graph import FLOAT16
 from bnconvert.onnx.graph import FLOAT32_INPUTS
 from bnconvert.onnx.node_index import Index
 from bnconvert.onnx.node_index import attribute
+from bnconvert.onnx.node_index import placed_at
 from bnconvert.onnx.node_index import position
 
 
@@ -107,13 +108,9 @@ def keep_pads_before_max_pools(g, output_names):
             pad.input.extend([""] * (3 - len(pad.input)))
             pad.input.append(g.ints(list(range(pads.size // 2)), "axes"))
             continue
-        at, count = position(g, pad) + 1, len(g.nodes)
-        shape = g.node("Shape", [pad.output[0]], pad.output[0])
-        view = g.node("Reshape", [pad.output[0], shape], pad.output[0])
-        readers[0].input[0] = view
-        new = g.nodes[count:]
-        del g.nodes[count:]
-        g.nodes[at:at] = new
+        with placed_at(g, position(g, pad) + 1):
+            shape = g.node("Shape", [pad.output[0]], pad.output[0])
+            readers[0].input[0] = g.node("Reshape", [pad.output[0], shape], pad.output[0])
 
 
 def _non_negative(index, name):

@@ -4,6 +4,8 @@ Shared by the rewrites of `peephole`, `crops` and `stem`, which run on
 `Graph.nodes` and `Graph.initializers` once the walk is done.
 """
 
+import contextlib
+
 from onnx import helper as onnx_helper
 
 
@@ -48,6 +50,20 @@ class Index:
 
 def position(g, node):
     return next(i for i, n in enumerate(g.nodes) if n is node)
+
+
+@contextlib.contextmanager
+def placed_at(g, at):
+    """Within: the nodes `g.node` appends go to position `at` of `g.nodes` on leaving.
+
+    A rewrite emits its nodes where the nodes it replaced were, so that
+    `g.nodes` stays in an order that runs.
+    """
+    count = len(g.nodes)
+    yield
+    new = g.nodes[count:]
+    del g.nodes[count:]
+    g.nodes[at:at] = new
 
 
 def drop(g, nodes):

@@ -15,6 +15,7 @@ import numpy as np
 from bnconvert.onnx.node_index import Index
 from bnconvert.onnx.node_index import attribute
 from bnconvert.onnx.node_index import drop
+from bnconvert.onnx.node_index import placed_at
 
 _POOLS = ("GlobalAveragePool", "GlobalMaxPool")
 
@@ -67,13 +68,10 @@ def _weights(index, gemm):
 
 
 def _rewrite(g, flatten, gemm, kernel, bias):
-    at = drop(g, [gemm])
-    base, count = gemm.output[0], len(g.nodes)
+    base = gemm.output[0]
     inputs = [flatten.input[0], g.constant(kernel, f"{gemm.input[1]}/1x1", kernel.dtype)]
     if bias is not None:
         inputs.append(g.constant(bias, f"{gemm.input[2]}/1x1", bias.dtype))
-    pixel = g.node("Conv", inputs, base, kernel_shape=[1, 1])
-    g.node("Flatten", [pixel], base, output_names=[base], axis=1)
-    new = g.nodes[count:]
-    del g.nodes[count:]
-    g.nodes[at:at] = new
+    with placed_at(g, drop(g, [gemm])):
+        pixel = g.node("Conv", inputs, base, kernel_shape=[1, 1])
+        g.node("Flatten", [pixel], base, output_names=[base], axis=1)
