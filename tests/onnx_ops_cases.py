@@ -326,6 +326,9 @@ KERAS = {
     "left_shift": lambda y: _f(ops.left_shift(_i(y), 3)),
     "bitwise_right_shift": lambda y: _f(ops.bitwise_right_shift(_i(y), _i(ops.abs(y) / 40.0))),
     "right_shift": lambda y: _f(ops.right_shift(_i(y), 2)),
+    "floor_divide:int": lambda y: _f(ops.floor_divide(_i(y), _i(ops.where(
+        ops.flip(y, 3) > 0, 3.0, -5.0)))),
+    "floor_divide:int_scalar": lambda y: _f(_i(y) // -4 + _i(y) // 7),
 }
 MIN_OPSET = {**dict.fromkeys(["bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not",
                               "bitwise_invert"], 18), "scatter": 16, "scatter_update:add": 16}

@@ -144,15 +144,51 @@ def test_model_refusing_the_generated_batch_is_checked_on_a_shorter_one(tmp_path
     assert report.verified and "unknown sizes 8" in report.verification_note
     tokens = np.random.default_rng(0).integers(0, 20, (3, 11)).astype("int32")
     np.testing.assert_allclose(np.asarray(folded(tokens)), np.asarray(model(tokens)), atol=1e-6)
-    # The check runs at 8 steps. Native traces `table[:length]` with the
-    # length unknown (None): the whole table, a graph that onnxruntime cannot
-    # run at other lengths. The check catches it and auto takes tf2onnx.
+    # The check runs at 8 steps; native slices the table by the run-time length.
     result = export_onnx(model, tmp_path / "m.onnx")
-    assert result.checked and result.max_abs_diff < 1e-5 and result.exporter == "tf2onnx"
-    assert "native exporter wrote a graph onnxruntime rejects" in result.exporter_note
+    assert result.checked and result.max_abs_diff < 1e-5 and result.exporter == "native"
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"tokens": tokens})[0],
                                np.asarray(model(tokens)), rtol=1e-5, atol=1e-6)
+
+
+class _SizedSlices(L.Layer):
+    """Slices a variable and its input by the run-time sequence length (`key` picks how)."""
+
+    def __init__(self, key, **kwargs):
+        super().__init__(**kwargs)
+        self.key = key
+
+    def build(self, shape):
+        self.table = self.add_weight(shape=(12, shape[-1]), initializer="random_normal")
+
+    def call(self, x):
+        n = keras.ops.shape(x)[1]
+        if self.key == "table_tail":  # the last n rows, a negative run-time start
+            return x + self.table[-n:]
+        if self.key == "table_stepped":  # every row from the end, n of them
+            return x + self.table[::-1][:n]
+        if self.key == "input_half":  # the second half of the steps, then the table's first
+            half = x[:, n // 2:, ...]
+            return half * self.table[None, : n - n // 2, :]
+        return x[:, : n - 1] + self.table[1:n, None][:, 0]  # "shifted": one step fewer
+
+
+@pytest.mark.parametrize("key", ["table_tail", "table_stepped", "input_half", "shifted"])
+def test_slices_bounded_by_run_time_sizes_stay_dynamic(key, tmp_path):
+    # Traced with the length as None, `table[:n]` is the whole table, baked in.
+    # Unchecked, the graph must still run at every length up to the table's.
+    keras.utils.set_random_seed(2)
+    x = keras.Input((None, 4), name="x")
+    model = keras.Model(x, _SizedSlices(key, name="sliced")(x))
+    path = tmp_path / "m.onnx"
+    result = export_onnx(model, path, exporter="native", check=False)
+    assert result.exporter == "native"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for steps in (3, 7, 12):
+        feed = np.random.default_rng(steps).uniform(-3, 3, (2, steps, 4)).astype("float32")
+        np.testing.assert_allclose(session.run(None, {"x": feed})[0], np.asarray(model(feed)),
+                                   rtol=RTOL, atol=ATOL)
 
 
 def test_model_refusing_both_generated_batches_is_a_verification_error(tmp_path):

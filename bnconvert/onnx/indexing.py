@@ -10,6 +10,7 @@ the same way, with `INT64_MIN`/`INT64_MAX` standing for an omitted bound.
 import numpy as np
 from onnx import numpy_helper
 
+from bnconvert.onnx.bounds import shape_tensor
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import keras_axes
@@ -25,6 +26,9 @@ _MIN = np.iinfo(np.int64).min
 
 
 def _index(value, what, call):
+    # A slice bound may be a size known only at run time (`x[:ops.shape(y)[1]]`).
+    if isinstance(value, Value) and what == "bound" and value.shape in ((), (1,)):
+        return value
     if isinstance(value, Value) or hasattr(value, "shape") and np.ndim(constant(value)):
         raise Uncovered([(call.base, "GetItem", f"a tensor {what}")])
     return None if value is None else int(constant(value))
@@ -46,7 +50,8 @@ def _key(call, key, rank):
     out = []
     for k in key:
         if isinstance(k, slice):
-            out.append(slice(*(_index(v, "bound", call) for v in (k.start, k.stop, k.step))))
+            out.append(slice(_index(k.start, "bound", call), _index(k.stop, "bound", call),
+                             _index(k.step, "step", call)))
         elif k is None:
             out.append(None)
         else:
@@ -54,16 +59,19 @@ def _key(call, key, rank):
     return out
 
 
-def _slice(g, x, starts, ends, axes, steps, base):
+def _slice(g, x, starts, ends, axes, steps, base, call=None):
     if not axes:
         return x.name
-    return g.node("Slice", [x.name, g.ints(starts, "starts"), g.ints(ends, "ends"),
-                            g.ints(axes, "axes"), g.ints(steps, "steps")], base)
+    bounds = [shape_tensor(g, call, b) if any(isinstance(v, Value) for v in b)
+              else g.ints(b, name) for b, name in ((starts, "starts"), (ends, "ends"))]
+    return g.node("Slice", [x.name, *bounds, g.ints(axes, "axes"), g.ints(steps, "steps")],
+                  base)
 
 
 def get_item(g, call, p):
     """`x[key]`: slices with steps, negative indices, ints, `None`, `...`."""
-    x = p["x"]
+    # A layer's variable sliced by a run-time size (`sizes.run_time_sizes`) is concrete.
+    x = p["x"] if isinstance(p["x"], Value) else as_value(g, p["x"], call.base)
     key = _key(call, p["key"], x.rank)
     plain = all(isinstance(k, slice) for k in key)
     if not plain:
@@ -90,7 +98,7 @@ def get_item(g, call, p):
             axes.append(axis)
             drop.append(axis)
         axis += 1
-    name = _slice(g, x, starts, ends, axes, steps, call.base)
+    name = _slice(g, x, starts, ends, axes, steps, call.base, call)
     if drop:
         name = g.node("Squeeze", [name, g.ints(drop, "axes")], call.base)
     if new:

@@ -188,10 +188,14 @@ def _mod(g, call, p):
 
 def _floor_divide(g, call, p):
     dtype = out_dtype(call)
-    if dtype not in _FLOATS:
-        raise Uncovered([(call.base, "FloorDivide", "integer floor division")])
     (a, c), ref = aligned(g, call, [p["x1"], p["x2"]], dtype)
-    return [call.out(g.node("Floor", [g.node("Div", [a, c], call.base)], call.base), ref.perm)]
+    if dtype in _FLOATS:
+        return [call.out(g.node("Floor", [g.node("Div", [a, c], call.base)], call.base),
+                         ref.perm)]
+    # ONNX divides integers toward zero; less the divisor-signed remainder, the
+    # quotient is exact, and so floored.
+    exact = g.node("Sub", [a, g.node("Mod", [a, c], call.base, fmod=0)], call.base)
+    return [call.out(g.node("Div", [exact, c], call.base), ref.perm)]
 
 
 def _divide_no_nan(g, call, p):

@@ -27,8 +27,10 @@ import functools
 import numpy as np
 from onnx import numpy_helper
 
+from bnconvert.onnx.bounds import shape_tensor
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
+from bnconvert.onnx.indexing import get_item
 from bnconvert.onnx.math import as_value
 from bnconvert.onnx.math import cast
 from bnconvert.onnx.math import constant
@@ -51,11 +53,39 @@ def run_time_sizes(keras):
     replacements = _replacements(keras, kinds, original)
     for name, function in replacements.items():
         setattr(ops, name, function)
+    # A variable indexed by numbers first (`table[::-1][:n]`) is a backend tensor.
+    import tensorflow as tf
+
+    indexed = {c: c.__getitem__ for c in (keras.KerasTensor, keras.Variable, tf.Tensor)}
+    for cls, own in indexed.items():
+        cls.__getitem__ = _sized_indexing(keras, kinds, own)
     try:
         yield True
     finally:
         for name, function in original.items():
             setattr(ops, name, function)
+        for cls, own in indexed.items():
+            cls.__getitem__ = own
+
+
+def _sized_indexing(keras, kinds, own):
+    """`x[key]` recording `SizedGetItem` where a slice bound is a run-time size.
+
+    Keras records such a key as it is; a size hidden in a `slice` is then
+    no input of the op, and a variable's own indexing refuses it outright.
+    The key is recorded with its slices as dicts (tf-keras's form, which
+    `indexing` reads), so its sizes are inputs like any other.
+    """
+    def getitem(self, key):
+        entries = key if isinstance(key, tuple) else (key,)
+        bounds = [v for k in entries if isinstance(k, slice) for v in (k.start, k.stop, k.step)]
+        if not _sized(keras, bounds):
+            return own(self, key)
+        encoded = tuple({"start": k.start, "stop": k.stop, "step": k.step}
+                        if isinstance(k, slice) else k for k in entries)
+        return kinds.SizedGetItem()(self.value if isinstance(self, keras.Variable) else self,
+                                    encoded)
+    return getitem
 
 
 def _sized(keras, *values):
@@ -179,8 +209,41 @@ def _kinds(keras):
         def compute_output_spec(self, shape):
             return keras.KerasTensor(dims(shape), dtype=self.dtype)
 
+    class SizedGetItem(keras.Operation):
+        def call(self, x, key):
+            return x[_decoded(key)]
+
+        def compute_output_spec(self, x, key):
+            return keras.KerasTensor(_indexed_shape(keras, tuple(x.shape), _decoded(key)),
+                                     dtype=x.dtype)
+
     return type("Kinds", (), {k.__name__: k for k in (
-        RunTimeSize, SizedSlice, SizedBroadcastTo, SizedReshape, SizedArange, SizedFull)})
+        RunTimeSize, SizedSlice, SizedBroadcastTo, SizedReshape, SizedArange, SizedFull,
+        SizedGetItem)})
+
+
+def _indexed_shape(keras, shape, key):
+    """The shape of `x[key]` for `x` of `shape`: unknown where a bound is a run-time size."""
+    key = list(key)
+    if Ellipsis in key:
+        i = key.index(Ellipsis)
+        key[i:i + 1] = [slice(None)] * (len(shape) - sum(k is not None for k in key) + 1)
+    out, axis = [], 0
+    for k in key:
+        if k is None:
+            out.append(1)
+            continue
+        dim, axis = shape[axis], axis + 1
+        if isinstance(k, slice):
+            bounds = (k.start, k.stop, k.step)
+            out.append(None if dim is None or _sized(keras, bounds)
+                       else len(range(*k.indices(dim))))
+    return tuple(out) + shape[axis:]
+
+
+def _decoded(key):
+    return tuple(slice(k["start"], k["stop"], k["step"]) if isinstance(k, dict) else k
+                 for k in key)
 
 
 def _scalar(g, call, value, dtype):
@@ -195,25 +258,6 @@ def _scalar(g, call, value, dtype):
     if array.ndim:
         raise Uncovered([(call.base, type(call.layer).__name__, "a size that is not a scalar")])
     return g.node("Constant", [], call.base, value=numpy_helper.from_array(array))
-
-
-def shape_tensor(g, call, entries):
-    """A 1-D int64 tensor of `entries` (numbers and run-time sizes): an ONNX shape or bounds."""
-    parts, numbers = [], []
-    for entry in entries:
-        if isinstance(entry, Value):
-            if numbers:
-                parts.append(g.ints(numbers))
-                numbers = []
-            scalar = cast(g, entry, dtype_of(call, entry), "int64", call.base).name
-            parts.append(g.node("Reshape", [scalar, g.ints([1])], call.base))
-        else:
-            numbers.append(int(constant(entry)))
-    if numbers:
-        parts.append(g.ints(numbers))
-    if len(parts) == 1:
-        return parts[0]
-    return g.node("Concat", parts, call.base, axis=0)
 
 
 def _run_time_size(g, call, p):
@@ -267,5 +311,5 @@ def _sized_full(g, call, p):
 EMITTERS = {
     "run_time_size": _run_time_size, "sized_slice": _sized_slice,
     "sized_broadcast_to": _sized_broadcast_to, "sized_reshape": _sized_reshape,
-    "sized_arange": _sized_arange, "sized_full": _sized_full,
+    "sized_arange": _sized_arange, "sized_full": _sized_full, "sized_get_item": get_item,
 }

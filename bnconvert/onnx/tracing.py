@@ -36,6 +36,7 @@ import numpy as np
 import onnx.numpy_helper
 
 from bnconvert import keras_internals as internals
+from bnconvert.onnx.graph import Uncovered
 from bnconvert import walk as model_walk
 
 # Layers of these packages are mapped by class name, and keep their own
@@ -168,3 +169,50 @@ def constant(g, array, base):
         return g.constant(array, base, array.dtype)
     # `Graph.constant` writes at least one dimension.
     return g.node("Constant", [], base, value=onnx.numpy_helper.from_array(array, base))
+
+
+def first_traced(walker, attempts, furthest):
+    """The outputs of the first of `attempts` that opens the layer in `walker`'s graph.
+
+    Each attempt emits into the graph and returns `(outputs, suspect)`; a
+    refusal, or a layer it left uncovered inside, rolls the graph back for
+    the next. A suspect trace (`fixes_sizes`) is tried again as `furthest`
+    (sizes as graph values), and kept only if that fails. When all fail,
+    the reason given is `furthest`'s, the attempt that gets furthest into
+    the call, if it ran.
+    """
+    mark, seen = walker.g.checkpoint(), len(walker.uncovered)
+    reason, suspected = None, None
+    for attempt in attempts:
+        if suspected is not None and attempt is not furthest:
+            continue
+        try:
+            outs, suspect = attempt()
+            if len(walker.uncovered) == seen or len(attempts) == 1:
+                if not suspect or attempt is attempts[-1]:
+                    return outs
+                suspected = attempt
+            else:
+                raise Uncovered(walker.uncovered[seen:])
+        except Uncovered as e:
+            if len(attempts) == 1:
+                raise
+            reason = e if attempt is furthest else reason or e
+        walker.g.rollback(mark)
+        del walker.uncovered[seen:]
+    if suspected is not None:
+        return suspected()[0]
+    raise reason
+
+
+def fixes_sizes(traced, recorded):
+    """Whether `traced` output shapes fix a size that the `recorded` ones leave unknown.
+
+    A call traced with unknown sizes as None may slice a table by such a
+    size (`table[:None]`, all of it) and so bake one length into the graph,
+    where Keras's own trace of the model keeps it open.
+    """
+    if recorded is None or len(traced) != len(recorded):
+        return False
+    return any(len(t) == len(r) and any(a is not None and b is None for a, b in zip(t, r))
+               for t, r in zip(traced, (tuple(x.shape) for x in recorded)))

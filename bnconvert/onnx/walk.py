@@ -238,12 +238,12 @@ class _Walker:
             return LAYERS[kind](self.g, call)
         if kind == "InputLayer":
             return call.inputs
-        return self.trace(layer, tensors, args, kwargs, env, base + "/")
+        return self.trace(layer, tensors, args, kwargs, env, base + "/", outputs)
 
     def _missing(self, base):
         raise Uncovered([(base, "model", "an output of a nested model")])
 
-    def trace(self, layer, tensors, args, kwargs, env, prefix):
+    def trace(self, layer, tensors, args, kwargs, env, prefix, outputs=None):
         """Opens a layer by calling its `call` on fresh symbolic inputs.
 
         `args` and `kwargs` are the call's own, holding `tensors` (emitted
@@ -251,36 +251,29 @@ class _Walker:
         computes from shapes alone (concrete tensors) become initializers.
         A call that fails with unknown sizes as None is traced again with
         them as graph values (`sizes.run_time_sizes`: a text model's
-        sequence length), so the graph stays dynamic; one that still needs
+        sequence length), so the graph stays dynamic; so is one whose
+        outputs fix a size that the model's own `outputs` leave unknown
+        (a table sliced by a length read as None). One that still needs
         its batch size as a number is traced at batch 1 and run once per
         batch element (`_per_sample`).
         """
-        batched = any(len(t.shape) and t.shape[0] is None for t in tensors)
-        unknown = any(None in tuple(t.shape) for t in tensors)
-        mark, seen = self.g.checkpoint(), len(self.uncovered)
-        reason = None
-        with_sizes = lambda: sizes.run_time_sizes(self.flavour.keras)  # noqa: E731
-        attempts = [(self._trace, contextlib.nullcontext)]
-        if unknown:
-            attempts.append((self._trace, with_sizes))
-        if batched:
-            attempts.append((self._per_sample, contextlib.nullcontext))
-        for attempt, context in attempts:
-            try:
-                with context():
-                    outs = attempt(layer, tensors, args, kwargs, env, prefix)
-                if len(self.uncovered) == seen or len(attempts) == 1:
-                    return outs[0] if attempt == self._trace else outs
-                refused = Uncovered(self.uncovered[seen:])
-            except Uncovered as e:
-                if len(attempts) == 1:
-                    raise
-                refused = e
-            # With sizes as values the call gets furthest: its refusal says what really stops it.
-            reason = refused if context is with_sizes else reason or refused
-            self.g.rollback(mark)
-            del self.uncovered[seen:]
-        raise reason
+        def plain():
+            outs, _, shapes = self._trace(layer, tensors, args, kwargs, env, prefix)
+            return outs, tracing.fixes_sizes(shapes, outputs)
+
+        def with_sizes():
+            with sizes.run_time_sizes(self.flavour.keras):
+                return self._trace(layer, tensors, args, kwargs, env, prefix)[0], False
+
+        def per_sample():
+            return self._per_sample(layer, tensors, args, kwargs, env, prefix), False
+
+        attempts = [plain]
+        if any(None in tuple(t.shape) for t in tensors):
+            attempts.append(with_sizes)
+        if any(len(t.shape) and t.shape[0] is None for t in tensors):
+            attempts.append(per_sample)
+        return tracing.first_traced(self, attempts, with_sizes)
 
     def _trace(self, layer, tensors, args, kwargs, env, prefix, batch=None):
         """`(outputs, dtypes, shapes)` of `layer`'s call traced (at batch size `batch` if given)."""
