@@ -29,7 +29,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bnconvert  # noqa: E402
-from bnconvert import verify  # noqa: E402
+from bnconvert import check_batch  # noqa: E402
 
 
 def randomized(model, seed=0):
@@ -61,10 +61,11 @@ def main():
     print(f"rtol = {args.rtol:g}; columns: max |diff|, relative to max |output|, atol needed")
     for name in args.models.split(","):
         model = randomized(getattr(keras.applications, name)(weights=None, input_shape=(96, 96, 3)))
-        sample, _ = verify.sample_inputs(model)
-        expected = verify.run(model, sample)
+        sample, _ = check_batch.sample_inputs(model)
+        expected = check_batch.run(model, sample)
         folded = bnconvert.convert_model(model, to="inference", verify=False)
-        print(f"{name:12s} fold       %.2e  %.2e  %.2e" % figures(expected, verify.run(folded, sample), args.rtol))
+        folded_out = check_batch.run(folded, sample)
+        print(f"{name:12s} fold       %.2e  %.2e  %.2e" % figures(expected, folded_out, args.rtol))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "m.onnx")
             bnconvert.export_onnx(folded, path, check=False)
@@ -84,7 +85,8 @@ def main():
                 target.moving_variance.assign(target.moving_variance.numpy() - target.epsilon)
             else:
                 target.gamma.assign(target.gamma.numpy() * 1.01)
-            row = "  ".join(f"{v:.2e}" for v in figures(expected, verify.run(wrong, sample), args.rtol))
+            wrong_out = check_batch.run(wrong, sample)
+            row = "  ".join(f"{v:.2e}" for v in figures(expected, wrong_out, args.rtol))
             print(f"{name:12s} {label:10s} {row}")
 
 

@@ -16,6 +16,7 @@ import stat
 
 import numpy as np
 
+from bnconvert import check_batch
 from bnconvert import keras_internals as internals
 from bnconvert import verify
 from bnconvert.errors import VerificationError
@@ -25,7 +26,7 @@ def input_names(model):
     """The names of `model`'s inputs (their input layers), or `input_0`, ... without any."""
     if internals.has_symbolic_inputs(model):
         return [internals.producing_layer(t).name for t in model.inputs]
-    return [f"input_{i}" for i in range(len(verify.input_specs(model) or ()))]
+    return [f"input_{i}" for i in range(len(check_batch.input_specs(model) or ()))]
 
 
 def user_inputs(model, inputs, names=None):
@@ -42,7 +43,7 @@ def user_inputs(model, inputs, names=None):
             dtype, empty, non-finite, or too large (`.npy` headers are
             read first).
     """
-    specs = verify.input_specs(model)
+    specs = check_batch.input_specs(model)
     if specs is None:
         raise VerificationError(
             f"Model '{model.name}' has no defined inputs; check inputs cannot be "
@@ -160,7 +161,7 @@ def _load_array(value):
         # A string element costs a Python object once cast (8 bytes of pointer
         # at least), even when the file declares zero-width strings ('<U0').
         per_element = max(dtype.itemsize, 1) + (8 if dtype.kind in "US" else 0)
-        verify.check_size(math.prod(shape) * per_element, f"Check input {path}", [shape])
+        check_batch.check_size(math.prod(shape) * per_element, f"Check input {path}", [shape])
         f.seek(0)
         try:
             return np.load(f, allow_pickle=False)

@@ -13,6 +13,7 @@ import os
 import warnings
 from types import MappingProxyType
 
+from bnconvert import check_batch
 from bnconvert import check_inputs as check_inputs_lib
 from bnconvert import flavour as flavour_lib
 from bnconvert import fold as fold_lib
@@ -194,10 +195,10 @@ def run_conversion(job, *, verify=True, tolerance=None, fold=True, in_place=Fals
         sample = check_inputs_lib.user_inputs(job.model, check_inputs)
         report.verification_note = "the given check inputs, training=False"
         with steps.step("verify", "computing the original outputs"):
-            expected = verify_lib.reference(job.model, sample)
+            expected = check_batch.reference(job.model, sample)
     elif verify:
         with steps.step("verify", "computing the original outputs"):
-            sample, report.verification_note, expected = verify_lib.generated_check(job.model)
+            sample, report.verification_note, expected = check_batch.generated_check(job.model)
     else:
         report.verification_note = "verification was turned off"
     with _quiet_keras():

@@ -31,7 +31,7 @@ from bnconvert import keras_internals as internals
 # A Keras 3 model called whole whose eager call would hold more runs as a graph.
 EAGER_LIMIT = 1 << 30
 # The batch size given to an unknown batch dimension, and the size of other
-# unknown dimensions (see `bnconvert.verify`).
+# unknown dimensions (see `bnconvert.check_batch`).
 SAMPLE_BATCH = 2
 UNKNOWN_DIM = 32
 

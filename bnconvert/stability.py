@@ -23,6 +23,7 @@ correct result from a wrong one, and the error says so; it still refuses
 
 import numpy as np
 
+from bnconvert import check_batch
 from bnconvert import verify
 from bnconvert.errors import VerificationError
 
@@ -39,7 +40,7 @@ def run_and_compare(model, sample, expected, *, tolerance, relative, atol=verify
         `(actual, (max_abs_diff, max_rel_diff))`.
     """
     return compare_run(
-        lambda batch: verify.run(model, batch), sample, expected, tolerance=tolerance,
+        lambda batch: check_batch.run(model, batch), sample, expected, tolerance=tolerance,
         relative=relative, atol=atol, what=what, allow_nonfinite=allow_nonfinite,
         advice=FOLD_ADVICE,
     )

@@ -19,9 +19,9 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import bnconvert  # noqa: E402,F401
+from bnconvert import check_batch  # noqa: E402
 from bnconvert import flavour as flavour_lib  # noqa: E402
 from bnconvert import forward  # noqa: E402
-from bnconvert import verify  # noqa: E402
 
 
 def _own(model, arrays):
@@ -30,7 +30,7 @@ def _own(model, arrays):
 
 
 def assert_same(model, arrays=None):
-    arrays = arrays if arrays is not None else verify.sample_inputs(model)[0]
+    arrays = arrays if arrays is not None else check_batch.sample_inputs(model)[0]
     got, want = forward.run(model, arrays), _own(model, arrays)
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -186,6 +186,6 @@ def test_tf_keras_models_through_the_flavour_interface():
     model = tf_keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3))
     assert flavour_lib.flavour_of(model).name == "tf_keras"
     assert not forward.walkable(model)
-    arrays = verify.sample_inputs(model)[0]
+    arrays = check_batch.sample_inputs(model)[0]
     got = forward.run(model, arrays)
     np.testing.assert_array_equal(got[0], model(arrays[0], training=False).numpy())

@@ -23,13 +23,13 @@ import pytest
 import tensorflow as tf
 
 import bnconvert
+from bnconvert import check_batch
 from bnconvert import deep_load
 from bnconvert import formats
 from bnconvert import forward
 from bnconvert import input_checks
 from bnconvert import model_io
 from bnconvert import pipeline
-from bnconvert import verify
 from bnconvert.errors import ModelLoadError
 from file_checks import run_cli
 
@@ -198,7 +198,7 @@ def _counting(monkeypatch, module, name):
 def test_to_sync_report_times_every_step_and_does_no_work_twice(tmp_path, small, monkeypatch):
     path, _ = small
     checks = _counting(monkeypatch, input_checks, "check_archive")
-    passes = _counting(monkeypatch, verify, "run")
+    passes = _counting(monkeypatch, check_batch, "run")
     result = run_cli("to-sync", path, "-o", tmp_path / "s.keras", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "r.json").read_text())
@@ -271,7 +271,7 @@ def test_eager_bytes_counts_every_tensor_of_the_graph():
 
 def test_large_models_are_walked_eagerly_and_never_traced(monkeypatch):
     model = _chain()
-    arrays, _ = verify.sample_inputs(model)
+    arrays, _ = check_batch.sample_inputs(model)
     eager = model(arrays[0], training=False).numpy()
     calls = _counting(monkeypatch, tf, "function")
 
@@ -280,7 +280,7 @@ def test_large_models_are_walked_eagerly_and_never_traced(monkeypatch):
 
     # However large, a Functional model is run node by node (bnconvert.forward).
     monkeypatch.setattr(forward, "EAGER_LIMIT", 0)
-    (walked,) = verify.run(model, arrays)
+    (walked,) = check_batch.run(model, arrays)
     np.testing.assert_array_equal(walked, eager)
     _, report = bnconvert.convert_model(model, return_report=True)
     assert report.verified and report.max_abs_diff <= 1e-6
@@ -351,5 +351,7 @@ def test_a_chain_of_1200_layers_loads_with_its_outputs(tmp_path):
         keras.saving.load_model(tmp_path / "chain.keras")
     loaded = model_io.load_model(tmp_path / "chain.keras")
     assert sys.getrecursionlimit() == limit and len(loaded.layers) == 1201
-    arrays, _ = verify.sample_inputs(model)
-    np.testing.assert_array_equal(verify.run(loaded, arrays)[0], verify.run(model, arrays)[0])
+    arrays, _ = check_batch.sample_inputs(model)
+    np.testing.assert_array_equal(
+        check_batch.run(loaded, arrays)[0], check_batch.run(model, arrays)[0]
+    )

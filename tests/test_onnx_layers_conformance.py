@@ -15,8 +15,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from bnconvert import check_batch
 from bnconvert import flavour as flavour_lib
-from bnconvert import verify
 from bnconvert.onnx import walk
 
 ops = keras.ops
@@ -615,7 +615,7 @@ def test_layer_conforms(c, flavour):
     model = c.build(K)
     randomize(model)
     arrays = inputs_for(model, c)
-    want = verify.run(model, arrays)
+    want = check_batch.run(model, arrays)
     for opset in OPSETS:
         got, _ = emit_and_run(model, arrays, opset)
         assert_matches(got, want, c.rtol)
@@ -627,7 +627,7 @@ def test_recurrent_mask_that_is_no_prefix_matches_keras():
     x = np.random.default_rng(0).normal(size=(3, 6, 4)).astype("float32")
     mask = np.array([[0, 0, 1, 1, 1, 1], [1, 0, 1, 1, 0, 1], [0] * 6], "float32")
     (got,), _ = emit_and_run(model, [x, mask], 17)
-    want = verify.run(model, [x, mask])[0]
+    want = check_batch.run(model, [x, mask])[0]
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
     assert np.abs(want[2]).max() == 0  # nothing kept: zeros
 
@@ -671,7 +671,7 @@ def test_tf_keras_implicit_mask_is_followed(make):
     data = np.random.default_rng(8).normal(size=(3, 6, 4)).astype("float32")
     data[0, :2] = data[1, 3] = data[2, 4:] = 0.0
     got, _ = emit_and_run(model, [data], 17)
-    assert_matches(got, verify.run(model, [data]), 1e-3)
+    assert_matches(got, check_batch.run(model, [data]), 1e-3)
 
 
 def test_transformer_block_exports_natively_with_the_check(tmp_path):
@@ -690,7 +690,7 @@ def test_transformer_block_exports_natively_with_the_check(tmp_path):
     arrays = inputs_for(model, Case("block", None, shapes=((11, 8),)))
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: arrays[0]})
-    assert_matches(got, verify.run(model, arrays), 1e-3)
+    assert_matches(got, check_batch.run(model, arrays), 1e-3)
 
 
 @pytest.mark.parametrize("kind, mode", [("Dense", "int4"), ("Dense", "float8"),

@@ -28,6 +28,7 @@ import pytest
 
 import bnconvert
 from bnconvert import _keras3
+from bnconvert import check_batch
 from bnconvert import check_inputs
 from bnconvert import layer_args
 from bnconvert import verify
@@ -229,7 +230,7 @@ def test_5_huge_declared_input_is_refused_before_allocating():
     inputs = keras.Input((60000, 60000), name="big")
     model = keras.Model(inputs, keras.layers.BatchNormalization()(inputs), name="big")
     with pytest.raises(VerificationError) as info:
-        verify.sample_inputs(model)
+        check_batch.sample_inputs(model)
     expected_gib = 2 * 60000 * 60000 * 8 / 2**30  # float64 draws before the cast
     assert f"{expected_gib:.1f} GiB" in str(info.value)
     assert "BNCONVERT_MAX_CHECK_MB" in str(info.value)
@@ -238,15 +239,15 @@ def test_5_huge_declared_input_is_refused_before_allocating():
 def test_5_the_limit_comes_from_the_environment_and_fails_closed(monkeypatch):
     model = _dense_bn("m")
     monkeypatch.setenv("BNCONVERT_MAX_CHECK_MB", "1")
-    assert verify.sample_inputs(model)[0][0].shape == (2, 4)
+    assert check_batch.sample_inputs(model)[0][0].shape == (2, 4)
     inputs = keras.Input((400, 400), name="mid")  # 2*400*400*8 = 2.56 MB
     mid = keras.Model(inputs, keras.layers.BatchNormalization()(inputs))
     with pytest.raises(VerificationError, match="over the 1 MB limit"):
-        verify.sample_inputs(mid)
+        check_batch.sample_inputs(mid)
     for bad in ("", "0", "-5", "lots", "nan"):
         monkeypatch.setenv("BNCONVERT_MAX_CHECK_MB", bad)
         with pytest.raises(VerificationError, match="BNCONVERT_MAX_CHECK_MB must be"):
-            verify.sample_inputs(model)
+            check_batch.sample_inputs(model)
 
 
 # ---------------------------------------------------------------- 8: terminal injection

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import bnconvert
 import bnconvert_cli as cli
+from bnconvert import check_batch
 from bnconvert import stability
 from bnconvert import verify
 from bnconvert.errors import VerificationError
@@ -56,8 +57,8 @@ def _chain(depth, gain, seed=0):
 
 
 def _off_by(model, forward64):
-    batch, _ = verify.sample_inputs(model)
-    got = verify.run(model, batch)[0].astype(np.float64)
+    batch, _ = check_batch.sample_inputs(model)
+    got = check_batch.run(model, batch)[0].astype(np.float64)
     want = forward64(batch[0])
     return np.abs(got - want).max() / np.abs(want).max()
 
@@ -98,8 +99,8 @@ def test_cli_refuses_unstable_model_in_one_line_and_writes_nothing(tmp_path, ext
 
 def test_stable_model_with_wrong_outputs_is_blamed_not_called_unstable():
     model, _ = _chain(DEPTH, 0.5)
-    batch, _ = verify.sample_inputs(model)
-    wrong = [o * 1.01 for o in verify.run(model, batch)]
+    batch, _ = check_batch.sample_inputs(model)
+    wrong = [o * 1.01 for o in check_batch.run(model, batch)]
     with pytest.raises(VerificationError, match="differ from the reference") as info:
         stability.run_and_compare(model, batch, wrong, tolerance=1e-4, relative=True)
     assert "unstable" not in str(info.value)
@@ -108,8 +109,8 @@ def test_stable_model_with_wrong_outputs_is_blamed_not_called_unstable():
 def test_absolute_check_is_not_probed():
     # A swap must be exact whatever the model's stability.
     model, _ = _chain(DEPTH, GAIN)
-    batch, _ = verify.sample_inputs(model)
-    wrong = [o + 1.0 for o in verify.run(model, batch)]
+    batch, _ = check_batch.sample_inputs(model)
+    wrong = [o + 1.0 for o in check_batch.run(model, batch)]
     with pytest.raises(verify.BeyondTolerance) as info:
         stability.run_and_compare(model, batch, wrong, tolerance=1e-6, relative=False)
     assert "unstable" not in str(info.value)

@@ -29,8 +29,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
+from bnconvert import check_batch  # noqa: E402
 from bnconvert import flavour as flavour_lib  # noqa: E402
-from bnconvert import verify  # noqa: E402
 from bnconvert.onnx import walk  # noqa: E402
 
 OPSET = 17
@@ -131,7 +131,7 @@ def measure():
     passed, failed = {}, {}
     for case_id, model, arrays, rtol, atol in cases():
         try:
-            ok = _matches(_run(model, arrays), verify.run(model, arrays), rtol, atol)
+            ok = _matches(_run(model, arrays), check_batch.run(model, arrays), rtol, atol)
             why = "does not match Keras"
         except Exception as e:  # noqa: BLE001 - report, do not stop
             ok, why = False, str(e).splitlines()[0][:120]

@@ -1,11 +1,12 @@
 """The onnxruntime check of an exported graph: the gate every ONNX file passes.
 
 The serialized model runs in onnxruntime from memory on the generated check
-batch (`bnconvert.verify.sample_inputs`) and on any batches the user gave
+batch (`bnconvert.check_batch.sample_inputs`) and on any batches the user gave
 (`.npy` files or arrays); every output element must agree with Keras within
 `atol * max(1, rms) + rtol * |keras|` (`bnconvert.verify.compare`).
 """
 
+from bnconvert import check_batch
 from bnconvert import check_inputs
 from bnconvert import stability
 from bnconvert import verify
@@ -76,8 +77,9 @@ def compare(model, onnx_model, input_names, output_names, batches, tolerance, at
             ) from e
 
     for i, batch in enumerate(batches):
+        expected = known if i == 0 and known is not None else check_batch.reference(model, batch)
         _, figures = stability.compare_run(
-            run, batch, known if i == 0 and known is not None else verify.reference(model, batch),
+            run, batch, expected,
             tolerance=tolerance, relative=True, atol=atol,
             what=f"The ONNX model of '{model.name}' (onnxruntime)",
             allow_nonfinite=allow_nonfinite, advice=stability.ONNX_ADVICE,

@@ -22,6 +22,7 @@ dimension.
 import dataclasses
 import os
 
+from bnconvert import check_batch
 from bnconvert import keras_internals as internals
 from bnconvert import paths
 from bnconvert import verify
@@ -127,7 +128,7 @@ def export_onnx(model, path, *, opset=None, tolerance=None, atol=None, inputs=No
         check: Run the onnxruntime check; False only writes the file.
         exporter: `"auto"` (native, else tf2onnx), `"native"` or `"tf2onnx"`.
         reference: Optional `(arrays, outputs)`: `model`'s outputs on the
-            generated check batch (`verify.sample_inputs`), when the caller
+            generated check batch (`check_batch.sample_inputs`), when the caller
             has already computed them; saves running the model again.
         precision: `"float32"` (also for a mixed-precision model, whose
             variables are float32) or `"float16"`: the float type the graph
@@ -172,7 +173,7 @@ def export_onnx(model, path, *, opset=None, tolerance=None, atol=None, inputs=No
     if reference is not None:
         sample, known = reference
     elif check:
-        sample, _, known = verify.generated_check(model)
+        sample, _, known = check_batch.generated_check(model)
     else:
         sample = known = None
     batches = [sample] + extra
@@ -308,7 +309,7 @@ def _graph_view(model):
     """
     if internals.has_symbolic_inputs(model):
         return model
-    specs = verify.input_specs(model)
+    specs = check_batch.input_specs(model)
     if specs is None:
         raise ConversionError(
             f"Model '{model.name}' has no defined inputs; build it on a keras.Input "
