@@ -355,6 +355,25 @@ class Call:
                               "an input mask not computed in the graph")])
         return mask
 
+    def given_mask(self):
+        """The mask the layer applies to its first input: a `Value`, or None without one.
+
+        That is its `mask=` argument, else its second positional one (a
+        `pool(x, mask)` or `softmax(x, mask)` inside a traced call), else
+        the mask its first input carries (`implicit_mask`).
+
+        Raises:
+            Uncovered: The mask is not a tensor of the graph.
+        """
+        mask = self.kwargs.get("mask")
+        if mask is None and len(self.args) > 1:
+            mask = self.args[1]
+        mask = self.implicit_mask(self.inputs[0]) if mask is None else mask
+        if mask is not None and not isinstance(mask, Value):
+            raise Uncovered([(self.base, type(self.layer).__name__,
+                              "a mask that is not a tensor of the graph")])
+        return mask
+
     def out(self, name, perm=None, index=0):
         """The `Value` of output `index`, emitted as `name` in layout `perm`."""
         shape = tuple(self.shapes[index])

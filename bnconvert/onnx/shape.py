@@ -12,7 +12,6 @@ from bnconvert.onnx import activations
 from bnconvert.onnx.graph import BOOL
 from bnconvert.onnx.graph import FLOAT
 from bnconvert.onnx.graph import Uncovered
-from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import as_tuple
 from bnconvert.onnx.graph import channels_first
 from bnconvert.onnx.layers import conv_pads
@@ -50,13 +49,7 @@ def global_pooling(op_type):
 
     def emit(g, call):
         layer = call.layer
-        mask = call.kwargs.get("mask")
-        if mask is None and len(call.args) > 1:  # `pool(x, mask)` inside a traced call
-            mask = call.args[1]
-        mask = call.implicit_mask(call.inputs[0]) if mask is None else mask
-        if mask is not None and not isinstance(mask, Value):
-            raise Uncovered([(call.base, layer.__class__.__name__,
-                              "a mask that is not a tensor of the graph")])
+        mask = call.given_mask()
         if mask is not None and op_type == "GlobalAveragePool":
             return [_masked_average(g, call, mask)]
         x = layout_for(g, call.inputs[0], layer.data_format)
@@ -290,12 +283,7 @@ def activation_layer(g, call):
         function, params = "elu", {"alpha": config.get("alpha", 1.0)}
     else:  # Softmax
         function, params = "softmax", {"axis": config.get("axis", -1)}
-        mask = call.kwargs.get("mask")
-        if mask is None and len(call.args) > 1:  # `softmax(x, mask)`, keras-hub's attention
-            mask = call.args[1]
-        mask = call.implicit_mask(call.inputs[0]) if mask is None else mask
-        if mask is not None and not isinstance(mask, Value):
-            raise Uncovered([(call.base, "Softmax", "a mask that is not a tensor of the graph")])
+        mask = call.given_mask()  # `softmax(x, mask)`: keras-hub's attention
         if mask is not None:
             return [_masked_softmax(g, call, params["axis"], mask)]
     return [activations.apply(g, call.inputs[0], function, call.base, **params)]
