@@ -57,7 +57,8 @@ def placed_at(g, at):
     """Within: the nodes `g.node` appends go to position `at` of `g.nodes` on leaving.
 
     A rewrite emits its nodes where the nodes it replaced were, so that
-    `g.nodes` stays in an order that runs.
+    `g.nodes` stays in an order that runs. Nodes it keeps, dropped and
+    appended again to `g.nodes` within, go there too, in that order.
     """
     count = len(g.nodes)
     yield

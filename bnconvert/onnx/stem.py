@@ -25,6 +25,7 @@ from onnx import helper as onnx_helper
 from bnconvert.onnx.node_index import Index
 from bnconvert.onnx.node_index import attribute
 from bnconvert.onnx.node_index import drop
+from bnconvert.onnx.node_index import placed_at
 
 MAX_CHANNELS = 4
 _CHANNELS_FIRST = [0, 3, 1, 2]
@@ -113,10 +114,14 @@ def _rewrite(g, index, transpose, shape, ops, pad, conv, shapes):
         shapes[data] = tuple(shape)
     base = conv.output[0]
     flat = g.unique(f"{base}/one_channel")
-    # 0 keeps the batch size, also an empty batch.
-    g.node("Reshape", [data, g.ints([0, 1, height, width * channels], "shape")], base,
-           output_names=[flat])
-    reshape = g.nodes.pop()
+    # The scalar ops and the convolution are kept, in their order around the
+    # new `Reshape`, where the dropped chain was.
+    with placed_at(g, at):
+        g.nodes.extend(ops)
+        # 0 keeps the batch size, also an empty batch.
+        g.node("Reshape", [data, g.ints([0, 1, height, width * channels], "shape")], base,
+               output_names=[flat])
+        g.nodes.append(conv)
     shapes[flat] = (shape[0], 1, height, width * channels)
     kernel = weights.transpose(0, 2, 3, 1).reshape(out, 1, kh, kw * channels)
     conv.input[0] = flat
@@ -126,4 +131,3 @@ def _rewrite(g, index, transpose, shape, ops, pad, conv, shapes):
         ("kernel_shape", [kh, kw * channels]), ("strides", [sh, sw * channels]),
         ("pads", [int(top), int(left) * channels, int(bottom), int(right) * channels]),
         ("dilations", [1, 1]), ("group", 1)))
-    g.nodes[at:at] = ops + [reshape, conv]
