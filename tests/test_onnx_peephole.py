@@ -273,3 +273,47 @@ def test_a_dense_after_global_pooling_runs_as_a_1x1_convolution(tmp_path, pool, 
     data = np.random.default_rng(9).normal(-3, 10, (2, 8, 11, 5)).astype("float32")
     for got, want in zip(_run(path, data), model(data)):
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def _strided_block(case):
+    """A ResNet stage's first block on the previous block's output, as Keras builds it."""
+    x = L.Input((None, None, 8))
+    shortcut = L.Conv2D(16, 1)(x)  # a 1x1 convolution the subsampling moves above
+    h = L.ReLU()(L.BatchNormalization()(L.Conv2D(4, 3, padding="same")(x)))
+    h = L.BatchNormalization()(L.Conv2D(16, 1)(h))
+    y = L.ReLU()(L.Add()([shortcut, h]))
+    first = L.ReLU()(L.Conv2D(8 if case != "few_outputs" else 4, 1, strides=2)(y))
+    projection = L.Conv2D(32 if case != "few_outputs" else 4, 1, strides=2, padding="same")(y)
+    outputs = [L.Add()([L.Conv2D(projection.shape[-1], 1)(first), projection])]
+    if case == "full_resolution_read":
+        outputs.append(L.Conv2D(3, 3)(y))
+    model = _randomized(keras.Model(x, outputs))
+    rng = np.random.default_rng(10)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, n), rng.normal(0, 1, n),
+                               rng.normal(0, 1, n), rng.uniform(0.5, 2, n)])
+    return model
+
+
+@pytest.mark.parametrize("case", ["resnet", "few_outputs", "full_resolution_read"])
+def test_strided_1x1_convolutions_read_a_subsampled_tensor(tmp_path, case):
+    model = _strided_block(case)
+    path, proto = _export(model, tmp_path)
+    strides = [a.ints[:] for n in proto.graph.node if n.op_type == "Conv"
+               for a in n.attribute if a.name == "strides"]
+    pools = [n for n in proto.graph.node if n.op_type == "MaxPool"]
+    if case == "resnet":
+        # Pooled: the input (read by two convolutions) and the activation before
+        # the last 1x1 convolution, which with the add now runs subsampled.
+        assert len(pools) == 2 and all(s == [1, 1] for s in strides)
+        assert all(onnx.helper.get_attribute_value(a) in ([1, 1], [2, 2])
+                   for n in pools for a in n.attribute if a.name in ("kernel_shape", "strides"))
+    else:  # too few outputs to pay for the pooling; the full tensor read by another layer
+        assert not pools and strides.count([2, 2]) == 2
+    # Odd sizes: the last row and column are read (and not a row past them).
+    data = np.random.default_rng(11).normal(-5, 20, (3, 13, 11, 8)).astype("float32")
+    wanted = model(data)
+    for got, want in zip(_run(path, data), wanted if isinstance(wanted, list) else [wanted]):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-3)
