@@ -91,7 +91,11 @@ _DEPTH = 64
 def _subsampled(g, index, name, stride, shapes, reader, depth=0):
     """The name of `name` subsampled by `stride`, for `reader` (placed before it)."""
     producer = index.producer.get(name)
-    if _moves(index, name, shapes, depth):
+    if _moves(index, name, shapes, depth) and _absorbs(index, producer):
+        _set(producer, "strides", [a * b for a, b in zip(
+            attribute(producer, "strides", [1, 1]), stride)])
+        producer.output[0] = small = g.unique(f"{name}/subsampled")
+    elif _moves(index, name, shapes, depth):
         for i, data in enumerate(producer.input):
             if i == 0 or (producer.op_type in _BINARY and data not in index.arrays):
                 producer.input[i] = _subsampled(g, index, data, stride, shapes, producer,
@@ -124,7 +128,25 @@ def _moves(index, name, shapes, depth):
     if producer.op_type in _BINARY:
         return any(_moves(index, n, shapes, depth + 1) for n in producer.input
                    if n not in index.arrays)
-    return True  # a 1x1 convolution: a quarter of the work, or less
+    return True  # a convolution: a quarter of the work, or less
+
+
+def _absorbs(index, node):
+    """Whether `node` is a 2-D convolution, not a 1x1 one without strides, that
+    computes only the subsampled pixels given the product of the strides.
+
+    With the same pads, output pixel `i` of strides `t s` is pixel `i s` of
+    strides `t`, and the sizes agree: `floor(floor(n / t) / s) = floor(n / (t s))`.
+    A 1x1 convolution without strides reads a subsampled input instead:
+    onnxruntime runs it over all pixels at once, a strided one row by row.
+    """
+    if node.op_type != "Conv" or node.domain or _pointwise_conv(index, node, strided=False) \
+            or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
+        return False
+    kernel = attribute(node, "kernel_shape", None)
+    if kernel is None and node.input[1] in index.arrays:
+        kernel = index.arrays[node.input[1]].shape[2:]
+    return kernel is not None and len(kernel) == 2
 
 
 def _movable(index, node, shapes):
@@ -138,7 +160,7 @@ def _movable(index, node, shapes):
         # A rank-4 input broadcast over the image (a size of 1) stays one pixel.
         return all(_flat(index.arrays[n]) if n in index.arrays
                    else len(shapes.get(n) or ()) == 4 for n in node.input)
-    return _pointwise_conv(index, node, strided=False)
+    return _pointwise_conv(index, node, strided=False) or _absorbs(index, node)
 
 
 def _flat(array):
