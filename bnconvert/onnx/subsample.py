@@ -159,7 +159,9 @@ def _movable(index, node, shapes):
     if node.domain or len(node.output) != 1:
         return False
     if node.op_type in _UNARY:
-        return all(n in index.arrays for n in node.input[1:] if n)
+        # A batch norm in training mode takes its statistics over the whole image.
+        return all(n in index.arrays for n in node.input[1:] if n) \
+            and not attribute(node, "training_mode", 0)
     if node.op_type in _BINARY and len(node.input) == 2:
         # A rank-4 input broadcast over the image (a size of 1) stays one pixel.
         return all(_flat(index.arrays[n]) if n in index.arrays
