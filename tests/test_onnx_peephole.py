@@ -287,6 +287,9 @@ def _strided_block(case):
     outputs = [L.Add()([L.Conv2D(projection.shape[-1], 1)(first), projection])]
     if case == "full_resolution_read":
         outputs.append(L.Conv2D(3, 3)(y))
+    if case == "strided_twice":  # a strided 1x1 convolution reading another one
+        z = L.ReLU()(L.Conv2D(8, 3)(x))
+        outputs.append(L.Conv2D(64, 1, strides=2)(L.Conv2D(32, 1, strides=(1, 2))(z)))
     model = _randomized(keras.Model(x, outputs))
     rng = np.random.default_rng(10)
     for layer in model.layers:
@@ -297,14 +300,17 @@ def _strided_block(case):
     return model
 
 
-@pytest.mark.parametrize("case", ["resnet", "few_outputs", "full_resolution_read"])
+@pytest.mark.parametrize("case", ["resnet", "few_outputs", "full_resolution_read",
+                                  "strided_twice"])
 def test_strided_1x1_convolutions_read_a_subsampled_tensor(tmp_path, case):
     model = _strided_block(case)
     path, proto = _export(model, tmp_path)
     strides = [a.ints[:] for n in proto.graph.node if n.op_type == "Conv"
                for a in n.attribute if a.name == "strides"]
     pools = [n for n in proto.graph.node if n.op_type == "MaxPool"]
-    if case == "resnet":
+    if case == "strided_twice":  # the first one pooled after, the 3x3 one before it strided
+        assert len(pools) == 2 and sorted(strides) == [[1, 1]] * 7 + [[1, 2], [2, 2]]
+    elif case == "resnet":
         # Pooled: the input, read by two convolutions; the 3x3 convolution computes
         # only the pixels the 1x1 one, and the add, now read subsampled.
         assert len(pools) == 1 and sorted(strides) == [[1, 1]] * 5 + [[2, 2]]

@@ -73,9 +73,9 @@ def subsample_first(g, output_names, shapes):
             _set(conv, "strides", [1, 1])
 
 
-def _pointwise_conv(index, node, strided):
+def _pointwise_conv(index, node, strided=None):
     """Whether `node` is a 2-D float32 1x1 `Conv` of constant weights, no padding,
-    strided (`strided`) or not."""
+    strided (`strided`) or not (False), or either (None)."""
     if node.op_type != "Conv" or node.domain or len(node.input) < 2 \
             or node.input[1] not in index.arrays:
         return False
@@ -85,7 +85,7 @@ def _pointwise_conv(index, node, strided):
     # `SAME_UPPER`/`SAME_LOWER` pad a 1x1 window by nothing, whatever the strides.
     return kernel.ndim == 4 and kernel.shape[2:] == (1, 1) and kernel.dtype.name == "float32" \
         and not any(attribute(node, "pads", [0, 0, 0, 0])) \
-        and any(s != 1 for s in strides) == strided
+        and strided in (None, any(s != 1 for s in strides))
 
 
 # How many ops the subsampling moves up through at most (a bound on the recursion).
@@ -136,15 +136,17 @@ def _moves(index, name, shapes, depth):
 
 
 def _absorbs(index, node):
-    """Whether `node` is a 2-D convolution, not a 1x1 one without strides, that
-    computes only the subsampled pixels given the product of the strides.
+    """Whether `node` is a 2-D convolution, not a 1x1 one, that computes only the
+    subsampled pixels given the product of the strides.
 
     With the same pads, output pixel `i` of strides `t s` is pixel `i s` of
     strides `t`, and the sizes agree: `floor(floor(n / t) / s) = floor(n / (t s))`.
-    A 1x1 convolution without strides reads a subsampled input instead:
-    onnxruntime runs it over all pixels at once, a strided one row by row.
+    A 1x1 convolution without strides reads a subsampled input instead
+    (onnxruntime runs it over all pixels at once, a strided one row by row),
+    and a strided one is pooled after: it is rewritten itself, as the
+    reader of its own input.
     """
-    if node.op_type != "Conv" or node.domain or _pointwise_conv(index, node, strided=False) \
+    if node.op_type != "Conv" or node.domain or _pointwise_conv(index, node) \
             or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
         return False
     kernel = attribute(node, "kernel_shape", None)
