@@ -307,7 +307,7 @@ def test_strided_1x1_convolutions_read_a_subsampled_tensor(tmp_path, case):
     path, proto = _export(model, tmp_path)
     strides = [a.ints[:] for n in proto.graph.node if n.op_type == "Conv"
                for a in n.attribute if a.name == "strides"]
-    pools = [n for n in proto.graph.node if n.op_type == "MaxPool"]
+    pools = [n for n in proto.graph.node if n.op_type == "AveragePool"]
     if case == "strided_twice":  # the first one pooled after, the 3x3 one before it strided
         assert len(pools) == 2 and sorted(strides) == [[1, 1]] * 7 + [[1, 2], [2, 2]]
     elif case == "resnet":
@@ -323,3 +323,20 @@ def test_strided_1x1_convolutions_read_a_subsampled_tensor(tmp_path, case):
     wanted = model(data)
     for got, want in zip(_run(path, data), wanted if isinstance(wanted, list) else [wanted]):
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-3)
+
+
+def test_subsampling_keeps_infinities_and_nans(tmp_path):
+    x = L.Input((None, None, 16))
+    convs = [L.Conv2D(16, 1, strides=2), L.Conv2D(24, 1, strides=2, use_bias=False)]
+    model = _randomized(keras.Model(x, [conv(x) for conv in convs]))
+    path, proto = _export(model, tmp_path)
+    assert _ops(proto) == ["Transpose", "AveragePool", "Conv", "Conv", "Transpose", "Transpose"]
+    data = np.random.default_rng(12).normal(0, 3, (2, 7, 9, 16))
+    data[0, 0, 0, 3], data[0, 2, 4, 5], data[1, 6, 8, 0] = -np.inf, np.inf, np.nan
+    data = data.astype("float32")
+    for got, conv in zip(_run(path, data), convs):
+        kernel, *bias = conv.get_weights()
+        want = np.einsum("bhwc,co->bhwo", data[:, ::2, ::2].astype(np.float64), kernel[0, 0])
+        want = want + (bias[0] if bias else 0)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+        assert np.isneginf(got[0, 0, 0]).any() and np.isnan(got[1, 3, 4]).all()

@@ -2,8 +2,10 @@
 
 A 1x1 convolution with strides `(s, t)` and no padding reads only the
 pixels `x[..., s i, t j]`: it is the same convolution, with unit strides,
-of `x` subsampled, which a `MaxPool` of a 1x1 window and strides `(s, t)`
-gives exactly (the maximum of one value is that value). onnxruntime runs
+of `x` subsampled, which an `AveragePool` of a 1x1 window and strides
+`(s, t)` gives exactly (the mean of one value is that value; onnxruntime's
+blocked `MaxPool` starts from the largest finite negative number, and so
+would turn -inf into it). onnxruntime runs
 a strided pointwise convolution one output row at a time, but a
 unit-stride one over all its pixels at once: ResNet50's strided 1x1
 convolutions ran 15 to 20% faster unstrided (stage 5's two, 393 and
@@ -107,7 +109,7 @@ def _subsampled(g, index, name, stride, shapes, reader, depth=0):
         producer.output[0] = small = g.unique(f"{name}/subsampled")
     else:
         with placed_at(g, position(g, reader)):
-            small = g.node("MaxPool", [name], f"{name}/subsampled", kernel_shape=[1, 1],
+            small = g.node("AveragePool", [name], f"{name}/subsampled", kernel_shape=[1, 1],
                            strides=stride)
     shape = shapes.get(name)
     if shape is not None and len(shape) == 4:
