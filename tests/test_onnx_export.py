@@ -181,6 +181,11 @@ def test_model_zoo_parity_after_folding(name, tmp_path):
     kept = sum(isinstance(l, L.BatchNormalization) for l in folded._flatten_layers())
     # Only the BN layers that could not be folded may survive as BN nodes.
     assert len(bn_nodes) <= kept
+    if name == "ResNet50":  # its strided 1x1 convolutions read subsampled tensors
+        strided = [n for n in graph.node if n.op_type == "Conv" and any(
+            a.name == "strides" and a.ints[:] != [1, 1] for a in n.attribute)]
+        assert [n.output[0] for n in strided] == ["conv1_conv"] + [
+            f"conv{i}_block{j}_2_conv/subsampled" for i, j in ((2, 3), (3, 4), (4, 6))]
     x = np.random.default_rng(5).uniform(0, 255, size=(2, 96, 96, 3)).astype("float32")
     (got,) = onnx_run(path, {graph.input[0].name: x})
     assert rel_diff(got, original.predict(x, verbose=0)) <= 1e-4

@@ -273,3 +273,70 @@ def test_a_dense_after_global_pooling_runs_as_a_1x1_convolution(tmp_path, pool, 
     data = np.random.default_rng(9).normal(-3, 10, (2, 8, 11, 5)).astype("float32")
     for got, want in zip(_run(path, data), model(data)):
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def _strided_block(case):
+    """A ResNet stage's first block on the previous block's output, as Keras builds it."""
+    x = L.Input((None, None, 8))
+    shortcut = L.Conv2D(16, 1)(x)  # a 1x1 convolution the subsampling moves above
+    h = L.ReLU()(L.BatchNormalization()(L.Conv2D(4, 3, padding="same")(x)))
+    h = L.BatchNormalization()(L.Conv2D(16, 1)(h))
+    y = L.ReLU()(L.Add()([shortcut, h]))
+    first = L.ReLU()(L.Conv2D(8 if case != "few_outputs" else 4, 1, strides=2)(y))
+    projection = L.Conv2D(32 if case != "few_outputs" else 4, 1, strides=2, padding="same")(y)
+    outputs = [L.Add()([L.Conv2D(projection.shape[-1], 1)(first), projection])]
+    if case == "full_resolution_read":
+        outputs.append(L.Conv2D(3, 3)(y))
+    if case == "strided_twice":  # a strided 1x1 convolution reading another one
+        z = L.ReLU()(L.Conv2D(8, 3)(x))
+        outputs.append(L.Conv2D(64, 1, strides=2)(L.Conv2D(32, 1, strides=(1, 2))(z)))
+    model = _randomized(keras.Model(x, outputs))
+    rng = np.random.default_rng(10)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, n), rng.normal(0, 1, n),
+                               rng.normal(0, 1, n), rng.uniform(0.5, 2, n)])
+    return model
+
+
+@pytest.mark.parametrize("case", ["resnet", "few_outputs", "full_resolution_read",
+                                  "strided_twice"])
+def test_strided_1x1_convolutions_read_a_subsampled_tensor(tmp_path, case):
+    model = _strided_block(case)
+    path, proto = _export(model, tmp_path)
+    strides = [a.ints[:] for n in proto.graph.node if n.op_type == "Conv"
+               for a in n.attribute if a.name == "strides"]
+    pools = [n for n in proto.graph.node if n.op_type == "AveragePool"]
+    if case == "strided_twice":  # the first one pooled after, the 3x3 one before it strided
+        assert len(pools) == 2 and sorted(strides) == [[1, 1]] * 7 + [[1, 2], [2, 2]]
+    elif case == "resnet":
+        # Pooled: the input, read by two convolutions; the 3x3 convolution computes
+        # only the pixels the 1x1 one, and the add, now read subsampled.
+        assert len(pools) == 1 and sorted(strides) == [[1, 1]] * 5 + [[2, 2]]
+        assert all(onnx.helper.get_attribute_value(a) in ([1, 1], [2, 2])
+                   for n in pools for a in n.attribute if a.name in ("kernel_shape", "strides"))
+    else:  # too few outputs to pay for the pooling; the full tensor read by another layer
+        assert not pools and strides.count([2, 2]) == 2
+    # Odd sizes: the last row and column are read (and not a row past them).
+    data = np.random.default_rng(11).normal(-5, 20, (3, 13, 11, 8)).astype("float32")
+    wanted = model(data)
+    for got, want in zip(_run(path, data), wanted if isinstance(wanted, list) else [wanted]):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-3)
+
+
+def test_subsampling_keeps_infinities_and_nans(tmp_path):
+    x = L.Input((None, None, 16))
+    convs = [L.Conv2D(16, 1, strides=2), L.Conv2D(24, 1, strides=2, use_bias=False)]
+    model = _randomized(keras.Model(x, [conv(x) for conv in convs]))
+    path, proto = _export(model, tmp_path)
+    assert _ops(proto) == ["Transpose", "AveragePool", "Conv", "Conv", "Transpose", "Transpose"]
+    data = np.random.default_rng(12).normal(0, 3, (2, 7, 9, 16))
+    data[0, 0, 0, 3], data[0, 2, 4, 5], data[1, 6, 8, 0] = -np.inf, np.inf, np.nan
+    data = data.astype("float32")
+    for got, conv in zip(_run(path, data), convs):
+        kernel, *bias = conv.get_weights()
+        want = np.einsum("bhwc,co->bhwo", data[:, ::2, ::2].astype(np.float64), kernel[0, 0])
+        want = want + (bias[0] if bias else 0)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+        assert np.isneginf(got[0, 0, 0]).any() and np.isnan(got[1, 3, 4]).all()

@@ -18,6 +18,9 @@ of the constants they merge):
   cropping) as a `Slice` before a smaller `Pad`;
 - `stem.read_channels_last`: the first convolution of a channels-last image
   of a few channels reads it as one wide channel, with no `Transpose`;
+- `subsample.subsample_first`: strided 1x1 convolutions read a tensor
+  subsampled once, computed at the lower resolution where nothing else
+  reads it at the full one;
 - `pooled_dense.dense_as_convolution`: a `Dense` on a globally pooled image
   as a 1x1 convolution;
 - `drop_unused`: nodes whose outputs nothing reads are removed.
@@ -32,6 +35,7 @@ from bnconvert.onnx.node_index import attribute
 from bnconvert.onnx.node_index import drop
 from bnconvert.onnx.pooled_dense import dense_as_convolution
 from bnconvert.onnx.stem import read_channels_last
+from bnconvert.onnx.subsample import subsample_first
 
 _ELEMENTWISE = ("Mul", "Add", "Sub", "Div")
 _AFFINE = ("Mul", "Add", "Sub")
@@ -51,6 +55,7 @@ def optimize(g, input_shapes, output_names, shapes):
     fold_affine_chains(g, output_names, shapes)
     crop_before_padding(g, output_names, shapes)
     read_channels_last(g, input_shapes, output_names, shapes)
+    subsample_first(g, output_names, shapes)
     dense_as_convolution(g, output_names, shapes)
     graph_passes.keep_pads_before_max_pools(g, output_names)
     drop_unused(g, output_names)
