@@ -47,6 +47,7 @@ from bnconvert.onnx import reductions
 from bnconvert.onnx import reshaping
 from bnconvert.onnx import spectral
 from bnconvert.onnx import preprocessing
+from bnconvert.onnx import sized_ops
 from bnconvert.onnx import sizes
 from bnconvert.onnx import special
 from bnconvert.onnx.graph import Uncovered
@@ -116,6 +117,7 @@ EMITTERS = {
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
     "convert_to_tensor": math.EMITTERS["cast"],
     **colour.EMITTERS, **einops.EMITTERS, **filters.EMITTERS, **image_warp.EMITTERS,
+    **sized_ops.EMITTERS,
 }
 EMITTERS.update({**linalg.EMITTERS, **linalg_svd.EMITTERS})
 
