@@ -15,6 +15,8 @@ as before.
 
 import contextlib
 
+import numpy as np
+
 
 @contextlib.contextmanager
 def tf_calls_through_ops(keras):
@@ -56,7 +58,7 @@ def _gathered(ops, params, indices, axis, batch_dims):
     share: for one index axis after them (`indices` of rank b + 1) and
     `axis` the last of `params`, that is `take_along_axis`.
     """
-    rank, index_rank = len(params.shape), len(indices.shape)
+    rank, index_rank = len(params.shape), len(getattr(indices, "shape", np.shape(indices)))
     batch = batch_dims + index_rank if batch_dims < 0 else batch_dims
     axis = batch if axis is None else axis + rank if axis < 0 else axis
     if batch == 0:
