@@ -10,6 +10,15 @@ what they compute:
   model is exported, such an override falls back to Keras's generic
   `Layer.compute_output_spec`, which runs the layer's `call` on
   placeholders of the same shapes;
+- a layer's `compute_output_shape` declares another structure than its
+  call returns (keras-hub's ESM rotary layer: one output for two), so its
+  parent unpacks the wrong one. A third-party layer's spec is that of its
+  call run on placeholders (`keras.Operation`'s), the declared one only
+  where the call does not run there;
+- keras-hub calls TensorFlow directly on its TensorFlow-only paths
+  (`tf.gather`, `tf.linalg.band_part`): those are recorded as `keras.ops`
+  (`tf_calls`); Keras records fft/fft2/ifft2 only over axes of static size
+  and `repeat` only by a number: those record ops of `sized_ops`;
 - Keras utilities that call backend functions directly (bounding-box
   format conversion) are routed through `keras.ops`
   (`keras_internals.backend_calls_through_ops`);
