@@ -117,7 +117,6 @@ EMITTERS = {
     "stop_gradient": lambda g, call, p: [p.get("x", p.get("variable"))],
     "convert_to_tensor": math.EMITTERS["cast"],
     **colour.EMITTERS, **einops.EMITTERS, **filters.EMITTERS, **image_warp.EMITTERS,
-    **sized_ops.EMITTERS,
 }
 EMITTERS.update({**linalg.EMITTERS, **linalg_svd.EMITTERS})
 
@@ -133,6 +132,9 @@ _CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_
                 "SearchSorted": "searchsorted", "CTCLoss": "ctc_loss",
                 # keras.activations.relu with arguments records a ReLU op.
                 "ReLU": "relu"}
+
+
+_TRACER_OPS = {sizes.__name__: sizes.EMITTERS, sized_ops.__name__: sized_ops.EMITTERS}
 
 
 def function_name(op):
@@ -176,7 +178,7 @@ def emit_op(g, call):
     """A Keras 3 op node."""
     name = function_name(call.layer)
     # The tracer's own ops (sizes as graph values) are not `keras.ops` functions.
-    table = sizes.EMITTERS if type(call.layer).__module__ == sizes.__name__ else EMITTERS
+    table = _TRACER_OPS.get(type(call.layer).__module__, EMITTERS)
     if name not in table:
         raise Uncovered([(call.base, type(call.layer).__name__, "op")])
     return _run(g, call, name, keras_params(call.layer, call), type(call.layer).__name__, table)

@@ -17,6 +17,7 @@ import functools
 
 import numpy as np
 
+from bnconvert.onnx import spectral
 from bnconvert.onnx.math import as_value
 from bnconvert.onnx.math import cast
 from bnconvert.onnx.math import dtype_of
@@ -118,4 +119,4 @@ def _sized_repeat(g, call, p):
     return [call.out(g.node("Reshape", [tiled, shape], base))]
 
 
-EMITTERS = {"sized_repeat": _sized_repeat}
+EMITTERS = {"sized_repeat": _sized_repeat, **{k: spectral.EMITTERS[k] for k in _TRANSFORMS}}
