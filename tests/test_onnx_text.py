@@ -203,24 +203,29 @@ class DirectTensorFlow(keras.layers.Layer):
         return ops.where(kept, banded, 0.0) + flipped + tf.gather(x, [2, 0], axis=2)[:, :, :1]
 
 
+def _exported(layer, shape, tmp_path):
+    """`run(array)`: onnxruntime's outputs for the native export of `layer` on inputs of `shape`."""
+    x = keras.Input(shape)
+    model = keras.Model(x, layer(x))
+    assert export_onnx(model, tmp_path / "m.onnx", exporter="native").exporter == "native"
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    return lambda a: session.run(None, {session.get_inputs()[0].name: a.astype("float32")})
+
+
 def _band(a, lower, upper):
     i, j = np.indices(a.shape[-2:])
     return a * (((lower < 0) | (i - j <= lower)) & ((upper < 0) | (j - i <= upper)))
 
 
 def test_direct_tensorflow_calls_are_recorded_as_ops(tmp_path):
-    x = keras.Input((None, 4))
-    model = keras.Model(x, DirectTensorFlow()(x))
-    assert export_onnx(model, tmp_path / "m.onnx", exporter="native").exporter == "native"
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    run = _exported(DirectTensorFlow(), (None, 4), tmp_path)
     rng = np.random.default_rng(8)
     for batch, length in ((1, 5), (3, 11)):
         a = rng.uniform(-3, 3, (batch, length, 4))
         s = a @ a.transpose(0, 2, 1)
         want = (_band(np.ones((length, length)), 1, 2) * (
             _band(s, min(length, 3), 0) + _band(s, -1, 1)) + s[..., ::-1] + a[..., 2:3])
-        got, = session.run(None, {session.get_inputs()[0].name: a.astype("float32")})
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(run(a)[0], want, rtol=1e-5, atol=1e-4)
 
 
 class Transforms(keras.layers.Layer):
@@ -229,28 +234,25 @@ class Transforms(keras.layers.Layer):
     def call(self, x):
         re, im = ops.fft2((x, ops.flip(x, axis=2)))
         back, _ = ops.ifft2((re, im))
-        t_re, t_im = ops.fft((ops.transpose(x, (0, 2, 1)), ops.zeros_like(ops.transpose(x, (0, 2, 1)))))
+        over_length = ops.transpose(x, (0, 2, 1))
+        t_re, t_im = ops.fft((over_length, ops.zeros_like(over_length)))
         return re, im, back, t_re, t_im
 
 
 def test_transforms_over_a_run_time_length_match_numpy(tmp_path):
-    x = keras.Input((None, 6))
-    model = keras.Model(x, Transforms()(x))
-    assert export_onnx(model, tmp_path / "m.onnx", exporter="native").exporter == "native"
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    run = _exported(Transforms(), (None, 6), tmp_path)
     rng = np.random.default_rng(9)
     for batch, length in ((1, 5), (3, 11), (2, 32)):
         a = rng.uniform(-50, 50, (batch, length, 6))
         spectrum = np.fft.fft2(a + 1j * a[..., ::-1])
         over_length = np.fft.fft(a.transpose(0, 2, 1))
         want = [spectrum.real, spectrum.imag, a, over_length.real, over_length.imag]
-        got = session.run(None, {session.get_inputs()[0].name: a.astype("float32")})
-        for g, w in zip(got, want):
+        for g, w in zip(run(a), want):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
 
 
 class RepeatedByLength(keras.layers.Layer):
-    """`ops.repeat` by the sequence length (DeBERTa-v3's relative positions), on an axis and flat."""
+    """`ops.repeat` by the sequence length (DeBERTa-v3's positions), along an axis and flat."""
 
     def call(self, x):
         length = ops.shape(x)[1]
@@ -258,13 +260,10 @@ class RepeatedByLength(keras.layers.Layer):
 
 
 def test_repeat_by_a_run_time_length_matches_numpy(tmp_path):
-    x = keras.Input((None, 3))
-    model = keras.Model(x, RepeatedByLength()(x))
-    assert export_onnx(model, tmp_path / "m.onnx", exporter="native").exporter == "native"
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    run = _exported(RepeatedByLength(), (None, 3), tmp_path)
     rng = np.random.default_rng(10)
     for batch, length in ((1, 5), (3, 11)):
         a = rng.uniform(-9, 9, (batch, length, 3)).astype("float32")
-        got = session.run(None, {session.get_inputs()[0].name: a})
+        got = run(a)
         np.testing.assert_array_equal(got[0], np.repeat(a, length, axis=1))
         np.testing.assert_array_equal(got[1], np.repeat(a[:, :2], length))
