@@ -6,10 +6,10 @@ none of these needs a complex dtype. Each transform over a static length
 `n` is a product with its DFT matrix, built here in float64 and stored in
 float32: one `MatMul` per axis transformed. fft, fft2 and ifft2 over an
 axis whose length is known only at run time (a text model's sequence,
-recorded by `sized_ops`) build that matrix in the graph from the
-length. The short-time transforms fold
-the framing, window and DFT into one strided `Conv` (stft) or
-`ConvTranspose` (istft: inverse DFT, synthesis window and overlap-add).
+recorded by `sized_ops`) build that matrix in the graph from the length.
+The short-time transforms fold the framing, window and DFT into one
+strided `Conv` (stft) or `ConvTranspose` (istft: inverse DFT, synthesis
+window and overlap-add).
 The windows, the inverse window's normalisation and the cropping follow
 Keras's TensorFlow backend (`tf.signal`).
 """
