@@ -147,13 +147,27 @@ def test_a_size_no_op_takes_is_refused_by_name(tmp_path):
 def _backbone(name):
     import keras_hub
 
-    sizes = dict(vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16,
-                 intermediate_dim=32, max_sequence_length=64)
-    return {"bert": keras_hub.models.BertBackbone,
-            "gpt2": keras_hub.models.GPT2Backbone}[name](**sizes)
+    models = keras_hub.models
+    sizes = dict(vocabulary_size=100, num_layers=2, hidden_dim=16, intermediate_dim=32)
+    heads = dict(sizes, num_heads=2)
+    return {
+        "bert": lambda: models.BertBackbone(**heads, max_sequence_length=64),
+        "gpt2": lambda: models.GPT2Backbone(**heads, max_sequence_length=64),
+        # A window shorter than the lengths run: tf.linalg.band_part masks.
+        "qwen3": lambda: models.Qwen3Backbone(**sizes, num_query_heads=4, num_key_value_heads=2,
+                                              head_dim=8, sliding_window_size=4),
+        # tf.gather(batch_dims=3) of relative positions; ops.repeat by the length.
+        "deberta_v3": lambda: models.DebertaV3Backbone(**heads, max_sequence_length=64,
+                                                       bucket_size=8),
+        "f_net": lambda: models.FNetBackbone(**sizes, max_sequence_length=64),  # fft2
+        # A rotary layer declaring one output for the two its call returns.
+        "esm": lambda: models.ESMBackbone(**heads, max_sequence_length=64),
+    }[name]()
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2"])
+@pytest.mark.parametrize("name", [
+    "bert", "gpt2", *(pytest.param(n, marks=pytest.mark.slow)
+                      for n in ("qwen3", "deberta_v3", "f_net", "esm"))])
 def test_text_backbone_exports_natively_at_any_length(name, tmp_path):
     keras.utils.set_random_seed(11)
     model = _backbone(name)
@@ -170,3 +184,86 @@ def test_text_backbone_exports_natively_at_any_length(name, tmp_path):
         return [feeds[name] for name in result.input_names]
 
     _session_matches(model, tmp_path / "m.onnx", feeds_at)
+
+
+class DirectTensorFlow(keras.layers.Layer):
+    """keras-hub's TensorFlow-only paths: tf.linalg.band_part, tf.gather with batch_dims."""
+
+    def call(self, x):
+        import tensorflow as tf
+
+        length = ops.shape(x)[1]
+        scores = ops.matmul(x, ops.transpose(x, (0, 2, 1)))  # [batch, length, length]
+        window = ops.cast(ops.minimum(length, 3), "int32")
+        banded = tf.linalg.band_part(scores, window, 0) + tf.linalg.band_part(scores, -1, 1)
+        kept = tf.linalg.band_part(ops.ones((length, length), "bool"), 1, 2)
+        # Each row's columns in reverse: indices of the rank of the scores.
+        rows = ops.broadcast_to(length - 1 - ops.arange(length), ops.shape(scores))
+        flipped = tf.gather(scores, rows, batch_dims=2)
+        return ops.where(kept, banded, 0.0) + flipped + tf.gather(x, [2, 0], axis=2)[:, :, :1]
+
+
+def _exported(layer, shape, tmp_path):
+    """`run(array)`: onnxruntime's outputs for the native export of `layer` on inputs of `shape`."""
+    x = keras.Input(shape)
+    model = keras.Model(x, layer(x))
+    assert export_onnx(model, tmp_path / "m.onnx", exporter="native").exporter == "native"
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    return lambda a: session.run(None, {session.get_inputs()[0].name: a.astype("float32")})
+
+
+def _band(a, lower, upper):
+    i, j = np.indices(a.shape[-2:])
+    return a * (((lower < 0) | (i - j <= lower)) & ((upper < 0) | (j - i <= upper)))
+
+
+def test_direct_tensorflow_calls_are_recorded_as_ops(tmp_path):
+    run = _exported(DirectTensorFlow(), (None, 4), tmp_path)
+    rng = np.random.default_rng(8)
+    for batch, length in ((1, 5), (3, 11)):
+        a = rng.uniform(-3, 3, (batch, length, 4))
+        s = a @ a.transpose(0, 2, 1)
+        want = (_band(np.ones((length, length)), 1, 2) * (
+            _band(s, min(length, 3), 0) + _band(s, -1, 1)) + s[..., ::-1] + a[..., 2:3])
+        np.testing.assert_allclose(run(a)[0], want, rtol=1e-5, atol=1e-4)
+
+
+class Transforms(keras.layers.Layer):
+    """fft2 and ifft2 over (length, features), fft over the length: run-time DFT matrices."""
+
+    def call(self, x):
+        re, im = ops.fft2((x, ops.flip(x, axis=2)))
+        back, _ = ops.ifft2((re, im))
+        over_length = ops.transpose(x, (0, 2, 1))
+        t_re, t_im = ops.fft((over_length, ops.zeros_like(over_length)))
+        return re, im, back, t_re, t_im
+
+
+def test_transforms_over_a_run_time_length_match_numpy(tmp_path):
+    run = _exported(Transforms(), (None, 6), tmp_path)
+    rng = np.random.default_rng(9)
+    for batch, length in ((1, 5), (3, 11), (2, 32)):
+        a = rng.uniform(-50, 50, (batch, length, 6))
+        spectrum = np.fft.fft2(a + 1j * a[..., ::-1])
+        over_length = np.fft.fft(a.transpose(0, 2, 1))
+        want = [spectrum.real, spectrum.imag, a, over_length.real, over_length.imag]
+        for g, w in zip(run(a), want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+
+
+class RepeatedByLength(keras.layers.Layer):
+    """`ops.repeat` by the sequence length (DeBERTa-v3's positions), along an axis and flat."""
+
+    def call(self, x):
+        length = ops.shape(x)[1]
+        return ops.repeat(x, length, axis=1), ops.repeat(x[:, :2], length)
+
+
+def test_repeat_by_a_run_time_length_matches_numpy(tmp_path):
+    run = _exported(RepeatedByLength(), (None, 3), tmp_path)
+    rng = np.random.default_rng(10)
+    for batch, length in ((1, 5), (3, 11)):
+        a = rng.uniform(-9, 9, (batch, length, 3)).astype("float32")
+        got = run(a)
+        np.testing.assert_array_equal(got[0], np.repeat(a, length, axis=1))
+        np.testing.assert_array_equal(got[1], np.repeat(a[:, :2], length))

@@ -47,6 +47,7 @@ from bnconvert.onnx import reductions
 from bnconvert.onnx import reshaping
 from bnconvert.onnx import spectral
 from bnconvert.onnx import preprocessing
+from bnconvert.onnx import sized_ops
 from bnconvert.onnx import sizes
 from bnconvert.onnx import special
 from bnconvert.onnx.graph import Uncovered
@@ -133,6 +134,9 @@ _CLASS_NAMES = {"Absolute": "absolute", "Resize": "resize", "BatchNorm": "batch_
                 "ReLU": "relu"}
 
 
+_TRACER_OPS = {sizes.__name__: sizes.EMITTERS, sized_ops.__name__: sized_ops.EMITTERS}
+
+
 def function_name(op):
     """The `keras.ops` function a Keras 3 op node records (`TopK` -> `top_k`)."""
     name = type(op).__name__
@@ -174,7 +178,7 @@ def emit_op(g, call):
     """A Keras 3 op node."""
     name = function_name(call.layer)
     # The tracer's own ops (sizes as graph values) are not `keras.ops` functions.
-    table = sizes.EMITTERS if type(call.layer).__module__ == sizes.__name__ else EMITTERS
+    table = _TRACER_OPS.get(type(call.layer).__module__, EMITTERS)
     if name not in table:
         raise Uncovered([(call.base, type(call.layer).__name__, "op")])
     return _run(g, call, name, keras_params(call.layer, call), type(call.layer).__name__, table)

@@ -14,6 +14,7 @@ from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import keras_axes
 from bnconvert.onnx.math import aligned
+from bnconvert.onnx.math import as_value
 from bnconvert.onnx.math import constant
 from bnconvert.onnx.math import out_dtype
 
@@ -152,7 +153,8 @@ def moveaxis(g, call, p):
 
 
 def ravel(g, call, p):
-    x = g.keras(p["x"])
+    # A concrete operand of `outer` (ESM's rotary frequencies) is an initializer.
+    x = as_value(g, p["x"], call.base)
     return [call.out(g.node("Reshape", [x.name, g.ints([-1])], call.base))]
 
 

@@ -4,18 +4,23 @@ and the MelSpectrogram layer.
 Keras passes complex values as a `(real, imag)` pair of float tensors, so
 none of these needs a complex dtype. Each transform over a static length
 `n` is a product with its DFT matrix, built here in float64 and stored in
-float32: one `MatMul` per axis transformed. The short-time transforms fold
-the framing, window and DFT into one strided `Conv` (stft) or
-`ConvTranspose` (istft: inverse DFT, synthesis window and overlap-add).
+float32: one `MatMul` per axis transformed. fft, fft2 and ifft2 over an
+axis whose length is known only at run time (a text model's sequence,
+recorded by `sized_ops`) build that matrix in the graph from the length.
+The short-time transforms fold the framing, window and DFT into one
+strided `Conv` (stft) or `ConvTranspose` (istft: inverse DFT, synthesis
+window and overlap-add).
 The windows, the inverse window's normalisation and the cropping follow
 Keras's TensorFlow backend (`tf.signal`).
 """
 
 import numpy as np
+from onnx import TensorProto
+from onnx import numpy_helper
 
 from bnconvert.onnx.graph import Uncovered
 
-FLOAT = 1
+FLOAT, DOUBLE = TensorProto.FLOAT, TensorProto.DOUBLE
 
 
 def _refuse(call, op_type, why):
@@ -41,7 +46,9 @@ def _matmul(g, call, x, matrix, tag):
 
 
 def _complex_dft(g, call, real, imag, n, inverse):
-    """(real, imag) of the DFT of `real + i imag` along the last axis (length `n`)."""
+    """(real, imag) of the DFT of `real + i imag` along the last axis (length `n`, or None)."""
+    if n is None:
+        return _run_time_dft(g, call, real, imag, inverse)
     angle = _angles(n, n, n)
     cos, sin = np.cos(angle), np.sin(angle)
     sign = 1.0 if inverse else -1.0
@@ -52,6 +59,40 @@ def _complex_dft(g, call, real, imag, n, inverse):
     both = g.node("Concat", [real, imag], call.base, axis=-1)
     out = _matmul(g, call, both, matrix, "dft")
     return g.node("Split", [out, g.ints([n, n], "split")], call.base, outputs=2, axis=-1)
+
+
+def _run_time_dft(g, call, real, imag, inverse):
+    """`_complex_dft` along a last axis whose length n is known only at run time.
+
+    The matrix is built in the graph from n as the static one is in NumPy:
+    (t k) mod n exactly in int64, the angle and its cosine and sine in
+    float64, then stored in float32. The two halves of the output are
+    two products ([re, im] with [C; -s S] and [s S; C]), so no split
+    needs n.
+    """
+    base = call.base
+    size = g.node("Gather", [g.node("Shape", [real], base), g.ints([-1])], base, axis=0)
+    t = g.node("Range", [_int64_scalar(g, base, 0), g.node(
+        "Reshape", [size, g.ints(np.zeros(0))], base), _int64_scalar(g, base, 1)], base)
+    products = g.node("Mul", [g.node("Reshape", [t, g.ints([-1, 1])], base),
+                              g.node("Reshape", [t, g.ints([1, -1])], base)], base)
+    turns = g.node("Div", [g.node("Cast", [g.node("Mod", [products, size], base)], base,
+                                  to=DOUBLE), g.node("Cast", [size], base, to=DOUBLE)], base)
+    angle = g.node("Mul", [turns, g.scalar(2.0 * np.pi, np.float64)], base)
+    cos, sin = (g.node("Cast", [g.node(op, [angle], base)], base, to=FLOAT)
+                for op in ("Cos", "Sin"))
+    forward_sin = sin if inverse else g.node("Neg", [sin], base)  # s S, s = +1 inverse
+    both = g.node("Concat", [real, imag], base, axis=-1)
+    out = [g.node("MatMul", [both, g.node("Concat", rows, base, axis=0)], base) for rows in (
+        [cos, g.node("Neg", [forward_sin], base)], [forward_sin, cos])]
+    if inverse:
+        length = g.node("Cast", [size], base, to=FLOAT)
+        out = [g.node("Div", [o, length], base) for o in out]
+    return out
+
+
+def _int64_scalar(g, base, value):
+    return g.node("Constant", [], base, value=numpy_helper.from_array(np.array(value, np.int64)))
 
 
 def _pair(g, call, p, op_type):
@@ -69,7 +110,7 @@ def _swap_last(g, call, name, rank):
 
 def _fft(g, call, p):
     real, imag = _pair(g, call, p, "FFT")
-    out = _complex_dft(g, call, real.name, imag.name, _length(call, "FFT", real), False)
+    out = _complex_dft(g, call, real.name, imag.name, real.shape[-1], False)
     return [call.out(out[0]), call.out(out[1], index=1)]
 
 
@@ -78,7 +119,7 @@ def _fft2_of(inverse, op_type):
         real, imag = _pair(g, call, p, op_type)
         if real.rank < 2:
             _refuse(call, op_type, "a tensor of rank < 2")
-        w, h = _length(call, op_type, real, -1), _length(call, op_type, real, -2)
+        w, h = real.shape[-1], real.shape[-2]
         re, im = _complex_dft(g, call, real.name, imag.name, w, inverse)
         re, im = (_swap_last(g, call, v, real.rank) for v in (re, im))
         re, im = _complex_dft(g, call, re, im, h, inverse)

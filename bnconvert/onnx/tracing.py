@@ -10,6 +10,15 @@ what they compute:
   model is exported, such an override falls back to Keras's generic
   `Layer.compute_output_spec`, which runs the layer's `call` on
   placeholders of the same shapes;
+- a layer's `compute_output_shape` declares another structure than its
+  call returns (keras-hub's ESM rotary layer: one output for two), so its
+  parent unpacks the wrong one. A third-party layer's spec is that of its
+  call run on placeholders (`keras.Operation`'s), the declared one only
+  where the call does not run there;
+- keras-hub calls TensorFlow directly on its TensorFlow-only paths
+  (`tf.gather`, `tf.linalg.band_part`): those are recorded as `keras.ops`
+  (`tf_calls`); Keras records fft/fft2/ifft2 only over axes of static size
+  and `repeat` only by a number: those record ops of `sized_ops`;
 - Keras utilities that call backend functions directly (bounding-box
   format conversion) are routed through `keras.ops`
   (`keras_internals.backend_calls_through_ops`);
@@ -36,6 +45,8 @@ import numpy as np
 import onnx.numpy_helper
 
 from bnconvert import keras_internals as internals
+from bnconvert.onnx import sized_ops
+from bnconvert.onnx import tf_calls
 from bnconvert.onnx.graph import Uncovered
 from bnconvert import walk as model_walk
 
@@ -51,17 +62,24 @@ def lenient(model, flavour):
     if base is None:  # tf-keras: no symbolic specs to fall back from
         yield
         return
-    shadowed = []
+    shadowed, shape = [], flavour.keras.layers.Layer.compute_output_shape
     try:
         for _, layer in model_walk.iter_layers(model, flavour):
-            spec = getattr(type(layer), "compute_output_spec", base)
-            if (spec is base or "compute_output_spec" in vars(layer)
-                    or type(layer).__module__.startswith(KNOWN_PACKAGES)):
+            if "compute_output_spec" in vars(layer) \
+                    or type(layer).__module__.startswith(KNOWN_PACKAGES):
                 continue
-            internals.shadow_method(layer, "compute_output_spec", _falling_back(layer, base))
+            if getattr(type(layer), "compute_output_spec", base) is not base:
+                spec = _falling_back(layer, base)
+            elif getattr(type(layer), "compute_output_shape", shape) is not shape:
+                spec = _call_first(layer, flavour.keras.Operation.compute_output_spec, base)
+            else:
+                continue
+            internals.shadow_method(layer, "compute_output_spec", spec)
             shadowed.append(layer)
         with internals.backend_calls_through_ops(), internals.none_outputs_dropped(), \
-                _indexing_and_ranks(flavour.keras), _variables_as_operands(flavour.keras):
+                _indexing_and_ranks(flavour.keras), _variables_as_operands(flavour.keras), \
+                tf_calls.tf_calls_through_ops(flavour.keras), \
+                sized_ops.ops_of_any_size(flavour.keras):
             yield
     finally:
         for layer in shadowed:
@@ -120,6 +138,22 @@ def _falling_back(layer, base):
             return own(layer, *args, **kwargs)
         except Exception:  # noqa: BLE001 - any refusal: Keras's own spec decides
             return base(layer, *args, **kwargs)
+
+    return compute_output_spec
+
+
+def _call_first(layer, traced, declared):
+    """The spec of what `layer`'s call returns, else the one its `compute_output_shape` declares.
+
+    A declared shape may disagree with the call (keras-hub's ESM rotary
+    layer declares one output and returns two), and the caller then unpacks
+    the wrong structure; Keras's generic spec runs the call itself.
+    """
+    def compute_output_spec(*args, **kwargs):
+        try:
+            return traced(layer, *args, **kwargs)
+        except Exception:  # noqa: BLE001 - a call that does not run: the declared spec
+            return declared(layer, *args, **kwargs)
 
     return compute_output_spec
 
