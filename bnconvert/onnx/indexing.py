@@ -118,9 +118,14 @@ def slice_(g, call, p):
 
 def _indices(g, call, indices):
     if isinstance(indices, Value):
-        return g.keras(indices).name, indices.rank
-    array = constant(indices).astype(np.int64)
-    return g.constant(array, f"{call.base}/indices", np.int64), array.ndim
+        name, rank = g.keras(indices).name, indices.rank
+    else:
+        array = constant(indices).astype(np.int64)
+        name, rank = g.constant(array, f"{call.base}/indices", np.int64), array.ndim
+    if rank == 0:
+        # A scalar index drops the axis; the graph holds numbers and sizes as [1].
+        name = g.node("Reshape", [name, g.ints(np.zeros(0, np.int64))], call.base)
+    return name, rank
 
 
 def take(g, call, p):
@@ -130,7 +135,19 @@ def take(g, call, p):
     if axis is None:
         x, axis = Value(g.node("Reshape", [x.name, g.ints([-1])], call.base), (None,), (0,)), 0
     indices, _ = _indices(g, call, p["indices"])
-    return [call.out(g.node("Gather", [x.name, indices], call.base, axis=int(axis) % x.rank))]
+    axis = int(axis) % x.rank
+    if _made_by(g, indices, "Range"):
+        # onnxruntime rewrites a Gather of a Range into a Slice, which reads negative
+        # indices as bounds (a stop of -1 as the last element): they are wrapped first.
+        size = g.node("Gather", [g.node("Shape", [x.name], call.base), g.ints(axis)], call.base)
+        dtype = dtype_of(call, p["indices"])
+        size = cast(g, Value(size, (), ()), "int64", dtype, call.base).name
+        indices = g.node("Mod", [indices, size], call.base)
+    return [call.out(g.node("Gather", [x.name, indices], call.base, axis=axis))]
+
+
+def _made_by(g, name, op_type):
+    return any(name in node.output and node.op_type == op_type for node in reversed(g.nodes))
 
 
 def take_along_axis(g, call, p):
