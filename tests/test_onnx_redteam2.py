@@ -78,3 +78,70 @@ TAKES = {
 @pytest.mark.parametrize("name", list(TAKES))
 def test_take_of_scalars_and_ranges(name, tmp_path):
     _matches_at_other_sizes(_traced(TAKES[name]), tmp_path)
+
+
+# --- integers at their range ends ----------------------------------------------
+# Floor division subtracted the remainder first (overflowing near the range
+# ends: 6e8 off); onnxruntime saturates an int32 ReduceSum where Keras wraps.
+
+I32 = np.iinfo(np.int32)
+INTEGERS = {
+    "floor_divide_by_negative": ("int32", lambda x: ops.floor_divide(x, -3)),
+    # (never min // -1, which overflows)
+    "floor_divide_by_tensor": ("int32", lambda x: ops.floor_divide(
+        x, ops.where(ops.flip(x, 1) == -1, 3, ops.flip(x, 1)))),
+    "floor_divide_int8": ("int8", lambda x: x // -7),
+    "sum_int32": ("int32", lambda x: ops.sum(x, axis=1)),
+    "sum_uint8": ("uint8", lambda x: ops.sum(x, axis=1, keepdims=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(INTEGERS))
+def test_integer_ops_at_range_ends(name, tmp_path):
+    dtype, function = INTEGERS[name]
+    info = np.iinfo(dtype)
+    values = np.array([info.min, info.min + 1, -7, -1, 1, 2, 5, info.max - 1, info.max])
+    values = values[(values >= info.min) & (values <= info.max) & (values != 0)]
+
+    class Custom(L.Layer):
+        def call(self, x):
+            return function(x)
+
+    x = keras.Input((None,), dtype=dtype)
+    model = keras.Model(x, Custom()(x))
+    path = tmp_path / "m.onnx"
+    assert export_onnx(model, path, exporter="native", check=False).exporter == "native"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    for batch, size in SIZES:
+        feed = rng.choice(values, (batch, size)).astype(dtype)
+        got = session.run(None, {session.get_inputs()[0].name: feed})[0]
+        want = np.asarray(model(feed))
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+# --- `==` in a layer's call -----------------------------------------------------
+# A symbolic Keras tensor has no `==` of its own: `x == 0` was Python's identity
+# test, False, written into the graph as a constant (a padding mask never set).
+
+EQUALITIES = {
+    "number": lambda x: ops.where(x == 0.0, 5.0, x),
+    "reflected": lambda x: ops.where(-1.0 == x, 5.0, x),
+    "array": lambda x: ops.cast(x == np.array([0, 1, -1, 2], "float32"), "float32"),
+    "tensor": lambda x: ops.cast(x == ops.flip(x, 1), "float32") + x,
+}
+
+
+@pytest.mark.parametrize("name", list(EQUALITIES))
+def test_equality_in_a_call_is_elementwise(name, tmp_path):
+    model = _traced(EQUALITIES[name])
+    path = tmp_path / "m.onnx"
+    assert export_onnx(model, path, exporter="native", check=False).exporter == "native"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(6)
+    for batch, size in SIZES:
+        # Small whole numbers: many entries equal 0, -1, each other.
+        feed = np.round(rng.uniform(-2, 2, (batch, size, 4))).astype("float32")
+        got = session.run(None, {session.get_inputs()[0].name: feed})[0]
+        np.testing.assert_array_equal(got, np.asarray(model(feed)))
