@@ -145,3 +145,29 @@ def test_equality_in_a_call_is_elementwise(name, tmp_path):
         feed = np.round(rng.uniform(-2, 2, (batch, size, 4))).astype("float32")
         got = session.run(None, {session.get_inputs()[0].name: feed})[0]
         np.testing.assert_array_equal(got, np.asarray(model(feed)))
+
+
+# --- a subclassed model built by a call on data ---------------------------------
+
+
+class _LastStep(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = L.Dense(3)
+
+    def call(self, x):
+        return self.dense(x)[:, -1] * 2.0
+
+
+def test_subclassed_model_built_by_a_call_takes_any_batch(tmp_path):
+    """Its build config records the batch it was called on (1): the graph took only that."""
+    model = _LastStep()
+    model(np.zeros((1, 5, 4), "float32"))
+    path = tmp_path / "m.onnx"
+    assert export_onnx(model, path, exporter="native", check=False).exporter == "native"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        feed = np.random.default_rng(batch).uniform(-1e3, 1e3, (batch, 5, 4)).astype("float32")
+        got = session.run(None, {session.get_inputs()[0].name: feed})[0]
+        want = np.asarray(model(feed), np.float64)
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL * max(1.0, np.abs(want).max()))
