@@ -17,6 +17,7 @@ import onnxruntime as ort  # noqa: E402
 import pytest  # noqa: E402
 
 from bnconvert import export_onnx  # noqa: E402
+from bnconvert.errors import ConversionError  # noqa: E402
 from test_onnx_redteam import _keras  # noqa: E402
 
 L = keras.layers
@@ -171,3 +172,35 @@ def test_subclassed_model_built_by_a_call_takes_any_batch(tmp_path):
         got = session.run(None, {session.get_inputs()[0].name: feed})[0]
         want = np.asarray(model(feed), np.float64)
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL * max(1.0, np.abs(want).max()))
+
+
+# --- integer data into a float layer ----------------------------------------------
+# A uint8 image into `Rescaling` or `Conv2D` gave a graph onnxruntime refuses
+# (integer operands of Mul / Conv); the layer now takes it cast to float. Layers
+# that compute in the integer dtype, or round back to it, are refused by name.
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int32"])
+def test_integer_images_into_float_layers(dtype, tmp_path):
+    x = keras.Input((None, None, 3), dtype=dtype)
+    y = L.Conv2D(4, 3, strides=2, padding="same")(L.Rescaling(1 / 255.0, offset=-0.5)(x))
+    y = L.GlobalMaxPooling2D()(L.BatchNormalization()(y))
+    side = L.Dense(2)(L.GlobalAveragePooling2D()(L.ZeroPadding2D()(x)))
+    model = keras.Model(x, [L.Dense(3)(y), side])
+    path = tmp_path / "m.onnx"
+    assert export_onnx(model, path, exporter="native", check=False).exporter == "native"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(7)
+    for batch, size in ((1, 7), (5, 4)):
+        feed = rng.integers(0, 256, (batch, size, size + 2, 3)).astype(dtype)
+        got = session.run(None, {session.get_inputs()[0].name: feed})
+        for g, w in zip(got, _keras(model, [feed])):
+            np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL * max(1.0, np.abs(w).max()))
+
+
+def test_integer_input_into_a_normalization_is_refused_by_name(tmp_path):
+    x = keras.Input((None, 3), dtype="int32")
+    model = keras.Model(x, L.LayerNormalization(name="norm")(x))
+    with pytest.raises(ConversionError, match=r"'norm' \(LayerNormalization: an integer input"):
+        export_onnx(model, tmp_path / "m.onnx", exporter="native", check=False)
+    assert not (tmp_path / "m.onnx").exists()
