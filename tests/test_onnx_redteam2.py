@@ -204,3 +204,39 @@ def test_integer_input_into_a_normalization_is_refused_by_name(tmp_path):
     with pytest.raises(ConversionError, match=r"'norm' \(LayerNormalization: an integer input"):
         export_onnx(model, tmp_path / "m.onnx", exporter="native", check=False)
     assert not (tmp_path / "m.onnx").exists()
+
+
+IMAGE_OPS = {
+    # Weighted in float and truncated back (an int graph multiplied uint8 by float).
+    "rgb_to_grayscale": lambda x: ops.image.rgb_to_grayscale(x),
+    # onnxruntime has no int32 MaxPool: pooled in float64, exactly.
+    "max_pool": lambda x: ops.max_pool(x, 3, 2, padding="same"),
+    "nearest_resize": lambda x: ops.image.resize(x, (4, 5), interpolation="nearest"),
+}
+
+
+@pytest.mark.parametrize("name", list(IMAGE_OPS))
+@pytest.mark.parametrize("dtype", ["uint8", "int32"])
+def test_integer_images_through_image_ops(name, dtype, tmp_path):
+    x = keras.Input((None, None, 3), dtype=dtype)
+
+    class Custom(L.Layer):
+        def call(self, images):
+            return IMAGE_OPS[name](images)
+
+    model = keras.Model(x, Custom()(x))
+    path = tmp_path / "m.onnx"
+    assert export_onnx(model, path, exporter="native", check=False).exporter == "native"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(8)
+    for batch, size in ((1, 7), (5, 4)):
+        feed = rng.integers(0, 256, (batch, size, size + 2, 3)).astype(dtype)
+        got = session.run(None, {session.get_inputs()[0].name: feed})[0]
+        np.testing.assert_array_equal(got, np.asarray(model(feed)))
+
+
+def test_bilinear_resize_of_integer_images_is_refused(tmp_path):
+    x = keras.Input((None, None, 3), dtype="uint8")
+    model = keras.Model(x, L.Lambda(lambda t: ops.image.resize(t, (4, 5)))(x))
+    with pytest.raises(ConversionError, match=r"Resize: bilinear of uint8 images"):
+        export_onnx(model, tmp_path / "m.onnx", exporter="native", check=False)

@@ -21,7 +21,9 @@ from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import keras_axes
 from bnconvert.onnx.math import aligned
+from bnconvert.onnx.math import cast
 from bnconvert.onnx.math import constant
+from bnconvert.onnx.math import dtype_of
 from bnconvert.onnx.math import out_dtype
 
 EPSILON = 1e-7  # keras.backend.epsilon(), Keras's default for these ops
@@ -71,8 +73,17 @@ def separable_conv(g, call, p):
 def _pool(op_type):
     def emit(g, call, p):
         layer = _as_layer(call, p, pool_size=p["pool_size"], strides=p.get("strides"))
-        call = dataclasses.replace(call, layer=layer, inputs=[p["inputs"]])
-        return structure.pooling(op_type)(g, call)
+        x, dtype = p["inputs"], dtype_of(call, p["inputs"])
+        # onnxruntime's MaxPool takes floats and 8-bit integers; wider ones pool
+        # exactly in float64 (int64 beyond 2**53 would not).
+        wide = dtype in ("int16", "int32", "uint16", "uint32")
+        if dtype in ("int64", "uint64", "bool"):
+            raise Uncovered([(call.base, op_type, f"{dtype} input")])
+        if wide:
+            x = cast(g, x, dtype, "float64", call.base)
+        call = dataclasses.replace(call, layer=layer, inputs=[x])
+        out = structure.pooling(op_type)(g, call)
+        return [cast(g, v, "float64", dtype, call.base) for v in out] if wide else out
     return emit
 
 

@@ -98,8 +98,14 @@ def _resize(g, call, p):
         if None in size:
             raise Uncovered([(call.base, "Resize", "a size computed at run time")])
     height, width = (int(s) for s in size)
+    interpolation = p.get("interpolation", "bilinear")
+    images = p["images"]
+    dtype = math.dtype_of(call, images) if isinstance(images, Value) else "float32"
+    if interpolation != "nearest" and not dtype.startswith("float"):
+        # TensorFlow computes them in float32; Keras's symbolic result keeps the dtype.
+        raise Uncovered([(call.base, "Resize", f"{interpolation} of {dtype} images")])
     layer = types.SimpleNamespace(
-        name=call.base, interpolation=p.get("interpolation", "bilinear"), height=height,
+        name=call.base, interpolation=interpolation, height=height,
         width=width, data_format=p.get("data_format") or "channels_last",
         crop_to_aspect_ratio=p.get("crop_to_aspect_ratio", False),
         pad_to_aspect_ratio=p.get("pad_to_aspect_ratio", False))
