@@ -240,3 +240,20 @@ def test_bilinear_resize_of_integer_images_is_refused(tmp_path):
     model = keras.Model(x, L.Lambda(lambda t: ops.image.resize(t, (4, 5)))(x))
     with pytest.raises(ConversionError, match=r"Resize: bilinear of uint8 images"):
         export_onnx(model, tmp_path / "m.onnx", exporter="native", check=False)
+
+
+# --- padding by a run-time width ----------------------------------------------------
+# Window attention pads a sequence or image to a multiple of its window; the width,
+# computed from `ops.shape`, was no input of Keras's Pad op: the layer was refused.
+
+
+def _windows(x):
+    height, width = ops.shape(x)[1], ops.shape(x)[2]
+    padded = ops.pad(x, ((0, 0), (0, (3 - height % 3) % 3), (1, (3 - (width + 1) % 3) % 3),
+                         (0, 0)), constant_values=-2.0)
+    return ops.reshape(padded, (ops.shape(x)[0], -1, 3, 2))
+
+
+def test_padding_to_a_multiple_of_a_window(tmp_path):
+    _matches_at_other_sizes(_traced(_windows, shape=(None, None, 2)), tmp_path,
+                            sizes=((1, 7), (5, 9), (2, 1), (2, 2)))

@@ -10,6 +10,7 @@ own layout. Ops that depend on the memory order of the Keras layout
 import numpy as np
 
 from bnconvert.onnx import shape as structure
+from bnconvert.onnx.bounds import shape_tensor
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import keras_axes
@@ -80,14 +81,28 @@ def pad(g, call, p):
     x, mode = p["x"], p.get("mode", "constant")
     if mode not in ("constant", "reflect", "edge"):
         raise Uncovered([(call.base, "Pad", f"mode={mode!r}")])
-    widths = np.broadcast_to(np.asarray(p["pad_width"], np.int64).reshape(-1, 2)
-                             if np.ndim(p["pad_width"]) else p["pad_width"], (x.rank, 2))
-    pads = [widths[a][0] for a in x.perm] + [widths[a][1] for a in x.perm]
-    inputs = [x.name, g.ints(pads, "pads")]
+    widths = p["pad_width"]
+    if _has_value(widths):
+        # Widths computed from run-time sizes (a window's padding to a multiple).
+        pairs = [tuple(w) for w in widths] * (x.rank if len(widths) == 1 else 1)
+        if len(pairs) != x.rank or any(len(w) != 2 for w in pairs):
+            raise Uncovered([(call.base, "Pad", "run-time widths not in (before, after) pairs")])
+        pads = shape_tensor(g, call, [pairs[a][0] for a in x.perm] + [pairs[a][1] for a in x.perm])
+    else:
+        widths = np.broadcast_to(np.asarray(widths, np.int64).reshape(-1, 2)
+                                 if np.ndim(widths) else widths, (x.rank, 2))
+        pads = g.ints([widths[a][0] for a in x.perm] + [widths[a][1] for a in x.perm], "pads")
+    inputs = [x.name, pads]
     value = p.get("constant_values")
     if mode == "constant" and value is not None and float(constant(value)):
         inputs.append(g.scalar(float(constant(value)), np.dtype(out_dtype(call))))
     return [call.out(g.node("Pad", inputs, call.base, mode=mode), x.perm)]
+
+
+def _has_value(nested):
+    if isinstance(nested, (list, tuple)):
+        return any(_has_value(v) for v in nested)
+    return isinstance(nested, Value)
 
 
 def reshape(g, call, p):

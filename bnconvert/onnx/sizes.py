@@ -11,7 +11,7 @@ Within `run_time_sizes()`, `keras.ops.shape` of a symbolic tensor gives a
 scalar int32 tensor (a `RunTimeSize` op: ONNX `Shape` + `Gather`) for each
 unknown dimension, so Python arithmetic on it is recorded like any op; and
 the `keras.ops` functions that take sizes as Python numbers (`slice`,
-`broadcast_to`, `reshape`, `arange`, `ones`, `zeros`, `full`) record an op
+`broadcast_to`, `reshape`, `arange`, `ones`, `zeros`, `full`, `pad`) record an op
 of this module when a size among their arguments is such a tensor. Their
 emitters build the ONNX shape or bounds from the graph's values, so the
 exported graph accepts any length. Code that branches on a size in Python
@@ -36,9 +36,10 @@ from bnconvert.onnx.math import cast
 from bnconvert.onnx.math import constant
 from bnconvert.onnx.math import dtype_of
 from bnconvert.onnx.math import out_dtype
+from bnconvert.onnx.reshaping import pad
 
 _REST = 2 ** 62
-_PATCHED = ("shape", "slice", "broadcast_to", "reshape", "arange", "ones", "zeros", "full")
+_PATCHED = ("shape", "slice", "broadcast_to", "reshape", "arange", "ones", "zeros", "full", "pad")
 
 
 @contextlib.contextmanager
@@ -139,9 +140,15 @@ def _replacements(keras, kinds, original):
         fill = float(np.asarray(fill_value))
         return kinds.SizedFull(dtype=dtype or keras.backend.floatx(), fill=fill)(tuple(shape))
 
+    def pad(x, pad_width, mode="constant", constant_values=None):
+        if is_symbolic(pad_width) or not _sized(keras, pad_width):
+            return original["pad"](x, pad_width, mode=mode, constant_values=constant_values)
+        widths = tuple(tuple(w) if isinstance(w, (list, tuple)) else w for w in pad_width)
+        return kinds.SizedPad(mode, constant_values)(x, widths)
+
     return {"shape": shape, "slice": slice_, "broadcast_to": broadcast_to, "reshape": reshape,
             "arange": arange, "ones": filled("ones", 1.0), "zeros": filled("zeros", 0.0),
-            "full": full}
+            "full": full, "pad": pad}
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,9 +224,23 @@ def _kinds(keras):
             return keras.KerasTensor(_indexed_shape(keras, tuple(x.shape), _decoded(key)),
                                      dtype=x.dtype)
 
+    class SizedPad(keras.Operation):
+        def __init__(self, mode, constant_values, name=None):
+            super().__init__(name=name)
+            self.mode, self.constant_values = mode, constant_values
+
+        def call(self, x, pad_width):
+            return keras.ops.pad(x, pad_width, self.mode, self.constant_values)
+
+        def compute_output_spec(self, x, pad_width):
+            pairs = list(pad_width) * (len(x.shape) if len(pad_width) == 1 else 1)
+            shape = [None if d is None or _sized(keras, w) else d + sum(w)
+                     for d, w in zip(x.shape, pairs)]
+            return keras.KerasTensor(shape, dtype=x.dtype)
+
     return type("Kinds", (), {k.__name__: k for k in (
         RunTimeSize, SizedSlice, SizedBroadcastTo, SizedReshape, SizedArange, SizedFull,
-        SizedGetItem)})
+        SizedGetItem, SizedPad)})
 
 
 def _indexed_shape(keras, shape, key):
@@ -308,8 +329,14 @@ def _sized_full(g, call, p):
                             value=fill))]
 
 
+def _sized_pad(g, call, p):
+    x = as_value(g, p["x"], call.base)
+    return pad(g, call, dict(p, x=x, mode=call.layer.mode,
+                             constant_values=call.layer.constant_values))
+
+
 EMITTERS = {
-    "run_time_size": _run_time_size, "sized_slice": _sized_slice,
+    "sized_pad": _sized_pad, "run_time_size": _run_time_size, "sized_slice": _sized_slice,
     "sized_broadcast_to": _sized_broadcast_to, "sized_reshape": _sized_reshape,
     "sized_arange": _sized_arange, "sized_full": _sized_full, "sized_get_item": get_item,
 }
