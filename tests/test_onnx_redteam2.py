@@ -257,3 +257,17 @@ def _windows(x):
 def test_padding_to_a_multiple_of_a_window(tmp_path):
     _matches_at_other_sizes(_traced(_windows, shape=(None, None, 2)), tmp_path,
                             sizes=((1, 7), (5, 9), (2, 1), (2, 2)))
+
+
+# --- tril / triu of a matrix sized at run time (a causal mask) --------------------------
+
+TRIANGLES = {
+    "causal_mask": lambda x: ops.matmul(ops.tril(ops.ones((ops.shape(x)[1],) * 2), k=-1), x),
+    "upper_scores": lambda x: ops.triu(ops.matmul(x, ops.transpose(x, (0, 2, 1))), k=1),
+    "non_square": lambda x: ops.tril(x, k=2) + ops.triu(x, k=-1),
+}
+
+
+@pytest.mark.parametrize("name", list(TRIANGLES))
+def test_triangles_of_run_time_sizes(name, tmp_path):
+    _matches_at_other_sizes(_traced(TRIANGLES[name]), tmp_path)

@@ -196,16 +196,30 @@ def _triangle(lower):
     def emit(g, call, p):
         x = g.keras(p["x"])
         rows, cols = x.shape[-2:]
-        if rows is None or cols is None:
-            raise Uncovered([(call.base, "Tril" if lower else "Triu", "unknown matrix size")])
         k = int(p.get("k", 0))
-        mask = np.tri(rows, cols, k, dtype=bool) if lower else ~np.tri(rows, cols, k - 1,
-                                                                       dtype=bool)
+        if rows is None or cols is None:
+            mask = _run_time_triangle(g, x, k, lower, call.base)
+        else:
+            mask = g.constant(np.tri(rows, cols, k, dtype=bool) if lower
+                              else ~np.tri(rows, cols, k - 1, dtype=bool), f"{call.base}/mask", bool)
         zero = g.scalar(0, np.dtype(dtype_of(call, x)))
-        name = g.node("Where", [g.constant(mask, f"{call.base}/mask", bool), x.name, zero],
-                      call.base)
-        return [call.out(name)]
+        return [call.out(g.node("Where", [mask, x.name, zero], call.base))]
     return emit
+
+
+def _run_time_triangle(g, x, k, lower, base):
+    """The mask `j - i <= k` (lower) or `>= k` of `x`'s last two axes, sized at run time."""
+    shape = g.node("Shape", [x.name], base)
+    ranges = []
+    for axis in (-2, -1):
+        size = g.node("Reshape", [g.node("Gather", [shape, g.ints([axis])], base, axis=0),
+                                  g.ints(np.zeros(0, np.int64))], base)
+        ranges.append(g.node("Range", [g.scalar(0, np.int64), size, g.scalar(1, np.int64)], base))
+    rows = g.node("Unsqueeze", [ranges[0], g.ints([1], "axes")], base)
+    offset = g.node("Sub", [ranges[1], rows], base)  # [rows, cols]: j - i
+    if lower:
+        return g.node("LessOrEqual", [offset, g.scalar(k, np.int64)], base)
+    return g.node("GreaterOrEqual", [offset, g.scalar(k, np.int64)], base)
 
 
 def one_hot(g, call, p):
