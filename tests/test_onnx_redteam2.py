@@ -271,3 +271,28 @@ TRIANGLES = {
 @pytest.mark.parametrize("name", list(TRIANGLES))
 def test_triangles_of_run_time_sizes(name, tmp_path):
     _matches_at_other_sizes(_traced(TRIANGLES[name]), tmp_path)
+
+
+# --- tf-keras TFOpLambda calls that were refused -------------------------------------
+
+
+def test_tf_keras_pad_floor_div_rint_depth_to_space(tmp_path):
+    """`tf.pad` records as `tf.compat.v1.pad`, `tf.math.floordiv` as `compat.v1.floor_div`."""
+    import tensorflow as tf
+    import tf_keras
+
+    x = tf_keras.Input((None, None, 4))
+    padded = tf.pad(x, [[0, 0], [1, 2], [2, 0], [0, 0]], "REFLECT")
+    steps = tf.math.floordiv(tf.cast(x * 100.0, tf.int32), -7)
+    y = tf.nn.depth_to_space(tf.pad(x, [[0, 0], [0, 1], [1, 0], [0, 0]], constant_values=-3.5), 2)
+    model = tf_keras.Model(x, [padded, tf.cast(steps, tf.float32), tf.math.rint(x * 2.0), y])
+    path = tmp_path / "m.onnx"
+    assert export_onnx(model, path, exporter="native", check=False).exporter == "native"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(9)
+    for batch, size in ((1, 3), (5, 6)):
+        # Halves (x * 2.0 a whole number plus 0.5) test rint's rounding to even.
+        feed = (np.round(rng.uniform(-40, 40, (batch, size, size + 1, 4))) / 4).astype("float32")
+        got = session.run(None, {session.get_inputs()[0].name: feed})
+        for g, w in zip(got, model(feed)):
+            np.testing.assert_allclose(g, np.asarray(w), rtol=RTOL, atol=ATOL)

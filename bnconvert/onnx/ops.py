@@ -231,6 +231,12 @@ def _checked(**expected):
     return adjust
 
 
+def _nhwc(p):
+    if p.get("data_format", "NHWC") != "NHWC":
+        raise Uncovered([(None, "TFOpLambda", f"data_format={p['data_format']!r}")])
+    return dict(p, data_format="channels_last")
+
+
 _UNARY_TF = {
     "math.abs": "abs", "math.negative": "negative", "math.exp": "exp", "math.log": "log",
     "math.sqrt": "sqrt", "math.rsqrt": "rsqrt", "math.square": "square", "math.erf": "erf",
@@ -239,7 +245,7 @@ _UNARY_TF = {
     "math.log1p": "log1p", "math.expm1": "expm1", "math.logical_not": "logical_not",
     "math.is_nan": "isnan", "math.is_inf": "isinf", "math.is_finite": "isfinite",
     "identity": "copy", "stop_gradient": "copy", "math.sigmoid": "sigmoid",
-    "math.tanh": "tanh", "nn.sigmoid": "sigmoid", "nn.tanh": "tanh",
+    "math.tanh": "tanh", "nn.sigmoid": "sigmoid", "nn.tanh": "tanh", "math.rint": "round",
 }
 _ACTIVATIONS_TF = {
     "nn.relu": "relu", "nn.relu6": "relu6", "nn.silu": "silu", "nn.swish": "silu",
@@ -251,6 +257,7 @@ _BINARY_TF = {
     "math.multiply": "multiply", "math.truediv": "true_divide", "math.divide": "true_divide",
     "math.maximum": "maximum", "math.minimum": "minimum", "math.pow": "power",
     "math.floormod": "mod", "math.floordiv": "floor_divide", "math.equal": "equal",
+    "compat.v1.floor_div": "floor_divide",
     "math.not_equal": "not_equal", "math.greater": "greater",
     "math.greater_equal": "greater_equal", "math.less": "less", "math.less_equal": "less_equal",
     "math.logical_and": "logical_and", "math.logical_or": "logical_or",
@@ -302,8 +309,10 @@ TF_FUNCTIONS = {
     "broadcast_to": _tf("broadcast_to", input="x"),
     "reverse": _tf("flip", tensor="x"),
     "roll": _tf("roll", input="x"),
-    "pad": _tf("pad", lambda p: dict(p, mode=str(p["mode"]).lower()), tensor="x",
-               paddings="pad_width", constant_values="constant_values"),
+    **dict.fromkeys(("pad", "compat.v1.pad"), _tf(
+        "pad", lambda p: dict(p, mode=str(p["mode"]).lower()), tensor="x",
+        paddings="pad_width", constant_values="constant_values")),
+    **{f"nn.{k}": _tf(k, _nhwc, input="x") for k in ("depth_to_space", "space_to_depth")},
     "gather": _tf("take", _gather, params="x"),
     "compat.v1.gather": _tf("take", _gather, params="x"),
     "linalg.matmul": _tf("matmul", _checked(adjoint_a=False, adjoint_b=False), a="x1", b="x2"),
