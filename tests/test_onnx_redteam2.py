@@ -34,11 +34,16 @@ def _feeds(model, batch, size, scale, rng):
     return feeds
 
 
-def _matches_at_other_sizes(model, tmp_path, sizes=SIZES, **kwargs):
-    """Exports `model` natively, unchecked; onnxruntime matches Keras at `sizes`."""
+def _session(model, tmp_path, **kwargs):
+    """Exports `model` natively, unchecked; its onnxruntime session."""
     path = tmp_path / "m.onnx"
     assert export_onnx(model, path, exporter="native", check=False, **kwargs).exporter == "native"
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _matches_at_other_sizes(model, tmp_path, sizes=SIZES, **kwargs):
+    """Exports `model` natively, unchecked; onnxruntime matches Keras at `sizes`."""
+    session = _session(model, tmp_path, **kwargs)
     rng = np.random.default_rng(4)
     for batch, size in sizes:
         for scale in (3.0, 1e3):
@@ -53,13 +58,13 @@ def _matches_at_other_sizes(model, tmp_path, sizes=SIZES, **kwargs):
                                            atol=ATOL * max(1.0, rms))
 
 
-def _traced(function, shape=(None, 4)):
+def _traced(function, shape=(None, 4), dtype="float32"):
     """A model of one custom layer whose `call` is `function`."""
     class Custom(L.Layer):
         def call(self, x):
             return function(x)
 
-    x = keras.Input(shape)
+    x = keras.Input(shape, dtype=dtype)
     return keras.Model(x, Custom()(x))
 
 
@@ -103,16 +108,8 @@ def test_integer_ops_at_range_ends(name, tmp_path):
     info = np.iinfo(dtype)
     values = np.array([info.min, info.min + 1, -7, -1, 1, 2, 5, info.max - 1, info.max])
     values = values[(values >= info.min) & (values <= info.max) & (values != 0)]
-
-    class Custom(L.Layer):
-        def call(self, x):
-            return function(x)
-
-    x = keras.Input((None,), dtype=dtype)
-    model = keras.Model(x, Custom()(x))
-    path = tmp_path / "m.onnx"
-    assert export_onnx(model, path, exporter="native", check=False).exporter == "native"
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model = _traced(function, (None,), dtype)
+    session = _session(model, tmp_path)
     rng = np.random.default_rng(5)
     for batch, size in SIZES:
         feed = rng.choice(values, (batch, size)).astype(dtype)
@@ -137,9 +134,7 @@ EQUALITIES = {
 @pytest.mark.parametrize("name", list(EQUALITIES))
 def test_equality_in_a_call_is_elementwise(name, tmp_path):
     model = _traced(EQUALITIES[name])
-    path = tmp_path / "m.onnx"
-    assert export_onnx(model, path, exporter="native", check=False).exporter == "native"
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = _session(model, tmp_path)
     rng = np.random.default_rng(6)
     for batch, size in SIZES:
         # Small whole numbers: many entries equal 0, -1, each other.
@@ -164,9 +159,7 @@ def test_subclassed_model_built_by_a_call_takes_any_batch(tmp_path):
     """Its build config records the batch it was called on (1): the graph took only that."""
     model = _LastStep()
     model(np.zeros((1, 5, 4), "float32"))
-    path = tmp_path / "m.onnx"
-    assert export_onnx(model, path, exporter="native", check=False).exporter == "native"
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = _session(model, tmp_path)
     for batch in (1, 5):
         feed = np.random.default_rng(batch).uniform(-1e3, 1e3, (batch, 5, 4)).astype("float32")
         got = session.run(None, {session.get_inputs()[0].name: feed})[0]
@@ -187,9 +180,7 @@ def test_integer_images_into_float_layers(dtype, tmp_path):
     y = L.GlobalMaxPooling2D()(L.BatchNormalization()(y))
     side = L.Dense(2)(L.GlobalAveragePooling2D()(L.ZeroPadding2D()(x)))
     model = keras.Model(x, [L.Dense(3)(y), side])
-    path = tmp_path / "m.onnx"
-    assert export_onnx(model, path, exporter="native", check=False).exporter == "native"
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = _session(model, tmp_path)
     rng = np.random.default_rng(7)
     for batch, size in ((1, 7), (5, 4)):
         feed = rng.integers(0, 256, (batch, size, size + 2, 3)).astype(dtype)
@@ -218,16 +209,8 @@ IMAGE_OPS = {
 @pytest.mark.parametrize("name", list(IMAGE_OPS))
 @pytest.mark.parametrize("dtype", ["uint8", "int32"])
 def test_integer_images_through_image_ops(name, dtype, tmp_path):
-    x = keras.Input((None, None, 3), dtype=dtype)
-
-    class Custom(L.Layer):
-        def call(self, images):
-            return IMAGE_OPS[name](images)
-
-    model = keras.Model(x, Custom()(x))
-    path = tmp_path / "m.onnx"
-    assert export_onnx(model, path, exporter="native", check=False).exporter == "native"
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model = _traced(IMAGE_OPS[name], (None, None, 3), dtype)
+    session = _session(model, tmp_path)
     rng = np.random.default_rng(8)
     for batch, size in ((1, 7), (5, 4)):
         feed = rng.integers(0, 256, (batch, size, size + 2, 3)).astype(dtype)
@@ -286,9 +269,7 @@ def test_tf_keras_pad_floor_div_rint_depth_to_space(tmp_path):
     steps = tf.math.floordiv(tf.cast(x * 100.0, tf.int32), -7)
     y = tf.nn.depth_to_space(tf.pad(x, [[0, 0], [0, 1], [1, 0], [0, 0]], constant_values=-3.5), 2)
     model = tf_keras.Model(x, [padded, tf.cast(steps, tf.float32), tf.math.rint(x * 2.0), y])
-    path = tmp_path / "m.onnx"
-    assert export_onnx(model, path, exporter="native", check=False).exporter == "native"
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = _session(model, tmp_path)
     rng = np.random.default_rng(9)
     for batch, size in ((1, 3), (5, 6)):
         # Halves (x * 2.0 a whole number plus 0.5) test rint's rounding to even.
