@@ -242,18 +242,20 @@ def test_padding_to_a_multiple_of_a_window(tmp_path):
                             sizes=((1, 7), (5, 9), (2, 1), (2, 2)))
 
 
-# --- tril / triu of a matrix sized at run time (a causal mask) --------------------------
+# --- tril / triu / sort over sizes known at run time (a causal mask) -------------------
 
-TRIANGLES = {
+SIZED_AXES = {
+    # sort / argsort along an unknown length: TopK of the axis's run-time size.
+    "sorted_scores": lambda x: ops.sort(x, axis=1) + ops.cast(ops.argsort(x, axis=1), "float32"),
     "causal_mask": lambda x: ops.matmul(ops.tril(ops.ones((ops.shape(x)[1],) * 2), k=-1), x),
     "upper_scores": lambda x: ops.triu(ops.matmul(x, ops.transpose(x, (0, 2, 1))), k=1),
     "non_square": lambda x: ops.tril(x, k=2) + ops.triu(x, k=-1),
 }
 
 
-@pytest.mark.parametrize("name", list(TRIANGLES))
-def test_triangles_of_run_time_sizes(name, tmp_path):
-    _matches_at_other_sizes(_traced(TRIANGLES[name]), tmp_path)
+@pytest.mark.parametrize("name", list(SIZED_AXES))
+def test_triangles_and_sorts_of_run_time_sizes(name, tmp_path):
+    _matches_at_other_sizes(_traced(SIZED_AXES[name]), tmp_path)
 
 
 # --- tf-keras TFOpLambda calls that were refused -------------------------------------

@@ -239,8 +239,11 @@ def one_hot(g, call, p):
 
 
 def _top(g, call, x, k, axis, largest, base):
+    """TopK of `k` along Keras `axis`; `k` None: the whole axis, sized at run time."""
     a = x.physical(axis)
-    values, indices = g.node("TopK", [x.name, g.ints([k], "k")], base, outputs=2, axis=a,
+    k = g.ints([k], "k") if k is not None else \
+        g.node("Gather", [g.node("Shape", [x.name], base), g.ints([a])], base, axis=0)
+    values, indices = g.node("TopK", [x.name, k], base, outputs=2, axis=a,
                              largest=int(largest), sorted=1)
     return values, indices
 
@@ -255,15 +258,13 @@ def top_k(g, call, p):
 
 
 def _sort(indices):
-    """sort / argsort (ascending) along one axis of known size."""
+    """sort / argsort (ascending) along one axis."""
     def emit(g, call, p):
         x = p["x"]
         axis = p.get("axis", -1)
         if axis is None:
             raise Uncovered([(call.base, "Sort", "axis=None")])
         axis = int(axis) % x.rank
-        if x.shape[axis] is None:
-            raise Uncovered([(call.base, "Sort", "an axis of unknown size")])
         values, order = _top(g, call, x, x.shape[axis], axis, False, call.base)
         if not indices:
             return [call.out(values, x.perm)]
