@@ -333,7 +333,7 @@ KERAS = {
 MIN_OPSET = {**dict.fromkeys(["bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not",
                               "bitwise_invert"], 18), "scatter": 16, "scatter_update:add": 16}
 # Cases that need a known spatial size (all others run on a dynamic one).
-STATIC = {"roll", "slice", "unstack", "broadcast_to", "repeat", "get_item:int",
+STATIC = {"slice", "unstack", "broadcast_to", "repeat", "get_item:int",
           "outer", "tile", "trace", "diagonal", "dot_product_attention",
           "dot_product_attention:causal", "depth_to_space", "space_to_depth", "rot90:2",
           "adaptive_average_pool", "adaptive_max_pool", "diag", "diag:matrix", "diagflat", "kron",

@@ -247,6 +247,8 @@ def test_padding_to_a_multiple_of_a_window(tmp_path):
 SIZED_AXES = {
     # sort / argsort along an unknown length: TopK of the axis's run-time size.
     "sorted_scores": lambda x: ops.sort(x, axis=1) + ops.cast(ops.argsort(x, axis=1), "float32"),
+    # roll by a shift beyond the length, either way: split at `n - shift mod n`.
+    "rolled": lambda x: ops.roll(x, 4, axis=1) - ops.roll(x, -2, axis=1),
     "causal_mask": lambda x: ops.matmul(ops.tril(ops.ones((ops.shape(x)[1],) * 2), k=-1), x),
     "upper_scores": lambda x: ops.triu(ops.matmul(x, ops.transpose(x, (0, 2, 1))), k=1),
     "non_square": lambda x: ops.tril(x, k=2) + ops.triu(x, k=-1),

@@ -178,13 +178,20 @@ def roll(g, call, p):
     axes = list(axes) if isinstance(axes, (list, tuple)) else [axes]
     name = x.name
     for shift, axis in zip(shifts * len(axes) if len(shifts) == 1 else shifts, axes):
-        size = x.shape[int(axis)]
+        size, current, a = x.shape[int(axis)], Value(name, x.shape, x.perm), x.physical(int(axis))
         if size is None:
-            raise Uncovered([(call.base, "Roll", "an axis of unknown size")])
-        k = int(shift) % size
-        if k:
-            current = Value(name, x.shape, x.perm)
-            a = x.physical(int(axis))
+            # The split point `n - shift mod n`, for the axis's run-time size n.
+            n = g.node("Gather", [g.node("Shape", [name], call.base), g.ints([a])], call.base,
+                       axis=0)
+            # (An empty axis divides by 1, not 0.)
+            positive = g.node("Max", [n, g.ints([1])], call.base)
+            cut = g.node("Sub", [n, g.node("Mod", [g.ints([int(shift)]), positive], call.base,
+                                           fmod=0)], call.base)
+            tail = g.node("Slice", [name, cut, g.ints([_MAX]), g.ints([a])], call.base)
+            head = g.node("Slice", [name, g.ints([0]), cut, g.ints([a])], call.base)
+            name = g.node("Concat", [tail, head], call.base, axis=a)
+        elif int(shift) % size:
+            k = int(shift) % size
             tail = _slice(g, current, [size - k], [_MAX], [a], [1], call.base)
             head = _slice(g, current, [0], [size - k], [a], [1], call.base)
             name = g.node("Concat", [tail, head], call.base, axis=a)
