@@ -395,6 +395,11 @@ def _tf_cases():
         # kecam's global response normalization scales by sqrt(H * W) read from tf.shape.
         "tf_shape": lambda y: y * tf.cast(tf.shape(y)[1] * tf.compat.v1.shape(y)[2],
                                           y.dtype) ** 0.5,
+        # Sizes read with tf.shape: a run-time reshape, range and sequence mask.
+        "reshape:tf_shape": lambda y: tf.reshape(y, [tf.shape(y)[0], -1, 6]),
+        "sized_arange": lambda y: y * tf.cast(tf.range(tf.shape(y)[2]), y.dtype)[:, None],
+        "sequence_mask": lambda y: y * tf.cast(tf.sequence_mask(
+            tf.cast(tf.abs(y[..., 0]), tf.int32), 6), y.dtype),
     }
 
 

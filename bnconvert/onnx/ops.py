@@ -324,12 +324,38 @@ TF_FUNCTIONS = {
     "sort": _tf("sort", _checked(direction="ASCENDING"), values="x"),
     "argsort": _tf("argsort", _checked(direction="ASCENDING"), values="x"),
     "shape": _tf("tf_shape", input="x"), "compat.v1.shape": _tf("tf_shape", input="x"),
+    "range": _tf("sized_arange", lambda p: dict(
+        start=0 if p.get("limit") is None else p["start"], step=p.get("delta", 1),
+        stop=p["start"] if p.get("limit") is None else p["limit"])),
+    "sequence_mask": _tf("sequence_mask"),
     "zeros_like": _tf("zeros_like", input="x"),
     "ones_like": _tf("ones_like", input="x"),
     "image.resize": _tf("resize", method="interpolation"),
     "image.rgb_to_hsv": _tf("rgb_to_hsv"), "image.hsv_to_rgb": _tf("hsv_to_rgb"),
     "image.ssim": _tf("ssim", _checked(return_index_map=False), img1="image1", img2="image2"),
 }
+
+
+def _sequence_mask(g, call, p):
+    """tf.sequence_mask: `range(maxlen) < lengths[..., None]`, in its dtype."""
+    lengths, maxlen = p["lengths"], p.get("maxlen")
+    if maxlen is None or not isinstance(lengths, Value):
+        raise Uncovered([(call.base, "SequenceMask", "maxlen=None or constant lengths")])
+    dtype = math.dtype_of(call, lengths)
+    stop = math.cast(g, maxlen, math.dtype_of(call, maxlen), dtype, call.base).name \
+        if isinstance(maxlen, Value) else g.scalar(int(math.constant(maxlen)), np.dtype(dtype))
+    # Range takes 0-d bounds; the graph holds numbers and sizes as [1].
+    bounds = [g.node("Reshape", [b, g.ints(np.zeros(0, np.int64))], call.base)
+              for b in (g.scalar(0, np.dtype(dtype)), stop, g.scalar(1, np.dtype(dtype)))]
+    steps = g.node("Range", bounds, call.base)
+    ends = g.node("Unsqueeze", [g.keras(lengths).name, g.ints([-1], "axes")], call.base)
+    mask = g.node("Less", [steps, ends], call.base)
+    return [call.out(mask if math.out_dtype(call) == "bool" else g.node(
+        "Cast", [mask], call.base, to=math.onnx_dtype(math.out_dtype(call))))]
+
+
+# tf-keras functions with no `keras.ops` twin (`tf.range` is the tracer's sized arange).
+EMITTERS.update({"sequence_mask": _sequence_mask, "sized_arange": sizes.EMITTERS["sized_arange"]})
 
 
 def _l2_normalize(p):

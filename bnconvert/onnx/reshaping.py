@@ -108,6 +108,11 @@ def _has_value(nested):
 def reshape(g, call, p):
     """reshape; a batch-preserving one may keep the layout (`shape.reshape_to`)."""
     x = p["x"]
+    if _has_value(p["newshape"]):  # `tf.reshape(x, [tf.shape(x)[0], -1])`
+        zero = {"allowzero": 1} if g.opset >= 14 else {}
+        x = g.keras(x)
+        shape = shape_tensor(g, call, list(p["newshape"]))
+        return [call.out(g.node("Reshape", [x.name, shape], call.base, **zero))]
     shape = list(p["newshape"]) if isinstance(p["newshape"], (list, tuple)) \
         else [int(d) for d in constant(p["newshape"]).reshape(-1)]
     rest, target = x.shape[1:], shape[1:]
