@@ -247,6 +247,10 @@ def test_padding_to_a_multiple_of_a_window(tmp_path):
 SIZED_AXES = {
     # sort / argsort along an unknown length: TopK of the axis's run-time size.
     "sorted_scores": lambda x: ops.sort(x, axis=1) + ops.cast(ops.argsort(x, axis=1), "float32"),
+    # one_hot / eye of the length (an index of -1 gives a row of zeros, as in Keras).
+    "one_hot_eye": lambda x: ops.matmul(ops.one_hot(ops.arange(ops.shape(x)[1]) - 1,
+                                                    ops.shape(x)[1]), x)
+    + ops.matmul(ops.eye(ops.shape(x)[1], k=1), x),
     # roll by a shift beyond the length, either way: split at `n - shift mod n`.
     "rolled": lambda x: ops.roll(x, 4, axis=1) - ops.roll(x, -2, axis=1),
     "causal_mask": lambda x: ops.matmul(ops.tril(ops.ones((ops.shape(x)[1],) * 2), k=-1), x),
