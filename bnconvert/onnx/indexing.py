@@ -207,8 +207,9 @@ def _triangle(lower):
         if rows is None or cols is None:
             mask = _run_time_triangle(g, x, k, lower, call.base)
         else:
-            mask = g.constant(np.tri(rows, cols, k, dtype=bool) if lower
-                              else ~np.tri(rows, cols, k - 1, dtype=bool), f"{call.base}/mask", bool)
+            mask = np.tri(rows, cols, k, dtype=bool) if lower \
+                else ~np.tri(rows, cols, k - 1, dtype=bool)
+            mask = g.constant(mask, f"{call.base}/mask", bool)
         zero = g.scalar(0, np.dtype(dtype_of(call, x)))
         return [call.out(g.node("Where", [mask, x.name, zero], call.base))]
     return emit

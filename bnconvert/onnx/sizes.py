@@ -399,7 +399,8 @@ def _sized_eye(g, call, p):
 
 
 EMITTERS = {
-    "sized_one_hot": _sized_one_hot, "sized_eye": _sized_eye, "sized_pad": _sized_pad, "run_time_size": _run_time_size, "sized_slice": _sized_slice,
+    "sized_one_hot": _sized_one_hot, "sized_eye": _sized_eye, "sized_pad": _sized_pad,
+    "run_time_size": _run_time_size, "sized_slice": _sized_slice,
     "sized_broadcast_to": _sized_broadcast_to, "sized_reshape": _sized_reshape,
     "sized_arange": _sized_arange, "sized_full": _sized_full, "sized_get_item": get_item,
 }
