@@ -37,7 +37,12 @@ def _as_layer(call, p, **extra):
                   dilation_rate=p.get("dilation_rate", 1), activation=None, use_bias=False,
                   bias=None)
     fields.update(extra)
-    return types.SimpleNamespace(**fields)
+    return named_arguments(call, **fields)
+
+
+def named_arguments(call, **fields):
+    """`fields` as attributes, in a type named after the op (refusals name it so)."""
+    return type(type(call.layer).__name__, (types.SimpleNamespace,), {})(**fields)
 
 
 def _kernel(call, p):

@@ -23,7 +23,6 @@ they meet.
 import dataclasses
 import inspect
 import re
-import types
 
 import numpy as np
 
@@ -104,8 +103,8 @@ def _resize(g, call, p):
     if interpolation != "nearest" and not dtype.startswith("float"):
         # TensorFlow computes them in float32; Keras's symbolic result keeps the dtype.
         raise Uncovered([(call.base, "Resize", f"{interpolation} of {dtype} images")])
-    layer = types.SimpleNamespace(
-        name=call.base, interpolation=interpolation, height=height,
+    layer = nn.named_arguments(
+        call, name=call.base, interpolation=interpolation, height=height,
         width=width, data_format=p.get("data_format") or "channels_last",
         crop_to_aspect_ratio=p.get("crop_to_aspect_ratio", False),
         pad_to_aspect_ratio=p.get("pad_to_aspect_ratio", False))

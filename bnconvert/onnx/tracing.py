@@ -44,7 +44,8 @@ from bnconvert import walk as model_walk
 # Layers of these packages are mapped by class name, and keep their own
 # output specs (a refusal there is a real one); any other class is traced.
 KNOWN_PACKAGES = ("keras.", "tf_keras.", "bnconvert.")
-_LIBRARIES = ("keras", "tf_keras", "tensorflow", "bnconvert", "optree", "tree")
+# Packages whose `==` on tensors means identity (keras_hub's code means elementwise).
+_LIBRARIES = {"keras", "tf_keras", "tensorflow", "bnconvert", "optree", "tree"}
 
 
 @contextlib.contextmanager
@@ -82,7 +83,8 @@ def _indexing_and_ranks(keras):
     def equal(self, other):
         # Keras's own code compares tensors by identity (`t in inputs`); a layer's
         # code means elementwise.
-        if sys._getframe(1).f_globals.get("__name__", "").startswith(_LIBRARIES):
+        module = sys._getframe(1).f_globals.get("__name__", "")
+        if module.split(".")[0] in _LIBRARIES:
             return other is self
         return keras.ops.equal(self, other)
 
