@@ -174,6 +174,7 @@ KERAS = {
         y, 4, axis=-1)[3], "unstack": lambda y: ops.unstack(y, axis=3)[2],
     "pad": lambda y: ops.pad(y, [[0, 0], [1, 2], [0, 1], [0, 0]], constant_values=-2.0),
     "pad:reflect": lambda y: ops.pad(y, [[0, 0], [1, 2], [2, 1], [0, 0]], mode="reflect"),
+    "pad:symmetric": lambda y: ops.pad(y, [[0, 0], [1, 2], [0, 5], [0, 0]], mode="symmetric"),
     "reshape": lambda y: ops.reshape(y, (-1, 6)),
     "reshape:traced_batch": lambda y: _BatchReshape()(y), "transpose": lambda y: ops.transpose(
         y, (0, 3, 1, 2)), "swapaxes": lambda y: ops.swapaxes(y, 1, 3),

@@ -251,6 +251,8 @@ SIZED_AXES = {
     "one_hot_eye": lambda x: ops.matmul(ops.one_hot(ops.arange(ops.shape(x)[1]) - 1,
                                                     ops.shape(x)[1]), x)
     + ops.matmul(ops.eye(ops.shape(x)[1], k=1), x),
+    # symmetric padding (the edge repeated; a width up to the whole axis).
+    "symmetric_pad": lambda x: ops.pad(x, ((0, 0), (1, 1), (2, 4)), mode="symmetric"),
     # roll by a shift beyond the length, either way: split at `n - shift mod n`.
     "rolled": lambda x: ops.roll(x, 4, axis=1) - ops.roll(x, -2, axis=1),
     "causal_mask": lambda x: ops.matmul(ops.tril(ops.ones((ops.shape(x)[1],) * 2), k=-1), x),

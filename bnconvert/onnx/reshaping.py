@@ -79,9 +79,13 @@ def unstack(g, call, p):
 
 def pad(g, call, p):
     x, mode = p["x"], p.get("mode", "constant")
-    if mode not in ("constant", "reflect", "edge"):
+    if mode not in ("constant", "reflect", "edge", "symmetric"):
         raise Uncovered([(call.base, "Pad", f"mode={mode!r}")])
     widths = p["pad_width"]
+    if mode == "symmetric":
+        if _has_value(widths):
+            raise Uncovered([(call.base, "Pad", "symmetric padding by run-time widths")])
+        return [call.out(_symmetric(g, x, widths, call.base), x.perm)]
     if _has_value(widths):
         # Widths computed from run-time sizes (a window's padding to a multiple).
         pairs = [tuple(w) for w in widths] * (x.rank if len(widths) == 1 else 1)
@@ -97,6 +101,24 @@ def pad(g, call, p):
     if mode == "constant" and value is not None and float(constant(value)):
         inputs.append(g.scalar(float(constant(value)), np.dtype(out_dtype(call))))
     return [call.out(g.node("Pad", inputs, call.base, mode=mode), x.perm)]
+
+
+def _symmetric(g, x, widths, base):
+    """Reflection that repeats the edge: each side's first/last entries, reversed, concatenated."""
+    widths = np.broadcast_to(np.asarray(widths, np.int64).reshape(-1, 2)
+                             if np.ndim(widths) else widths, (x.rank, 2))
+    name = x.name
+    for axis, (before, after) in enumerate(widths):
+        a = x.physical(axis)
+        parts = [name]
+        if before:  # entries before-1 .. 0
+            parts.insert(0, g.node("Slice", [name, g.ints([before - 1]), g.ints([-2 ** 63]),
+                                             g.ints([a]), g.ints([-1])], base))
+        if after:  # entries n-1 .. n-after
+            parts.append(g.node("Slice", [name, g.ints([-1]), g.ints([-after - 1]),
+                                          g.ints([a]), g.ints([-1])], base))
+        name = g.node("Concat", parts, base, axis=a) if len(parts) > 1 else name
+    return name
 
 
 def _has_value(nested):
