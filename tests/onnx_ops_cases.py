@@ -174,6 +174,7 @@ KERAS = {
         y, 4, axis=-1)[3], "unstack": lambda y: ops.unstack(y, axis=3)[2],
     "pad": lambda y: ops.pad(y, [[0, 0], [1, 2], [0, 1], [0, 0]], constant_values=-2.0),
     "pad:reflect": lambda y: ops.pad(y, [[0, 0], [1, 2], [2, 1], [0, 0]], mode="reflect"),
+    "pad:symmetric": lambda y: ops.pad(y, [[0, 0], [1, 2], [0, 5], [0, 0]], mode="symmetric"),
     "reshape": lambda y: ops.reshape(y, (-1, 6)),
     "reshape:traced_batch": lambda y: _BatchReshape()(y), "transpose": lambda y: ops.transpose(
         y, (0, 3, 1, 2)), "swapaxes": lambda y: ops.swapaxes(y, 1, 3),
@@ -333,7 +334,7 @@ KERAS = {
 MIN_OPSET = {**dict.fromkeys(["bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not",
                               "bitwise_invert"], 18), "scatter": 16, "scatter_update:add": 16}
 # Cases that need a known spatial size (all others run on a dynamic one).
-STATIC = {"roll", "tril", "triu", "slice", "unstack", "broadcast_to", "repeat", "get_item:int",
+STATIC = {"slice", "unstack", "broadcast_to", "repeat", "get_item:int",
           "outer", "tile", "trace", "diagonal", "dot_product_attention",
           "dot_product_attention:causal", "depth_to_space", "space_to_depth", "rot90:2",
           "adaptive_average_pool", "adaptive_max_pool", "diag", "diag:matrix", "diagflat", "kron",
@@ -395,6 +396,11 @@ def _tf_cases():
         # kecam's global response normalization scales by sqrt(H * W) read from tf.shape.
         "tf_shape": lambda y: y * tf.cast(tf.shape(y)[1] * tf.compat.v1.shape(y)[2],
                                           y.dtype) ** 0.5,
+        # Sizes read with tf.shape: a run-time reshape, range and sequence mask.
+        "reshape:tf_shape": lambda y: tf.reshape(y, [tf.shape(y)[0], -1, 6]),
+        "sized_arange": lambda y: y * tf.cast(tf.range(tf.shape(y)[2]), y.dtype)[:, None],
+        "sequence_mask": lambda y: y * tf.cast(tf.sequence_mask(
+            tf.cast(tf.abs(y[..., 0]), tf.int32), 6), y.dtype),
     }
 
 

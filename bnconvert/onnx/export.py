@@ -318,13 +318,19 @@ def _graph_view(model):
     from bnconvert import flavour as flavour_lib
 
     keras = flavour_lib.flavour_of(model).keras
-    inputs = [
-        keras.Input(batch_shape=shape, dtype=dtype.name,
-                    name="input" if len(specs) == 1 else f"input_{i}")
-        for i, (shape, dtype) in enumerate(specs)
-    ]
-    outputs = model(inputs[0] if len(inputs) == 1 else inputs)
-    return keras.Model(inputs, outputs, name=model.name)
+
+    def view(batch_shapes):
+        inputs = [keras.Input(batch_shape=shape, dtype=dtype.name,
+                              name="input" if len(specs) == 1 else f"input_{i}")
+                  for i, ((_, dtype), shape) in enumerate(zip(specs, batch_shapes))]
+        outputs = model(inputs[0] if len(inputs) == 1 else inputs)
+        return keras.Model(inputs, outputs, name=model.name)
+
+    # A model built by a call on data records that batch's size; it takes any.
+    try:
+        return view([(None,) + tuple(shape[1:]) if shape else shape for shape, _ in specs])
+    except Exception:  # noqa: BLE001 - its code needs the recorded batch size
+        return view([shape for shape, _ in specs])
 
 
 def _input_names(model):

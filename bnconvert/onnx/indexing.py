@@ -118,9 +118,14 @@ def slice_(g, call, p):
 
 def _indices(g, call, indices):
     if isinstance(indices, Value):
-        return g.keras(indices).name, indices.rank
-    array = constant(indices).astype(np.int64)
-    return g.constant(array, f"{call.base}/indices", np.int64), array.ndim
+        name, rank = g.keras(indices).name, indices.rank
+    else:
+        array = constant(indices).astype(np.int64)
+        name, rank = g.constant(array, f"{call.base}/indices", np.int64), array.ndim
+    if rank == 0:
+        # A scalar index drops the axis; the graph holds numbers and sizes as [1].
+        name = g.node("Reshape", [name, g.ints(np.zeros(0, np.int64))], call.base)
+    return name, rank
 
 
 def take(g, call, p):
@@ -130,7 +135,19 @@ def take(g, call, p):
     if axis is None:
         x, axis = Value(g.node("Reshape", [x.name, g.ints([-1])], call.base), (None,), (0,)), 0
     indices, _ = _indices(g, call, p["indices"])
-    return [call.out(g.node("Gather", [x.name, indices], call.base, axis=int(axis) % x.rank))]
+    axis = int(axis) % x.rank
+    if _made_by(g, indices, "Range"):
+        # onnxruntime rewrites a Gather of a Range into a Slice, which reads negative
+        # indices as bounds (a stop of -1 as the last element): they are wrapped first.
+        size = g.node("Gather", [g.node("Shape", [x.name], call.base), g.ints(axis)], call.base)
+        dtype = dtype_of(call, p["indices"])
+        size = cast(g, Value(size, (), ()), "int64", dtype, call.base).name
+        indices = g.node("Mod", [indices, size], call.base)
+    return [call.out(g.node("Gather", [x.name, indices], call.base, axis=axis))]
+
+
+def _made_by(g, name, op_type):
+    return any(name in node.output and node.op_type == op_type for node in reversed(g.nodes))
 
 
 def take_along_axis(g, call, p):
@@ -161,13 +178,20 @@ def roll(g, call, p):
     axes = list(axes) if isinstance(axes, (list, tuple)) else [axes]
     name = x.name
     for shift, axis in zip(shifts * len(axes) if len(shifts) == 1 else shifts, axes):
-        size = x.shape[int(axis)]
+        size, current, a = x.shape[int(axis)], Value(name, x.shape, x.perm), x.physical(int(axis))
         if size is None:
-            raise Uncovered([(call.base, "Roll", "an axis of unknown size")])
-        k = int(shift) % size
-        if k:
-            current = Value(name, x.shape, x.perm)
-            a = x.physical(int(axis))
+            # The split point `n - shift mod n`, for the axis's run-time size n.
+            n = g.node("Gather", [g.node("Shape", [name], call.base), g.ints([a])], call.base,
+                       axis=0)
+            # (An empty axis divides by 1, not 0.)
+            positive = g.node("Max", [n, g.ints([1])], call.base)
+            cut = g.node("Sub", [n, g.node("Mod", [g.ints([int(shift)]), positive], call.base,
+                                           fmod=0)], call.base)
+            tail = g.node("Slice", [name, cut, g.ints([_MAX]), g.ints([a])], call.base)
+            head = g.node("Slice", [name, g.ints([0]), cut, g.ints([a])], call.base)
+            name = g.node("Concat", [tail, head], call.base, axis=a)
+        elif int(shift) % size:
+            k = int(shift) % size
             tail = _slice(g, current, [size - k], [_MAX], [a], [1], call.base)
             head = _slice(g, current, [0], [size - k], [a], [1], call.base)
             name = g.node("Concat", [tail, head], call.base, axis=a)
@@ -179,16 +203,31 @@ def _triangle(lower):
     def emit(g, call, p):
         x = g.keras(p["x"])
         rows, cols = x.shape[-2:]
-        if rows is None or cols is None:
-            raise Uncovered([(call.base, "Tril" if lower else "Triu", "unknown matrix size")])
         k = int(p.get("k", 0))
-        mask = np.tri(rows, cols, k, dtype=bool) if lower else ~np.tri(rows, cols, k - 1,
-                                                                       dtype=bool)
+        if rows is None or cols is None:
+            mask = _run_time_triangle(g, x, k, lower, call.base)
+        else:
+            mask = np.tri(rows, cols, k, dtype=bool) if lower \
+                else ~np.tri(rows, cols, k - 1, dtype=bool)
+            mask = g.constant(mask, f"{call.base}/mask", bool)
         zero = g.scalar(0, np.dtype(dtype_of(call, x)))
-        name = g.node("Where", [g.constant(mask, f"{call.base}/mask", bool), x.name, zero],
-                      call.base)
-        return [call.out(name)]
+        return [call.out(g.node("Where", [mask, x.name, zero], call.base))]
     return emit
+
+
+def _run_time_triangle(g, x, k, lower, base):
+    """The mask `j - i <= k` (lower) or `>= k` of `x`'s last two axes, sized at run time."""
+    shape = g.node("Shape", [x.name], base)
+    ranges = []
+    for axis in (-2, -1):
+        size = g.node("Reshape", [g.node("Gather", [shape, g.ints([axis])], base, axis=0),
+                                  g.ints(np.zeros(0, np.int64))], base)
+        ranges.append(g.node("Range", [g.scalar(0, np.int64), size, g.scalar(1, np.int64)], base))
+    rows = g.node("Unsqueeze", [ranges[0], g.ints([1], "axes")], base)
+    offset = g.node("Sub", [ranges[1], rows], base)  # [rows, cols]: j - i
+    if lower:
+        return g.node("LessOrEqual", [offset, g.scalar(k, np.int64)], base)
+    return g.node("GreaterOrEqual", [offset, g.scalar(k, np.int64)], base)
 
 
 def one_hot(g, call, p):
@@ -208,8 +247,11 @@ def one_hot(g, call, p):
 
 
 def _top(g, call, x, k, axis, largest, base):
+    """TopK of `k` along Keras `axis`; `k` None: the whole axis, sized at run time."""
     a = x.physical(axis)
-    values, indices = g.node("TopK", [x.name, g.ints([k], "k")], base, outputs=2, axis=a,
+    k = g.ints([k], "k") if k is not None else \
+        g.node("Gather", [g.node("Shape", [x.name], base), g.ints([a])], base, axis=0)
+    values, indices = g.node("TopK", [x.name, k], base, outputs=2, axis=a,
                              largest=int(largest), sorted=1)
     return values, indices
 
@@ -224,15 +266,13 @@ def top_k(g, call, p):
 
 
 def _sort(indices):
-    """sort / argsort (ascending) along one axis of known size."""
+    """sort / argsort (ascending) along one axis."""
     def emit(g, call, p):
         x = p["x"]
         axis = p.get("axis", -1)
         if axis is None:
             raise Uncovered([(call.base, "Sort", "axis=None")])
         axis = int(axis) % x.rank
-        if x.shape[axis] is None:
-            raise Uncovered([(call.base, "Sort", "an axis of unknown size")])
         values, order = _top(g, call, x, x.shape[axis], axis, False, call.base)
         if not indices:
             return [call.out(values, x.perm)]

@@ -15,7 +15,9 @@ import numpy as np
 
 from bnconvert.onnx import activations
 from bnconvert.onnx import quantized
+from bnconvert.onnx.graph import FLOAT
 from bnconvert.onnx.graph import Uncovered
+from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import as_tuple
 from bnconvert.onnx.graph import channels_first
 from bnconvert.onnx.graph import keras_axes
@@ -364,6 +366,32 @@ def _normalize_grouped(g, grouped, x, epsilon, base):
 class _Named:
     def __init__(self, name):
         self.name = name
+
+
+# Layers whose integer inputs are indices or codes, not numbers to compute with.
+_INDEXED = {"Embedding", "CategoryEncoding", "IntegerLookup", "StringLookup", "Hashing",
+            "HashedCrossing", "TextVectorization", "Discretization"}
+_IN_INPUT_DTYPE = {"LayerNormalization", "GroupNormalization", "RMSNormalization"}
+
+
+def as_floats(g, layer, values, dtypes, out_dtypes, base):
+    """`values` (a call's data inputs) cast to float32 where they are integers or bools.
+
+    A Keras layer computing in float takes integer data (a uint8 image into
+    `Rescaling`, `Conv2D`) as numbers; its ONNX ops take floats only. Returns
+    `{index: Value}` for the inputs cast. Normalizations compute in the integer
+    dtype, and resizing rounds back to it: these are refused.
+    """
+    kind = type(layer).__name__
+    if kind in _INDEXED or not any(str(d).startswith(("float", "bfloat")) for d in out_dtypes):
+        return {}
+    integers = {i: d for i, d in enumerate(dtypes) if not str(d).startswith(("float", "bfloat"))}
+    if integers and (kind in _IN_INPUT_DTYPE or getattr(layer, "interpolation", "nearest")
+                     != "nearest"):
+        raise Uncovered([(base, kind, f"an integer input ({next(iter(integers.values()))}: "
+                                      "Keras computes or rounds in that dtype)")])
+    return {i: Value(g.node("Cast", [values[i].name], f"{base}/cast", to=FLOAT),
+                     values[i].shape, values[i].perm) for i in integers}
 
 
 EMITTERS = {

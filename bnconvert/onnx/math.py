@@ -192,10 +192,18 @@ def _floor_divide(g, call, p):
     if dtype in _FLOATS:
         return [call.out(g.node("Floor", [g.node("Div", [a, c], call.base)], call.base),
                          ref.perm)]
-    # ONNX divides integers toward zero; less the divisor-signed remainder, the
-    # quotient is exact, and so floored.
-    exact = g.node("Sub", [a, g.node("Mod", [a, c], call.base, fmod=0)], call.base)
-    return [call.out(g.node("Div", [exact, c], call.base), ref.perm)]
+    # ONNX divides integers toward zero: one less where the remainder is nonzero
+    # and of the other sign than the divisor. (Subtracting the remainder first
+    # overflowed near the dtype's range ends.)
+    q = g.node("Div", [a, c], call.base)
+    r = g.node("Sub", [a, g.node("Mul", [q, c], call.base)], call.base)
+    zero = g.scalar(0, np.dtype(dtype))
+    signs = g.node("Xor", [g.node("Less", [r, zero], call.base),
+                           g.node("Less", [c, zero], call.base)], call.base)
+    inexact = g.node("And", [signs, g.node("Not", [g.node("Equal", [r, zero], call.base)],
+                                           call.base)], call.base)
+    adjust = g.node("Cast", [inexact], call.base, to=onnx_dtype(dtype))
+    return [call.out(g.node("Sub", [q, adjust], call.base), ref.perm)]
 
 
 def _divide_no_nan(g, call, p):

@@ -21,7 +21,9 @@ from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import keras_axes
 from bnconvert.onnx.math import aligned
+from bnconvert.onnx.math import cast
 from bnconvert.onnx.math import constant
+from bnconvert.onnx.math import dtype_of
 from bnconvert.onnx.math import out_dtype
 
 EPSILON = 1e-7  # keras.backend.epsilon(), Keras's default for these ops
@@ -35,7 +37,12 @@ def _as_layer(call, p, **extra):
                   dilation_rate=p.get("dilation_rate", 1), activation=None, use_bias=False,
                   bias=None)
     fields.update(extra)
-    return types.SimpleNamespace(**fields)
+    return named_arguments(call, **fields)
+
+
+def named_arguments(call, **fields):
+    """`fields` as attributes, in a type named after the op (refusals name it so)."""
+    return type(type(call.layer).__name__, (types.SimpleNamespace,), {})(**fields)
 
 
 def _kernel(call, p):
@@ -71,8 +78,17 @@ def separable_conv(g, call, p):
 def _pool(op_type):
     def emit(g, call, p):
         layer = _as_layer(call, p, pool_size=p["pool_size"], strides=p.get("strides"))
-        call = dataclasses.replace(call, layer=layer, inputs=[p["inputs"]])
-        return structure.pooling(op_type)(g, call)
+        x, dtype = p["inputs"], dtype_of(call, p["inputs"])
+        # onnxruntime's MaxPool takes floats and 8-bit integers; wider ones pool
+        # exactly in float64 (int64 beyond 2**53 would not).
+        wide = dtype in ("int16", "int32", "uint16", "uint32")
+        if dtype in ("int64", "uint64", "bool"):
+            raise Uncovered([(call.base, op_type, f"{dtype} input")])
+        if wide:
+            x = cast(g, x, dtype, "float64", call.base)
+        call = dataclasses.replace(call, layer=layer, inputs=[x])
+        out = structure.pooling(op_type)(g, call)
+        return [cast(g, v, "float64", dtype, call.base) for v in out] if wide else out
     return emit
 
 

@@ -274,9 +274,16 @@ def _rgb_to_grayscale(g, call, p):
     from bnconvert.onnx import layers
 
     x = layers.layout_for(g, p["images"], p.get("data_format") or "channels_last")
-    weights = np.array([0.2989, 0.5870, 0.1140], np.float32).reshape((1, 3) + (1,) * (x.rank - 2))
-    weighted = g.node("Mul", [x.name, g.constant(weights, f"{call.base}/rgb")], call.base)
-    return [call.out(g.reduce("ReduceSum", weighted, [1], True, call.base), x.perm)]
+    if x.shape[x.perm[1]] == 1:  # already grey: Keras returns it as it is
+        return [call.out(x.name, x.perm)]
+    # Integer images are weighted in float and truncated back, as Keras does.
+    dtype = dtype_of(call, p["images"])
+    wide = dtype if dtype in ("float32", "float64") else "float32"
+    x = cast(g, x, dtype, wide, call.base)
+    weights = np.array([0.2989, 0.5870, 0.1140], wide).reshape((1, 3) + (1,) * (x.rank - 2))
+    weighted = g.node("Mul", [x.name, g.constant(weights, f"{call.base}/rgb", wide)], call.base)
+    grey = Value(g.reduce("ReduceSum", weighted, [1], True, call.base), x.shape, x.perm)
+    return [call.out(cast(g, grey, wide, out_dtype(call), call.base).name, x.perm)]
 
 
 def _multi_hot(g, call, p):

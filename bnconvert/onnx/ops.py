@@ -23,7 +23,6 @@ they meet.
 import dataclasses
 import inspect
 import re
-import types
 
 import numpy as np
 
@@ -99,8 +98,14 @@ def _resize(g, call, p):
         if None in size:
             raise Uncovered([(call.base, "Resize", "a size computed at run time")])
     height, width = (int(s) for s in size)
-    layer = types.SimpleNamespace(
-        name=call.base, interpolation=p.get("interpolation", "bilinear"), height=height,
+    interpolation = p.get("interpolation", "bilinear")
+    images = p["images"]
+    dtype = math.dtype_of(call, images) if isinstance(images, Value) else "float32"
+    if interpolation != "nearest" and not dtype.startswith("float"):
+        # TensorFlow computes them in float32; Keras's symbolic result keeps the dtype.
+        raise Uncovered([(call.base, "Resize", f"{interpolation} of {dtype} images")])
+    layer = nn.named_arguments(
+        call, name=call.base, interpolation=interpolation, height=height,
         width=width, data_format=p.get("data_format") or "channels_last",
         crop_to_aspect_ratio=p.get("crop_to_aspect_ratio", False),
         pad_to_aspect_ratio=p.get("pad_to_aspect_ratio", False))
@@ -229,6 +234,12 @@ def _checked(**expected):
     return adjust
 
 
+def _nhwc(p):
+    if p.get("data_format", "NHWC") != "NHWC":
+        raise Uncovered([(None, "TFOpLambda", f"data_format={p['data_format']!r}")])
+    return dict(p, data_format="channels_last")
+
+
 _UNARY_TF = {
     "math.abs": "abs", "math.negative": "negative", "math.exp": "exp", "math.log": "log",
     "math.sqrt": "sqrt", "math.rsqrt": "rsqrt", "math.square": "square", "math.erf": "erf",
@@ -237,7 +248,7 @@ _UNARY_TF = {
     "math.log1p": "log1p", "math.expm1": "expm1", "math.logical_not": "logical_not",
     "math.is_nan": "isnan", "math.is_inf": "isinf", "math.is_finite": "isfinite",
     "identity": "copy", "stop_gradient": "copy", "math.sigmoid": "sigmoid",
-    "math.tanh": "tanh", "nn.sigmoid": "sigmoid", "nn.tanh": "tanh",
+    "math.tanh": "tanh", "nn.sigmoid": "sigmoid", "nn.tanh": "tanh", "math.rint": "round",
 }
 _ACTIVATIONS_TF = {
     "nn.relu": "relu", "nn.relu6": "relu6", "nn.silu": "silu", "nn.swish": "silu",
@@ -249,6 +260,7 @@ _BINARY_TF = {
     "math.multiply": "multiply", "math.truediv": "true_divide", "math.divide": "true_divide",
     "math.maximum": "maximum", "math.minimum": "minimum", "math.pow": "power",
     "math.floormod": "mod", "math.floordiv": "floor_divide", "math.equal": "equal",
+    "compat.v1.floor_div": "floor_divide",
     "math.not_equal": "not_equal", "math.greater": "greater",
     "math.greater_equal": "greater_equal", "math.less": "less", "math.less_equal": "less_equal",
     "math.logical_and": "logical_and", "math.logical_or": "logical_or",
@@ -300,8 +312,10 @@ TF_FUNCTIONS = {
     "broadcast_to": _tf("broadcast_to", input="x"),
     "reverse": _tf("flip", tensor="x"),
     "roll": _tf("roll", input="x"),
-    "pad": _tf("pad", lambda p: dict(p, mode=str(p["mode"]).lower()), tensor="x",
-               paddings="pad_width", constant_values="constant_values"),
+    **dict.fromkeys(("pad", "compat.v1.pad"), _tf(
+        "pad", lambda p: dict(p, mode=str(p["mode"]).lower()), tensor="x",
+        paddings="pad_width", constant_values="constant_values")),
+    **{f"nn.{k}": _tf(k, _nhwc, input="x") for k in ("depth_to_space", "space_to_depth")},
     "gather": _tf("take", _gather, params="x"),
     "compat.v1.gather": _tf("take", _gather, params="x"),
     "linalg.matmul": _tf("matmul", _checked(adjoint_a=False, adjoint_b=False), a="x1", b="x2"),
@@ -313,12 +327,38 @@ TF_FUNCTIONS = {
     "sort": _tf("sort", _checked(direction="ASCENDING"), values="x"),
     "argsort": _tf("argsort", _checked(direction="ASCENDING"), values="x"),
     "shape": _tf("tf_shape", input="x"), "compat.v1.shape": _tf("tf_shape", input="x"),
+    "range": _tf("sized_arange", lambda p: dict(
+        start=0 if p.get("limit") is None else p["start"], step=p.get("delta", 1),
+        stop=p["start"] if p.get("limit") is None else p["limit"])),
+    "sequence_mask": _tf("sequence_mask"),
     "zeros_like": _tf("zeros_like", input="x"),
     "ones_like": _tf("ones_like", input="x"),
     "image.resize": _tf("resize", method="interpolation"),
     "image.rgb_to_hsv": _tf("rgb_to_hsv"), "image.hsv_to_rgb": _tf("hsv_to_rgb"),
     "image.ssim": _tf("ssim", _checked(return_index_map=False), img1="image1", img2="image2"),
 }
+
+
+def _sequence_mask(g, call, p):
+    """tf.sequence_mask: `range(maxlen) < lengths[..., None]`, in its dtype."""
+    lengths, maxlen = p["lengths"], p.get("maxlen")
+    if maxlen is None or not isinstance(lengths, Value):
+        raise Uncovered([(call.base, "SequenceMask", "maxlen=None or constant lengths")])
+    dtype = math.dtype_of(call, lengths)
+    stop = math.cast(g, maxlen, math.dtype_of(call, maxlen), dtype, call.base).name \
+        if isinstance(maxlen, Value) else g.scalar(int(math.constant(maxlen)), np.dtype(dtype))
+    # Range takes 0-d bounds; the graph holds numbers and sizes as [1].
+    bounds = [g.node("Reshape", [b, g.ints(np.zeros(0, np.int64))], call.base)
+              for b in (g.scalar(0, np.dtype(dtype)), stop, g.scalar(1, np.dtype(dtype)))]
+    steps = g.node("Range", bounds, call.base)
+    ends = g.node("Unsqueeze", [g.keras(lengths).name, g.ints([-1], "axes")], call.base)
+    mask = g.node("Less", [steps, ends], call.base)
+    return [call.out(mask if math.out_dtype(call) == "bool" else g.node(
+        "Cast", [mask], call.base, to=math.onnx_dtype(math.out_dtype(call))))]
+
+
+# tf-keras functions with no `keras.ops` twin (`tf.range` is the tracer's sized arange).
+EMITTERS.update({"sequence_mask": _sequence_mask, "sized_arange": sizes.EMITTERS["sized_arange"]})
 
 
 def _l2_normalize(p):

@@ -26,6 +26,9 @@ def _kept_perm(x, axes, keepdims):
     return tuple(sorted(kept).index(a) for a in kept)
 
 
+_NARROW_INTS = ("int8", "int16", "int32", "uint8", "uint16", "uint32")
+
+
 def _input(g, call, p, dtype=None):
     x = p["x"]
     return cast(g, x, dtype_of(call, x), dtype or out_dtype(call), f"{call.base}/cast")
@@ -61,11 +64,16 @@ def _reduce_to(g, x, op_type, axes, keepdims, base):
 def reduction(op_type, compute=None):
     """Sum, mean, max, min, prod (`compute`: the dtype to reduce in)."""
     def emit(g, call, p):
-        x = _input(g, call, p, compute)
+        wide = compute
+        if op_type == "ReduceSum" and out_dtype(call) in _NARROW_INTS:
+            # onnxruntime saturates a narrow integer sum; Keras wraps around, as
+            # the int64 sum cast back does.
+            wide = "int64"
+        x = _input(g, call, p, wide)
         axes, keepdims = _axes(p, x), bool(p.get("keepdims", False))
         name = _reduce_to(g, x, op_type, axes, keepdims, call.base)
-        if compute is not None:
-            name = cast(g, Value(name, (), ()), compute, out_dtype(call), call.base).name
+        if wide is not None:
+            name = cast(g, Value(name, (), ()), wide, out_dtype(call), call.base).name
         return [call.out(name, _kept_perm(x, axes, keepdims))]
     return emit
 

@@ -10,6 +10,7 @@ own layout. Ops that depend on the memory order of the Keras layout
 import numpy as np
 
 from bnconvert.onnx import shape as structure
+from bnconvert.onnx.bounds import shape_tensor
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import keras_axes
@@ -79,21 +80,62 @@ def unstack(g, call, p):
 
 def pad(g, call, p):
     x, mode = p["x"], p.get("mode", "constant")
-    if mode not in ("constant", "reflect", "edge"):
+    if mode not in ("constant", "reflect", "edge", "symmetric"):
         raise Uncovered([(call.base, "Pad", f"mode={mode!r}")])
-    widths = np.broadcast_to(np.asarray(p["pad_width"], np.int64).reshape(-1, 2)
-                             if np.ndim(p["pad_width"]) else p["pad_width"], (x.rank, 2))
-    pads = [widths[a][0] for a in x.perm] + [widths[a][1] for a in x.perm]
-    inputs = [x.name, g.ints(pads, "pads")]
+    widths = p["pad_width"]
+    if mode == "symmetric":
+        if _has_value(widths):
+            raise Uncovered([(call.base, "Pad", "symmetric padding by run-time widths")])
+        return [call.out(_symmetric(g, x, widths, call.base), x.perm)]
+    if _has_value(widths):
+        # Widths computed from run-time sizes (a window's padding to a multiple).
+        pairs = [tuple(w) for w in widths] * (x.rank if len(widths) == 1 else 1)
+        if len(pairs) != x.rank or any(len(w) != 2 for w in pairs):
+            raise Uncovered([(call.base, "Pad", "run-time widths not in (before, after) pairs")])
+        pads = shape_tensor(g, call, [pairs[a][0] for a in x.perm] + [pairs[a][1] for a in x.perm])
+    else:
+        widths = np.broadcast_to(np.asarray(widths, np.int64).reshape(-1, 2)
+                                 if np.ndim(widths) else widths, (x.rank, 2))
+        pads = g.ints([widths[a][0] for a in x.perm] + [widths[a][1] for a in x.perm], "pads")
+    inputs = [x.name, pads]
     value = p.get("constant_values")
     if mode == "constant" and value is not None and float(constant(value)):
         inputs.append(g.scalar(float(constant(value)), np.dtype(out_dtype(call))))
     return [call.out(g.node("Pad", inputs, call.base, mode=mode), x.perm)]
 
 
+def _symmetric(g, x, widths, base):
+    """Reflection that repeats the edge: each side's first/last entries, reversed, concatenated."""
+    widths = np.broadcast_to(np.asarray(widths, np.int64).reshape(-1, 2)
+                             if np.ndim(widths) else widths, (x.rank, 2))
+    name = x.name
+    for axis, (before, after) in enumerate(widths):
+        a = x.physical(axis)
+        parts = [name]
+        if before:  # entries before-1 .. 0
+            parts.insert(0, g.node("Slice", [name, g.ints([before - 1]), g.ints([-2 ** 63]),
+                                             g.ints([a]), g.ints([-1])], base))
+        if after:  # entries n-1 .. n-after
+            parts.append(g.node("Slice", [name, g.ints([-1]), g.ints([-after - 1]),
+                                          g.ints([a]), g.ints([-1])], base))
+        name = g.node("Concat", parts, base, axis=a) if len(parts) > 1 else name
+    return name
+
+
+def _has_value(nested):
+    if isinstance(nested, (list, tuple)):
+        return any(_has_value(v) for v in nested)
+    return isinstance(nested, Value)
+
+
 def reshape(g, call, p):
     """reshape; a batch-preserving one may keep the layout (`shape.reshape_to`)."""
     x = p["x"]
+    if _has_value(p["newshape"]):  # `tf.reshape(x, [tf.shape(x)[0], -1])`
+        zero = {"allowzero": 1} if g.opset >= 14 else {}
+        x = g.keras(x)
+        shape = shape_tensor(g, call, list(p["newshape"]))
+        return [call.out(g.node("Reshape", [x.name, shape], call.base, **zero))]
     shape = list(p["newshape"]) if isinstance(p["newshape"], (list, tuple)) \
         else [int(d) for d in constant(p["newshape"]).reshape(-1)]
     rest, target = x.shape[1:], shape[1:]

@@ -11,8 +11,9 @@ Within `run_time_sizes()`, `keras.ops.shape` of a symbolic tensor gives a
 scalar int32 tensor (a `RunTimeSize` op: ONNX `Shape` + `Gather`) for each
 unknown dimension, so Python arithmetic on it is recorded like any op; and
 the `keras.ops` functions that take sizes as Python numbers (`slice`,
-`broadcast_to`, `reshape`, `arange`, `ones`, `zeros`, `full`) record an op
-of this module when a size among their arguments is such a tensor. Their
+`broadcast_to`, `reshape`, `arange`, `ones`, `zeros`, `full`, `pad`, `one_hot`,
+`eye`) record an op of this module when a size among their arguments is such
+a tensor. Their
 emitters build the ONNX shape or bounds from the graph's values, so the
 exported graph accepts any length. Code that branches on a size in Python
 (`if length > n`) still fails, and its layer stays uncovered.
@@ -35,10 +36,13 @@ from bnconvert.onnx.math import as_value
 from bnconvert.onnx.math import cast
 from bnconvert.onnx.math import constant
 from bnconvert.onnx.math import dtype_of
+from bnconvert.onnx.math import onnx_dtype
 from bnconvert.onnx.math import out_dtype
+from bnconvert.onnx.reshaping import pad
 
 _REST = 2 ** 62
-_PATCHED = ("shape", "slice", "broadcast_to", "reshape", "arange", "ones", "zeros", "full")
+_PATCHED = ("shape", "slice", "broadcast_to", "reshape", "arange", "ones", "zeros", "full", "pad",
+            "one_hot", "eye")
 
 
 @contextlib.contextmanager
@@ -139,9 +143,25 @@ def _replacements(keras, kinds, original):
         fill = float(np.asarray(fill_value))
         return kinds.SizedFull(dtype=dtype or keras.backend.floatx(), fill=fill)(tuple(shape))
 
+    def pad(x, pad_width, mode="constant", constant_values=None):
+        if is_symbolic(pad_width) or not _sized(keras, pad_width):
+            return original["pad"](x, pad_width, mode=mode, constant_values=constant_values)
+        widths = tuple(tuple(w) if isinstance(w, (list, tuple)) else w for w in pad_width)
+        return kinds.SizedPad(mode, constant_values)(x, widths)
+
+    def one_hot(x, num_classes, axis=-1, dtype=None, sparse=False):
+        if sparse or not _sized(keras, num_classes):
+            return original["one_hot"](x, num_classes, axis=axis, dtype=dtype, sparse=sparse)
+        return kinds.SizedOneHot(axis, dtype or keras.backend.floatx())(x, num_classes)
+
+    def eye(N, M=None, k=0, dtype=None):  # noqa: N803 - Keras's argument names
+        if not _sized(keras, N, M, k):
+            return original["eye"](N, M, k, dtype=dtype)
+        return kinds.SizedEye(dtype or keras.backend.floatx())(N, N if M is None else M, k)
+
     return {"shape": shape, "slice": slice_, "broadcast_to": broadcast_to, "reshape": reshape,
             "arange": arange, "ones": filled("ones", 1.0), "zeros": filled("zeros", 0.0),
-            "full": full}
+            "full": full, "pad": pad, "one_hot": one_hot, "eye": eye}
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,9 +237,47 @@ def _kinds(keras):
             return keras.KerasTensor(_indexed_shape(keras, tuple(x.shape), _decoded(key)),
                                      dtype=x.dtype)
 
+    class SizedPad(keras.Operation):
+        def __init__(self, mode, constant_values, name=None):
+            super().__init__(name=name)
+            self.mode, self.constant_values = mode, constant_values
+
+        def call(self, x, pad_width):
+            return keras.ops.pad(x, pad_width, self.mode, self.constant_values)
+
+        def compute_output_spec(self, x, pad_width):
+            pairs = list(pad_width) * (len(x.shape) if len(pad_width) == 1 else 1)
+            shape = [None if d is None or _sized(keras, w) else d + sum(w)
+                     for d, w in zip(x.shape, pairs)]
+            return keras.KerasTensor(shape, dtype=x.dtype)
+
+    class SizedOneHot(keras.Operation):
+        def __init__(self, axis, dtype, name=None):
+            super().__init__(name=name)
+            self.axis, self.dtype = axis, dtype
+
+        def call(self, x, num_classes):
+            return keras.ops.one_hot(x, num_classes, axis=self.axis, dtype=self.dtype)
+
+        def compute_output_spec(self, x, num_classes):
+            shape = list(x.shape)
+            shape.insert(self.axis % (len(shape) + 1), None)
+            return keras.KerasTensor(shape, dtype=self.dtype)
+
+    class SizedEye(keras.Operation):
+        def __init__(self, dtype, name=None):
+            super().__init__(name=name)
+            self.dtype = dtype
+
+        def call(self, rows, columns, k):
+            return keras.ops.eye(rows, columns, k, dtype=self.dtype)
+
+        def compute_output_spec(self, rows, columns, k):
+            return keras.KerasTensor(dims((rows, columns)), dtype=self.dtype)
+
     return type("Kinds", (), {k.__name__: k for k in (
         RunTimeSize, SizedSlice, SizedBroadcastTo, SizedReshape, SizedArange, SizedFull,
-        SizedGetItem)})
+        SizedGetItem, SizedPad, SizedOneHot, SizedEye)})
 
 
 def _indexed_shape(keras, shape, key):
@@ -308,7 +366,40 @@ def _sized_full(g, call, p):
                             value=fill))]
 
 
+def _sized_pad(g, call, p):
+    x = as_value(g, p["x"], call.base)
+    return pad(g, call, dict(p, x=x, mode=call.layer.mode,
+                             constant_values=call.layer.constant_values))
+
+
+def _range_to(g, call, stop):
+    """`range(stop)` in int64, `stop` a run-time size or a number."""
+    bounds = [_scalar(g, call, v, "int64") for v in (0, stop, 1)]
+    return g.node("Range", bounds, call.base)
+
+
+def _sized_one_hot(g, call, p):
+    """`indices[..., None] == range(n)` (out-of-range indices give zeros), `n` at run time."""
+    x = g.keras(p["x"])
+    axis = call.layer.axis % (x.rank + 1)
+    classes = g.node("Unsqueeze", [_range_to(g, call, p["num_classes"]), g.ints(
+        [a for a in range(x.rank + 1) if a != axis], "axes")], call.base)
+    index = cast(g, x, dtype_of(call, x), "int64", call.base)
+    expanded = g.node("Unsqueeze", [index.name, g.ints([axis], "axes")], call.base)
+    hit = g.node("Equal", [expanded, classes], call.base)
+    return [call.out(g.node("Cast", [hit], call.base, to=onnx_dtype(out_dtype(call))))]
+
+
+def _sized_eye(g, call, p):
+    """Ones where `column - row == k`, for sizes known at run time."""
+    rows = g.node("Unsqueeze", [_range_to(g, call, p["rows"]), g.ints([1], "axes")], call.base)
+    offset = g.node("Sub", [_range_to(g, call, p["columns"]), rows], call.base)
+    hit = g.node("Equal", [offset, _scalar(g, call, p["k"], "int64")], call.base)
+    return [call.out(g.node("Cast", [hit], call.base, to=onnx_dtype(out_dtype(call))))]
+
+
 EMITTERS = {
+    "sized_one_hot": _sized_one_hot, "sized_eye": _sized_eye, "sized_pad": _sized_pad,
     "run_time_size": _run_time_size, "sized_slice": _sized_slice,
     "sized_broadcast_to": _sized_broadcast_to, "sized_reshape": _sized_reshape,
     "sized_arange": _sized_arange, "sized_full": _sized_full, "sized_get_item": get_item,

@@ -29,7 +29,8 @@ what they compute:
   indexing, which takes `x[None, ...]`; the key is passed in that form.
   `keras.ops.ndim` of a symbolic tensor gives a symbolic scalar, which
   Python code cannot branch on; a symbolic tensor's rank is always known,
-  so it gives that number (`_indexing_and_ranks`). A variable on the left
+  so it gives that number, and `==` (which Keras leaves to Python's
+  identity, False) compares elementwise (`_indexing_and_ranks`). A variable on the left
   of an operator (`self.weight * x`, T5's norm) computes with
   the backend, which refuses a symbolic right operand; there it records
   the `keras.ops` function instead (`_variables_as_operands`);
@@ -40,6 +41,7 @@ what they compute:
 
 import contextlib
 import inspect
+import sys
 
 import numpy as np
 import onnx.numpy_helper
@@ -53,6 +55,8 @@ from bnconvert import walk as model_walk
 # Layers of these packages are mapped by class name, and keep their own
 # output specs (a refusal there is a real one); any other class is traced.
 KNOWN_PACKAGES = ("keras.", "tf_keras.", "bnconvert.")
+# Packages whose `==` on tensors means identity (keras_hub's code means elementwise).
+_LIBRARIES = {"keras", "tf_keras", "tensorflow", "bnconvert", "optree", "tree"}
 
 
 @contextlib.contextmanager
@@ -94,12 +98,28 @@ def _indexing_and_ranks(keras):
     def getitem(self, key):
         return own(self, (None, Ellipsis) if key is None else key)
 
+    def equal(self, other):
+        # Keras's own code compares tensors by identity (`t in inputs`); a layer's
+        # code means elementwise.
+        module = sys._getframe(1).f_globals.get("__name__", "")
+        if module.split(".")[0] in _LIBRARIES:
+            return other is self
+        return keras.ops.equal(self, other)
+
     tensor.__getitem__ = getitem
+    # A symbolic tensor has no `==` of its own: `x == -1` was Python's identity,
+    # False, and written into the graph as a constant.
+    own_eq = vars(tensor).get("__eq__")
+    tensor.__eq__ = equal
     keras.ops.ndim = lambda x: len(x.shape) if is_symbolic(keras, x) else ndim(x)
     try:
         yield
     finally:
         tensor.__getitem__ = own
+        if own_eq is None:
+            del tensor.__eq__
+        else:
+            tensor.__eq__ = own_eq
         keras.ops.ndim = ndim
 
 

@@ -202,18 +202,28 @@ class _Walker:
                                tuple(range(len(t.shape))))
 
     def _emit(self, layer, tensors, args, kwargs, outputs, env, base):
-        def sub(x):
-            return env[id(x)] if id(x) in env else x
-
         in_dtypes = [self.dtypes.get(id(t)) or dtype_name(t) for t in tensors]
         out_dtypes = [dtype_name(t) for t in outputs]
+        floated = {}
+        kind = type(layer).__name__
+        if kind in LAYERS and type(layer).__module__.startswith(tracing.KNOWN_PACKAGES):
+            position = {id(t): i for i, t in enumerate(tensors)}
+            data = [t for t in tf.nest.flatten(args[:1]) if id(t) in position]
+            cast = layers.as_floats(self.g, layer, [env[id(t)] for t in data],
+                                    [in_dtypes[position[id(t)]] for t in data], out_dtypes, base)
+            floated = {id(data[i]): v for i, v in cast.items()}
+            in_dtypes = [("float32" if id(t) in floated else d) for t, d in zip(tensors, in_dtypes)]
+
+        def sub(x):
+            return floated.get(id(x)) or (env[id(x)] if id(x) in env else x)
+
         floats = [d for d in in_dtypes if d in ("float16", "bfloat16", "float32", "float64")]
         if floats and "float64" not in floats and not isinstance(layer, self.flavour.Layer):
             # Keras's symbolic inference promotes `x / np.sqrt(2.0)` to
             # float64; the TensorFlow backend computes it in the tensor's dtype.
             out_dtypes = [floats[0] if d == "float64" else d for d in out_dtypes]
         self.dtypes.update((id(t), d) for t, d in zip(outputs, out_dtypes))
-        call = Call(layer, [env[id(t)] for t in tensors],
+        call = Call(layer, [sub(t) for t in tensors],
                     tf.nest.map_structure(sub, tuple(args)),
                     tf.nest.map_structure(sub, dict(kwargs)),
                     [tuple(t.shape) for t in outputs], base, out_dtypes, in_dtypes,
@@ -225,9 +235,8 @@ class _Walker:
         # Integer lookups compute in their vocabulary's dtype; their emitters cast.
         dtype = getattr(layer, "compute_dtype", "float32")
         if dtype not in (None, "float32", "float16", "bfloat16") \
-                and type(layer).__name__ not in encoding.INTEGER_LAYERS:
-            raise Uncovered([(base, type(layer).__name__, f"compute dtype {dtype}")])
-        kind = type(layer).__name__
+                and kind not in encoding.INTEGER_LAYERS:
+            raise Uncovered([(base, kind, f"compute dtype {dtype}")])
         if self.flavour.is_graph_model(layer):
             inner = dict(zip((id(t) for t in layer.inputs), call.inputs))
             self.walk(layer, inner, base + "/")
