@@ -267,3 +267,32 @@ def test_repeat_by_a_run_time_length_matches_numpy(tmp_path):
         got = run(a)
         np.testing.assert_array_equal(got[0], np.repeat(a, length, axis=1))
         np.testing.assert_array_equal(got[1], np.repeat(a[:, :2], length))
+
+
+@pytest.mark.parametrize("name", [None, pytest.param("qwen3", marks=pytest.mark.slow)])
+def test_float16_graph_counts_positions_in_float32(name, tmp_path):
+    """onnxruntime has no float16 `Range`: float positions by a run-time length run in float32."""
+    keras.utils.set_random_seed(12)
+    if name is None:
+        x = keras.Input((None, 4))
+        model = keras.Model(x, PositionsAndCausalAttention()(x))
+    else:
+        model = _backbone(name)
+    result = export_onnx(model, tmp_path / "m.onnx", exporter="native", precision="float16")
+    assert (result.exporter, result.precision) == ("native", "float16")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    reference = keras.Model(model.inputs, model.outputs)
+    rng = np.random.default_rng(12)
+    for length in LENGTHS:
+        if name is None:
+            feeds = [rng.uniform(-2, 2, (2, length, 4)).astype("float32")]
+        else:
+            ids = rng.integers(1, 100, (2, length)).astype("int32")
+            feeds = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+            feeds = [feeds[n] for n in result.input_names]
+        want = np.asarray(keras.tree.flatten(reference(feeds))[0], np.float64)
+        typed = [f.astype(np.float16) if i.type == "tensor(float16)" else f
+                 for f, i in zip(feeds, session.get_inputs())]
+        got = session.run(None, dict(zip(result.input_names, typed)))[0].astype(np.float64)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * max(1.0, np.abs(want).max()))

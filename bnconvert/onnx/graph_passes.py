@@ -25,6 +25,7 @@ def to_float16(graph):
     `Cast` to float32 a `Cast` to float16, except the inputs ONNX wants
     in float32 whatever the data (`Resize` scales and roi).
     """
+    ranges = _float_ranges(graph)
     keep = {}
     for node in graph.all_nodes():
         for i in FLOAT32_INPUTS.get(node.op_type, ()):
@@ -53,6 +54,45 @@ def to_float16(graph):
             elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == FLOAT:
                 attr.t.CopyFrom(onnx.numpy_helper.from_array(
                     _half(onnx.numpy_helper.to_array(attr.t)), attr.t.name))
+    for node in ranges:
+        _in_float32(graph, node)
+
+
+# Ops whose output has the type of their first input.
+_SAME_TYPE = ("Reshape", "Squeeze", "Unsqueeze", "Identity", "Neg", "Abs")
+
+
+def _float_ranges(graph):
+    """The `Range` nodes of `graph` counting in float32.
+
+    onnxruntime has no float16 `Range` (a rotary embedding's positions);
+    such a node is found from its bounds: float32 initializers, constants
+    or casts, seen through views.
+    """
+    producer = {out: n for n in graph.nodes for out in n.output}
+    floats = {name for name, array in graph.initializers if array.dtype == np.float32}
+
+    def is_float(name, depth=0):
+        node = producer.get(name)
+        if name in floats or node is None or depth > 8:
+            return name in floats
+        if node.op_type == "Cast":
+            return attribute(node, "to", None) == FLOAT
+        if node.op_type == "Constant":
+            return any(a.t.data_type == FLOAT for a in node.attribute if a.name == "value")
+        return node.op_type in _SAME_TYPE and is_float(node.input[0], depth + 1)
+
+    return [n for n in graph.nodes if n.op_type == "Range" and any(map(is_float, n.input))]
+
+
+def _in_float32(graph, node):
+    """Runs a lowered `Range` on float32 bounds, its output cast back to float16."""
+    out, base = node.output[0], node.output[0]
+    node.output[0] = graph.unique(f"{base}/float32")
+    with placed_at(graph, position(graph, node) + 1):
+        graph.node("Cast", [node.output[0]], base, output_names=[out], to=FLOAT16)
+    with placed_at(graph, position(graph, node)):
+        node.input[:] = [graph.node("Cast", [name], base, to=FLOAT) for name in node.input]
 
 def divisions_to_products(graph):
     """Turns each `Div` by a float constant into a `Mul` by its reciprocal.
