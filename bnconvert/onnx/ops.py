@@ -340,13 +340,22 @@ TF_FUNCTIONS = {
 
 
 def _sequence_mask(g, call, p):
-    """tf.sequence_mask: `range(maxlen) < lengths[..., None]`, in its dtype."""
+    """tf.sequence_mask: `range(maxlen) < lengths[..., None]`, in `maxlen`'s dtype.
+
+    TensorFlow casts the lengths to `maxlen`'s dtype (int32 for a number)
+    before comparing: float lengths are truncated toward zero (2.5 masks 2
+    steps, not 3), which ONNX's float-to-integer `Cast` does too.
+    """
     lengths, maxlen = p["lengths"], p.get("maxlen")
     if maxlen is None or not isinstance(lengths, Value):
         raise Uncovered([(call.base, "SequenceMask", "maxlen=None or constant lengths")])
-    dtype = math.dtype_of(call, lengths)
-    stop = math.cast(g, maxlen, math.dtype_of(call, maxlen), dtype, call.base).name \
-        if isinstance(maxlen, Value) else g.scalar(int(math.constant(maxlen)), np.dtype(dtype))
+    if isinstance(maxlen, Value):
+        dtype = math.dtype_of(call, maxlen)
+        stop = maxlen.name
+    else:
+        dtype = "float32" if math.constant(maxlen).dtype.kind == "f" else "int32"
+        stop = g.scalar(math.constant(maxlen), np.dtype(dtype))
+    lengths = math.cast(g, lengths, math.dtype_of(call, lengths), dtype, call.base)
     # Range takes 0-d bounds; the graph holds numbers and sizes as [1].
     bounds = [g.node("Reshape", [b, g.ints(np.zeros(0, np.int64))], call.base)
               for b in (g.scalar(0, np.dtype(dtype)), stop, g.scalar(1, np.dtype(dtype)))]
