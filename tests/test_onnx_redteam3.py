@@ -55,3 +55,20 @@ def test_sequence_mask_of_float_lengths_truncates_them(tmp_path):
         got = session.run(None, {session.get_inputs()[0].name: feed})
         for g, w in zip(got, model(feed)):
             np.testing.assert_array_equal(g, np.asarray(w))
+
+
+# --- ops.repeat by a count computed in the graph, 0 at some sizes ------------------
+# The repeated axis was a Tile reshaped to `size * count`: a count of 0 made a 0
+# in the Reshape's shape, which ONNX reads as "keep this dimension" (a crash).
+
+REPEATS = {
+    "along_axis": lambda x: ops.repeat(x, ops.shape(x)[1] // 4, axis=1),
+    "last_axis": lambda x: ops.repeat(x, ops.shape(x)[1] // 4, axis=-1) * 2.0,
+    "flattened": lambda x: ops.repeat(x[:, :2], ops.shape(x)[1] // 4),
+}
+
+
+@pytest.mark.parametrize("name", list(REPEATS))
+def test_repeat_by_a_run_time_count_of_zero(name, tmp_path):
+    # Unknown sizes 3 and 1 repeat 0 times, 17 four times.
+    _matches_at_other_sizes(_traced(REPEATS[name]), tmp_path)

@@ -96,27 +96,26 @@ def _kinds(keras):
 
 
 def _sized_repeat(g, call, p):
-    """Each element of `x` `repeats` times along `axis` (all of `x` flattened if None)."""
+    """Each element of `x` `repeats` times along `axis` (all of `x` flattened if None).
+
+    A gather of positions `i // repeats` for `i` below `size * repeats`. (A
+    `Tile` reshaped to the merged size broke on a count of 0, computed from
+    a shape: `Reshape` reads a 0 in its shape as "keep this dimension".)
+    """
     x, base = as_value(g, p["x"], call.base), call.base
     name, axis = x.name, p.get("axis")
     if axis is None:
-        name, rank, axis = g.node("Reshape", [name, g.ints([-1])], base), 1, 0
+        name, axis = g.node("Reshape", [name, g.ints([-1])], base), 0
     else:
-        rank = x.rank
-        axis = int(axis) % rank
+        axis = int(axis) % x.rank
     count = cast(g, p["repeats"], dtype_of(call, p["repeats"]), "int64", base)
-    count = g.node("Reshape", [count.name, g.ints([1])], base)
-    ones = [g.ints(np.ones(n, np.int64)) for n in (axis + 1, rank - axis - 1)]
-    tiled = g.node("Tile", [g.node("Unsqueeze", [name, g.ints([axis + 1], "axes")], base),
-                            g.node("Concat", [ones[0], count, ones[1]], base, axis=0)], base)
-    dims = g.node("Shape", [tiled], base)
-
-    def dims_of(start, stop):
-        return g.node("Slice", [dims, g.ints([start]), g.ints([stop])], base)
-
-    merged = g.node("Mul", [dims_of(axis, axis + 1), dims_of(axis + 1, axis + 2)], base)
-    shape = g.node("Concat", [dims_of(0, axis), merged, dims_of(axis + 2, rank + 1)], base, axis=0)
-    return [call.out(g.node("Reshape", [tiled, shape], base))]
+    count = g.node("Reshape", [count.name, g.ints(np.zeros(0, np.int64))], base)
+    size = g.node("Gather", [g.node("Shape", [name], base), g.ints(axis, "axis")], base, axis=0)
+    stop = g.node("Mul", [size, count], base)
+    steps = g.node("Range", [g.ints(0, "start"), stop, g.ints(1, "step")], base)
+    # A count of 0 leaves no step to divide, but onnxruntime refuses a zero divisor anyway.
+    index = g.node("Div", [steps, g.node("Max", [count, g.ints(1, "one")], base)], base)
+    return [call.out(g.node("Gather", [name, index], base, axis=axis))]
 
 
 EMITTERS = {"sized_repeat": _sized_repeat, **{k: spectral.EMITTERS[k] for k in _TRANSFORMS}}
