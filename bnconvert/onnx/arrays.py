@@ -18,6 +18,7 @@ from bnconvert.onnx.math import constant
 from bnconvert.onnx.math import dtype_of
 from bnconvert.onnx.math import onnx_dtype
 from bnconvert.onnx.math import out_dtype
+from bnconvert.onnx.math import select
 from bnconvert.onnx.reductions import quantile_axis
 
 
@@ -36,7 +37,7 @@ def _diag_1d(g, call, x, k):
     wide = g.node("Unsqueeze", [rows, g.ints([1 if k < 0 else 0], "axes")], call.base)
     mask = g.constant(np.eye(n, n, k, dtype=bool), f"{call.base}/eye", bool)
     zero = g.scalar(0, np.dtype(out_dtype(call)))
-    return [call.out(g.node("Where", [mask, wide, zero], call.base))]
+    return [call.out(select(g, mask, wide, zero, out_dtype(call), call.base))]
 
 
 def diag(g, call, p):
@@ -144,20 +145,33 @@ def scatter(g, call, p):
 
 
 def _segment(op_type, empty):
-    """segment_max / min / prod with constant ids: a masked reduction per segment."""
+    """segment_max / min / prod with constant ids: a masked reduction per segment.
+
+    An empty segment holds `empty(info)` of the data's dtype (TensorFlow's
+    lowest value for a max). onnxruntime reduces no integers narrower than
+    32 bits: those are reduced as int32, exactly (a product wraps the same).
+    Not uint32: onnxruntime 1.31's int64 `ReduceMin` returns 2**32 - 1
+    whenever a row holds it.
+    """
     def emit(g, call, p):
         ids, count = p["segment_ids"], p.get("num_segments")
         if isinstance(ids, Value) or count is None or p.get("sorted"):
             raise Uncovered([(call.base, op_type, "segment ids computed in the graph, sorted, "
                                                   "or no num_segments")])
+        dtype = dtype_of(call, p["data"])
+        if dtype in ("bool", "uint32", "uint64"):
+            raise Uncovered([(call.base, op_type, f"dtype {dtype}")])
+        info = np.finfo(dtype) if np.dtype(dtype).kind == "f" else np.iinfo(dtype)
+        wide = dtype if dtype in ("float32", "float64", "int64") else "int32"
         ids = constant(ids).astype(np.int64).reshape(-1)
-        data = g.keras(p["data"])
+        data = cast(g, g.keras(p["data"]), dtype, wide, call.base)
         mask = np.arange(int(count))[:, None] == ids[None, :]
         mask = mask.reshape(mask.shape + (1,) * (data.rank - 1))
-        wide = g.node("Unsqueeze", [data.name, g.ints([0], "axes")], call.base)
-        filled = g.node("Where", [g.constant(mask, f"{call.base}/segments", bool), wide,
-                                  g.scalar(empty)], call.base)
-        return [call.out(g.reduce(op_type, filled, [1], False, call.base))]
+        stacked = g.node("Unsqueeze", [data.name, g.ints([0], "axes")], call.base)
+        filled = g.node("Where", [g.constant(mask, f"{call.base}/segments", bool), stacked,
+                                  g.scalar(empty(info), np.dtype(wide))], call.base)
+        reduced = Value(g.reduce(op_type, filled, [1], False, call.base), (), ())
+        return [call.out(cast(g, reduced, wide, dtype, call.base).name)]
     return emit
 
 
@@ -367,9 +381,9 @@ EMITTERS = {
     "det": det, "slogdet": slogdet, "meshgrid": meshgrid, "sparsemax": sparsemax,
     "segment_sum": segment_sum, "scatter": scatter,
     # tf.math.unsorted_segment_*: an empty segment holds the reduction's identity.
-    "segment_max": _segment("ReduceMax", float(np.finfo(np.float32).min)),
-    "segment_min": _segment("ReduceMin", float(np.finfo(np.float32).max)),
-    "segment_prod": _segment("ReduceProd", 1.0),
+    "segment_max": _segment("ReduceMax", lambda info: info.min),
+    "segment_min": _segment("ReduceMin", lambda info: info.max),
+    "segment_prod": _segment("ReduceProd", lambda info: 1),
     "diag": diag, "diagflat": diagflat, "kron": kron, "cross": cross, "isin": isin,
     "scatter_update": scatter_update, "slice_update": slice_update,
     "extract_sequences": extract_sequences, "quantile": _quantile(1.0),

@@ -62,6 +62,21 @@ def cast(g, value, source, target, base):
                  value.perm)
 
 
+# onnxruntime has no `Where` kernel for these types (the graph would not load):
+# their operands are selected as a type that holds each of their values
+# exactly (uint64's bit patterns as int64), and cast back.
+_WHERE_THROUGH = {"bool": "uint8", "int16": "int32", "uint16": "int32", "uint64": "int64"}
+
+
+def select(g, condition, a, b, dtype, base):
+    """`Where(condition, a, b)` of tensors named `a`, `b` of Keras `dtype`; returns a name."""
+    through = _WHERE_THROUGH.get(str(dtype))
+    if through is None:
+        return g.node("Where", [condition, a, b], base)
+    a, b = (g.node("Cast", [v], base, to=onnx_dtype(through)) for v in (a, b))
+    return g.node("Cast", [g.node("Where", [condition, a, b], base)], base, to=onnx_dtype(dtype))
+
+
 def constant(value):
     """A non-tensor operand (number, array, variable) as an array."""
     if hasattr(value, "numpy"):
@@ -246,7 +261,7 @@ def _where(g, call, p):
         raise Uncovered([(call.base, "Where", "where() with a condition only (nonzero)")])
     dtype = out_dtype(call)
     names, ref = aligned(g, call, [p["condition"], p["x1"], p["x2"]], ["bool", dtype, dtype])
-    return [call.out(g.node("Where", names, call.base), ref.perm)]
+    return [call.out(select(g, *names, dtype, call.base), ref.perm)]
 
 
 def _clip(g, call, p):

@@ -25,6 +25,7 @@ from bnconvert.onnx.math import constant
 from bnconvert.onnx.math import dtype_of
 from bnconvert.onnx.math import onnx_dtype
 from bnconvert.onnx.math import out_dtype
+from bnconvert.onnx.math import select
 
 
 def _pair(g, call, p):
@@ -210,19 +211,26 @@ def _masked_diagonal(g, call, p):
     shape[a1], shape[a2] = n1, n2
     eye = np.eye(n1, n2, int(p.get("offset", 0)), dtype=bool)
     eye = (eye.T if a2 < a1 else eye).reshape(shape)
-    zero = g.scalar(0, np.dtype(dtype_of(call, p["x"])))
-    masked = g.node("Where", [g.constant(eye, f"{call.base}/eye", bool), x.name, zero], call.base)
-    return x, masked, a1, a2
+    # onnxruntime sums no bool or integers narrower than 32 bits, and saturates
+    # int32 sums: integers are summed as int64, wrapping as Keras does once cast back.
+    dtype = dtype_of(call, p["x"])
+    wide = dtype if dtype in ("float16", "float32", "float64") else "int64"
+    x = cast(g, x, dtype, wide, call.base)
+    masked = g.node("Where", [g.constant(eye, f"{call.base}/eye", bool), x.name,
+                              g.scalar(0, np.dtype(wide))], call.base)
+    return x, masked, a1, a2, wide
 
 
 def _trace(g, call, p):
-    x, masked, a1, a2 = _masked_diagonal(g, call, p)
-    return [call.out(g.reduce("ReduceSum", masked, [a1, a2], False, call.base))]
+    x, masked, a1, a2, wide = _masked_diagonal(g, call, p)
+    summed = Value(g.reduce("ReduceSum", masked, [a1, a2], False, call.base), (), ())
+    return [call.out(cast(g, summed, wide, out_dtype(call), call.base).name)]
 
 
 def _diagonal(g, call, p):
-    x, masked, a1, a2 = _masked_diagonal(g, call, p)
+    x, masked, a1, a2, wide = _masked_diagonal(g, call, p)
     summed = g.reduce("ReduceSum", masked, [a2], False, call.base)
+    summed = cast(g, Value(summed, (), ()), wide, out_dtype(call), call.base).name
     offset, n1, n2 = int(p.get("offset", 0)), x.shape[a1], x.shape[a2]
     start = max(-offset, 0)
     length = max(min(n1, n2 - offset) - start, 0)
@@ -256,7 +264,7 @@ def _select(g, call, p):
     name = names[-1]
     for condition, choice in reversed(list(zip(names[:len(conditions)],
                                                names[len(conditions):-1]))):
-        name = g.node("Where", [condition, choice, name], call.base)
+        name = select(g, condition, choice, name, out_dtype(call), call.base)
     return [call.out(name, ref.perm)]
 
 
