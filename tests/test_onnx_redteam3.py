@@ -115,3 +115,33 @@ def test_selections_of_every_integer_dtype(name, dtype, tmp_path):
         want = np.asarray(model(feed))
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
+
+
+# --- tril / triu of bool and narrow integers --------------------------------------------
+# A boolean causal mask (`tril` of a bool tensor) was a `Where` of bools, which
+# onnxruntime has no kernel for: the graph did not load.
+
+TRIANGLES = {
+    "causal_mask": ("float32", lambda x: ops.where(
+        ops.tril(ops.ones((ops.shape(x)[1], ops.shape(x)[1]), "bool")),
+        ops.matmul(x, ops.transpose(x, (0, 2, 1))), -1e4)),
+    "bool_scores": ("float32", lambda x: ops.cast(ops.triu(
+        ops.matmul(x, ops.transpose(x, (0, 2, 1))) > 0.0, k=1), "float32")),
+    "int16_upper": ("int16", lambda x: ops.triu(x, k=-1)),
+    "uint16_lower": ("uint16", lambda x: ops.tril(x, k=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(TRIANGLES))
+def test_triangles_of_bool_and_narrow_integers(name, tmp_path):
+    dtype, function = TRIANGLES[name]
+    if dtype == "float32":
+        _matches_at_other_sizes(_traced(function), tmp_path)
+        return
+    model = _traced(function, (None, 4), dtype)
+    session = _session(model, tmp_path)
+    rng = np.random.default_rng(12)
+    for batch, size in ((1, 3), (5, 17), (2, 1)):
+        feed = _extreme_values(dtype, (batch, size, 4), rng)
+        got = session.run(None, {session.get_inputs()[0].name: feed})[0]
+        np.testing.assert_array_equal(got, np.asarray(model(feed)))

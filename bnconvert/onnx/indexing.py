@@ -20,6 +20,7 @@ from bnconvert.onnx.math import constant
 from bnconvert.onnx.math import dtype_of
 from bnconvert.onnx.math import onnx_dtype
 from bnconvert.onnx.math import out_dtype
+from bnconvert.onnx.math import select
 
 _MAX = np.iinfo(np.int64).max
 _MIN = np.iinfo(np.int64).min
@@ -199,7 +200,11 @@ def roll(g, call, p):
 
 
 def _triangle(lower):
-    """tril / triu over the last two Keras axes, as a `Where` with a constant mask."""
+    """tril / triu over the last two Keras axes, as a `Where` with a mask.
+
+    Selected through `select`: onnxruntime has no bool or int16 `Where`
+    (a boolean causal mask `tril(ones(..., "bool"))` did not load).
+    """
     def emit(g, call, p):
         x = g.keras(p["x"])
         rows, cols = x.shape[-2:]
@@ -210,8 +215,9 @@ def _triangle(lower):
             mask = np.tri(rows, cols, k, dtype=bool) if lower \
                 else ~np.tri(rows, cols, k - 1, dtype=bool)
             mask = g.constant(mask, f"{call.base}/mask", bool)
-        zero = g.scalar(0, np.dtype(dtype_of(call, x)))
-        return [call.out(g.node("Where", [mask, x.name, zero], call.base))]
+        dtype = dtype_of(call, x)
+        zero = g.scalar(0, np.dtype(dtype))
+        return [call.out(select(g, mask, x.name, zero, dtype, call.base))]
     return emit
 
 
