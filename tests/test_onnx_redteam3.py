@@ -145,3 +145,35 @@ def test_triangles_of_bool_and_narrow_integers(name, tmp_path):
         feed = _extreme_values(dtype, (batch, size, 4), rng)
         got = session.run(None, {session.get_inputs()[0].name: feed})[0]
         np.testing.assert_array_equal(got, np.asarray(model(feed)))
+
+
+# --- float mod: the divisor's sign, exactly -------------------------------------------
+# `x - floor(x / y) * y` lost the low digits of a large `x` (1e9 mod 7 gave 64, not 6);
+# the remainder is now fmod's, moved by the divisor where its sign differs.
+
+MODS = {
+    "by_positive": lambda x: ops.mod(x, 3.0),
+    "by_negative": lambda x: ops.mod(x, -2.5),
+    "large": lambda x: ops.mod(x * 1e6, 7.0) + ops.mod(x * -3e5, -0.75),
+    "by_tensor": lambda x: ops.mod(x * 1e4, ops.flip(x, 2)),
+    "operator": lambda x: (x * 1e5) % ops.flip(-x, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(MODS))
+def test_float_mod_takes_the_divisor_sign(name, tmp_path):
+    _matches_at_other_sizes(_traced(MODS[name]), tmp_path)
+
+
+def test_tf_floormod_of_large_values(tmp_path):
+    import tensorflow as tf
+    import tf_keras
+
+    x = tf_keras.Input((4,))
+    model = tf_keras.Model(x, tf.math.floormod(x * 1e6, -7.0) + tf.math.floormod(x, 0.3))
+    session = _session(model, tmp_path)
+    rng = np.random.default_rng(13)
+    for batch in (1, 5):
+        feed = (rng.uniform(-1, 1, (batch, 4)) * 1e3).astype("float32")
+        got = session.run(None, {session.get_inputs()[0].name: feed})[0]
+        np.testing.assert_allclose(got, np.asarray(model(feed)), rtol=1e-4, atol=1e-5)

@@ -189,16 +189,20 @@ def _times(factor):
 
 
 def _mod(g, call, p):
-    """NumPy's `mod` (the divisor's sign): `x - floor(x / y) * y` for floats."""
-    dtype = out_dtype(call)
+    """NumPy's `mod` (the divisor's sign), for floats as TensorFlow's `floormod`.
+
+    `x - floor(x / y) * y` lost x's low digits once `x / y` was large (1e9
+    mod 7 gave 64): the remainder is `fmod`'s, exact, moved by `y` where it
+    is nonzero and of the other sign than `y`.
+    """
+    dtype, base = out_dtype(call), call.base
     (a, c), ref = aligned(g, call, [p["x1"], p["x2"]], dtype)
-    perm = ref.perm
-    if dtype in _FLOATS:
-        q = g.node("Floor", [g.node("Div", [a, c], call.base)], call.base)
-        name = g.node("Sub", [a, g.node("Mul", [q, c], call.base)], call.base)
-    else:
-        name = g.node("Mod", [a, c], call.base, fmod=0)
-    return [call.out(name, perm)]
+    if dtype not in _FLOATS:
+        return [call.out(g.node("Mod", [a, c], base, fmod=0), ref.perm)]
+    r, zero = g.node("Mod", [a, c], base, fmod=1), g.scalar(0, np.dtype(dtype))
+    signs = g.node("Xor", [g.node("Less", [r, zero], base), g.node("Less", [c, zero], base)], base)
+    moved = g.node("And", [signs, g.node("Not", [g.node("Equal", [r, zero], base)], base)], base)
+    return [call.out(g.node("Add", [r, g.node("Where", [moved, c, zero], base)], base), ref.perm)]
 
 
 def _floor_divide(g, call, p):
