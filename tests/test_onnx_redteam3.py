@@ -177,3 +177,24 @@ def test_tf_floormod_of_large_values(tmp_path):
         feed = (rng.uniform(-1, 1, (batch, 4)) * 1e3).astype("float32")
         got = session.run(None, {session.get_inputs()[0].name: feed})[0]
         np.testing.assert_allclose(got, np.asarray(model(feed)), rtol=1e-4, atol=1e-5)
+
+
+# --- a zero Pad before a pooling ------------------------------------------------------
+# A strided 1x1 convolution of a zero-padded image reads it through a 1x1
+# AveragePool (`subsample`); onnxruntime's PadFusion moved the Pad into that
+# pool's `pads`, as wide as its window, and the graph failed to load. An
+# AveragePool after explicit zeros counts them: the fusion is blocked for both.
+
+
+def _padded_pools():
+    x = keras.Input((None, None, 3))
+    padded = L.ZeroPadding2D(((1, 2), (0, 3)))(x)
+    strided = L.Add()([L.Conv2D(8, 1, strides=2)(padded), L.Conv2D(8, 1, strides=2)(padded)])
+    pooled = L.AveragePooling2D(3, strides=2)(L.ZeroPadding2D(1)(L.Conv2D(4, 1)(x)))
+    return keras.Model(x, [strided, pooled])
+
+
+@pytest.mark.parametrize("opset", [13, 17, 21])
+def test_zero_padding_before_poolings(opset, tmp_path):
+    _matches_at_other_sizes(_padded_pools(), tmp_path, sizes=((1, 7), (5, 10), (2, 2)),
+                            opset=opset)

@@ -2,7 +2,7 @@
 
 Each works on a `Graph` in place: lowering a float32 graph to float16
 (`--precision float16`), turning divisions by constants into products,
-and keeping onnxruntime from folding a zero `Pad` into a `MaxPool`.
+and keeping onnxruntime from folding a zero `Pad` into a pooling.
 """
 
 import numpy as np
@@ -122,24 +122,29 @@ def divisions_to_products(graph):
 _NON_NEGATIVE = ("Relu", "Sigmoid", "HardSigmoid", "Softmax", "Abs", "Exp", "Softplus")
 
 
-def keep_pads_before_max_pools(g, output_names):
-    """Keeps onnxruntime from folding a constant `Pad` into the `MaxPool` after it.
+def keep_pads_before_pools(g, output_names):
+    """Keeps onnxruntime from folding a constant `Pad` into the pooling after it.
 
     onnxruntime's `PadFusion` moves a zero `Pad` into the pool's `pads`,
     which a `MaxPool` ignores (as if they were -inf): where a window's own
     values are all negative, the fused graph returns their maximum instead
     of the padding's 0 (Keras's `ZeroPadding2D` before `MaxPooling2D`), by
     3.7 on inputs around -3. The fusion is left where the padded values
-    are never negative (after a `Relu`, as in ResNet50), and blocked
-    elsewhere: onnxruntime does not fuse a `Pad` given `axes` (opset 18 and
-    later), nor one read through a `Reshape` to its own shape (a view).
+    are never negative (after a `Relu`, as in ResNet50). An `AveragePool`
+    after explicit zeros counts them (Keras's "valid" pooling of a
+    `ZeroPadding2D`), and a `pads` as wide as its window is refused: the
+    1x1 pooling that subsamples a zero-padded tensor for a strided 1x1
+    convolution (`subsample`) failed to load once fused. The fusion is
+    blocked there: onnxruntime does not fuse a `Pad` given `axes` (opset
+    18 and later), nor one read through a `Reshape` to its own shape (a view).
     """
     index = Index(g, output_names)
     for pad in [n for n in g.nodes if n.op_type == "Pad" and not n.domain]:
         readers = index.consumers.get(pad.output[0], [])
         if (attribute(pad, "mode", b"constant") != b"constant" or len(pad.input) > 3
                 or pad.output[0] in output_names or len(readers) != 1
-                or readers[0].op_type != "MaxPool" or _non_negative(index, pad.input[0])):
+                or readers[0].op_type not in ("MaxPool", "AveragePool")
+                or (readers[0].op_type == "MaxPool" and _non_negative(index, pad.input[0]))):
             continue
         pads = index.arrays.get(pad.input[1])
         if pads is None:  # onnxruntime fuses constant pads only

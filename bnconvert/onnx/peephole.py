@@ -57,7 +57,7 @@ def optimize(g, input_shapes, output_names, shapes):
     read_channels_last(g, input_shapes, output_names, shapes)
     subsample_first(g, output_names, shapes)
     dense_as_convolution(g, output_names, shapes)
-    graph_passes.keep_pads_before_max_pools(g, output_names)
+    graph_passes.keep_pads_before_pools(g, output_names)
     drop_unused(g, output_names)
 
 
