@@ -198,3 +198,34 @@ def _padded_pools():
 def test_zero_padding_before_poolings(opset, tmp_path):
     _matches_at_other_sizes(_padded_pools(), tmp_path, sizes=((1, 7), (5, 10), (2, 2)),
                             opset=opset)
+
+
+# --- float16 graphs: ops onnxruntime has no float16 kernel for ----------------------
+# IsInf (before opset 20), Celu, CumSum (before opset 14) and ScatterND with a
+# reduction made `precision="float16"` graphs that failed to load or to run;
+# they compute in float32 there, between casts.
+
+HALVES = {
+    # Infinities and NaN from whole numbers, 0 among them, alike in float32 and float16.
+    "isinf": (13, lambda x: ops.where(ops.isinf(1.0 / x), -1.0, x)
+              + ops.cast(ops.isposinf(1.0 / x), "float32")),
+    "isfinite": (17, lambda x: ops.cast(ops.isfinite(ops.log(x)), "float32") * x),
+    "nan_to_num": (17, lambda x: ops.nan_to_num(1.0 / x, posinf=7.0, neginf=-7.0)),
+    "celu": (21, lambda x: ops.celu(x * 0.25, alpha=0.5) + L.Activation("celu")(x * 0.25)),
+    "cumsum": (13, lambda x: ops.cumsum(x, axis=1) * 0.25),
+    # Duplicate indices add up (a ScatterND with reduction "add").
+    "scatter": (17, lambda x: x + ops.scatter([[0, 1], [0, 1], [2, 3]], x[0, 0, :3], (4, 4))),
+}
+
+
+@pytest.mark.parametrize("name", list(HALVES))
+def test_float16_graphs_of_ops_without_float16_kernels(name, tmp_path):
+    opset, function = HALVES[name]
+    model = _traced(function, (4, 4))
+    session = _session(model, tmp_path, precision="float16", opset=opset)
+    rng = np.random.default_rng(14)
+    for batch in (1, 5):
+        feed = np.round(rng.uniform(-8, 8, (batch, 4, 4))).astype("float32")
+        got = session.run(None, {session.get_inputs()[0].name: feed})[0]
+        # float16's rounding: 1e-3 of each value.
+        np.testing.assert_allclose(got, np.asarray(model(feed)), rtol=2e-3, atol=2e-3)

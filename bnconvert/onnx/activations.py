@@ -180,7 +180,8 @@ def _tanh_shrink(g, v, base, p):
 
 
 def _celu(g, v, base, p):
-    return g.node("Celu", [v.name], base, alpha=float(p.get("alpha", 1.0)))
+    # Activations compute in the graph's float32 (float16 has no Celu kernel).
+    return g.float32_data(g.node("Celu", [v.name], base, alpha=float(p.get("alpha", 1.0))))
 
 
 def _glu(g, v, base, p):

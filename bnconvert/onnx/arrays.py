@@ -127,8 +127,10 @@ def scatter_update(g, call, p):
     (updates,), _ = aligned(g, call, [p["updates"]], out_dtype(call)) if isinstance(
         p["updates"], Value) else ([g.constant(constant(p["updates"]), f"{call.base}/updates",
                                                np.dtype(out_dtype(call)))], None)
-    return [call.out(g.node("ScatterND", [x.name, indices, updates], call.base,
-                            reduction=reduction))]
+    name = g.node("ScatterND", [x.name, indices, updates], call.base, reduction=reduction)
+    if out_dtype(call) == "float32":  # (no float16 ScatterND with a reduction)
+        g.float32_data(name)
+    return [call.out(name)]
 
 
 def scatter(g, call, p):
@@ -286,7 +288,7 @@ def sparsemax(g, call, p):
     if n is None:
         raise Uncovered([(call.base, "Sparsemax", "an axis of unknown size")])
     ordered, _ = g.node("TopK", [x.name, g.ints([n], "k")], call.base, outputs=2, axis=axis)
-    total = g.node("CumSum", [ordered, g.ints(axis, "axis")], call.base)
+    total = g.float32_data(g.node("CumSum", [ordered, g.ints(axis, "axis")], call.base))
     shape = [1] * x.rank
     shape[axis] = n
     ranks = g.constant(np.arange(1, n + 1, dtype=np.float32).reshape(shape), f"{call.base}/r")

@@ -137,6 +137,8 @@ class Graph:
         self.hard_sigmoid = (1.0 / 6.0, 0.5)
         # `trace(function, value, base)`: a Python function applied to a `Value`, traced.
         self.trace = None
+        # Outputs of nodes whose float operands are float32 (`float32_data`).
+        self.float32_nodes = set()
         # A flattened global pooling's name -> its `Value` before the flattening
         # (`keepdims=True`), which a reshape back to that shape reuses.
         self.unflattened = {}
@@ -184,6 +186,19 @@ class Graph:
             **{k: v for k, v in attrs.items() if v is not None},
         ))
         return names[0] if outputs == 1 else names
+
+    def float32_data(self, *names):
+        """Marks the nodes giving `names` as computing on the graph's float32 data.
+
+        With `--precision float16` those data become float16, and
+        onnxruntime has no float16 kernel for some ops (`Celu`, `IsInf`
+        before opset 20, a `ScatterND` with a reduction): to lower a marked
+        node of such an op, `graph_passes.to_float16` runs it in float32.
+        Only emitters know which float they compute in (an `IsInf` of a
+        float64 tensor stays float64): they mark it. Returns the last name.
+        """
+        self.float32_nodes.update(names)
+        return names[-1] if names else None
 
     @contextlib.contextmanager
     def subgraph(self):

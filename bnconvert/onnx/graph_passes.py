@@ -23,7 +23,8 @@ def to_float16(graph):
 
     Float initializers and constants become float16 and every
     `Cast` to float32 a `Cast` to float16, except the inputs ONNX wants
-    in float32 whatever the data (`Resize` scales and roi).
+    in float32 whatever the data (`Resize` scales and roi). Ops
+    onnxruntime has no float16 kernel for stay float32 (`_NO_FLOAT16`).
     """
     ranges = _float_ranges(graph)
     keep = {}
@@ -55,8 +56,24 @@ def to_float16(graph):
                 attr.t.CopyFrom(onnx.numpy_helper.from_array(
                     _half(onnx.numpy_helper.to_array(attr.t)), attr.t.name))
     for node in ranges:
-        _in_float32(graph, node)
+        _in_float32(graph, node, range(len(node.input)), True)
+    for node in [n for n in graph.nodes if n.output and n.output[0] in graph.float32_nodes]:
+        inputs, float_out, lacking = _NO_FLOAT16.get(node.op_type, ((), False, None))
+        if lacking is not None and lacking(node, graph.opset):
+            _in_float32(graph, node, inputs, float_out)
 
+
+# Ops onnxruntime (1.31) has no float16 kernel for, run in float32 in a float16
+# graph where their emitters mark them (`Graph.float32_data`): op type ->
+# (its float inputs, whether its output is float, whether a node lacks a kernel).
+# (`Range`, which has none either, is found from its bounds: `_float_ranges`.)
+_NO_FLOAT16 = {
+    "IsInf": ((0,), False, lambda node, opset: opset < 20),
+    "Celu": ((0,), True, lambda node, opset: True),
+    "CumSum": ((0,), True, lambda node, opset: opset < 14),
+    "ScatterND": ((0, 2), True,
+                  lambda node, opset: attribute(node, "reduction", b"none") != b"none"),
+}
 
 # Ops whose output has the type of their first input.
 _SAME_TYPE = ("Reshape", "Squeeze", "Unsqueeze", "Identity", "Neg", "Abs")
@@ -85,14 +102,20 @@ def _float_ranges(graph):
     return [n for n in graph.nodes if n.op_type == "Range" and any(map(is_float, n.input))]
 
 
-def _in_float32(graph, node):
-    """Runs a lowered `Range` on float32 bounds, its output cast back to float16."""
-    out, base = node.output[0], node.output[0]
-    node.output[0] = graph.unique(f"{base}/float32")
-    with placed_at(graph, position(graph, node) + 1):
-        graph.node("Cast", [node.output[0]], base, output_names=[out], to=FLOAT16)
+def _in_float32(graph, node, inputs, float_out):
+    """Runs a lowered `node` on float32 casts of its `inputs`.
+
+    Its first output is cast back to float16 if `float_out` (a `Range`,
+    a `Celu`), else kept (the bools of an `IsInf`).
+    """
+    if float_out:
+        out, base = node.output[0], node.output[0]
+        node.output[0] = graph.unique(f"{base}/float32")
+        with placed_at(graph, position(graph, node) + 1):
+            graph.node("Cast", [node.output[0]], base, output_names=[out], to=FLOAT16)
     with placed_at(graph, position(graph, node)):
-        node.input[:] = [graph.node("Cast", [name], base, to=FLOAT) for name in node.input]
+        for i in inputs:
+            node.input[i] = graph.node("Cast", [node.input[i]], node.output[0], to=FLOAT)
 
 def divisions_to_products(graph):
     """Turns each `Div` by a float constant into a `Mul` by its reciprocal.

@@ -176,7 +176,11 @@ def _composed(build, compute=None):
         source = dtype_of(call, x)
         dtype = compute or (source if out_dtype(call) == "bool" else out_dtype(call))
         x = cast(g, x, source, dtype, f"{call.base}/cast")
-        return [call.out(build(g, x, call.base, p), x.perm)]
+        first = len(g.nodes)
+        name = build(g, x, call.base, p)
+        if dtype == "float32":  # (an `IsInf` or `Celu` has no float16 kernel)
+            g.float32_data(*(n.output[0] for n in g.nodes[first:]))
+        return [call.out(name, x.perm)]
     return emit
 
 
@@ -231,32 +235,6 @@ def _divide_no_nan(g, call, p):
     safe = g.node("Where", [g.node("Equal", [c, zero], call.base), g.scalar(1.0), c], call.base)
     div = g.node("Div", [a, safe], call.base)
     name = g.node("Where", [g.node("Equal", [c, zero], call.base), zero, div], call.base)
-    return [call.out(name, ref.perm)]
-
-
-def _hypot(g, call, p):
-    (a, c), ref = aligned(g, call, [p["x1"], p["x2"]], out_dtype(call))
-    s = g.node("Add", [g.node("Mul", [a, a], call.base), g.node("Mul", [c, c], call.base)],
-               call.base)
-    return [call.out(g.node("Sqrt", [s], call.base), ref.perm)]
-
-
-def _logaddexp(g, call, p):
-    """max(a, b) + log1p(exp(-|a - b|)): no overflow for large inputs."""
-    (a, c), ref = aligned(g, call, [p["x1"], p["x2"]], out_dtype(call))
-    top = g.node("Max", [a, c], call.base)
-    gap = g.node("Neg", [g.node("Abs", [g.node("Sub", [a, c], call.base)], call.base)], call.base)
-    soft = g.node("Log", [g.node("Add", [g.node("Exp", [gap], call.base), g.scalar(1.0)],
-                                 call.base)], call.base)
-    return [call.out(g.node("Add", [top, soft], call.base), ref.perm)]
-
-
-def _heaviside(g, call, p):
-    (a, c), ref = aligned(g, call, [p["x1"], p["x2"]], out_dtype(call))
-    zero = g.scalar(0.0)
-    positive = g.node("Cast", [g.node("Greater", [a, zero], call.base)], call.base,
-                      to=onnx_dtype(out_dtype(call)))
-    name = g.node("Where", [g.node("Equal", [a, zero], call.base), c, positive], call.base)
     return [call.out(name, ref.perm)]
 
 
@@ -421,7 +399,6 @@ EMITTERS = {
     "divide": _binary("Div"), "true_divide": _binary("Div"), "maximum": _binary("Max"),
     "minimum": _binary("Min"), "power": _binary("Pow"), "fmod": _binary("Mod", fmod=1),
     "mod": _mod, "floor_divide": _floor_divide, "divide_no_nan": _divide_no_nan,
-    "hypot": _hypot, "logaddexp": _logaddexp, "heaviside": _heaviside,
     "equal": _compare("Equal"), "not_equal": _compare("Equal", negate=True),
     "greater": _compare("Greater"), "greater_equal": _compare("GreaterOrEqual"),
     "less": _compare("Less"), "less_equal": _compare("LessOrEqual"),

@@ -244,6 +244,32 @@ def _diagonal(g, call, p):
     return [call.out(summed, perm)]
 
 
+def _hypot(g, call, p):
+    (a, c), ref = aligned(g, call, [p["x1"], p["x2"]], out_dtype(call))
+    s = g.node("Add", [g.node("Mul", [a, a], call.base), g.node("Mul", [c, c], call.base)],
+               call.base)
+    return [call.out(g.node("Sqrt", [s], call.base), ref.perm)]
+
+
+def _logaddexp(g, call, p):
+    """max(a, b) + log1p(exp(-|a - b|)): no overflow for large inputs."""
+    (a, c), ref = aligned(g, call, [p["x1"], p["x2"]], out_dtype(call))
+    top = g.node("Max", [a, c], call.base)
+    gap = g.node("Neg", [g.node("Abs", [g.node("Sub", [a, c], call.base)], call.base)], call.base)
+    soft = g.node("Log", [g.node("Add", [g.node("Exp", [gap], call.base), g.scalar(1.0)],
+                                 call.base)], call.base)
+    return [call.out(g.node("Add", [top, soft], call.base), ref.perm)]
+
+
+def _heaviside(g, call, p):
+    (a, c), ref = aligned(g, call, [p["x1"], p["x2"]], out_dtype(call))
+    zero = g.scalar(0.0)
+    positive = g.node("Cast", [g.node("Greater", [a, zero], call.base)], call.base,
+                      to=onnx_dtype(out_dtype(call)))
+    name = g.node("Where", [g.node("Equal", [a, zero], call.base), c, positive], call.base)
+    return [call.out(name, ref.perm)]
+
+
 def _vander(g, call, p):
     x = g.keras(p["x"])
     n = p.get("N") or x.shape[-1]
@@ -364,5 +390,5 @@ EMITTERS = {
     "hsplit": _split_along(1), "vsplit": _split_along(0), "dsplit": _split_along(2),
     "rot90": _rot90, "trace": _trace, "diagonal": _diagonal, "vander": _vander,
     "select": _select, "inner": _inner, "vdot": _vdot, "rgb_to_grayscale": _rgb_to_grayscale,
-    "multi_hot": _multi_hot,
+    "multi_hot": _multi_hot, "hypot": _hypot, "logaddexp": _logaddexp, "heaviside": _heaviside,
 }

@@ -219,6 +219,8 @@ def _cumsum(g, call, p):
     name = g.node("CumSum", [x.name, physical], call.base,
                   exclusive=int(bool(p.get("exclusive", False))),
                   reverse=int(bool(p.get("reverse", False))))
+    if out_dtype(call) == "float32":  # (no float16 CumSum before opset 14)
+        g.float32_data(name)
     return [call.out(name, x.perm)]
 
 
