@@ -16,7 +16,9 @@ from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import keras_axes
 from bnconvert.onnx.math import aligned
 from bnconvert.onnx.math import as_value
+from bnconvert.onnx.math import cast
 from bnconvert.onnx.math import constant
+from bnconvert.onnx.math import dtype_of
 from bnconvert.onnx.math import out_dtype
 
 
@@ -264,32 +266,63 @@ def broadcast_to(g, call, p):
     return [call.out(g.node("Expand", [x.name, g.ints(shape)], call.base))]
 
 
-def _operands(g, call, xs):
-    """Tensors in the Keras layout, constants as initializers, all of the output dtype."""
-    names, _ = aligned(g, call, [g.keras(x) if isinstance(x, Value) else x for x in xs
-                                 if isinstance(x, Value)], out_dtype(call))
+def _operands(g, call, xs, dtype):
+    """Tensors in the Keras layout, constants as initializers, all of `dtype`."""
+    # Cast first: `dtype_of` knows the call's own inputs, not their relayouts.
+    names, _ = aligned(g, call, [g.keras(cast(g, x, dtype_of(call, x), dtype, call.base))
+                                 for x in xs if isinstance(x, Value)], dtype)
     out, it = [], iter(names)
     for x in xs:
         out.append(next(it) if isinstance(x, Value) else g.constant(
-            constant(x), f"{call.base}/operand", np.dtype(out_dtype(call))))
+            constant(x), f"{call.base}/operand", np.dtype(dtype)))
     return out
+
+
+# Keras 3's TensorFlow backend multiplies integer (and bool) operands of these ops
+# in float32 and casts the product back (tensordot only outside int32/int64; an
+# int8 matmul or einsum gives exact int32): multiplied exactly, the graph
+# differs from Keras once products leave float32's 24 bits. TensorFlow's own
+# `tf.matmul` / `tf.einsum` (tf-keras) multiply integers exactly.
+_FLOAT_PRODUCTS = ("Matmul", "Einsum", "Dot", "Inner", "Vdot", "Tensordot")
+
+
+def _compute_dtype(call, xs):
+    """The dtype a product of `xs` is computed in, as Keras computes it."""
+    dtype, kind = out_dtype(call), type(call.layer).__name__
+    sources = {dtype_of(call, x) for x in xs if isinstance(x, Value)}
+    if (kind not in _FLOAT_PRODUCTS or "float" in dtype
+            or (kind in ("Matmul", "Einsum") and sources == {"int8"} and dtype == "int32")
+            or (kind == "Tensordot" and dtype in ("int32", "int64"))):
+        return dtype
+    return "float32"
+
+
+def _product(g, call, xs, op_type, finish=None, **attrs):
+    """`op_type` of the operands `xs` in their compute dtype, cast to the output's."""
+    compute, dtype = _compute_dtype(call, xs), out_dtype(call)
+    names = _operands(g, call, xs, compute)
+    if finish is not None:
+        names = finish(names)
+    name = g.node(op_type, names, call.base, **attrs)
+    return [call.out(cast(g, Value(name, (), ()), compute, dtype, call.base).name)]
 
 
 def matmul(g, call, p):
     """matmul (NumPy semantics, as ONNX's); tf's transpose flags transpose last two axes."""
     xs = [p["x1"], p["x2"]]
-    names = _operands(g, call, xs)
-    for i, flag in enumerate(("transpose_a", "transpose_b")):
-        if p.get(flag):
-            rank = xs[i].rank if isinstance(xs[i], Value) else np.ndim(constant(xs[i]))
-            perm = list(range(rank - 2)) + [rank - 1, rank - 2]
-            names[i] = g.node("Transpose", [names[i]], call.base, perm=perm)
-    return [call.out(g.node("MatMul", names, call.base))]
+
+    def transposed(names):
+        for i, flag in enumerate(("transpose_a", "transpose_b")):
+            if p.get(flag):
+                rank = xs[i].rank if isinstance(xs[i], Value) else np.ndim(constant(xs[i]))
+                perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+                names[i] = g.node("Transpose", [names[i]], call.base, perm=perm)
+        return names
+    return _product(g, call, xs, "MatMul", transposed)
 
 
 def einsum(g, call, p):
-    names = _operands(g, call, list(p["operands"]))
-    return [call.out(g.node("Einsum", names, call.base, equation=str(p["subscripts"])))]
+    return _product(g, call, list(p["operands"]), "Einsum", equation=str(p["subscripts"]))
 
 
 def _letters(n, start=0):
