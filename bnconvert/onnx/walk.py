@@ -32,6 +32,7 @@ from bnconvert.onnx import loops
 from bnconvert.onnx import masks
 from bnconvert.onnx import norm
 from bnconvert.onnx import ops
+from bnconvert.onnx import kernel_gaps
 from bnconvert.onnx import peephole
 from bnconvert.onnx import recurrent
 from bnconvert.onnx import shape
@@ -133,6 +134,7 @@ def emit(model, flavour, input_names, output_names, opset=None, precision="float
               if isinstance(v, Value)}
     # Its last step drops the nodes and initializers nothing reads.
     peephole.optimize(g, {i[0]: i[1] for i in inputs}, output_names, shapes)
+    kernel_gaps.widen_integer_kernels(g, inputs, outputs)
     make = g.serialized if serialized else g.model
     return make(model.name, inputs, outputs, "bnconvert")
 
