@@ -1,0 +1,67 @@
+"""Fourth attacker's pass on the native exporter (issue 17): wrong graphs and crashes.
+
+Each case is a small hand-written model (Keras 3 or tf-keras) that the native
+exporter wrote wrong, or that onnxruntime could not run, with `check=False`,
+reduced to what broke. Every export is run in onnxruntime at sizes other than
+the gate's (batches 1 and 5, unknown sizes 1, 3 and 17, values up to 1e3 of
+either sign) and compared with the Keras model's own outputs.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from test_onnx_redteam import _keras  # noqa: E402
+from test_onnx_redteam2 import ATOL  # noqa: E402
+from test_onnx_redteam2 import RTOL  # noqa: E402
+from test_onnx_redteam2 import _matches_at_other_sizes  # noqa: E402
+from test_onnx_redteam2 import _session  # noqa: E402
+from test_onnx_redteam2 import _traced  # noqa: E402
+
+L = keras.layers
+ops = keras.ops
+
+
+# --- stacked recurrent cells run backwards over a masked sequence ----------------
+# With `go_backwards`, the second cell read the first one's outputs in the
+# reversed order while the mask stayed in input order: it skipped the wrong steps.
+
+
+def _masked_steps(rng, batch, size):
+    x = rng.uniform(-3, 3, (batch, size, 3)).astype("float32")
+    x[rng.random((batch, size)) < 0.4] = 0.0
+    x[0, 0] = 0.0
+    return x
+
+
+def _stacked_backwards(flavour):
+    if flavour == "keras":
+        keras.utils.set_random_seed(1)
+        x = keras.Input((None, 3))
+        cells = [L.LSTMCell(4), L.GRUCell(3), L.SimpleRNNCell(2)]
+        return keras.Model(x, L.RNN(cells, return_sequences=True, go_backwards=True)(
+            L.Masking(0.0)(x)))
+    import tf_keras
+
+    tl = tf_keras.layers
+    tf_keras.utils.set_random_seed(1)
+    x = tf_keras.Input((None, 3))
+    cells = [tl.LSTMCell(4), tl.GRUCell(3), tl.SimpleRNNCell(2)]
+    return tf_keras.Model(x, tl.RNN(cells, return_sequences=True, go_backwards=True)(
+        tl.Masking(0.0)(x)))
+
+
+@pytest.mark.parametrize("flavour", ["keras", "tf_keras"])
+def test_stacked_cells_going_backwards_follow_the_mask(flavour, tmp_path):
+    model = _stacked_backwards(flavour)
+    session = _session(model, tmp_path)
+    rng = np.random.default_rng(11)
+    for batch, size in ((1, 3), (5, 17), (2, 1)):
+        feed = _masked_steps(rng, batch, size)
+        (got,) = session.run(None, {session.get_inputs()[0].name: feed})
+        (want,) = _keras(model, [feed])
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
