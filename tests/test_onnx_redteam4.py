@@ -65,3 +65,14 @@ def test_stacked_cells_going_backwards_follow_the_mask(flavour, tmp_path):
         (got,) = session.run(None, {session.get_inputs()[0].name: feed})
         (want,) = _keras(model, [feed])
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+# --- ops.image.resize padding to an aspect ratio -------------------------------------
+# Its `fill_value` was dropped on the way to the Resizing emitter: the border was 0.
+
+
+@pytest.mark.parametrize("shape,size", [((2, 2, 1), (4, 2)), ((3, 5, 2), (4, 4))])
+def test_resize_pads_to_an_aspect_ratio_with_its_fill_value(shape, size, tmp_path):
+    model = _traced(lambda x: ops.image.resize(x, size, pad_to_aspect_ratio=True,
+                                               fill_value=2.5), shape)
+    _matches_at_other_sizes(model, tmp_path)
