@@ -76,3 +76,31 @@ def test_resize_pads_to_an_aspect_ratio_with_its_fill_value(shape, size, tmp_pat
     model = _traced(lambda x: ops.image.resize(x, size, pad_to_aspect_ratio=True,
                                                fill_value=2.5), shape)
     _matches_at_other_sizes(model, tmp_path)
+
+
+# --- float64 tensors ----------------------------------------------------------------
+# A float64 input is cast to float32 on entry and constants are written in float32,
+# but ops on float64 tensors were emitted in float64: `x / 1000` was a `Mul` of a
+# float and a double, which onnxruntime refused to load. The graph now computes
+# float64 in float32, as it does float16 (its float outputs are float32).
+
+FLOAT64 = {
+    # Functional ops (a layer would cast its float64 input to its float32 dtype).
+    "input_scaled": ((None, 3), "float64", lambda x: x / 1000.0 + 1.0),
+    "input_through_ops": ((None, 3), "float64", lambda x: ops.softmax(ops.exp(x / 500.0)) * 2.0),
+    "cast_from_int32": ((None,), "int32", lambda x: ops.cast(x, "float64") / 7.0),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOAT64))
+def test_float64_tensors_are_computed_in_float32(name, tmp_path):
+    shape, dtype, function = FLOAT64[name]
+    x = keras.Input(shape, dtype=dtype)
+    model = keras.Model(x, function(x))
+    if dtype == "int32":
+        session = _session(model, tmp_path)
+        feed = np.arange(-40, 45, dtype="int32").reshape(5, 17)
+        (got,) = session.run(None, {session.get_inputs()[0].name: feed})
+        np.testing.assert_allclose(got, np.asarray(model(feed)), rtol=RTOL, atol=ATOL)
+    else:
+        _matches_at_other_sizes(model, tmp_path)
