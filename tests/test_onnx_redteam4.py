@@ -18,12 +18,31 @@ import pytest  # noqa: E402
 from test_onnx_redteam import _keras  # noqa: E402
 from test_onnx_redteam2 import ATOL  # noqa: E402
 from test_onnx_redteam2 import RTOL  # noqa: E402
+from test_onnx_redteam2 import SIZES  # noqa: E402
 from test_onnx_redteam2 import _matches_at_other_sizes  # noqa: E402
 from test_onnx_redteam2 import _session  # noqa: E402
 from test_onnx_redteam2 import _traced  # noqa: E402
 
 L = keras.layers
 ops = keras.ops
+
+
+def _matches(model, tmp_path):
+    """`_matches_at_other_sizes` for either flavour (tf-keras dtypes are `tf.DType`s)."""
+    if "tf_keras" not in type(model).__module__:
+        return _matches_at_other_sizes(model, tmp_path)
+    session = _session(model, tmp_path)
+    rng = np.random.default_rng(12)
+    for batch, size in SIZES:
+        for scale in (3.0, 1e3):
+            feeds = [(rng.uniform(-1, 1, (batch,) + tuple(size if d is None else d for d in
+                                                          t.shape[1:])) * scale).astype(
+                t.dtype.name) for t in model.inputs]
+            got = session.run(None, dict(zip([i.name for i in session.get_inputs()], feeds)))
+            for g, w in zip(got, _keras(model, feeds)):
+                assert g.shape == w.shape
+                rms = float(np.sqrt(np.mean(np.square(w))))
+                np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL * max(1.0, rms))
 
 
 # --- stacked recurrent cells run backwards over a masked sequence ----------------
@@ -104,3 +123,40 @@ def test_float64_tensors_are_computed_in_float32(name, tmp_path):
         np.testing.assert_allclose(got, np.asarray(model(feed)), rtol=RTOL, atol=ATOL)
     else:
         _matches_at_other_sizes(model, tmp_path)
+
+
+# --- bicubic resizing -------------------------------------------------------------------
+# TensorFlow reads Keys' kernel from a table of 1025 entries; onnxruntime's cubic
+# Resize evaluates it exactly: 2e-3 apart at 3.0 wherever the scale is not a power of
+# two (so `auto` failed over to tf2onnx, which fails too). Shrinking was refused.
+
+
+def _bicubic_models():
+    import tensorflow as tf
+    import tf_keras
+
+    def keras_model(shape, layer):
+        x = keras.Input(shape)
+        return keras.Model(x, layer(x))
+
+    x = tf_keras.Input((3, 4, 2))
+    yield "tf_image_resize", tf_keras.Model(x, tf.image.resize(x, (7, 9), method="bicubic"))
+    y = tf_keras.Input((4, 5, 3))
+    up = tf_keras.layers.UpSampling2D((2, 3), interpolation="bicubic")
+    yield "tf_keras_upsampling", tf_keras.Model(y, up(y))
+    yield "resizing_up", keras_model((3, 4, 2), L.Resizing(7, 9, interpolation="bicubic"))
+    yield "resizing_down_cropped", keras_model((9, 7, 2), L.Resizing(
+        4, 3, interpolation="bicubic", crop_to_aspect_ratio=True))
+    yield "resizing_channels_first", keras_model((2, 5, 3), L.Resizing(
+        6, 7, interpolation="bicubic", data_format="channels_first"))
+    yield "upsampling", keras_model((4, 5, 3), L.UpSampling2D((3, 2), interpolation="bicubic"))
+    yield "ops_resize", _traced(lambda t: ops.image.resize(t, (5, 3), interpolation="bicubic"),
+                                (2, 2, 1))
+
+
+BICUBIC = dict(_bicubic_models())
+
+
+@pytest.mark.parametrize("name", list(BICUBIC))
+def test_bicubic_resizing_follows_tensorflows_kernel_table(name, tmp_path):
+    _matches(BICUBIC[name], tmp_path)

@@ -9,6 +9,7 @@ layout (Flatten, Reshape, Permute) get their input in the Keras layout.
 import numpy as np
 
 from bnconvert.onnx import activations
+from bnconvert.onnx import bicubic
 from bnconvert.onnx.graph import BOOL
 from bnconvert.onnx.graph import FLOAT
 from bnconvert.onnx.graph import Uncovered
@@ -143,14 +144,21 @@ def cropping(g, call):
 
 
 def upsampling(g, call):
-    """UpSampling1D/2D/3D (nearest; bilinear in 2D)."""
+    """UpSampling1D/2D/3D (nearest; bilinear, and bicubic of a known size, in 2D)."""
     layer = call.layer
     x = layout_for(g, call.inputs[0], getattr(layer, "data_format", "channels_last"))
     n = x.rank - 2
     size = as_tuple(getattr(layer, "size", getattr(layer, "length", 2)), n)
     mode = getattr(layer, "interpolation", "nearest")
+    spatial = [x.shape[x.perm[i]] for i in range(2, x.rank)]
+    if mode == "bicubic" and n == 2 and None not in spatial:
+        # TensorFlow's resize: its tabulated kernel, as `Resizing` exports it.
+        target = tuple(d * s for d, s in zip(spatial, size))
+        return [call.out(bicubic.resize(g, x.name, spatial, target, call.base), x.perm)]
     if mode not in ("nearest", "bilinear"):
-        raise Uncovered([(layer.name, type(layer).__name__, f"interpolation={mode!r}")])
+        why = "bicubic on an image of unknown size" if mode == "bicubic" and n == 2 \
+            else f"interpolation={mode!r}"
+        raise Uncovered([(layer.name, type(layer).__name__, why)])
     scales = g.constant(np.array([1.0, 1.0] + [float(s) for s in size], np.float32), "scales")
     if mode == "nearest":
         attrs = dict(mode="nearest", coordinate_transformation_mode="asymmetric",
