@@ -160,3 +160,12 @@ BICUBIC = dict(_bicubic_models())
 @pytest.mark.parametrize("name", list(BICUBIC))
 def test_bicubic_resizing_follows_tensorflows_kernel_table(name, tmp_path):
     _matches(BICUBIC[name], tmp_path)
+
+
+# --- a scalar output ------------------------------------------------------------------------
+# `ops.psnr` subtracted from a shared scalar constant (shape [1]): its result, a
+# scalar in Keras, came out of shape (1,).
+
+
+def test_psnr_is_a_scalar(tmp_path):
+    _matches_at_other_sizes(_traced(lambda x: ops.psnr(x, x * 0.5 + 0.25, 3.0)), tmp_path)
