@@ -162,10 +162,24 @@ def test_bicubic_resizing_follows_tensorflows_kernel_table(name, tmp_path):
     _matches(BICUBIC[name], tmp_path)
 
 
-# --- a scalar output ------------------------------------------------------------------------
-# `ops.psnr` subtracted from a shared scalar constant (shape [1]): its result, a
-# scalar in Keras, came out of shape (1,).
+# --- scalars ---------------------------------------------------------------------------------
+# Every 0-d constant was written of shape [1] (`np.ascontiguousarray` makes 0-d
+# arrays 1-d): a run-time size times a number was of shape [1], so `ops.stack` of
+# two such did not load in onnxruntime, and `ops.psnr` (a shared scalar minus the
+# log of a mean) came out of shape (1,) where Keras gives a scalar.
 
 
-def test_psnr_is_a_scalar(tmp_path):
-    _matches_at_other_sizes(_traced(lambda x: ops.psnr(x, x * 0.5 + 0.25, 3.0)), tmp_path)
+def _length(x):
+    return ops.cast(ops.shape(x)[1], "float32")
+
+
+SCALARS = {
+    "psnr": lambda x: ops.psnr(x, x * 0.5 + 0.25, 3.0),
+    "stacked_lengths": lambda x: ops.stack([_length(x), _length(x) * 2.0]),
+    "length_times_number": lambda x: _length(x) * 2.0 + 1.0,
+}
+
+
+@pytest.mark.parametrize("name", list(SCALARS))
+def test_scalars_stay_scalars(name, tmp_path):
+    _matches_at_other_sizes(_traced(SCALARS[name]), tmp_path)

@@ -94,10 +94,7 @@ def psnr(g, call, p):
     ten_log10_mse = g.node("Mul", [g.node("Log", [mse], call.base),
                                    g.scalar(10.0 / np.log(10.0))], call.base)
     peak = 20.0 * np.log10(float(np.asarray(p["max_val"])))
-    # The shared scalars are of shape [1]: squeezed, the result is a scalar as in Keras.
-    name = g.node("Squeeze", [g.node("Sub", [g.scalar(peak), ten_log10_mse], call.base)],
-                  call.base)
-    return [call.out(name, ())]
+    return [call.out(g.node("Sub", [g.scalar(peak), ten_log10_mse], call.base), ())]
 
 
 def in_top_k(g, call, p):

@@ -137,8 +137,8 @@ def _compacted(g, x, mask, base):
     `total[b]` all of them.
     """
     keep = g.node("Cast", [g.node("Cast", [g.keras(mask).name], base, to=BOOL)], base, to=INT64)
-    steps = g.node("Gather", [g.node("Shape", [keep], base), g.scalar(1, np.int64)], base,
-                   axis=0)
+    # [1], not a scalar: TopK takes its k so.
+    steps = g.node("Gather", [g.node("Shape", [keep], base), g.ints([1])], base, axis=0)
     positions = g.node("Range", [g.scalar(0, np.int64), steps, g.scalar(1, np.int64)], base)
     # Kept steps sort first, each group in step order: the keys are distinct.
     key = g.node("Add", [g.node("Mul", [g.node("Sub", [g.scalar(1, np.int64), keep], base),
