@@ -183,3 +183,22 @@ SCALARS = {
 @pytest.mark.parametrize("name", list(SCALARS))
 def test_scalars_stay_scalars(name, tmp_path):
     _matches_at_other_sizes(_traced(SCALARS[name]), tmp_path)
+
+
+# --- ops.slice_update near the edges ----------------------------------------------------------
+# TensorFlow clamps each start so that the block lies inside (-1 is 0, a start past
+# the end moves back); the graph scattered at the starts as given: wrong rows for
+# -1, and onnxruntime failed on indices past the end (a fixed shape: at any batch).
+
+SLICE_UPDATES = {
+    "negative_start": ((None, 4), lambda x: ops.slice_update(x, (0, -1, 0), ops.ones((1, 1, 4)))),
+    "past_a_run_time_end": ((None, 4), lambda x: ops.slice_update(
+        x, (0, 5, 3), ops.ones((1, 1, 2)) * 7.0)),
+    "past_a_fixed_end": ((3, 4), lambda x: ops.slice_update(x, (0, 2, 3), ops.ones((1, 2, 2)))),
+}
+
+
+@pytest.mark.parametrize("name", list(SLICE_UPDATES))
+def test_slice_update_clamps_its_start_as_tensorflow_does(name, tmp_path):
+    shape, function = SLICE_UPDATES[name]
+    _matches_at_other_sizes(_traced(function, shape), tmp_path)
