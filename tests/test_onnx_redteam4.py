@@ -202,3 +202,35 @@ SLICE_UPDATES = {
 def test_slice_update_clamps_its_start_as_tensorflow_does(name, tmp_path):
     shape, function = SLICE_UPDATES[name]
     _matches_at_other_sizes(_traced(function, shape), tmp_path)
+
+
+# --- Lambda layers of integer or boolean results -------------------------------------------
+# Keras's symbolic call gives a Lambda its policy's dtype (float32) whatever its
+# function returns, and the layers after it follow that dtype; the graph declared
+# float32 for an int32 or bool value, and onnxruntime refused to load it. The
+# traced value is now cast to the dtype Keras's graph gives it.
+
+LAMBDAS = {
+    "int_product": ("int32", lambda t: t * 2),
+    "uint8_unchanged": ("uint8", lambda t: t),
+    "bool_negation": ("bool", lambda t: ops.logical_not(t)),
+    "argmax_of_floats": ("float32", lambda t: ops.argmax(ops.stack([t, -t], axis=-1), axis=-1)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAMBDAS))
+def test_lambda_of_integers_follows_kerass_graph(name, tmp_path):
+    dtype, function = LAMBDAS[name]
+    x = keras.Input((None,), dtype=dtype)
+    y = L.Lambda(function)(x)
+    model = keras.Model(x, [y, L.Dense(2)(ops.expand_dims(y, -1))])
+    session = _session(model, tmp_path)
+    rng = np.random.default_rng(13)
+    for batch, size in SIZES:
+        feed = rng.integers(-3 if dtype == "int32" else 0, 2 if dtype == "bool" else 9,
+                            (batch, size)).astype(dtype)
+        if dtype == "float32":
+            feed = rng.uniform(-3, 3, (batch, size)).astype(dtype)
+        got = session.run(None, {session.get_inputs()[0].name: feed})
+        for g, w in zip(got, keras.tree.flatten(model(feed))):
+            np.testing.assert_allclose(g, np.asarray(w, np.float64), rtol=RTOL, atol=ATOL)
