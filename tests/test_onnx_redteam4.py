@@ -234,3 +234,37 @@ def test_lambda_of_integers_follows_kerass_graph(name, tmp_path):
         got = session.run(None, {session.get_inputs()[0].name: feed})
         for g, w in zip(got, keras.tree.flatten(model(feed))):
             np.testing.assert_allclose(g, np.asarray(w, np.float64), rtol=RTOL, atol=ATOL)
+
+
+# --- "same" pooling with strides longer than the window ---------------------------------------
+# On an axis of unknown size the graph used onnxruntime's SAME_UPPER, whose pooling
+# padding goes negative for such strides (size 9, window 2, stride 3): onnxruntime
+# failed at those sizes. The padding is now computed in the graph, as TensorFlow does.
+
+
+def _strided_pools():
+    import tf_keras
+
+    def model(module, layer, shape):
+        x = module.Input(shape)
+        return module.Model(x, layer(x))
+
+    yield "average_2d", model(keras, L.AveragePooling2D((2, 4), strides=(3, 1), padding="same"),
+                              (None, None, 3))
+    yield "max_1d", model(keras, L.MaxPooling1D(2, strides=5, padding="same"), (None, 3))
+    yield "average_3d", model(keras, L.AveragePooling3D((2, 1, 2), strides=(3, 2, 4),
+                                                        padding="same"), (None, 4, None, 2))
+    yield "max_channels_first", model(keras, L.MaxPooling2D(
+        2, strides=3, padding="same", data_format="channels_first"), (3, None, None))
+    yield "ops_average_pool", _traced(lambda t: ops.average_pool(t, 1, strides=3,
+                                                                 padding="same"), (None, 3))
+    yield "tf_keras_average", model(tf_keras, tf_keras.layers.AveragePooling2D(
+        2, strides=3, padding="same"), (None, None, 3))
+
+
+STRIDED_POOLS = dict(_strided_pools())
+
+
+@pytest.mark.parametrize("name", list(STRIDED_POOLS))
+def test_same_pooling_with_strides_longer_than_the_window(name, tmp_path):
+    _matches(STRIDED_POOLS[name], tmp_path)
