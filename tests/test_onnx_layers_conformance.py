@@ -505,8 +505,8 @@ def _augment_cases():
 _augment_cases()
 
 for mode in ("nearest", "bilinear", "bicubic"):
-    for size in ((7, 5), (20, 16)) if mode != "bicubic" else ((20, 16),):
-        # bicubic needs the size when exporting (it is refused for shrinking)
+    for size in ((7, 5), (20, 16)):
+        # bicubic needs the image's size when exporting
         case(f"resizing_{mode}_{size[0]}x{size[1]}",
              seq(IMG if mode != "bicubic" else IMG_SHAPES[0],
                  lambda K, m=mode, s=size: K.layers.Resizing(*s, interpolation=m)),

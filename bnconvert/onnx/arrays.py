@@ -178,15 +178,28 @@ def _segment(op_type, empty):
 
 
 def slice_update(g, call, p):
-    """`inputs` with a static-shaped block at static `start_indices` replaced."""
+    """`inputs` with a static-shaped block at static `start_indices` replaced.
+
+    TensorFlow's `dynamic_update_slice` clamps each start to `[0, size -
+    block]`, so the block always lies inside (a start of -1 is 0, not the
+    last row); along an axis of unknown size the clamp is computed at run time.
+    """
     x, updates = g.keras(p["inputs"]), p["updates"]
     shape = updates.shape if isinstance(updates, Value) else constant(updates).shape
-    starts = constant(p["start_indices"]).reshape(-1)
     if any(d is None for d in shape) or isinstance(p["start_indices"], Value):
         raise Uncovered([(call.base, "SliceUpdate", "a block of unknown size or start")])
-    grid = np.stack(np.meshgrid(*[np.arange(s, s + n) for s, n in zip(starts, shape)],
-                                indexing="ij"), axis=-1)
-    return scatter_update(g, call, {"inputs": x, "indices": grid, "updates": updates})
+    starts = np.maximum(constant(p["start_indices"]).reshape(-1).astype(np.int64), 0)
+    offsets = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    if None not in x.shape:
+        starts = np.minimum(starts, np.array(x.shape) - np.array(shape))
+        return scatter_update(g, call, {"inputs": x, "indices": offsets + starts,
+                                        "updates": updates})
+    last = g.node("Sub", [g.node("Shape", [x.name], call.base), g.ints(shape, "block")],
+                  call.base)
+    starts = g.node("Min", [g.ints(starts, "starts"), last], call.base)
+    indices = g.node("Add", [g.ints(offsets, "offsets"), starts], call.base)
+    return scatter_update(g, call, {"inputs": x, "indices": Value(
+        indices, offsets.shape, tuple(range(offsets.ndim))), "updates": updates})
 
 
 def extract_sequences(g, call, p):

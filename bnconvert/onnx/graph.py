@@ -162,8 +162,11 @@ class Graph:
     def constant(self, array, base, dtype=np.float32):
         """An initializer holding `array`; returns its name."""
         name = self.unique(base)
-        # Kept as arrays: `model` writes each into the final proto once.
-        self.initializers.append((name, np.ascontiguousarray(array, dtype=dtype)))
+        # Kept as arrays: `model` writes each into the final proto once. Not
+        # `ascontiguousarray`, which makes a 0-d array 1-d: a number times a
+        # scalar (a run-time size) was then of shape [1] (`ops.stack` of two
+        # such did not load; a scalar output came out of shape (1,)).
+        self.initializers.append((name, np.require(np.asarray(array, dtype), requirements="C")))
         return name
 
     def scalar(self, value, dtype=np.float32):

@@ -36,10 +36,12 @@ def graph_dtype(dtype):
     """The dtype a Keras tensor of `dtype` has in the native graph.
 
     The graph computes floats in float32, also for a mixed-precision model's
-    float16 / bfloat16 tensors (whose variables are float32); other dtypes
-    are kept.
+    float16 / bfloat16 tensors (whose variables are float32) and for float64
+    ones (float64 inputs are cast to float32 on entry, and constants are
+    written in float32: a float64 op between them did not load); other
+    dtypes are kept.
     """
-    return "float32" if str(dtype) in ("float16", "bfloat16") else str(dtype)
+    return "float32" if str(dtype) in _FLOATS else str(dtype)
 
 
 def out_dtype(call, index=0):

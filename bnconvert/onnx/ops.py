@@ -108,7 +108,8 @@ def _resize(g, call, p):
         call, name=call.base, interpolation=interpolation, height=height,
         width=width, data_format=p.get("data_format") or "channels_last",
         crop_to_aspect_ratio=p.get("crop_to_aspect_ratio", False),
-        pad_to_aspect_ratio=p.get("pad_to_aspect_ratio", False))
+        pad_to_aspect_ratio=p.get("pad_to_aspect_ratio", False),
+        fill_mode=p.get("fill_mode", "constant"), fill_value=p.get("fill_value", 0.0))
     return preprocessing.resizing(g, dataclasses.replace(call, layer=layer, inputs=[p["images"]]))
 
 

@@ -3,17 +3,17 @@
 Random augmentation layers change their input only in training; at
 inference they are the identity, and so is their export. Resizing follows
 TensorFlow's `tf.image.resize` (half-pixel centres): nearest with ties up,
-bilinear, bicubic with Keys' `a = -0.5` (ONNX `cubic_coeff_a`) and out-of-image weights
-dropped and renormalized (`exclude_outside`), and "area"
-where it is an average over whole pixels (a downscale by an integer
-factor). Bicubic is exported for enlarging only (onnxruntime's cubic
-`Resize` refuses to shrink). Lanczos kernels and antialiasing have no ONNX `Resize`
+bilinear, bicubic as TensorFlow computes it (`bicubic`: two products
+with constant matrices, so for images whose size is known when exporting),
+and "area" where it is an average over whole pixels (a downscale by an
+integer factor). Lanczos kernels and antialiasing have no ONNX `Resize`
 equivalent and are refused, as is cropping or padding to the aspect ratio
 of an image whose size is unknown when exporting.
 """
 
 import numpy as np
 
+from bnconvert.onnx import bicubic
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.layers import layout_for
 
@@ -55,26 +55,26 @@ def _truncated(a, b):
 
 
 def _aspect(g, call, x, height, width):
-    """The crop or pad of `x` to the target aspect ratio; returns the name to resize."""
+    """The crop or pad of `x` to the target aspect ratio: `(name to resize, its (h, w))`."""
     layer = call.layer
     crop = getattr(layer, "crop_to_aspect_ratio", False)
     pad = getattr(layer, "pad_to_aspect_ratio", False)
-    if not crop and not pad:
-        return x.name
     h, w = _spatial(x)
+    if not crop and not pad:
+        return x.name, (h, w)
     if h is None or w is None:
         _refuse(call, "cropping or padding to an aspect ratio on an image of unknown size")
     if crop:
         ch = max(min(h, _truncated(w * height, width)), 1)
         cw = max(min(w, _truncated(h * width, height)), 1)
-        return _slice(g, x, [int((h - ch) / 2), int((w - cw) / 2)], [ch, cw], call.base)
+        return _slice(g, x, [int((h - ch) / 2), int((w - cw) / 2)], [ch, cw], call.base), (ch, cw)
     if getattr(layer, "fill_mode", "constant") != "constant":
         _refuse(call, f"fill_mode={layer.fill_mode!r}")
     top = int((max(h, _truncated(w * height, width)) - h) / 2)
     left = int((max(w, _truncated(h * width, height)) - w) / 2)
     pads = g.ints([0, 0, top, left, 0, 0, top, left], "pads")
     return g.node("Pad", [x.name, pads, g.scalar(float(getattr(layer, "fill_value", 0.0)))],
-                  call.base, mode="constant")
+                  call.base, mode="constant"), (h + 2 * top, w + 2 * left)
 
 
 def resizing(g, call):
@@ -87,13 +87,14 @@ def resizing(g, call):
         _refuse(call, f"interpolation={mode!r} (no ONNX Resize kernel)")
     x = layout_for(g, call.inputs[0], getattr(layer, "data_format", "channels_last"))
     height, width = int(layer.height), int(layer.width)
-    source = _aspect(g, call, x, height, width)
+    source, size = _aspect(g, call, x, height, width)
     if mode == "area":
         return [call.out(_area(g, call, x, height, width, source), x.perm)]
-    if mode == "bicubic" and (None in _spatial(x) or _spatial(x)[0] > height
-                              or _spatial(x)[1] > width):
-        # onnxruntime's cubic Resize cannot shrink (without antialiasing).
-        _refuse(call, "bicubic shrinking, or on an image of unknown size")
+    if mode == "bicubic":
+        # TensorFlow's kernel is tabulated: onnxruntime's cubic Resize differs.
+        if None in size:
+            _refuse(call, "bicubic on an image of unknown size")
+        return [call.out(bicubic.resize(g, source, size, (height, width), call.base), x.perm)]
     leading = g.node("Slice", [g.node("Shape", [source], call.base), g.ints([0]),
                                g.ints([2])], call.base)
     sizes = g.node("Concat", [leading, g.ints([height, width])], call.base, axis=0)
@@ -102,7 +103,6 @@ def resizing(g, call):
     attrs = {
         "nearest": dict(mode="nearest", nearest_mode="round_prefer_ceil"),
         "bilinear": dict(mode="linear"),
-        "bicubic": dict(mode="cubic", cubic_coeff_a=-0.5, exclude_outside=1),
     }[mode]
     name = g.node("Resize", [source, "", "", sizes], call.base,
                   coordinate_transformation_mode="half_pixel", **attrs)

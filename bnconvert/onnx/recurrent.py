@@ -137,8 +137,8 @@ def _compacted(g, x, mask, base):
     `total[b]` all of them.
     """
     keep = g.node("Cast", [g.node("Cast", [g.keras(mask).name], base, to=BOOL)], base, to=INT64)
-    steps = g.node("Gather", [g.node("Shape", [keep], base), g.scalar(1, np.int64)], base,
-                   axis=0)
+    # [1], not a scalar: TopK takes its k so.
+    steps = g.node("Gather", [g.node("Shape", [keep], base), g.ints([1])], base, axis=0)
     positions = g.node("Range", [g.scalar(0, np.int64), steps, g.scalar(1, np.int64)], base)
     # Kept steps sort first, each group in step order: the keys are distinct.
     key = g.node("Add", [g.node("Mul", [g.node("Sub", [g.scalar(1, np.int64), keep], base),
@@ -236,12 +236,14 @@ def recurrent(g, call):
     time_first = g.node("Transpose", [g.keras(x).name], call.base, perm=[1, 0, 2])
     states, reverse = [], bool(layer.go_backwards)
     for i, step in enumerate(steps):
-        # Each stacked cell reads the one before it in the order that one ran.
+        # Each stacked cell reads the one before it in the order that one ran:
+        # with `go_backwards` every cell runs reversed over the steps in input
+        # order (where the mask applies), and only the last output is flipped.
         base = call.base if len(steps) == 1 else f"{call.base}/cell{i}"
-        y, step_states = run_direction(g, step, time_first, base, mask, initial, reverse)
+        y, step_states = run_direction(g, step, time_first, base, mask, initial, reverse,
+                                       aligned=i < len(steps) - 1)
         states += step_states
         time_first = g.node("Transpose", [y], base, perm=[1, 0, 2])
-        reverse = False
     out = y if layer.return_sequences else step_states[0]
     results = [out] + (states if layer.return_state else [])
     return [call.out(n, index=i) for i, n in enumerate(results)]

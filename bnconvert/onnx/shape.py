@@ -9,6 +9,7 @@ layout (Flatten, Reshape, Permute) get their input in the Keras layout.
 import numpy as np
 
 from bnconvert.onnx import activations
+from bnconvert.onnx import bicubic
 from bnconvert.onnx.graph import BOOL
 from bnconvert.onnx.graph import FLOAT
 from bnconvert.onnx.graph import Uncovered
@@ -35,6 +36,9 @@ def pooling(op_type):
         window = as_tuple(layer.pool_size, n)
         strides = as_tuple(layer.strides or layer.pool_size, n)
         pads, auto = conv_pads(x, window, strides, (1,) * n, layer.padding)
+        if auto and any(s > k for s, k in zip(strides, window)):
+            return [call.out(_same_at_run_time(g, op_type, x, window, strides, call.base),
+                             x.perm)]
         # TensorFlow's "same" average leaves the padding out of the count.
         extra = {"count_include_pad": 0} if op_type == "AveragePool" else {}
         name = g.node(op_type, [x.name], call.base, kernel_shape=list(window),
@@ -42,6 +46,39 @@ def pooling(op_type):
         return [call.out(name, x.perm)]
 
     return emit
+
+
+def _same_at_run_time(g, op_type, x, window, strides, base):
+    """A "same" pooling of windows shorter than their strides, on sizes known at run time.
+
+    TensorFlow pads an axis of size `n` by `max((ceil(n / s) - 1) s + k - n,
+    0)`, half of it before; onnxruntime's `SAME_UPPER` pooling leaves out
+    the `max` and fails on the negative padding a stride longer than the
+    window gives (n = 9, k = 2, s = 3). So the padding is computed here: a
+    maximum pools the edge-padded input, an average divides the padded sum
+    by the padded count of ones (the padding is left out of the count).
+    """
+    n = len(window)
+    sizes = g.node("Slice", [g.node("Shape", [x.name], base), g.ints([2]), g.ints([2 + n])],
+                   base)
+    step = g.ints(strides, "strides")
+    count = g.node("Div", [g.node("Add", [sizes, g.ints([s - 1 for s in strides])], base),
+                           step], base)
+    reach = g.node("Add", [g.node("Mul", [g.node("Sub", [count, g.ints([1] * n)], base), step],
+                                  base), g.ints(window, "window")], base)
+    total = g.node("Max", [g.node("Sub", [reach, sizes], base), g.ints([0] * n)], base)
+    begin = g.node("Div", [total, g.ints([2] * n)], base)
+    pads = g.node("Concat", [g.ints([0, 0]), begin, g.ints([0, 0]),
+                             g.node("Sub", [total, begin], base)], base, axis=0)
+    attrs = dict(kernel_shape=list(window), strides=list(strides))
+    if op_type == "MaxPool":
+        return g.node("MaxPool", [g.node("Pad", [x.name, pads], base, mode="edge")], base,
+                      **attrs)
+    ones = g.node("Expand", [g.scalar(1.0), g.node("Concat", [g.ints([1, 1]), sizes], base,
+                                                   axis=0)], base)
+    total_sum, counted = (g.node("AveragePool", [g.node("Pad", [v, pads], base)], base, **attrs)
+                          for v in (x.name, ones))
+    return g.node("Div", [total_sum, counted], base)
 
 
 def global_pooling(op_type):
@@ -143,14 +180,21 @@ def cropping(g, call):
 
 
 def upsampling(g, call):
-    """UpSampling1D/2D/3D (nearest; bilinear in 2D)."""
+    """UpSampling1D/2D/3D (nearest; bilinear, and bicubic of a known size, in 2D)."""
     layer = call.layer
     x = layout_for(g, call.inputs[0], getattr(layer, "data_format", "channels_last"))
     n = x.rank - 2
     size = as_tuple(getattr(layer, "size", getattr(layer, "length", 2)), n)
     mode = getattr(layer, "interpolation", "nearest")
+    spatial = [x.shape[x.perm[i]] for i in range(2, x.rank)]
+    if mode == "bicubic" and n == 2 and None not in spatial:
+        # TensorFlow's resize: its tabulated kernel, as `Resizing` exports it.
+        target = tuple(d * s for d, s in zip(spatial, size))
+        return [call.out(bicubic.resize(g, x.name, spatial, target, call.base), x.perm)]
     if mode not in ("nearest", "bilinear"):
-        raise Uncovered([(layer.name, type(layer).__name__, f"interpolation={mode!r}")])
+        why = "bicubic on an image of unknown size" if mode == "bicubic" and n == 2 \
+            else f"interpolation={mode!r}"
+        raise Uncovered([(layer.name, type(layer).__name__, why)])
     scales = g.constant(np.array([1.0, 1.0] + [float(s) for s in size], np.float32), "scales")
     if mode == "nearest":
         attrs = dict(mode="nearest", coordinate_transformation_mode="asymmetric",

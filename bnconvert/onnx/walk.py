@@ -49,6 +49,8 @@ from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import dtype_name
 from bnconvert.onnx.graph import is_float
 from bnconvert.onnx.graph import tensor_type
+from bnconvert.onnx.math import cast
+from bnconvert.onnx.math import graph_dtype
 
 LAYERS = {**layers.EMITTERS, **shape.EMITTERS, **attention.EMITTERS, **recurrent.EMITTERS,
           **preprocessing.EMITTERS, **norm.EMITTERS, **wrappers.EMITTERS, **encoding.EMITTERS,
@@ -160,6 +162,7 @@ class _Walker:
         self.flavour = flavour
         self.uncovered = []
         self.dtypes = {}  # id(tensor) -> the dtype it has in the graph
+        self.traced_dtypes = []  # of the outputs of the layer traced last
 
     def walk(self, model, env, prefix):
         """Emits every node of a Functional (or Sequential) model."""
@@ -284,7 +287,15 @@ class _Walker:
             attempts.append(with_sizes)
         if any(len(t.shape) and t.shape[0] is None for t in tensors):
             attempts.append(per_sample)
-        return tracing.first_traced(self, attempts, with_sizes)
+        outs = tracing.first_traced(self, attempts, with_sizes)
+        # Keras's symbolic call gives some layers their policy's float dtype
+        # whatever they return (`Lambda(lambda t: t * 2)` of int32: float32),
+        # and the layers after it follow that dtype: so does the graph.
+        for i, (t, dtype) in enumerate(zip(outputs or [], self.traced_dtypes)):
+            if not is_float(dtype) and is_float(dtype_name(t)) and isinstance(outs[i], Value):
+                outs[i] = cast(self.g, outs[i], graph_dtype(dtype),
+                               graph_dtype(dtype_name(t)), prefix.rstrip("/"))
+        return outs
 
     def _trace(self, layer, tensors, args, kwargs, env, prefix, batch=None):
         """`(outputs, dtypes, shapes)` of `layer`'s call traced (at batch size `batch` if given)."""
@@ -311,7 +322,8 @@ class _Walker:
         sub = self._record(record, getattr(layer, "name", "model"), type(layer).__name__, prefix)
         inner = {id(fresh[i]): values[i] for i in fresh}
         outs = self._walk_traced(sub, inner, prefix)
-        return outs, [dtype_name(t) for t in sub.flat], [tuple(t.shape) for t in sub.flat]
+        self.traced_dtypes = [dtype_name(t) for t in sub.flat]
+        return outs, self.traced_dtypes, [tuple(t.shape) for t in sub.flat]
 
     def _per_sample(self, layer, tensors, args, kwargs, env, prefix):
         """`layer` traced at batch 1 and run once per element of the batch, in an ONNX `Loop`.
