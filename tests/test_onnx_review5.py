@@ -44,3 +44,24 @@ def test_int64_sums_are_exact_and_wrap(name, tmp_path):
         feed.flat[1] = np.iinfo(np.int64).max
         got = session.run(None, {session.get_inputs()[0].name: feed})[0]
         np.testing.assert_array_equal(got, np.asarray(model(feed)))
+
+
+# --- segment_max / min of float16 data -------------------------------------------------
+# An empty segment holds the lowest (highest) value of the data's Keras dtype:
+# float16 data (float32 in the graph) got float32's, -3.4e38 for Keras's -65504.
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("op", ["segment_max", "segment_min"])
+def test_empty_segments_of_narrow_floats(op, dtype, tmp_path):
+    ids = np.array([0, 0, 2, 3])
+    model = _traced(lambda x: ops.cast(getattr(ops, op)(ops.cast(ops.transpose(x), dtype), ids,
+                                                         num_segments=5), "float32"), (4,))
+    session = _session(model, tmp_path)
+    for batch in (1, 5):
+        feed = np.random.default_rng(8).uniform(-3, 3, (batch, 4)).astype(np.float32)
+        got = session.run(None, {session.get_inputs()[0].name: feed})[0]
+        want = np.asarray(model(feed))
+        np.testing.assert_array_equal(got[[1, 4]], want[[1, 4]])  # the empty segments
+        # (the graph computes in float32: Keras's rounding to `dtype` apart)
+        rtol = 2e-3 if dtype == "float16" else 8e-3
+        np.testing.assert_allclose(got, want, rtol=rtol)
