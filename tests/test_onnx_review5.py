@@ -65,3 +65,19 @@ def test_empty_segments_of_narrow_floats(op, dtype, tmp_path):
         # (the graph computes in float32: Keras's rounding to `dtype` apart)
         rtol = 2e-3 if dtype == "float16" else 8e-3
         np.testing.assert_allclose(got, want, rtol=rtol)
+
+
+# --- integer vdot ----------------------------------------------------------------
+# Keras multiplies integers of `vdot` in float32, as of matmul and einsum; the
+# graph flattened the operands first, after which their dtype was unknown, and
+# multiplied them exactly (8e8 where Keras's float32 gives a multiple of 64).
+
+@pytest.mark.parametrize("dtype", ["int32", "int64"])
+def test_integer_vdot_is_computed_in_float32(dtype, tmp_path):
+    model = _traced(lambda x: ops.vdot(x, ops.flip(x, 0)), (3,), dtype)
+    session = _session(model, tmp_path)
+    rng = np.random.default_rng(9)
+    for batch in (1, 5):
+        feed = rng.integers(-2 ** 14, 2 ** 14, (batch, 3)).astype(dtype)
+        got = session.run(None, {session.get_inputs()[0].name: feed})[0]
+        np.testing.assert_array_equal(got, np.asarray(model(feed)))
