@@ -21,6 +21,8 @@ of `_GAPS` and a type that op lacks.
 
 import onnx
 
+from bnconvert.onnx.math import WHERE_THROUGH
+from bnconvert.onnx.math import onnx_dtype
 from bnconvert.onnx.node_index import placed_at
 from bnconvert.onnx.node_index import position
 
@@ -29,15 +31,16 @@ _SHORT = {T.INT16: T.INT32, T.UINT16: T.INT32}
 _BYTES = {T.INT8: T.INT32, T.UINT8: T.INT32, **_SHORT}
 _WRAPPING = {T.UINT32: T.INT64, T.UINT64: T.INT64}  # two's complement keeps the low bits
 _ORDERED = {**_SHORT, T.UINT32: T.INT64}
-_SELECTED = {T.BOOL: T.UINT8, **_SHORT, T.UINT64: T.INT64}
+# `math.select`'s table: emitters that know their dtype select through it
+# without type inference (which `_holds` would not run for the bools of a
+# comparison); this pass applies it to the other `Where`s.
+_SELECTED = {onnx_dtype(k): onnx_dtype(v) for k, v in WHERE_THROUGH.items()}
 
 # op type -> (the inputs holding data, whether output 0 is data, type -> wider type).
 # Some of these types ONNX itself does not allow for the op (an int16 `CumSum`):
 # emitters write an op in the dtype Keras computes in, and this pass makes it
 # one ONNX allows. (`ReduceMax`/`ReduceMin` of uint32 are left out:
-# onnxruntime's int64 `ReduceMin` returns 2**32 - 1 for a row holding it.
-# `math.select` widens the `Where`s emitters know to be narrow; this catches
-# the others.)
+# onnxruntime's int64 `ReduceMin` returns 2**32 - 1 for a row holding it.)
 _GAPS = {
     "Max": (None, True, _SHORT),
     "Min": (None, True, _SHORT),
