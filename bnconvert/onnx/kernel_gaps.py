@@ -8,15 +8,16 @@ and runs each on casts of its data to a type that holds every value
 exactly, its data output cast back. Sums and products wrap in the wider type
 and keep their low bits, so the cast back gives the wrapped result Keras
 gives. onnxruntime's integer `ReduceSum` adds in float64, so an int64 sum
-(also of the uint32/uint64 data widened to it) lost its low bits past 2**53
-and saturated where Keras wraps: each int64 sum is split into the sums of
+(also of the uint32/uint64 data widened to it) would lose its low bits past
+2**53 and saturate where Keras wraps: each int64 sum is split into the sums of
 the data's high and low 32 bits (`_exact_sum`), which float64 holds
 exactly. A gap with no exact widening (a uint64 `ArgMax`, whose order int64
 does not keep) is left to the check, which refuses the graph in one line.
 
 The pass costs nothing on float graphs: it runs type inference (on the
 graph without its initializers' data) only where the graph holds both an op
-of `_GAPS` and a type that op lacks.
+of `_GAPS` and a type that op lacks (int64 for a `ReduceSum`; int64
+initializers, which every graph holds as axes and shapes, do not count).
 """
 
 import onnx
