@@ -146,11 +146,25 @@ def scatter(g, call, p):
                                     "updates": p["values"], "reduction": "add"})
 
 
+# The largest float16 and bfloat16 ((2 - 2**-7) * 2**127; NumPy has no bfloat16).
+_NARROW_FLOAT_MAX = {"float16": float(np.finfo(np.float16).max),
+                     "bfloat16": (2 - 2 ** -7) * 2 ** 127}
+
+
+def _limits(keras_dtype, dtype):
+    """`(lowest, highest)` of Keras's `keras_dtype`, held in the graph as `dtype`."""
+    if keras_dtype in _NARROW_FLOAT_MAX:
+        return -_NARROW_FLOAT_MAX[keras_dtype], _NARROW_FLOAT_MAX[keras_dtype]
+    info = np.finfo(dtype) if np.dtype(dtype).kind == "f" else np.iinfo(dtype)
+    return info.min, info.max
+
+
 def _segment(op_type, empty):
     """segment_max / min / prod with constant ids: a masked reduction per segment.
 
-    An empty segment holds `empty(info)` of the data's dtype (TensorFlow's
-    lowest value for a max). onnxruntime reduces no integers narrower than
+    An empty segment holds `empty(lowest, highest)` of the data's Keras dtype
+    (TensorFlow's lowest value for a max: -65504 for float16 data, which the
+    graph holds as float32). onnxruntime reduces no integers narrower than
     32 bits: those are reduced as int32, exactly (a product wraps the same).
     Not uint32: onnxruntime 1.31's int64 `ReduceMin` returns 2**32 - 1
     whenever a row holds it.
@@ -163,7 +177,7 @@ def _segment(op_type, empty):
         dtype = dtype_of(call, p["data"])
         if dtype in ("bool", "uint32", "uint64"):
             raise Uncovered([(call.base, op_type, f"dtype {dtype}")])
-        info = np.finfo(dtype) if np.dtype(dtype).kind == "f" else np.iinfo(dtype)
+        fill = empty(*_limits(str(call.dtypes[0]) if call.dtypes else dtype, dtype))
         wide = dtype if dtype in ("float32", "float64", "int64") else "int32"
         ids = constant(ids).astype(np.int64).reshape(-1)
         data = cast(g, g.keras(p["data"]), dtype, wide, call.base)
@@ -171,7 +185,7 @@ def _segment(op_type, empty):
         mask = mask.reshape(mask.shape + (1,) * (data.rank - 1))
         stacked = g.node("Unsqueeze", [data.name, g.ints([0], "axes")], call.base)
         filled = g.node("Where", [g.constant(mask, f"{call.base}/segments", bool), stacked,
-                                  g.scalar(empty(info), np.dtype(wide))], call.base)
+                                  g.scalar(fill, np.dtype(wide))], call.base)
         reduced = Value(g.reduce(op_type, filled, [1], False, call.base), (), ())
         return [call.out(cast(g, reduced, wide, dtype, call.base).name)]
     return emit
@@ -396,9 +410,9 @@ EMITTERS = {
     "det": det, "slogdet": slogdet, "meshgrid": meshgrid, "sparsemax": sparsemax,
     "segment_sum": segment_sum, "scatter": scatter,
     # tf.math.unsorted_segment_*: an empty segment holds the reduction's identity.
-    "segment_max": _segment("ReduceMax", lambda info: info.min),
-    "segment_min": _segment("ReduceMin", lambda info: info.max),
-    "segment_prod": _segment("ReduceProd", lambda info: 1),
+    "segment_max": _segment("ReduceMax", lambda lowest, highest: lowest),
+    "segment_min": _segment("ReduceMin", lambda lowest, highest: highest),
+    "segment_prod": _segment("ReduceProd", lambda lowest, highest: 1),
     "diag": diag, "diagflat": diagflat, "kron": kron, "cross": cross, "isin": isin,
     "scatter_update": scatter_update, "slice_update": slice_update,
     "extract_sequences": extract_sequences, "quantile": _quantile(1.0),

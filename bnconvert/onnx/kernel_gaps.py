@@ -7,16 +7,23 @@ finds such nodes once the graph is emitted, from ONNX's own type inference,
 and runs each on casts of its data to a type that holds every value
 exactly, its data output cast back. Sums and products wrap in the wider type
 and keep their low bits, so the cast back gives the wrapped result Keras
-gives. A gap with no exact widening (a uint64 `ArgMax`, whose order int64
+gives. onnxruntime's integer `ReduceSum` adds in float64, so an int64 sum
+(also of the uint32/uint64 data widened to it) would lose its low bits past
+2**53 and saturate where Keras wraps: each int64 sum is split into the sums of
+the data's high and low 32 bits (`_exact_sum`), which float64 holds
+exactly. A gap with no exact widening (a uint64 `ArgMax`, whose order int64
 does not keep) is left to the check, which refuses the graph in one line.
 
 The pass costs nothing on float graphs: it runs type inference (on the
 graph without its initializers' data) only where the graph holds both an op
-of `_GAPS` and a type that op lacks.
+of `_GAPS` and a type that op lacks (int64 for a `ReduceSum`; int64
+initializers, which every graph holds as axes and shapes, do not count).
 """
 
 import onnx
 
+from bnconvert.onnx.math import WHERE_THROUGH
+from bnconvert.onnx.math import onnx_dtype
 from bnconvert.onnx.node_index import placed_at
 from bnconvert.onnx.node_index import position
 
@@ -25,15 +32,16 @@ _SHORT = {T.INT16: T.INT32, T.UINT16: T.INT32}
 _BYTES = {T.INT8: T.INT32, T.UINT8: T.INT32, **_SHORT}
 _WRAPPING = {T.UINT32: T.INT64, T.UINT64: T.INT64}  # two's complement keeps the low bits
 _ORDERED = {**_SHORT, T.UINT32: T.INT64}
-_SELECTED = {T.BOOL: T.UINT8, **_SHORT, T.UINT64: T.INT64}
+# `math.select`'s table: emitters that know their dtype select through it
+# without type inference (which `_holds` would not run for the bools of a
+# comparison); this pass applies it to the other `Where`s.
+_SELECTED = {onnx_dtype(k): onnx_dtype(v) for k, v in WHERE_THROUGH.items()}
 
 # op type -> (the inputs holding data, whether output 0 is data, type -> wider type).
 # Some of these types ONNX itself does not allow for the op (an int16 `CumSum`):
 # emitters write an op in the dtype Keras computes in, and this pass makes it
 # one ONNX allows. (`ReduceMax`/`ReduceMin` of uint32 are left out:
-# onnxruntime's int64 `ReduceMin` returns 2**32 - 1 for a row holding it.
-# `math.select` widens the `Where`s emitters know to be narrow; this catches
-# the others.)
+# onnxruntime's int64 `ReduceMin` returns 2**32 - 1 for a row holding it.)
 _GAPS = {
     "Max": (None, True, _SHORT),
     "Min": (None, True, _SHORT),
@@ -62,7 +70,7 @@ def widen_integer_kernels(g, inputs, outputs):
         outputs: Its `(name, shape, element type)` outputs.
     """
     lacking = {t for n in g.all_nodes() if n.op_type in _GAPS and not n.domain
-               for t in _GAPS[n.op_type][2]}
+               for t in [*_GAPS[n.op_type][2], *([T.INT64] if n.op_type == "ReduceSum" else [])]}
     if not lacking or not _holds(g, inputs, lacking):
         return
     # Initializers enter as typed inputs: their data is not needed to type the graph.
@@ -82,13 +90,18 @@ def widen_integer_kernels(g, inputs, outputs):
         source = types.get(node.input[slots[0]]) if slots else None
         if source in wider:
             _on_casts(g, node, slots, data_out, source, wider[source])
+            source = wider[source]
+        if node.op_type == "ReduceSum" and source == T.INT64:
+            _exact_sum(g, node)
 
 
 def _holds(g, inputs, types):
     """Whether a tensor of `g` can have one of `types` (a quick scan)."""
     if any(i[2] in types for i in inputs if len(i) > 2):
         return True
-    if any(onnx.helper.np_dtype_to_tensor_dtype(a.dtype) in types for _, a in g.initializers):
+    # (Not int64 initializers: every graph holds some, as axes and shapes.)
+    if any(onnx.helper.np_dtype_to_tensor_dtype(a.dtype) in types - {T.INT64}
+           for _, a in g.initializers):
         return True
     for node in g.all_nodes():
         for attr in node.attribute:
@@ -109,3 +122,23 @@ def _on_casts(g, node, slots, data_out, source, wider):
     with placed_at(g, position(g, node)):
         for i in slots:
             node.input[i] = g.node("Cast", [node.input[i]], f"{base}/widen", to=wider)
+
+
+def _exact_sum(g, node):
+    """Makes an int64 `ReduceSum` exact: high and low 32 bits summed apart.
+
+    Each half's sum stays below 2**53 for fewer than 2**21 terms, so
+    onnxruntime's float64 adding keeps it; `high * 2**32 + low` wraps in
+    int64 as Keras's sum does.
+    """
+    base, half = node.output[0], g.ints(2 ** 32, "half")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    with placed_at(g, position(g, node)):
+        low = g.node("Mod", [node.input[0], half], f"{base}/low", fmod=0)
+        high = g.node("Div", [g.node("Sub", [node.input[0], low], base), half], f"{base}/high")
+        high_sum = g.node("ReduceSum", [high, *node.input[1:]], f"{base}/high", **attrs)
+    out = node.output[0]
+    node.input[0], node.output[0] = low, g.unique(f"{base}/low")
+    with placed_at(g, position(g, node) + 1):
+        g.node("Add", [g.node("Mul", [high_sum, half], base), node.output[0]], base,
+               output_names=[out])

@@ -66,13 +66,14 @@ def cast(g, value, source, target, base):
 
 # onnxruntime has no `Where` kernel for these types (the graph would not load):
 # their operands are selected as a type that holds each of their values
-# exactly (uint64's bit patterns as int64), and cast back.
-_WHERE_THROUGH = {"bool": "uint8", "int16": "int32", "uint16": "int32", "uint64": "int64"}
+# exactly (uint64's bit patterns as int64), and cast back. `kernel_gaps`
+# applies the same table to the `Where`s emitted without `select`.
+WHERE_THROUGH = {"bool": "uint8", "int16": "int32", "uint16": "int32", "uint64": "int64"}
 
 
 def select(g, condition, a, b, dtype, base):
     """`Where(condition, a, b)` of tensors named `a`, `b` of Keras `dtype`; returns a name."""
-    through = _WHERE_THROUGH.get(str(dtype))
+    through = WHERE_THROUGH.get(str(dtype))
     if through is None:
         return g.node("Where", [condition, a, b], base)
     a, b = (g.node("Cast", [v], base, to=onnx_dtype(through)) for v in (a, b))

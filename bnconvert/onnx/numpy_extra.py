@@ -299,8 +299,12 @@ def _inner(g, call, p):
 
 
 def _vdot(g, call, p):
-    flat = [Value(reshaping.ravel(g, call, {"x": p[k]})[0].name, (None,), (0,))
-            for k in ("x1", "x2")]
+    # Keras multiplies any operands of `vdot` in float (an int32 product past
+    # 2**24 is rounded). Cast before flattening: `dtype_of` knows the call's
+    # own inputs only, and took the flattened integers for floats.
+    flat = [Value(reshaping.ravel(g, call, {"x": cast(g, x, dtype_of(call, x), "float32",
+                                                      call.base) if isinstance(x, Value) else x}
+                                  )[0].name, (None,), (0,)) for x in (p["x1"], p["x2"])]
     return reshaping.einsum(g, call, {"operands": flat, "subscripts": "i,i->"})
 
 
