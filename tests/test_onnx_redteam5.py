@@ -1,0 +1,65 @@
+"""Fifth attacker's pass on the native exporter (issue 17): third-party models at other sizes.
+
+Models nobody here wrote (keras.applications, keras-hub, keras-cv, kecam,
+keras-unet-collection, qubvel's packages) were exported natively with
+`check=False` and unknown sizes where the model allows, then run in
+onnxruntime at batches 1 and 5 and at sizes other than the zoo's. Each case
+here is what broke, reduced to a small hand-built model, compared with the
+Keras model's own outputs at those sizes.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from test_onnx_redteam2 import _matches_at_other_sizes  # noqa: E402
+
+L = keras.layers
+ops = keras.ops
+
+
+# --- attention whose query is a learned probe repeated to the batch -------------
+# SigLIP's attention pooling repeats a (1, 1, D) weight to `ops.shape(x)[0]`: the
+# call is traced per sample, where the query is a concrete tensor, not a graph
+# value, and the attention emitter read `.rank` of it (the export failed, auto fell
+# back to tf2onnx).
+
+
+class _ProbePooling(L.Layer):
+    def __init__(self, attention, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = attention
+
+    def build(self, shape):
+        self.probe = self.add_weight((1, 1, shape[-1]), initializer="glorot_uniform")
+        if isinstance(self.attention, L.MultiHeadAttention):
+            self.attention.build((None, 1, shape[-1]), shape)
+
+    def call(self, x):
+        probes = ops.repeat(self.probe, repeats=ops.shape(x)[0], axis=0)
+        if isinstance(self.attention, L.MultiHeadAttention):
+            return self.attention(probes, x, x)
+        return self.attention([probes, x])
+
+
+@pytest.mark.parametrize("kind", ["multi_head", "dot"])
+def test_attention_to_a_probe_repeated_to_the_batch(kind, tmp_path):
+    keras.utils.set_random_seed(3)
+    attention = L.MultiHeadAttention(2, 4) if kind == "multi_head" else L.Attention()
+    x = keras.Input((None, 6))
+    model = keras.Model(x, _ProbePooling(attention)(L.Dense(6)(x)))
+    _matches_at_other_sizes(model, tmp_path)
+
+
+@pytest.mark.slow
+def test_siglip_vision_encoder(tmp_path):
+    from keras_hub.src.models.siglip.siglip_vision_encoder import SigLIPVisionEncoder
+
+    keras.utils.set_random_seed(5)
+    model = SigLIPVisionEncoder(patch_size=8, hidden_dim=16, num_layers=2, num_heads=2,
+                                intermediate_dim=32, image_shape=(32, 32, 3))
+    _matches_at_other_sizes(model, tmp_path, sizes=((1, None), (5, None)))
