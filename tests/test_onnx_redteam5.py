@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from test_onnx_redteam2 import _matches_at_other_sizes  # noqa: E402
+from test_onnx_redteam4 import _matches  # noqa: E402
 
 L = keras.layers
 ops = keras.ops
@@ -63,3 +64,41 @@ def test_siglip_vision_encoder(tmp_path):
     model = SigLIPVisionEncoder(patch_size=8, hidden_dim=16, num_layers=2, num_heads=2,
                                 intermediate_dim=32, image_shape=(32, 32, 3))
     _matches_at_other_sizes(model, tmp_path, sizes=((1, None), (5, None)))
+
+
+# --- repeat along an axis followed by axes of unknown size ----------------------
+# keras-cv's YOLOV8Detector upsamples by `ops.repeat(ops.repeat(p5, 2, axis=1), 2,
+# axis=2)`: on an image of unknown size the emitter refused ("unknown sizes after
+# the axis") and auto fell back to tf2onnx. The sizes after the axis now come from
+# the graph's `Shape`.
+
+
+def _repeats(flavour):
+    if flavour == "keras":
+        x = keras.Input((None, None, 3))
+        y = ops.repeat(ops.repeat(L.Conv2D(4, 3, strides=2, padding="same")(x), 2, axis=1), 3, axis=2)
+        return keras.Model(x, [y, ops.repeat(x, 2, axis=0)])
+    import tensorflow as tf
+    import tf_keras
+
+    x = tf_keras.Input((None, None, 3))
+    y = tf.repeat(tf.repeat(tf_keras.layers.Conv2D(4, 3, strides=2, padding="same")(x), 2, axis=1), 3, axis=2)
+    return tf_keras.Model(x, y)
+
+
+@pytest.mark.parametrize("flavour", ["keras", "tf_keras"])
+def test_repeat_before_axes_of_unknown_size(flavour, tmp_path):
+    _matches(_repeats(flavour), tmp_path)
+
+
+@pytest.mark.slow
+def test_yolov8_detector_of_unknown_image_size(tmp_path):
+    import keras_cv
+
+    keras.utils.set_random_seed(8)
+    backbone = keras_cv.models.YOLOV8Backbone(
+        stackwise_channels=[8, 16, 24, 32], stackwise_depth=[1, 1, 1, 1],
+        include_rescaling=False, input_shape=(None, None, 3))
+    model = keras_cv.models.YOLOV8Detector(backbone=backbone, num_classes=3,
+                                           bounding_box_format="xywh", fpn_depth=1)
+    _matches_at_other_sizes(model, tmp_path, sizes=((1, 32), (5, 96)))

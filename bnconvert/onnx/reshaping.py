@@ -250,14 +250,18 @@ def repeat(g, call, p):
     if axis is None:
         x, axis = Value(g.node("Reshape", [x.name, g.ints([-1])], call.base), (None,), (0,)), 0
     axis = int(axis) % x.rank
-    if any(d is None for d in x.shape[axis + 1:]):
-        raise Uncovered([(call.base, "Repeat", "unknown sizes after the axis")])
     wide = g.node("Unsqueeze", [x.name, g.ints([axis + 1], "axes")], call.base)
     ones = [1] * (x.rank + 1)
     ones[axis + 1] = int(counts[0])
     wide = g.node("Tile", [wide, g.ints(ones, "repeats")], call.base)
-    target = [0] * axis + [-1] + [int(d) for d in x.shape[axis + 1:]]
-    return [call.out(g.node("Reshape", [wide, g.ints(target)], call.base))]
+    if any(d is None for d in x.shape[axis + 1:]):
+        # The sizes after the axis as the graph computes them (an image of unknown size).
+        trailing = g.node("Slice", [g.node("Shape", [x.name], call.base),
+                                    g.ints([axis + 1]), g.ints([x.rank])], call.base)
+        target = g.node("Concat", [g.ints([0] * axis + [-1]), trailing], call.base, axis=0)
+    else:
+        target = g.ints([0] * axis + [-1] + [int(d) for d in x.shape[axis + 1:]])
+    return [call.out(g.node("Reshape", [wide, target], call.base))]
 
 
 def broadcast_to(g, call, p):
