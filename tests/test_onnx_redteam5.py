@@ -102,3 +102,26 @@ def test_yolov8_detector_of_unknown_image_size(tmp_path):
     model = keras_cv.models.YOLOV8Detector(backbone=backbone, num_classes=3,
                                            bounding_box_format="xywh", fpn_depth=1)
     _matches_at_other_sizes(model, tmp_path, sizes=((1, 32), (5, 96)))
+
+
+# --- a Resizing layer made from an unknown size inside a traced call -------------
+# keras-hub DeepLabV3 builds `Resizing(ops.shape(x)[1], ...)` inside its call: traced,
+# the layer's height is None and the emitter raised a TypeError ("failed while
+# writing the graph"), so the walk never tried its other traces; it now refuses by name.
+
+
+class _ResizedBack(L.Layer):
+    def call(self, x):
+        pooled = ops.mean(x, axis=(1, 2), keepdims=True)
+        shape = ops.shape(x)
+        return L.Resizing(shape[1], shape[2], interpolation="bilinear")(pooled)
+
+
+def test_resizing_made_from_an_unknown_size_is_refused_by_name(tmp_path):
+    from bnconvert import export_onnx
+    from bnconvert.errors import ConversionError
+
+    x = keras.Input((None, None, 3))
+    model = keras.Model(x, _ResizedBack()(x))
+    with pytest.raises(ConversionError, match="does not cover '__resized_back'"):
+        export_onnx(model, tmp_path / "m.onnx", exporter="native", check=False)

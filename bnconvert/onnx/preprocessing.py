@@ -86,6 +86,9 @@ def resizing(g, call):
     if mode not in ("nearest", "bilinear", "bicubic", "area"):
         _refuse(call, f"interpolation={mode!r} (no ONNX Resize kernel)")
     x = layout_for(g, call.inputs[0], getattr(layer, "data_format", "channels_last"))
+    if layer.height is None or layer.width is None:
+        # A Resizing made inside a traced call from `ops.shape` of an image of unknown size.
+        _refuse(call, "a target size unknown when traced")
     height, width = int(layer.height), int(layer.width)
     source, size = _aspect(g, call, x, height, width)
     if mode == "area":
