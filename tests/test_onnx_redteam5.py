@@ -125,3 +125,23 @@ def test_resizing_made_from_an_unknown_size_is_refused_by_name(tmp_path):
     model = keras.Model(x, _ResizedBack()(x))
     with pytest.raises(ConversionError, match="does not cover '__resized_back'"):
         export_onnx(model, tmp_path / "m.onnx", exporter="native", check=False)
+
+
+# --- resizing to a size the graph computes --------------------------------------
+# kecam GhostNetV2 resizes its attention map back with `tf.image.resize(nn,
+# tf.shape(inputs)[1:-1])`: on images of unknown size the emitter refused ("a size
+# computed at run time") and auto fell back to tf2onnx. The Resize now takes the
+# size the graph computes (nearest and bilinear, without an aspect-ratio crop or pad).
+
+
+@pytest.mark.parametrize("method", ["nearest", "bilinear"])
+def test_tf_keras_resize_to_a_size_computed_in_the_graph(method, tmp_path):
+    import tensorflow as tf
+    import tf_keras
+
+    tl = tf_keras.layers
+    tf_keras.utils.set_random_seed(2)
+    x = tf_keras.Input((None, None, 3))
+    small = tl.AveragePooling2D(2, padding="same")(tl.Conv2D(4, 3, padding="same")(x))
+    y = tf.image.resize(small, tf.shape(x)[1:-1], method=method)
+    _matches(tf_keras.Model(x, tl.Concatenate()([x, y])), tmp_path)

@@ -91,13 +91,13 @@ def _resize(g, call, p):
     """`image.resize` through the Resizing layer's emitter."""
     if p.get("antialias") or p.get("preserve_aspect_ratio"):
         raise Uncovered([(call.base, "Resize", "antialias or preserve_aspect_ratio")])
-    size = p["size"]
+    size, computed = p["size"], None
     if isinstance(size, Value):  # computed in the graph (`tf.shape(y)[1:3]`): the known result
         channels_first = p.get("data_format") == "channels_first"
         size = call.shapes[0][-2:] if channels_first else call.shapes[0][-3:-1]
-        if None in size:
-            raise Uncovered([(call.base, "Resize", "a size computed at run time")])
-    height, width = (int(s) for s in size)
+        if None in size:  # or the graph's own
+            computed, size = g.keras(p["size"]).name, (None, None)
+    height, width = (None if s is None else int(s) for s in size)
     interpolation = p.get("interpolation", "bilinear")
     images = p["images"]
     dtype = math.dtype_of(call, images) if isinstance(images, Value) else "float32"
@@ -109,7 +109,8 @@ def _resize(g, call, p):
         width=width, data_format=p.get("data_format") or "channels_last",
         crop_to_aspect_ratio=p.get("crop_to_aspect_ratio", False),
         pad_to_aspect_ratio=p.get("pad_to_aspect_ratio", False),
-        fill_mode=p.get("fill_mode", "constant"), fill_value=p.get("fill_value", 0.0))
+        fill_mode=p.get("fill_mode", "constant"), fill_value=p.get("fill_value", 0.0),
+        run_time_size=computed)
     return preprocessing.resizing(g, dataclasses.replace(call, layer=layer, inputs=[p["images"]]))
 
 
