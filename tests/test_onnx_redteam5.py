@@ -145,3 +145,27 @@ def test_tf_keras_resize_to_a_size_computed_in_the_graph(method, tmp_path):
     small = tl.AveragePooling2D(2, padding="same")(tl.Conv2D(4, 3, padding="same")(x))
     y = tf.image.resize(small, tf.shape(x)[1:-1], method=method)
     _matches(tf_keras.Model(x, tl.Concatenate()([x, y])), tmp_path)
+
+
+# --- tf.image.extract_patches in tf-keras ---------------------------------------
+# keras-unet-collection's TransUNet and Swin-UNet cut their patches with
+# `tf.image.extract_patches` (a TFOpLambda): the exporter did not cover it and auto
+# failed (tf2onnx wrote a graph onnxruntime cannot load). It is now Keras 3's
+# `extract_patches`: a convolution with an identity kernel.
+
+
+@pytest.mark.parametrize("sizes, strides, rates, padding", [
+    (2, 2, 1, "VALID"), (3, 2, 1, "SAME"), (2, 1, 2, "VALID"), ((2, 3), (1, 2), 1, "SAME")])
+def test_tf_keras_extract_patches(sizes, strides, rates, padding, tmp_path):
+    import tensorflow as tf
+    import tf_keras
+
+    def four(v):
+        v = v if isinstance(v, tuple) else (v, v)
+        return [1, v[0], v[1], 1]
+
+    x = tf_keras.Input((None, None, 3))
+    padded = tf_keras.layers.ZeroPadding2D(2)(x)  # TensorFlow gives no patch of a 1x1 image
+    y = tf.image.extract_patches(padded, sizes=four(sizes), strides=four(strides), rates=four(rates),
+                                 padding=padding)
+    _matches(tf_keras.Model(x, y), tmp_path)

@@ -82,6 +82,16 @@ def extract_patches(g, call, p):
     return nn.conv(g, call, dict(p, inputs=x, kernel=kernel, strides=p.get("strides") or size))
 
 
+def tf_extract_patches(g, call, p):
+    """`tf.image.extract_patches`: `sizes`, `strides` and `rates` given as `[1, h, w, 1]`."""
+    def pair(key):
+        return [int(v) for v in np.asarray(p[key]).reshape(-1)[1:3]]
+
+    return extract_patches(g, call, dict(
+        images=p["images"], size=pair("sizes"), strides=pair("strides"),
+        dilation_rate=pair("rates"), padding=str(p["padding"]).lower()))
+
+
 def unfold(g, call, p):
     """`(N, C, H, W)` -> `(N, C*kH*kW, L)`, each channel's patches together."""
     x = g.keras(p["x"])
@@ -167,5 +177,5 @@ EMITTERS = {
     "crop_images": crop_images, "pad_images": pad_images, "extract_patches": extract_patches,
     "extract_patches_3d": lambda g, call, p: extract_patches(
         g, call, dict(p, images=p.get("volumes", p.get("images")))),
-    "unfold": unfold,
+    "unfold": unfold, "tf_extract_patches": tf_extract_patches,
 }

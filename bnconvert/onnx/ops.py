@@ -336,6 +336,7 @@ TF_FUNCTIONS = {
     "zeros_like": _tf("zeros_like", input="x"),
     "ones_like": _tf("ones_like", input="x"),
     "image.resize": _tf("resize", method="interpolation"),
+    "image.extract_patches": _tf("tf_extract_patches"),
     "image.rgb_to_hsv": _tf("rgb_to_hsv"), "image.hsv_to_rgb": _tf("hsv_to_rgb"),
     "image.ssim": _tf("ssim", _checked(return_index_map=False), img1="image1", img2="image2"),
 }
