@@ -107,24 +107,42 @@ def test_yolov8_detector_of_unknown_image_size(tmp_path):
 # --- a Resizing layer made from an unknown size inside a traced call -------------
 # keras-hub DeepLabV3 builds `Resizing(ops.shape(x)[1], ...)` inside its call: traced,
 # the layer's height is None and the emitter raised a TypeError ("failed while
-# writing the graph"), so the walk never tried its other traces; it now refuses by name.
+# writing the graph"); refused instead, the call is traced again with the sizes as
+# graph values, where such a Resizing records a `SizedResize` of them.
 
 
 class _ResizedBack(L.Layer):
+    def __init__(self, interpolation, **kwargs):
+        super().__init__(**kwargs)
+        self.interpolation = interpolation
+
     def call(self, x):
-        pooled = ops.mean(x, axis=(1, 2), keepdims=True)
+        pooled = L.AveragePooling2D(2, padding="same")(x)
         shape = ops.shape(x)
-        return L.Resizing(shape[1], shape[2], interpolation="bilinear")(pooled)
+        return L.Resizing(shape[1], shape[2], interpolation=self.interpolation)(pooled)
 
 
-def test_resizing_made_from_an_unknown_size_is_refused_by_name(tmp_path):
-    from bnconvert import export_onnx
-    from bnconvert.errors import ConversionError
-
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_resizing_made_from_an_unknown_size(interpolation, tmp_path):
     x = keras.Input((None, None, 3))
-    model = keras.Model(x, _ResizedBack()(x))
-    with pytest.raises(ConversionError, match="does not cover '__resized_back'"):
-        export_onnx(model, tmp_path / "m.onnx", exporter="native", check=False)
+    _matches_at_other_sizes(keras.Model(x, _ResizedBack(interpolation)(x)), tmp_path)
+
+
+@pytest.mark.slow
+def test_deeplabv3_of_unknown_image_size(tmp_path):
+    import keras_hub
+
+    H = keras_hub.models
+    keras.utils.set_random_seed(6)
+    encoder = H.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 64, 64],
+        stackwise_num_blocks=[1, 1, 1], stackwise_num_strides=[1, 2, 2],
+        block_type="basic_block", image_shape=(None, None, 3))
+    model = H.DeepLabV3Backbone(
+        image_encoder=encoder, low_level_feature_key="P2", spatial_pyramid_pooling_key="P4",
+        dilation_rates=[2, 4], upsampling_size=4, projection_filters=16,
+        image_shape=(None, None, 3))
+    _matches_at_other_sizes(model, tmp_path, sizes=((1, 32), (5, 48)))
 
 
 # --- resizing to a size the graph computes --------------------------------------
