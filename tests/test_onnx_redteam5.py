@@ -76,13 +76,15 @@ def test_siglip_vision_encoder(tmp_path):
 def _repeats(flavour):
     if flavour == "keras":
         x = keras.Input((None, None, 3))
-        y = ops.repeat(ops.repeat(L.Conv2D(4, 3, strides=2, padding="same")(x), 2, axis=1), 3, axis=2)
+        y = L.Conv2D(4, 3, strides=2, padding="same")(x)
+        y = ops.repeat(ops.repeat(y, 2, axis=1), 3, axis=2)
         return keras.Model(x, [y, ops.repeat(x, 2, axis=0)])
     import tensorflow as tf
     import tf_keras
 
     x = tf_keras.Input((None, None, 3))
-    y = tf.repeat(tf.repeat(tf_keras.layers.Conv2D(4, 3, strides=2, padding="same")(x), 2, axis=1), 3, axis=2)
+    y = tf_keras.layers.Conv2D(4, 3, strides=2, padding="same")(x)
+    y = tf.repeat(tf.repeat(y, 2, axis=1), 3, axis=2)
     return tf_keras.Model(x, y)
 
 
@@ -184,6 +186,28 @@ def test_tf_keras_extract_patches(sizes, strides, rates, padding, tmp_path):
 
     x = tf_keras.Input((None, None, 3))
     padded = tf_keras.layers.ZeroPadding2D(2)(x)  # TensorFlow gives no patch of a 1x1 image
-    y = tf.image.extract_patches(padded, sizes=four(sizes), strides=four(strides), rates=four(rates),
-                                 padding=padding)
+    y = tf.image.extract_patches(padded, sizes=four(sizes), strides=four(strides),
+                                 rates=four(rates), padding=padding)
     _matches(tf_keras.Model(x, y), tmp_path)
+
+
+# --- tile by counts the graph computes -------------------------------------------
+# kecam's ClassToken (CoaT, VOLO) tiles its token to the batch with
+# `tf.tile(token, [tf.shape(x)[0], 1, 1])`: the emitter read every count as a number
+# in tf-keras, and the layer was uncovered ("arguments not handled"); auto failed.
+
+
+def test_tf_keras_tile_by_counts_computed_in_the_graph(tmp_path):
+    import tensorflow as tf
+    import tf_keras
+
+    class Token(tf_keras.layers.Layer):
+        def build(self, shape):
+            self.token = self.add_weight("token", (1, 1, shape[-1]), initializer="glorot_uniform")
+
+        def call(self, x):
+            return tf.concat([tf.tile(self.token, [tf.shape(x)[0], 1, 1]), x], axis=1)
+
+    tf_keras.utils.set_random_seed(4)
+    x = tf_keras.Input((None, 4))
+    _matches(tf_keras.Model(x, Token()(tf_keras.layers.Dense(4)(x))), tmp_path)

@@ -232,13 +232,35 @@ def stack(g, call, p):
 
 def tile(g, call, p):
     x = p["x"]
-    repeats = [int(r) for r in (p["repeats"] if isinstance(p["repeats"], (list, tuple))
-                                else [p["repeats"]])]
+    listed = p["repeats"] if isinstance(p["repeats"], (list, tuple)) else [p["repeats"]]
+    if any(isinstance(r, Value) for r in listed):
+        return _tile_by_graph_counts(g, call, as_value(g, x, call.base), listed)
+    repeats = [int(r) for r in listed]
     if len(repeats) > x.rank:
         raise Uncovered([(call.base, "Tile", "more repeats than axes")])
     repeats = [1] * (x.rank - len(repeats)) + repeats
     name = g.node("Tile", [x.name, g.ints([repeats[a] for a in x.perm], "repeats")], call.base)
     return [call.out(name, x.perm)]
+
+
+def _tile_by_graph_counts(g, call, x, listed):
+    """`tile` by counts the graph computes (`tf.tile(token, [tf.shape(x)[0], 1, 1])`)."""
+    base, parts, count = call.base, [], 0
+    for r in listed:
+        if isinstance(r, Value):
+            if r.rank > 1 or (r.rank == 1 and r.shape[0] is None):
+                raise Uncovered([(base, "Tile", "repeats of unknown length")])
+            count += r.shape[0] if r.rank else 1
+            r = cast(g, g.keras(r), dtype_of(call, r), "int64", base)
+            parts.append(g.node("Reshape", [r.name, g.ints([-1])], base))
+        else:
+            array = np.asarray(constant(r), np.int64).reshape(-1)
+            count += array.size
+            parts.append(g.ints(array, "repeats"))
+    if count > x.rank:
+        raise Uncovered([(base, "Tile", "more repeats than axes")])
+    parts.insert(0, g.ints([1] * (x.rank - count), "repeats"))
+    return [call.out(g.node("Tile", [x.name, g.node("Concat", parts, base, axis=0)], base))]
 
 
 def repeat(g, call, p):
