@@ -211,3 +211,18 @@ def test_tf_keras_tile_by_counts_computed_in_the_graph(tmp_path):
     tf_keras.utils.set_random_seed(4)
     x = tf_keras.Input((None, 4))
     _matches(tf_keras.Model(x, Token()(tf_keras.layers.Dense(4)(x))), tmp_path)
+
+
+# --- stack of numbers and graph values --------------------------------------------
+# `tf.stack([1, tf.shape(x)[1], 1])` (a shape built for `tf.tile` or `tf.reshape`):
+# the stack emitter read `.rank` of the numbers and the layer was uncovered.
+
+
+def test_tf_keras_stack_of_numbers_and_sizes(tmp_path):
+    import tensorflow as tf
+    import tf_keras
+
+    x = tf_keras.Input((None, 4))
+    counts = tf.stack([1, tf.shape(x)[1], 1])
+    first = tf_keras.layers.Lambda(lambda t: t[:, :1])(x)
+    _matches(tf_keras.Model(x, tf.concat([x, tf.tile(first, counts)], axis=1)), tmp_path)

@@ -223,9 +223,10 @@ def squeeze(g, call, p):
 
 
 def stack(g, call, p):
-    xs = [g.keras(v) for v in p["x"]]
-    axis = keras_axes(p.get("axis", 0), xs[0].rank + 1)
-    names, _ = aligned(g, call, xs, out_dtype(call))
+    # Numbers among graph values (`tf.stack([1, tf.shape(x)[1], 1])`) are initializers.
+    xs = [g.keras(v) if isinstance(v, Value) else v for v in p["x"]]
+    names, reference = aligned(g, call, xs, out_dtype(call))
+    axis = keras_axes(p.get("axis", 0), reference.rank + 1)
     parts = [g.node("Unsqueeze", [n, g.ints(axis, "axes")], call.base) for n in names]
     return [call.out(g.node("Concat", parts, call.base, axis=axis[0]))]
 
