@@ -226,3 +226,33 @@ def test_tf_keras_stack_of_numbers_and_sizes(tmp_path):
     counts = tf.stack([1, tf.shape(x)[1], 1])
     first = tf_keras.layers.Lambda(lambda t: t[:, :1])(x)
     _matches(tf_keras.Model(x, tf.concat([x, tf.tile(first, counts)], axis=1)), tmp_path)
+
+
+# --- tf.nn.convolution and tf.nn.bias_add(data_format="NHWC") ---------------------
+# kecam NFNets standardize their kernels and convolve with `tf.nn.convolution`, then
+# add the bias with `tf.nn.bias_add(..., data_format="NHWC")` (tf-keras's Conv2D):
+# neither was covered (bias_add only for data_format=None) and auto fell back.
+
+
+@pytest.mark.parametrize("strides, padding, dilations", [(1, "SAME", 1), (2, "VALID", 1),
+                                                         (1, "SAME", 2)])
+def test_tf_keras_convolution_of_a_standardized_kernel(strides, padding, dilations, tmp_path):
+    import tensorflow as tf
+    import tf_keras
+
+    class StandardizedConv(tf_keras.layers.Layer):
+        def build(self, shape):
+            self.kernel = self.add_weight("kernel", (3, 3, shape[-1], 5))
+            self.bias = self.add_weight("bias", (5,), initializer="random_normal")
+
+        def call(self, x):
+            mean, var = tf.nn.moments(self.kernel, axes=[0, 1, 2], keepdims=True)
+            kernel = (self.kernel - mean) * tf.math.rsqrt(var + 1e-4)
+            y = tf.nn.convolution(x, kernel, strides=strides, padding=padding,
+                                  dilations=dilations, data_format="NHWC")
+            return tf.nn.bias_add(y, self.bias, data_format="NHWC")
+
+    tf_keras.utils.set_random_seed(9)
+    x = tf_keras.Input((None, None, 3))
+    padded = tf_keras.layers.ZeroPadding2D(3)(x)  # a 1x1 image has no VALID output
+    _matches(tf_keras.Model(x, StandardizedConv()(padded)), tmp_path)

@@ -237,7 +237,7 @@ def _checked(**expected):
 
 
 def _nhwc(p):
-    if p.get("data_format", "NHWC") != "NHWC":
+    if p.get("data_format") not in (None, "NHWC"):
         raise Uncovered([(None, "TFOpLambda", f"data_format={p['data_format']!r}")])
     return dict(p, data_format="channels_last")
 
@@ -284,7 +284,8 @@ TF_FUNCTIONS = {
     "__operators__.eq": _tf("equal", self="x1", other="x2"),
     "__operators__.getitem": _tf("get_item", tensor="x", slice_spec="key"),
     "math.add_n": _tf("add_n"),
-    "nn.bias_add": _tf("add", _checked(data_format=None), value="x1", bias="x2"),
+    "nn.bias_add": _tf("add", _nhwc, value="x1", bias="x2"),
+    "nn.convolution": _tf("tf_convolution"),
     "nn.leaky_relu": _tf("leaky_relu", features="x", alpha="negative_slope"),
     "nn.softmax": _tf("softmax", _axis_last, logits="x"),
     "nn.log_softmax": _tf("log_softmax", _axis_last, logits="x"),
