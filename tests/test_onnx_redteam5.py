@@ -256,3 +256,23 @@ def test_tf_keras_convolution_of_a_standardized_kernel(strides, padding, dilatio
     x = tf_keras.Input((None, None, 3))
     padded = tf_keras.layers.ZeroPadding2D(3)(x)  # a 1x1 image has no VALID output
     _matches(tf_keras.Model(x, StandardizedConv()(padded)), tmp_path)
+
+
+# --- patches of many channels: the identity kernel's size -------------------------
+# extract_patches was a convolution with a (cells * channels)^2 identity kernel:
+# kecam HaloNet26T's halo blocks (tf.image.extract_patches of 14x14 patches over
+# hundreds of channels) took more than 16 GB while exporting. One group per channel
+# needs channels * cells^2 elements; Keras's order is a Gather of the channels.
+
+
+def test_tf_keras_patches_of_many_channels_keep_the_graph_small(tmp_path):
+    import tensorflow as tf
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(10)
+    x = tf_keras.Input((None, None, 3))
+    wide = tf_keras.layers.Conv2D(64, 1)(tf_keras.layers.ZeroPadding2D(4)(x))
+    y = tf.image.extract_patches(wide, sizes=[1, 8, 8, 1], strides=[1, 4, 4, 1],
+                                 rates=[1, 1, 1, 1], padding="SAME")
+    _matches(tf_keras.Model(x, y), tmp_path)
+    assert os.path.getsize(tmp_path / "m.onnx") < 2 ** 24

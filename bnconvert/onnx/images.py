@@ -68,18 +68,29 @@ def pad_images(g, call, p):
     return [call.out(name, x.perm)]
 
 
+_LARGEST_KERNEL = 2 ** 24  # elements of the identity kernel (64 MB)
+
+
 def extract_patches(g, call, p):
     """Patches as Keras computes them: conv with an identity kernel."""
     x = p["images"]
     n = x.rank - 2
     if n not in (2, 3):
         raise Uncovered([(call.base, "ExtractPatches", "unbatched images")])
-    size = as_tuple(p["size"], n)
+    size = tuple(as_tuple(p["size"], n))
     channels_last = (p.get("data_format") or "channels_last") == "channels_last"
-    channels = x.shape[-1] if channels_last else x.shape[1]
-    depth = int(np.prod(size)) * channels
-    kernel = np.eye(depth, dtype=np.float32).reshape(tuple(size) + (channels, depth))
-    return nn.conv(g, call, dict(p, inputs=x, kernel=kernel, strides=p.get("strides") or size))
+    channels, cells = x.shape[-1] if channels_last else x.shape[1], int(np.prod(size))
+    if channels is None or channels * cells * cells > _LARGEST_KERNEL:
+        raise Uncovered([(call.base, "ExtractPatches", "unknown channels or patches too large")])
+    # One group per channel: filter c * cells + i picks cell i of channel c (a kernel of
+    # channels * cells^2 elements, not (channels * cells)^2); Keras orders them i * channels + c.
+    kernel = np.tile(np.eye(cells, dtype=np.float32).reshape(size + (1, cells)),
+                     (1,) * n + (1, channels))
+    grouped = g.keras(nn.conv(g, call, dict(p, inputs=x, kernel=kernel,
+                                            strides=p.get("strides") or size))[0])
+    order = np.arange(channels * cells).reshape(channels, cells).T.reshape(-1)
+    return [call.out(g.node("Gather", [grouped.name, g.ints(order, "order")], call.base,
+                            axis=x.rank - 1 if channels_last else 1))]
 
 
 def tf_extract_patches(g, call, p):
