@@ -276,3 +276,26 @@ def test_tf_keras_patches_of_many_channels_keep_the_graph_small(tmp_path):
                                  rates=[1, 1, 1, 1], padding="SAME")
     _matches(tf_keras.Model(x, y), tmp_path)
     assert os.path.getsize(tmp_path / "m.onnx") < 2 ** 24
+
+
+# --- TensorFlow 1's resize -------------------------------------------------------
+# keras-unet-collection's ResUNet-a resizes its pooled ASPP branch with
+# `tf.compat.v1.image.resize(x, size, method="bilinear", align_corners=True)`: not
+# covered, auto fell back to tf2onnx. TensorFlow 1 samples at i / scale (ONNX's
+# "asymmetric", nearest rounded down) or with the corners aligned ("align_corners").
+
+
+@pytest.mark.parametrize("method, align, computed", [
+    ("bilinear", True, True), ("bilinear", False, True), ("nearest", False, True),
+    ("bilinear", True, False), (0, False, False), (1, False, False)])
+def test_tf_keras_tensorflow_1_resize(method, align, computed, tmp_path):
+    import tensorflow as tf
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(11)
+    x = tf_keras.Input((None, None, 3))
+    small = tf_keras.layers.AveragePooling2D(2, padding="same")(
+        tf_keras.layers.Conv2D(4, 3, padding="same")(x))
+    size = tf.shape(x)[1:3] if computed else (7, 5)
+    y = tf.compat.v1.image.resize(small, size, method=method, align_corners=align)
+    _matches(tf_keras.Model(x, y), tmp_path)

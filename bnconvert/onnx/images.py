@@ -9,10 +9,15 @@ copies each input value to its place and is exact in floating point.
 same convolution grouped per channel.
 """
 
+import dataclasses
+import types
+
 import numpy as np
 
 from bnconvert.onnx import nn
+from bnconvert.onnx import preprocessing
 from bnconvert.onnx.graph import Uncovered
+from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import as_tuple
 
 _BIG = np.iinfo(np.int64).max
@@ -103,6 +108,27 @@ def tf_extract_patches(g, call, p):
         dilation_rate=pair("rates"), padding=str(p["padding"]).lower()))
 
 
+def tf1_resize(g, call, p):
+    """`tf.compat.v1.image.resize`: bilinear (corners aligned or not) or nearest (not)."""
+    method = {"0": "bilinear", "1": "nearest"}.get(str(p.get("method", 0)),
+                                                   str(p.get("method")).lower())
+    align = bool(p.get("align_corners"))
+    if method not in ("bilinear", "nearest") or (method == "nearest" and align) \
+            or p.get("preserve_aspect_ratio"):
+        raise Uncovered([(call.base, "Resize", f"TensorFlow 1's {method} resize (align_corners="
+                                               f"{align}) or an aspect ratio")])
+    size, computed = p["size"], None
+    if isinstance(size, Value):
+        computed, size = g.keras(size).name, (None, None)
+    height, width = (int(s) for s in size) if computed is None else size
+    layer = type("Resize", (types.SimpleNamespace,), {})(
+        name=call.base, interpolation=method, height=height, width=width,
+        data_format="channels_last", run_time_size=computed,
+        coordinates="align_corners" if align else "asymmetric")
+    return preprocessing.resizing(g, dataclasses.replace(call, layer=layer,
+                                                         inputs=[p["images"]]))
+
+
 def unfold(g, call, p):
     """`(N, C, H, W)` -> `(N, C*kH*kW, L)`, each channel's patches together."""
     x = g.keras(p["x"])
@@ -188,5 +214,5 @@ EMITTERS = {
     "crop_images": crop_images, "pad_images": pad_images, "extract_patches": extract_patches,
     "extract_patches_3d": lambda g, call, p: extract_patches(
         g, call, dict(p, images=p.get("volumes", p.get("images")))),
-    "unfold": unfold, "tf_extract_patches": tf_extract_patches,
+    "unfold": unfold, "tf_extract_patches": tf_extract_patches, "tf1_resize": tf1_resize,
 }

@@ -338,6 +338,7 @@ TF_FUNCTIONS = {
     "ones_like": _tf("ones_like", input="x"),
     "image.resize": _tf("resize", method="interpolation"),
     "image.extract_patches": _tf("tf_extract_patches"),
+    **dict.fromkeys(("compat.v1.image.resize_images", "compat.v1.image.resize"), _tf("tf1_resize")),
     "image.rgb_to_hsv": _tf("rgb_to_hsv"), "image.hsv_to_rgb": _tf("hsv_to_rgb"),
     "image.ssim": _tf("ssim", _checked(return_index_map=False), img1="image1", img2="image2"),
 }

@@ -115,13 +115,17 @@ def resizing(g, call):
     sizes = g.node("Concat", [leading, g.ints([height, width]) if target is None else target],
                    call.base, axis=0)
     # TensorFlow's resize uses half-pixel centres; its nearest neighbour is
-    # floor((i + 0.5) / scale), which is ONNX's rounding with ties up.
+    # floor((i + 0.5) / scale), which is ONNX's rounding with ties up. TensorFlow 1's
+    # (`coordinates`, `tf.compat.v1.image.resize`) samples at i / scale ("asymmetric"),
+    # its nearest neighbour rounded down, or with the corners aligned.
+    coordinates = getattr(layer, "coordinates", "half_pixel")
     attrs = {
-        "nearest": dict(mode="nearest", nearest_mode="round_prefer_ceil"),
+        "nearest": dict(mode="nearest", nearest_mode="round_prefer_ceil"
+                        if coordinates == "half_pixel" else "floor"),
         "bilinear": dict(mode="linear"),
     }[mode]
     name = g.node("Resize", [source, "", "", sizes], call.base,
-                  coordinate_transformation_mode="half_pixel", **attrs)
+                  coordinate_transformation_mode=coordinates, **attrs)
     return [call.out(name, x.perm)]
 
 
