@@ -19,6 +19,7 @@ from bnconvert.onnx.graph import BOOL
 from bnconvert.onnx.graph import Uncovered
 from bnconvert.onnx.graph import Value
 from bnconvert.onnx.layers import weights
+from bnconvert.onnx.math import as_value
 
 _LARGE_NEGATIVE = -1e9
 
@@ -100,6 +101,18 @@ def masked_softmax(g, scores, mask, base, style):
     return g.node("Where", [mask, weights_, g.scalar(0.0)], base)
 
 
+def _operands(g, call, args, names):
+    """`args` with the tensors `names` as Values: a concrete one (computed from a layer's
+    variables alone, as SigLIP's pooling probe repeated to the batch of a per-sample trace)
+    becomes an initializer."""
+    def value(x, name):
+        return x if x is None or isinstance(x, Value) else as_value(g, x, f"{call.base}/{name}")
+
+    if "inputs" in names:
+        return {**args, "inputs": [value(x, f"inputs_{i}") for i, x in enumerate(args["inputs"])]}
+    return {**args, **{n: value(args[n], n) for n in names if n in args}}
+
+
 def _softmax_style(layer, args):
     """Which masked softmax `layer` runs (see `masked_softmax`)."""
     if not type(layer).__module__.startswith("keras."):
@@ -118,7 +131,7 @@ def _repeat_heads(g, name, repeats, size, base):
 def multi_head_attention(g, call):
     """MultiHeadAttention over one attention axis (rank-3 inputs); GroupedQueryAttention."""
     layer = call.layer
-    args = arguments(call)
+    args = _operands(g, call, arguments(call), ("query", "key", "value"))
     query, value = args["query"], args["value"]
     key = args.get("key")
     key = value if key is None else key
@@ -207,7 +220,7 @@ def _attention_mask(g, call, args, query, q_in, k_in):
 def dot_attention(g, call):
     """Attention (dot or concat scores) and AdditiveAttention."""
     layer = call.layer
-    args = arguments(call)
+    args = _operands(g, call, arguments(call), ("inputs",))
     inputs = list(args["inputs"])
     query, value = inputs[0], inputs[1]
     key = inputs[2] if len(inputs) > 2 else value

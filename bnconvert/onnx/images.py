@@ -9,10 +9,15 @@ copies each input value to its place and is exact in floating point.
 same convolution grouped per channel.
 """
 
+import dataclasses
+import types
+
 import numpy as np
 
 from bnconvert.onnx import nn
+from bnconvert.onnx import preprocessing
 from bnconvert.onnx.graph import Uncovered
+from bnconvert.onnx.graph import Value
 from bnconvert.onnx.graph import as_tuple
 
 _BIG = np.iinfo(np.int64).max
@@ -68,18 +73,60 @@ def pad_images(g, call, p):
     return [call.out(name, x.perm)]
 
 
+_LARGEST_KERNEL = 2 ** 24  # elements of the identity kernel (64 MB)
+
+
 def extract_patches(g, call, p):
     """Patches as Keras computes them: conv with an identity kernel."""
     x = p["images"]
     n = x.rank - 2
     if n not in (2, 3):
         raise Uncovered([(call.base, "ExtractPatches", "unbatched images")])
-    size = as_tuple(p["size"], n)
+    size = tuple(as_tuple(p["size"], n))
     channels_last = (p.get("data_format") or "channels_last") == "channels_last"
-    channels = x.shape[-1] if channels_last else x.shape[1]
-    depth = int(np.prod(size)) * channels
-    kernel = np.eye(depth, dtype=np.float32).reshape(tuple(size) + (channels, depth))
-    return nn.conv(g, call, dict(p, inputs=x, kernel=kernel, strides=p.get("strides") or size))
+    channels, cells = x.shape[-1] if channels_last else x.shape[1], int(np.prod(size))
+    if channels is None or channels * cells * cells > _LARGEST_KERNEL:
+        raise Uncovered([(call.base, "ExtractPatches", "unknown channels or patches too large")])
+    # One group per channel: filter c * cells + i picks cell i of channel c (a kernel of
+    # channels * cells^2 elements, not (channels * cells)^2); Keras orders them i * channels + c.
+    kernel = np.tile(np.eye(cells, dtype=np.float32).reshape(size + (1, cells)),
+                     (1,) * n + (1, channels))
+    grouped = g.keras(nn.conv(g, call, dict(p, inputs=x, kernel=kernel,
+                                            strides=p.get("strides") or size))[0])
+    order = np.arange(channels * cells).reshape(channels, cells).T.reshape(-1)
+    return [call.out(g.node("Gather", [grouped.name, g.ints(order, "order")], call.base,
+                            axis=x.rank - 1 if channels_last else 1))]
+
+
+def tf_extract_patches(g, call, p):
+    """`tf.image.extract_patches`: `sizes`, `strides` and `rates` given as `[1, h, w, 1]`."""
+    def pair(key):
+        return [int(v) for v in np.asarray(p[key]).reshape(-1)[1:3]]
+
+    return extract_patches(g, call, dict(
+        images=p["images"], size=pair("sizes"), strides=pair("strides"),
+        dilation_rate=pair("rates"), padding=str(p["padding"]).lower()))
+
+
+def tf1_resize(g, call, p):
+    """`tf.compat.v1.image.resize`: bilinear (corners aligned or not) or nearest (not)."""
+    method = {"0": "bilinear", "1": "nearest"}.get(str(p.get("method", 0)),
+                                                   str(p.get("method")).lower())
+    align = bool(p.get("align_corners"))
+    if method not in ("bilinear", "nearest") or (method == "nearest" and align) \
+            or p.get("preserve_aspect_ratio"):
+        raise Uncovered([(call.base, "Resize", f"TensorFlow 1's {method} resize (align_corners="
+                                               f"{align}) or an aspect ratio")])
+    size, computed = p["size"], None
+    if isinstance(size, Value):
+        computed, size = g.keras(size).name, (None, None)
+    height, width = (int(s) for s in size) if computed is None else size
+    layer = type("Resize", (types.SimpleNamespace,), {})(
+        name=call.base, interpolation=method, height=height, width=width,
+        data_format="channels_last", run_time_size=computed,
+        coordinates="align_corners" if align else "asymmetric")
+    return preprocessing.resizing(g, dataclasses.replace(call, layer=layer,
+                                                         inputs=[p["images"]]))
 
 
 def unfold(g, call, p):
@@ -167,5 +214,5 @@ EMITTERS = {
     "crop_images": crop_images, "pad_images": pad_images, "extract_patches": extract_patches,
     "extract_patches_3d": lambda g, call, p: extract_patches(
         g, call, dict(p, images=p.get("volumes", p.get("images")))),
-    "unfold": unfold,
+    "unfold": unfold, "tf_extract_patches": tf_extract_patches, "tf1_resize": tf1_resize,
 }

@@ -61,6 +61,15 @@ def conv(g, call, p):
     return layers.conv(g, dataclasses.replace(call, layer=layer, inputs=[x]))
 
 
+def tf_convolution(g, call, p):
+    """`tf.nn.convolution`, channels last, as Keras 3's `conv`."""
+    padding = p.get("padding", "VALID")
+    if p.get("data_format") not in (None, "NWC", "NHWC", "NDHWC") or not isinstance(padding, str):
+        raise Uncovered([(call.base, "Conv", "channels first or explicit padding")])
+    return conv(g, call, dict(inputs=p["input"], kernel=p["filters"], strides=p.get("strides"),
+                              padding=padding.lower(), dilation_rate=p.get("dilations") or 1))
+
+
 def depthwise_conv(g, call, p):
     layer = _as_layer(call, p, depthwise_kernel=_kernel(call, p))
     return layers.depthwise_conv(g, dataclasses.replace(call, layer=layer, inputs=[p["inputs"]]))
@@ -236,5 +245,5 @@ EMITTERS = {
     "space_to_depth": _blocks("SpaceToDepth"), "batch_normalization": batch_normalization,
     "layer_normalization": layer_normalization, "rms_normalization": rms_normalization,
     "normalize": normalize, "dot_product_attention": dot_product_attention,
-    "separable_conv": separable_conv,
+    "separable_conv": separable_conv, "tf_convolution": tf_convolution,
 }

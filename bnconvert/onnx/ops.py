@@ -91,13 +91,13 @@ def _resize(g, call, p):
     """`image.resize` through the Resizing layer's emitter."""
     if p.get("antialias") or p.get("preserve_aspect_ratio"):
         raise Uncovered([(call.base, "Resize", "antialias or preserve_aspect_ratio")])
-    size = p["size"]
+    size, computed = p["size"], None
     if isinstance(size, Value):  # computed in the graph (`tf.shape(y)[1:3]`): the known result
         channels_first = p.get("data_format") == "channels_first"
         size = call.shapes[0][-2:] if channels_first else call.shapes[0][-3:-1]
-        if None in size:
-            raise Uncovered([(call.base, "Resize", "a size computed at run time")])
-    height, width = (int(s) for s in size)
+        if None in size:  # or the graph's own
+            computed, size = g.keras(p["size"]).name, (None, None)
+    height, width = (None if s is None else int(s) for s in size)
     interpolation = p.get("interpolation", "bilinear")
     images = p["images"]
     dtype = math.dtype_of(call, images) if isinstance(images, Value) else "float32"
@@ -109,7 +109,8 @@ def _resize(g, call, p):
         width=width, data_format=p.get("data_format") or "channels_last",
         crop_to_aspect_ratio=p.get("crop_to_aspect_ratio", False),
         pad_to_aspect_ratio=p.get("pad_to_aspect_ratio", False),
-        fill_mode=p.get("fill_mode", "constant"), fill_value=p.get("fill_value", 0.0))
+        fill_mode=p.get("fill_mode", "constant"), fill_value=p.get("fill_value", 0.0),
+        run_time_size=computed)
     return preprocessing.resizing(g, dataclasses.replace(call, layer=layer, inputs=[p["images"]]))
 
 
@@ -236,7 +237,7 @@ def _checked(**expected):
 
 
 def _nhwc(p):
-    if p.get("data_format", "NHWC") != "NHWC":
+    if p.get("data_format") not in (None, "NHWC"):
         raise Uncovered([(None, "TFOpLambda", f"data_format={p['data_format']!r}")])
     return dict(p, data_format="channels_last")
 
@@ -283,7 +284,8 @@ TF_FUNCTIONS = {
     "__operators__.eq": _tf("equal", self="x1", other="x2"),
     "__operators__.getitem": _tf("get_item", tensor="x", slice_spec="key"),
     "math.add_n": _tf("add_n"),
-    "nn.bias_add": _tf("add", _checked(data_format=None), value="x1", bias="x2"),
+    "nn.bias_add": _tf("add", _nhwc, value="x1", bias="x2"),
+    "nn.convolution": _tf("tf_convolution"),
     "nn.leaky_relu": _tf("leaky_relu", features="x", alpha="negative_slope"),
     "nn.softmax": _tf("softmax", _axis_last, logits="x"),
     "nn.log_softmax": _tf("log_softmax", _axis_last, logits="x"),
@@ -335,6 +337,8 @@ TF_FUNCTIONS = {
     "zeros_like": _tf("zeros_like", input="x"),
     "ones_like": _tf("ones_like", input="x"),
     "image.resize": _tf("resize", method="interpolation"),
+    "image.extract_patches": _tf("tf_extract_patches"),
+    **dict.fromkeys(("compat.v1.image.resize_images", "compat.v1.image.resize"), _tf("tf1_resize")),
     "image.rgb_to_hsv": _tf("rgb_to_hsv"), "image.hsv_to_rgb": _tf("hsv_to_rgb"),
     "image.ssim": _tf("ssim", _checked(return_index_map=False), img1="image1", img2="image2"),
 }

@@ -12,6 +12,7 @@ of an image whose size is unknown when exporting.
 """
 
 import numpy as np
+import onnx
 
 from bnconvert.onnx import bicubic
 from bnconvert.onnx.graph import Uncovered
@@ -86,7 +87,21 @@ def resizing(g, call):
     if mode not in ("nearest", "bilinear", "bicubic", "area"):
         _refuse(call, f"interpolation={mode!r} (no ONNX Resize kernel)")
     x = layout_for(g, call.inputs[0], getattr(layer, "data_format", "channels_last"))
-    height, width = int(layer.height), int(layer.width)
+    # `run_time_size`: the target (height, width) as computed in the graph (`tf.image.resize(x,
+    # tf.shape(y)[1:3])` of images of unknown size), else the layer's numbers.
+    target = getattr(layer, "run_time_size", None)
+    if target is not None:
+        if mode not in ("nearest", "bilinear") or getattr(layer, "crop_to_aspect_ratio", False) \
+                or getattr(layer, "pad_to_aspect_ratio", False):
+            _refuse(call, f"interpolation={mode!r} or an aspect ratio to a size computed at "
+                          "run time")
+        target = g.node("Cast", [target], call.base, to=onnx.TensorProto.INT64)
+        height = width = None
+    elif layer.height is None or layer.width is None:
+        # A Resizing made inside a traced call from `ops.shape` of an image of unknown size.
+        _refuse(call, "a target size unknown when traced")
+    else:
+        height, width = int(layer.height), int(layer.width)
     source, size = _aspect(g, call, x, height, width)
     if mode == "area":
         return [call.out(_area(g, call, x, height, width, source), x.perm)]
@@ -97,15 +112,20 @@ def resizing(g, call):
         return [call.out(bicubic.resize(g, source, size, (height, width), call.base), x.perm)]
     leading = g.node("Slice", [g.node("Shape", [source], call.base), g.ints([0]),
                                g.ints([2])], call.base)
-    sizes = g.node("Concat", [leading, g.ints([height, width])], call.base, axis=0)
+    sizes = g.node("Concat", [leading, g.ints([height, width]) if target is None else target],
+                   call.base, axis=0)
     # TensorFlow's resize uses half-pixel centres; its nearest neighbour is
-    # floor((i + 0.5) / scale), which is ONNX's rounding with ties up.
+    # floor((i + 0.5) / scale), which is ONNX's rounding with ties up. TensorFlow 1's
+    # (`coordinates`, `tf.compat.v1.image.resize`) samples at i / scale ("asymmetric"),
+    # its nearest neighbour rounded down, or with the corners aligned.
+    coordinates = getattr(layer, "coordinates", "half_pixel")
     attrs = {
-        "nearest": dict(mode="nearest", nearest_mode="round_prefer_ceil"),
+        "nearest": dict(mode="nearest", nearest_mode="round_prefer_ceil"
+                        if coordinates == "half_pixel" else "floor"),
         "bilinear": dict(mode="linear"),
     }[mode]
     name = g.node("Resize", [source, "", "", sizes], call.base,
-                  coordinate_transformation_mode="half_pixel", **attrs)
+                  coordinate_transformation_mode=coordinates, **attrs)
     return [call.out(name, x.perm)]
 
 

@@ -223,22 +223,45 @@ def squeeze(g, call, p):
 
 
 def stack(g, call, p):
-    xs = [g.keras(v) for v in p["x"]]
-    axis = keras_axes(p.get("axis", 0), xs[0].rank + 1)
-    names, _ = aligned(g, call, xs, out_dtype(call))
+    # Numbers among graph values (`tf.stack([1, tf.shape(x)[1], 1])`) are initializers.
+    xs = [g.keras(v) if isinstance(v, Value) else v for v in p["x"]]
+    names, reference = aligned(g, call, xs, out_dtype(call))
+    axis = keras_axes(p.get("axis", 0), reference.rank + 1)
     parts = [g.node("Unsqueeze", [n, g.ints(axis, "axes")], call.base) for n in names]
     return [call.out(g.node("Concat", parts, call.base, axis=axis[0]))]
 
 
 def tile(g, call, p):
     x = p["x"]
-    repeats = [int(r) for r in (p["repeats"] if isinstance(p["repeats"], (list, tuple))
-                                else [p["repeats"]])]
+    listed = p["repeats"] if isinstance(p["repeats"], (list, tuple)) else [p["repeats"]]
+    if any(isinstance(r, Value) for r in listed):
+        return _tile_by_graph_counts(g, call, as_value(g, x, call.base), listed)
+    repeats = [int(r) for r in listed]
     if len(repeats) > x.rank:
         raise Uncovered([(call.base, "Tile", "more repeats than axes")])
     repeats = [1] * (x.rank - len(repeats)) + repeats
     name = g.node("Tile", [x.name, g.ints([repeats[a] for a in x.perm], "repeats")], call.base)
     return [call.out(name, x.perm)]
+
+
+def _tile_by_graph_counts(g, call, x, listed):
+    """`tile` by counts the graph computes (`tf.tile(token, [tf.shape(x)[0], 1, 1])`)."""
+    base, parts, count = call.base, [], 0
+    for r in listed:
+        if isinstance(r, Value):
+            if r.rank > 1 or (r.rank == 1 and r.shape[0] is None):
+                raise Uncovered([(base, "Tile", "repeats of unknown length")])
+            count += r.shape[0] if r.rank else 1
+            r = cast(g, g.keras(r), dtype_of(call, r), "int64", base)
+            parts.append(g.node("Reshape", [r.name, g.ints([-1])], base))
+        else:
+            array = np.asarray(constant(r), np.int64).reshape(-1)
+            count += array.size
+            parts.append(g.ints(array, "repeats"))
+    if count > x.rank:
+        raise Uncovered([(base, "Tile", "more repeats than axes")])
+    parts.insert(0, g.ints([1] * (x.rank - count), "repeats"))
+    return [call.out(g.node("Tile", [x.name, g.node("Concat", parts, base, axis=0)], base))]
 
 
 def repeat(g, call, p):
@@ -250,14 +273,18 @@ def repeat(g, call, p):
     if axis is None:
         x, axis = Value(g.node("Reshape", [x.name, g.ints([-1])], call.base), (None,), (0,)), 0
     axis = int(axis) % x.rank
-    if any(d is None for d in x.shape[axis + 1:]):
-        raise Uncovered([(call.base, "Repeat", "unknown sizes after the axis")])
     wide = g.node("Unsqueeze", [x.name, g.ints([axis + 1], "axes")], call.base)
     ones = [1] * (x.rank + 1)
     ones[axis + 1] = int(counts[0])
     wide = g.node("Tile", [wide, g.ints(ones, "repeats")], call.base)
-    target = [0] * axis + [-1] + [int(d) for d in x.shape[axis + 1:]]
-    return [call.out(g.node("Reshape", [wide, g.ints(target)], call.base))]
+    if any(d is None for d in x.shape[axis + 1:]):
+        # The sizes after the axis as the graph computes them (an image of unknown size).
+        trailing = g.node("Slice", [g.node("Shape", [x.name], call.base),
+                                    g.ints([axis + 1]), g.ints([x.rank])], call.base)
+        target = g.node("Concat", [g.ints([0] * axis + [-1]), trailing], call.base, axis=0)
+    else:
+        target = g.ints([0] * axis + [-1] + [int(d) for d in x.shape[axis + 1:]])
+    return [call.out(g.node("Reshape", [wide, target], call.base))]
 
 
 def broadcast_to(g, call, p):

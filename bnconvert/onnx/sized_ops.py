@@ -10,14 +10,21 @@ instead. The transforms keep the class names, arguments and results of
 Keras's own, so `spectral`'s emitters translate them; those build the DFT
 matrix of an axis of unknown size in the graph from its length. A repeat
 by a run-time count is a `Tile` on a new axis, merged into the repeated one.
+A `Resizing` layer made inside a call from `ops.shape` of an image of unknown
+size (keras-hub DeepLabV3's pyramid pooling, resized back to its input) records
+a `SizedResize` of that size, which the Resizing emitter takes from the graph.
 """
 
 import contextlib
+import dataclasses
 import functools
+import types
 
 import numpy as np
 
+from bnconvert.onnx import preprocessing
 from bnconvert.onnx import spectral
+from bnconvert.onnx.graph import Value
 from bnconvert.onnx.math import as_value
 from bnconvert.onnx.math import cast
 from bnconvert.onnx.math import dtype_of
@@ -50,15 +57,28 @@ def ops_of_any_size(keras):
             return original["repeat"](x, repeats, axis=axis)
         return kinds.repeat(axis=axis)(x, repeats)
 
+    resizing = keras.layers.Resizing
+    resizing_call = resizing.__call__
+
+    def resized(self, inputs, *args, **kwargs):
+        sizes = (self.height, self.width)
+        if not is_symbolic(inputs) or not any(is_symbolic(s) for s in sizes) \
+                or self.crop_to_aspect_ratio or self.pad_to_aspect_ratio \
+                or getattr(self, "antialias", False):
+            return resizing_call(self, inputs, *args, **kwargs)
+        return kinds.resize(self.interpolation, self.data_format)(inputs, *sizes)
+
     replacements = {name: transform(name) for name in _TRANSFORMS}
     replacements["repeat"] = repeat
     for name, function in replacements.items():
         setattr(ops, name, function)
+    resizing.__call__ = resized
     try:
         yield
     finally:
         for name, function in original.items():
             setattr(ops, name, function)
+        resizing.__call__ = resizing_call
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,8 +111,24 @@ def _kinds(keras):
                 shape[self.axis] = None
             return keras.KerasTensor(tuple(shape), dtype=x.dtype)
 
+    class SizedResize(keras.Operation):
+        def __init__(self, interpolation, data_format, name=None):
+            super().__init__(name=name)
+            self.interpolation, self.data_format = interpolation, data_format
+
+        def call(self, x, height, width):
+            return keras.ops.image.resize(x, (height, width), interpolation=self.interpolation,
+                                          data_format=self.data_format)
+
+        def compute_output_spec(self, x, height, width):
+            shape = list(x.shape)
+            for axis in (-3, -2) if self.data_format == "channels_last" else (-2, -1):
+                shape[axis] = None
+            return keras.KerasTensor(tuple(shape), dtype=keras.backend.floatx())
+
     return type("Kinds", (), {"fft": transform("FFT", "fft"), "fft2": transform("FFT2", "fft2"),
-                              "ifft2": transform("IFFT2", "ifft2"), "repeat": SizedRepeat})
+                              "ifft2": transform("IFFT2", "ifft2"), "repeat": SizedRepeat,
+                              "resize": SizedResize})
 
 
 def _sized_repeat(g, call, p):
@@ -118,4 +154,18 @@ def _sized_repeat(g, call, p):
     return [call.out(g.node("Gather", [name, index], base, axis=axis))]
 
 
-EMITTERS = {"sized_repeat": _sized_repeat, **{k: spectral.EMITTERS[k] for k in _TRANSFORMS}}
+def _sized_resize(g, call, p):
+    """A Resizing to a (height, width) of run-time sizes (graph values) or numbers."""
+    base, sizes = call.base, []
+    for size in (p["height"], p["width"]):
+        size = cast(g, size, dtype_of(call, size), "int64", base) if isinstance(size, Value) \
+            else as_value(g, np.asarray(size, np.int64), base)
+        sizes.append(g.node("Reshape", [size.name, g.ints([1])], base))
+    layer = type("Resizing", (types.SimpleNamespace,), {})(
+        name=base, interpolation=p["interpolation"], data_format=p["data_format"],
+        height=None, width=None, run_time_size=g.node("Concat", sizes, base, axis=0))
+    return preprocessing.resizing(g, dataclasses.replace(call, layer=layer, inputs=[p["x"]]))
+
+
+EMITTERS = {"sized_repeat": _sized_repeat, "sized_resize": _sized_resize,
+            **{k: spectral.EMITTERS[k] for k in _TRANSFORMS}}
