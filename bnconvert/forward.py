@@ -90,6 +90,7 @@ def _walk(model, arrays):
             if any(id(t) not in computed for t in node.input_tensors):
                 continue
             args, kwargs = keras.tree.map_structure(fill, (list(node.args), dict(node.kwargs)))
+            _window_fits(node.layer, args)
             if "training" in internals.call_context_args(node.layer):
                 kwargs["training"] = False
             outputs = keras.tree.flatten(node.layer(*args, **kwargs))
@@ -101,6 +102,33 @@ def _walk(model, arrays):
                 if not readers[id(tensor)]:
                     computed.pop(id(tensor), None)
     return [computed[id(t)] for t in model.outputs]
+
+
+_MAX_POOLS = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D)
+
+
+def _window_fits(layer, args):
+    """Refuses a "valid" max pooling whose window is larger than its input.
+
+    TensorFlow's CPU `MaxPool` does not raise there: it dies of a floating
+    point exception (SIGFPE) or aborts, taking the process with it
+    (InceptionV3 built for any image size, run on the check batch's 32x32).
+
+    Raises:
+        ValueError: The window does not fit: the check batch names the model
+            and the shapes it tried (`check_batch.reference`).
+    """
+    if not isinstance(layer, _MAX_POOLS) or layer.padding != "valid" or not args:
+        return
+    shape = tuple(getattr(args[0], "shape", ()))
+    rank = len(layer.pool_size)
+    if len(shape) != rank + 2:
+        return
+    spatial = shape[2:] if layer.data_format == "channels_first" else shape[1:-1]
+    if any(int(d) < k for d, k in zip(spatial, layer.pool_size)):
+        raise ValueError(
+            f"layer '{layer.name}' gets an input of spatial size {tuple(int(d) for d in spatial)}, "
+            f"smaller than its window {tuple(layer.pool_size)}")
 
 
 def eager_bytes(model, arrays):

@@ -9,6 +9,8 @@ time.
 """
 
 import os
+import subprocess
+import sys
 import weakref
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -189,3 +191,31 @@ def test_tf_keras_models_through_the_flavour_interface():
     arrays = check_batch.sample_inputs(model)[0]
     got = forward.run(model, arrays)
     np.testing.assert_array_equal(got[0], model(arrays[0], training=False).numpy())
+
+
+def test_a_max_pooling_window_larger_than_its_input_is_refused_not_crashed(tmp_path):
+    # TensorFlow's CPU MaxPool dies of SIGFPE there (InceptionV3 built for any
+    # image size, on the check batch's 32x32): the process would end, with no
+    # error to read. Run in a child process so that a crash fails this test
+    # instead of ending the suite.
+    code = (
+        "import os\n"
+        "os.environ['KERAS_BACKEND'] = 'tensorflow'\n"
+        "import keras\n"
+        "from bnconvert import export_onnx\n"
+        "from bnconvert.errors import BnconvertError\n"
+        "x = keras.Input((None, None, 3))\n"
+        "y = keras.layers.Conv2D(2, 31)(x)\n"
+        "y = keras.layers.MaxPooling2D(3, strides=1, name='small_input_pool')(y)\n"
+        "model = keras.Model(x, keras.layers.GlobalAveragePooling2D()(y))\n"
+        "try:\n"
+        f"    export_onnx(model, {str(tmp_path / 'm.onnx')!r})\n"
+        "except BnconvertError as e:\n"
+        "    print('REFUSED', type(e).__name__, e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("REFUSED")]
+    assert line and "VerificationError" in line[0] and "'small_input_pool'" in line[0]
+    assert "smaller than its window (3, 3)" in line[0]
