@@ -10,7 +10,6 @@ same convolution grouped per channel.
 """
 
 import dataclasses
-import types
 
 import numpy as np
 
@@ -121,8 +120,8 @@ def tf1_resize(g, call, p):
     if isinstance(size, Value):
         computed, size = g.keras(size).name, (None, None)
     height, width = (int(s) for s in size) if computed is None else size
-    layer = type("Resize", (types.SimpleNamespace,), {})(
-        name=call.base, interpolation=method, height=height, width=width,
+    layer = nn.named_arguments(
+        call, name=call.base, interpolation=method, height=height, width=width,
         data_format="channels_last", run_time_size=computed,
         coordinates="align_corners" if align else "asymmetric")
     return preprocessing.resizing(g, dataclasses.replace(call, layer=layer,

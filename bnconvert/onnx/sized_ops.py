@@ -18,10 +18,10 @@ a `SizedResize` of that size, which the Resizing emitter takes from the graph.
 import contextlib
 import dataclasses
 import functools
-import types
 
 import numpy as np
 
+from bnconvert.onnx import nn
 from bnconvert.onnx import preprocessing
 from bnconvert.onnx import spectral
 from bnconvert.onnx.graph import Value
@@ -161,8 +161,8 @@ def _sized_resize(g, call, p):
         size = cast(g, size, dtype_of(call, size), "int64", base) if isinstance(size, Value) \
             else as_value(g, np.asarray(size, np.int64), base)
         sizes.append(g.node("Reshape", [size.name, g.ints([1])], base))
-    layer = type("Resizing", (types.SimpleNamespace,), {})(
-        name=base, interpolation=p["interpolation"], data_format=p["data_format"],
+    layer = nn.named_arguments(
+        call, name=base, interpolation=p["interpolation"], data_format=p["data_format"],
         height=None, width=None, run_time_size=g.node("Concat", sizes, base, axis=0))
     return preprocessing.resizing(g, dataclasses.replace(call, layer=layer, inputs=[p["x"]]))
 

@@ -26,13 +26,13 @@ from bnconvert.onnx import attention
 from bnconvert.onnx import conv_recurrent
 from bnconvert.onnx import encoding
 from bnconvert.onnx import graph_passes
+from bnconvert.onnx import kernel_gaps
 from bnconvert.onnx import preprocessing
 from bnconvert.onnx import layers
 from bnconvert.onnx import loops
 from bnconvert.onnx import masks
 from bnconvert.onnx import norm
 from bnconvert.onnx import ops
-from bnconvert.onnx import kernel_gaps
 from bnconvert.onnx import peephole
 from bnconvert.onnx import recurrent
 from bnconvert.onnx import shape
